@@ -1,0 +1,241 @@
+"""The content-addressed cache: blobs, uncompressed layers, finished conversions.
+
+    $VMIMG_CACHE/                       (default $XDG_CACHE_HOME/vmimg)
+      blobs/sha256/<hex>                manifests, configs, any blob, verified
+      layers/sha256/<hex>.tar           uncompressed layer tars, named by diff_id
+      layers/sha256/<hex>.link          compressed digest -> diff_id, for lookups
+      outputs/<key>/...                 finished conversions
+      tmp/                              work in progress (same file system: rename is atomic)
+      locks/                            flock files
+
+Every file appears under its final name only by an atomic rename after its
+digest was checked, so a crash at any point leaves either nothing or a whole,
+verified file. Concurrent processes coordinate with flock on a per-key lock
+file, so the second one waits and then finds the work done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from vmimg.errors import CacheError, DigestError
+
+_DIGEST_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
+_HEX_LEN = {"sha256": 64, "sha512": 128}
+STALE_TMP_SECONDS = 24 * 3600
+
+
+def default_cache_dir() -> str:
+    env = os.environ.get("VMIMG_CACHE")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "vmimg")
+
+
+def split_digest(digest: str) -> tuple[str, str]:
+    """('sha256', hex) from 'sha256:hex'; DigestError if malformed."""
+    m = _DIGEST_RE.match(digest)
+    if not m or len(m.group(2)) != _HEX_LEN[m.group(1)]:
+        raise DigestError(f"invalid digest {digest!r}")
+    return m.group(1), m.group(2)
+
+
+def digest_bytes(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+class Hasher:
+    """Counts and hashes the bytes passed through it; checks them against a descriptor."""
+
+    def __init__(self, algorithm: str = "sha256") -> None:
+        self.algorithm = algorithm
+        self._h = hashlib.new(algorithm)
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._h.update(data)
+        self.size += len(data)
+
+    @property
+    def digest(self) -> str:
+        return f"{self.algorithm}:{self._h.hexdigest()}"
+
+    def verify(self, digest: str, size: int | None, what: str) -> None:
+        if size is not None and self.size != size:
+            raise DigestError(f"{what}: size {self.size} does not match the expected {size}")
+        if self.digest != digest:
+            raise DigestError(f"{what}: digest {self.digest} does not match the expected {digest}")
+
+
+@dataclass
+class Cache:
+    root: str
+
+    @classmethod
+    def open(cls, root: str | None = None) -> Cache:
+        cache = cls(os.path.abspath(root or default_cache_dir()))
+        try:
+            for sub in ("blobs/sha256", "blobs/sha512", "layers/sha256", "outputs", "tmp", "locks"):
+                os.makedirs(os.path.join(cache.root, sub), exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot use cache directory {cache.root}: {e.strerror}") from e
+        return cache
+
+    # -- paths ---------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> str:
+        algo, hexd = split_digest(digest)
+        return os.path.join(self.root, "blobs", algo, hexd)
+
+    def layer_path(self, diff_id: str) -> str:
+        algo, hexd = split_digest(diff_id)
+        if algo != "sha256":
+            raise DigestError(f"unsupported diff_id algorithm in {diff_id}")
+        return os.path.join(self.root, "layers", "sha256", hexd + ".tar")
+
+    def _layer_link_path(self, blob_digest: str) -> str:
+        _algo, hexd = split_digest(blob_digest)
+        return os.path.join(self.root, "layers", "sha256", hexd + ".link")
+
+    def output_dir(self, key: str) -> str:
+        return os.path.join(self.root, "outputs", key)
+
+    # -- temporary files and locks ---------------------------------------------
+
+    @contextlib.contextmanager
+    def temp_file(self, suffix: str = "") -> Iterator[tuple[BinaryIO, str]]:
+        """A temporary file in the cache; removed unless the caller renamed it away."""
+        fd, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), suffix=suffix)
+        f = os.fdopen(fd, "w+b")
+        try:
+            yield f, path
+        finally:
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    @contextlib.contextmanager
+    def temp_dir(self) -> Iterator[str]:
+        path = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive inter-process lock on `name` (held until the block ends)."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        fd = os.open(os.path.join(self.root, "locks", safe), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def clean_stale_tmp(self) -> None:
+        """Remove temporary files a killed process left behind long ago."""
+        tmp = os.path.join(self.root, "tmp")
+        now = time.time()
+        for name in os.listdir(tmp):
+            path = os.path.join(tmp, name)
+            with contextlib.suppress(OSError):
+                if now - os.lstat(path).st_mtime > STALE_TMP_SECONDS:
+                    if os.path.isdir(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.unlink(path)
+
+    # -- blobs -----------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.exists(self.blob_path(digest))
+
+    def read_blob(self, digest: str) -> bytes | None:
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def put_blob_bytes(self, digest: str, data: bytes, what: str) -> None:
+        """Store `data` under `digest` after checking that it matches."""
+        algo, _hexd = split_digest(digest)
+        h = Hasher(algo)
+        h.update(data)
+        h.verify(digest, None, what)
+        if self.has_blob(digest):
+            return
+        with self.temp_file() as (f, tmp):
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            os.rename(tmp, self.blob_path(digest))
+
+    def put_blob_stream(
+        self, digest: str, size: int | None, stream: BinaryIO, what: str, chunk: int = 1 << 20
+    ) -> str:
+        """Stream a blob into the cache, verifying it on the way; returns its path."""
+        final = self.blob_path(digest)
+        if os.path.exists(final):
+            return final
+        algo, _hexd = split_digest(digest)
+        h = Hasher(algo)
+        with self.temp_file() as (f, tmp):
+            while True:
+                data = stream.read(chunk)
+                if not data:
+                    break
+                h.update(data)
+                f.write(data)
+                if size is not None and h.size > size:
+                    break
+            h.verify(digest, size, what)
+            f.flush()
+            os.fsync(f.fileno())
+            os.rename(tmp, final)
+        return final
+
+    # -- layers ----------------------------------------------------------------
+
+    def layer_for_blob(self, blob_digest: str) -> str | None:
+        """The diff_id recorded for a compressed blob, if its layer is cached."""
+        if not blob_digest:
+            return None
+        try:
+            with open(self._layer_link_path(blob_digest)) as f:
+                diff_id = f.read().strip()
+        except (FileNotFoundError, DigestError):
+            return None
+        return diff_id if os.path.exists(self.layer_path(diff_id)) else None
+
+    def record_layer_link(self, blob_digest: str, diff_id: str) -> None:
+        with self.temp_file() as (f, tmp):
+            f.write(diff_id.encode())
+            f.flush()
+            os.rename(tmp, self._layer_link_path(blob_digest))
+
+    # -- sizes ---------------------------------------------------------------
+
+    def usage(self) -> dict[str, int]:
+        """Bytes used per top-level area."""
+        out: dict[str, int] = {}
+        for area in ("blobs", "layers", "outputs", "kernels", "tmp"):
+            total = 0
+            for dirpath, _dirs, files in os.walk(os.path.join(self.root, area)):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(dirpath, name)).st_size
+            out[area] = total
+        return out

@@ -1,0 +1,333 @@
+"""The `vmimg` command line: parse options, call the library, render results.
+
+No logic lives here beyond turning options into library calls and results
+(or errors) into text, JSON and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, NoReturn
+
+import click
+
+from vmimg import __version__
+from vmimg.cache import Cache
+from vmimg.errors import VmimgError
+from vmimg.oci import parse_platform
+from vmimg.sources import SourceOptions
+
+EXIT_INTERRUPTED = 130
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes (binary units)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise click.BadParameter(f"not a size: {text!r} (examples: 512M, 2G)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+class SizeType(click.ParamType):  # type: ignore[type-arg]
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except click.BadParameter as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def fail(err: VmimgError, as_json: bool) -> NoReturn:
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": err.exit_code}))
+    else:
+        click.echo(f"vmimg: error: {message}", err=True)
+    sys.exit(err.exit_code)
+
+
+def run(as_json: bool, fn: Callable[[], Any]) -> Any:
+    """Call `fn`, turning our errors and Ctrl-C into one line and an exit code."""
+    try:
+        return fn()
+    except VmimgError as e:
+        fail(e, as_json)
+    except KeyboardInterrupt:
+        click.echo("vmimg: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def source_options(platform: str, insecure: tuple[str, ...], ca_cert: str | None) -> SourceOptions:
+    return SourceOptions(
+        platform=parse_platform(platform), insecure_hosts=insecure, ca_cert=ca_cert
+    )
+
+
+def progress_printer(label: str) -> Callable[[int], None] | None:
+    """A byte counter on stderr when it is a terminal; None otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    total = 0
+
+    def report(n: int) -> None:
+        nonlocal total
+        total += n
+        click.echo(f"\r{label}: {total / (1 << 20):8.1f} MiB", err=True, nl=False)
+
+    return report
+
+
+def source_params(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every command that reads an image shares."""
+    f = click.option(
+        "--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA bundle for TLS."
+    )(f)
+    f = click.option(
+        "--insecure-registry",
+        "insecure",
+        multiple=True,
+        metavar="HOST",
+        help="Allow plain http to HOST (loopback hosts always may).",
+    )(f)
+    f = click.option(
+        "--platform",
+        default="linux/amd64",
+        show_default=True,
+        help="Platform to pick from an image index.",
+    )(f)
+    return f
+
+
+def cache_param(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--cache",
+        "cache_dir",
+        envvar="VMIMG_CACHE",
+        type=click.Path(file_okay=False),
+        help="Cache directory (default $XDG_CACHE_HOME/vmimg; env VMIMG_CACHE).",
+    )(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="vmimg")
+def main() -> None:
+    """Turn container images into VM-ready, boot-verified artifacts."""
+
+
+@main.command()
+@click.argument("source")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["tar", "initramfs", "ext4", "erofs"]),
+    default="tar",
+    show_default=True,
+)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "zstd", "none"]),
+    default="gzip",
+    show_default=True,
+    help="initramfs: compression of the cpio archive.",
+)
+@click.option("--size", type=SIZE, default=None, help="ext4: exact image size (e.g. 2G).")
+@click.option("--headroom", type=SIZE, default=None, help="ext4: free space to add when sizing.")
+@click.option("--inodes", type=int, default=0, help="ext4: extra inodes beyond the tree's.")
+@click.option("--no-journal", is_flag=True, help="ext4: no journal (read-only use).")
+@click.option(
+    "--compress",
+    type=click.Choice(["none", "lz4", "lz4hc"]),
+    default="none",
+    show_default=True,
+    help="erofs: data compression.",
+)
+@click.option("--no-cache", is_flag=True, help="Convert again even if a finished result is cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@source_params
+@cache_param
+def rootfs(
+    source: str,
+    fmt: str,
+    output: str,
+    compression: str,
+    size: int | None,
+    headroom: int | None,
+    inodes: int,
+    no_journal: bool,
+    compress: str,
+    no_cache: bool,
+    as_json: bool,
+    platform: str,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    cache_dir: str | None,
+) -> None:
+    """Flatten SOURCE into one root file system image.
+
+    SOURCE is docker://HOST/REPO:TAG (or HOST/REPO:TAG), oci:DIR[:TAG],
+    oci-archive:FILE[:TAG], docker-archive:FILE or docker-daemon:NAME[:TAG].
+    """
+    from vmimg.convert import convert
+
+    def go() -> None:
+        options = writer_options(fmt, compression, size, headroom, inodes, no_journal, compress)
+        cache = Cache.open(cache_dir)
+        result = convert(
+            source,
+            fmt,
+            output,
+            options,
+            cache,
+            source_options(platform, insecure, ca_cert),
+            use_cache=not no_cache,
+            progress=progress_printer("layers"),
+        )
+        if sys.stderr.isatty():
+            click.echo("", err=True)
+        for w in result.warnings:
+            click.echo(f"vmimg: warning: {w}", err=True)
+        if as_json:
+            click.echo(json.dumps(asdict(result), indent=2))
+        else:
+            state = "from cache" if result.cached else f"in {result.seconds:.2f}s"
+            click.echo(
+                f"{result.output}: {result.format}, {result.size} bytes, "
+                f"{result.image} ({result.digest[:19]}, {result.platform}) {state}"
+            )
+
+    run(as_json, go)
+
+
+def writer_options(
+    fmt: str,
+    compression: str,
+    size: int | None,
+    headroom: int | None,
+    inodes: int,
+    no_journal: bool,
+    compress: str,
+) -> Any:
+    """The options object of the chosen writer."""
+    if fmt == "tar":
+        from vmimg.writers.tar import TarOptions
+
+        return TarOptions()
+    if fmt == "initramfs":
+        from vmimg.writers.cpio import CpioOptions
+
+        return CpioOptions(compression=compression)
+    if fmt == "ext4":
+        from vmimg.writers.ext4 import Ext4Options
+
+        kw: dict[str, Any] = {"size": size, "extra_inodes": inodes, "journal": not no_journal}
+        if headroom is not None:
+            kw["headroom"] = headroom
+        return Ext4Options(**kw)
+    from vmimg.writers.erofs import ErofsOptions
+
+    return ErofsOptions(compress=compress)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@source_params
+@cache_param
+def inspect(
+    source: str,
+    as_json: bool,
+    platform: str,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    cache_dir: str | None,
+) -> None:
+    """Show an image's digest, platform, config and layers."""
+    from vmimg.inspect import describe
+
+    def go() -> None:
+        info = describe(source, Cache.open(cache_dir), source_options(platform, insecure, ca_cert))
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        click.echo(f"Image:      {info['name']}")
+        click.echo(f"Digest:     {info['digest']}")
+        click.echo(f"Platform:   {info['platform']}")
+        cfg = info["config"]
+        for key in ("Entrypoint", "Cmd", "WorkingDir", "User"):
+            click.echo(f"{key + ':':<12}{json.dumps(cfg.get(key))}")
+        click.echo(f"Env:        {json.dumps(cfg.get('Env') or [])}")
+        click.echo(f"Layers:     {len(info['layers'])}")
+        for layer in info["layers"]:
+            digest = layer["digest"] or layer["diff_id"]
+            click.echo(f"  {digest}  {layer['size']:>12}  {layer['mediaType']}")
+
+    run(as_json, go)
+
+
+@main.group()
+def cache() -> None:
+    """Look at and clean the cache."""
+
+
+@cache.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@cache_param
+def cache_ls(as_json: bool, cache_dir: str | None) -> None:
+    """Show the cache directory and the bytes each area uses."""
+
+    def go() -> None:
+        c = Cache.open(cache_dir)
+        usage = c.usage()
+        if as_json:
+            click.echo(json.dumps({"root": c.root, "bytes": usage}, indent=2))
+            return
+        click.echo(f"{c.root}")
+        for area, n in usage.items():
+            click.echo(f"  {area:<8} {n / (1 << 20):10.1f} MiB")
+
+    run(as_json, go)
+
+
+@cache.command("prune")
+@click.option("--all", "everything", is_flag=True, help="Also remove blobs and layers.")
+@cache_param
+def cache_prune(everything: bool, cache_dir: str | None) -> None:
+    """Remove finished conversions and stale temporary files (with --all, everything)."""
+    import shutil
+
+    def go() -> None:
+        c = Cache.open(cache_dir)
+        areas = ["outputs", "tmp"] + (["blobs", "layers"] if everything else [])
+        for area in areas:
+            with c.lock(f"prune-{area}"):
+                shutil.rmtree(os.path.join(c.root, area), ignore_errors=True)
+        Cache.open(cache_dir)
+        click.echo(f"pruned {', '.join(areas)} in {c.root}")
+
+    run(False, go)
+
+
+def _register_optional() -> None:
+    """Command groups that live in their own modules."""
+    try:
+        from vmimg.cli_kernel import kernel
+    except ImportError:
+        return
+    main.add_command(kernel)
+
+
+_register_optional()

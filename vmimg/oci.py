@@ -1,0 +1,244 @@
+"""OCI and Docker image models: descriptors, manifests, indexes, configs, platforms.
+
+Only what vmimg needs, parsed strictly enough that a manifest that lies
+(wrong media type, missing fields) is reported instead of half-used.
+"""
+
+from __future__ import annotations
+
+import json
+import platform as _platform
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmimg.errors import PlatformError, SourceError
+
+# Manifest and index media types.
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+ACCEPT_MANIFESTS = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
+
+# Layer media types, by compression. Non-distributable ("foreign") layers are
+# accepted: they are ordinary layers that some registries may not serve.
+_LAYER_COMPRESSION = {
+    "application/vnd.oci.image.layer.v1.tar": "none",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar": "none",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
+}
+
+
+def layer_compression(media_type: str) -> str:
+    """'none', 'gzip' or 'zstd' as the media type says; SourceError if not a layer type."""
+    try:
+        return _LAYER_COMPRESSION[media_type]
+    except KeyError:
+        raise SourceError(f"unsupported layer media type {media_type!r}") from None
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str = "linux"
+    architecture: str = "amd64"
+    variant: str = ""
+
+    def __str__(self) -> str:
+        s = f"{self.os}/{self.architecture}"
+        return f"{s}/{self.variant}" if self.variant else s
+
+
+# Normalisation as containerd's platforms package does it.
+_ARCH_ALIASES = {
+    "x86_64": "amd64",
+    "x86-64": "amd64",
+    "aarch64": "arm64",
+    "armhf": "arm",
+    "armel": "arm",
+}
+_DEFAULT_VARIANT = {"arm": "v7"}
+
+
+def normalize_platform(p: Platform) -> Platform:
+    arch = _ARCH_ALIASES.get(p.architecture.lower(), p.architecture.lower())
+    variant = p.variant.lower()
+    if p.architecture.lower() == "armel" and not variant:
+        variant = "v6"
+    if arch == "arm64" and variant == "v8":
+        variant = ""  # arm64 and arm64/v8 are the same platform
+    variant = variant or _DEFAULT_VARIANT.get(arch, "")
+    return Platform(p.os.lower(), arch, variant)
+
+
+def parse_platform(text: str) -> Platform:
+    """'linux/amd64', 'linux/arm/v7', 'arm64', 'x86_64' ..., normalised."""
+    parts = text.split("/")
+    if len(parts) == 1:
+        return normalize_platform(Platform("linux", parts[0]))
+    if len(parts) == 2:
+        return normalize_platform(Platform(parts[0], parts[1]))
+    if len(parts) == 3:
+        return normalize_platform(Platform(parts[0], parts[1], parts[2]))
+    raise PlatformError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT]")
+
+
+def host_platform() -> Platform:
+    return normalize_platform(Platform("linux", _platform.machine()))
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    platform: Platform | None = None
+    artifact_type: str | None = None
+
+    @classmethod
+    def from_json(cls, d: Any, what: str) -> Descriptor:
+        if not isinstance(d, dict):
+            raise SourceError(f"{what}: descriptor is not an object")
+        try:
+            media_type = d["mediaType"]
+            digest = d["digest"]
+            size = d["size"]
+        except KeyError as e:
+            raise SourceError(f"{what}: descriptor lacks {e.args[0]!r}") from None
+        if not isinstance(size, int) or size < 0 or not isinstance(digest, str):
+            raise SourceError(f"{what}: descriptor has an invalid size or digest")
+        plat = None
+        if isinstance(d.get("platform"), dict):
+            pd = d["platform"]
+            plat = Platform(pd.get("os", ""), pd.get("architecture", ""), pd.get("variant", ""))
+        return cls(
+            media_type, digest, size, dict(d.get("annotations") or {}), plat, d.get("artifactType")
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
+        if self.annotations:
+            out["annotations"] = self.annotations
+        if self.platform:
+            out["platform"] = {"os": self.platform.os, "architecture": self.platform.architecture}
+            if self.platform.variant:
+                out["platform"]["variant"] = self.platform.variant
+        return out
+
+
+def load_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SourceError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise SourceError(f"{what} is not a JSON object")
+    return obj
+
+
+def sniff_media_type(obj: dict[str, Any], declared: str | None) -> str:
+    """The media type of a manifest or index, checking the document against the declaration."""
+    inner = obj.get("mediaType")
+    kind = "index" if "manifests" in obj else "manifest" if "layers" in obj else None
+    mt = declared or inner
+    if not mt:
+        mt = {"index": OCI_INDEX, "manifest": OCI_MANIFEST}.get(kind or "", "")
+    if (
+        inner
+        and declared
+        and inner != declared
+        and declared not in ("application/json", "text/plain")
+    ):
+        raise SourceError(f"media type {declared!r} declared, but the document says {inner!r}")
+    if mt in INDEX_TYPES and kind != "index":
+        raise SourceError(f"document declared as {mt} has no 'manifests' list")
+    if mt in MANIFEST_TYPES and kind != "manifest":
+        raise SourceError(f"document declared as {mt} has no 'layers' list")
+    if mt not in INDEX_TYPES + MANIFEST_TYPES:
+        raise SourceError(f"unsupported manifest media type {mt!r}")
+    return mt
+
+
+def select_platform(index: dict[str, Any], want: Platform, where: str) -> Descriptor:
+    """Pick the manifest for `want` from an index; error lists what there is."""
+    found: list[Descriptor] = []
+    for i, d in enumerate(index.get("manifests") or []):
+        desc = Descriptor.from_json(d, f"{where} manifests[{i}]")
+        if desc.media_type not in MANIFEST_TYPES:
+            continue  # nested indexes and attestations are not images
+        if desc.platform is None:
+            continue
+        if desc.platform.os == "unknown":
+            continue  # buildkit attestation manifests
+        found.append(desc)
+        if normalize_platform(desc.platform) == want:
+            return desc
+    have = ", ".join(sorted({str(normalize_platform(d.platform)) for d in found if d.platform}))
+    raise PlatformError(f"{where} has no image for {want} (it has: {have or 'none'})")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The parts of an image config vmimg uses, plus the raw document."""
+
+    raw: dict[str, Any]
+    diff_ids: list[str]
+    platform: Platform
+
+    @property
+    def config(self) -> dict[str, Any]:
+        c = self.raw.get("config")
+        return c if isinstance(c, dict) else {}
+
+    @classmethod
+    def parse(cls, data: bytes, what: str) -> ImageConfig:
+        raw = load_json(data, what)
+        rootfs = raw.get("rootfs")
+        if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
+            raise SourceError(f"{what} has no rootfs.diff_ids")
+        diff_ids = rootfs["diff_ids"]
+        if not all(isinstance(d, str) for d in diff_ids):
+            raise SourceError(f"{what} has an invalid diff_id")
+        plat = Platform(
+            str(raw.get("os") or "linux"),
+            str(raw.get("architecture") or "amd64"),
+            str(raw.get("variant") or ""),
+        )
+        return cls(raw, list(diff_ids), plat)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str
+    config: Descriptor
+    layers: list[Descriptor]
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any], media_type: str, what: str) -> Manifest:
+        config = Descriptor.from_json(obj.get("config"), f"{what} config")
+        raw_layers = obj.get("layers")
+        if not isinstance(raw_layers, list):
+            raise SourceError(f"{what} has no layers list")
+        layers = [Descriptor.from_json(d, f"{what} layers[{i}]") for i, d in enumerate(raw_layers)]
+        for layer in layers:
+            layer_compression(layer.media_type)  # reject unknown layer types up front
+        return cls(media_type, config, layers, obj)
