@@ -81,7 +81,11 @@ def compare_tree_with_dir(
             problems.append(f"{shown}: type {kind} != {node.type}")
             continue
         check_mode = checks.mode and (checks.dir_mode or not node.is_dir)
-        if check_mode and node.type is not NodeType.SYMLINK and stat.S_IMODE(st.st_mode) != node.mode:
+        if (
+            check_mode
+            and node.type is not NodeType.SYMLINK
+            and stat.S_IMODE(st.st_mode) != node.mode
+        ):
             problems.append(f"{shown}: mode {stat.S_IMODE(st.st_mode):o} != {node.mode:o}")
         if checks.owner and (st.st_uid, st.st_gid) != (node.uid, node.gid):
             problems.append(f"{shown}: owner {st.st_uid}:{st.st_gid} != {node.uid}:{node.gid}")

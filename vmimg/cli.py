@@ -278,6 +278,18 @@ def inspect(
     run(as_json, go)
 
 
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def sample(directory: str) -> None:
+    """Write the built-in sample image (busybox) as an OCI layout in DIRECTORY.
+
+    Prints its reference, ready for `vmimg rootfs` or `vmimg build`.
+    """
+    from vmimg.sample import write_sample
+
+    click.echo(run(False, lambda: write_sample(directory)))
+
+
 @main.group()
 def cache() -> None:
     """Look at and clean the cache."""

@@ -58,65 +58,43 @@ class _Flattener:
 
     # -- path resolution inside the tree --------------------------------------
 
-    def _resolve_dir(self, parts: list[bytes], hops: int = 0) -> Node | None:
-        """The directory at `parts`, following symlinks inside the tree; None if absent."""
-        node = self.tree.root
-        stack: list[Node] = [node]
-        i = 0
-        while i < len(parts):
-            name = parts[i]
-            i += 1
+    def _resolve_dir(self, parts: list[bytes], create_mtime: int | None = None) -> Node | None:
+        """The directory at `parts`, following symlinks *inside* the tree.
+
+        ".." stops at the root, as it does for a chrooted process. With
+        `create_mtime`, missing directories are created (and a non-directory
+        in the way is replaced, as tar does); otherwise a missing one gives None.
+        """
+        stack: list[Node] = [self.tree.root]
+        pending = list(reversed(parts))
+        hops = 0
+        while pending:
+            name = pending.pop()
+            if name in (b"", b"."):
+                continue
             if name == b"..":
                 if len(stack) > 1:
                     stack.pop()
-                node = stack[-1]
                 continue
+            node = stack[-1]
             assert node.children is not None
             child = node.children.get(name)
-            if child is None:
-                return None
-            if child.type is NodeType.SYMLINK:
+            if child is not None and child.type is NodeType.SYMLINK:
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
                     raise TreeError("too many levels of symbolic links")
                 assert child.target is not None
-                target = [p for p in child.target.split(b"/") if p not in (b"", b".")]
                 if child.target.startswith(b"/"):
-                    stack = [self.tree.root]
-                # Replace the symlink by its target and continue from its directory.
-                parts = target + parts[i:]
-                i = 0
-                node = stack[-1]
+                    del stack[1:]
+                pending.extend(reversed(child.target.split(b"/")))
                 continue
-            if not child.is_dir:
-                return None
+            if child is None or not child.is_dir:
+                if create_mtime is None:
+                    return None
+                child = Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=create_mtime)
+                node.children[name] = child
             stack.append(child)
-            node = child
-        return node
-
-    def _parent(self, parts: list[bytes], entry: Entry) -> Node:
-        """The directory an entry goes in; missing parents are created."""
-        node = self.tree.root
-        for depth, name in enumerate(parts[:-1]):
-            assert node.children is not None
-            child = node.children.get(name)
-            if child is None:
-                child = Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=entry.mtime_ns)
-                node.children[name] = child
-            elif child.type is NodeType.SYMLINK:
-                resolved = self._resolve_dir(parts[: depth + 1])
-                if resolved is None:
-                    raise TreeError(
-                        f"parent {os.fsdecode(b'/'.join(parts[: depth + 1]))!r} is a symlink "
-                        "to nothing"
-                    )
-                child = resolved
-            elif not child.is_dir:
-                # A file where a directory is needed: tar replaces it with a directory.
-                child = Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=entry.mtime_ns)
-                node.children[name] = child
-            node = child
-        return node
+        return stack[-1]
 
     # -- whiteouts -------------------------------------------------------------
 
@@ -150,8 +128,8 @@ class _Flattener:
             if e.type == tarfile.DIRTYPE:
                 self._set_attrs(self.tree.root, e)
             return
-        parent = self._parent(parts, e)
-        assert parent.children is not None
+        parent = self._resolve_dir(parts[:-1], create_mtime=e.mtime_ns)
+        assert parent is not None and parent.children is not None
         name = parts[-1]
         if e.type == tarfile.LNKTYPE:
             parent.children[name] = self._hardlink_target(e)

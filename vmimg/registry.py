@@ -29,7 +29,7 @@ import urllib3.exceptions
 from vmimg.errors import AuthError, SourceError
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-DEFAULT_RETRIES = 5
+DEFAULT_RETRIES = 5  # override with VMIMG_REGISTRY_RETRIES
 BACKOFF_START = 0.5
 BACKOFF_CAP = 8.0
 CONNECT_TIMEOUT = 10.0
@@ -131,13 +131,17 @@ class RegistryClient:
         host: str,
         insecure_hosts: Iterable[str] = (),
         ca_cert: str | None = None,
-        retries: int = DEFAULT_RETRIES,
+        retries: int | None = None,
         credentials: Credentials | None = None,
     ) -> None:
         self.host = api_host(host)
         self.insecure = is_loopback_host(self.host) or self.host in set(insecure_hosts)
         self.base = f"{'http' if self.insecure else 'https'}://{self.host}"
-        self.retries = retries
+        self.retries = (
+            retries
+            if retries is not None
+            else int(os.environ.get("VMIMG_REGISTRY_RETRIES", DEFAULT_RETRIES))
+        )
         self._oras = oras.provider.Registry(
             hostname=self.host, insecure=self.insecure, tls_verify=ca_cert or True
         )

@@ -25,12 +25,12 @@ def open_registry_image(
     media_type = None
     if root is None:
         root, media_type = client.get_manifest(ref.repository, ref.reference, ACCEPT_MANIFESTS)
-        if ref.digest:
-            got = digest_bytes(root, ref.digest.split(":", 1)[0])
-            if got != ref.digest:
-                raise DigestError(f"manifest {ref}: registry sent {got}")
-            if cache is not None:
-                cache.put_blob_bytes(ref.digest, root, "manifest")
+        got = digest_bytes(root, ref.digest.split(":", 1)[0] if ref.digest else "sha256")
+        if ref.digest and got != ref.digest:
+            raise DigestError(f"manifest {ref}: registry sent {got}")
+        if cache is not None:
+            # Kept so that a later pull by digest needs no request at all.
+            cache.put_blob_bytes(got, root, "manifest")
 
     def open_blob(desc: Descriptor) -> BinaryIO:
         return client.open_blob(ref.repository, desc.digest)  # type: ignore[return-value]

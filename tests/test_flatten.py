@@ -1,0 +1,226 @@
+"""Flattening: the OCI layer rules, checked by hand and against umoci unpack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests import layerkit as L
+from tests.conftest import need
+from tests.treecheck import Checks, compare_tree_with_dir
+from vmimg.cache import Cache
+from vmimg.content import ContentReader
+from vmimg.convert import build_tree
+from vmimg.errors import LayerError
+from vmimg.flatten import LayerFile, flatten
+from vmimg.oci import Platform
+from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
+from vmimg.sources import SourceOptions, open_image
+from vmimg.tree import NodeType, Tree
+
+CAP = "\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+LONG = "n" * 200
+
+LOWER = L.layer(
+    L.dir("etc"),
+    L.file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+    L.file("etc/motd", b"old motd\n"),
+    L.file("etc/removed", b"to be whited out\n"),
+    L.dir("opt/app"),
+    L.file("opt/app/a", b"a"),
+    L.dir("opt/app/sub"),
+    L.file("opt/app/sub/c", b"c"),
+    L.file("bin/tool", b"#!/bin/sh\n", mode=0o4755, uid=1000, gid=1000),
+    L.dir("tmp", mode=0o1777),
+    L.dir("usr/lib"),
+    L.file(
+        "usr/lib/data",
+        b"data",
+        pax={"SCHILY.xattr.user.test": "v", "SCHILY.xattr.security.capability": CAP},
+    ),
+    L.hardlink("usr/lib/data_link", "usr/lib/data"),
+    L.symlink("lib", "usr/lib"),
+    L.chardev("dev/null", 1, 3, mode=0o666),
+    L.blockdev("dev/sda", 8, 0, mode=0o660, gid=6),
+    L.fifo("run/fifo", mode=0o600),
+    L.file("typechange/f", b"a file, later a dir"),
+    L.dir("typechange/d"),
+    L.file("typechange/d/child", b"goes away with its dir"),
+    L.file(
+        f"deep/{LONG}/{LONG}/file",
+        b"long names",
+        mtime=1_600_000_000.123456789,
+        pax={"mtime": "1600000000.123456789"},
+    ),
+    L.file("setgid", b"", mode=0o2755),
+)
+
+UPPER = L.layer(
+    L.file("opt/app/new", b"added before the opaque marker"),
+    L.opaque("opt/app"),
+    L.whiteout("etc/removed"),
+    L.dir("etc", mode=0o700, uid=5, gid=6),
+    L.file("typechange/d", b"now a file"),
+    L.dir("typechange/f"),
+    L.file("typechange/f/inner", b"inside"),
+    L.file("lib/viasymlink", b"written through the symlink"),
+    L.hardlink("bin/tool2", "bin/tool"),
+    L.file("etc/motd", b"new motd\n", uid=7),
+    L.file("newdir/sub/file", b"parents implied"),
+)
+
+
+@pytest.fixture(scope="module")
+def matrix_layout(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = str(tmp_path_factory.mktemp("matrix") / "layout")
+    write_layout(
+        root,
+        {
+            "v1": ImageSpec([LayerSpec(LOWER, "gzip"), LayerSpec(UPPER, "zstd")]),
+            # Debian's umoci reads no zstd layers: the same image, gzip only, for it.
+            "gz": ImageSpec([LayerSpec(LOWER, "gzip"), LayerSpec(UPPER, "gzip")]),
+        },
+    )
+    return root
+
+
+@pytest.fixture
+def matrix_tree(matrix_layout: str, cache: Cache) -> Tree:
+    image = open_image(f"oci:{matrix_layout}:v1", cache, SourceOptions(Platform()))
+    return build_tree(image, cache)
+
+
+def names(tree: Tree, path: bytes) -> list[bytes]:
+    node = tree.get(path)
+    assert node is not None and node.children is not None
+    return sorted(node.children)
+
+
+def read(tree: Tree, path: bytes) -> bytes:
+    node = tree.get(path)
+    assert node is not None and node.content is not None
+    with ContentReader() as r:
+        return r.read_all(node.content)
+
+
+def test_whiteouts_and_opaque_dirs(matrix_tree: Tree) -> None:
+    assert names(matrix_tree, b"/opt/app") == [b"new"]  # opaque applied first, new kept
+    assert matrix_tree.get(b"/etc/removed") is None
+    assert not any(b".wh." in p for p, _ in matrix_tree.walk())
+
+
+def test_directory_attributes_replaced_children_kept(matrix_tree: Tree) -> None:
+    etc = matrix_tree.get(b"/etc")
+    assert etc is not None and (etc.mode, etc.uid, etc.gid) == (0o700, 5, 6)
+    assert names(matrix_tree, b"/etc") == [b"motd", b"passwd"]
+    assert read(matrix_tree, b"/etc/motd") == b"new motd\n"
+
+
+def test_type_changes(matrix_tree: Tree) -> None:
+    d = matrix_tree.get(b"/typechange/d")
+    f = matrix_tree.get(b"/typechange/f")
+    assert d is not None and d.type is NodeType.FILE
+    assert read(matrix_tree, b"/typechange/d") == b"now a file"
+    assert f is not None and f.type is NodeType.DIR
+    assert names(matrix_tree, b"/typechange/f") == [b"inner"]
+
+
+def test_links_devices_and_modes(matrix_tree: Tree) -> None:
+    t = matrix_tree
+    assert t.get(b"/usr/lib/data") is t.get(b"/usr/lib/data_link")
+    assert t.get(b"/bin/tool2") is t.get(b"/bin/tool")  # hardlink across layers
+    tool = t.get(b"/bin/tool")
+    assert tool is not None and (tool.mode, tool.uid, tool.gid) == (0o4755, 1000, 1000)
+    assert t.link_counts()[id(tool)] == 2
+    lib = t.get(b"/lib")
+    assert lib is not None and lib.type is NodeType.SYMLINK and lib.target == b"usr/lib"
+    assert read(t, b"/usr/lib/viasymlink") == b"written through the symlink"
+    null = t.get(b"/dev/null")
+    assert null is not None and null.type is NodeType.CHAR and null.rdev == (1, 3)
+    sda = t.get(b"/dev/sda")
+    assert sda is not None and sda.type is NodeType.BLOCK and sda.rdev == (8, 0)
+    fifo = t.get(b"/run/fifo")
+    assert fifo is not None and fifo.type is NodeType.FIFO
+    tmp = t.get(b"/tmp")
+    assert tmp is not None and tmp.mode == 0o1777
+    data = t.get(b"/usr/lib/data")
+    assert data is not None and data.xattrs[b"user.test"] == b"v"
+    assert data.xattrs[b"security.capability"] == CAP.encode("latin-1")
+
+
+def test_long_names_nanoseconds_and_implied_parents(matrix_tree: Tree) -> None:
+    path = f"/deep/{LONG}/{LONG}/file".encode()
+    node = matrix_tree.get(path)
+    assert node is not None and node.mtime_ns == 1_600_000_000_123_456_789
+    assert read(matrix_tree, b"/newdir/sub/file") == b"parents implied"
+    implied = matrix_tree.get(b"/newdir")
+    assert implied is not None and implied.is_dir and implied.mode == 0o755
+
+
+def test_matches_umoci_unpack(matrix_layout: str, matrix_tree: Tree, tmp_path: Path) -> None:
+    """umoci, an independent implementation of the layer rules, must agree entry by entry."""
+    bundle = tmp_path / "bundle"
+    subprocess.run(
+        [need("umoci"), "unpack", "--image", f"{matrix_layout}:gz", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
+    with ContentReader() as reader:
+        problems = compare_tree_with_dir(matrix_tree, reader, str(bundle / "rootfs"), Checks())
+    assert problems == []
+
+
+def _flatten_one(tmp_path: Path, data: bytes) -> Tree:
+    p = tmp_path / "layer.tar"
+    p.write_bytes(data)
+    return flatten([LayerFile(str(p), "sha256:test")])
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([L.file("../escape", b"x")], "entry '../escape': path leaves the root"),
+        ([L.file("a/../../b", b"x")], "path leaves the root"),
+        ([L.hardlink("x", "missing")], "entry 'x': hardlink to missing 'missing'"),
+        ([L.file(".wh.", b"")], "entry '.wh.': invalid whiteout"),
+        ([L.dir("d"), L.hardlink("h", "d")], "hardlink to directory 'd'"),
+    ],
+)
+def test_bad_entries_name_layer_and_entry(tmp_path: Path, entries: list[L.E], message: str) -> None:
+    with pytest.raises(LayerError) as err:
+        _flatten_one(tmp_path, L.layer(*entries))
+    assert "layer sha256:test" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_absolute_paths_stay_inside_and_symlinks_resolve_inside(tmp_path: Path) -> None:
+    tree = _flatten_one(
+        tmp_path,
+        L.layer(
+            L.file("/etc/abs", b"absolute"),
+            L.symlink("escape", "/../../../../tmp"),
+            L.file("escape/through", b"stays in the root"),
+        ),
+    )
+    assert tree.get(b"/etc/abs") is not None
+    # The symlink points "outside"; writing through it lands inside the tree's /tmp.
+    assert tree.get(b"/tmp/through") is not None
+    assert not os.path.exists("/tmp/through")
+
+
+def test_invalid_utf8_names_survive(tmp_path: Path) -> None:
+    tree = _flatten_one(
+        tmp_path,
+        L.layer(
+            L.file(
+                "bad\udcff",
+                b"x",
+            ),
+            fmt=tarfile.PAX_FORMAT,
+        ),
+    )
+    assert tree.get(b"/bad\xff") is not None

@@ -1,0 +1,208 @@
+"""Every transport resolves to the same image: registry, layouts, archives, daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests import layerkit as L
+from tests.conftest import podman, skopeo_copy
+from vmimg.cache import Cache
+from vmimg.errors import DigestError, ImageRefError, LayerError, PlatformError, SourceError
+from vmimg.image import fetch_layers
+from vmimg.oci import Platform, parse_platform
+from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
+from vmimg.sources import SourceOptions, open_image
+from vmimg.sources.base import Image
+
+AMD64 = SourceOptions(Platform("linux", "amd64"))
+
+
+def tree_digest(image: Image, cache: Cache) -> list[str]:
+    """The layer diff_ids after fetching them all (each verified on the way)."""
+    layers = fetch_layers(image, cache)
+    assert all(os.path.exists(layer.tar_path) for layer in layers)
+    return image.diff_ids
+
+
+@pytest.fixture(scope="module")
+def two_platform_layout(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = str(tmp_path_factory.mktemp("multi") / "layout")
+    amd = ImageSpec([LayerSpec(L.layer(L.file("arch", b"amd64")))], platform=Platform())
+    arm = ImageSpec(
+        [LayerSpec(L.layer(L.file("arch", b"arm64")))], platform=Platform("linux", "arm64")
+    )
+    write_layout(root, {"multi": [amd, arm], "single": amd})
+    return root
+
+
+def test_oci_layout_and_index_platforms(two_platform_layout: str, cache: Cache) -> None:
+    amd = open_image(f"oci:{two_platform_layout}:multi", cache, AMD64)
+    arm = open_image(
+        f"oci:{two_platform_layout}:multi", cache, SourceOptions(parse_platform("aarch64"))
+    )
+    assert str(amd.platform) == "linux/amd64" and str(arm.platform) == "linux/arm64"
+    assert amd.digest != arm.digest
+    with pytest.raises(
+        PlatformError,
+        match=r"no image for linux/s390x \(it has: linux/amd64, "
+        r"linux/arm64\)",
+    ):
+        open_image(
+            f"oci:{two_platform_layout}:multi", cache, SourceOptions(parse_platform("linux/s390x"))
+        )
+    with pytest.raises(ImageRefError, match="no image tagged 'nope'"):
+        open_image(f"oci:{two_platform_layout}:nope", cache, AMD64)
+
+
+def test_oci_archive_reads_in_place(two_platform_layout: str, cache: Cache, tmp_path: Path) -> None:
+    archive = tmp_path / "image.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(two_platform_layout, arcname=".")
+    direct = open_image(f"oci:{two_platform_layout}:single", cache, AMD64)
+    from_tar = open_image(f"oci-archive:{archive}:single", cache, AMD64)
+    assert from_tar.digest == direct.digest
+    assert tree_digest(from_tar, cache) == direct.diff_ids
+
+
+def test_registry_pull_then_no_blob_requests(
+    sample_ref: str, registry: str, tmp_path: Path
+) -> None:
+    skopeo_copy(sample_ref, f"docker://{registry}/sample/busybox:v1")
+    cache = Cache.open(str(tmp_path / "c"))
+    image = open_image(f"docker://{registry}/sample/busybox:v1", cache, AMD64)
+    fetch_layers(image, cache)
+    local = open_image(sample_ref, cache, AMD64)
+    assert image.digest == local.digest
+    # By digest with everything cached: works with the registry gone (no request at all).
+    by_digest = f"{registry}/sample/busybox@{image.digest}"
+    offline = open_image(by_digest.replace(registry, "127.0.0.1:9"), cache, AMD64)
+    offline_image_layers = fetch_layers(offline, cache)
+    assert len(offline_image_layers) == 1
+
+
+def test_registry_errors_are_one_line_and_named(
+    registry: str, cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMIMG_REGISTRY_RETRIES", "1")
+    with pytest.raises(SourceError, match=r"manifest .*/missing/image:v1: 404"):
+        open_image(f"docker://{registry}/missing/image:v1", cache, AMD64)
+    with pytest.raises(SourceError, match="unreachable"):
+        open_image("docker://127.0.0.1:9/nothing/here:v1", cache, AMD64)
+
+
+def test_docker_archive_from_podman_save(
+    sample_ref: str, podman_socket: str, cache: Cache, tmp_path: Path
+) -> None:
+    archive = tmp_path / "saved.tar"
+    skopeo_copy(sample_ref, f"docker-archive:{tmp_path / 'in.tar'}:vmimg/sample:v1")
+    podman("load", "-i", str(tmp_path / "in.tar"))
+    podman("save", "-o", str(archive), "vmimg/sample:v1")
+    image = open_image(f"docker-archive:{archive}", cache, AMD64)
+    local = open_image(sample_ref, cache, AMD64)
+    assert image.diff_ids == local.diff_ids
+    assert tree_digest(image, cache) == local.diff_ids
+
+
+def test_docker_daemon_through_podman_api(
+    sample_ref: str, podman_socket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    skopeo_copy(sample_ref, f"docker-archive:{tmp_path / 'in.tar'}:vmimg/daemon:v1")
+    podman("load", "-i", str(tmp_path / "in.tar"))
+    monkeypatch.setenv("DOCKER_HOST", podman_socket)
+    cache = Cache.open(str(tmp_path / "c"))
+    image = open_image("docker-daemon:vmimg/daemon:v1", cache, AMD64)
+    local = open_image(sample_ref, cache, AMD64)
+    assert tree_digest(image, cache) == local.diff_ids
+    image.close()
+    # Second time: config and layers cached, so no export happens at all.
+    again = open_image("docker-daemon:vmimg/daemon:v1", cache, AMD64)
+    assert again.layers[0].digest == "" and again.diff_ids == local.diff_ids
+    with pytest.raises(ImageRefError, match="no such image"):
+        open_image("docker-daemon:vmimg/absent:v1", cache, AMD64)
+
+
+def _corrupt_blob(layout: str, digest: str, data: bytes) -> None:
+    path = os.path.join(layout, "blobs", "sha256", digest.split(":")[1])
+    os.chmod(path, 0o644)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _layout(tmp_path: Path, *layers: LayerSpec) -> tuple[str, dict[str, object]]:
+    root = str(tmp_path / "layout")
+    write_layout(root, {"t": ImageSpec(list(layers))})
+    index = json.loads(Path(root, "index.json").read_text())
+    manifest = json.loads(
+        Path(root, "blobs", "sha256", index["manifests"][0]["digest"].split(":")[1]).read_text()
+    )
+    return root, manifest
+
+
+def test_layer_digest_mismatch(tmp_path: Path, cache: Cache) -> None:
+    root, manifest = _layout(tmp_path, LayerSpec(L.layer(L.file("f", b"x" * 1000))))
+    digest = manifest["layers"][0]["digest"]  # type: ignore[index]
+    blob = Path(root, "blobs", "sha256", digest.split(":")[1]).read_bytes()
+    _corrupt_blob(root, digest, blob[:-1] + bytes([blob[-1] ^ 1]))
+    image = open_image(f"oci:{root}:t", cache, AMD64)
+    with pytest.raises((DigestError, LayerError), match=digest):
+        fetch_layers(image, cache)
+    assert os.listdir(os.path.join(cache.root, "tmp")) == []
+    assert not os.path.exists(cache.layer_path(image.diff_ids[0]))
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_truncated_layers(tmp_path: Path, cache: Cache, compression: str) -> None:
+    data = L.layer(L.file("f", os.urandom(200_000)))
+    root, manifest = _layout(tmp_path, LayerSpec(data, compression))
+    layer = manifest["layers"][0]  # type: ignore[index]
+    blob = Path(root, "blobs", "sha256", layer["digest"].split(":")[1]).read_bytes()
+    _corrupt_blob(root, layer["digest"], blob[: len(blob) // 2])
+    image = open_image(f"oci:{root}:t", cache, AMD64)
+    with pytest.raises(LayerError, match=f"layer {layer['digest']}: truncated {compression}"):
+        fetch_layers(image, cache)
+
+
+def test_unknown_media_type_and_lying_manifest(tmp_path: Path, cache: Cache) -> None:
+    root, _ = _layout(
+        tmp_path, LayerSpec(L.layer(L.file("f")), media_type="application/x-something")
+    )
+    with pytest.raises(SourceError, match="unsupported layer media type 'application/x-something'"):
+        open_image(f"oci:{root}:t", cache, AMD64)
+
+
+def test_gzip_bomb_limit(tmp_path: Path, cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _manifest = _layout(tmp_path, LayerSpec(L.layer(L.file("zeros", bytes(5 << 20)))))
+    monkeypatch.setenv("VMIMG_MAX_LAYER_BYTES", str(1 << 20))
+    image = open_image(f"oci:{root}:t", cache, AMD64)
+    with pytest.raises(LayerError, match="expands past 1048576 bytes"):
+        fetch_layers(image, cache)
+
+
+def test_concurrent_processes_share_the_cache(sample_ref: str, tmp_path: Path) -> None:
+    """Four processes fetch the same layers into one cache: all succeed, one copy results."""
+    cache_dir = tmp_path / "shared"
+    script = (
+        "import sys; from vmimg.cache import Cache; from vmimg.image import fetch_layers;"
+        "from vmimg.sources import SourceOptions, open_image; from vmimg.oci import Platform;"
+        "c = Cache.open(sys.argv[1]); i = open_image(sys.argv[2], c, SourceOptions(Platform()));"
+        "print(fetch_layers(i, c)[0].tar_path)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(cache_dir), sample_ref],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    paths = {p.communicate()[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1
+    assert os.listdir(cache_dir / "tmp") == []

@@ -1,0 +1,3 @@
+from vmimg.cli import main
+
+main()
