@@ -34,6 +34,8 @@ BACKOFF_START = 0.5
 BACKOFF_CAP = 8.0
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
+HTTP_BAD_REQUEST = 400
+GO_TLS_ANSWER = b"Client sent an HTTP request to an HTTPS server"
 DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io")
 
 
@@ -230,6 +232,9 @@ class RegistryClient:
                 time.sleep(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
+            if self._switched_to_https(resp):
+                url = "https://" + url.split("://", 1)[1]
+                continue
             if resp.status_code == 401 and not reauthed:
                 reauthed = True
                 resp.close()
@@ -243,6 +248,16 @@ class RegistryClient:
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
             raise self._error(resp, what)
+
+    def _switched_to_https(self, resp: requests.Response) -> bool:
+        """A loopback or insecure host may still speak TLS: Go servers answer plain
+        http on a TLS port with this 400, and then we move to https for good."""
+        if resp.status_code != HTTP_BAD_REQUEST or not self.base.startswith("http://"):
+            return False
+        if GO_TLS_ANSWER not in resp.content:
+            return False
+        self.base = "https://" + self.base[len("http://") :]
+        return True
 
     def _error(self, resp: requests.Response, what: str) -> SourceError:
         detail = ""
