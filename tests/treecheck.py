@@ -43,7 +43,7 @@ def content_sha256(reader: ContentReader, node: Node) -> str:
     return hashlib.sha256(reader.read_all(node.content)).hexdigest()
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: str | bytes) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

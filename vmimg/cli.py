@@ -148,6 +148,7 @@ def main() -> None:
 @click.option("--headroom", type=SIZE, default=None, help="ext4: free space to add when sizing.")
 @click.option("--inodes", type=int, default=0, help="ext4: extra inodes beyond the tree's.")
 @click.option("--no-journal", is_flag=True, help="ext4: no journal (read-only use).")
+@click.option("--label", default="", help="ext4/erofs: volume label.")
 @click.option(
     "--compress",
     type=click.Choice(["none", "lz4", "lz4hc"]),
@@ -168,6 +169,7 @@ def rootfs(
     headroom: int | None,
     inodes: int,
     no_journal: bool,
+    label: str,
     compress: str,
     no_cache: bool,
     as_json: bool,
@@ -184,7 +186,9 @@ def rootfs(
     from vmimg.convert import convert
 
     def go() -> None:
-        options = writer_options(fmt, compression, size, headroom, inodes, no_journal, compress)
+        options = writer_options(
+            fmt, compression, size, headroom, inodes, no_journal, compress, label
+        )
         cache = Cache.open(cache_dir)
         result = convert(
             source,
@@ -220,6 +224,7 @@ def writer_options(
     inodes: int,
     no_journal: bool,
     compress: str,
+    label: str = "",
 ) -> Any:
     """The options object of the chosen writer."""
     if fmt == "tar":
@@ -233,13 +238,18 @@ def writer_options(
     if fmt == "ext4":
         from vmimg.writers.ext4 import Ext4Options
 
-        kw: dict[str, Any] = {"size": size, "extra_inodes": inodes, "journal": not no_journal}
+        kw: dict[str, Any] = {
+            "size": size,
+            "extra_inodes": inodes,
+            "journal": not no_journal,
+            "label": label,
+        }
         if headroom is not None:
             kw["headroom"] = headroom
         return Ext4Options(**kw)
     from vmimg.writers.erofs import ErofsOptions
 
-    return ErofsOptions(compress=compress)
+    return ErofsOptions(compress=compress, label=label)
 
 
 @main.command()

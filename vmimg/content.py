@@ -58,6 +58,8 @@ class ContentReader:
             raise ContentError(f"read of {length} bytes at {start} outside content of {stored}")
         if content.data is not None:
             return content.data[start : start + length]
+        if length == 0:
+            return b""
         assert content.path is not None
         data = os.pread(self._fd(content.path), length, content.offset + start)
         if len(data) != length:

@@ -63,6 +63,18 @@ def _options_doc(options: Any) -> dict[str, Any]:
     return {}
 
 
+def with_seed(options: Any, image: Image) -> Any:
+    """Writers that make UUIDs derive them from a `seed`: the image digest, for reproducibility."""
+    fields = (
+        {f.name for f in dataclasses.fields(options)}
+        if dataclasses.is_dataclass(options)
+        else set()
+    )
+    if "seed" in fields and not options.seed:
+        return dataclasses.replace(options, seed=image.digest.encode())
+    return options
+
+
 def conversion_key(image: Image, fmt: str, options: Any, epoch_ns: int | None) -> str:
     doc = {
         "vmimg": __version__,
@@ -134,6 +146,7 @@ def convert(
     start = time.monotonic()
     image = open_image(source, cache, source_options)
     try:
+        options = with_seed(options, image)
         key = conversion_key(image, fmt, options, source_date_epoch_ns())
         cached_path = os.path.join(cache.output_dir(key), f"rootfs.{fmt}")
         warnings: list[str] = []
