@@ -156,6 +156,9 @@ def main() -> None:
     show_default=True,
     help="erofs: data compression.",
 )
+@click.option(
+    "--compress-level", type=click.IntRange(1, 12), default=None, help="erofs: lz4hc level."
+)
 @click.option("--no-cache", is_flag=True, help="Convert again even if a finished result is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @source_params
@@ -171,6 +174,7 @@ def rootfs(
     no_journal: bool,
     label: str,
     compress: str,
+    compress_level: int | None,
     no_cache: bool,
     as_json: bool,
     platform: str,
@@ -187,7 +191,7 @@ def rootfs(
 
     def go() -> None:
         options = writer_options(
-            fmt, compression, size, headroom, inodes, no_journal, compress, label
+            fmt, compression, size, headroom, inodes, no_journal, compress, label, compress_level
         )
         cache = Cache.open(cache_dir)
         result = convert(
@@ -225,6 +229,7 @@ def writer_options(
     no_journal: bool,
     compress: str,
     label: str = "",
+    compress_level: int | None = None,
 ) -> Any:
     """The options object of the chosen writer."""
     if fmt == "tar":
@@ -249,7 +254,7 @@ def writer_options(
         return Ext4Options(**kw)
     from vmimg.writers.erofs import ErofsOptions
 
-    return ErofsOptions(compress=compress, label=label)
+    return ErofsOptions(compress=compress, compress_level=compress_level, label=label)
 
 
 @main.command()
