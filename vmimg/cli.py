@@ -348,13 +348,11 @@ def cache_prune(everything: bool, cache_dir: str | None) -> None:
     run(False, go)
 
 
-def _register_optional() -> None:
+def _register_groups() -> None:
     """Command groups that live in their own modules."""
-    try:
-        from vmimg.cli_kernel import kernel
-    except ImportError:
-        return
+    from vmimg.cli_kernel import kernel
+
     main.add_command(kernel)
 
 
-_register_optional()
+_register_groups()
