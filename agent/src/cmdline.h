@@ -1,0 +1,25 @@
+/* The vmimg.* parameters on the kernel command line. The kernel keeps dotted
+ * parameters away from init's argv and environment, so the agent reads them
+ * from /proc/cmdline. */
+#ifndef VMIMG_CMDLINE_H
+#define VMIMG_CMDLINE_H
+
+enum agent_mode { MODE_RUN, MODE_VERIFY };
+
+struct bootargs {
+	enum agent_mode mode; /* vmimg.mode=run|verify */
+	int deep;             /* vmimg.deep=1: hash file content in verify mode */
+	const char *ip;       /* vmimg.ip=10.0.2.15/24: configure eth0 */
+	const char *gw;       /* vmimg.gw=10.0.2.2: default route */
+	const char *dns;      /* vmimg.dns=10.0.2.3: /etc/resolv.conf */
+	const char *hostname; /* vmimg.hostname=name: overrides the config */
+	const char *smoke;    /* vmimg.smoke="cmd": verify mode smoke command */
+	const char *cmd;      /* vmimg.cmd="cmd": run this shell command instead */
+	const char *bad;      /* first vmimg.* parameter we could not understand */
+};
+
+/* Parse a command line (modified in place; results point into it). Double
+ * quotes group words, as the kernel's own parser does, and are removed. */
+void cmdline_parse(char *line, struct bootargs *args);
+
+#endif

@@ -1,0 +1,42 @@
+/* Starting the workload and supervising it as PID 1: reaping every zombie,
+ * forwarding signals, noticing the workload's end. */
+#ifndef VMIMG_RUN_H
+#define VMIMG_RUN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+struct workload {
+	char *const *argv;
+	char *const *envp;
+	const char *cwd;
+	uid_t uid;
+	gid_t gid;
+	const unsigned *groups;
+	size_t ngroups;
+	int tty; /* make the console its controlling tty's foreground group */
+	unsigned stop_timeout;
+};
+
+struct outcome {
+	int code;   /* exit code, or 128 + signal */
+	int signal; /* the signal that ended it, or 0 */
+};
+
+/* Block the signals PID 1 handles, so they queue for supervise(). Call early:
+ * a shutdown request before the workload starts must not be lost. */
+void signals_block(void);
+
+/* Start the workload. On success returns its pid and *exec_us, the boot
+ * time just before execve. On failure (chdir, user, exec) reports the error
+ * marker and returns -1 with *code set (126, 127, 125). */
+pid_t workload_start(const struct workload *w, uint64_t *exec_us, int *code);
+
+/* Wait for the workload, reaping everything and forwarding signals. */
+struct outcome supervise(pid_t pid, unsigned stop_timeout);
+
+/* Kill whatever is left and reap it. */
+void kill_everything(void);
+
+#endif

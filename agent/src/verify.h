@@ -1,0 +1,17 @@
+/* Verify mode: compare the root tree with /.vmimg/manifest. */
+#ifndef VMIMG_VERIFY_H
+#define VMIMG_VERIFY_H
+
+#include <stddef.h>
+
+#define VERIFY_MAX_LISTED 10 /* problems listed one by one; the rest counted */
+#define VERIFY_BIND_DIR "/dev/.vmimg-root"
+#define AGENT_DIR "/.vmimg" /* not part of the image: skipped */
+
+/* Check every manifest entry (and look for entries the manifest lacks);
+ * deep also hashes file content. Prints the problem and result markers.
+ * Returns the number of problems, or -1 with a reason in err when the
+ * manifest is unreadable. */
+long verify_tree(const char *manifest_path, int deep, char *err, size_t errlen);
+
+#endif

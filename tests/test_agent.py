@@ -1,0 +1,908 @@
+"""The init agent: C unit tests, the Python config/manifest side, and boots
+under QEMU (TCG) with the agent as PID 1 of an initramfs.
+
+Boot tests use vmimg.kernel's kernel when that module provides one, else the
+Debian kernel in /boot (apt-get install linux-image-amd64), which boots a
+newc initramfs without modules. The initramfs is written here from a Tree
+(busybox-static as the userland) after `inject_agent`, so the whole path from
+Tree to a running workload is exercised.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmimg import agent
+from vmimg.agent import (
+    AgentBinaryMissing,
+    AgentConfig,
+    AgentError,
+    BootOptions,
+    ConfigOverrides,
+    Manifest,
+    Marker,
+    build_manifest,
+    escape,
+    find_agent_binary,
+    inject_agent,
+    kernel_args,
+    parse_markers,
+    resolve_config,
+    unescape,
+)
+from vmimg.content import ContentReader
+from vmimg.tree import Content, Extent, Node, NodeType, Tree
+
+REPO = Path(__file__).resolve().parent.parent
+AGENT_SRC = REPO / "agent"
+BUSYBOX = "/bin/busybox"
+BOOT_TIMEOUT = 180  # seconds: TCG on a shared 2-core machine is slow
+MAX_AGENT_SIZE = 100 * 1024
+
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+    "app:x:1000:1000:App User:/home/app:/bin/sh\n"
+    "nohome:x:1001:1001::/:/bin/sh\n"
+)
+GROUP = (
+    "root:x:0:\n"
+    "daemon:x:1:\n"
+    "wheel:x:10:app,root\n"
+    "audio:x:29:nohome,app\n"
+    "app:x:1000:\n"
+    "nohome:x:1001:\n"
+    "staff:x:50:\n"
+)
+
+
+# --- C side ---------------------------------------------------------------------
+
+
+def test_c_unit_tests() -> None:
+    """The agent's C parser, escaping, manifest and sha256 tests on the host."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) for the agent's host tests")
+    result = subprocess.run(
+        ["make", "-s", "-C", str(AGENT_SRC), "check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for suite in ("config", "escape", "manifest", "sha256", "cmdline"):
+        assert f"{suite}: " in result.stdout
+    assert " 0 failed" in result.stdout and ", 1 failed" not in result.stdout
+
+
+@pytest.fixture(scope="session")
+def agent_binary() -> str:
+    """Build the agent (musl, static) and check its size."""
+    if shutil.which("musl-gcc") is None:
+        pytest.skip("musl-gcc missing: apt-get install musl-tools")
+    result = subprocess.run(["make", "-s", "-C", str(AGENT_SRC)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    path = find_agent_binary("x86_64")
+    assert os.path.getsize(path) <= MAX_AGENT_SIZE
+    with open(path, "rb") as f:
+        head = f.read(20)
+    assert head[:4] == b"\x7fELF"
+    file_out = subprocess.run(["file", path], capture_output=True, text=True).stdout
+    if file_out:
+        assert "statically linked" in file_out or "static-pie" in file_out
+    return path
+
+
+# --- escaping and formats ---------------------------------------------------------
+
+
+@given(st.binary().filter(lambda b: b"\0" not in b))
+def test_escape_round_trip(raw: bytes) -> None:
+    escaped = escape(raw)
+    assert all(0x21 <= b < 0x7F for b in escaped)
+    assert unescape(escaped) == raw
+
+
+def test_escape_rejects_nul_and_bad_escapes() -> None:
+    with pytest.raises(AgentError):
+        escape(b"a\0b")
+    for bad in (b"%", b"%4", b"%zz", b"%00"):
+        with pytest.raises(AgentError):
+            unescape(bad)
+    assert escape(b"a b%\n") == b"a%20b%25%0A"
+
+
+def test_config_serialisation_round_trip() -> None:
+    cfg = AgentConfig(
+        argv=["/bin/sh", "-c", "echo 'a b'\n\tdone", "", "%41 é"],
+        env=["PATH=/bin", "X=a=b c"],
+        cwd="/srv/my app",
+        uid=1000,
+        gid=100,
+        groups=[10, 29],
+        hostname="box",
+        overlay="always",
+        smoke="true",
+        stop_timeout=3,
+    )
+    data = cfg.to_bytes()
+    lines = data.split(b"\n")
+    assert lines[0] == b"vmimg-agent-config 1"
+    assert b"arg echo%20'a%20b'%0A%09done" in lines
+    assert b"arg " in lines  # an empty argument survives
+    assert AgentConfig.from_bytes(data) == cfg
+
+
+def test_config_rejects_what_the_agent_cannot_run() -> None:
+    with pytest.raises(AgentError, match="no command"):
+        AgentConfig(argv=[]).to_bytes()
+    with pytest.raises(AgentError, match="absolute"):
+        AgentConfig(argv=["x"], cwd="rel").to_bytes()
+    with pytest.raises(AgentError, match="NUL"):
+        AgentConfig(argv=["a\0b"]).to_bytes()
+    with pytest.raises(AgentError, match="version"):
+        AgentConfig.from_bytes(b"vmimg-agent-config 2\narg x\n")
+
+
+def _file(data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Node:
+    return Node(NodeType.FILE, mode=mode, uid=uid, gid=gid, content=Content.from_bytes(data))
+
+
+def _dir(mode: int = 0o755, uid: int = 0, gid: int = 0) -> Node:
+    return Node(NodeType.DIR, mode=mode, uid=uid, gid=gid)
+
+
+def _users_tree() -> Tree:
+    tree = Tree()
+    tree.add(b"/etc", _dir())
+    tree.add(b"/etc/passwd", _file(PASSWD.encode()))
+    tree.add(b"/etc/group", _file(GROUP.encode()))
+    return tree
+
+
+@pytest.mark.parametrize(
+    ("user", "uid", "gid", "groups", "home"),
+    [
+        ("", 0, 0, [10], "/root"),
+        ("root", 0, 0, [10], "/root"),
+        ("app", 1000, 1000, [10, 29], "/home/app"),
+        ("1000", 1000, 1000, [10, 29], "/home/app"),
+        ("app:staff", 1000, 50, [10, 29], "/home/app"),
+        ("app:50", 1000, 50, [10, 29], "/home/app"),
+        ("1000:7", 1000, 7, [10, 29], "/home/app"),
+        ("nohome", 1001, 1001, [29], "/"),
+        ("4242", 4242, 0, [], "/"),  # unknown numeric uid: runc gives gid 0
+        ("4242:4243", 4242, 4243, [], "/"),
+    ],
+)
+def test_resolve_user(user: str, uid: int, gid: int, groups: list[int], home: str) -> None:
+    with ContentReader() as reader:
+        cfg = resolve_config({"Cmd": ["sh"], "User": user}, _users_tree(), reader)
+    assert (cfg.uid, cfg.gid, cfg.groups) == (uid, gid, groups)
+    assert f"HOME={home}" in cfg.env
+
+
+def test_resolve_user_errors_name_the_user() -> None:
+    with ContentReader() as reader:
+        with pytest.raises(AgentError, match="'ghost'"):
+            resolve_config({"Cmd": ["sh"], "User": "ghost"}, _users_tree(), reader)
+        with pytest.raises(AgentError, match="'nogroup'"):
+            resolve_config({"Cmd": ["sh"], "User": "app:nogroup"}, _users_tree(), reader)
+        with pytest.raises(AgentError, match="Entrypoint or Cmd"):
+            resolve_config({"Env": ["A=1"]}, _users_tree(), reader)
+
+
+def test_resolve_config_follows_passwd_symlink() -> None:
+    tree = _users_tree()
+    passwd = tree.remove(b"/etc/passwd")
+    assert passwd is not None
+    tree.add(b"/usr/share/base-passwd", _dir(), make_dirs=_dir())
+    tree.add(b"/usr/share/base-passwd/passwd", passwd)
+    tree.add(
+        b"/etc/passwd",
+        Node(NodeType.SYMLINK, mode=0o777, target=b"../usr/share/base-passwd/passwd"),
+    )
+    with ContentReader() as reader:
+        cfg = resolve_config({"Cmd": ["sh"], "User": "app"}, tree, reader)
+    assert cfg.uid == 1000
+
+
+def test_resolve_config_command_env_and_overrides() -> None:
+    image = {
+        "Entrypoint": ["/entry.sh", "--flag"],
+        "Cmd": ["serve", "--port=80"],
+        "Env": ["PATH=/opt/bin:/bin", "LANG=C.UTF-8", "HOME=/data"],
+        "WorkingDir": "/srv",
+        "User": "app",
+        "Hostname": "web",
+    }
+    with ContentReader() as reader:
+        tree = _users_tree()
+        cfg = resolve_config(image, tree, reader)
+        assert cfg.argv == ["/entry.sh", "--flag", "serve", "--port=80"]
+        assert cfg.env == ["PATH=/opt/bin:/bin", "LANG=C.UTF-8", "HOME=/data", "HOSTNAME=web"]
+        assert (cfg.cwd, cfg.hostname) == ("/srv", "web")
+
+        # docker run --entrypoint drops the image's Cmd
+        cfg = resolve_config(image, tree, reader, ConfigOverrides(entrypoint=["/bin/sh"]))
+        assert cfg.argv == ["/bin/sh"]
+        cfg = resolve_config(
+            image,
+            tree,
+            reader,
+            ConfigOverrides(cmd=["other"], env=["LANG=fr", "NEW=1"], workdir="/w", user="0:0"),
+        )
+        assert cfg.argv == ["/entry.sh", "--flag", "other"]
+        assert cfg.env[:4] == ["PATH=/opt/bin:/bin", "LANG=fr", "HOME=/data", "NEW=1"]
+        assert (cfg.cwd, cfg.uid, cfg.gid) == ("/w", 0, 0)
+
+        # defaults when the image says little
+        cfg = resolve_config({"Cmd": ["x"]}, Tree(), reader)
+        assert cfg.env == ["PATH=" + agent.DEFAULT_PATH, "HOME=/"]
+        assert (cfg.cwd, cfg.uid, cfg.gid, cfg.groups, cfg.hostname) == ("/", 0, 0, [], None)
+
+
+def _sample_tree(tmp_path: Path) -> Tree:
+    """A tree with every node type, odd names, a sparse file and content
+    stored in a file (as layer tars are)."""
+    layer = tmp_path / "layer.bin"
+    layer.write_bytes(b"HEADER" + b"stored content\n" + b"tail")
+    tree = Tree()
+    tree.add(b"/etc", _dir())
+    tree.add(b"/etc/hosts", _file(b"127.0.0.1 localhost\n"))
+    tree.add(b"/stored", Node(NodeType.FILE, content=Content(size=15, path=str(layer), offset=6)))
+    tree.add(
+        b"/sparse",
+        Node(
+            NodeType.FILE,
+            content=Content(size=10000, data=b"abcxyz", extents=(Extent(100, 3), Extent(9000, 3))),
+        ),
+    )
+    tree.add(b"/odd name\n%", _file(b"x", mode=0o4750, uid=5, gid=6))
+    tree.add(b"/link", Node(NodeType.SYMLINK, mode=0o777, target=b"odd name\n%"))
+    tree.add(b"/dash", Node(NodeType.SYMLINK, mode=0o777, target=b"-"))
+    tree.add(b"/dev", _dir())
+    tree.add(b"/dev/null", Node(NodeType.CHAR, mode=0o666, rdev=(1, 3)))
+    tree.add(b"/dev/sda", Node(NodeType.BLOCK, mode=0o660, gid=6, rdev=(8, 0)))
+    tree.add(b"/fifo", Node(NodeType.FIFO, mode=0o600))
+    tree.add(b"/sock", Node(NodeType.SOCKET, mode=0o755))
+    hard = _file(b"shared")
+    tree.add(b"/h1", hard)
+    tree.add(b"/h2", hard)
+    return tree
+
+
+def test_manifest_from_tree_and_round_trip(tmp_path: Path) -> None:
+    tree = _sample_tree(tmp_path)
+    with ContentReader() as reader:
+        manifest = build_manifest(tree, reader)
+    by_path = {e.path: e for e in manifest.entries}
+    assert [e.path for e in manifest.entries] == [p for p, _ in tree.walk()]
+    assert by_path[b"/stored"].sha256 == hashlib.sha256(b"stored content\n").hexdigest()
+    sparse = bytearray(10000)
+    sparse[100:103] = b"abc"
+    sparse[9000:9003] = b"xyz"
+    assert by_path[b"/sparse"].sha256 == hashlib.sha256(bytes(sparse)).hexdigest()
+    assert by_path[b"/sparse"].size == 10000
+    odd = by_path[b"/odd name\n%"]
+    assert (odd.mode, odd.uid, odd.gid, odd.size) == (0o4750, 5, 6, 1)
+    assert by_path[b"/link"].target == b"odd name\n%"
+    assert by_path[b"/link"].size == len(b"odd name\n%")
+    assert by_path[b"/dev/sda"].rdev == (8, 0)
+    assert by_path[b"/"].type is NodeType.DIR
+
+    data = manifest.to_bytes()
+    assert data.startswith(b"vmimg-manifest 1\n")
+    assert b"/odd%20name%0A%25 f 4750 5 6 1 0:0 " in data
+    assert b"/dash l 0777 0 0 1 0:0 - -\n" in data
+    for line in data.split(b"\n")[1:-1]:
+        assert len(line.split(b" ")) == 9
+    assert Manifest.from_bytes(data) == manifest
+
+
+def test_manifest_skips_agent_files(tmp_path: Path, agent_binary: str) -> None:
+    tree = _sample_tree(tmp_path)
+    with ContentReader() as reader:
+        before = build_manifest(tree, reader)
+        inject_agent(tree, AgentConfig(argv=["/bin/sh"]), before, agent_binary)
+        after = build_manifest(tree, reader)
+    assert after == before
+
+
+def test_inject_agent(tmp_path: Path, agent_binary: str) -> None:
+    tree = _sample_tree(tmp_path)
+    tree.add(b"/sbin", _dir())
+    image_init = _file(b"#!/bin/sh\n", mode=0o755)
+    tree.add(b"/sbin/init", image_init)
+    cfg = AgentConfig(argv=["/bin/true"])
+    with ContentReader() as reader:
+        manifest = build_manifest(tree, reader)
+        untouched = Tree()
+        inject_agent(untouched, cfg, manifest, agent_binary, init_mode="image")
+        assert untouched.root.children == {}
+
+        inject_agent(tree, cfg, manifest, agent_binary)
+        vmimg_dir = tree.get(b"/.vmimg")
+        assert vmimg_dir is not None and vmimg_dir.is_dir and vmimg_dir.mode == 0o755
+        assert (vmimg_dir.uid, vmimg_dir.gid) == (0, 0)
+        init = tree.get(b"/.vmimg/init")
+        assert init is not None and init.content is not None
+        assert init.mode == 0o755
+        assert reader.read_all(init.content) == Path(agent_binary).read_bytes()
+        config = tree.get(b"/.vmimg/config")
+        assert config is not None and config.content is not None
+        assert AgentConfig.from_bytes(reader.read_all(config.content)) == cfg
+        mf = tree.get(b"/.vmimg/manifest")
+        assert mf is not None and mf.content is not None
+        assert Manifest.from_bytes(reader.read_all(mf.content)) == manifest
+        assert tree.get(b"/sbin/init") is image_init
+    with pytest.raises(AgentError, match="init mode"):
+        inject_agent(Tree(), cfg, manifest, agent_binary, init_mode="systemd")
+    with pytest.raises(AgentBinaryMissing):
+        inject_agent(Tree(), cfg, manifest, str(tmp_path / "nope"))
+
+
+def test_find_agent_binary_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(AgentBinaryMissing, match=r"make -C agent ARCH=riscv64"):
+        find_agent_binary("riscv64")
+    monkeypatch.setenv("VMIMG_AGENT_BINARY", str(tmp_path / "missing"))
+    with pytest.raises(AgentBinaryMissing, match="VMIMG_AGENT_BINARY"):
+        find_agent_binary()
+    (tmp_path / "init").write_bytes(b"x")
+    monkeypatch.setenv("VMIMG_AGENT_BINARY", str(tmp_path / "init"))
+    assert find_agent_binary() == str(tmp_path / "init")
+
+
+def test_kernel_args() -> None:
+    assert kernel_args() == ["init=/.vmimg/init"]
+    assert kernel_args(initramfs=True) == ["init=/.vmimg/init", "rdinit=/.vmimg/init"]
+    args = kernel_args(
+        options=BootOptions(mode="verify", deep=True, smoke="echo hi", ip="1.2.3.4/8")
+    )
+    assert args[1:] == [
+        "vmimg.mode=verify",
+        "vmimg.deep=1",
+        "vmimg.ip=1.2.3.4/8",
+        'vmimg.smoke="echo hi"',
+    ]
+    with pytest.raises(AgentError):
+        kernel_args(options=BootOptions(cmd='echo "x"'))
+
+
+def test_parse_markers() -> None:
+    console = (
+        "[    0.5] Run /.vmimg/init as init process\r\n"
+        "\r\n@@vmimg@@ ready version=1 boot_us=512345 kernel=6.1.0 rootfs=ramfs"
+        " mem_used_kb=9000\r\n"
+        "hello @@vmimg@@ exit code=9\r\n"  # not at line start: workload output, ignored
+        "@@vmimg@@ error stage=exec msg=cannot%20execute%20/x:%20No%20such%20file\n"
+        "@@vmimg@@ exit code=137 signal=9\n"
+    )
+    markers = parse_markers(console)
+    assert [m.event for m in markers] == ["ready", "error", "exit"]
+    assert markers[0].number("boot_us") == 512345
+    assert markers[1].fields["msg"] == "cannot execute /x: No such file"
+    assert markers[2] == Marker("exit", {"code": "137", "signal": "9"})
+
+
+# --- boot tests --------------------------------------------------------------------
+
+
+def _tuned_kernel() -> str | None:
+    """vmimg.kernel's newest cached kernel image (built by `vmimg kernel build`), if any."""
+    try:
+        from vmimg import kernel
+
+        found = kernel.find_kernel()
+    except Exception:  # no module yet, no cache, nothing built: all mean "none"
+        return None
+    return str(found.image) if found.image.is_file() else None
+
+
+def _any_kernel() -> str | None:
+    tuned = _tuned_kernel()
+    if tuned:
+        return tuned
+    found = sorted(glob.glob("/boot/vmlinuz-*"))
+    return found[-1] if found else None
+
+
+def _kernel_config(image: str) -> str:
+    """The .config text beside a kernel image (cache layout or Debian /boot), or ""."""
+    candidates = [Path(image).parent / "config"]
+    name = Path(image).name
+    if name.startswith("vmlinuz-"):
+        candidates.append(Path(image).parent / ("config-" + name[len("vmlinuz-") :]))
+    for path in candidates:
+        if path.is_file():
+            return path.read_text(errors="replace")
+    return ""
+
+
+def _cad_kernel() -> str | None:
+    """A kernel that turns the PC keyboard's ctrl-alt-del into SIGINT for init:
+    it needs the i8042 controller and AT keyboard drivers built in."""
+    needed = ("CONFIG_SERIO_I8042=y", "CONFIG_KEYBOARD_ATKBD=y")
+    for image in [_tuned_kernel(), *sorted(glob.glob("/boot/vmlinuz-*"), reverse=True)]:
+        if image and os.access(image, os.R_OK):
+            config = _kernel_config(image).splitlines()
+            if all(option in config for option in needed):
+                return image
+    return None
+
+
+@pytest.fixture(scope="session")
+def kernel() -> str:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 missing")
+    path = _any_kernel()
+    if path is None:
+        pytest.skip("no kernel: apt-get install linux-image-amd64 (or build vmimg.kernel's)")
+    if not os.access(path, os.R_OK):
+        pytest.skip(f"kernel {path} is not readable")
+    return path
+
+
+def write_newc(tree: Tree, reader: ContentReader, out: Path) -> None:
+    """A newc ("070701") cpio archive of the tree, as the kernel unpacks an
+    initramfs: 13 hex header fields, name and data each padded to 4 bytes."""
+
+    def pad(n: int) -> bytes:
+        return b"\0" * (-n % 4)
+
+    with open(out, "wb") as f:
+        ino = 1
+        # "." carries the root's own mode and owner (the kernel chmods the root)
+        entries = [(p if p != b"/" else b".", n) for p, n in tree.walk()]
+        entries.append((b"TRAILER!!!", Node(NodeType.FILE, mode=0)))
+        for path, node in entries:
+            name = path.lstrip(b"/") + b"\0"
+            if node.type is NodeType.FILE:
+                assert node.content is not None
+                data = reader.read_all(node.content) if node.content.size else b""
+            elif node.type is NodeType.SYMLINK:
+                assert node.target is not None
+                data = node.target
+            else:
+                data = b""
+            mode = node.st_mode if path != b"TRAILER!!!" else 0
+            fields = [
+                ino, mode, node.uid, node.gid, 2 if node.is_dir else 1, 0, len(data),
+                0, 0, node.rdev[0], node.rdev[1], len(name), 0,
+            ]  # fmt: skip
+            header = b"070701" + b"".join(b"%08X" % v for v in fields)
+            f.write(header + name + pad(len(header) + len(name)))
+            f.write(data + pad(len(data)))
+            ino += 1
+
+
+def busybox_tree(script: bytes | None = None) -> Tree:
+    """A small userland: busybox-static, users, the usual empty dirs."""
+    tree = _users_tree()
+    for d in (b"/bin", b"/dev", b"/proc", b"/sys", b"/run", b"/root", b"/home"):
+        tree.add(d, _dir())
+    tree.add(b"/tmp", _dir(mode=0o1777))
+    tree.add(b"/home/app", _dir(uid=1000, gid=1000))
+    tree.add(b"/dev/console", Node(NodeType.CHAR, mode=0o600, rdev=(5, 1)))
+    size = os.path.getsize(BUSYBOX)
+    tree.add(b"/bin/busybox", Node(NodeType.FILE, mode=0o755, content=Content(size, BUSYBOX)))
+    for applet in (b"sh", b"echo", b"id", b"pwd", b"sleep", b"cat", b"ls", b"kill", b"true"):
+        tree.add(b"/bin/" + applet, Node(NodeType.SYMLINK, mode=0o777, target=b"busybox"))
+    if script is not None:
+        tree.add(b"/entry.sh", _file(script, mode=0o755))
+    return tree
+
+
+@dataclass
+class Boot:
+    console: str
+    markers: list[Marker]
+    returncode: int | None
+    seconds: float
+
+    def last(self, event: str) -> Marker:
+        found = [m for m in self.markers if m.event == event]
+        assert found, f"no {event} marker in console output:\n{self.console[-4000:]}"
+        return found[-1]
+
+
+@dataclass
+class VM:
+    """QEMU with the console on stdout and the monitor on a unix socket."""
+
+    kernel: str
+    initrd: Path
+    cmdline: list[str]
+    machine: str = "q35"
+    monitor: Path | None = None
+    output: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        cmd = [
+            "qemu-system-x86_64", "-M", self.machine, "-accel", "tcg", "-m", "256",
+            "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
+            "-kernel", self.kernel, "-initrd", str(self.initrd),
+            "-append", " ".join(["console=ttyS0", "panic=-1", "quiet", *self.cmdline]),
+        ]  # fmt: skip
+        if self.monitor is not None:
+            cmd += ["-monitor", f"unix:{self.monitor},server,nowait"]
+        return cmd
+
+    def run(self, on_output: object = None, timeout: float = BOOT_TIMEOUT) -> Boot:
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            self.command(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        stream = proc.stdout
+
+        def pump() -> None:
+            for raw in iter(stream.readline, b""):
+                self.output.append(raw.decode("utf-8", "replace"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            while proc.poll() is None and time.monotonic() - start < timeout:
+                if callable(on_output):
+                    on_output(self)
+                time.sleep(0.1)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                reader.join(5)
+                pytest.fail(f"VM did not power off in {timeout}s:\n{''.join(self.output)[-4000:]}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(5)
+        console = "".join(self.output)
+        return Boot(console, parse_markers(console), proc.returncode, time.monotonic() - start)
+
+    def send_monitor(self, command: str) -> None:
+        assert self.monitor is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.monitor))
+            s.sendall(command.encode() + b"\n")
+            time.sleep(0.5)
+
+
+def boot_tree(
+    tmp_path: Path,
+    kernel: str,
+    agent_binary: str,
+    tree: Tree,
+    cfg: AgentConfig,
+    options: BootOptions | None = None,
+    manifest: Manifest | None = None,
+) -> VM:
+    with ContentReader() as reader:
+        if manifest is None:
+            manifest = build_manifest(tree, reader)
+        inject_agent(tree, cfg, manifest, agent_binary)
+        initrd = tmp_path / "initrd.cpio"
+        write_newc(tree, reader, initrd)
+    return VM(kernel, initrd, kernel_args(initramfs=True, options=options))
+
+
+def _config(tree: Tree, image: Mapping[str, Any], **over: Any) -> AgentConfig:
+    with ContentReader() as reader:
+        return resolve_config(image, tree, reader, ConfigOverrides(**over))
+
+
+PRINT_SCRIPT = b"""#!/bin/sh
+echo "ARGC=$#"
+for a in "$@"; do echo "ARG=[$a]"; done
+echo "PWD=$(pwd)"
+echo "ID=$(id -u):$(id -g):$(id -G)"
+echo "FOO=[$FOO]"
+echo "HOME=$HOME"
+echo "PID=$$"
+echo "LOFLAGS=$(cat /sys/class/net/lo/flags)"
+echo "HOSTNAME=$(hostname) $(grep -c "$(hostname)" /etc/hosts)"
+echo "NOFILE=$(ulimit -n)"
+exit "${EXIT:-0}"
+"""
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_runs_entrypoint_as_user(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    tree = busybox_tree(PRINT_SCRIPT)
+    tree.add(b"/srv", _dir())
+    tree.add(b"/srv/data", _dir(uid=1000, gid=1000))
+    image = {
+        "Entrypoint": ["/entry.sh", "two words"],
+        "Cmd": ["x*y", ""],
+        "Env": ["FOO=bar baz", "EXIT=3"],
+        "WorkingDir": "/srv/data",
+        "User": "app",
+        "Hostname": "guest1",
+    }
+    vm = boot_tree(tmp_path, kernel, agent_binary, tree, _config(tree, image))
+    boot = vm.run()
+    out = boot.console.replace("\r", "")
+    assert "ARGC=3\n" in out
+    assert "ARG=[two words]\nARG=[x*y]\nARG=[]\n" in out
+    assert "PWD=/srv/data\n" in out
+    assert "ID=1000:1000:1000 10 29\n" in out
+    assert "FOO=[bar baz]\n" in out
+    assert "HOME=/home/app\n" in out
+    assert "HOSTNAME=guest1 1\n" in out
+    assert "NOFILE=1048576\n" in out
+    loflags = out.split("LOFLAGS=")[1].split("\n")[0]
+    assert int(loflags, 16) & 1, "loopback is not up"
+    ready = boot.last("ready")
+    assert ready.fields["rootfs"] in ("ramfs", "tmpfs")
+    assert ready.fields["kernel"] and ready.number("mem_used_kb") > 0
+    exec_marker = boot.last("exec")
+    assert exec_marker.number("boot_us") >= ready.number("boot_us")
+    assert f"PID={exec_marker.fields['pid']}\n" in out
+    assert boot.last("exit").fields == {"code": "3"}
+    assert exec_marker.number("agent_us") <= exec_marker.number("boot_us") - ready.number("boot_us")
+    print(f"agent start to exec: {exec_marker.number('agent_us')} us (TCG)")
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_exit_zero_and_orphans_reaped(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    """A workload that leaves orphans (some already dead, some still running)
+    ends with code 0 and the VM still powers off."""
+    script = b"""#!/bin/sh
+for i in 1 2 3; do (sleep 0 &) ; done
+(sleep 1000 &)
+( (exit 0) & )
+sleep 1
+echo "ZOMBIES=$(cat /proc/[0-9]*/stat 2>/dev/null | grep -c ') Z ')"
+exit 0
+"""
+    tree = busybox_tree(script)
+    vm = boot_tree(tmp_path, kernel, agent_binary, tree, _config(tree, {"Cmd": ["/entry.sh"]}))
+    boot = vm.run()
+    assert "ZOMBIES=0" in boot.console
+    assert boot.last("exit").fields == {"code": "0"}
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_killed_by_signal(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    """vmimg.cmd replaces the configured command; a workload killed by a
+    signal reports 128 + the signal."""
+    tree = busybox_tree()
+    cfg = _config(tree, {"Cmd": ["/bin/false"]})
+    options = BootOptions(cmd="echo dying; kill -9 $$")
+    boot = boot_tree(tmp_path, kernel, agent_binary, tree, cfg, options).run()
+    assert "dying" in boot.console
+    assert boot.last("exit").fields == {"code": "137", "signal": "9"}
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_missing_entrypoint(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    tree = busybox_tree()
+    tree.add(b"/notexec", _file(b"#!/bin/sh\necho no\n", mode=0o644))
+    cfg = _config(tree, {"Cmd": ["no-such-command", "arg"]})
+    boot = boot_tree(tmp_path, kernel, agent_binary, tree, cfg).run()
+    error = boot.last("error")
+    assert error.fields["stage"] == "exec"
+    assert "no-such-command" in error.fields["msg"]
+    assert "No such file" in error.fields["msg"]
+    assert boot.last("exit").fields == {"code": "127"}
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_not_executable(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    tree = busybox_tree()
+    tree.add(b"/notexec", _file(b"#!/bin/sh\necho no\n", mode=0o644))
+    cfg = _config(tree, {"Cmd": ["/notexec"]})
+    boot = boot_tree(tmp_path, kernel, agent_binary, tree, cfg).run()
+    assert "Permission denied" in boot.last("error").fields["msg"]
+    assert boot.last("exit").fields == {"code": "126"}
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_bad_config_fails_cleanly(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    tree = busybox_tree()
+    vm = boot_tree(tmp_path, kernel, agent_binary, tree, AgentConfig(argv=["/bin/true"]))
+    # replace the config with a future version the agent must refuse
+    with ContentReader() as reader:
+        tree.add(b"/.vmimg/config", _file(b"vmimg-agent-config 99\narg /bin/true\n"))
+        write_newc(tree, reader, vm.initrd)
+    boot = vm.run()
+    error = boot.last("error")
+    assert error.fields["stage"] == "config" and "version" in error.fields["msg"]
+    assert boot.last("exit").fields == {"code": "125"}
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_shutdown_request_reaches_workload(
+    tmp_path: Path, kernel: str, agent_binary: str
+) -> None:
+    """ctrl-alt-del from the host (the kernel turns it into SIGINT to PID 1
+    once CAD is disabled) reaches the workload as SIGTERM."""
+    cad_kernel = _cad_kernel()
+    if cad_kernel is None:
+        pytest.skip("no kernel with i8042 + atkbd built in (Debian's linux-image-amd64 has them)")
+    script = b"""#!/bin/sh
+trap 'echo GOT-TERM; exit 42' TERM
+echo WAITING
+while true; do sleep 1; done
+"""
+    tree = busybox_tree(script)
+    cfg = _config(tree, {"Cmd": ["/entry.sh"]})
+    vm = boot_tree(tmp_path, cad_kernel, agent_binary, tree, cfg)
+    vm.monitor = tmp_path / "monitor.sock"
+    sent: list[float] = []
+
+    def press_cad(v: VM) -> None:
+        # press again every few seconds: TCG may still be busy when the first arrives
+        if "WAITING" in "".join(v.output) and (not sent or time.monotonic() - sent[-1] > 5):
+            v.send_monitor("sendkey ctrl-alt-delete")
+            sent.append(time.monotonic())
+
+    boot = vm.run(on_output=press_cad)
+    assert sent
+    assert "GOT-TERM" in boot.console
+    signal_marker = boot.last("signal")
+    assert signal_marker.fields == {"received": "2", "forwarded": "15"}
+    assert boot.last("exit").fields == {"code": "42"}
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_verify_ok_then_smoke(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    tree = busybox_tree()
+    tree.add(b"/etc/motd", _file(b"hello\n", mode=0o600, uid=1000, gid=50))
+    tree.add(b"/etc/link", Node(NodeType.SYMLINK, mode=0o777, target=b"motd"))
+    cfg = _config(tree, {"Cmd": ["/bin/false"]})
+    options = BootOptions(mode="verify", deep=True, smoke="echo SMOKE-$((6*7)); exit 5")
+    boot = boot_tree(tmp_path, kernel, agent_binary, tree, cfg, options).run()
+    verify = boot.last("verify")
+    assert verify.fields["result"] == "ok", boot.console[-3000:]
+    assert verify.fields["deep"] == "1"
+    assert "SMOKE-42" in boot.console
+    assert boot.last("smoke").fields == {"code": "5"}
+    assert boot.last("exit").fields == {"code": "5"}
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_verify_reports_problems(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    """The manifest describes a different tree than the one booted: each
+    difference is listed."""
+    tree = busybox_tree()
+    tree.add(b"/etc/motd", _file(b"hello\n"))
+    tree.add(b"/etc/gone", _file(b"x"))
+    tree.add(b"/etc/link", Node(NodeType.SYMLINK, mode=0o777, target=b"motd"))
+    with ContentReader() as reader:
+        manifest = build_manifest(tree, reader)
+    tree.add(b"/etc/motd", _file(b"HELLO\n"))  # same size, other content
+    tree.remove(b"/etc/gone")
+    tree.add(b"/etc/extra", _file(b""))
+    tree.add(b"/etc/link", Node(NodeType.SYMLINK, mode=0o777, target=b"mot2"))
+    group = tree.get(b"/etc/group")
+    assert group is not None
+    group.mode = 0o600
+    cfg = _config(tree, {"Cmd": ["/bin/true"]})
+    options = BootOptions(mode="verify", deep=True)
+    boot = boot_tree(tmp_path, kernel, agent_binary, tree, cfg, options, manifest=manifest).run()
+    problems = {
+        (m.fields["path"], m.fields["what"]) for m in boot.markers if m.event == "verify-problem"
+    }
+    assert problems == {
+        ("/etc/motd", "content"),
+        ("/etc/gone", "missing"),
+        ("/etc/extra", "unexpected"),
+        ("/etc/link", "target"),
+        ("/etc/group", "mode"),
+    }
+    assert boot.last("verify").fields["result"] == "fail"
+    assert boot.last("verify").number("problems") == 5
+    assert boot.last("exit").fields == {"code": "1"}
+
+
+def _erofs_kernel_reason() -> str | None:
+    if _tuned_kernel() is None:
+        return "needs vmimg.kernel's tuned kernel (erofs, overlayfs, virtio-blk built in)"
+    if shutil.which("mkfs.erofs") is None:
+        return "mkfs.erofs missing (apt-get install erofs-utils)"
+    return None
+
+
+def _boot_erofs(tmp_path: Path, agent_binary: str, cfg: AgentConfig, options: BootOptions) -> Boot:
+    """Boot an erofs image of a busybox tree as a virtio-blk root (tuned kernel)."""
+    reason = _erofs_kernel_reason()
+    if reason:
+        pytest.skip(reason)
+    tuned = _tuned_kernel()
+    assert tuned is not None
+    tree = busybox_tree()
+    tree.add(b"/etc/motd", _file(b"from the image\n"))
+    with ContentReader() as reader:
+        inject_agent(tree, cfg, build_manifest(tree, reader), agent_binary)
+        stage = tmp_path / "root"
+        _stage_tree(tree, reader, stage)
+    image = tmp_path / "root.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", str(image), str(stage)], check=True)
+    append = ["console=ttyS0", "panic=-1", "quiet", "root=/dev/vda", "rootfstype=erofs", "ro"]
+    cmd = [
+        "qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "256", "-nographic",
+        "-nodefaults", "-serial", "stdio", "-no-reboot", "-kernel", tuned,
+        "-drive", f"file={image},format=raw,if=none,id=root,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-append", " ".join(append + kernel_args(options=options)),
+    ]  # fmt: skip
+    start = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, timeout=BOOT_TIMEOUT, stdin=subprocess.DEVNULL)
+    console = out.stdout.decode("utf-8", "replace")
+    return Boot(console, parse_markers(console), out.returncode, time.monotonic() - start)
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_erofs_root_is_writable_through_overlay(tmp_path: Path, agent_binary: str) -> None:
+    script = (
+        "grep ' / ' /proc/mounts; echo new > /etc/new; cat /etc/new /etc/motd;"
+        " rm /etc/motd && echo REMOVED; ls /proc/1/exe >/dev/null && echo PROC-OK"
+    )
+    cfg = AgentConfig(argv=["/bin/sh", "-c", script])
+    boot = _boot_erofs(tmp_path, agent_binary, cfg, BootOptions())
+    assert boot.last("ready").fields["rootfs"] == "erofs", boot.console
+    out = boot.console.replace("\r", "")
+    assert "overlay / overlay" in out
+    assert "new\nfrom the image\nREMOVED\nPROC-OK\n" in out
+    assert boot.last("exit").fields == {"code": "0"}
+    print(
+        f"tuned kernel, erofs root: agent start to exec {boot.last('exec').number('agent_us')} us"
+    )
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_erofs_verify_deep(tmp_path: Path, agent_binary: str) -> None:
+    cfg = AgentConfig(argv=["/bin/false"])
+    boot = _boot_erofs(tmp_path, agent_binary, cfg, BootOptions(mode="verify", deep=True))
+    verify = boot.last("verify")
+    assert verify.fields["result"] == "ok", boot.console
+    assert boot.last("exit").fields == {"code": "0"}
+
+
+def _stage_tree(tree: Tree, reader: ContentReader, root: Path) -> None:
+    """Put a tree on disk (we are root in the test machine) for mkfs.erofs."""
+    for path, node in tree.walk():
+        disk = os.fsencode(root) + path
+        if node.is_dir:
+            os.makedirs(disk, exist_ok=True)
+        elif node.type is NodeType.FILE:
+            assert node.content is not None
+            with open(disk, "wb") as f:
+                f.write(reader.read_all(node.content))
+        elif node.type is NodeType.SYMLINK:
+            assert node.target is not None
+            os.symlink(node.target, disk)
+        elif node.type is NodeType.CHAR:
+            os.mknod(disk, 0o600 | 0o020000, os.makedev(*node.rdev))
+        else:
+            continue
+        if node.type is not NodeType.SYMLINK:
+            os.chmod(disk, node.mode)
+        os.lchown(disk, node.uid, node.gid)
