@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vmimg.content import ContentReader
-from vmimg.errors import VmimgError
+from vmimg.errors import AgentError
 from vmimg.tree import Content, Node, NodeType, Tree
 
 CONFIG_MAGIC = b"vmimg-agent-config"
@@ -56,12 +56,6 @@ EXIT_NOT_FOUND = 127
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGED = Path(__file__).resolve().parent / "_agent"
 _BINARY_ENV = "VMIMG_AGENT_BINARY"
-
-
-class AgentError(VmimgError):
-    """The agent cannot be configured for this image (bad user, no command...)."""
-
-    exit_code = 11
 
 
 class AgentBinaryMissing(AgentError):

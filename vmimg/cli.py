@@ -121,6 +121,41 @@ def cache_param(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The file system writers' options, shared by rootfs and build."""
+    for opt in reversed(
+        [
+            click.option(
+                "--compression",
+                type=click.Choice(["gzip", "zstd", "none"]),
+                default="gzip",
+                show_default=True,
+                help="initramfs: compression of the cpio archive.",
+            ),
+            click.option("--size", type=SIZE, default=None, help="ext4: exact image size (2G)."),
+            click.option("--headroom", type=SIZE, default=None, help="ext4: free space to add."),
+            click.option("--inodes", type=int, default=0, help="ext4: extra inodes."),
+            click.option("--no-journal", is_flag=True, help="ext4: no journal (read-only use)."),
+            click.option("--label", default="", help="ext4/erofs: volume label."),
+            click.option(
+                "--compress",
+                type=click.Choice(["none", "lz4", "lz4hc"]),
+                default="none",
+                show_default=True,
+                help="erofs: data compression.",
+            ),
+            click.option(
+                "--compress-level",
+                type=click.IntRange(1, 12),
+                default=None,
+                help="erofs: lz4hc level.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="vmimg")
 def main() -> None:
@@ -137,28 +172,7 @@ def main() -> None:
     show_default=True,
 )
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
-@click.option(
-    "--compression",
-    type=click.Choice(["gzip", "zstd", "none"]),
-    default="gzip",
-    show_default=True,
-    help="initramfs: compression of the cpio archive.",
-)
-@click.option("--size", type=SIZE, default=None, help="ext4: exact image size (e.g. 2G).")
-@click.option("--headroom", type=SIZE, default=None, help="ext4: free space to add when sizing.")
-@click.option("--inodes", type=int, default=0, help="ext4: extra inodes beyond the tree's.")
-@click.option("--no-journal", is_flag=True, help="ext4: no journal (read-only use).")
-@click.option("--label", default="", help="ext4/erofs: volume label.")
-@click.option(
-    "--compress",
-    type=click.Choice(["none", "lz4", "lz4hc"]),
-    default="none",
-    show_default=True,
-    help="erofs: data compression.",
-)
-@click.option(
-    "--compress-level", type=click.IntRange(1, 12), default=None, help="erofs: lz4hc level."
-)
+@writer_params
 @click.option("--no-cache", is_flag=True, help="Convert again even if a finished result is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @source_params
@@ -291,6 +305,289 @@ def inspect(
             click.echo(f"  {digest}  {layer['size']:>12}  {layer['mediaType']}")
 
     run(as_json, go)
+
+
+def split_command(text: str | None) -> list[str] | None:
+    """--entrypoint/--cmd: a JSON list, or words split the way a shell would."""
+    if text is None:
+        return None
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise click.BadParameter(f"not a JSON list: {text}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise click.BadParameter(f"not a JSON list of strings: {text}")
+        return value
+    import shlex
+
+    return shlex.split(text)
+
+
+def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for v in values:
+        host, sep, guest = v.partition(":")
+        if not sep or not host.isdigit() or not guest.isdigit():
+            raise click.BadParameter(f"--publish takes HOST:GUEST ports, not {v!r}")
+        out.append((int(host), int(guest)))
+    return tuple(out)
+
+
+@main.command()
+@click.argument("source")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Bundle directory to write (replaced if it is a bundle).",
+)
+@click.option(
+    "--fs",
+    type=click.Choice(["erofs", "ext4", "initramfs"]),
+    default=None,
+    help="Root file system (default erofs; ext4 with --writable-root).",
+)
+@click.option(
+    "--writable-root", is_flag=True, help="A read-write ext4 root instead of erofs with an overlay."
+)
+@click.option(
+    "--kernel",
+    "kernel_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Use this kernel (vmlinux, bzImage) instead of vmimg's tuned one.",
+)
+@click.option(
+    "--init",
+    "init_mode",
+    type=click.Choice(["agent", "image"]),
+    default="agent",
+    show_default=True,
+    help="image: boot the image's own init, no agent.",
+)
+@click.option("--entrypoint", default=None, help="Override the entrypoint (words or JSON list).")
+@click.option("--cmd", default=None, help="Override the command (words or JSON list).")
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable.")
+@click.option("-w", "--workdir", default=None, help="Override the working directory.")
+@click.option("-u", "--user", default=None, help="Run as USER[:GROUP] (names or ids).")
+@click.option("--hostname", default=None, help="The guest's hostname.")
+@click.option(
+    "--cpus",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Suggested vCPUs, recorded in vm.json.",
+)
+@click.option(
+    "--memory",
+    type=click.IntRange(32, 1 << 20),
+    default=256,
+    show_default=True,
+    help="Suggested memory in MiB, recorded in vm.json.",
+)
+@writer_params
+@click.option("--no-cache", is_flag=True, help="Build again even if the bundle is cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@source_params
+@cache_param
+def build(
+    source: str, output: str, fs: str | None, writable_root: bool, kernel_path: str | None,
+    init_mode: str, entrypoint: str | None, cmd: str | None, env: tuple[str, ...],
+    workdir: str | None, user: str | None, hostname: str | None, cpus: int, memory: int,
+    compression: str, size: int | None, headroom: int | None, inodes: int, no_journal: bool,
+    label: str, compress: str, compress_level: int | None, no_cache: bool, as_json: bool,
+    platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
+) -> None:  # fmt: skip
+    """Turn SOURCE into a VM-ready bundle: root fs, agent, kernel, vm.json, launchers."""
+    from vmimg.agent import ConfigOverrides
+    from vmimg.bundle import BuildOptions, build_bundle
+
+    def go() -> None:
+        fs_type = fs or ("ext4" if writable_root else "erofs")
+        if writable_root and fs_type != "ext4":
+            raise click.BadParameter("--writable-root needs --fs ext4")
+        fmt = fs_type
+        options = BuildOptions(
+            fs=fs_type,
+            writer_options=writer_options(
+                fmt, compression, size, headroom, inodes, no_journal, compress, label,
+                compress_level,
+            ),
+            init=init_mode,
+            overrides=ConfigOverrides(
+                entrypoint=split_command(entrypoint), cmd=split_command(cmd), env=list(env),
+                workdir=workdir, user=user, hostname=hostname,
+            ),
+            kernel_path=kernel_path,
+            vcpus=cpus,
+            memory_mib=memory,
+        )  # fmt: skip
+        cache = Cache.open(cache_dir)
+        result = build_bundle(
+            source,
+            output,
+            options,
+            cache,
+            source_options(platform, insecure, ca_cert),
+            use_cache=not no_cache,
+            progress=progress_printer("layers"),
+        )
+        for w in result.warnings:
+            click.echo(f"vmimg: warning: {w}", err=True)
+        if as_json:
+            click.echo(json.dumps(asdict(result), indent=2))
+        else:
+            state = "from cache" if result.cached else f"in {result.seconds:.2f}s"
+            click.echo(f"{result.bundle}: {result.fs} bundle of {result.image} "
+                       f"({result.digest[:19]}, {result.platform}) {state}")  # fmt: skip
+
+    run(as_json, go)
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds before a VM is killed and reported.",
+)
+@click.option(
+    "--expect-exit",
+    type=int,
+    default=0,
+    show_default=True,
+    help="The exit code the workload must end with.",
+)
+@click.option("--cmd", default=None, help="Run this shell command instead of the entrypoint.")
+@click.option("--smoke", default=None, help="A shell command that must exit 0 before the run.")
+@click.option("--deep", is_flag=True, help="Also check every file's content hash (slower).")
+@click.option("--no-run", is_flag=True, help="Verify the tree only; do not run the workload.")
+@click.option(
+    "--accel",
+    type=click.Choice(["kvm", "tcg"]),
+    default=None,
+    help="Force an accelerator (default: KVM if a test boot works, else TCG).",
+)
+@click.option("--cpus", type=click.IntRange(1, 256), default=None, help="vCPUs (default vm.json).")
+@click.option(
+    "--memory",
+    type=click.IntRange(32, 1 << 20),
+    default=None,
+    help="Memory in MiB (default vm.json).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Bundles to boot at once (default: cores).",
+)
+@click.option(
+    "--junit", type=click.Path(dir_okay=False), default=None, help="Write a JUnit XML report here."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print reports as JSON.")
+@cache_param
+def verify(
+    bundles: tuple[str, ...], timeout: float, expect_exit: int, cmd: str | None,
+    smoke: str | None, deep: bool, no_run: bool, accel: str | None, cpus: int | None,
+    memory: int | None, jobs: int | None, junit: str | None, as_json: bool,
+    cache_dir: str | None,
+) -> None:  # fmt: skip
+    """Boot each BUNDLE, check its tree and run its workload; report per bundle."""
+    from vmimg.boot.verify import VerifyOptions, junit_xml, verify_bundles
+    from vmimg.errors import VerificationFailed
+
+    def go() -> None:
+        opts = VerifyOptions(
+            timeout=timeout, expect_exit=expect_exit, cmd=cmd, smoke=smoke, deep=deep,
+            run=not no_run, accel=accel, vcpus=cpus, memory_mib=memory,
+        )  # fmt: skip
+        reports = verify_bundles(list(bundles), opts, Cache.open(cache_dir), jobs)
+        if junit:
+            with open(junit, "wb") as f:
+                f.write(junit_xml(reports))
+        if as_json:
+            click.echo(json.dumps([r.to_json() for r in reports], indent=2))
+        else:
+            click.echo(render_reports(reports))
+        failed = [r for r in reports if not r.passed]
+        if failed and as_json:
+            sys.exit(VerificationFailed.exit_code)  # the reports say it all: one JSON document
+        if failed:
+            raise VerificationFailed(f"{len(failed)} of {len(reports)} bundles failed")
+
+    run(as_json, go)
+
+
+def render_reports(reports: list[Any]) -> str:
+    """The human table of verify reports, with details under each failure."""
+
+    def secs(v: float | None) -> str:
+        return f"{v:.2f}" if v is not None else "-"
+
+    head = f"{'BUNDLE':<28} {'RESULT':<6} {'ACCEL':<5} {'FS':<9} {'EXIT':>4} " \
+        f"{'KERNEL s':>8} {'READY s':>7} {'DONE s':>6}"  # fmt: skip
+    lines = [head]
+    for r in reports:
+        t = r.timings
+        lines.append(
+            f"{r.bundle[-28:]:<28} {'pass' if r.passed else 'FAIL':<6} {r.accel:<5} "
+            f"{r.rootfs:<9} {r.exit_code if r.exit_code is not None else '-':>4} "
+            f"{secs(t.vmm_to_kernel):>8} {secs(t.to_agent_ready):>7} {secs(t.to_workload_exit):>6}"
+        )  # fmt: skip
+    accels = {(r.accel, r.accel_reason) for r in reports if r.accel}
+    for name, reason in sorted(accels):
+        lines.append(f"accel {name}: {reason}")
+    for r in reports:
+        if not r.passed:
+            lines.append(f"{r.bundle}: failed in stage {r.stage}: {r.message}")
+            lines.extend(f"  | {line}" for line in r.console_tail)
+            if r.console_log:
+                lines.append(f"  console log: {r.console_log}")
+    return "\n".join(lines)
+
+
+@main.command("run")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--accel", type=click.Choice(["kvm", "tcg"]), default=None)
+@click.option("--cpus", type=click.IntRange(1, 256), default=None)
+@click.option("--memory", type=click.IntRange(32, 1 << 20), default=None)
+@click.option(
+    "-p",
+    "--publish",
+    multiple=True,
+    metavar="HOST:GUEST",
+    help="Forward TCP 127.0.0.1:HOST to the guest's GUEST port.",
+)
+@click.option("--cmd", default=None, help="Run this shell command instead of the entrypoint.")
+@click.option("--persist", is_flag=True, help="Keep the guest's writes in the bundle's ext4 image.")
+@click.option("--timeout", type=float, default=None, help="Kill the VM after this many seconds.")
+@cache_param
+def run_cmd(
+    bundle: str, accel: str | None, cpus: int | None, memory: int | None,
+    publish: tuple[str, ...], cmd: str | None, persist: bool, timeout: float | None,
+    cache_dir: str | None,
+) -> None:  # fmt: skip
+    """Boot BUNDLE with the console attached; exit with the workload's exit code.
+
+    Ctrl-] asks the guest to shut down (the workload gets SIGTERM); press it
+    twice to kill the VM. Ctrl-C goes to the workload.
+    """
+    from vmimg.boot.run import RunOptions, run_bundle
+
+    def go() -> None:
+        opts = RunOptions(
+            accel=accel, vcpus=cpus, memory_mib=memory, publish=parse_publish(publish),
+            cmd=cmd, persist=persist, timeout=timeout,
+        )  # fmt: skip
+        result = run_bundle(bundle, opts, Cache.open(cache_dir))
+        if not result.reported:
+            click.echo("vmimg: the VM stopped without reporting an exit code", err=True)
+        sys.exit(result.exit_code)
+
+    run(False, go)
 
 
 @main.command()

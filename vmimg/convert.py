@@ -57,7 +57,8 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _options_doc(options: Any) -> dict[str, Any]:
+def options_doc(options: Any) -> dict[str, Any]:
+    """A writer options dataclass as a dict (for cache keys and metadata)."""
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
         return {"type": type(options).__name__, **dataclasses.asdict(options)}
     return {}
@@ -81,7 +82,7 @@ def conversion_key(image: Image, fmt: str, options: Any, epoch_ns: int | None) -
         "image": image.digest,
         "platform": str(image.platform),
         "format": fmt,
-        "options": _options_doc(options),
+        "options": options_doc(options),
         "epoch": epoch_ns,
     }
     blob = json.dumps(doc, sort_keys=True, default=lambda b: b.hex()).encode()
@@ -151,17 +152,24 @@ def convert(
         cached_path = os.path.join(cache.output_dir(key), f"rootfs.{fmt}")
         warnings: list[str] = []
         hit = use_cache and transform is None and os.path.exists(cached_path)
-        with atomic_output(dest) as fd:
-            if hit:
-                copy_file(cached_path, fd)
-            else:
-                tree = build_tree(image, cache, progress)
-                if transform is not None:
-                    transform(tree, image)
-                with ContentReader() as reader:
-                    warnings = write_image(fmt, tree, reader, fd, options)
+        tree = None
+        if not hit:
+            tree = build_tree(image, cache, progress)
+            if transform is not None:
+                transform(tree, image)
+        try:
+            with atomic_output(dest) as fd:
+                if tree is None:
+                    copy_file(cached_path, fd)
+                else:
+                    with ContentReader() as reader:
+                        warnings = write_image(fmt, tree, reader, fd, options)
+        except OSError as e:
+            # A full disk, a quota, a read-only directory: the temporary file is gone.
+            raise WriterError(f"cannot write {dest}: {e.strerror or e}") from None
         if use_cache and transform is None and not hit:
-            _store_output(cache, key, dest, f"rootfs.{fmt}")
+            with contextlib.suppress(OSError):  # keeping a copy is optional
+                _store_output(cache, key, dest, f"rootfs.{fmt}")
         return ConvertResult(
             output=dest,
             format=fmt,

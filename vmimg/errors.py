@@ -81,3 +81,15 @@ class BootError(VmimgError):
     """A VM could not be started or did not behave."""
 
     exit_code = 10
+
+
+class AgentError(VmimgError):
+    """The init agent cannot be found, configured or injected."""
+
+    exit_code = 11
+
+
+class VerificationFailed(VmimgError):
+    """A bundle booted but did not pass verification."""
+
+    exit_code = 12

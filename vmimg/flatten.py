@@ -30,6 +30,8 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 MAX_SYMLINK_HOPS = 40  # as the kernel's MAXSYMLINKS
 IMPLICIT_DIR_MODE = 0o755
+NAME_MAX = 255  # bytes in one name: Linux's limit, and ext4's and erofs's
+SYMLINK_MAX = 4095  # bytes in a symlink target: PATH_MAX less its NUL
 
 _NODE_TYPE = {
     tarfile.REGTYPE: NodeType.FILE,
@@ -124,6 +126,8 @@ class _Flattener:
         parts = split_path(e.name)
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             return  # handled in apply_whiteouts
+        if any(len(p) > NAME_MAX for p in parts):
+            raise TreeError(f"a name longer than {NAME_MAX} bytes")
         if not parts:
             if e.type == tarfile.DIRTYPE:
                 self._set_attrs(self.tree.root, e)
@@ -150,6 +154,8 @@ class _Flattener:
         elif kind is NodeType.SYMLINK:
             if not e.linkname:
                 raise TreeError("symlink with an empty target")
+            if len(e.linkname) > SYMLINK_MAX:
+                raise TreeError(f"symlink target longer than {SYMLINK_MAX} bytes")
             node.target = e.linkname
         elif kind in (NodeType.CHAR, NodeType.BLOCK):
             node.rdev = (e.devmajor, e.devminor)

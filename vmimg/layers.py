@@ -20,7 +20,7 @@ import zstandard
 from isal import isal_zlib
 
 from vmimg.cache import Cache, Hasher
-from vmimg.errors import DigestError, LayerError
+from vmimg.errors import CacheError, DigestError, LayerError
 from vmimg.oci import Descriptor, layer_compression
 from vmimg.tree import Extent
 
@@ -28,6 +28,9 @@ CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_WBITS = 31  # zlib's "gzip wrapper" window bits
+# zstd input fed per call: a run-length block of 128 KiB costs 4 bytes, so
+# 1 KiB of input yields at most 32 MiB.
+ZSTD_FEED = 1 << 10
 # A layer that expands past this is refused (a decompression bomb); override
 # with VMIMG_MAX_LAYER_BYTES.
 DEFAULT_MAX_LAYER_BYTES = 64 << 30
@@ -71,26 +74,41 @@ def sniff_compression(head: bytes, declared: str) -> str:
 
 
 def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> Iterator[bytes]:
-    """Decompress a stream of concatenated gzip members or zstd frames."""
+    """Decompress a stream of concatenated gzip members or zstd frames.
+
+    Every chunk yielded is bounded, however well the input compresses: a few
+    KiB of gzip or zstd can claim gigabytes, and one call that returned them
+    whole would run the process out of memory before VMIMG_MAX_LAYER_BYTES
+    is ever checked.
+    """
     if kind == "none":
         while data := read(CHUNK):
             yield data
         return
     dec = _new_decompressor(kind)
     started = False
+    data, pos = b"", 0  # input not yet given to the decompressor: data[pos:]
     try:
-        while data := read(CHUNK):
-            while data:
-                started = True
-                out = dec.decompress(data)
-                if out:
-                    yield out
-                if dec.eof:
-                    data = dec.unused_data
-                    dec = _new_decompressor(kind)
-                    started = False
-                else:
-                    data = b""
+        while True:
+            if pos >= len(data):
+                data, pos = read(CHUNK), 0
+                if not data:
+                    break
+            started = True
+            if kind == "gzip":
+                out = dec.decompress(data[pos:] if pos else data, CHUNK)  # type: ignore[call-arg]
+                data, pos = dec.unconsumed_tail, 0  # type: ignore[attr-defined]
+            else:
+                # zstd has no output limit per call: feed it slices small enough
+                # that even run-length blocks cannot expand them past ~32 MiB.
+                out = dec.decompress(memoryview(data)[pos : pos + ZSTD_FEED])  # type: ignore[arg-type]
+                pos += ZSTD_FEED
+            if out:
+                yield out
+            if dec.eof:
+                data, pos = dec.unused_data + data[pos:], 0
+                dec = _new_decompressor(kind)
+                started = False
     except DECOMPRESS_ERRORS as e:
         raise LayerError(f"{what}: corrupt {kind} data: {e}") from None
     if started and not dec.eof:
@@ -144,30 +162,47 @@ def unpack_layer_to_cache(
     with cache.lock(f"layer-{diff_id}"):
         if os.path.exists(final):
             return final
-        declared = layer_compression(desc.media_type)
-        limit = max_layer_bytes()
-        algo = desc.digest.split(":", 1)[0] if desc.digest else "sha256"
-        with open_blob() as stream, cache.temp_file(".tar") as (out, tmp):
-            reader = _HashingReader(stream, algo, desc.size if desc.digest else None)
-            kind = sniff_compression(reader.peek(4), declared)
-            tar_hash = Hasher("sha256")
-            for chunk in decompressed_chunks(reader.read, kind, what):
-                tar_hash.update(chunk)
-                if tar_hash.size > limit:
-                    raise LayerError(
-                        f"{what}: expands past {limit} bytes (VMIMG_MAX_LAYER_BYTES); refusing it"
-                    )
-                out.write(chunk)
-                if on_progress:
-                    on_progress(len(chunk))
-            if desc.digest:
-                reader.hasher.verify(desc.digest, desc.size, what)
-            tar_hash.verify(diff_id, None, f"{what} (uncompressed)")
-            out.flush()
-            os.rename(tmp, final)
+        try:
+            _unpack(cache, desc, diff_id, open_blob, on_progress, what, final)
+        except OSError as e:
+            # Sources turn their own read errors into SourceError: this is the cache's disk.
+            raise CacheError(f"{what}: cannot write to the cache {cache.root}: {e.strerror}") from e
         if desc.digest and desc.digest != diff_id:
             cache.record_layer_link(desc.digest, diff_id)
     return final
+
+
+def _unpack(
+    cache: Cache,
+    desc: Descriptor,
+    diff_id: str,
+    open_blob: Callable[[], BinaryIO],
+    on_progress: Callable[[int], None] | None,
+    what: str,
+    final: str,
+) -> None:
+    """Stream, verify and decompress one layer blob into the cache as `final`."""
+    declared = layer_compression(desc.media_type)
+    limit = max_layer_bytes()
+    algo = desc.digest.split(":", 1)[0] if desc.digest else "sha256"
+    with open_blob() as stream, cache.temp_file(".tar") as (out, tmp):
+        reader = _HashingReader(stream, algo, desc.size if desc.digest else None)
+        kind = sniff_compression(reader.peek(4), declared)
+        tar_hash = Hasher("sha256")
+        for chunk in decompressed_chunks(reader.read, kind, what):
+            tar_hash.update(chunk)
+            if tar_hash.size > limit:
+                raise LayerError(
+                    f"{what}: expands past {limit} bytes (VMIMG_MAX_LAYER_BYTES); refusing it"
+                )
+            out.write(chunk)
+            if on_progress:
+                on_progress(len(chunk))
+        if desc.digest:
+            reader.hasher.verify(desc.digest, desc.size, what)
+        tar_hash.verify(diff_id, None, f"{what} (uncompressed)")
+        out.flush()
+        os.rename(tmp, final)
 
 
 # -- entries -------------------------------------------------------------------
@@ -192,6 +227,74 @@ class Entry:
     sparse: tuple[Extent, ...] | None = None
 
 
+# Limits on what one tar member may claim. tarfile reads a PAX or GNU long-name
+# header whole and collects a sparse map in a list, so an unchecked claim is a
+# memory bomb; the values mirror what Linux itself can store.
+MAX_META_HEADER_BYTES = 1 << 20  # PAX records or a GNU long name, per member
+MAX_SPARSE_RUNS = 1 << 20  # data runs in one sparse file's map
+GNU_SPARSE_RUNS_PER_BLOCK = 21  # old GNU sparse: runs per extension block
+GNU_ISEXTENDED_OFFSET = 504  # old GNU sparse: "another block follows" flag
+MAX_ID = (1 << 32) - 1  # uid_t and gid_t are 32 bits
+XATTR_NAME_MAX = 255  # Linux limits (include/uapi/linux/limits.h)
+XATTR_SIZE_MAX = 1 << 16
+MIN_MTIME_NS = -(1 << 63)  # what a signed 64-bit nanosecond count holds
+MAX_MTIME_NS = (1 << 63) - 1
+_META_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+# What tarfile lets escape on malformed headers besides TarError.
+_MALFORMED = (ValueError, OverflowError, IndexError, KeyError, UnicodeError, EOFError)
+
+
+class _OversizedHeader(tarfile.HeaderError):
+    """A member's header data (PAX records, long name, sparse map) is too large."""
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile's member parser, refusing header data too large to hold in memory.
+
+    The checks run before tarfile reads the data they bound.
+    """
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES and self.size > MAX_META_HEADER_BYTES:
+            raise _OversizedHeader(
+                f"extended header of {self.size} bytes (more than {MAX_META_HEADER_BYTES})"
+            )
+        return super()._proc_member(tf)  # type: ignore[misc,no-any-return]
+
+    def _proc_sparse(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        assert tf.fileobj is not None
+        start = tf.fileobj.tell()
+        extended = bool(self._sparse_structs[1])  # type: ignore[attr-defined]
+        blocks = 0
+        while extended:
+            blocks += 1
+            if blocks * GNU_SPARSE_RUNS_PER_BLOCK > MAX_SPARSE_RUNS:
+                raise _OversizedHeader(f"sparse map of more than {MAX_SPARSE_RUNS}")
+            block = tf.fileobj.read(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                raise _OversizedHeader("truncated sparse map")
+            extended = bool(block[GNU_ISEXTENDED_OFFSET])
+        tf.fileobj.seek(start)
+        return super()._proc_sparse(tf)  # type: ignore[misc,no-any-return]
+
+    def _proc_gnusparse_10(
+        self, next: tarfile.TarInfo, pax_headers: dict[str, str], tf: tarfile.TarFile
+    ) -> None:
+        assert tf.fileobj is not None
+        start = tf.fileobj.tell()
+        count = tf.fileobj.read(tarfile.BLOCKSIZE).split(b"\n", 1)[0].strip()
+        tf.fileobj.seek(start)
+        if count.isdigit() and int(count) > MAX_SPARSE_RUNS:
+            raise _OversizedHeader(f"sparse map of {int(count)} runs")
+        super()._proc_gnusparse_10(next, pax_headers, tf)  # type: ignore[misc]
+
+
 def _bytes(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
@@ -207,42 +310,122 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
         except ValueError:
             raise LayerError(f"invalid PAX mtime {text!r}") from None
         sign = -1 if whole.startswith("-") else 1
-        return secs * 1_000_000_000 + sign * ns
-    return int(info.mtime) * 1_000_000_000
+        mtime = secs * 1_000_000_000 + sign * ns
+    else:
+        mtime = int(info.mtime) * 1_000_000_000
+    if not MIN_MTIME_NS <= mtime <= MAX_MTIME_NS:
+        raise LayerError(f"mtime {mtime} ns is outside what 64 bits of nanoseconds hold")
+    return mtime
 
 
 def iter_entries(tar_path: str, what: str) -> Iterator[Entry]:
-    """Every member of an uncompressed layer tar, in tar order."""
+    """Every member of an uncompressed layer tar, in tar order.
+
+    Anything malformed or impossible is a LayerError naming `what` (and the
+    member, when there is one): nothing else escapes, whatever the bytes.
+    """
+    name = ""
     try:
-        with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
-            for info in tf:
-                yield _entry_of(info)
-    except tarfile.TarError as e:
-        raise LayerError(f"{what}: invalid tar: {e}") from None
+        layer_size = os.path.getsize(tar_path)
+        with tarfile.open(
+            tar_path,
+            "r:",
+            encoding="utf-8",
+            errors="surrogateescape",
+            tarinfo=_CheckedTarInfo,
+        ) as tf:
+            while (info := tf.next()) is not None:
+                tf.members.clear()  # type: ignore[attr-defined]  # else it keeps them all
+                name = info.name
+                entry = _entry_of(info)
+                _check_stored_bytes(entry, layer_size)
+                yield entry
+            name = ""
+            _check_end(tf, layer_size)
+    except LayerError as e:
+        raise LayerError(f"{what}: {_member(name)}{e}") from None
+    except (tarfile.TarError, *_MALFORMED) as e:
+        raise LayerError(f"{what}: invalid tar: {_member(name)}{e}") from None
+
+
+def _member(name: str) -> str:
+    return f"entry {name!r}: " if name else ""
+
+
+def _check_stored_bytes(e: Entry, layer_size: int) -> None:
+    stored = sum(x.length for x in e.sparse) if e.sparse is not None else e.size
+    is_file = e.type in (
+        tarfile.REGTYPE,
+        tarfile.AREGTYPE,
+        tarfile.CONTTYPE,
+        tarfile.GNUTYPE_SPARSE,
+    )
+    if is_file and e.offset + stored > layer_size:
+        raise LayerError(f"claims {stored} bytes of data; the layer ends before that")
+
+
+def _check_end(tf: tarfile.TarFile, layer_size: int) -> None:
+    """tarfile stops quietly at a corrupt header after the first: refuse instead."""
+    assert tf.fileobj is not None
+    if tf.offset >= layer_size:
+        return  # no end-of-archive blocks: tolerated, as GNU tar does
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if block.count(0) != len(block):
+        raise LayerError(f"invalid tar header at offset {tf.offset}")
 
 
 def _entry_of(info: tarfile.TarInfo) -> Entry:
     xattrs: dict[bytes, bytes] = {}
     for key, value in info.pax_headers.items():
         if key.startswith(PAX_XATTR_PREFIX):
-            xattrs[_bytes(key[len(PAX_XATTR_PREFIX) :])] = _bytes(value)
+            xname, xvalue = _bytes(key[len(PAX_XATTR_PREFIX) :]), _bytes(value)
+            if not xname or b"\0" in xname or len(xname) > XATTR_NAME_MAX:
+                raise LayerError(f"invalid xattr name {xname[:64]!r}")
+            if len(xvalue) > XATTR_SIZE_MAX:
+                raise LayerError(
+                    f"xattr {xname[:64]!r} of {len(xvalue)} bytes (Linux's limit is "
+                    f"{XATTR_SIZE_MAX})"
+                )
+            xattrs[xname] = xvalue
+    name, linkname = _bytes(info.name), _bytes(info.linkname)
+    if b"\0" in name or b"\0" in linkname:
+        raise LayerError("NUL byte in a name")
+    if info.size < 0:
+        raise LayerError(f"negative size {info.size}")
+    if not (0 <= info.uid <= MAX_ID and 0 <= info.gid <= MAX_ID):
+        raise LayerError(f"uid/gid {info.uid}:{info.gid} outside 0..{MAX_ID}")
     sparse = None
     if info.sparse is not None:
         # tarfile reports the logical size in .size; the stored bytes are the runs
         runs = cast(list[tuple[int, int]], info.sparse)  # typeshed says bytes; it is not
-        sparse = tuple(Extent(o, n) for o, n in runs if n)
+        sparse = _checked_runs(runs, info.size)
     return Entry(
-        name=_bytes(info.name),
+        name=name,
         type=info.type,
         mode=info.mode,
         uid=info.uid,
         gid=info.gid,
         mtime_ns=_mtime_ns(info),
         size=info.size,
-        linkname=_bytes(info.linkname),
+        linkname=linkname,
         devmajor=info.devmajor,
         devminor=info.devminor,
         offset=info.offset_data,
         xattrs=xattrs,
         sparse=sparse,
     )
+
+
+def _checked_runs(runs: list[tuple[int, int]], size: int) -> tuple[Extent, ...]:
+    """A sparse map's data runs: in order, not overlapping, inside the file."""
+    out: list[Extent] = []
+    end = 0
+    for offset, length in runs:
+        if length == 0:
+            continue
+        if offset < end or length < 0 or offset + length > size:
+            raise LayerError(f"sparse map run ({offset}, {length}) overlaps or leaves the file")
+        out.append(Extent(offset, length))
+        end = offset + length
+    return tuple(out)

@@ -33,7 +33,7 @@ DEFAULT_RETRIES = 5  # override with VMIMG_REGISTRY_RETRIES
 BACKOFF_START = 0.5
 BACKOFF_CAP = 8.0
 CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 60.0
+READ_TIMEOUT = 60.0  # seconds without a byte; override with VMIMG_REGISTRY_TIMEOUT
 HTTP_BAD_REQUEST = 400
 GO_TLS_ANSWER = b"Client sent an HTTP request to an HTTPS server"
 DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io")
@@ -55,6 +55,20 @@ def is_loopback_host(host: str) -> bool:
 def api_host(registry: str) -> str:
     """Where the registry API of a reference's host name lives."""
     return "registry-1.docker.io" if registry in DOCKER_HUB_HOSTS else registry
+
+
+def read_timeout() -> float:
+    """Seconds a request may wait for the registry's next byte before it counts as dropped."""
+    value = os.environ.get("VMIMG_REGISTRY_TIMEOUT")
+    if not value:
+        return READ_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise SourceError(f"VMIMG_REGISTRY_TIMEOUT must be a positive number, not {value!r}")
+    return seconds
 
 
 # -- credentials -----------------------------------------------------------------
@@ -144,6 +158,7 @@ class RegistryClient:
             if retries is not None
             else int(os.environ.get("VMIMG_REGISTRY_RETRIES", DEFAULT_RETRIES))
         )
+        self.timeout = read_timeout()
         self._oras = oras.provider.Registry(
             hostname=self.host, insecure=self.insecure, tls_verify=ca_cert or True
         )
@@ -219,7 +234,7 @@ class RegistryClient:
                     stream=stream,
                     data=data,
                     verify=self.verify,
-                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                    timeout=(CONNECT_TIMEOUT, self.timeout),
                     allow_redirects=True,
                 )
             except requests.exceptions.SSLError as e:

@@ -43,6 +43,8 @@ static void set_param(struct bootargs *a, char *word)
 			a->mode = MODE_RUN;
 		else if (!strcmp(val, "verify"))
 			a->mode = MODE_VERIFY;
+		else if (!strcmp(val, "check"))
+			a->mode = MODE_CHECK;
 		else if (!a->bad)
 			a->bad = word;
 	} else if (!strcmp(key, "deep")) {

@@ -4,10 +4,12 @@
 #ifndef VMIMG_CMDLINE_H
 #define VMIMG_CMDLINE_H
 
-enum agent_mode { MODE_RUN, MODE_VERIFY };
+/* run: the workload; verify: check the tree (and smoke), power off;
+ * check: verify, smoke, and then, when all passed, run the workload. */
+enum agent_mode { MODE_RUN, MODE_VERIFY, MODE_CHECK };
 
 struct bootargs {
-	enum agent_mode mode; /* vmimg.mode=run|verify */
+	enum agent_mode mode; /* vmimg.mode=run|verify|check */
 	int deep;             /* vmimg.deep=1: hash file content in verify mode */
 	const char *ip;       /* vmimg.ip=10.0.2.15/24: configure eth0 */
 	const char *gw;       /* vmimg.gw=10.0.2.2: default route */

@@ -22,6 +22,7 @@
 #include "manifest.h"
 #include "mounts.h"
 #include "net.h"
+#include "power.h"
 #include "report.h"
 #include "run.h"
 #include "util.h"
@@ -99,6 +100,8 @@ static struct outcome run_command(const struct config *cfg, char *const *argv, i
 	return supervise(pid, cfg->stop_timeout);
 }
 
+/* Check the tree (and run the smoke command). In verify mode this ends the
+ * boot; in check mode it returns when everything passed, and the workload runs. */
 static void verify_mode(const struct bootargs *args, const struct config *cfg, int tty)
 {
 	char err[ERR_LEN];
@@ -115,6 +118,8 @@ static void verify_mode(const struct bootargs *args, const struct config *cfg, i
 		snprintf(c, sizeof c, "%d", o.code);
 		marker("smoke", "code", c, (char *)NULL);
 	}
+	if (args->mode == MODE_CHECK && !problems && !o.code && !o.signal)
+		return;
 	finish(problems ? 1 : o.code, problems ? 0 : o.signal);
 }
 
@@ -152,7 +157,8 @@ int main(void)
 	raise_nofile();
 	int tty = take_console();
 
-	if (args.mode == MODE_VERIFY)
+	watch_power_button();
+	if (args.mode == MODE_VERIFY || args.mode == MODE_CHECK)
 		verify_mode(&args, &cfg, tty);
 
 	net_setup(&args, args.hostname ? args.hostname : cfg.hostname, root_writable());

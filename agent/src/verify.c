@@ -129,6 +129,33 @@ static void check_entry(struct verifier *v, const struct manifest_entry *e, int 
 	}
 }
 
+/* Paths the kernel or the agent makes at boot when the image lacks them: the
+ * agent's mount points (empty directories) and the kernel's /dev/console of an
+ * initramfs root. Not the image's, so never "unexpected". */
+static int made_at_boot(const char *rel, const char *full)
+{
+	static const char *const mount_points[] = {"/proc", "/sys", "/dev", "/run", "/tmp", "/root"};
+	struct stat st;
+	if (lstat(full, &st) < 0)
+		return 0;
+	if (!strcmp(rel, "/dev/console"))
+		return S_ISCHR(st.st_mode);
+	for (size_t i = 0; i < sizeof mount_points / sizeof mount_points[0]; i++) {
+		if (strcmp(rel, mount_points[i]))
+			continue;
+		DIR *d = S_ISDIR(st.st_mode) ? opendir(full) : NULL;
+		if (!d)
+			return 0;
+		int entries = 0;
+		struct dirent *ent;
+		while ((ent = readdir(d)))
+			entries += strcmp(ent->d_name, ".") && strcmp(ent->d_name, "..");
+		closedir(d);
+		return entries == 0 || (!strcmp(rel, "/dev"));
+	}
+	return 0;
+}
+
 /* Report entries on disk that the manifest does not list. `rel` is the
  * manifest-style path of the directory ("" for the root). */
 static void find_unexpected(struct verifier *v, char *rel, size_t len)
@@ -151,7 +178,12 @@ static void find_unexpected(struct verifier *v, char *rel, size_t len)
 			continue;
 		const struct manifest_entry *e = manifest_find(v->m, rel);
 		if (!e) {
-			problem(v, rel, "unexpected", "", "");
+			char path[4096];
+			snprintf(path, sizeof path, "%s%s", v->root, rel);
+			if (!made_at_boot(rel, path))
+				problem(v, rel, "unexpected", "", "");
+			else if (!strcmp(rel, "/dev"))
+				find_unexpected(v, rel, len + 1 + n);
 			continue;
 		}
 		if (e->type != MT_DIR)

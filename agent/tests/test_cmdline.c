@@ -25,6 +25,10 @@ int main(void)
 	cmdline_parse(plain, &a);
 	CHECK(a.mode == MODE_RUN && a.deep == 0 && a.ip == NULL && a.cmd == NULL);
 
+	char check[] = "vmimg.mode=check";
+	cmdline_parse(check, &a);
+	CHECK(a.mode == MODE_CHECK && a.bad == NULL);
+
 	char odd[] = "vmimg.mode=fly vmimg.deep=0 vmimg.colour=red";
 	cmdline_parse(odd, &a);
 	CHECK(a.mode == MODE_RUN && a.deep == 0);

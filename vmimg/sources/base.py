@@ -53,10 +53,21 @@ def read_document(open_blob: BlobOpener, desc: Descriptor, cache: Cache | None, 
     """A small blob (manifest, index, config), verified, via the cache when there is one."""
     if desc.size > MAX_DOCUMENT_BYTES:
         raise SourceError(f"{what} {desc.digest} claims {desc.size} bytes; refusing")
-    if cache is not None:
+    if cache is None:
+        return _fetch_document(open_blob, desc, cache, what)
+    cached = cache.read_blob(desc.digest)
+    if cached is not None:
+        return cached
+    with cache.lock(f"blob-{desc.digest}"):  # concurrent pulls fetch it once
         cached = cache.read_blob(desc.digest)
         if cached is not None:
             return cached
+        return _fetch_document(open_blob, desc, cache, what)
+
+
+def _fetch_document(
+    open_blob: BlobOpener, desc: Descriptor, cache: Cache | None, what: str
+) -> bytes:
     with open_blob(desc) as f:
         data = f.read(desc.size + 1)
     algo, _hex = split_digest(desc.digest)

@@ -1,0 +1,296 @@
+"""`vmimg verify`: boot each bundle and prove it works.
+
+One boot per bundle, in the agent's check mode: the agent reports ready,
+verifies the root tree against the build manifest (sizes, modes, owners,
+link targets; content hashes with --deep), runs the smoke command if any,
+then the entrypoint, and reports its exit code. The host follows the marker
+lines, times each stage, and kills the VM at the timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vmimg.agent import BootOptions, kernel_args
+from vmimg.boot.accel import Accel, choose_accel
+from vmimg.boot.launch import LaunchOptions, qemu_command
+from vmimg.boot.vm import VM, BootResult
+from vmimg.bundle import load_bundle, sha256_file
+from vmimg.cache import Cache
+from vmimg.errors import BootError, VmimgError
+
+DEFAULT_TIMEOUT = 120.0
+CONSOLE_TAIL_LINES = 25
+US_PER_S = 1_000_000
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    timeout: float = DEFAULT_TIMEOUT
+    expect_exit: int = 0
+    cmd: str | None = None  # run this shell command instead of the entrypoint
+    smoke: str | None = None
+    deep: bool = False
+    run: bool = True  # False: verify the tree only (--no-run)
+    accel: str | None = None  # "kvm" / "tcg" forces; None probes
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    check_files: bool = True  # hash the bundle's files against vm.json first
+
+
+@dataclass
+class Timings:
+    """Seconds. Host wall clock from QEMU's start, and guest uptime from the markers."""
+
+    vmm_to_kernel: float | None = None
+    to_agent_ready: float | None = None
+    to_workload_start: float | None = None
+    to_workload_exit: float | None = None
+    total: float | None = None
+    guest_kernel_to_agent: float | None = None
+    guest_agent_to_exec: float | None = None
+
+
+@dataclass
+class VerifyReport:
+    bundle: str
+    passed: bool
+    stage: str  # the last stage reached, or where it failed
+    accel: str
+    accel_reason: str
+    kernel: str = ""
+    rootfs: str = ""
+    exit_code: int | None = None
+    expected_exit: int = 0
+    verify_result: str = ""
+    verify_entries: int | None = None
+    verify_problems: list[dict[str, str]] = field(default_factory=list)
+    smoke_code: int | None = None
+    message: str = ""
+    timings: Timings = field(default_factory=Timings)
+    console_tail: list[str] = field(default_factory=list)
+    console_log: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_files(bundle: str, vm: dict[str, Any]) -> str | None:
+    """A message naming the first bundle file whose hash differs from vm.json, or None."""
+    for name, info in sorted(vm.get("files", {}).items()):
+        path = os.path.join(bundle, name)
+        if not os.path.exists(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != info["size"] or sha256_file(path) != info["sha256"]:
+            return f"{name} does not match the sha256 in vm.json"
+    return None
+
+
+def _boot_options(opts: VerifyOptions) -> BootOptions:
+    return BootOptions(
+        mode="check" if opts.run else "verify", deep=opts.deep, smoke=opts.smoke, cmd=opts.cmd
+    )
+
+
+def _timings(result: BootResult) -> Timings:
+    t = Timings(total=result.wall)
+    ready = result.last("ready")
+    if ready is not None:
+        boot_us = int(ready.marker.fields.get("boot_us", "0"))
+        t.to_agent_ready = ready.at
+        t.guest_kernel_to_agent = boot_us / US_PER_S
+        # Host time to "ready" minus the guest's uptime then. Under TCG with -icount the
+        # guest clock is virtual, and the difference can be meaningless: then None.
+        estimate = ready.at - boot_us / US_PER_S
+        t.vmm_to_kernel = estimate if estimate >= 0 else None
+    exec_m = result.last("exec")
+    if exec_m is not None:
+        t.to_workload_start = exec_m.at
+        if "agent_us" in exec_m.marker.fields:
+            t.guest_agent_to_exec = int(exec_m.marker.fields["agent_us"]) / US_PER_S
+    exit_m = result.last("exit")
+    if exit_m is not None:
+        t.to_workload_exit = exit_m.at
+    return t
+
+
+# Markers in boot order, and the stage a boot is in once it has seen each.
+_STAGES = (("ready", "agent"), ("verify", "verify"), ("exec", "workload"), ("exit", "exit"))
+
+
+def _stage_reached(result: BootResult) -> str:
+    """qemu (nothing on the console), kernel, agent, verify, workload or exit."""
+    stage = "kernel" if result.console else "qemu"
+    for event, name in _STAGES:
+        if result.last(event) is not None:
+            stage = name
+    return stage
+
+
+def _judge(report: VerifyReport, result: BootResult, opts: VerifyOptions) -> None:
+    """Fill in pass/fail, the stage reached and a message from the boot's markers."""
+    verify = result.last("verify")
+    if verify is not None:
+        report.verify_result = verify.marker.fields.get("result", "")
+        report.verify_entries = int(verify.marker.fields.get("entries", "0"))
+    report.verify_problems = [m.marker.fields for m in result.all("verify-problem")]
+    smoke = result.last("smoke")
+    if smoke is not None:
+        report.smoke_code = int(smoke.marker.fields.get("code", "-1"))
+    exit_m = result.last("exit")
+    if exit_m is not None:
+        report.exit_code = int(exit_m.marker.fields.get("code", "-1"))
+    errors = [m.marker.fields for m in result.all("error")]
+
+    report.stage = _stage_reached(result)
+    if report.verify_result == "fail" and verify is not None:
+        first = report.verify_problems[0] if report.verify_problems else {}
+        report.message = (
+            f"root tree differs from the manifest: {verify.marker.fields.get('problems')} "
+            f"problems, first {first.get('path', '?')} ({first.get('what', '?')})"
+        )
+    elif report.smoke_code not in (None, 0):
+        report.message = f"smoke command exited {report.smoke_code}"
+    elif errors:
+        report.message = f"guest error in {errors[-1].get('stage')}: {errors[-1].get('msg')}"
+    elif result.timed_out:
+        report.message = f"timed out after {opts.timeout:.0f}s in stage {report.stage}"
+    elif exit_m is None:
+        detail = result.stderr.strip().splitlines()[-1:] or ["no exit report"]
+        report.message = f"VM stopped without an exit report in stage {report.stage}: {detail[0]}"
+    elif report.exit_code != opts.expect_exit:
+        report.message = f"exit code {report.exit_code}, expected {opts.expect_exit}"
+    report.passed = (
+        exit_m is not None
+        and not result.timed_out
+        and report.verify_result == "ok"
+        and report.smoke_code in (None, 0)
+        and (report.exit_code == opts.expect_exit if opts.run else report.exit_code == 0)
+    )
+    if not report.passed:
+        report.console_tail = result.console.splitlines()[-CONSOLE_TAIL_LINES:]
+
+
+def verify_bundle(
+    bundle: str,
+    opts: VerifyOptions,
+    cache: Cache,
+    log_dir: str | None = None,
+    accel: Accel | None = None,
+) -> VerifyReport:
+    vm = load_bundle(bundle)
+    if vm.get("init", {}).get("type") != "agent":
+        raise BootError(f"{bundle}: built with --init image; vmimg verify needs the agent")
+    kernel_path = os.path.join(bundle, vm["kernel"]["file"])
+    accel = accel or choose_accel(kernel_path, cache, opts.accel)
+    report = VerifyReport(
+        bundle=bundle,
+        passed=False,
+        stage="files",
+        accel=accel.name,
+        accel_reason=accel.reason,
+        kernel=vm["kernel"].get("version", ""),
+        rootfs=vm["rootfs"]["type"],
+        expected_exit=opts.expect_exit,
+    )
+    if opts.check_files:
+        problem = _check_files(bundle, vm)
+        if problem:
+            report.message = f"bundle damaged: {problem}"
+            return report
+    launch = LaunchOptions(
+        accel=accel.name,
+        vcpus=opts.vcpus,
+        memory_mib=opts.memory_mib,
+        extra_cmdline=tuple(kernel_args(options=_boot_options(opts))[1:]),
+    )
+    log_dir = log_dir or os.path.join(cache.root, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    fd, log_path = tempfile.mkstemp(prefix="verify-", suffix=".log", dir=log_dir)
+    os.close(fd)
+    report.console_log = log_path
+    env = {**os.environ, "TMPDIR": os.path.join(cache.root, "tmp")}  # QEMU's snapshot files
+    machine = VM(qemu_command(vm, bundle, opts=launch), console_log=log_path, env=env)
+    machine.start()
+    result = machine.wait(opts.timeout)
+    report.timings = _timings(result)
+    _judge(report, result, opts)
+    return report
+
+
+def verify_bundles(
+    bundles: Sequence[str],
+    opts: VerifyOptions,
+    cache: Cache,
+    jobs: int | None = None,
+    on_done: Callable[[VerifyReport], None] | None = None,
+) -> list[VerifyReport]:
+    """Verify several bundles, in parallel up to the number of cores."""
+    workers = max(1, min(len(bundles), jobs or os.cpu_count() or 1))
+
+    def one(bundle: str) -> VerifyReport:
+        try:
+            report = verify_bundle(bundle, opts, cache)
+        except VmimgError as e:
+            report = VerifyReport(bundle, False, "setup", "", "", message=str(e))
+        if on_done:
+            on_done(report)
+        return report
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, bundles))
+
+
+def junit_xml(reports: Sequence[VerifyReport], suite: str = "vmimg verify") -> bytes:
+    """JUnit XML (the schema CI systems read) with one testcase per bundle."""
+    failures = sum(1 for r in reports if not r.passed)
+    total = sum(r.timings.total or 0.0 for r in reports)
+    root = ET.Element(
+        "testsuites",
+        name=suite,
+        tests=str(len(reports)),
+        failures=str(failures),
+        errors="0",
+        time=f"{total:.3f}",
+    )
+    ts = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(reports)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+        time=f"{total:.3f}",
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+    )
+    props = ET.SubElement(ts, "properties")
+    for r in reports[:1]:
+        ET.SubElement(props, "property", name="accel", value=r.accel)
+    for r in reports:
+        case = ET.SubElement(
+            ts,
+            "testcase",
+            classname="vmimg.verify",
+            name=r.bundle,
+            time=f"{r.timings.total or 0.0:.3f}",
+        )
+        if not r.passed:
+            failure = ET.SubElement(
+                case, "failure", message=r.message or "failed", type=f"stage:{r.stage}"
+            )
+            failure.text = "\n".join(r.console_tail)
+        out = ET.SubElement(case, "system-out")
+        out.text = (
+            f"accel={r.accel} kernel={r.kernel} rootfs={r.rootfs} exit={r.exit_code} "
+            f"stage={r.stage} log={r.console_log}"
+        )
+    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return data
