@@ -156,8 +156,21 @@ def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def version_message() -> str:
+    """`vmimg --version`: the versions of every format vmimg writes or pairs with."""
+    from vmimg.agent import CONFIG_VERSION, MANIFEST_VERSION
+    from vmimg.bundle import BUNDLE_FORMAT
+    from vmimg.kernel import read_pin
+
+    pin = read_pin()
+    return (
+        f"%(prog)s %(version)s (bundle format {BUNDLE_FORMAT}, agent config {CONFIG_VERSION}, "
+        f"manifest {MANIFEST_VERSION}, kernel config {pin.config_version} for Linux {pin.version})"
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", prog_name="vmimg")
+@click.version_option(__version__, "--version", prog_name="vmimg", message=version_message())
 def main() -> None:
     """Turn container images into VM-ready, boot-verified artifacts."""
 
@@ -273,7 +286,7 @@ def writer_options(
 
 @main.command()
 @click.argument("source")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @source_params
 @cache_param
 def inspect(
@@ -480,6 +493,7 @@ def build(
 )
 @click.option(
     "--jobs",
+    "-j",
     type=click.IntRange(1, 64),
     default=None,
     help="Bundles to boot at once (default: cores).",
@@ -551,9 +565,19 @@ def render_reports(reports: list[Any]) -> str:
 
 @main.command("run")
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--accel", type=click.Choice(["kvm", "tcg"]), default=None)
-@click.option("--cpus", type=click.IntRange(1, 256), default=None)
-@click.option("--memory", type=click.IntRange(32, 1 << 20), default=None)
+@click.option(
+    "--accel",
+    type=click.Choice(["kvm", "tcg"]),
+    default=None,
+    help="Force an accelerator (default: KVM if a test boot works, else TCG).",
+)
+@click.option("--cpus", type=click.IntRange(1, 256), default=None, help="vCPUs (default vm.json).")
+@click.option(
+    "--memory",
+    type=click.IntRange(32, 1 << 20),
+    default=None,
+    help="Memory in MiB (default vm.json).",
+)
 @click.option(
     "-p",
     "--publish",
@@ -608,7 +632,7 @@ def cache() -> None:
 
 
 @cache.command("ls")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @cache_param
 def cache_ls(as_json: bool, cache_dir: str | None) -> None:
     """Show the cache directory and the bytes each area uses."""

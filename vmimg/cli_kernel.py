@@ -77,6 +77,16 @@ def kernel() -> None:
     """Build and inspect vmimg's guest kernels."""
 
 
+def _cache_option(f: F) -> F:
+    return click.option(
+        "--cache",
+        "cache_dir",
+        envvar="VMIMG_CACHE",
+        type=click.Path(file_okay=False),
+        help="Cache directory (default $XDG_CACHE_HOME/vmimg; env VMIMG_CACHE).",
+    )(f)
+
+
 @kernel.command("build")
 @click.option(
     "--source",
@@ -89,12 +99,17 @@ def kernel() -> None:
 @click.option(
     "--jobs", "-j", type=click.IntRange(min=1), default=None, help="make -j (default: CPUs)."
 )
+@_cache_option
 @_report_errors
-def build_cmd(source: str | None, arch: str, debug: bool, jobs: int | None) -> None:
+def build_cmd(
+    source: str | None, arch: str, debug: bool, jobs: int | None, cache_dir: str | None
+) -> None:
     """Build the guest kernel, or find it in the cache."""
     spinner = _Spinner(f"building kernel ({arch})") if sys.stderr.isatty() else None
     try:
-        info = klib.build_kernel(source=source, arch=arch, debug=debug, jobs=jobs, progress=spinner)
+        info = klib.build_kernel(
+            source=source, arch=arch, debug=debug, jobs=jobs, progress=spinner, cache_dir=cache_dir
+        )
     finally:
         if spinner is not None:
             spinner.done()
@@ -104,10 +119,11 @@ def build_cmd(source: str | None, arch: str, debug: bool, jobs: int | None) -> N
 
 
 @kernel.command("list")
+@_cache_option
 @_report_errors
-def list_cmd() -> None:
+def list_cmd(cache_dir: str | None) -> None:
     """The cached kernels, newest first."""
-    kernels = klib.list_kernels()
+    kernels = klib.list_kernels(cache_dir)
     if not kernels:
         click.echo("no kernels in the cache")
         return
@@ -123,8 +139,9 @@ def list_cmd() -> None:
 
 @kernel.command("show")
 @click.argument("key", required=False)
+@_cache_option
 @_report_errors
-def show_cmd(key: str | None) -> None:
+def show_cmd(key: str | None, cache_dir: str | None) -> None:
     """A cached kernel's metadata (KEY or a prefix of it; default the newest)."""
-    info = klib.find_kernel(key)
+    info = klib.find_kernel(key, cache_dir)
     click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))

@@ -42,7 +42,10 @@ from typing import Any, TextIO
 from vmimg.cache import Cache
 from vmimg.errors import KernelError
 
-FRAGMENTS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+# kernels/ beside the package in a source checkout; VMIMG_KERNELS_DIR elsewhere (the image).
+FRAGMENTS_DIR = Path(
+    os.environ.get("VMIMG_KERNELS_DIR") or Path(__file__).resolve().parent.parent / "kernels"
+)
 PIN_FILE = "kernel.toml"
 METADATA_FILE = "kernel.json"
 METADATA_FORMAT = 1
