@@ -350,12 +350,12 @@ def _assemble(
     image: Image,
     cache: Cache,
     options: BuildOptions,
-    kernel: KernelInfo,
-    agent_sha: str | None,
+    bk: BundleKey,
     work: str,
     progress: Callable[[int], None] | None,
 ) -> list[str]:
     """Write every file of the bundle into `work`; returns warnings."""
+    kernel, agent_sha = bk.kernel, bk.agent_sha
     tree = build_tree(image, cache, progress)
     writer_options = _writer_options(options, image)
     with ContentReader() as reader:
@@ -378,6 +378,7 @@ def _assemble(
         for name in sorted((ROOTFS_FILES[options.fs], KERNEL_FILE, MANIFEST_FILE))
     }
     vm = _vm_json(image, options, kernel, config, agent_sha, files, writer_options)
+    vm["build_key"] = bk.key  # how registries' remote caches find this bundle
     with open(os.path.join(work, VM_JSON), "w") as f:
         json.dump(vm, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -399,7 +400,7 @@ def _copy_tree(src: str, dst: str) -> None:
             shutil.copymode(s, d)
 
 
-def _install(work: str, dest: str) -> None:
+def install_bundle_dir(work: str, dest: str) -> None:
     """Rename the finished bundle onto `dest`, replacing an older bundle there."""
     if os.path.lexists(dest):
         if not os.path.isfile(os.path.join(dest, VM_JSON)) and os.listdir(dest):
@@ -410,6 +411,23 @@ def _install(work: str, dest: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(work, dest)
+
+
+@dataclass(frozen=True)
+class BundleKey:
+    """What a bundle is built from besides the image: its kernel and agent, and the key."""
+
+    key: str
+    kernel: KernelInfo
+    agent_sha: str | None
+
+
+def bundle_key_for(image: Image, options: BuildOptions, cache: Cache) -> BundleKey:
+    """The kernel and agent `build_bundle` would use for `image`, and the bundle's key."""
+    arch = _ARCH_OF_PLATFORM.get(image.platform.architecture, image.platform.architecture)
+    kernel = resolve_kernel(arch, options.kernel_path, cache)
+    agent_sha = sha256_file(agentlib.find_agent_binary(arch)) if options.init == "agent" else None
+    return BundleKey(bundle_key(image, options, kernel, agent_sha), kernel, agent_sha)
 
 
 def build_bundle(
@@ -429,12 +447,8 @@ def build_bundle(
         raise VmimgError(f"output directory {parent} does not exist")
     image = open_image(source, cache, source_options)
     try:
-        arch = _ARCH_OF_PLATFORM.get(image.platform.architecture, image.platform.architecture)
-        kernel = resolve_kernel(arch, options.kernel_path, cache)
-        agent_sha = (
-            sha256_file(agentlib.find_agent_binary(arch)) if options.init == "agent" else None
-        )
-        key = bundle_key(image, options, kernel, agent_sha)
+        bk = bundle_key_for(image, options, cache)
+        key = bk.key
         cached_dir = os.path.join(cache.output_dir(key), "bundle")
         hit = use_cache and os.path.isfile(os.path.join(cached_dir, VM_JSON))
         warnings: list[str] = []
@@ -444,12 +458,12 @@ def build_bundle(
                 os.rmdir(work)
                 _copy_tree(cached_dir, work)
             else:
-                warnings = _assemble(image, cache, options, kernel, agent_sha, work, progress)
+                warnings = _assemble(image, cache, options, bk, work, progress)
                 if use_cache:
                     _store(cache, key, work)
             with open(os.path.join(work, VM_JSON)) as f:
                 files = json.load(f)["files"]
-            _install(work, dest)
+            install_bundle_dir(work, dest)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -401,6 +401,18 @@ def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
 )
 @writer_params
 @click.option("--no-cache", is_flag=True, help="Build again even if the bundle is cached.")
+@click.option(
+    "--push",
+    "push_ref",
+    default=None,
+    metavar="REF",
+    help="Push the bundle to REF (HOST/REPO:TAG; next to the image to link them).",
+)
+@click.option(
+    "--remote-cache",
+    is_flag=True,
+    help="Pull a bundle built with the same settings from the image's registry instead.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @source_params
 @cache_param
@@ -409,7 +421,8 @@ def build(
     init_mode: str, entrypoint: str | None, cmd: str | None, env: tuple[str, ...],
     workdir: str | None, user: str | None, hostname: str | None, cpus: int, memory: int,
     compression: str, size: int | None, headroom: int | None, inodes: int, no_journal: bool,
-    label: str, compress: str, compress_level: int | None, no_cache: bool, as_json: bool,
+    label: str, compress: str, compress_level: int | None, no_cache: bool,
+    push_ref: str | None, remote_cache: bool, as_json: bool,
     platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Turn SOURCE into a VM-ready bundle: root fs, agent, kernel, vm.json, launchers."""
@@ -437,29 +450,49 @@ def build(
             memory_mib=memory,
         )  # fmt: skip
         cache = Cache.open(cache_dir)
-        result = build_bundle(
-            source,
-            output,
-            options,
-            cache,
-            source_options(platform, insecure, ca_cert),
-            use_cache=not no_cache,
-            progress=progress_printer("layers"),
-        )
+        sopts = source_options(platform, insecure, ca_cert)
+        extra: dict[str, Any] = {}
+        if push_ref or remote_cache:
+            from vmimg.artifact import build_bundle_remote
+
+            remote = build_bundle_remote(
+                source, output, options, cache, sopts, use_cache=not no_cache,
+                remote_cache=remote_cache, push=push_ref, progress=progress_printer("layers"),
+            )  # fmt: skip
+            result = remote.build
+            extra = {
+                "build_key": remote.key,
+                "pulled_from": remote.pulled_from,
+                "pushed": remote.pushed.pinned if remote.pushed else None,
+            }
+            for w in remote.pushed.warnings if remote.pushed else []:
+                click.echo(f"vmimg: warning: {w}", err=True)
+        else:
+            result = build_bundle(
+                source, output, options, cache, sopts, use_cache=not no_cache,
+                progress=progress_printer("layers"),
+            )  # fmt: skip
         for w in result.warnings:
             click.echo(f"vmimg: warning: {w}", err=True)
         if as_json:
-            click.echo(json.dumps(asdict(result), indent=2))
+            click.echo(json.dumps({**asdict(result), **extra}, indent=2))
+            return
+        if extra.get("pulled_from"):
+            state = f"pulled from {extra['pulled_from']}"
+        elif result.cached:
+            state = "from cache"
         else:
-            state = "from cache" if result.cached else f"in {result.seconds:.2f}s"
-            click.echo(f"{result.bundle}: {result.fs} bundle of {result.image} "
-                       f"({result.digest[:19]}, {result.platform}) {state}")  # fmt: skip
+            state = f"in {result.seconds:.2f}s"
+        click.echo(f"{result.bundle}: {result.fs} bundle of {result.image} "
+                   f"({result.digest[:19]}, {result.platform}) {state}")  # fmt: skip
+        if extra.get("pushed"):
+            click.echo(f"pushed to {extra['pushed']}")
 
     run(as_json, go)
 
 
 @main.command()
-@click.argument("bundles", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("bundles", nargs=-1, required=True)
 @click.option(
     "--timeout",
     type=float,
@@ -502,14 +535,19 @@ def build(
     "--junit", type=click.Path(dir_okay=False), default=None, help="Write a JUnit XML report here."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print reports as JSON.")
+@source_params
 @cache_param
 def verify(
     bundles: tuple[str, ...], timeout: float, expect_exit: int, cmd: str | None,
     smoke: str | None, deep: bool, no_run: bool, accel: str | None, cpus: int | None,
     memory: int | None, jobs: int | None, junit: str | None, as_json: bool,
-    cache_dir: str | None,
+    platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
 ) -> None:  # fmt: skip
-    """Boot each BUNDLE, check its tree and run its workload; report per bundle."""
+    """Boot each BUNDLE, check its tree and run its workload; report per bundle.
+
+    A BUNDLE is a directory, or a registry reference to a bundle artifact (pulled once
+    into the cache).
+    """
     from vmimg.boot.verify import VerifyOptions, junit_xml, verify_bundles
     from vmimg.errors import VerificationFailed
 
@@ -518,7 +556,12 @@ def verify(
             timeout=timeout, expect_exit=expect_exit, cmd=cmd, smoke=smoke, deep=deep,
             run=not no_run, accel=accel, vcpus=cpus, memory_mib=memory,
         )  # fmt: skip
-        reports = verify_bundles(list(bundles), opts, Cache.open(cache_dir), jobs)
+        from vmimg.artifact import resolve_bundle_argument
+
+        cache = Cache.open(cache_dir)
+        sopts = source_options(platform, insecure, ca_cert)
+        paths = [resolve_bundle_argument(b, cache, sopts) for b in bundles]
+        reports = verify_bundles(paths, opts, cache, jobs)
         if junit:
             with open(junit, "wb") as f:
                 f.write(junit_xml(reports))
@@ -671,9 +714,11 @@ def cache_prune(everything: bool, cache_dir: str | None) -> None:
 
 def _register_groups() -> None:
     """Command groups that live in their own modules."""
+    from vmimg.cli_artifact import register
     from vmimg.cli_kernel import kernel
 
     main.add_command(kernel)
+    register(main, kernel)  # vmimg push/pull, vmimg kernel push/pull
 
 
 _register_groups()
