@@ -399,4 +399,4 @@ def test_failed_make_keeps_log_and_shows_its_tail(tmp_path: Path) -> None:
     assert proc.returncode == KernelError.exit_code
     lines = proc.stderr.splitlines()
     assert "kconfig exploded here" in lines
-    assert lines[-1].startswith("error: kernel build failed: make allnoconfig exited 2")
+    assert lines[-1].startswith("vmimg: error: kernel build failed: make allnoconfig exited 2")

@@ -97,28 +97,67 @@ def unescape(value: bytes) -> bytes:
 # --- the binary -------------------------------------------------------------
 
 
+# Kernel and OCI names of an architecture -> the agent's (GNU triplet) name.
+_AGENT_ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+# What the Makefile cross-compiles with, for the hint when the binary is missing.
+_AGENT_TOOLCHAIN_HINT = {
+    "x86_64": "needs musl-gcc: apt-get install musl-tools",
+    "aarch64": "needs aarch64-linux-musl-gcc: dpkg --add-architecture arm64 && apt-get update "
+    "&& apt-get install gcc-aarch64-linux-gnu musl-dev:arm64",
+}
+
+
+# ELF e_machine of each agent arch: an x86_64 agent in an arm64 image would only
+# show up as a kernel panic at boot, so a mismatch is caught at build time.
+_ELF_MAGIC = b"\x7fELF"
+_ELF_MACHINE_OFFSET = 18
+_ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+
+
+def _check_binary_arch(path: str, arch: str) -> None:
+    """AgentBinaryMissing if `path` is an ELF file for another machine than `arch`."""
+    with open(path, "rb") as f:
+        head = f.read(_ELF_MACHINE_OFFSET + 2)
+    want = _ELF_MACHINES.get(arch)
+    if want is None or not head.startswith(_ELF_MAGIC):
+        return  # not an ELF file (a test stand-in) or an arch we have no number for
+    machine = int.from_bytes(head[_ELF_MACHINE_OFFSET:], "little")
+    if machine != want:
+        raise AgentBinaryMissing(f"agent binary {path} is for ELF machine {machine}, not {arch}")
+
+
+def agent_arch(arch: str) -> str:
+    """The agent's name for `arch` (x86_64, aarch64), given a kernel/OCI/agent name."""
+    return _AGENT_ARCH_ALIASES.get(arch, arch)
+
+
 def find_agent_binary(arch: str = "x86_64") -> str:
     """The agent binary for `arch`: $VMIMG_AGENT_BINARY, the source tree's
-    agent/build/<arch>/init, or a copy packaged as vmimg/_agent/<arch>/init."""
+    agent/build/<arch>/init, or a copy packaged as vmimg/_agent/<arch>/init.
+
+    `arch` may be the kernel's or OCI's name (arm64, amd64) as well as the agent's."""
+    arch = agent_arch(arch)
     override = os.environ.get(_BINARY_ENV)
     if override:
         if not os.path.isfile(override):
             raise AgentBinaryMissing(f"{_BINARY_ENV}={override} is not a file")
+        _check_binary_arch(override, arch)
         return override
     candidates = [_SOURCE_ROOT / "agent" / "build" / arch / "init", _PACKAGED / arch / "init"]
     for path in candidates:
         if path.is_file():
+            _check_binary_arch(str(path), arch)
             return str(path)
     raise AgentBinaryMissing(
         f"no agent binary for {arch} (looked at {', '.join(map(str, candidates))}); "
-        f"build it with `make -C agent ARCH={arch}` (needs musl-gcc: apt-get install musl-tools)"
+        f"build it with `make -C agent ARCH={arch}` "
+        f"({_AGENT_TOOLCHAIN_HINT.get(arch, 'needs a static C cross compiler')})"
     )
 
 
 def host_arch() -> str:
     """The agent architecture name of this machine (x86_64, aarch64)."""
-    machine = platform.machine()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return agent_arch(platform.machine())
 
 
 # --- config -------------------------------------------------------------------

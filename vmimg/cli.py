@@ -659,14 +659,25 @@ def run_cmd(
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-def sample(directory: str) -> None:
+@click.option(
+    "--platform",
+    "platforms",
+    default=None,
+    help="Comma-separated platforms for a multi-platform index (default: the host's).",
+)
+def sample(directory: str, platforms: str | None) -> None:
     """Write the built-in sample image (busybox) as an OCI layout in DIRECTORY.
 
     Prints its reference, ready for `vmimg rootfs` or `vmimg build`.
     """
     from vmimg.sample import write_sample
 
-    click.echo(run(False, lambda: write_sample(directory)))
+    def go() -> str:
+        if platforms:
+            return write_sample(directory, tuple(p.strip() for p in platforms.split(",")))
+        return write_sample(directory)
+
+    click.echo(run(False, go))
 
 
 @main.group()

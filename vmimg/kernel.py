@@ -608,12 +608,26 @@ def list_kernels(cache_dir: str | None = None) -> list[KernelInfo]:
     return sorted(found, key=lambda k: (k.metadata.get("built_at", ""), k.key), reverse=True)
 
 
-def find_kernel(key: str | None = None, cache_dir: str | None = None) -> KernelInfo:
-    """The cached kernel whose key starts with `key` (the newest one if `key` is None)."""
+def host_kernel_arch() -> str:
+    """The kernel arch this machine runs natively (x86_64 when it is not one we build)."""
+    for spec in ARCHES.values():
+        if platform.machine() in spec.host_machines:
+            return spec.name
+    return "x86_64"
+
+
+def find_kernel(
+    key: str | None = None, cache_dir: str | None = None, arch: str | None = None
+) -> KernelInfo:
+    """The cached kernel whose key starts with `key`; without a key, the newest one for
+    `arch` (default: the host's arch, so that a cross-built arm64 kernel is not what an
+    x86_64 host boots by default)."""
     kernels = list_kernels(cache_dir)
     if key is None:
+        want = arch_spec(arch or host_kernel_arch()).name
+        kernels = [k for k in kernels if k.arch == want]
         if not kernels:
-            raise KernelError("no kernel in the cache; run 'vmimg kernel build'")
+            raise KernelError(f"no {want} kernel in the cache; run 'vmimg kernel build'")
         return kernels[0]
     hits = [k for k in kernels if k.key.startswith(key)]
     if len(hits) != 1:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import subprocess
 from dataclasses import dataclass
 
 from vmimg import agent as agentlib
+from vmimg.boot.launch import QEMU_MACHINES, qemu_accel_args, qemu_binary
 from vmimg.boot.vm import VM
 from vmimg.cache import Cache
 from vmimg.content import ContentReader
-from vmimg.errors import BootError
+from vmimg.errors import BootError, KernelError
 from vmimg.tree import Content, Node, NodeType, Tree
 from vmimg.writers.cpio import CpioOptions, write_cpio
 
@@ -28,6 +30,10 @@ PROBE_TIMEOUT = 10.0
 PROBE_MEMORY_MIB = 128
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 ACCEL_ENV = "VMIMG_ACCEL"  # "kvm" or "tcg": skip the probe
+# platform.machine() values on which KVM can run guests of each arch (vm.json's arch names).
+KVM_HOSTS = {"x86_64": ("x86_64", "amd64"), "arm64": ("aarch64", "arm64")}
+# The probe's console, per guest arch (the arch's QEMU machine's UART).
+PROBE_CONSOLES = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
 
 
 @dataclass(frozen=True)
@@ -53,26 +59,44 @@ def _probe_initramfs(path: str, arch: str) -> None:
         os.close(fd)
 
 
-def _qemu_version() -> str:
+def _qemu_version(arch: str = "x86_64") -> str:
+    qemu = qemu_binary(arch)
+    package = "qemu-system-arm" if arch == "arm64" else "qemu-system-x86"
     try:
-        out = subprocess.run(
-            ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True
-        ).stdout
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        raise BootError("qemu-system-x86_64 not found: install qemu-system-x86") from None
+        raise BootError(f"{qemu} not found: install {package}") from None
     return out.splitlines()[0] if out else ""
 
 
-def _probe_kvm(kernel: str, cache: Cache) -> Accel:
+def kernel_arch(kernel: str) -> str:
+    """The arch of a kernel file (x86_64 or arm64), from its header; x86_64, as before
+    arm64 support, for a file whose format is not recognised (QEMU will judge it)."""
+    from vmimg.kernel import kernel_from_path
+
+    try:
+        return kernel_from_path(kernel).arch
+    except KernelError:
+        return "x86_64"
+
+
+def kvm_can_run(arch: str, machine: str | None = None) -> bool:
+    """Whether KVM on this host (platform.machine(), or `machine`) can run `arch` guests:
+    only guests of the host's own arch; an arm64 guest on x86_64 is always emulated."""
+    return (machine or platform.machine()) in KVM_HOSTS.get(arch, ())
+
+
+def _probe_kvm(kernel: str, cache: Cache, arch: str = "x86_64") -> Accel:
     with cache.temp_dir() as tmp:
         initrd = os.path.join(tmp, "probe.cpio")
-        _probe_initramfs(initrd, "x86_64")
+        _probe_initramfs(initrd, arch)
         argv = [
-            "qemu-system-x86_64", "-M", "microvm", "-accel", "kvm", "-cpu", "host",
+            qemu_binary(arch), "-M", QEMU_MACHINES[arch], *qemu_accel_args(arch, "kvm"),
             "-m", str(PROBE_MEMORY_MIB), "-smp", "1", "-nodefaults", "-no-user-config",
             "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", kernel,
             "-initrd", initrd, "-append",
-            f"console=ttyS0 quiet panic=-1 rdinit={agentlib.INIT_PATH} vmimg.mode=verify",
+            f"console={PROBE_CONSOLES[arch]} quiet panic=-1 rdinit={agentlib.INIT_PATH} "
+            "vmimg.mode=verify",
         ]  # fmt: skip
         vm = VM(argv)
         vm.start()
@@ -87,11 +111,18 @@ def _probe_kvm(kernel: str, cache: Cache) -> Accel:
 
 
 def choose_accel(kernel: str, cache: Cache, forced: str | None = None) -> Accel:
-    """KVM when it really works here, else TCG; `forced` ("kvm"/"tcg") skips the probe."""
+    """KVM when it really works here, else TCG; `forced` ("kvm"/"tcg") skips the probe.
+
+    The guest's arch is read from the kernel file: a guest of another arch than the
+    host's (arm64 on x86_64) always runs under TCG, even when KVM was asked for."""
     forced = forced or os.environ.get(ACCEL_ENV)
+    if forced and forced not in ("kvm", "tcg"):
+        raise BootError(f"unknown accelerator {forced!r}: use kvm or tcg")
+    arch = kernel_arch(kernel)
+    if not kvm_can_run(arch):
+        asked = "; KVM was asked for but cannot be used" if forced == "kvm" else ""
+        return Accel("tcg", f"{arch} guest on a {platform.machine()} host: emulated{asked}")
     if forced:
-        if forced not in ("kvm", "tcg"):
-            raise BootError(f"unknown accelerator {forced!r}: use kvm or tcg")
         return Accel(forced, f"chosen with --accel or {ACCEL_ENV}")
     if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
         return Accel("tcg", f"{KVM_DEVICE} is not usable")
@@ -99,7 +130,7 @@ def choose_accel(kernel: str, cache: Cache, forced: str | None = None) -> Accel:
         boot_id = f.read().strip()
     with open(kernel, "rb") as f:
         kernel_sha = hashlib.sha256(f.read()).hexdigest()
-    key = hashlib.sha256(f"{boot_id}|{_qemu_version()}|{kernel_sha}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{boot_id}|{_qemu_version(arch)}|{kernel_sha}".encode()).hexdigest()[:16]
     verdict_path = os.path.join(cache.root, "accel", f"{key}.json")
     try:
         with open(verdict_path) as f:
@@ -108,7 +139,7 @@ def choose_accel(kernel: str, cache: Cache, forced: str | None = None) -> Accel:
     except (OSError, ValueError, KeyError):
         pass
     with cache.lock(f"accel-{key}"):
-        accel = _probe_kvm(kernel, cache)
+        accel = _probe_kvm(kernel, cache, arch)
         os.makedirs(os.path.dirname(verdict_path), exist_ok=True)
         with cache.temp_file() as (f, tmp):
             f.write(json.dumps({"name": accel.name, "reason": accel.reason}).encode())

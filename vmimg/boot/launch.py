@@ -10,7 +10,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmimg.errors import BootError
+
 QEMU_X86 = "qemu-system-x86_64"
+QEMU_AARCH64 = "qemu-system-aarch64"
+# Per guest arch (vm.json's "arch"): the QEMU binary and the machine it boots on. x86_64 uses
+# microvm; arm64 uses virt, which boots `Image` with a device tree describing a PL011
+# (ttyAMA0), 32 virtio-mmio slots, PSCI for power-off and a PL061 GPIO power key.
+# gic-version=max: GICv3 under TCG (more than 8 vCPUs), whatever the host has under KVM.
+QEMU_BINARIES = {"x86_64": QEMU_X86, "arm64": QEMU_AARCH64}
+QEMU_MACHINES = {"x86_64": "microvm", "arm64": "virt,gic-version=max"}
+# arm64 under TCG: "max" emulates every feature, but its QARMA pointer-authentication
+# cipher is slow to emulate; pauth-impdef=on keeps pointer auth with QEMU's cheap hash.
+ARM64_TCG_CPU = "max,pauth-impdef=on"
+# What each VMM names the console on the kernel command line, where it differs from vm.json:
+# Firecracker's arm64 console is an 8250 UART (ttyS0), not QEMU virt's PL011.
+FIRECRACKER_CONSOLES = {"arm64": ("console=ttyAMA0", "console=ttyS0")}
 # QEMU's user network (slirp) hands out these addresses; the agent configures eth0 with them.
 USER_NET_ARGS = ("vmimg.ip=10.0.2.15/24", "vmimg.gw=10.0.2.2", "vmimg.dns=10.0.2.3")
 # Seccomp sandbox: no new privileges, no spawning, no obsolete syscalls.
@@ -47,26 +62,49 @@ def cmdline(vm: dict[str, Any], opts: LaunchOptions, pci: bool = True) -> str:
     return " ".join(args)
 
 
+def vm_arch(vm: dict[str, Any]) -> str:
+    """The guest arch of a bundle's vm.json (x86_64 or arm64)."""
+    arch = str(vm.get("arch", "x86_64"))
+    if arch not in QEMU_BINARIES:
+        raise BootError(f"bundle is for arch {arch!r}; vmimg boots {', '.join(QEMU_BINARIES)}")
+    return arch
+
+
+def qemu_binary(arch: str) -> str:
+    """The qemu-system-* program for a guest arch."""
+    return QEMU_BINARIES[arch]
+
+
+def qemu_accel_args(arch: str, accel: str) -> list[str]:
+    """-accel and -cpu (and their companions) for a guest arch under "kvm" or "tcg"."""
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    if arch == "arm64":
+        # The arm64 generic timer runs off QEMU's virtual clock: no calibration to go
+        # wrong, so no -icount (which would also give up multi-threaded TCG).
+        return ["-accel", "tcg", "-cpu", ARM64_TCG_CPU]
+    # -icount: the guest's TSC and timers tick from one virtual clock, so timer
+    # calibration cannot fail on a busy host (it otherwise hangs microvm guests).
+    return ["-accel", "tcg", "-icount", "shift=auto", "-cpu", "max"]
+
+
 def qemu_command(
     vm: dict[str, Any], bundle_dir: str, accel: str = "tcg", opts: LaunchOptions | None = None
 ) -> list[str]:
-    """The qemu-system-x86_64 command line that boots the bundle on the microvm machine."""
+    """The QEMU command line that boots the bundle: qemu-system-x86_64 on the microvm
+    machine, or qemu-system-aarch64 on virt, per vm.json's arch; virtio-mmio devices."""
     o = opts or LaunchOptions(accel=accel)
+    arch = vm_arch(vm)
     rootfs = vm["rootfs"]
-    cmd = [QEMU_X86, "-M", "microvm"]
-    if o.accel == "kvm":
-        cmd += ["-accel", "kvm", "-cpu", "host"]
-    else:
-        # -icount: the guest's TSC and timers tick from one virtual clock, so timer
-        # calibration cannot fail on a busy host (it otherwise hangs microvm guests).
-        cmd += ["-accel", "tcg", "-icount", "shift=auto", "-cpu", "max"]
+    cmd = [qemu_binary(arch), "-M", QEMU_MACHINES[arch], *qemu_accel_args(arch, o.accel)]
     cmd += [
         "-m", str(o.memory_mib or vm["memory_mib"]),
         "-smp", str(o.vcpus or vm["vcpus"]),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-sandbox", QEMU_SANDBOX,
         "-kernel", _path(bundle_dir, vm["kernel"]["file"]),
-        "-append", cmdline(vm, o, pci=False),
+        # microvm has no PCI bus; virt has one (unused), and arm64 has no pci=off.
+        "-append", cmdline(vm, o, pci=arch != "x86_64"),
         "-serial", o.serial,
         "-device", "virtio-rng-device",
     ]  # fmt: skip
@@ -92,9 +130,12 @@ def qemu_command(
 def firecracker_config(vm: dict[str, Any], bundle_dir: str) -> dict[str, Any]:
     """A Firecracker VM config (`firecracker --config-file`); paths relative to the bundle."""
     rootfs = vm["rootfs"]
+    args = str(vm["cmdline"])
+    if vm.get("arch") in FIRECRACKER_CONSOLES:
+        args = args.replace(*FIRECRACKER_CONSOLES[vm["arch"]])
     boot: dict[str, Any] = {
         "kernel_image_path": _path(bundle_dir, vm["kernel"]["file"]),
-        "boot_args": f"{vm['cmdline']} reboot=k pci=off",
+        "boot_args": f"{args} reboot=k pci=off",
     }
     drives = []
     if rootfs["type"] == "initramfs":
