@@ -41,7 +41,10 @@ from vmimg.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
+    Platform,
+    host_platform,
     load_json,
+    parse_platform,
     select_platform,
     sniff_media_type,
 )
@@ -175,6 +178,7 @@ class _Layer:
 class _Target:
     client: RegistryClient
     ref: RegistryRef
+    platform: Platform | None = None  # which entry of a multi-platform index to take
 
     @property
     def repo(self) -> str:
@@ -192,7 +196,7 @@ def _target(ref: str, options: SourceOptions) -> _Target:
     client = RegistryClient(
         parsed.registry.registry, insecure_hosts=options.insecure_hosts, ca_cert=options.ca_cert
     )
-    return _Target(client, parsed.registry)
+    return _Target(client, parsed.registry, options.platform)
 
 
 # -- hashing and compression ----------------------------------------------------------
@@ -539,6 +543,65 @@ def push_bundle(
         )
 
 
+def push_bundle_index(
+    bundles: list[str], ref: str, cache: Cache, options: SourceOptions
+) -> PushResult:
+    """Push one bundle per platform (each also tagged TAG-ARCH) and an OCI index over them
+    at `ref`, so that a pull picks the bundle of its platform."""
+    from vmimg.bundle import load_bundle
+
+    start = time.monotonic()
+    target = _target(ref, options)
+    tag = target.ref.tag or "latest"
+    entries: list[dict[str, Any]] = []
+    pushed: list[PushResult] = []
+    for bundle in bundles:
+        vm = load_bundle(bundle)
+        plat = parse_platform(str(vm.get("platform") or ""))
+        one = push_bundle(bundle, f"{target.ref.registry}/{target.repo}:{tag}-{plat.architecture}",
+                          cache, options)  # fmt: skip
+        pushed.append(one)
+        head = target.client.head_manifest(target.repo, one.digest, OCI_MANIFEST)
+        if head is None:
+            raise SourceError(f"{one.pinned}: the registry lost the manifest just pushed")
+        size = head.size
+        entries.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "artifactType": BUNDLE_ARTIFACT,
+                "digest": one.digest,
+                "size": size,
+                "platform": {"os": plat.os, "architecture": plat.architecture},
+                "annotations": {
+                    ANN_PLATFORM: str(plat),
+                    ANN_FS: str((vm.get("rootfs") or {}).get("type") or ""),
+                },
+            }
+        )
+    entries.sort(key=lambda e: e["annotations"][ANN_PLATFORM])
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "artifactType": BUNDLE_ARTIFACT,
+        "manifests": entries,
+        "annotations": {ANN_VERSION: __version__},
+    }
+    data = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+    put = target.client.put_manifest(target.repo, tag, data, OCI_INDEX)
+    return PushResult(
+        reference=f"{target.ref.registry}/{target.repo}:{tag}",
+        digest=put.digest,
+        artifact_type=BUNDLE_ARTIFACT,
+        subject=None,
+        referrers="per platform",
+        uploaded=sum(p.uploaded for p in pushed),
+        skipped=sum(p.skipped for p in pushed),
+        bytes_uploaded=sum(p.bytes_uploaded for p in pushed),
+        seconds=time.monotonic() - start,
+        warnings=[w for p in pushed for w in p.warnings],
+    )
+
+
 def _bundle_media_type(name: str) -> str:
     if name.startswith(LAUNCH_DIR + "/"):
         return LAUNCH_TYPE
@@ -622,7 +685,12 @@ def _get_artifact(target: _Target, expected_type: str) -> _Artifact:
         raise DigestError(f"manifest {where}: registry sent {digest}")
     obj = load_json(data, f"manifest {where}")
     if ctype in INDEX_TYPES or "manifests" in obj:
-        raise SourceError(f"{where} is an index, not a vmimg artifact")
+        if obj.get("artifactType") != expected_type:
+            raise SourceError(f"{where} is an index, not a vmimg artifact")
+        # A multi-platform bundle: the entry for the platform asked for (or the host's).
+        entry = select_platform(obj, target.platform or host_platform(), where)
+        pinned = RegistryRef(target.ref.registry, target.ref.repository, None, entry.digest)
+        return _get_artifact(_Target(target.client, pinned, target.platform), expected_type)
     config = Descriptor.from_json(obj.get("config"), f"{where} config")
     kind = obj.get("artifactType") or _ARTIFACT_OF_CONFIG.get(config.media_type, config.media_type)
     if kind != expected_type:

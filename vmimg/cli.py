@@ -320,6 +320,45 @@ def inspect(
     run(as_json, go)
 
 
+def build_platforms(
+    source: str, output: str, options: Any, cache: Cache, platforms: list[str],
+    insecure: tuple[str, ...], ca_cert: str | None, use_cache: bool, push_ref: str | None,
+    remote_cache: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """`vmimg build --platform A,B`: one bundle per platform in OUTPUT/ARCH, and with --push
+    one artifact per platform plus an OCI index over them."""
+    from vmimg.bundle import build_bundle
+    from vmimg.errors import UsageError
+
+    if remote_cache:
+        raise UsageError("--remote-cache takes one platform at a time")
+    os.makedirs(output, exist_ok=True)
+    results = []
+    for plat in platforms:
+        arch = parse_platform(plat).architecture
+        results.append(
+            build_bundle(source, os.path.join(output, arch), options, cache,
+                         source_options(plat, insecure, ca_cert), use_cache=use_cache)
+        )  # fmt: skip
+    pushed = None
+    if push_ref:
+        from vmimg.artifact import push_bundle_index
+
+        index = push_bundle_index([r.bundle for r in results], push_ref, cache,
+                                  source_options(platforms[0], insecure, ca_cert))  # fmt: skip
+        pushed = f"{index.reference.rsplit(':', 1)[0]}@{index.digest}"
+    if as_json:
+        click.echo(json.dumps({"bundles": [asdict(r) for r in results], "pushed": pushed},
+                              indent=2))  # fmt: skip
+        return
+    for r in results:
+        state = "from cache" if r.cached else f"in {r.seconds:.2f}s"
+        click.echo(f"{r.bundle}: {r.fs} bundle of {r.image} ({r.digest[:19]}, {r.platform}) "
+                   f"{state}")  # fmt: skip
+    if pushed:
+        click.echo(f"pushed index to {pushed}")
+
+
 def split_command(text: str | None) -> list[str] | None:
     """--entrypoint/--cmd: a JSON list, or words split the way a shell would."""
     if text is None:
@@ -450,6 +489,11 @@ def build(
             memory_mib=memory,
         )  # fmt: skip
         cache = Cache.open(cache_dir)
+        platforms = [p.strip() for p in platform.split(",") if p.strip()]
+        if len(platforms) > 1:
+            build_platforms(source, output, options, cache, platforms, insecure, ca_cert,
+                            not no_cache, push_ref, remote_cache, as_json)  # fmt: skip
+            return
         sopts = source_options(platform, insecure, ca_cert)
         extra: dict[str, Any] = {}
         if push_ref or remote_cache:
