@@ -16,7 +16,7 @@ import click
 import pytest
 import yaml
 
-from vmimg import cli, errors
+from vmimg import cli, cli_options, errors
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -205,7 +205,7 @@ def test_ci_md_exit_codes_are_vmimg_errors() -> None:
         for obj in vars(errors).values()
         if isinstance(obj, type) and issubclass(obj, errors.VmimgError)
     }
-    assert documented == {0, cli.EXIT_INTERRUPTED} | codes
+    assert documented == {0, cli_options.EXIT_INTERRUPTED} | codes
 
 
 # --- links ------------------------------------------------------------------------------------

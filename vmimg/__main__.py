@@ -1,3 +1,3 @@
-from vmimg.cli import main
+from vmimg.cli import entry
 
-main()
+entry()

@@ -121,9 +121,11 @@ class Cache:
         try:
             yield f, path
         finally:
-            f.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            try:
+                f.close()  # can fail too (flushing onto a full disk)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     @contextlib.contextmanager
     def temp_dir(self) -> Iterator[str]:

@@ -8,117 +8,26 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from vmimg import __version__
 from vmimg.cache import Cache
-from vmimg.errors import VmimgError
+from vmimg.cli_options import (
+    EXIT_INTERRUPTED,
+    SIZE,
+    cache_param,
+    progress_printer,
+    run,
+    source_options,
+    source_params,
+    vm_params,
+)
 from vmimg.oci import parse_platform
-from vmimg.sources import SourceOptions
-
-EXIT_INTERRUPTED = 130
-_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'512M', '2G', '1048576' -> bytes (binary units)."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise click.BadParameter(f"not a size: {text!r} (examples: 512M, 2G)")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-
-
-class SizeType(click.ParamType):  # type: ignore[type-arg]
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except click.BadParameter as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = SizeType()
-
-
-def fail(err: VmimgError, as_json: bool) -> NoReturn:
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if as_json:
-        click.echo(json.dumps({"error": message, "exit_code": err.exit_code}))
-    else:
-        click.echo(f"vmimg: error: {message}", err=True)
-    sys.exit(err.exit_code)
-
-
-def run(as_json: bool, fn: Callable[[], Any]) -> Any:
-    """Call `fn`, turning our errors and Ctrl-C into one line and an exit code."""
-    try:
-        return fn()
-    except VmimgError as e:
-        fail(e, as_json)
-    except KeyboardInterrupt:
-        click.echo("vmimg: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-
-
-def source_options(platform: str, insecure: tuple[str, ...], ca_cert: str | None) -> SourceOptions:
-    return SourceOptions(
-        platform=parse_platform(platform), insecure_hosts=insecure, ca_cert=ca_cert
-    )
-
-
-def progress_printer(label: str) -> Callable[[int], None] | None:
-    """A byte counter on stderr when it is a terminal; None otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    total = 0
-
-    def report(n: int) -> None:
-        nonlocal total
-        total += n
-        click.echo(f"\r{label}: {total / (1 << 20):8.1f} MiB", err=True, nl=False)
-
-    return report
-
-
-def source_params(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options every command that reads an image shares."""
-    f = click.option(
-        "--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA bundle for TLS."
-    )(f)
-    f = click.option(
-        "--insecure-registry",
-        "insecure",
-        multiple=True,
-        metavar="HOST",
-        help="Allow plain http to HOST (loopback hosts always may).",
-    )(f)
-    f = click.option(
-        "--platform",
-        default="linux/amd64",
-        show_default=True,
-        help="Platform to pick from an image index.",
-    )(f)
-    return f
-
-
-def cache_param(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--cache",
-        "cache_dir",
-        envvar="VMIMG_CACHE",
-        type=click.Path(file_okay=False),
-        help="Cache directory (default $XDG_CACHE_HOME/vmimg; env VMIMG_CACHE).",
-    )(f)
 
 
 def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -555,19 +464,7 @@ def build(
 @click.option("--smoke", default=None, help="A shell command that must exit 0 before the run.")
 @click.option("--deep", is_flag=True, help="Also check every file's content hash (slower).")
 @click.option("--no-run", is_flag=True, help="Verify the tree only; do not run the workload.")
-@click.option(
-    "--accel",
-    type=click.Choice(["kvm", "tcg"]),
-    default=None,
-    help="Force an accelerator (default: KVM if a test boot works, else TCG).",
-)
-@click.option("--cpus", type=click.IntRange(1, 256), default=None, help="vCPUs (default vm.json).")
-@click.option(
-    "--memory",
-    type=click.IntRange(32, 1 << 20),
-    default=None,
-    help="Memory in MiB (default vm.json).",
-)
+@vm_params
 @click.option(
     "--jobs",
     "-j",
@@ -652,19 +549,7 @@ def render_reports(reports: list[Any]) -> str:
 
 @main.command("run")
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option(
-    "--accel",
-    type=click.Choice(["kvm", "tcg"]),
-    default=None,
-    help="Force an accelerator (default: KVM if a test boot works, else TCG).",
-)
-@click.option("--cpus", type=click.IntRange(1, 256), default=None, help="vCPUs (default vm.json).")
-@click.option(
-    "--memory",
-    type=click.IntRange(32, 1 << 20),
-    default=None,
-    help="Memory in MiB (default vm.json).",
-)
+@vm_params
 @click.option(
     "-p",
     "--publish",
@@ -765,6 +650,23 @@ def cache_prune(everything: bool, cache_dir: str | None) -> None:
         click.echo(f"pruned {', '.join(areas)} in {c.root}")
 
     run(False, go)
+
+
+def entry() -> None:
+    """The console script: click's handling, but Ctrl-C anywhere is one line and exit 130."""
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("vmimg: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        click.echo("vmimg: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
 
 
 def _register_groups() -> None:

@@ -1,8 +1,7 @@
 """`vmimg push`, `vmimg pull`, `vmimg kernel push` and `vmimg kernel pull`.
 
 Only option parsing and rendering live here; the work is in vmimg.artifact.
-vmimg.cli registers the commands (it imports this module, so this module
-imports vmimg.cli only inside functions, when both are loaded).
+vmimg.cli registers the commands; shared options come from vmimg.cli_options.
 """
 
 from __future__ import annotations
@@ -15,42 +14,15 @@ from typing import Any
 import click
 
 from vmimg.cache import Cache
-from vmimg.oci import parse_platform
-from vmimg.sources import SourceOptions
+from vmimg.cli_options import cache_param, run, source_options
+from vmimg.cli_options import registry_params as reach_registry
 
 MIB = 1 << 20
 
 
-def _run(as_json: bool, fn: Callable[[], Any]) -> Any:
-    from vmimg.cli import run
-
-    return run(as_json, fn)
-
-
-def _options(platform: str, insecure: tuple[str, ...], ca_cert: str | None) -> SourceOptions:
-    return SourceOptions(parse_platform(platform), insecure_hosts=insecure, ca_cert=ca_cert)
-
-
 def registry_params(f: Callable[..., Any]) -> Callable[..., Any]:
     """--insecure-registry, --ca-cert and --cache, as the image commands have them."""
-    f = click.option(
-        "--cache",
-        "cache_dir",
-        envvar="VMIMG_CACHE",
-        type=click.Path(file_okay=False),
-        help="Cache directory (default $XDG_CACHE_HOME/vmimg; env VMIMG_CACHE).",
-    )(f)
-    f = click.option(
-        "--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA bundle for TLS."
-    )(f)
-    f = click.option(
-        "--insecure-registry",
-        "insecure",
-        multiple=True,
-        metavar="HOST",
-        help="Allow plain http to HOST (loopback hosts always may).",
-    )(f)
-    return f
+    return cache_param(reach_registry(f))
 
 
 def _rate(nbytes: int, seconds: float) -> str:
@@ -100,11 +72,11 @@ def push(
     from vmimg.artifact import push_bundle
 
     def go() -> None:
-        opts = _options("linux/amd64", insecure, ca_cert)
+        opts = source_options("linux/amd64", insecure, ca_cert)
         result = push_bundle(bundle, ref, Cache.open(cache_dir), opts, build_key)
         _echo_push(result, as_json)
 
-    _run(as_json, go)
+    run(as_json, go)
 
 
 @click.command("pull")
@@ -155,7 +127,7 @@ def pull(
 
     def go() -> None:
         result = pull_bundle(
-            ref, output, _options(platform, insecure, ca_cert), from_image=from_image, fs=fs
+            ref, output, source_options(platform, insecure, ca_cert), from_image=from_image, fs=fs
         )
         if as_json:
             click.echo(json.dumps(asdict(result), indent=2))
@@ -165,7 +137,7 @@ def pull(
             f"({_rate(result.bytes_downloaded, result.seconds)})"
         )
 
-    _run(as_json, go)
+    run(as_json, go)
 
 
 @click.command("push")
@@ -185,10 +157,10 @@ def kernel_push(
     from vmimg.artifact import push_kernel
 
     def go() -> None:
-        opts = _options("linux/amd64", insecure, ca_cert)
+        opts = source_options("linux/amd64", insecure, ca_cert)
         _echo_push(push_kernel(key, ref, Cache.open(cache_dir), opts), as_json)
 
-    _run(as_json, go)
+    run(as_json, go)
 
 
 @click.command("pull")
@@ -202,13 +174,15 @@ def kernel_pull(
     from vmimg.artifact import pull_kernel
 
     def go() -> None:
-        info = pull_kernel(ref, Cache.open(cache_dir), _options("linux/amd64", insecure, ca_cert))
+        info = pull_kernel(
+            ref, Cache.open(cache_dir), source_options("linux/amd64", insecure, ca_cert)
+        )
         if as_json:
             click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))
             return
         click.echo(f"{info.key}  {info.version}  {info.arch}  {info.directory}")
 
-    _run(as_json, go)
+    run(as_json, go)
 
 
 def register(main: click.Group, kernel: click.Group) -> None:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from vmimg import kernel as klib
+from vmimg.cli_options import cache_param
 from vmimg.errors import VmimgError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -77,16 +78,6 @@ def kernel() -> None:
     """Build and inspect vmimg's guest kernels."""
 
 
-def _cache_option(f: F) -> F:
-    return click.option(
-        "--cache",
-        "cache_dir",
-        envvar="VMIMG_CACHE",
-        type=click.Path(file_okay=False),
-        help="Cache directory (default $XDG_CACHE_HOME/vmimg; env VMIMG_CACHE).",
-    )(f)
-
-
 @kernel.command("build")
 @click.option(
     "--source",
@@ -99,7 +90,7 @@ def _cache_option(f: F) -> F:
 @click.option(
     "--jobs", "-j", type=click.IntRange(min=1), default=None, help="make -j (default: CPUs)."
 )
-@_cache_option
+@cache_param
 @_report_errors
 def build_cmd(
     source: str | None, arch: str, debug: bool, jobs: int | None, cache_dir: str | None
@@ -119,7 +110,7 @@ def build_cmd(
 
 
 @kernel.command("list")
-@_cache_option
+@cache_param
 @_report_errors
 def list_cmd(cache_dir: str | None) -> None:
     """The cached kernels, newest first."""
@@ -139,7 +130,7 @@ def list_cmd(cache_dir: str | None) -> None:
 
 @kernel.command("show")
 @click.argument("key", required=False)
-@_cache_option
+@cache_param
 @_report_errors
 def show_cmd(key: str | None, cache_dir: str | None) -> None:
     """A cached kernel's metadata (KEY or a prefix of it; default the newest)."""

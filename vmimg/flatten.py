@@ -105,8 +105,11 @@ class _Flattener:
         parts = split_path(e.name)
         if not parts or not parts[-1].startswith(WHITEOUT_PREFIX):
             return
-        directory = self._resolve_dir(parts[:-1])
         name = parts[-1]
+        hidden = name[len(WHITEOUT_PREFIX) :]
+        if hidden in (b"", b".", b".."):
+            raise TreeError("invalid whiteout")  # checked first: where it stands is no excuse
+        directory = self._resolve_dir(parts[:-1])
         if directory is None:
             return  # whiting out inside a directory that is not there
         assert directory.children is not None
@@ -115,9 +118,6 @@ class _Flattener:
         elif name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other aufs metadata (.wh..wh.plnk ...): not content
         else:
-            hidden = name[len(WHITEOUT_PREFIX) :]
-            if hidden in (b"", b".", b".."):
-                raise TreeError("invalid whiteout")
             directory.children.pop(hidden, None)
 
     # -- entries ---------------------------------------------------------------

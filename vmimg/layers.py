@@ -27,6 +27,7 @@ from vmimg.tree import Extent
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_MAGIC = {"gzip": GZIP_MAGIC, "zstd": ZSTD_MAGIC}
 GZIP_WBITS = 31  # zlib's "gzip wrapper" window bits
 # zstd input fed per call: a run-length block of 128 KiB costs 4 bytes, so
 # 1 KiB of input yields at most 32 MiB.
@@ -107,6 +108,9 @@ def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> I
                 yield out
             if dec.eof:
                 data, pos = dec.unused_data + data[pos:], 0
+                magic = _MAGIC[kind]
+                if data[: len(magic)] != magic[: len(data)]:
+                    raise LayerError(f"{what}: data after the end of the {kind} stream")
                 dec = _new_decompressor(kind)
                 started = False
     except DECOMPRESS_ERRORS as e:

@@ -1,0 +1,360 @@
+"""Faults: a flaky registry (through a fault-injecting proxy), kills, Ctrl-C, a full disk,
+and concurrent conversions sharing one cache. All through the real CLI.
+
+The registry is the real docker-registry (fixture `registry`); the proxy in
+tests/hostile/faultproxy.py drops, stalls or refuses chosen requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import layerkit as L
+from tests.conftest import skopeo_copy
+from tests.hostile.cli import confined_command, confined_env, run_vmimg
+from tests.hostile.faultproxy import Rule, fault_proxy
+from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
+
+TAGS = ("a", "b", "c", "d")
+BASE_BYTES = 3 << 20  # random, so its gzip blob is as large
+REPO = "faults/img"
+KILLS = 20
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Images:
+    layout: Path
+    registry: str
+    base_blob: str  # digest of the shared base layer blob
+    configs: dict[str, str]  # tag -> config digest
+    expected: dict[str, bytes]  # tag -> the tar vmimg makes from the local layout
+
+
+def _manifest(layout: Path, digest: str) -> dict[str, object]:
+    data = (layout / "blobs" / "sha256" / digest[7:]).read_bytes()
+    obj: dict[str, object] = json.loads(data)
+    return obj
+
+
+@pytest.fixture(scope="module")
+def images(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Images:
+    """Four images sharing a 3 MiB base layer, pushed to the registry, with reference outputs."""
+    root = tmp_path_factory.mktemp("fault-images")
+    layout = root / "layout"
+    base = LayerSpec(L.layer(L.file("base/blob", random.Random(1).randbytes(BASE_BYTES))))
+    specs = {
+        tag: ImageSpec([base, LayerSpec(L.layer(L.file(f"own/{tag}", tag.encode() * 1000)))])
+        for tag in TAGS
+    }
+    digests = write_layout(str(layout), dict(specs))
+    configs = {}
+    base_blob = ""
+    for tag, digest in digests.items():
+        man = _manifest(layout, digest)
+        configs[tag] = man["config"]["digest"]  # type: ignore[index]
+        base_blob = man["layers"][0]["digest"]  # type: ignore[index]
+        skopeo_copy(f"oci:{layout}:{tag}", f"docker://{registry}/{REPO}:{tag}")
+    expected = {}
+    for tag in TAGS:
+        out = root / f"{tag}.tar"
+        r = run_vmimg(root / "ref", "rootfs", f"oci:{layout}:{tag}", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        expected[tag] = out.read_bytes()
+    return Images(layout, registry, base_blob, configs, expected)
+
+
+def pull(
+    work: Path, proxy: str, tag: str, out: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_vmimg(work, "rootfs", f"docker://{proxy}/{REPO}:{tag}", "-o", str(out), env=env)
+
+
+FAST_RETRIES = {"VMIMG_REGISTRY_RETRIES": "3"}
+
+
+def test_dropped_blob_resumes_with_range(images: Images, tmp_path: Path) -> None:
+    rules = [Rule(f"GET .*/blobs/{images.base_blob}", "drop", times=2)]
+    with fault_proxy(images.registry, rules) as proxy:
+        r = pull(tmp_path, proxy.address, "a", tmp_path / "a.tar", FAST_RETRIES)
+        gets = proxy.gets(f"/blobs/{images.base_blob}")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "a.tar").read_bytes() == images.expected["a"]
+    # The first GET and one resume were cut; the resumes asked for the rest only.
+    assert [g.fault for g in gets] == ["drop", "drop", None]
+    assert gets[0].range is None
+    starts = [int(g.range.split("=")[1].rstrip("-")) for g in gets[1:] if g.range]
+    assert len(starts) == 2 and 0 < starts[0] < starts[1] < BASE_BYTES + 4096
+
+
+def test_5xx_and_429_with_retry_after_are_retried(images: Images, tmp_path: Path) -> None:
+    rules = [
+        Rule("GET .*/manifests/", 500, times=2),
+        Rule(f"GET .*/blobs/{images.configs['b']}", 503),
+        Rule(f"GET .*/blobs/{images.base_blob}", 429, retry_after=1),
+    ]
+    with fault_proxy(images.registry, rules) as proxy:
+        start = time.monotonic()
+        r = pull(tmp_path, proxy.address, "b", tmp_path / "b.tar", FAST_RETRIES)
+        elapsed = time.monotonic() - start
+        faults = [s.fault for s in proxy.seen if s.fault is not None]
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "b.tar").read_bytes() == images.expected["b"]
+    assert sorted(faults, key=str) == [429, 500, 500, 503]
+    assert elapsed >= 1.0  # Retry-After was honoured
+
+
+def test_persistent_500_is_a_clear_error_in_bounded_time(images: Images, tmp_path: Path) -> None:
+    with fault_proxy(images.registry, [Rule("GET .*/manifests/", 500, times=100)]) as proxy:
+        start = time.monotonic()
+        r = pull(tmp_path, proxy.address, "a", tmp_path / "a.tar", {"VMIMG_REGISTRY_RETRIES": "2"})
+        elapsed = time.monotonic() - start
+        address = proxy.address
+    assert r.returncode == 4
+    assert r.stderr == (
+        f"vmimg: error: manifest {address}/{REPO}:a: 500 Internal Server Error (injected fault)\n"
+    )
+    assert elapsed < 20
+    assert not (tmp_path / "a.tar").exists()
+
+
+def test_stall_resumes_after_the_read_timeout(images: Images, tmp_path: Path) -> None:
+    rules = [Rule(f"GET .*/blobs/{images.base_blob}", "stall", stall=20)]
+    env = {"VMIMG_REGISTRY_TIMEOUT": "1", **FAST_RETRIES}
+    with fault_proxy(images.registry, rules) as proxy:
+        start = time.monotonic()
+        r = pull(tmp_path, proxy.address, "c", tmp_path / "c.tar", env)
+        elapsed = time.monotonic() - start
+        gets = proxy.gets(f"/blobs/{images.base_blob}")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c.tar").read_bytes() == images.expected["c"]
+    assert elapsed < 15 and gets[-1].range is not None
+
+
+def test_endless_stall_fails_in_bounded_time(images: Images, tmp_path: Path) -> None:
+    rules = [Rule(f"GET .*/blobs/{images.base_blob}", "stall", times=100, stall=20)]
+    env = {"VMIMG_REGISTRY_TIMEOUT": "1", "VMIMG_REGISTRY_RETRIES": "2"}
+    with fault_proxy(images.registry, rules) as proxy:
+        start = time.monotonic()
+        r = pull(tmp_path, proxy.address, "d", tmp_path / "d.tar", env)
+        elapsed = time.monotonic() - start
+    assert r.returncode == 4, r.stderr
+    message = DIGEST_RE.sub("DIGEST", r.stderr)
+    assert message == "vmimg: error: blob DIGEST: download failed: ReadTimeoutError\n"
+    assert elapsed < 30
+    assert not (tmp_path / "d.tar").exists()
+    assert os.listdir(tmp_path / "cache" / "tmp") == []
+
+
+def test_four_conversions_at_once_share_one_cache(images: Images, tmp_path: Path) -> None:
+    """Overlapping images converted concurrently: all correct, every blob fetched once."""
+    with fault_proxy(images.registry) as proxy:
+        procs = {
+            tag: subprocess.Popen(
+                confined_command(
+                    "rootfs", f"docker://{proxy.address}/{REPO}:{tag}", "-o", str(tmp_path / tag)
+                ),
+                cwd=tmp_path,
+                env=confined_env(tmp_path / "shared"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for tag in TAGS
+        }
+        results = {tag: (p.communicate(timeout=120), p.returncode) for tag, p in procs.items()}
+        blob_gets = proxy.gets("/blobs/")
+    for tag, ((_out, err), code) in results.items():
+        assert code == 0, err
+        assert (tmp_path / tag).read_bytes() == images.expected[tag]
+    fetched = [g.path.rsplit("/", 1)[1] for g in blob_gets]
+    assert fetched.count(images.base_blob) == 1
+    assert len(fetched) == len(set(fetched)) == 1 + 2 * len(TAGS)  # base + config + own layer
+
+
+# -- kills, Ctrl-C, full disk (local layouts: no registry needed) -----------------------
+
+
+@pytest.fixture(scope="module")
+def busy_layout(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An image that takes a second or so to convert: three layers of random data."""
+    layout = tmp_path_factory.mktemp("busy") / "layout"
+    rng = random.Random(7)
+    layers = [
+        LayerSpec(L.layer(*[L.file(f"l{i}/f{j}", rng.randbytes(2 << 20)) for j in range(6)]), c)
+        for i, c in enumerate(("gzip", "zstd", "gzip"))
+    ]
+    write_layout(str(layout), {"busy": ImageSpec(layers)})
+    return f"oci:{layout}:busy"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_cache_consistent(cache: Path, expected: dict[str, bytes]) -> None:
+    """Every file under a final name is whole: blobs and layers hash to their names,
+    finished outputs equal the reference bytes of their format."""
+
+    def files(*parts: str) -> list[Path]:
+        d = cache.joinpath(*parts)
+        return sorted(d.iterdir()) if d.is_dir() else []
+
+    for blob in files("blobs", "sha256"):
+        assert _sha256(blob) == blob.name, blob
+    for f in files("layers", "sha256"):
+        if f.suffix == ".tar":
+            assert _sha256(f) == f.stem, f
+        else:
+            assert (cache / "layers" / "sha256" / (f.read_text().split(":")[1] + ".tar")).exists()
+    for key in files("outputs"):
+        for out in key.iterdir():
+            fmt = out.name.split(".", 1)[1]
+            assert out.read_bytes() == expected[fmt], out
+
+
+@pytest.fixture(scope="module")
+def busy_expected(busy_layout: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    root = tmp_path_factory.mktemp("busy-ref")
+    expected = {}
+    for fmt in ("tar", "ext4", "erofs"):
+        out = root / f"root.{fmt}"
+        r = run_vmimg(root, "rootfs", busy_layout, "--format", fmt, "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        expected[fmt] = out.read_bytes()
+    return expected
+
+
+def _start(work: Path, source: str, fmt: str, out: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        confined_command("rootfs", source, "--format", fmt, "-o", str(out), *extra),
+        cwd=work / "cwd",
+        env=confined_env(work),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _cold_seconds(source: str, fmt: str, work: Path) -> float:
+    """How long a conversion with an empty cache takes here, now (kills are timed by it)."""
+    start = time.monotonic()
+    r = run_vmimg(work, "rootfs", source, "--format", fmt, "-o", str(work / f"cold.{fmt}"))
+    assert r.returncode == 0, r.stderr
+    subprocess.run(["rm", "-rf", str(work / "cache"), str(work / f"cold.{fmt}")], check=True)
+    return time.monotonic() - start
+
+
+def test_sigkill_at_random_points_keeps_the_cache_consistent(
+    busy_layout: str, busy_expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    rng = random.Random(2024)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cold = _cold_seconds(busy_layout, "ext4", tmp_path)
+    killed_while_running = 0
+    for i in range(KILLS):
+        fmt = ("tar", "ext4", "erofs")[i % 3]
+        out = out_dir / f"root.{fmt}"
+        proc = _start(tmp_path, busy_layout, fmt, out)
+        time.sleep(rng.uniform(0.05, 0.6) * cold)
+        proc.kill()
+        proc.communicate()
+        killed_while_running += proc.returncode == -signal.SIGKILL
+        check_cache_consistent(tmp_path / "cache", busy_expected)
+        if out.exists():  # appears only complete
+            assert out.read_bytes() == busy_expected[fmt]
+        # Keep work to be done: finished outputs always, the layers now and then.
+        areas = ("outputs", "layers") if rng.random() < 0.5 else ("outputs",)
+        for area in areas:
+            subprocess.run(["rm", "-rf", str(tmp_path / "cache" / area)], check=True)
+    assert killed_while_running >= KILLS // 2
+    for fmt in ("tar", "ext4", "erofs"):
+        out = out_dir / f"final.{fmt}"
+        r = run_vmimg(tmp_path, "rootfs", busy_layout, "--format", fmt, "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == busy_expected[fmt]
+    check_cache_consistent(tmp_path / "cache", busy_expected)
+
+
+def test_sigint_leaves_no_temporary_files(busy_layout: str, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cold = _cold_seconds(busy_layout, "ext4", tmp_path)
+    interrupted = 0
+    for share in (0.4, 0.55, 0.7, 0.85):
+        subprocess.run(["rm", "-rf", str(tmp_path / "cache")], check=True)
+        proc = _start(tmp_path, busy_layout, "ext4", out_dir / "root.ext4")
+        time.sleep(share * cold)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            (out_dir / "root.ext4").unlink()
+            continue
+        interrupted += 1
+        # Inside the conversion Ctrl-C is "vmimg: interrupted", exit 130; after it (at
+        # interpreter exit) Python dies of the signal. Either way no temporary is left.
+        assert proc.returncode in (130, -signal.SIGINT), err
+        assert proc.returncode != 130 or err == "vmimg: interrupted\n"
+        # Nothing, or (interrupted after the rename) the whole output: never a temporary.
+        left = os.listdir(out_dir)
+        assert left == [] or (left == ["root.ext4"] and _sha256(out_dir / "root.ext4"))
+        if left:
+            (out_dir / "root.ext4").unlink()
+        tmp = tmp_path / "cache" / "tmp"
+        assert not tmp.exists() or os.listdir(tmp) == [], f"after {share * cold}s: {err}"
+    assert interrupted >= 2
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 5 MiB tmpfs, unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_while_writing_the_image(
+    busy_layout: str, small_disk: Path, tmp_path: Path
+) -> None:
+    for fmt in ("tar", "ext4", "erofs"):
+        out = small_disk / f"root.{fmt}"
+        r = run_vmimg(tmp_path, "rootfs", busy_layout, "--format", fmt, "-o", str(out))
+        assert r.returncode == 7, r.stderr
+        assert r.stderr == f"vmimg: error: cannot write {out}: No space left on device\n"
+        assert os.listdir(small_disk) == []
+
+
+def test_full_disk_under_the_cache(busy_layout: str, small_disk: Path, tmp_path: Path) -> None:
+    out = tmp_path / "root.tar"
+    r = run_vmimg(
+        tmp_path, "rootfs", busy_layout, "-o", str(out), env={"VMIMG_CACHE": str(small_disk)}
+    )
+    assert r.returncode == 8, r.stderr
+    message = DIGEST_RE.sub("DIGEST", r.stderr)
+    assert message == (
+        f"vmimg: error: layer DIGEST: cannot write to the cache {small_disk}: "
+        "No space left on device\n"
+    )
+    assert not out.exists()
+    assert os.listdir(small_disk / "tmp") == []
