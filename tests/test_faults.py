@@ -25,6 +25,7 @@ from tests import layerkit as L
 from tests.conftest import skopeo_copy
 from tests.hostile.cli import confined_command, confined_env, run_vmimg
 from tests.hostile.faultproxy import Rule, fault_proxy
+from vmimg.layers import iter_entries, load_entries
 from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
 
 TAGS = ("a", "b", "c", "d")
@@ -221,6 +222,10 @@ def check_cache_consistent(cache: Path, expected: dict[str, bytes]) -> None:
     for f in files("layers", "sha256"):
         if f.suffix == ".tar":
             assert _sha256(f) == f.stem, f
+        elif f.name.endswith(".tar.idx"):  # a whole index of a layer that is there
+            tar = f.with_suffix("")
+            assert tar.exists(), f
+            assert load_entries(str(tar), "check") == list(iter_entries(str(tar), "check")), f
         else:
             assert (cache / "layers" / "sha256" / (f.read_text().split(":")[1] + ".tar")).exists()
     for key in files("outputs"):

@@ -23,7 +23,7 @@ import tarfile
 from dataclasses import dataclass
 
 from vmimg.errors import LayerError, TreeError
-from vmimg.layers import Entry, iter_entries
+from vmimg.layers import Entry, load_entries
 from vmimg.tree import Content, Node, NodeType, Tree, split_path
 
 WHITEOUT_PREFIX = b".wh."
@@ -186,7 +186,7 @@ def flatten(layers: list[LayerFile]) -> Tree:
     """Flatten layer tars, lowest first, into one Tree."""
     f = _Flattener()
     for layer in layers:
-        entries = list(iter_entries(layer.tar_path, f"layer {layer.name}"))
+        entries = load_entries(layer.tar_path, f"layer {layer.name}")
         for whiteouts_pass in (True, False):
             for e in entries:
                 try:

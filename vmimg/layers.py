@@ -10,11 +10,13 @@ writers copy file bytes straight out of it. Nothing is ever extracted.
 
 from __future__ import annotations
 
+import contextlib
+import marshal
 import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import zstandard
 from isal import isal_zlib
@@ -433,3 +435,57 @@ def _checked_runs(runs: list[tuple[int, int]], size: int) -> tuple[Extent, ...]:
         out.append(Extent(offset, length))
         end = offset + length
     return tuple(out)
+
+
+# -- the entry index ---------------------------------------------------------------
+#
+# Parsing a layer's headers costs more than everything else a rebuild does, and a layer
+# tar in the cache never changes: so its parsed entries are kept beside it, in marshal
+# (plain data only: bytes, ints, tuples, dicts), and a second conversion of any image that
+# shares the layer reads them back instead of parsing the tar again.
+
+INDEX_SUFFIX = ".idx"
+INDEX_FORMAT = 1
+
+
+def _entry_record(e: Entry) -> tuple[object, ...]:
+    sparse = tuple((x.offset, x.length) for x in e.sparse) if e.sparse is not None else None
+    return (e.name, e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.linkname,
+            e.devmajor, e.devminor, e.offset, e.xattrs, sparse)  # fmt: skip
+
+
+def _entry_of_record(r: tuple[Any, ...]) -> Entry:
+    sparse = tuple(Extent(o, n) for o, n in r[12]) if r[12] is not None else None
+    name, kind, mode, uid, gid, mtime_ns, size, linkname, major, minor, offset, xattrs = r[:12]
+    return Entry(name, kind, mode, uid, gid, mtime_ns, size, linkname, major, minor, offset,
+                 xattrs, sparse)  # fmt: skip
+
+
+def load_entries(tar_path: str, what: str) -> list[Entry]:
+    """The entries of a layer tar: from its index when there is one, else parsed (and
+    the index written for next time, when the tar is in the cache's layers area)."""
+    index_path = tar_path + INDEX_SUFFIX
+    try:
+        with open(index_path, "rb") as f:
+            version, records = marshal.load(f)
+        if version == INDEX_FORMAT:
+            return [_entry_of_record(r) for r in records]
+    except (OSError, EOFError, ValueError, TypeError):
+        pass
+    entries = list(iter_entries(tar_path, what))
+    layers_dir = os.path.dirname(os.path.dirname(tar_path))
+    if os.path.basename(layers_dir) == "layers":  # a layer in the cache: keep its index
+        tmp_dir = os.path.join(os.path.dirname(layers_dir), "tmp")
+        _write_index(index_path, entries, tmp_dir)
+    return entries
+
+
+def _write_index(index_path: str, entries: list[Entry], tmp_dir: str) -> None:
+    tmp = os.path.join(tmp_dir, f"{os.path.basename(index_path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            marshal.dump((INDEX_FORMAT, [_entry_record(e) for e in entries]), f)
+        os.rename(tmp, index_path)
+    except OSError:  # an index is an optimisation: a full disk must not fail the build
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
