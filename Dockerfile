@@ -41,7 +41,11 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY vmimg vmimg
-RUN python3 -m venv /opt/vmimg/venv \
+# Behind a TLS-intercepting proxy, pass its CA bundle as a build secret (it stays out of the
+# image): docker build --secret id=ca-certificates,src=/etc/ssl/certs/ca-certificates.crt .
+RUN --mount=type=secret,id=ca-certificates,target=/run/secrets/ca-certificates \
+    if [ -s /run/secrets/ca-certificates ]; then export PIP_CERT=/run/secrets/ca-certificates; fi \
+ && python3 -m venv /opt/vmimg/venv \
  && /opt/vmimg/venv/bin/pip install --no-cache-dir --disable-pip-version-check /src
 
 # --- the runtime ----------------------------------------------------------------------------

@@ -219,6 +219,21 @@ def test_resolve_config_follows_passwd_symlink() -> None:
     assert cfg.uid == 1000
 
 
+@pytest.mark.parametrize(
+    ("value", "number"), [(None, 15), ("SIGQUIT", 3), ("quit", 3), ("9", 9), ("SIGWINCH", 28)]
+)
+def test_stop_signal_from_the_image(value: str | None, number: int) -> None:
+    with ContentReader() as reader:
+        cfg = resolve_config({"Cmd": ["/x"], "StopSignal": value}, _users_tree(), reader)
+    assert cfg.stop_signal == number
+    assert AgentConfig.from_bytes(cfg.to_bytes()).stop_signal == number
+
+
+def test_bad_stop_signal_is_named() -> None:
+    with ContentReader() as reader, pytest.raises(AgentError, match="StopSignal 'SIGNOPE'"):
+        resolve_config({"Cmd": ["/x"], "StopSignal": "SIGNOPE"}, _users_tree(), reader)
+
+
 def test_resolve_config_command_env_and_overrides() -> None:
     image = {
         "Entrypoint": ["/entry.sh", "--flag"],

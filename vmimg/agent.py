@@ -20,6 +20,7 @@ import hashlib
 import os
 import platform
 import re
+import signal
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ INIT_PATH = AGENT_INIT.decode()
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_STOP_TIMEOUT = 10
+DEFAULT_STOP_SIGNAL = int(signal.SIGTERM)
 OVERLAY_MODES = ("auto", "always", "never")
 INIT_MODES = ("agent", "image")
 
@@ -177,6 +179,7 @@ class AgentConfig:
     overlay: str = "auto"
     smoke: str | None = None
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
+    stop_signal: int = DEFAULT_STOP_SIGNAL  # the image's STOPSIGNAL, as a number
 
     def to_bytes(self) -> bytes:
         """The /.vmimg/config file (docs/agent.md)."""
@@ -196,6 +199,8 @@ class AgentConfig:
         if self.smoke is not None:
             items.append(("smoke", self.smoke))
         items.append(("stop_timeout", str(self.stop_timeout)))
+        if self.stop_signal != DEFAULT_STOP_SIGNAL:
+            items.append(("stop_signal", str(self.stop_signal)))
         lines = [CONFIG_MAGIC + b" %d" % CONFIG_VERSION]
         lines += [key.encode() + b" " + escape(os.fsencode(value)) for key, value in items]
         return b"\n".join(lines) + b"\n"
@@ -223,7 +228,7 @@ def _set_config_key(cfg: AgentConfig, key: str, value: str) -> None:
         cfg.env.append(value)
     elif key == "cwd":
         cfg.cwd = value
-    elif key in ("uid", "gid", "stop_timeout"):
+    elif key in ("uid", "gid", "stop_timeout", "stop_signal"):
         setattr(cfg, key, int(value))
     elif key == "group":
         cfg.groups.append(int(value))
@@ -411,7 +416,22 @@ def resolve_config(
         hostname=hostname,
         overlay=o.overlay or "auto",
         smoke=o.smoke,
+        stop_signal=parse_signal(image_config.get("StopSignal")),
     )
+
+
+def parse_signal(value: object) -> int:
+    """An image config's StopSignal ("SIGQUIT", "QUIT", "3") as a number; SIGTERM if unset."""
+    if value is None or value == "":
+        return DEFAULT_STOP_SIGNAL
+    text = str(value).strip().upper()
+    if text.isdigit() and 0 < int(text) < signal.NSIG:
+        return int(text)
+    name = text if text.startswith("SIG") else "SIG" + text
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise AgentError(f"the image's StopSignal {value!r} is not a signal") from None
 
 
 # --- manifest -----------------------------------------------------------------

@@ -35,7 +35,7 @@ from vmimg import __version__
 from vmimg import agent as agentlib
 from vmimg.cache import Cache
 from vmimg.content import ContentReader
-from vmimg.convert import build_tree, copy_file, options_doc, source_date_epoch_ns
+from vmimg.convert import build_tree, copy_file, options_doc, source_date_epoch_ns, with_seed
 from vmimg.errors import UsageError, VmimgError
 from vmimg.kernel import KernelInfo
 from vmimg.sources import SourceOptions, open_image
@@ -164,10 +164,7 @@ def _writer_options(options: BuildOptions, image: Image) -> Any:
             from vmimg.writers.cpio import CpioOptions
 
             w = CpioOptions()
-    fields = {f.name for f in dataclasses.fields(w)}
-    if "seed" in fields and not w.seed:
-        w = dataclasses.replace(w, seed=image.digest.encode())
-    return w
+    return with_seed(w, image)
 
 
 def _prepare_tree(

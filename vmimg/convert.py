@@ -66,14 +66,15 @@ def options_doc(options: Any) -> dict[str, Any]:
 
 
 def with_seed(options: Any, image: Image) -> Any:
-    """Writers that make UUIDs derive them from a `seed`: the image digest, for reproducibility."""
+    """Writers that make UUIDs derive them from a `seed`: the image's config digest, so the
+    same image gives the same bytes whichever transport it came through."""
     fields = (
         {f.name for f in dataclasses.fields(options)}
         if dataclasses.is_dataclass(options)
         else set()
     )
     if "seed" in fields and not options.seed:
-        return dataclasses.replace(options, seed=image.digest.encode())
+        return dataclasses.replace(options, seed=image.config_digest.encode())
     return options
 
 

@@ -337,6 +337,7 @@ def build_key(source_id: str, fragments: list[tuple[str, str]], arch: str, debug
     """What a build is cached under: everything its output depends on that we control."""
     ident = {
         "builder": BUILDER_VERSION,
+        "config_version": read_pin().config_version,  # kernel.json records it: keep it true
         "source": source_id,
         "fragments": [
             [name, hashlib.sha256(text.encode()).hexdigest()] for name, text in fragments

@@ -104,6 +104,12 @@ static int set_key(struct config *cfg, const char *key, char *value)
 	}
 	if (!strcmp(key, "stop_timeout"))
 		return parse_id(value, &cfg->stop_timeout);
+	if (!strcmp(key, "stop_signal")) {
+		if (parse_id(value, &cfg->stop_signal) < 0 || !cfg->stop_signal ||
+		    cfg->stop_signal >= MAX_SIGNAL)
+			return -1;
+		return 0;
+	}
 	/* Unknown keys are skipped: version 1 readers stay compatible with
 	 * writers that add optional keys. */
 	return 0;
@@ -114,6 +120,7 @@ int config_parse(char *text, struct config *cfg, char *err, size_t errlen)
 	memset(cfg, 0, sizeof *cfg);
 	cfg->cwd = "/";
 	cfg->stop_timeout = DEFAULT_STOP_TIMEOUT_S;
+	cfg->stop_signal = DEFAULT_STOP_SIGNAL;
 	char *pos = text;
 	if (check_header(next_line(&pos), err, errlen) < 0)
 		return -1;

@@ -10,6 +10,8 @@
 #define CONFIG_VERSION 1
 #define CONFIG_PATH "/.vmimg/config"
 #define DEFAULT_STOP_TIMEOUT_S 10
+#define DEFAULT_STOP_SIGNAL 15 /* SIGTERM, as container runtimes send without STOPSIGNAL */
+#define MAX_SIGNAL 65          /* Linux's NSIG: signal numbers run 1..64 */
 
 enum overlay_mode { OVERLAY_AUTO, OVERLAY_ALWAYS, OVERLAY_NEVER };
 
@@ -25,7 +27,8 @@ struct config {
 	char *hostname; /* NULL: leave the kernel's */
 	enum overlay_mode overlay;
 	char *smoke; /* shell command for verify mode, or NULL */
-	unsigned stop_timeout; /* seconds between SIGTERM and SIGKILL */
+	unsigned stop_timeout; /* seconds between the stop signal and SIGKILL */
+	unsigned stop_signal;  /* what a stop request sends the workload (STOPSIGNAL) */
 };
 
 /* Parse `text` (modified in place; the config's strings point into it).

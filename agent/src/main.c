@@ -97,7 +97,7 @@ static struct outcome run_command(const struct config *cfg, char *const *argv, i
 	snprintf(a, sizeof a, "%llu", (unsigned long long)(exec_us - g_start_us));
 	snprintf(s, sizeof s, "%llu", (unsigned long long)(exec_us - start_us));
 	marker("exec", "pid", p, "boot_us", e, "agent_us", a, "spawn_us", s, (char *)NULL);
-	return supervise(pid, cfg->stop_timeout);
+	return supervise(pid, cfg->stop_timeout, (int)cfg->stop_signal);
 }
 
 /* Check the tree (and run the smoke command). In verify mode this ends the

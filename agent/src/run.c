@@ -227,7 +227,7 @@ static void reap(pid_t pid, int *done, int *status)
 	}
 }
 
-struct outcome supervise(pid_t pid, unsigned stop_timeout)
+struct outcome supervise(pid_t pid, unsigned stop_timeout, int stop_signal)
 {
 	sigset_t set;
 	handled_set(&set);
@@ -258,16 +258,17 @@ struct outcome supervise(pid_t pid, unsigned stop_timeout)
 			reap(pid, &done, &status);
 			continue;
 		}
-		/* A stop request (SIGTERM, ctrl-alt-del's SIGINT, SIGPWR)
-		 * reaches the workload as SIGTERM; the others pass as they are. */
-		int fwd = sig == SIGINT || sig == SIGPWR ? SIGTERM : sig;
+		/* A stop request (SIGTERM, ctrl-alt-del's SIGINT, SIGPWR) reaches
+		 * the workload as its stop signal; the others pass as they are. */
+		int stop = sig == SIGTERM || sig == SIGINT || sig == SIGPWR;
+		int fwd = stop ? stop_signal : sig;
 		char name[16], to[16];
 		snprintf(name, sizeof name, "%d", sig);
 		snprintf(to, sizeof to, "%d", fwd);
 		marker("signal", "received", name, "forwarded", to, (char *)NULL);
 		if (kill(-pid, fwd) < 0)
 			kill(pid, fwd);
-		if (fwd == SIGTERM && !kill_at)
+		if (stop && !kill_at)
 			kill_at = boot_us() + (uint64_t)stop_timeout * 1000000;
 	}
 	struct outcome o = {0, 0};

@@ -33,8 +33,9 @@ void signals_block(void);
  * marker and returns -1 with *code set (126, 127, 125). */
 pid_t workload_start(const struct workload *w, uint64_t *exec_us, int *code);
 
-/* Wait for the workload, reaping everything and forwarding signals. */
-struct outcome supervise(pid_t pid, unsigned stop_timeout);
+/* Wait for the workload, reaping everything and forwarding signals; a stop
+ * request (SIGTERM, ctrl-alt-del, power button) sends it `stop_signal`. */
+struct outcome supervise(pid_t pid, unsigned stop_timeout, int stop_signal);
 
 /* Kill whatever is left and reap it. */
 void kill_everything(void);

@@ -31,10 +31,12 @@ int main(void)
 		    "overlay always\n"
 		    "smoke true\n"
 		    "stop_timeout 3\n"
+		    "stop_signal 3\n"
 		    "some_future_key whatever\n"
 		    "# a comment\n",
 		    &c, err) == 0);
 	CHECK(c.argc == 4);
+	CHECK(c.stop_signal == 3);
 	CHECK_STR(c.argv[0], "/bin/echo");
 	CHECK_STR(c.argv[1], "hello world");
 	CHECK_STR(c.argv[2], "");
@@ -73,5 +75,9 @@ int main(void)
 	CHECK(parse("vmimg-agent-config 1\narg a\ncwd relative\n", &c, err) == -1);
 	CHECK(parse("vmimg-agent-config 1\narg a\noverlay sometimes\n", &c, err) == -1);
 	CHECK(parse("vmimg-agent-config 1\narg a\narg b%00\n", &c, err) == -1);
+	/* STOPSIGNAL: a Linux signal number, SIGTERM when absent */
+	CHECK(parse("vmimg-agent-config 1\narg x\nstop_signal 0\n", &c, err) < 0);
+	CHECK(parse("vmimg-agent-config 1\narg x\nstop_signal 65\n", &c, err) < 0);
+	CHECK(parse("vmimg-agent-config 1\narg x\n", &c, err) == 0 && c.stop_signal == 15);
 	return check_done("config");
 }

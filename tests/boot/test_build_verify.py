@@ -192,3 +192,29 @@ def test_verify_needs_a_bundle(tmp_path: Path, cache_dir: Path) -> None:
     assert r.returncode == 12
     assert f"{tmp_path} is not a vmimg bundle (no vm.json)" in r.stdout
     assert sys.executable
+
+
+def test_stop_signal_of_the_image_reaches_the_workload(
+    kernel_file: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    """An image with STOPSIGNAL SIGQUIT (as nginx has): a shutdown request sends SIGQUIT."""
+    from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
+    from vmimg.sample import busybox_layer
+
+    script = "trap 'echo GOT-QUIT; exit 7' QUIT; trap 'echo GOT-TERM; exit 1' TERM; " \
+        "echo WAITING; while true; do sleep 1; done"  # fmt: skip
+    layout = tmp_path / "layout"
+    spec = ImageSpec([LayerSpec(busybox_layer())], config={
+        "Cmd": ["/bin/sh", "-c", script], "StopSignal": "SIGQUIT"})  # fmt: skip
+    write_layout(str(layout), {"quit": spec})
+    bundle = build(f"oci:{layout}:quit", tmp_path / "b", cache_dir, kernel_file)
+    env = {**os.environ, "VMIMG_CACHE": str(cache_dir)}
+    proc = subprocess.Popen([*VMIMG, "run", str(bundle)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "WAITING" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "GOT-QUIT" in out and proc.returncode == 7

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from vmimg.agent import BootOptions, kernel_args
 from vmimg.boot.accel import choose_accel
 from vmimg.boot.launch import LaunchOptions, qemu_command
-from vmimg.boot.vm import VM, qmp_command
+from vmimg.boot.vm import VM, BootResult, qmp_command
 from vmimg.bundle import load_bundle
 from vmimg.cache import Cache
 from vmimg.errors import BootError
@@ -109,6 +109,21 @@ def _relay_stdin(vm: VM, proc_stdin: int, shutdown: _Shutdown, is_tty: bool) -> 
             os.write(proc_stdin, data)
 
 
+def _explain_no_report(result: BootResult) -> None:
+    """The VM ended without the agent's exit report: say what QEMU said about it.
+
+    QEMU failing before the guest ran (a published port already in use, a missing device)
+    is a VM that could not be started; anything QEMU printed later goes to stderr as is.
+    """
+    said = result.stderr.strip()
+    # A positive status is QEMU's own error exit; a negative one, a signal (a kill we sent).
+    if not result.markers and (result.returncode or 0) > 0:
+        reason = said.splitlines()[-1] if said else f"QEMU exited with status {result.returncode}"
+        raise BootError(f"the VM did not start: {reason}")
+    if said:
+        sys.stderr.write(said + "\n")
+
+
 def run_bundle(bundle: str, opts: RunOptions, cache: Cache) -> RunResult:
     vm_json = load_bundle(bundle)
     if vm_json.get("init", {}).get("type") != "agent" and opts.cmd:
@@ -153,6 +168,7 @@ def run_bundle(bundle: str, opts: RunOptions, cache: Cache) -> RunResult:
                 signal.signal(s, h)
     exit_marker = result.last("exit")
     if exit_marker is None:
+        _explain_no_report(result)
         return RunResult(EXIT_NO_REPORT, accel.name, accel.reason, False)
     return RunResult(
         int(exit_marker.marker.fields.get("code", EXIT_NO_REPORT)), accel.name, accel.reason, True
