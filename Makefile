@@ -1,5 +1,5 @@
 # Shortcuts. The README's two commands are ./scripts/demo and ./scripts/test.
-.PHONY: demo test bench agent
+.PHONY: demo test bench bench-boot agent
 
 demo:
 	./scripts/demo
@@ -14,3 +14,7 @@ agent:
 bench:
 	bash scripts/setup
 	.venv/bin/python -m bench.run $(BENCH_ARGS)
+
+bench-boot:
+	bash scripts/setup
+	.venv/bin/python -m bench.boot
