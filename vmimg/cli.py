@@ -20,6 +20,7 @@ from vmimg.cache import Cache
 from vmimg.cli_options import (
     EXIT_INTERRUPTED,
     SIZE,
+    bundle_output,
     cache_param,
     progress_printer,
     run,
@@ -297,13 +298,7 @@ def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
 
 @main.command()
 @click.argument("source")
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Bundle directory to write (replaced if it is a bundle).",
-)
+@bundle_output
 @click.option(
     "--fs",
     type=click.Choice(["erofs", "ext4", "initramfs"]),

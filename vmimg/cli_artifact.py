@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from vmimg.cache import Cache
-from vmimg.cli_options import cache_param, run, source_options
+from vmimg.cli_options import bundle_output, cache_param, run, source_options
 from vmimg.cli_options import registry_params as reach_registry
 
 MIB = 1 << 20
@@ -81,13 +81,7 @@ def push(
 
 @click.command("pull")
 @click.argument("ref")
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Bundle directory to write (replaced if it is a bundle).",
-)
+@bundle_output
 @click.option(
     "--from-image",
     is_flag=True,

@@ -141,3 +141,12 @@ def vm_params(f: Callable[..., Any]) -> Callable[..., Any]:
         help="Force an accelerator (default: KVM if a test boot works, else TCG).",
     )(f)
     return f
+
+
+bundle_output = click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Bundle directory to write (replaced if it is a bundle).",
+)
