@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -193,17 +194,20 @@ def rootfs_size_hint(work: str) -> str:
 def _mke2fs_cmds(
     prefix: list[list[str]], mke2fs: str, rootfs: str, out: str, size_of: str | None = None
 ) -> list[list[str]]:
+    # mke2fs -d wants the size and enough inodes up front: give it the content's blocks plus
+    # 30%, 1 KiB per entry (inode tables, directories) and 64 MiB, and an inode per entry + 20%.
     size_script = (
-        "import os,sys;t=0\n"
-        "for d,_,fs in os.walk(sys.argv[1]):\n"
+        "import os,sys;t=0;n=0\n"
+        "for d,ds,fs in os.walk(sys.argv[1]):\n"
+        "  n+=len(ds)+len(fs)\n"
         "  for f in fs:\n"
         "    p=os.path.join(d,f)\n"
-        "    t+=os.lstat(p).st_size if not os.path.islink(p) else 0\n"
-        "print(int(t*1.3)//1024+65536)"
+        "    t+=-(-os.lstat(p).st_size//4096)*4096 if not os.path.islink(p) else 0\n"
+        "print('-N', n*6//5+1024, str(int(t*1.3+n*1024)//1024+65536)+'k')"
     )
     cmds = prefix[:-1]
     size = f"$(cat {size_of})" if size_of else f'$({PY} -c "{size_script}" {rootfs})'
-    cmds.append(["sh", "-c", f"{mke2fs} -q -F -t ext4 -d {rootfs} {out} {size}k"])
+    cmds.append(["sh", "-c", f"{mke2fs} -q -F -t ext4 -d {rootfs} {out} {size}"])
     return cmds
 
 
@@ -276,8 +280,12 @@ def bench_fixture(name: str, runs: int, only: set[str] | None) -> list[Result]:
         subprocess.run(
             [*VMIMG, "rootfs", ref, "-o", flat], env=env, check=True, stdout=subprocess.DEVNULL
         )
+        with tarfile.open(flat) as tf:
+            members = [(m.size if m.isfile() else 0) for m in tf]
+        blocks = sum(-(-size // 4096) * 4096 for size in members)
+        kib = (blocks * 13 // 10 + len(members) * 1024) // 1024 + 65536
         with open(rootfs_size_hint(work), "w") as f:
-            f.write(str(os.path.getsize(flat) * 13 // 10 // 1024 + 65536))
+            f.write(f"-N {len(members) * 6 // 5 + 1024} {kib}k")
         for _ in range(runs):
             for c in cands:  # interleaved, so that machine noise hits every contender alike
                 out = os.path.join(work, "out." + c.fmt)
