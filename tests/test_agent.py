@@ -77,7 +77,7 @@ GROUP = (
 def test_c_unit_tests() -> None:
     """The agent's C parser, escaping, manifest and sha256 tests on the host."""
     if shutil.which("cc") is None:
-        pytest.skip("no C compiler (cc) for the agent's host tests")
+        pytest.fail("no C compiler (cc) for the agent's host tests")
     result = subprocess.run(
         ["make", "-s", "-C", str(AGENT_SRC), "check"], capture_output=True, text=True
     )
@@ -91,7 +91,7 @@ def test_c_unit_tests() -> None:
 def agent_binary() -> str:
     """Build the agent (musl, static) and check its size."""
     if shutil.which("musl-gcc") is None:
-        pytest.skip("musl-gcc missing: apt-get install musl-tools")
+        pytest.fail("musl-gcc missing: apt-get install musl-tools")
     result = subprocess.run(["make", "-s", "-C", str(AGENT_SRC)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     path = find_agent_binary("x86_64")
@@ -461,12 +461,12 @@ def _cad_kernel() -> str | None:
 @pytest.fixture(scope="session")
 def kernel() -> str:
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 missing")
+        pytest.fail("qemu-system-x86_64 missing")
     path = _any_kernel()
     if path is None:
-        pytest.skip("no kernel: apt-get install linux-image-amd64 (or build vmimg.kernel's)")
+        pytest.fail("no kernel: apt-get install linux-image-amd64 (or build vmimg.kernel's)")
     if not os.access(path, os.R_OK):
-        pytest.skip(f"kernel {path} is not readable")
+        pytest.fail(f"kernel {path} is not readable")
     return path
 
 
@@ -756,7 +756,7 @@ def test_boot_shutdown_request_reaches_workload(
     once CAD is disabled) reaches the workload as SIGTERM."""
     cad_kernel = _cad_kernel()
     if cad_kernel is None:
-        pytest.skip("no kernel with i8042 + atkbd built in (Debian's linux-image-amd64 has them)")
+        pytest.fail("no kernel with i8042 + atkbd built in (Debian's linux-image-amd64 has them)")
     script = b"""#!/bin/sh
 trap 'echo GOT-TERM; exit 42' TERM
 echo WAITING
@@ -847,7 +847,7 @@ def _boot_erofs(tmp_path: Path, agent_binary: str, cfg: AgentConfig, options: Bo
     """Boot an erofs image of a busybox tree as a virtio-blk root (tuned kernel)."""
     reason = _erofs_kernel_reason()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(reason)
     tuned = _tuned_kernel()
     assert tuned is not None
     tree = busybox_tree()

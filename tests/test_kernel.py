@@ -36,11 +36,22 @@ MARKER = "VMIMG-KERNEL-TEST"
 CLI = [sys.executable, "-c", "from vmimg.cli_kernel import kernel; kernel()"]
 MARKER_RE = re.compile(MARKER + r" (\S+) uptime=([0-9.]+)")
 
-need_source = pytest.mark.skipif(not SOURCE.exists(), reason=f"{SOURCE} not installed")
-need_boot = pytest.mark.skipif(
-    shutil.which(QEMU) is None or not BUSYBOX.exists() or shutil.which("cpio") is None,
-    reason="qemu-system-x86_64, busybox-static and cpio are needed to boot",
-)
+
+@pytest.fixture
+def _require_source() -> None:
+    if not SOURCE.exists():
+        pytest.fail(f"{SOURCE} not installed: run the README set-up")
+
+
+@pytest.fixture
+def _require_boot() -> None:
+    if shutil.which(QEMU) is None or not BUSYBOX.exists() or shutil.which("cpio") is None:
+        pytest.fail("qemu-system-x86_64, busybox-static and cpio are needed: run the set-up")
+
+
+# The README set-up installs all of these: their absence is a failure, not a skip.
+need_source = pytest.mark.usefixtures("_require_source")
+need_boot = pytest.mark.usefixtures("_require_boot")
 
 
 # -- fragments and the check ----------------------------------------------------------
@@ -181,7 +192,7 @@ def test_every_fragment_set_survives_kconfig(arch: str, debug: bool) -> None:
 @pytest.fixture(scope="session")
 def built() -> klib.KernelInfo:
     if not SOURCE.exists():
-        pytest.skip(f"{SOURCE} not installed")
+        pytest.fail(f"{SOURCE} not installed: run the README set-up")
     return klib.find_or_build_kernel("x86_64")
 
 
