@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,26 @@ def build(source: str, out: Path, cache: Path, kernel: str, *extra: str) -> Path
     r = vmimg("build", source, "-o", str(out), "--kernel", kernel, *extra, cache=cache)
     assert r.returncode == 0, r.stderr
     return out
+
+
+def run_then_stop(
+    bundle: Path, cache: Path, *args: str, ready: str = "WAITING", timeout: float = 300
+) -> tuple[int, str]:
+    """`vmimg run BUNDLE ARGS...` until the console shows `ready`, then SIGTERM to vmimg (what
+    a CI runner's cancel does): returns its exit code and everything the console printed."""
+    env = {**os.environ, "VMIMG_CACHE": str(cache)}
+    proc = subprocess.Popen([*VMIMG, "run", str(bundle), *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if ready in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(seen) + out
+
+
+TRAP_TERM = "trap 'echo GOT-TERM; exit 42' TERM; echo WAITING; while true; do sleep 1; done"

@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import xmlschema
 
-from tests.boot.conftest import VMIMG, vmimg
+from tests.boot.conftest import TRAP_TERM, run_then_stop, vmimg
 from vmimg.agent import find_agent_binary
 from vmimg.boot.accel import choose_accel, kernel_arch, kvm_can_run
 from vmimg.boot.launch import qemu_command
@@ -191,24 +189,9 @@ def test_arm64_run_and_shutdown_request(bundles: dict[str, Path], cache_dir: Pat
     r = vmimg("run", str(bundles["arm64"]), "--cmd", "echo from-run; exit 7", cache=cache_dir,
               stdin=subprocess.DEVNULL)  # fmt: skip
     assert r.returncode == 7 and "from-run" in r.stdout
-    env = {**os.environ, "VMIMG_CACHE": str(cache_dir)}
-    script = "trap 'echo GOT-TERM; exit 42' TERM; echo WAITING; while true; do sleep 1; done"
-    proc = subprocess.Popen(
-        [*VMIMG, "run", str(bundles["arm64"]), "--cmd", script],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 300
-    for line in proc.stdout:
-        if "WAITING" in line or time.monotonic() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    code, out = run_then_stop(bundles["arm64"], cache_dir, "--cmd", TRAP_TERM)
     assert "GOT-TERM" in out
-    assert proc.returncode == 42
+    assert code == 42
 
 
 def test_accel_is_tcg_for_a_foreign_guest(arm64_kernel: KernelInfo, tmp_path: Path) -> None:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import xmlschema
 
-from tests.boot.conftest import VMIMG, build, vmimg
+from tests.boot.conftest import TRAP_TERM, build, run_then_stop, vmimg
 from tests.conftest import need
 from vmimg.bundle import load_bundle
 
@@ -166,24 +163,9 @@ def test_run_exit_code_and_shutdown_request(bundles: dict[str, Path], cache_dir:
     r = vmimg("run", str(bundles["ext4"]), "--cmd", "echo from-run; exit 7", cache=cache_dir,
               stdin=subprocess.DEVNULL)  # fmt: skip
     assert r.returncode == 7 and "from-run" in r.stdout
-    env = {**os.environ, "VMIMG_CACHE": str(cache_dir)}
-    script = "trap 'echo GOT-TERM; exit 42' TERM; echo WAITING; while true; do sleep 1; done"
-    proc = subprocess.Popen(
-        [*VMIMG, "run", str(bundles["erofs"]), "--cmd", script],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        if "WAITING" in line or time.monotonic() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)  # what a CI runner's cancel does
-    out, _ = proc.communicate(timeout=120)
+    code, out = run_then_stop(bundles["erofs"], cache_dir, "--cmd", TRAP_TERM)
     assert "GOT-TERM" in out
-    assert proc.returncode == 42
+    assert code == 42
     assert _qemu_processes(bundles["erofs"]) == []
 
 
@@ -208,13 +190,5 @@ def test_stop_signal_of_the_image_reaches_the_workload(
         "Cmd": ["/bin/sh", "-c", script], "StopSignal": "SIGQUIT"})  # fmt: skip
     write_layout(str(layout), {"quit": spec})
     bundle = build(f"oci:{layout}:quit", tmp_path / "b", cache_dir, kernel_file)
-    env = {**os.environ, "VMIMG_CACHE": str(cache_dir)}
-    proc = subprocess.Popen([*VMIMG, "run", str(bundle)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "WAITING" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert "GOT-QUIT" in out and proc.returncode == 7
+    code, out = run_then_stop(bundle, cache_dir)
+    assert "GOT-QUIT" in out and "GOT-TERM" not in out and code == 7
