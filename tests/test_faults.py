@@ -227,7 +227,7 @@ def check_cache_consistent(cache: Path, expected: dict[str, bytes]) -> None:
             assert tar.exists(), f
             assert load_entries(str(tar), "check") == list(iter_entries(str(tar), "check")), f
         else:
-            assert (cache / "layers" / "sha256" / (f.read_text().split(":")[1] + ".tar")).exists()
+            raise AssertionError(f"{f}: the layers area holds only layer tars and their indexes")
     for key in files("outputs"):
         for out in key.iterdir():
             fmt = out.name.split(".", 1)[1]

@@ -3,7 +3,6 @@
     $VMIMG_CACHE/                       (default $XDG_CACHE_HOME/vmimg)
       blobs/sha256/<hex>                manifests, configs, any blob, verified
       layers/sha256/<hex>.tar           uncompressed layer tars, named by diff_id
-      layers/sha256/<hex>.link          compressed digest -> diff_id, for lookups
       outputs/<key>/...                 finished conversions
       tmp/                              work in progress (same file system: rename is atomic)
       locks/                            flock files
@@ -23,7 +22,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -32,7 +30,6 @@ from vmimg.errors import CacheError, DigestError
 
 _DIGEST_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
 _HEX_LEN = {"sha256": 64, "sha512": 128}
-STALE_TMP_SECONDS = 24 * 3600
 
 
 def default_cache_dir() -> str:
@@ -104,10 +101,6 @@ class Cache:
             raise DigestError(f"unsupported diff_id algorithm in {diff_id}")
         return os.path.join(self.root, "layers", "sha256", hexd + ".tar")
 
-    def _layer_link_path(self, blob_digest: str) -> str:
-        _algo, hexd = split_digest(blob_digest)
-        return os.path.join(self.root, "layers", "sha256", hexd + ".link")
-
     def output_dir(self, key: str) -> str:
         return os.path.join(self.root, "outputs", key)
 
@@ -146,19 +139,6 @@ class Cache:
         finally:
             os.close(fd)
 
-    def clean_stale_tmp(self) -> None:
-        """Remove temporary files a killed process left behind long ago."""
-        tmp = os.path.join(self.root, "tmp")
-        now = time.time()
-        for name in os.listdir(tmp):
-            path = os.path.join(tmp, name)
-            with contextlib.suppress(OSError):
-                if now - os.lstat(path).st_mtime > STALE_TMP_SECONDS:
-                    if os.path.isdir(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        os.unlink(path)
-
     # -- blobs -----------------------------------------------------------------
 
     def has_blob(self, digest: str) -> bool:
@@ -184,49 +164,6 @@ class Cache:
             f.flush()
             os.fsync(f.fileno())
             os.rename(tmp, self.blob_path(digest))
-
-    def put_blob_stream(
-        self, digest: str, size: int | None, stream: BinaryIO, what: str, chunk: int = 1 << 20
-    ) -> str:
-        """Stream a blob into the cache, verifying it on the way; returns its path."""
-        final = self.blob_path(digest)
-        if os.path.exists(final):
-            return final
-        algo, _hexd = split_digest(digest)
-        h = Hasher(algo)
-        with self.temp_file() as (f, tmp):
-            while True:
-                data = stream.read(chunk)
-                if not data:
-                    break
-                h.update(data)
-                f.write(data)
-                if size is not None and h.size > size:
-                    break
-            h.verify(digest, size, what)
-            f.flush()
-            os.fsync(f.fileno())
-            os.rename(tmp, final)
-        return final
-
-    # -- layers ----------------------------------------------------------------
-
-    def layer_for_blob(self, blob_digest: str) -> str | None:
-        """The diff_id recorded for a compressed blob, if its layer is cached."""
-        if not blob_digest:
-            return None
-        try:
-            with open(self._layer_link_path(blob_digest)) as f:
-                diff_id = f.read().strip()
-        except (FileNotFoundError, DigestError):
-            return None
-        return diff_id if os.path.exists(self.layer_path(diff_id)) else None
-
-    def record_layer_link(self, blob_digest: str, diff_id: str) -> None:
-        with self.temp_file() as (f, tmp):
-            f.write(diff_id.encode())
-            f.flush()
-            os.rename(tmp, self._layer_link_path(blob_digest))
 
     # -- sizes ---------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""From an `Image` to its flattened Tree: fetch layers (in parallel), then flatten."""
+"""Fetching an `Image`'s layers into the cache, in parallel (convert.build_tree flattens them)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from vmimg.cache import Cache
-from vmimg.flatten import LayerFile, flatten
+from vmimg.flatten import LayerFile
 from vmimg.layers import unpack_layer_to_cache
 from vmimg.sources.base import Image
-from vmimg.tree import Tree
 
 Progress = Callable[[int], None]
 
@@ -42,7 +41,3 @@ def fetch_layers(
         return [one(i) for i in range(len(image.layers))]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(one, range(len(image.layers))))
-
-
-def image_tree(image: Image, cache: Cache, progress: Progress | None = None) -> Tree:
-    return flatten(fetch_layers(image, cache, progress))

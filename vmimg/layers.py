@@ -173,8 +173,6 @@ def unpack_layer_to_cache(
         except OSError as e:
             # Sources turn their own read errors into SourceError: this is the cache's disk.
             raise CacheError(f"{what}: cannot write to the cache {cache.root}: {e.strerror}") from e
-        if desc.digest and desc.digest != diff_id:
-            cache.record_layer_link(desc.digest, diff_id)
     return final
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vmimg.cache import Cache
@@ -57,10 +56,6 @@ def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Ima
         assert ref.tag is not None
         return open_daemon_image(ref.tag, name, want, cache)
     raise ImageRefError(f"unknown transport in {name!r}")
-
-
-def parse_insecure(hosts: Iterable[str]) -> tuple[str, ...]:
-    return tuple(h.strip() for h in hosts if h.strip())
 
 
 __all__ = ["Image", "SourceOptions", "open_image"]
