@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -100,17 +101,14 @@ def contenders(work: str) -> list[Contender]:
              "-o", out, *extra],
         ]  # fmt: skip
 
-    def unpack_then(mkfs: list[str]) -> Callable[[str, str, str], list[list[str]]]:
-        def argv(ref: str, layout: str, out: str) -> list[list[str]]:
-            assert umoci is not None
-            tag = "gzip"  # the fixture's gzip-only tag: Debian's umoci reads no zstd
-            return [
-                ["rm", "-rf", unpacked],
-                [umoci, "unpack", "--image", f"{layout}:{tag}", unpacked],
-                [*mkfs, out, rootfs] if mkfs and "mkfs.erofs" in mkfs[0] else [*mkfs, rootfs, out],
-            ]
+    def unpack(layout: str) -> list[list[str]]:
+        assert umoci is not None
+        tag = "gzip"  # the fixture's gzip-only tag: Debian's umoci reads no zstd
+        return [["rm", "-rf", unpacked], [umoci, "unpack", "--image", f"{layout}:{tag}", unpacked]]
 
-        return argv
+    def unpack_then_erofs(*opts: str) -> Callable[[str, str, str], list[list[str]]]:
+        assert mkfs_erofs is not None
+        return lambda _r, layout, out: [*unpack(layout), [mkfs_erofs, *opts, out, rootfs]]
 
     out: list[Contender] = [
         Contender("vmimg tar", "tar", vm("tar", "--no-cache"), group="tar"),
@@ -126,14 +124,11 @@ def contenders(work: str) -> list[Contender]:
         ),
     ]
     if umoci and mke2fs:
-        # mke2fs -d wants the size up front; give it what vmimg's automatic size would be.
         out.append(
             Contender(
                 "umoci unpack + mke2fs -d",
                 "ext4",
-                lambda ref, layout, o: _mke2fs_cmds(
-                    unpack_then([])(ref, layout, o), mke2fs, rootfs, o
-                ),
+                lambda _r, layout, o: [*unpack(layout), _mke2fs_cmd(mke2fs, rootfs, o)],
                 group="ext4",
             )
         )
@@ -141,7 +136,7 @@ def contenders(work: str) -> list[Contender]:
     if mke2fs and _mke2fs_reads_tar(mke2fs):
         out.append(Contender(
             "mke2fs -d flattened.tar", "ext4",
-            lambda _r, _l, o: _mke2fs_cmds([[]], mke2fs, flat, o, size_of=rootfs_size_hint(work)),
+            lambda _r, _l, o: [_mke2fs_cmd(mke2fs, flat, o, size_of=rootfs_size_hint(work))],
             group="ext4"))  # fmt: skip
     if mkfs_erofs and _erofs_reads_tar(mkfs_erofs):
         out.append(Contender("mkfs.erofs --tar flattened.tar", "erofs",
@@ -155,7 +150,7 @@ def contenders(work: str) -> list[Contender]:
             Contender(
                 "umoci unpack + mkfs.erofs",
                 "erofs",
-                unpack_then([mkfs_erofs, "-T0", "--all-root"]),
+                unpack_then_erofs("-T0", "--all-root"),
                 group="erofs",
             )
         )
@@ -163,7 +158,7 @@ def contenders(work: str) -> list[Contender]:
             Contender(
                 "umoci unpack + mkfs.erofs -zlz4hc",
                 "erofs",
-                unpack_then([mkfs_erofs, "-zlz4hc", "-T0"]),
+                unpack_then_erofs("-zlz4hc", "-T0"),
                 group="erofs-lz4hc",
             )
         )
@@ -171,8 +166,6 @@ def contenders(work: str) -> list[Contender]:
 
 
 def _version_at_least(cmd: list[str], pattern: str, minimum: tuple[int, ...]) -> bool:
-    import re
-
     r = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(pattern, r.stdout + r.stderr)
     return bool(m) and tuple(int(x) for x in m.groups()) >= minimum
@@ -191,9 +184,7 @@ def rootfs_size_hint(work: str) -> str:
     return os.path.join(work, "size-hint")
 
 
-def _mke2fs_cmds(
-    prefix: list[list[str]], mke2fs: str, rootfs: str, out: str, size_of: str | None = None
-) -> list[list[str]]:
+def _mke2fs_cmd(mke2fs: str, rootfs: str, out: str, size_of: str | None = None) -> list[str]:
     # mke2fs -d wants the size and enough inodes up front: give it the content's blocks plus
     # 30%, 1 KiB per entry (inode tables, directories) and 64 MiB, and an inode per entry + 20%.
     size_script = (
@@ -205,10 +196,8 @@ def _mke2fs_cmds(
         "    t+=-(-os.lstat(p).st_size//4096)*4096 if not os.path.islink(p) else 0\n"
         "print('-N', n*6//5+1024, str(int(t*1.3+n*1024)//1024+65536)+'k')"
     )
-    cmds = prefix[:-1]
     size = f"$(cat {size_of})" if size_of else f'$({PY} -c "{size_script}" {rootfs})'
-    cmds.append(["sh", "-c", f"{mke2fs} -q -F -t ext4 -d {rootfs} {out} {size}"])
-    return cmds
+    return ["sh", "-c", f"{mke2fs} -q -F -t ext4 -d {rootfs} {out} {size}"]
 
 
 def physical_limit(ref: str, output_bytes: int, work: str) -> float:
