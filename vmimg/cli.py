@@ -651,10 +651,7 @@ def entry() -> None:
     """The console script: click's handling, but Ctrl-C anywhere is one line and exit 130."""
     try:
         main.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("vmimg: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("vmimg: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as e:
