@@ -45,6 +45,7 @@ from vmimg.agent import (
     resolve_config,
     unescape,
 )
+from vmimg.boot.launch import qemu_accel_args
 from vmimg.content import ContentReader
 from vmimg.tree import Content, Extent, Node, NodeType, Tree
 
@@ -546,7 +547,8 @@ class VM:
 
     def command(self) -> list[str]:
         cmd = [
-            "qemu-system-x86_64", "-M", self.machine, "-accel", "tcg", "-m", "256",
+            "qemu-system-x86_64", "-M", self.machine, *qemu_accel_args("x86_64", "tcg"),
+            "-m", "256",
             "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
             "-kernel", self.kernel, "-initrd", str(self.initrd),
             "-append", " ".join(["console=ttyS0", "panic=-1", "quiet", *self.cmdline]),
@@ -860,7 +862,8 @@ def _boot_erofs(tmp_path: Path, agent_binary: str, cfg: AgentConfig, options: Bo
     subprocess.run(["mkfs.erofs", "--quiet", str(image), str(stage)], check=True)
     append = ["console=ttyS0", "panic=-1", "quiet", "root=/dev/vda", "rootfstype=erofs", "ro"]
     cmd = [
-        "qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "256", "-nographic",
+        "qemu-system-x86_64", "-M", "microvm", *qemu_accel_args("x86_64", "tcg"),
+        "-m", "256", "-nographic",
         "-nodefaults", "-serial", "stdio", "-no-reboot", "-kernel", tuned,
         "-drive", f"file={image},format=raw,if=none,id=root,readonly=on",
         "-device", "virtio-blk-device,drive=root",
