@@ -89,7 +89,7 @@ COPY --from=agent /src/agent/build/x86_64/init /opt/vmimg/agent/x86_64/init
 COPY kernels /opt/vmimg/kernels
 
 # vmimg looks for the agent at vmimg/_agent/<arch>/init inside its package, and for the
-# kernel fragments at kernels/ beside the package (vmimg/kernel.py's FRAGMENTS_DIR): point
+# kernel fragments at kernels/ beside the package (vmimg/guest/kernel.py's FRAGMENTS_DIR): point
 # both at /opt/vmimg.
 RUN site="$(/opt/vmimg/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
  && ln -s /opt/vmimg/agent "${site}/vmimg/_agent" \
@@ -108,8 +108,8 @@ WORKDIR /work
 # extracted source tree (about 1.3 GB) is dropped; the tarball stays for the cache key.
 # The cache is opened to every uid, because CI systems run images as their own user.
 ARG PREBUILD_KERNEL=1
-RUN python -c 'from vmimg.agent import find_agent_binary; print(find_agent_binary("x86_64"))' \
- && python -c 'from vmimg.kernel import read_pin; print(read_pin())' \
+RUN python -c 'from vmimg.guest.agent import find_agent_binary; print(find_agent_binary("x86_64"))' \
+ && python -c 'from vmimg.guest.kernel import read_pin; print(read_pin())' \
  && if [ "${PREBUILD_KERNEL}" = 1 ]; then \
       vmimg kernel build \
       && rm -rf "${VMIMG_CACHE}"/kernels/sources/*/ "${VMIMG_CACHE}"/kernels/logs "${VMIMG_CACHE}"/tmp/*; \

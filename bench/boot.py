@@ -21,10 +21,10 @@ import sys
 import tempfile
 
 from vmimg.boot.vm import VM
-from vmimg.bundle import load_bundle
-from vmimg.cache import Cache
-from vmimg.kernel import find_or_build_kernel
-from vmimg.sample import write_sample
+from vmimg.bundle.build import load_bundle
+from vmimg.guest.kernel import find_or_build_kernel
+from vmimg.image.cache import Cache
+from vmimg.image.sample import write_sample
 
 US = 1_000_000
 TIMEOUT = 180.0

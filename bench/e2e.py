@@ -143,7 +143,7 @@ def _load_boot(bundle: Path, env: dict[str, str], log: Path, res: BundleResult, 
 def _accel(bundle: Path, env: dict[str, str]) -> str:
     """The accelerator vmimg chooses for this bundle's kernel, and why."""
     from vmimg.boot.accel import choose_accel
-    from vmimg.cache import Cache
+    from vmimg.image.cache import Cache
 
     accel = choose_accel(str(bundle / "kernel"), Cache.open(env.get("VMIMG_CACHE")), None)
     return f"{accel.name} ({accel.reason})"

@@ -19,7 +19,7 @@ import subprocess
 import tarfile
 from collections.abc import Iterator
 
-from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
+from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmimg.cache import Cache
-from vmimg.sample import write_sample
+from vmimg.image.cache import Cache
+from vmimg.image.sample import write_sample
 
 SERVICE_START_TIMEOUT = 30.0
 

@@ -1,7 +1,7 @@
 """The init agent: C unit tests, the Python config/manifest side, and boots
 under QEMU (TCG) with the agent as PID 1 of an initramfs.
 
-Boot tests use vmimg.kernel's kernel when that module provides one, else the
+Boot tests use vmimg.guest.kernel's kernel when that module provides one, else the
 Debian kernel in /boot (apt-get install linux-image-amd64), which boots a
 newc initramfs without modules. The initramfs is written here from a Tree
 (busybox-static as the userland) after `inject_agent`, so the whole path from
@@ -27,8 +27,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmimg import agent
-from vmimg.agent import (
+from vmimg.boot.launch import qemu_accel_args
+from vmimg.guest import agent
+from vmimg.guest.agent import (
     AgentBinaryMissing,
     AgentConfig,
     AgentError,
@@ -45,9 +46,9 @@ from vmimg.agent import (
     resolve_config,
     unescape,
 )
-from vmimg.boot.launch import qemu_accel_args
-from vmimg.content import ContentReader
-from vmimg.tree import Content, Extent, Node, NodeType, Tree
+from vmimg.image.layers import Extent
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT_SRC = REPO / "agent"
@@ -417,9 +418,9 @@ def test_parse_markers() -> None:
 
 
 def _tuned_kernel() -> str | None:
-    """vmimg.kernel's newest cached kernel image (built by `vmimg kernel build`), if any."""
+    """vmimg.guest.kernel's newest cached kernel image (built by `vmimg kernel build`), if any."""
     try:
-        from vmimg import kernel
+        from vmimg.guest import kernel
 
         found = kernel.find_kernel()
     except Exception:  # no module yet, no cache, nothing built: all mean "none"
@@ -465,7 +466,7 @@ def kernel() -> str:
         pytest.fail("qemu-system-x86_64 missing")
     path = _any_kernel()
     if path is None:
-        pytest.fail("no kernel: apt-get install linux-image-amd64 (or build vmimg.kernel's)")
+        pytest.fail("no kernel: apt-get install linux-image-amd64 (or build vmimg.guest.kernel's)")
     if not os.access(path, os.R_OK):
         pytest.fail(f"kernel {path} is not readable")
     return path
@@ -839,7 +840,7 @@ def test_boot_verify_reports_problems(tmp_path: Path, kernel: str, agent_binary:
 
 def _erofs_kernel_reason() -> str | None:
     if _tuned_kernel() is None:
-        return "needs vmimg.kernel's tuned kernel (erofs, overlayfs, virtio-blk built in)"
+        return "needs vmimg.guest.kernel's tuned kernel (erofs, overlayfs, virtio-blk built in)"
     if shutil.which("mkfs.erofs") is None:
         return "mkfs.erofs missing (apt-get install erofs-utils)"
     return None

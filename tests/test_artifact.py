@@ -31,9 +31,7 @@ from tests.test_registry_auth import (
     secure_registry,  # noqa: F401 (a fixture)
 )
 from tests.test_registry_auth import push as skopeo_push_auth
-from vmimg import cli_artifact
-from vmimg.agent import ConfigOverrides
-from vmimg.artifact import (
+from vmimg.artifact.artifact import (
     BUNDLE_ARTIFACT,
     BUNDLE_CONFIG,
     KERNEL_ARTIFACT,
@@ -47,13 +45,15 @@ from vmimg.artifact import (
     pull_kernel,
     push_bundle,
 )
-from vmimg.bundle import BuildOptions, load_bundle
-from vmimg.cache import Cache
+from vmimg.bundle.build import BuildOptions, load_bundle
+from vmimg.cli import artifact as cli_artifact
 from vmimg.errors import SourceError
-from vmimg.kernel import KernelInfo, find_or_build_kernel, load_kernel
-from vmimg.oci import OCI_INDEX, OCI_MANIFEST, Platform
-from vmimg.registry import RegistryClient
-from vmimg.sources import SourceOptions
+from vmimg.guest.agent import ConfigOverrides
+from vmimg.guest.kernel import KernelInfo, find_or_build_kernel, load_kernel
+from vmimg.image.cache import Cache
+from vmimg.image.oci import OCI_INDEX, OCI_MANIFEST, Platform
+from vmimg.image.registry import RegistryClient
+from vmimg.image.sources import SourceOptions
 
 OPTS = SourceOptions(Platform())
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import layerkit as L
-from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
+from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 
 VMIMG = [sys.executable, "-m", "vmimg"]
 

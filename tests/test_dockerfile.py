@@ -321,8 +321,8 @@ def test_installed_package_finds_the_agent_and_the_kernel_fragments(
     # -S: no site processing, so the checkout's editable install cannot answer instead.
     probe = (
         f"import sys; sys.path.insert(0, {str(site)!r})\n"
-        "from vmimg.agent import find_agent_binary\n"
-        "from vmimg.kernel import FRAGMENTS_DIR, read_fragments, read_pin\n"
+        "from vmimg.guest.agent import find_agent_binary\n"
+        "from vmimg.guest.kernel import FRAGMENTS_DIR, read_fragments, read_pin\n"
         "print(find_agent_binary('x86_64'))\n"
         "print(FRAGMENTS_DIR)\n"
         "print(read_pin().config_version, len(read_fragments('x86_64', False)))\n"

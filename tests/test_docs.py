@@ -16,7 +16,9 @@ import click
 import pytest
 import yaml
 
-from vmimg import cli, cli_options, errors
+from vmimg import errors
+from vmimg.cli import main as cli
+from vmimg.cli import options as cli_options
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

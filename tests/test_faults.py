@@ -25,8 +25,8 @@ from tests import layerkit as L
 from tests.conftest import skopeo_copy
 from tests.hostile.cli import confined_command, confined_env, run_vmimg
 from tests.hostile.faultproxy import Rule, fault_proxy
-from vmimg.layers import iter_entries, load_entries
-from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
+from vmimg.image.layers import iter_entries, load_entries
+from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 
 TAGS = ("a", "b", "c", "d")
 BASE_BYTES = 3 << 20  # random, so its gzip blob is as large

@@ -12,15 +12,16 @@ import pytest
 from tests import layerkit as L
 from tests.conftest import need
 from tests.treecheck import Checks, compare_tree_with_dir
-from vmimg.cache import Cache
-from vmimg.content import ContentReader
-from vmimg.convert import build_tree
 from vmimg.errors import LayerError
-from vmimg.flatten import LayerFile, flatten
-from vmimg.oci import Platform
-from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
-from vmimg.sources import SourceOptions, open_image
-from vmimg.tree import NodeType, Tree
+from vmimg.image.cache import Cache
+from vmimg.image.layers import LayerFile
+from vmimg.image.oci import Platform
+from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
+from vmimg.image.sources import SourceOptions, open_image
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.convert import build_tree
+from vmimg.rootfs.flatten import flatten
+from vmimg.rootfs.tree import NodeType, Tree
 
 CAP = "\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 LONG = "n" * 200

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from vmimg import kernel as klib
 from vmimg.errors import KernelError
+from vmimg.guest import kernel as klib
 
 SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
 BUSYBOX = Path("/bin/busybox")
@@ -33,7 +33,7 @@ TARGET_UPTIME_AT_INIT = 0.6
 MAX_UPTIME_AT_INIT = 3.0
 MARKER = "VMIMG-KERNEL-TEST"
 # The `kernel` click group run on its own, as the lead's main CLI will mount it.
-CLI = [sys.executable, "-c", "from vmimg.cli_kernel import kernel; kernel()"]
+CLI = [sys.executable, "-c", "from vmimg.cli.kernel import kernel; kernel()"]
 MARKER_RE = re.compile(MARKER + r" (\S+) uptime=([0-9.]+)")
 
 

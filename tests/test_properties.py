@@ -22,13 +22,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from tests import layerkit as L
 from tests.conftest import need
 from tests.treecheck import Checks, compare_tree_with_dir
-from vmimg.content import ContentReader
 from vmimg.errors import LayerError
-from vmimg.flatten import IMPLICIT_DIR_MODE, LayerFile, flatten
-from vmimg.tree import NodeType, Tree
-from vmimg.writers.erofs import ErofsOptions, write_erofs
-from vmimg.writers.ext4 import Ext4Options, write_ext4
-from vmimg.writers.tar import TarOptions, write_tar
+from vmimg.image.layers import LayerFile
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.flatten import IMPLICIT_DIR_MODE, flatten
+from vmimg.rootfs.tree import NodeType, Tree
+from vmimg.rootfs.writers.erofs import ErofsOptions, write_erofs
+from vmimg.rootfs.writers.ext4 import Ext4Options, write_ext4
+from vmimg.rootfs.writers.tar import TarOptions, write_tar
 
 NS = 1_000_000_000
 NAMES = ("x", "y")  # names that may be files, directories, or parents

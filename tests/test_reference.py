@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vmimg.errors import ImageRefError, PlatformError
-from vmimg.oci import Platform, parse_platform
-from vmimg.reference import parse_reference
+from vmimg.image.oci import Platform, parse_platform
+from vmimg.image.reference import parse_reference
 
 
 @pytest.mark.parametrize(

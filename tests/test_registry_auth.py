@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, need, start_registry
-from vmimg.cache import Cache
 from vmimg.errors import AuthError, SourceError
-from vmimg.image import fetch_layers
-from vmimg.oci import Platform
-from vmimg.sources import SourceOptions, open_image
+from vmimg.image.cache import Cache
+from vmimg.image.fetch import fetch_layers
+from vmimg.image.oci import Platform
+from vmimg.image.sources import SourceOptions, open_image
 
 USER, PASSWORD = "ci-user", "s3cret-pass"
 AUTH_CONFIG = """\

@@ -13,13 +13,13 @@ import pytest
 
 from tests import layerkit as L
 from tests.conftest import podman, skopeo_copy
-from vmimg.cache import Cache
 from vmimg.errors import DigestError, ImageRefError, LayerError, PlatformError, SourceError
-from vmimg.image import fetch_layers
-from vmimg.oci import Platform, parse_platform
-from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
-from vmimg.sources import SourceOptions, open_image
-from vmimg.sources.base import Image
+from vmimg.image.cache import Cache
+from vmimg.image.fetch import fetch_layers
+from vmimg.image.oci import Platform, parse_platform
+from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
+from vmimg.image.sources import SourceOptions, open_image
+from vmimg.image.sources.base import Image
 
 AMD64 = SourceOptions(Platform("linux", "amd64"))
 
@@ -189,8 +189,10 @@ def test_concurrent_processes_share_the_cache(sample_ref: str, tmp_path: Path) -
     """Four processes fetch the same layers into one cache: all succeed, one copy results."""
     cache_dir = tmp_path / "shared"
     script = (
-        "import sys; from vmimg.cache import Cache; from vmimg.image import fetch_layers;"
-        "from vmimg.sources import SourceOptions, open_image; from vmimg.oci import Platform;"
+        "import sys; from vmimg.image.cache import Cache;"
+        "from vmimg.image.fetch import fetch_layers;"
+        "from vmimg.image.sources import SourceOptions, open_image;"
+        "from vmimg.image.oci import Platform;"
         "c = Cache.open(sys.argv[1]); i = open_image(sys.argv[2], c, SourceOptions(Platform()));"
         "print(fetch_layers(i, c)[0].tar_path)"
     )

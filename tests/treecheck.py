@@ -12,8 +12,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from vmimg.content import ContentReader
-from vmimg.tree import Node, NodeType, Tree
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.tree import Node, NodeType, Tree
 
 _TYPE_OF_IFMT = {
     stat.S_IFREG: NodeType.FILE,

@@ -1,3 +1,3 @@
-from vmimg.cli import entry
+from vmimg.cli.main import entry
 
 entry()

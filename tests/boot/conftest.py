@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vmimg.kernel import KernelInfo, find_or_build_kernel
+from vmimg.guest.kernel import KernelInfo, find_or_build_kernel
 
 KERNEL_BUILD_TIMEOUT = 3600
 VMIMG = [sys.executable, "-m", "vmimg"]

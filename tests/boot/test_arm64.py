@@ -19,13 +19,13 @@ import pytest
 import xmlschema
 
 from tests.boot.conftest import TRAP_TERM, run_then_stop, vmimg
-from vmimg.agent import find_agent_binary
 from vmimg.boot.accel import choose_accel, kernel_arch, kvm_can_run
 from vmimg.boot.launch import qemu_command
-from vmimg.bundle import boot_kernel_file, load_bundle, sha256_file
-from vmimg.cache import Cache
-from vmimg.kernel import ARM64_MAGIC, ARM64_MAGIC_OFFSET, KernelInfo, find_or_build_kernel
-from vmimg.sample import elf_machine, write_sample
+from vmimg.bundle.build import boot_kernel_file, load_bundle, sha256_file
+from vmimg.guest.agent import find_agent_binary
+from vmimg.guest.kernel import ARM64_MAGIC, ARM64_MAGIC_OFFSET, KernelInfo, find_or_build_kernel
+from vmimg.image.cache import Cache
+from vmimg.image.sample import elf_machine, write_sample
 
 SCHEMA = Path(__file__).resolve().parent.parent / "data" / "junit.xsd"
 PLATFORMS = ("linux/amd64", "linux/arm64")

@@ -13,7 +13,7 @@ import xmlschema
 
 from tests.boot.conftest import TRAP_TERM, build, run_then_stop, vmimg
 from tests.conftest import need
-from vmimg.bundle import load_bundle
+from vmimg.bundle.build import load_bundle
 
 SCHEMA = Path(__file__).resolve().parent.parent / "data" / "junit.xsd"
 pytestmark = [pytest.mark.boot, pytest.mark.timeout(900)]
@@ -180,8 +180,8 @@ def test_stop_signal_of_the_image_reaches_the_workload(
     kernel_file: str, cache_dir: Path, tmp_path: Path
 ) -> None:
     """An image with STOPSIGNAL SIGQUIT (as nginx has): a shutdown request sends SIGQUIT."""
-    from vmimg.ocilayout import ImageSpec, LayerSpec, write_layout
-    from vmimg.sample import busybox_layer
+    from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
+    from vmimg.image.sample import busybox_layer
 
     script = "trap 'echo GOT-QUIT; exit 7' QUIT; trap 'echo GOT-TERM; exit 1' TERM; " \
         "echo WAITING; while true; do sleep 1; done"  # fmt: skip

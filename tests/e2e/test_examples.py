@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.conftest import Examples
 from tests.e2e.images import EXAMPLES, VmimgRun, free_port, http_get, qemu_processes
-from vmimg.bundle import load_bundle
+from vmimg.bundle.build import load_bundle
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow, pytest.mark.timeout(1200)]
 

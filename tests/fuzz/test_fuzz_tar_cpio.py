@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from tests import layerkit as L
 from tests.conftest import need
 from tests.treecheck import Checks, compare_tree_with_dir
-from vmimg.content import ContentReader
 from vmimg.errors import LayerError
-from vmimg.flatten import LayerFile, flatten
-from vmimg.layers import iter_entries
-from vmimg.tree import Content, Node, NodeType, Tree
-from vmimg.writers.cpio import CpioOptions, write_cpio
-from vmimg.writers.tar import TarOptions, write_tar
+from vmimg.image.layers import LayerFile, iter_entries
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.flatten import flatten
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.cpio import CpioOptions, write_cpio
+from vmimg.rootfs.writers.tar import TarOptions, write_tar
 
 EXAMPLES = int(os.environ.get("VMIMG_FUZZ_EXAMPLES", "300"))
 ROUND_TRIPS = max(10, EXAMPLES // 20)

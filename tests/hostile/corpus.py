@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import layerkit as L
-from vmimg.ocilayout import LAYER_MEDIA_TYPES, ImageSpec, LayerSpec, compress, write_layout
+from vmimg.image.ocilayout import LAYER_MEDIA_TYPES, ImageSpec, LayerSpec, compress, write_layout
 
 Builder = Callable[[Path], str]
 Check = Callable[[Path, str], None]
@@ -295,7 +295,7 @@ def config_edit(edit: Edit) -> Callable[[Path], None]:
 
 def platform_index(root: Path) -> str:
     layout = root / "layout"
-    from vmimg.oci import Platform
+    from vmimg.image.oci import Platform
 
     arm = ImageSpec([LayerSpec(L.layer(L.file("f")))], platform=Platform("linux", "arm64"))
     s390 = ImageSpec([LayerSpec(L.layer(L.file("f")))], platform=Platform("linux", "s390x"))

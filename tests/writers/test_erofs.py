@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.treecheck import Checks, compare_tree_with_dir
-from vmimg.content import ContentReader
 from vmimg.errors import WriterError
-from vmimg.tree import Content, Extent, Node, NodeType, Tree
-from vmimg.writers.erofs import ErofsOptions, write_erofs
+from vmimg.image.layers import Extent
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.erofs import ErofsOptions, write_erofs
 
 AS_ROOT = os.geteuid() == 0
 # fsck.erofs 1.5 --extract neither links hardlinks nor writes xattrs

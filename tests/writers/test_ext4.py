@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.treecheck import Checks, compare_tree_with_dir
-from vmimg.content import ContentReader
 from vmimg.errors import WriterError
-from vmimg.tree import Content, Extent, Node, NodeType, Tree
-from vmimg.writers.ext4 import Ext4Options, write_ext4
+from vmimg.image.layers import Extent
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.ext4 import Ext4Options, write_ext4
 
 MiB = 1 << 20
 GiB = 1 << 30

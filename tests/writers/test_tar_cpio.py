@@ -12,11 +12,12 @@ import zstandard
 from tests.conftest import need
 from tests.test_flatten import LOWER, UPPER
 from tests.treecheck import Checks, compare_tree_with_dir
-from vmimg.content import ContentReader
-from vmimg.flatten import LayerFile, flatten
-from vmimg.tree import Content, Extent, Node, NodeType, Tree
-from vmimg.writers.cpio import CpioOptions, write_cpio
-from vmimg.writers.tar import TarOptions, write_tar
+from vmimg.image.layers import Extent, LayerFile
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.flatten import flatten
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.cpio import CpioOptions, write_cpio
+from vmimg.rootfs.writers.tar import TarOptions, write_tar
 
 
 @pytest.fixture

@@ -16,14 +16,14 @@ import platform
 import subprocess
 from dataclasses import dataclass
 
-from vmimg import agent as agentlib
 from vmimg.boot.launch import QEMU_MACHINES, qemu_accel_args, qemu_binary
 from vmimg.boot.vm import VM
-from vmimg.cache import Cache
-from vmimg.content import ContentReader
 from vmimg.errors import BootError, KernelError
-from vmimg.tree import Content, Node, NodeType, Tree
-from vmimg.writers.cpio import CpioOptions, write_cpio
+from vmimg.guest import agent as agentlib
+from vmimg.image.cache import Cache
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.cpio import CpioOptions, write_cpio
 
 KVM_DEVICE = "/dev/kvm"
 PROBE_TIMEOUT = 10.0
@@ -72,7 +72,7 @@ def _qemu_version(arch: str = "x86_64") -> str:
 def kernel_arch(kernel: str) -> str:
     """The arch of a kernel file (x86_64 or arm64), from its header; x86_64, as before
     arm64 support, for a file whose format is not recognised (QEMU will judge it)."""
-    from vmimg.kernel import kernel_from_path
+    from vmimg.guest.kernel import kernel_from_path
 
     try:
         return kernel_from_path(kernel).arch

@@ -23,13 +23,13 @@ import tty
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vmimg.agent import BootOptions, kernel_args
 from vmimg.boot.accel import choose_accel
 from vmimg.boot.launch import LaunchOptions, qemu_command
 from vmimg.boot.vm import VM, BootResult, qmp_command
-from vmimg.bundle import load_bundle
-from vmimg.cache import Cache
+from vmimg.bundle.build import load_bundle
 from vmimg.errors import BootError
+from vmimg.guest.agent import BootOptions, kernel_args
+from vmimg.image.cache import Cache
 
 ESCAPE_KEY = b"\x1d"  # Ctrl-]
 DOUBLE_ESCAPE_SECONDS = 2.0

@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vmimg.agent import BootOptions, kernel_args
 from vmimg.boot.accel import Accel, choose_accel
 from vmimg.boot.launch import LaunchOptions, qemu_command
 from vmimg.boot.vm import VM, BootResult
-from vmimg.bundle import load_bundle, sha256_file
-from vmimg.cache import Cache
+from vmimg.bundle.build import load_bundle, sha256_file
 from vmimg.errors import BootError, VmimgError
+from vmimg.guest.agent import BootOptions, kernel_args
+from vmimg.image.cache import Cache
 
 DEFAULT_TIMEOUT = 120.0
 CONSOLE_TAIL_LINES = 25

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vmimg.agent import Marker, parse_markers
 from vmimg.errors import BootError
+from vmimg.guest.agent import Marker, parse_markers
 
 PR_SET_PDEATHSIG = 1
 READ_CHUNK = 65536

@@ -1,0 +1,187 @@
+"""`vmimg push`, `vmimg pull`, `vmimg kernel push` and `vmimg kernel pull`.
+
+Only option parsing and rendering live here; the work is in vmimg.artifact.
+vmimg.cli.main registers the commands; shared options come from vmimg.cli.options.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from vmimg.cli.options import bundle_output, cache_param, run, source_options
+from vmimg.cli.options import registry_params as reach_registry
+from vmimg.image.cache import Cache
+
+MIB = 1 << 20
+
+
+def registry_params(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--insecure-registry, --ca-cert and --cache, as the image commands have them."""
+    return cache_param(reach_registry(f))
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / MIB:.1f} MiB in {seconds:.2f}s"
+
+
+def _echo_push(result: Any, as_json: bool) -> None:
+    for w in result.warnings:
+        click.echo(f"vmimg: warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps({**asdict(result), "pinned": result.pinned}, indent=2))
+        return
+    click.echo(
+        f"{result.pinned}: pushed as {result.reference} "
+        f"({result.uploaded} blobs uploaded, {result.skipped} already there, "
+        f"{_rate(result.bytes_uploaded, result.seconds)})"
+    )
+    if result.subject:
+        click.echo(f"  subject {result.subject} (referrers: {result.referrers})")
+
+
+@click.command("push")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("ref")
+@click.option(
+    "--build-key",
+    default=None,
+    help="The build key to annotate (default: vm.json's build_key, if any).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@registry_params
+def push(
+    bundle: str,
+    ref: str,
+    build_key: str | None,
+    as_json: bool,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    cache_dir: str | None,
+) -> None:
+    """Push the bundle directory BUNDLE to REF (HOST/REPO:TAG) as an OCI artifact.
+
+    Pushed next to the image the bundle was built from (same repository), the
+    artifact names that image as its subject, so `vmimg pull --from-image`
+    and `vmimg build --remote-cache` find it.
+    """
+    from vmimg.artifact.artifact import push_bundle
+
+    def go() -> None:
+        opts = source_options("linux/amd64", insecure, ca_cert)
+        result = push_bundle(bundle, ref, Cache.open(cache_dir), opts, build_key)
+        _echo_push(result, as_json)
+
+    run(as_json, go)
+
+
+@click.command("pull")
+@click.argument("ref")
+@bundle_output
+@click.option(
+    "--from-image",
+    is_flag=True,
+    help="REF is a container image: pull the newest bundle made from it.",
+)
+@click.option(
+    "--fs",
+    type=click.Choice(["erofs", "ext4", "initramfs"]),
+    default=None,
+    help="With --from-image: only a bundle with this root file system.",
+)
+@click.option(
+    "--platform",
+    default="linux/amd64",
+    show_default=True,
+    help="With --from-image: the platform to pick from an image index.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@registry_params
+def pull(
+    ref: str,
+    output: str,
+    from_image: bool,
+    fs: str | None,
+    platform: str,
+    as_json: bool,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    cache_dir: str | None,
+) -> None:
+    """Pull the bundle artifact at REF into the directory OUTPUT.
+
+    Every blob is checked against its digest while it streams; OUTPUT appears
+    only when the whole bundle is there and verified.
+    """
+    from vmimg.artifact.artifact import pull_bundle
+
+    def go() -> None:
+        result = pull_bundle(
+            ref, output, source_options(platform, insecure, ca_cert), from_image=from_image, fs=fs
+        )
+        if as_json:
+            click.echo(json.dumps(asdict(result), indent=2))
+            return
+        click.echo(
+            f"{result.directory}: {len(result.files)} files from {result.reference} "
+            f"({_rate(result.bytes_downloaded, result.seconds)})"
+        )
+
+    run(as_json, go)
+
+
+@click.command("push")
+@click.argument("key")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@registry_params
+def kernel_push(
+    key: str,
+    ref: str,
+    as_json: bool,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    cache_dir: str | None,
+) -> None:
+    """Push the cached kernel KEY (or a prefix of it) to REF as an OCI artifact."""
+    from vmimg.artifact.artifact import push_kernel
+
+    def go() -> None:
+        opts = source_options("linux/amd64", insecure, ca_cert)
+        _echo_push(push_kernel(key, ref, Cache.open(cache_dir), opts), as_json)
+
+    run(as_json, go)
+
+
+@click.command("pull")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@registry_params
+def kernel_pull(
+    ref: str, as_json: bool, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None
+) -> None:
+    """Pull the kernel artifact at REF into the kernel cache."""
+    from vmimg.artifact.artifact import pull_kernel
+
+    def go() -> None:
+        info = pull_kernel(
+            ref, Cache.open(cache_dir), source_options("linux/amd64", insecure, ca_cert)
+        )
+        if as_json:
+            click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))
+            return
+        click.echo(f"{info.key}  {info.version}  {info.arch}  {info.directory}")
+
+    run(as_json, go)
+
+
+def register(main: click.Group, kernel: click.Group) -> None:
+    """Attach the commands: `vmimg push/pull` and `vmimg kernel push/pull`."""
+    main.add_command(push)
+    main.add_command(pull)
+    kernel.add_command(kernel_push)
+    kernel.add_command(kernel_pull)

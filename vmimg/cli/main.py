@@ -1,0 +1,673 @@
+"""The `vmimg` command line: parse options, call the library, render results.
+
+No logic lives here beyond turning options into library calls and results
+(or errors) into text, JSON and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from vmimg import __version__
+from vmimg.cli.options import (
+    EXIT_INTERRUPTED,
+    SIZE,
+    bundle_output,
+    cache_param,
+    progress_printer,
+    run,
+    source_options,
+    source_params,
+    vm_params,
+)
+from vmimg.image.cache import Cache
+from vmimg.image.oci import parse_platform
+
+
+def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The file system writers' options, shared by rootfs and build."""
+    for opt in reversed(
+        [
+            click.option(
+                "--compression",
+                type=click.Choice(["gzip", "zstd", "none"]),
+                default="gzip",
+                show_default=True,
+                help="initramfs: compression of the cpio archive.",
+            ),
+            click.option("--size", type=SIZE, default=None, help="ext4: exact image size (2G)."),
+            click.option("--headroom", type=SIZE, default=None, help="ext4: free space to add."),
+            click.option("--inodes", type=int, default=0, help="ext4: extra inodes."),
+            click.option("--no-journal", is_flag=True, help="ext4: no journal (read-only use)."),
+            click.option("--label", default="", help="ext4/erofs: volume label."),
+            click.option(
+                "--compress",
+                type=click.Choice(["none", "lz4", "lz4hc"]),
+                default="none",
+                show_default=True,
+                help="erofs: data compression.",
+            ),
+            click.option(
+                "--compress-level",
+                type=click.IntRange(1, 12),
+                default=None,
+                help="erofs: lz4hc level.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def version_message() -> str:
+    """`vmimg --version`: the versions of every format vmimg writes or pairs with."""
+    from vmimg.bundle.build import BUNDLE_FORMAT
+    from vmimg.guest.agent import CONFIG_VERSION, MANIFEST_VERSION
+    from vmimg.guest.kernel import read_pin
+
+    pin = read_pin()
+    return (
+        f"%(prog)s %(version)s (bundle format {BUNDLE_FORMAT}, agent config {CONFIG_VERSION}, "
+        f"manifest {MANIFEST_VERSION}, kernel config {pin.config_version} for Linux {pin.version})"
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="vmimg", message=version_message())
+def main() -> None:
+    """Turn container images into VM-ready, boot-verified artifacts."""
+
+
+@main.command()
+@click.argument("source")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["tar", "initramfs", "ext4", "erofs"]),
+    default="tar",
+    show_default=True,
+)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
+@writer_params
+@click.option("--no-cache", is_flag=True, help="Convert again even if a finished result is cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@source_params
+@cache_param
+def rootfs(
+    source: str,
+    fmt: str,
+    output: str,
+    compression: str,
+    size: int | None,
+    headroom: int | None,
+    inodes: int,
+    no_journal: bool,
+    label: str,
+    compress: str,
+    compress_level: int | None,
+    no_cache: bool,
+    as_json: bool,
+    platform: str,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    cache_dir: str | None,
+) -> None:
+    """Flatten SOURCE into one root file system image.
+
+    SOURCE is docker://HOST/REPO:TAG (or HOST/REPO:TAG), oci:DIR[:TAG],
+    oci-archive:FILE[:TAG], docker-archive:FILE or docker-daemon:NAME[:TAG].
+    """
+    from vmimg.rootfs.convert import convert
+
+    def go() -> None:
+        options = writer_options(
+            fmt, compression, size, headroom, inodes, no_journal, compress, label, compress_level
+        )
+        cache = Cache.open(cache_dir)
+        result = convert(
+            source,
+            fmt,
+            output,
+            options,
+            cache,
+            source_options(platform, insecure, ca_cert),
+            use_cache=not no_cache,
+            progress=progress_printer("layers"),
+        )
+        if sys.stderr.isatty():
+            click.echo("", err=True)
+        for w in result.warnings:
+            click.echo(f"vmimg: warning: {w}", err=True)
+        if as_json:
+            click.echo(json.dumps(asdict(result), indent=2))
+        else:
+            state = "from cache" if result.cached else f"in {result.seconds:.2f}s"
+            click.echo(
+                f"{result.output}: {result.format}, {result.size} bytes, "
+                f"{result.image} ({result.digest[:19]}, {result.platform}) {state}"
+            )
+
+    run(as_json, go)
+
+
+def writer_options(
+    fmt: str,
+    compression: str,
+    size: int | None,
+    headroom: int | None,
+    inodes: int,
+    no_journal: bool,
+    compress: str,
+    label: str = "",
+    compress_level: int | None = None,
+) -> Any:
+    """The options object of the chosen writer."""
+    if fmt == "tar":
+        from vmimg.rootfs.writers.tar import TarOptions
+
+        return TarOptions()
+    if fmt == "initramfs":
+        from vmimg.rootfs.writers.cpio import CpioOptions
+
+        return CpioOptions(compression=compression)
+    if fmt == "ext4":
+        from vmimg.rootfs.writers.ext4 import Ext4Options
+
+        kw: dict[str, Any] = {
+            "size": size,
+            "extra_inodes": inodes,
+            "journal": not no_journal,
+            "label": label,
+        }
+        if headroom is not None:
+            kw["headroom"] = headroom
+        return Ext4Options(**kw)
+    from vmimg.rootfs.writers.erofs import ErofsOptions
+
+    return ErofsOptions(compress=compress, compress_level=compress_level, label=label)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@source_params
+@cache_param
+def inspect(
+    source: str,
+    as_json: bool,
+    platform: str,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    cache_dir: str | None,
+) -> None:
+    """Show an image's digest, platform, config and layers."""
+    from vmimg.image.inspect import describe
+
+    def go() -> None:
+        info = describe(source, Cache.open(cache_dir), source_options(platform, insecure, ca_cert))
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        click.echo(f"Image:      {info['name']}")
+        click.echo(f"Digest:     {info['digest']}")
+        click.echo(f"Platform:   {info['platform']}")
+        cfg = info["config"]
+        for key in ("Entrypoint", "Cmd", "WorkingDir", "User"):
+            click.echo(f"{key + ':':<12}{json.dumps(cfg.get(key))}")
+        click.echo(f"Env:        {json.dumps(cfg.get('Env') or [])}")
+        click.echo(f"Layers:     {len(info['layers'])}")
+        for layer in info["layers"]:
+            digest = layer["digest"] or layer["diff_id"]
+            click.echo(f"  {digest}  {layer['size']:>12}  {layer['mediaType']}")
+
+    run(as_json, go)
+
+
+def build_platforms(
+    source: str, output: str, options: Any, cache: Cache, platforms: list[str],
+    insecure: tuple[str, ...], ca_cert: str | None, use_cache: bool, push_ref: str | None,
+    remote_cache: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """`vmimg build --platform A,B`: one bundle per platform in OUTPUT/ARCH, and with --push
+    one artifact per platform plus an OCI index over them."""
+    from vmimg.bundle.build import build_bundle
+    from vmimg.errors import UsageError
+
+    if remote_cache:
+        raise UsageError("--remote-cache takes one platform at a time")
+    os.makedirs(output, exist_ok=True)
+    results = []
+    for plat in platforms:
+        arch = parse_platform(plat).architecture
+        results.append(
+            build_bundle(source, os.path.join(output, arch), options, cache,
+                         source_options(plat, insecure, ca_cert), use_cache=use_cache)
+        )  # fmt: skip
+    pushed = None
+    if push_ref:
+        from vmimg.artifact.artifact import push_bundle_index
+
+        index = push_bundle_index([r.bundle for r in results], push_ref, cache,
+                                  source_options(platforms[0], insecure, ca_cert))  # fmt: skip
+        pushed = f"{index.reference.rsplit(':', 1)[0]}@{index.digest}"
+    if as_json:
+        click.echo(json.dumps({"bundles": [asdict(r) for r in results], "pushed": pushed},
+                              indent=2))  # fmt: skip
+        return
+    for r in results:
+        state = "from cache" if r.cached else f"in {r.seconds:.2f}s"
+        click.echo(f"{r.bundle}: {r.fs} bundle of {r.image} ({r.digest[:19]}, {r.platform}) "
+                   f"{state}")  # fmt: skip
+    if pushed:
+        click.echo(f"pushed index to {pushed}")
+
+
+def split_command(text: str | None) -> list[str] | None:
+    """--entrypoint/--cmd: a JSON list, or words split the way a shell would."""
+    if text is None:
+        return None
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise click.BadParameter(f"not a JSON list: {text}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise click.BadParameter(f"not a JSON list of strings: {text}")
+        return value
+    import shlex
+
+    return shlex.split(text)
+
+
+def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for v in values:
+        host, sep, guest = v.partition(":")
+        if not sep or not host.isdigit() or not guest.isdigit():
+            raise click.BadParameter(f"--publish takes HOST:GUEST ports, not {v!r}")
+        out.append((int(host), int(guest)))
+    return tuple(out)
+
+
+@main.command()
+@click.argument("source")
+@bundle_output
+@click.option(
+    "--fs",
+    type=click.Choice(["erofs", "ext4", "initramfs"]),
+    default=None,
+    help="Root file system (default erofs; ext4 with --writable-root).",
+)
+@click.option(
+    "--writable-root", is_flag=True, help="A read-write ext4 root instead of erofs with an overlay."
+)
+@click.option(
+    "--kernel",
+    "kernel_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Use this kernel (vmlinux, bzImage) instead of vmimg's tuned one.",
+)
+@click.option(
+    "--init",
+    "init_mode",
+    type=click.Choice(["agent", "image"]),
+    default="agent",
+    show_default=True,
+    help="image: boot the image's own init, no agent.",
+)
+@click.option("--entrypoint", default=None, help="Override the entrypoint (words or JSON list).")
+@click.option("--cmd", default=None, help="Override the command (words or JSON list).")
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable.")
+@click.option("-w", "--workdir", default=None, help="Override the working directory.")
+@click.option("-u", "--user", default=None, help="Run as USER[:GROUP] (names or ids).")
+@click.option("--hostname", default=None, help="The guest's hostname.")
+@click.option(
+    "--cpus",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Suggested vCPUs, recorded in vm.json.",
+)
+@click.option(
+    "--memory",
+    type=click.IntRange(32, 1 << 20),
+    default=256,
+    show_default=True,
+    help="Suggested memory in MiB, recorded in vm.json.",
+)
+@writer_params
+@click.option("--no-cache", is_flag=True, help="Build again even if the bundle is cached.")
+@click.option(
+    "--push",
+    "push_ref",
+    default=None,
+    metavar="REF",
+    help="Push the bundle to REF (HOST/REPO:TAG; next to the image to link them).",
+)
+@click.option(
+    "--remote-cache",
+    is_flag=True,
+    help="Pull a bundle built with the same settings from the image's registry instead.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@source_params
+@cache_param
+def build(
+    source: str, output: str, fs: str | None, writable_root: bool, kernel_path: str | None,
+    init_mode: str, entrypoint: str | None, cmd: str | None, env: tuple[str, ...],
+    workdir: str | None, user: str | None, hostname: str | None, cpus: int, memory: int,
+    compression: str, size: int | None, headroom: int | None, inodes: int, no_journal: bool,
+    label: str, compress: str, compress_level: int | None, no_cache: bool,
+    push_ref: str | None, remote_cache: bool, as_json: bool,
+    platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
+) -> None:  # fmt: skip
+    """Turn SOURCE into a VM-ready bundle: root fs, agent, kernel, vm.json, launchers."""
+    from vmimg.bundle.build import BuildOptions, build_bundle
+    from vmimg.guest.agent import ConfigOverrides
+
+    def go() -> None:
+        fs_type = fs or ("ext4" if writable_root else "erofs")
+        if writable_root and fs_type != "ext4":
+            raise click.BadParameter("--writable-root needs --fs ext4")
+        fmt = fs_type
+        options = BuildOptions(
+            fs=fs_type,
+            writer_options=writer_options(
+                fmt, compression, size, headroom, inodes, no_journal, compress, label,
+                compress_level,
+            ),
+            init=init_mode,
+            overrides=ConfigOverrides(
+                entrypoint=split_command(entrypoint), cmd=split_command(cmd), env=list(env),
+                workdir=workdir, user=user, hostname=hostname,
+            ),
+            kernel_path=kernel_path,
+            vcpus=cpus,
+            memory_mib=memory,
+        )  # fmt: skip
+        cache = Cache.open(cache_dir)
+        platforms = [p.strip() for p in platform.split(",") if p.strip()]
+        if len(platforms) > 1:
+            build_platforms(source, output, options, cache, platforms, insecure, ca_cert,
+                            not no_cache, push_ref, remote_cache, as_json)  # fmt: skip
+            return
+        sopts = source_options(platform, insecure, ca_cert)
+        extra: dict[str, Any] = {}
+        if push_ref or remote_cache:
+            from vmimg.artifact.artifact import build_bundle_remote
+
+            remote = build_bundle_remote(
+                source, output, options, cache, sopts, use_cache=not no_cache,
+                remote_cache=remote_cache, push=push_ref, progress=progress_printer("layers"),
+            )  # fmt: skip
+            result = remote.build
+            extra = {
+                "build_key": remote.key,
+                "pulled_from": remote.pulled_from,
+                "pushed": remote.pushed.pinned if remote.pushed else None,
+            }
+            for w in remote.pushed.warnings if remote.pushed else []:
+                click.echo(f"vmimg: warning: {w}", err=True)
+        else:
+            result = build_bundle(
+                source, output, options, cache, sopts, use_cache=not no_cache,
+                progress=progress_printer("layers"),
+            )  # fmt: skip
+        for w in result.warnings:
+            click.echo(f"vmimg: warning: {w}", err=True)
+        if as_json:
+            click.echo(json.dumps({**asdict(result), **extra}, indent=2))
+            return
+        if extra.get("pulled_from"):
+            state = f"pulled from {extra['pulled_from']}"
+        elif result.cached:
+            state = "from cache"
+        else:
+            state = f"in {result.seconds:.2f}s"
+        click.echo(f"{result.bundle}: {result.fs} bundle of {result.image} "
+                   f"({result.digest[:19]}, {result.platform}) {state}")  # fmt: skip
+        if extra.get("pushed"):
+            click.echo(f"pushed to {extra['pushed']}")
+
+    run(as_json, go)
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True)
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds before a VM is killed and reported.",
+)
+@click.option(
+    "--expect-exit",
+    type=int,
+    default=0,
+    show_default=True,
+    help="The exit code the workload must end with.",
+)
+@click.option("--cmd", default=None, help="Run this shell command instead of the entrypoint.")
+@click.option("--smoke", default=None, help="A shell command that must exit 0 before the run.")
+@click.option("--deep", is_flag=True, help="Also check every file's content hash (slower).")
+@click.option("--no-run", is_flag=True, help="Verify the tree only; do not run the workload.")
+@vm_params
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Bundles to boot at once (default: cores).",
+)
+@click.option(
+    "--junit", type=click.Path(dir_okay=False), default=None, help="Write a JUnit XML report here."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print reports as JSON.")
+@source_params
+@cache_param
+def verify(
+    bundles: tuple[str, ...], timeout: float, expect_exit: int, cmd: str | None,
+    smoke: str | None, deep: bool, no_run: bool, accel: str | None, cpus: int | None,
+    memory: int | None, jobs: int | None, junit: str | None, as_json: bool,
+    platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
+) -> None:  # fmt: skip
+    """Boot each BUNDLE, check its tree and run its workload; report per bundle.
+
+    A BUNDLE is a directory, or a registry reference to a bundle artifact (pulled once
+    into the cache).
+    """
+    from vmimg.boot.verify import VerifyOptions, junit_xml, verify_bundles
+    from vmimg.errors import VerificationFailed
+
+    def go() -> None:
+        opts = VerifyOptions(
+            timeout=timeout, expect_exit=expect_exit, cmd=cmd, smoke=smoke, deep=deep,
+            run=not no_run, accel=accel, vcpus=cpus, memory_mib=memory,
+        )  # fmt: skip
+        from vmimg.artifact.artifact import resolve_bundle_argument
+
+        cache = Cache.open(cache_dir)
+        sopts = source_options(platform, insecure, ca_cert)
+        paths = [resolve_bundle_argument(b, cache, sopts) for b in bundles]
+        reports = verify_bundles(paths, opts, cache, jobs)
+        if junit:
+            with open(junit, "wb") as f:
+                f.write(junit_xml(reports))
+        if as_json:
+            click.echo(json.dumps([r.to_json() for r in reports], indent=2))
+        else:
+            click.echo(render_reports(reports))
+        failed = [r for r in reports if not r.passed]
+        if failed and as_json:
+            sys.exit(VerificationFailed.exit_code)  # the reports say it all: one JSON document
+        if failed:
+            raise VerificationFailed(f"{len(failed)} of {len(reports)} bundles failed")
+
+    run(as_json, go)
+
+
+def render_reports(reports: list[Any]) -> str:
+    """The human table of verify reports, with details under each failure."""
+
+    def secs(v: float | None) -> str:
+        return f"{v:.2f}" if v is not None else "-"
+
+    head = f"{'BUNDLE':<28} {'RESULT':<6} {'ACCEL':<5} {'FS':<9} {'EXIT':>4} " \
+        f"{'KERNEL s':>8} {'READY s':>7} {'DONE s':>6}"  # fmt: skip
+    lines = [head]
+    for r in reports:
+        t = r.timings
+        lines.append(
+            f"{r.bundle[-28:]:<28} {'pass' if r.passed else 'FAIL':<6} {r.accel:<5} "
+            f"{r.rootfs:<9} {r.exit_code if r.exit_code is not None else '-':>4} "
+            f"{secs(t.vmm_to_kernel):>8} {secs(t.to_agent_ready):>7} {secs(t.to_workload_exit):>6}"
+        )  # fmt: skip
+    accels = {(r.accel, r.accel_reason) for r in reports if r.accel}
+    for name, reason in sorted(accels):
+        lines.append(f"accel {name}: {reason}")
+    for r in reports:
+        if not r.passed:
+            lines.append(f"{r.bundle}: failed in stage {r.stage}: {r.message}")
+            lines.extend(f"  | {line}" for line in r.console_tail)
+            if r.console_log:
+                lines.append(f"  console log: {r.console_log}")
+    return "\n".join(lines)
+
+
+@main.command("run")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@vm_params
+@click.option(
+    "-p",
+    "--publish",
+    multiple=True,
+    metavar="HOST:GUEST",
+    help="Forward TCP 127.0.0.1:HOST to the guest's GUEST port.",
+)
+@click.option("--cmd", default=None, help="Run this shell command instead of the entrypoint.")
+@click.option("--persist", is_flag=True, help="Keep the guest's writes in the bundle's ext4 image.")
+@click.option("--timeout", type=float, default=None, help="Kill the VM after this many seconds.")
+@cache_param
+def run_cmd(
+    bundle: str, accel: str | None, cpus: int | None, memory: int | None,
+    publish: tuple[str, ...], cmd: str | None, persist: bool, timeout: float | None,
+    cache_dir: str | None,
+) -> None:  # fmt: skip
+    """Boot BUNDLE with the console attached; exit with the workload's exit code.
+
+    Ctrl-] asks the guest to shut down (the workload gets SIGTERM); press it
+    twice to kill the VM. Ctrl-C goes to the workload.
+    """
+    from vmimg.boot.run import RunOptions, run_bundle
+
+    def go() -> None:
+        opts = RunOptions(
+            accel=accel, vcpus=cpus, memory_mib=memory, publish=parse_publish(publish),
+            cmd=cmd, persist=persist, timeout=timeout,
+        )  # fmt: skip
+        result = run_bundle(bundle, opts, Cache.open(cache_dir))
+        if not result.reported:
+            click.echo("vmimg: the VM stopped without reporting an exit code", err=True)
+        sys.exit(result.exit_code)
+
+    run(False, go)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--platform",
+    "platforms",
+    default=None,
+    help="Comma-separated platforms for a multi-platform index (default: the host's).",
+)
+def sample(directory: str, platforms: str | None) -> None:
+    """Write the built-in sample image (busybox) as an OCI layout in DIRECTORY.
+
+    Prints its reference, ready for `vmimg rootfs` or `vmimg build`.
+    """
+    from vmimg.image.sample import write_sample
+
+    def go() -> str:
+        if platforms:
+            return write_sample(directory, tuple(p.strip() for p in platforms.split(",")))
+        return write_sample(directory)
+
+    click.echo(run(False, go))
+
+
+@main.group()
+def cache() -> None:
+    """Look at and clean the cache."""
+
+
+@cache.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@cache_param
+def cache_ls(as_json: bool, cache_dir: str | None) -> None:
+    """Show the cache directory and the bytes each area uses."""
+
+    def go() -> None:
+        c = Cache.open(cache_dir)
+        usage = c.usage()
+        if as_json:
+            click.echo(json.dumps({"root": c.root, "bytes": usage}, indent=2))
+            return
+        click.echo(f"{c.root}")
+        for area, n in usage.items():
+            click.echo(f"  {area:<8} {n / (1 << 20):10.1f} MiB")
+
+    run(as_json, go)
+
+
+@cache.command("prune")
+@click.option("--all", "everything", is_flag=True, help="Also remove blobs and layers.")
+@cache_param
+def cache_prune(everything: bool, cache_dir: str | None) -> None:
+    """Remove finished conversions and stale temporary files (with --all, everything)."""
+    import shutil
+
+    def go() -> None:
+        c = Cache.open(cache_dir)
+        areas = ["outputs", "tmp"] + (["blobs", "layers"] if everything else [])
+        for area in areas:
+            with c.lock(f"prune-{area}"):
+                shutil.rmtree(os.path.join(c.root, area), ignore_errors=True)
+        Cache.open(cache_dir)
+        click.echo(f"pruned {', '.join(areas)} in {c.root}")
+
+    run(False, go)
+
+
+def entry() -> None:
+    """The console script: click's handling, but Ctrl-C anywhere is one line and exit 130."""
+    try:
+        main.main(standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("vmimg: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+def _register_groups() -> None:
+    """Command groups that live in their own modules."""
+    from vmimg.cli.artifact import register
+    from vmimg.cli.kernel import kernel
+
+    main.add_command(kernel)
+    register(main, kernel)  # vmimg push/pull, vmimg kernel push/pull
+
+
+_register_groups()

@@ -1,0 +1,1 @@
+"""Stage 1, images: references, OCI documents, the registry client, sources, the cache, layers."""

@@ -1,0 +1,34 @@
+"""`vmimg inspect`: what an image is, without converting it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmimg.image.cache import Cache
+from vmimg.image.sources import SourceOptions, open_image
+
+
+def describe(source: str, cache: Cache, options: SourceOptions) -> dict[str, Any]:
+    image = open_image(source, cache, options)
+    try:
+        return {
+            "name": image.name,
+            "digest": image.digest,
+            "config_digest": image.config_digest,
+            "platform": str(image.platform),
+            "config": {
+                key: image.config.config.get(key)
+                for key in ("Entrypoint", "Cmd", "Env", "WorkingDir", "User", "ExposedPorts")
+            },
+            "layers": [
+                {
+                    "digest": desc.digest,
+                    "diff_id": diff_id,
+                    "size": desc.size,
+                    "mediaType": desc.media_type,
+                }
+                for desc, diff_id in zip(image.layers, image.diff_ids, strict=True)
+            ],
+        }
+    finally:
+        image.close()

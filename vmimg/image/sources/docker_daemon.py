@@ -1,0 +1,84 @@
+"""docker-daemon:NAME[:TAG] — an image in a Docker-API engine (Docker, or podman's service).
+
+The engine is asked for the image's ID and layer diff_ids first: when the
+config and every layer are already in our cache, nothing is exported. Else
+the image is exported once (`docker save`) into the cache's tmp area and
+read as a docker-archive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import BinaryIO
+
+import docker
+import docker.errors
+
+from vmimg.errors import ImageRefError, SourceError
+from vmimg.image.cache import Cache
+from vmimg.image.oci import Descriptor, ImageConfig, Platform, normalize_platform
+from vmimg.image.sources.base import Image, check_platform
+from vmimg.image.sources.docker_archive import DOCKER_LAYER_TAR, open_docker_archive
+
+SAVE_CHUNK = 4 << 20
+
+
+def _cached_image(
+    name: str, attrs: dict[str, object], platform: Platform, cache: Cache
+) -> Image | None:
+    image_id = str(attrs.get("Id") or "")
+    if not image_id.startswith("sha256:"):
+        return None
+    config_bytes = cache.read_blob(image_id)
+    if config_bytes is None:
+        return None
+    config = ImageConfig.parse(config_bytes, f"{name}: config {image_id}")
+    if not all(os.path.exists(cache.layer_path(d)) for d in config.diff_ids):
+        return None
+    check_platform(config, platform, name)
+
+    def open_blob(desc: Descriptor) -> BinaryIO:
+        raise SourceError(f"{name}: layer {desc.digest} expected in the cache")
+
+    return Image(
+        name=name,
+        digest=image_id,
+        config_digest=image_id,
+        config=config,
+        layers=[Descriptor(DOCKER_LAYER_TAR, "", 0) for _ in config.diff_ids],
+        platform=normalize_platform(config.platform),
+        open_blob=open_blob,
+    )
+
+
+def open_daemon_image(image_name: str, name: str, platform: Platform, cache: Cache) -> Image:
+    try:
+        client = docker.from_env()
+        img = client.images.get(image_name)
+    except docker.errors.ImageNotFound:
+        raise ImageRefError(f"{name}: no such image in the engine") from None
+    except docker.errors.DockerException as e:
+        raise SourceError(f"{name}: cannot reach the Docker engine: {e}") from None
+    cached = _cached_image(name, img.attrs, platform, cache)
+    if cached is not None:
+        return cached
+    with contextlib.ExitStack() as stack:
+        f, tmp = stack.enter_context(cache.temp_file(".tar"))
+        try:
+            for chunk in img.save(chunk_size=SAVE_CHUNK, named=True):
+                f.write(chunk)
+        except docker.errors.DockerException as e:
+            raise SourceError(f"{name}: export from the engine failed: {e}") from None
+        f.flush()
+        image = open_docker_archive(tmp, name, None, platform, cache)
+        files_close = image.close
+        keep = stack.pop_all()
+
+        def close() -> None:
+            files_close()
+            keep.close()
+
+        image.close = close
+        return image
+    raise AssertionError("unreachable")

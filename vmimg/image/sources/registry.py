@@ -1,0 +1,38 @@
+"""docker://HOST/REPO:TAG — an image in a registry, over the OCI distribution API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from vmimg.errors import DigestError
+from vmimg.image.cache import Cache, digest_bytes
+from vmimg.image.oci import ACCEPT_MANIFESTS, Descriptor, Platform
+from vmimg.image.reference import RegistryRef
+from vmimg.image.registry import RegistryClient
+from vmimg.image.sources.base import Image, resolve_image
+
+
+def open_registry_image(
+    ref: RegistryRef,
+    platform: Platform,
+    cache: Cache | None,
+    insecure_hosts: Iterable[str] = (),
+    ca_cert: str | None = None,
+) -> Image:
+    client = RegistryClient(ref.registry, insecure_hosts=insecure_hosts, ca_cert=ca_cert)
+    root = cache.read_blob(ref.digest) if (cache is not None and ref.digest) else None
+    media_type = None
+    if root is None:
+        root, media_type = client.get_manifest(ref.repository, ref.reference, ACCEPT_MANIFESTS)
+        got = digest_bytes(root, ref.digest.split(":", 1)[0] if ref.digest else "sha256")
+        if ref.digest and got != ref.digest:
+            raise DigestError(f"manifest {ref}: registry sent {got}")
+        if cache is not None:
+            # Kept so that a later pull by digest needs no request at all.
+            cache.put_blob_bytes(got, root, "manifest")
+
+    def open_blob(desc: Descriptor) -> BinaryIO:
+        return client.open_blob(ref.repository, desc.digest)  # type: ignore[return-value]
+
+    return resolve_image(str(ref), root, media_type, open_blob, platform, cache, ref.digest)

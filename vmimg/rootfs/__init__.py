@@ -1,0 +1,1 @@
+"""Stage 2, root file systems: layers flattened into a Tree, and the writers that serialise it."""

@@ -1,0 +1,108 @@
+"""Reading the bytes a `Content` reference points at.
+
+Writers never open layer files themselves: they ask a `ContentReader`, which
+keeps one descriptor per layer tar and copies with os.copy_file_range (the
+kernel moves the bytes, Python never sees them) where the output is a file.
+"""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+
+from vmimg.errors import ContentError
+from vmimg.rootfs.tree import Content
+
+COPY_CHUNK = 8 << 20  # bytes per copy_file_range / read call
+
+
+class ContentReader:
+    """Reads `Content`; holds the layer files open. Use as a context manager."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def __enter__(self) -> ContentReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise ContentError(f"cannot open content file {path}: {e.strerror}") from e
+            self._fds[path] = fd
+        return fd
+
+    def read(self, content: Content, start: int = 0, length: int | None = None) -> bytes:
+        """Stored bytes [start, start+length) of `content` (for a sparse file,
+        offsets into the concatenated data runs)."""
+        stored = content.stored_size
+        if length is None:
+            length = stored - start
+        if start < 0 or length < 0 or start + length > stored:
+            raise ContentError(f"read of {length} bytes at {start} outside content of {stored}")
+        if content.data is not None:
+            return content.data[start : start + length]
+        if length == 0:
+            return b""
+        assert content.path is not None
+        data = os.pread(self._fd(content.path), length, content.offset + start)
+        if len(data) != length:
+            raise ContentError(f"content file {content.path} is shorter than its index says")
+        return data
+
+    def read_all(self, content: Content) -> bytes:
+        """The file's logical bytes, holes filled with zeros. For small files."""
+        if not content.is_sparse:
+            return self.read(content)
+        out = bytearray(content.size)
+        pos = 0
+        for ext in content.data_extents():
+            out[ext.offset : ext.offset + ext.length] = self.read(content, pos, ext.length)
+            pos += ext.length
+        return bytes(out)
+
+    def copy(self, content: Content, start: int, length: int, out_fd: int, out_offset: int) -> None:
+        """Copy stored bytes [start, start+length) to `out_fd` at `out_offset`."""
+        if content.data is not None:
+            written = os.pwrite(out_fd, content.data[start : start + length], out_offset)
+            if written != length:
+                raise ContentError("short write")
+            return
+        assert content.path is not None
+        in_fd = self._fd(content.path)
+        src = content.offset + start
+        while length > 0:
+            n = min(length, COPY_CHUNK)
+            try:
+                done = os.copy_file_range(in_fd, out_fd, n, src, out_offset)
+            except OSError:
+                done = os.pwrite(out_fd, os.pread(in_fd, n, src), out_offset)
+            if done <= 0:
+                raise ContentError(f"content file {content.path} is shorter than its index says")
+            src += done
+            out_offset += done
+            length -= done
+
+    def write_logical(self, content: Content, out_fd: int, out_offset: int) -> None:
+        """Copy the file's data runs to their logical places after `out_offset`,
+        leaving holes unwritten (they read back as zeros in a fresh file)."""
+        pos = 0
+        for ext in content.data_extents():
+            self.copy(content, pos, ext.length, out_fd, out_offset + ext.offset)
+            pos += ext.length

@@ -1,0 +1,192 @@
+"""Layers -> one Tree, following the OCI image-spec layer rules.
+
+For each layer, lowest first:
+1. Whiteouts apply first, wherever they stand in the tar: `.wh..wh..opq` in
+   a directory hides everything the lower layers put there; `.wh.NAME` hides
+   NAME. Whiteouts only ever hide what lower layers made, so applying them
+   before the layer's own entries is exactly the spec's meaning.
+2. Then every other entry in tar order. A directory over a directory keeps
+   the children and takes the new attributes; anything else replaces what
+   was at that path (a later duplicate within a layer wins too).
+
+Nothing is extracted. A path with ".." is an error naming the layer and
+entry; absolute paths are taken relative to the root, as tar does. A parent
+component that is a symlink is resolved *inside* the tree (never on the
+host), the way container runtimes extract layers, so a symlink pointing
+"outside" just points at another place in the root.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+
+from vmimg.errors import LayerError, TreeError
+from vmimg.image.layers import Entry, LayerFile, load_entries
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree, split_path
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+MAX_SYMLINK_HOPS = 40  # as the kernel's MAXSYMLINKS
+IMPLICIT_DIR_MODE = 0o755
+NAME_MAX = 255  # bytes in one name: Linux's limit, and ext4's and erofs's
+SYMLINK_MAX = 4095  # bytes in a symlink target: PATH_MAX less its NUL
+
+_NODE_TYPE = {
+    tarfile.REGTYPE: NodeType.FILE,
+    tarfile.AREGTYPE: NodeType.FILE,
+    tarfile.CONTTYPE: NodeType.FILE,
+    tarfile.GNUTYPE_SPARSE: NodeType.FILE,
+    tarfile.DIRTYPE: NodeType.DIR,
+    tarfile.SYMTYPE: NodeType.SYMLINK,
+    tarfile.CHRTYPE: NodeType.CHAR,
+    tarfile.BLKTYPE: NodeType.BLOCK,
+    tarfile.FIFOTYPE: NodeType.FIFO,
+}
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.tree = Tree(Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE))
+
+    # -- path resolution inside the tree --------------------------------------
+
+    def _resolve_dir(self, parts: list[bytes], create_mtime: int | None = None) -> Node | None:
+        """The directory at `parts`, following symlinks *inside* the tree.
+
+        ".." stops at the root, as it does for a chrooted process. With
+        `create_mtime`, missing directories are created (and a non-directory
+        in the way is replaced, as tar does); otherwise a missing one gives None.
+        """
+        stack: list[Node] = [self.tree.root]
+        pending = list(reversed(parts))
+        hops = 0
+        while pending:
+            name = pending.pop()
+            if name in (b"", b"."):
+                continue
+            if name == b"..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            node = stack[-1]
+            assert node.children is not None
+            child = node.children.get(name)
+            if child is not None and child.type is NodeType.SYMLINK:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise TreeError("too many levels of symbolic links")
+                assert child.target is not None
+                if child.target.startswith(b"/"):
+                    del stack[1:]
+                pending.extend(reversed(child.target.split(b"/")))
+                continue
+            if child is None or not child.is_dir:
+                if create_mtime is None:
+                    return None
+                child = Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=create_mtime)
+                node.children[name] = child
+            stack.append(child)
+        return stack[-1]
+
+    # -- whiteouts -------------------------------------------------------------
+
+    def apply_whiteout(self, e: Entry) -> None:
+        """Apply `e` if it is a whiteout (to what the lower layers made)."""
+        parts = split_path(e.name)
+        if not parts or not parts[-1].startswith(WHITEOUT_PREFIX):
+            return
+        name = parts[-1]
+        hidden = name[len(WHITEOUT_PREFIX) :]
+        if hidden in (b"", b".", b".."):
+            raise TreeError("invalid whiteout")  # checked first: where it stands is no excuse
+        directory = self._resolve_dir(parts[:-1])
+        if directory is None:
+            return  # whiting out inside a directory that is not there
+        assert directory.children is not None
+        if name == OPAQUE_MARKER:
+            directory.children.clear()
+        elif name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            return  # other aufs metadata (.wh..wh.plnk ...): not content
+        else:
+            directory.children.pop(hidden, None)
+
+    # -- entries ---------------------------------------------------------------
+
+    def apply_entry(self, e: Entry, layer: LayerFile) -> None:
+        parts = split_path(e.name)
+        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+            return  # handled in apply_whiteouts
+        if any(len(p) > NAME_MAX for p in parts):
+            raise TreeError(f"a name longer than {NAME_MAX} bytes")
+        if not parts:
+            if e.type == tarfile.DIRTYPE:
+                self._set_attrs(self.tree.root, e)
+            return
+        parent = self._resolve_dir(parts[:-1], create_mtime=e.mtime_ns)
+        assert parent is not None and parent.children is not None
+        name = parts[-1]
+        if e.type == tarfile.LNKTYPE:
+            parent.children[name] = self._hardlink_target(e)
+            return
+        kind = _NODE_TYPE.get(e.type)
+        if kind is None:
+            raise TreeError(f"unsupported tar entry type {e.type!r}")
+        existing = parent.children.get(name)
+        if kind is NodeType.DIR and existing is not None and existing.is_dir:
+            self._set_attrs(existing, e)
+            return
+        node = Node(kind)
+        self._set_attrs(node, e)
+        if kind is NodeType.FILE:
+            node.content = Content(
+                size=e.size, path=layer.tar_path, offset=e.offset, extents=e.sparse
+            )
+        elif kind is NodeType.SYMLINK:
+            if not e.linkname:
+                raise TreeError("symlink with an empty target")
+            if len(e.linkname) > SYMLINK_MAX:
+                raise TreeError(f"symlink target longer than {SYMLINK_MAX} bytes")
+            node.target = e.linkname
+        elif kind in (NodeType.CHAR, NodeType.BLOCK):
+            node.rdev = (e.devmajor, e.devminor)
+        parent.children[name] = node
+
+    def _hardlink_target(self, e: Entry) -> Node:
+        target_parts = split_path(e.linkname)
+        directory = self._resolve_dir(target_parts[:-1]) if target_parts else None
+        target = None
+        if directory is not None and directory.children is not None:
+            target = directory.children.get(target_parts[-1])
+        if target is None:
+            raise TreeError(f"hardlink to missing {os.fsdecode(e.linkname)!r}")
+        if target.is_dir:
+            raise TreeError(f"hardlink to directory {os.fsdecode(e.linkname)!r}")
+        return target
+
+    @staticmethod
+    def _set_attrs(node: Node, e: Entry) -> None:
+        node.mode = e.mode & 0o7777
+        node.uid = e.uid
+        node.gid = e.gid
+        node.mtime_ns = e.mtime_ns
+        node.xattrs = dict(e.xattrs)
+
+
+def flatten(layers: list[LayerFile]) -> Tree:
+    """Flatten layer tars, lowest first, into one Tree."""
+    f = _Flattener()
+    for layer in layers:
+        entries = load_entries(layer.tar_path, f"layer {layer.name}")
+        for whiteouts_pass in (True, False):
+            for e in entries:
+                try:
+                    if whiteouts_pass:
+                        f.apply_whiteout(e)
+                    else:
+                        f.apply_entry(e, layer)
+                except TreeError as err:
+                    raise LayerError(
+                        f"layer {layer.name}: entry {os.fsdecode(e.name)!r}: {err}"
+                    ) from None
+    return f.tree

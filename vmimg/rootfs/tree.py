@@ -1,0 +1,264 @@
+"""The flattened root tree: what every writer is fed.
+
+A `Tree` is an in-memory directory hierarchy of `Node`s. It holds metadata and
+*references* to file content (`Content`), never the content itself, so memory
+grows with the number of entries, not with the bytes of the image.
+
+Names and paths are `bytes`: container layers may carry names that are not
+valid UTF-8, and ordering "by path bytes" is the contract that keeps every
+writer deterministic.
+
+Hardlinks are modelled the way a file system does it: two directory entries
+that hold the *same* `Node` object. `Tree.link_counts()` gives the link count
+of each node, and writers recognise a hardlink by node identity.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from vmimg.errors import TreeError
+from vmimg.image.layers import Extent
+
+
+class NodeType(enum.Enum):
+    """File types, in the order a directory listing conventionally names them."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+    SOCKET = "socket"
+
+    @property
+    def st_ifmt(self) -> int:
+        """The S_IFMT bits of this type, as stored in an inode's mode."""
+        return _IFMT[self]
+
+
+_IFMT = {
+    NodeType.FILE: stat.S_IFREG,
+    NodeType.DIR: stat.S_IFDIR,
+    NodeType.SYMLINK: stat.S_IFLNK,
+    NodeType.CHAR: stat.S_IFCHR,
+    NodeType.BLOCK: stat.S_IFBLK,
+    NodeType.FIFO: stat.S_IFIFO,
+    NodeType.SOCKET: stat.S_IFSOCK,
+}
+
+
+@dataclass(frozen=True)
+class Content:
+    """Where a regular file's bytes are.
+
+    Either `data` holds them (small content vmimg generates itself, such as
+    the agent's config), or they are `stored_size` bytes at `offset` in the
+    file `path` (an uncompressed layer tar in the cache).
+
+    `size` is the file's logical size. For a sparse file, `extents` lists the
+    data runs in logical order; the stored bytes are those runs concatenated,
+    and everything outside them reads as zeros.
+    """
+
+    size: int
+    path: str | None = None
+    offset: int = 0
+    data: bytes | None = None
+    extents: tuple[Extent, ...] | None = None
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Content:
+        return cls(size=len(data), data=data)
+
+    @property
+    def stored_size(self) -> int:
+        if self.extents is None:
+            return self.size
+        return sum(e.length for e in self.extents)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.extents is not None
+
+    def data_extents(self) -> tuple[Extent, ...]:
+        """The data runs of the file: one run covering it all unless sparse."""
+        if self.extents is not None:
+            return self.extents
+        return (Extent(0, self.size),) if self.size else ()
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode: a file, directory, symlink, device, fifo or socket.
+
+    `mode` holds only the permission bits (including setuid, setgid and
+    sticky, 0o7777); the type is `type`. `mtime_ns` is nanoseconds since the
+    epoch. `xattrs` maps full names (b"security.capability",
+    b"user.foo") to raw values. `children` is used by directories only,
+    `target` by symlinks only, `rdev` (major, minor) by devices only,
+    `content` by regular files only.
+
+    Nodes compare by identity (eq=False) because identity *is* the hardlink
+    relation.
+    """
+
+    type: NodeType
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    children: dict[bytes, Node] | None = None
+    target: bytes | None = None
+    rdev: tuple[int, int] = (0, 0)
+    content: Content | None = None
+
+    def __post_init__(self) -> None:
+        if self.type is NodeType.DIR and self.children is None:
+            self.children = {}
+        if self.type is NodeType.FILE and self.content is None:
+            self.content = Content(size=0)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type is NodeType.DIR
+
+    @property
+    def size(self) -> int:
+        """The byte size a stat() would report for a file or symlink."""
+        if self.type is NodeType.FILE:
+            assert self.content is not None
+            return self.content.size
+        if self.type is NodeType.SYMLINK:
+            assert self.target is not None
+            return len(self.target)
+        return 0
+
+    @property
+    def st_mode(self) -> int:
+        """Full st_mode: type bits plus permission bits."""
+        return self.type.st_ifmt | (self.mode & 0o7777)
+
+    def sorted_children(self) -> list[tuple[bytes, Node]]:
+        """Children ordered by name bytes, the order every writer uses."""
+        assert self.children is not None
+        return sorted(self.children.items())
+
+
+def split_path(path: bytes) -> list[bytes]:
+    """Split a tree path into components, refusing anything that leaves the root.
+
+    Leading "/" and "./" are accepted (tar members carry both), "." components
+    are dropped, and ".." is an error rather than something to resolve: a
+    flattened tree never needs it, and resolving it is how extraction escapes.
+    """
+    parts = [p for p in path.split(b"/") if p not in (b"", b".")]
+    for p in parts:
+        if p == b"..":
+            raise TreeError(f"path leaves the root: {os.fsdecode(path)!r}")
+    return parts
+
+
+class Tree:
+    """A root directory and operations on it by path."""
+
+    def __init__(self, root: Node | None = None) -> None:
+        self.root = root or Node(NodeType.DIR, mode=0o755)
+        if not self.root.is_dir:
+            raise TreeError("the root of a tree must be a directory")
+
+    def get(self, path: bytes) -> Node | None:
+        """The node at `path`, or None. Symlinks are not followed."""
+        node = self.root
+        for name in split_path(path):
+            if node.children is None:
+                return None
+            child = node.children.get(name)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def parent_of(self, path: bytes, make_dirs: Node | None = None) -> tuple[Node, bytes]:
+        """The directory that holds `path`, and the last name of `path`.
+
+        With `make_dirs`, missing parents are created as copies of that
+        template node; otherwise a missing parent is an error.
+        """
+        parts = split_path(path)
+        if not parts:
+            raise TreeError("the root has no parent")
+        node = self.root
+        for i, name in enumerate(parts[:-1]):
+            assert node.children is not None
+            child = node.children.get(name)
+            if child is None:
+                if make_dirs is None:
+                    raise TreeError(f"no directory {os.fsdecode(b'/'.join(parts[: i + 1]))!r}")
+                child = Node(
+                    NodeType.DIR,
+                    mode=make_dirs.mode,
+                    uid=make_dirs.uid,
+                    gid=make_dirs.gid,
+                    mtime_ns=make_dirs.mtime_ns,
+                )
+                node.children[name] = child
+            elif not child.is_dir:
+                raise TreeError(f"not a directory: {os.fsdecode(b'/'.join(parts[: i + 1]))!r}")
+            node = child
+        return node, parts[-1]
+
+    def add(self, path: bytes, node: Node, make_dirs: Node | None = None) -> None:
+        """Place `node` at `path`, replacing whatever was there."""
+        parent, name = self.parent_of(path, make_dirs)
+        assert parent.children is not None
+        parent.children[name] = node
+
+    def remove(self, path: bytes) -> Node | None:
+        """Remove and return the entry at `path` (with everything below it)."""
+        try:
+            parent, name = self.parent_of(path)
+        except TreeError:
+            return None
+        assert parent.children is not None
+        return parent.children.pop(name, None)
+
+    def walk(self) -> Iterator[tuple[bytes, Node]]:
+        """Every (path, node) in depth-first order, children by name bytes.
+
+        Paths are absolute (b"/", b"/etc", b"/etc/passwd"). A hardlinked node
+        appears once per path that holds it.
+        """
+        stack: list[tuple[bytes, Node]] = [(b"/", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            if node.children:
+                prefix = path if path.endswith(b"/") else path + b"/"
+                for name, child in reversed(node.sorted_children()):
+                    stack.append((prefix + name, child))
+
+    def link_counts(self) -> dict[int, int]:
+        """Link count per node id: entries naming it, plus for a directory its
+        "." and each subdirectory's "..", as a file system counts them."""
+        counts: dict[int, int] = {}
+        for _path, node in self.walk():
+            counts[id(node)] = counts.get(id(node), 0) + 1
+            if node.is_dir:
+                assert node.children is not None
+                counts[id(node)] += 1 + sum(1 for c in node.children.values() if c.is_dir)
+        return counts
+
+    def clamp_mtimes(self, epoch_ns: int) -> None:
+        """Clamp every mtime to at most `epoch_ns` (SOURCE_DATE_EPOCH)."""
+        seen: set[int] = set()
+        for _path, node in self.walk():
+            if id(node) not in seen:
+                seen.add(id(node))
+                node.mtime_ns = min(node.mtime_ns, epoch_ns)

@@ -1,0 +1,142 @@
+"""The flattened root as a newc cpio archive: a Linux initramfs.
+
+The kernel unpacks newc ("070701") archives, optionally compressed. A
+hardlinked node is written with its data at its first path and with size 0
+at the others, all sharing one inode number, which is how the kernel's
+initramfs unpacker links them. newc has no xattrs and whole-second mtimes
+only; both are documented limits of this format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zstandard
+from isal import isal_zlib
+
+from vmimg.errors import WriterError
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.tree import Node, NodeType, Tree
+
+NEWC_MAGIC = b"070701"
+TRAILER = b"TRAILER!!!"
+ALIGN = 4
+READ_CHUNK = 4 << 20
+GZIP_WBITS = 31
+COMPRESSIONS = ("gzip", "zstd", "none")
+DEFAULT_GZIP_LEVEL = 3  # isal levels run 0..3
+DEFAULT_ZSTD_LEVEL = 10
+
+
+@dataclass(frozen=True)
+class CpioOptions:
+    compression: str = "gzip"
+    level: int | None = None
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % ALIGN)
+
+
+def newc_header(
+    name: bytes,
+    ino: int,
+    mode: int,
+    uid: int,
+    gid: int,
+    nlink: int,
+    mtime: int,
+    size: int,
+    rdev: tuple[int, int] = (0, 0),
+) -> bytes:
+    """One newc header with its name, padded so the data starts aligned."""
+    namesize = len(name) + 1
+    fields = (ino, mode, uid, gid, nlink, max(mtime, 0), size, 0, 0, rdev[0], rdev[1], namesize, 0)
+    hdr = NEWC_MAGIC + b"".join(b"%08X" % (f & 0xFFFFFFFF) for f in fields) + name + b"\0"
+    return hdr + _pad(len(hdr))
+
+
+class _Sink:
+    """Writes to a file descriptor through an optional compressor."""
+
+    def __init__(self, out_fd: int, compression: str, level: int | None) -> None:
+        self.fd = out_fd
+        self.written = 0  # uncompressed bytes so far
+        self._compress: Callable[[bytes], bytes]
+        self._flush: Callable[[], bytes]
+        if compression == "gzip":
+            c = isal_zlib.compressobj(
+                level if level is not None else DEFAULT_GZIP_LEVEL, isal_zlib.DEFLATED, GZIP_WBITS
+            )
+            self._compress, self._flush = c.compress, c.flush
+        elif compression == "zstd":
+            z = zstandard.ZstdCompressor(
+                level=level if level is not None else DEFAULT_ZSTD_LEVEL
+            ).compressobj()
+            self._compress, self._flush = z.compress, z.flush
+        elif compression == "none":
+            self._compress, self._flush = (lambda b: b), (lambda: b"")
+        else:
+            raise WriterError(f"unknown initramfs compression {compression!r}")
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        out = self._compress(data)
+        if out:
+            os.write(self.fd, out)
+
+    def close(self) -> None:
+        os.write(self.fd, self._flush())
+
+
+def write_cpio(tree: Tree, reader: ContentReader, out_fd: int, options: CpioOptions) -> list[str]:
+    """Write the tree as a (compressed) newc cpio to `out_fd`. Returns warnings."""
+    warnings: list[str] = []
+    sink = _Sink(out_fd, options.compression, options.level)
+    counts = tree.link_counts()
+    inos: dict[int, int] = {}
+    for path, node in tree.walk():
+        name = b"." if path == b"/" else path.lstrip(b"/")
+        seen = id(node) in inos
+        if not seen:
+            inos[id(node)] = len(inos) + 1
+        if node.xattrs and not seen:
+            warnings.append(f"{os.fsdecode(path)}: xattrs are not stored in an initramfs")
+        size = node.size if not seen else 0
+        sink.write(
+            newc_header(
+                name,
+                inos[id(node)],
+                node.st_mode,
+                node.uid,
+                node.gid,
+                counts[id(node)],
+                node.mtime_ns // 1_000_000_000,
+                size,
+                node.rdev,
+            )
+        )
+        if size:
+            _write_data(sink, reader, node)
+            sink.write(_pad(size))
+    sink.write(newc_header(TRAILER, 0, 0, 0, 0, 1, 0, 0))
+    sink.close()
+    return warnings
+
+
+def _write_data(sink: _Sink, reader: ContentReader, node: Node) -> None:
+    if node.type is NodeType.SYMLINK:
+        assert node.target is not None
+        sink.write(node.target)
+        return
+    assert node.content is not None
+    content = node.content
+    if content.is_sparse:
+        if content.size > READ_CHUNK * 64:
+            raise WriterError("sparse files larger than 256 MiB do not fit an initramfs")
+        sink.write(reader.read_all(content))
+        return
+    for start in range(0, content.size, READ_CHUNK):
+        sink.write(reader.read(content, start, min(READ_CHUNK, content.size - start)))

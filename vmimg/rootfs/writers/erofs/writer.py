@@ -1,0 +1,669 @@
+"""Lay a `Tree` out as an EROFS image (the layout Linux 6.1 mounts).
+
+Image layout, in blocks of 4 KiB:
+
+    block 0        superblock at 1024 (+ lz4 config when anything is compressed)
+    data area      regular file data, then directory blocks
+    meta area      inodes (meta_blkaddr; nid = byte offset / 32), each followed by
+                   its xattrs and either its inline tail or its compression indexes
+    xattr area     shared xattrs (xattr_blkaddr), when any value is shared
+
+Data comes first because only after compressing a file do we know whether it
+stays compressed (its inode then carries an index array instead of an inline
+tail), and inode sizes decide nids. So file data is written in one pass, in
+tree order, straight to its final place; then directories (whose blocks hold
+nids) and the inodes are laid out and written from memory. Memory holds only
+metadata: inodes, dirents, compression indexes, a bounded window of chunks in
+flight.
+
+Inode order puts the children of a directory next to each other, then
+descends into subdirectories (as mkfs.erofs does), so a `ls -l` touches few
+metadata blocks. Inodes are packed first-fit into a window of open metadata
+blocks; an inode with its xattrs and inline data never straddles a block
+unless it is bigger than one (the kernel requires inline data not to cross a
+block boundary).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import crc32c
+
+from vmimg.errors import WriterError
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.erofs import format as fmt
+from vmimg.rootfs.writers.erofs.compress import (
+    CHUNK_SIZE,
+    MAX_PCLUSTER_BLOCKS,
+    Compress,
+    CompressedFile,
+    blocks_for,
+    make_compressor,
+)
+
+BLOCK = fmt.BLOCK_SIZE
+VOLUME_NAME_MAX = 15  # 16 bytes on disk, NUL-terminated
+META_OPEN_BLOCKS = 32  # metadata blocks kept open for first-fit packing
+COMPRESS_WORKERS = max(1, min(4, os.cpu_count() or 1))  # lz4 releases the GIL
+CHUNKS_IN_FLIGHT = 4 * COMPRESS_WORKERS
+ZERO_CHUNK = 1 << 20
+
+_FILE_TYPE = {
+    NodeType.FILE: fmt.FT_REG_FILE,
+    NodeType.DIR: fmt.FT_DIR,
+    NodeType.SYMLINK: fmt.FT_SYMLINK,
+    NodeType.CHAR: fmt.FT_CHRDEV,
+    NodeType.BLOCK: fmt.FT_BLKDEV,
+    NodeType.FIFO: fmt.FT_FIFO,
+    NodeType.SOCKET: fmt.FT_SOCK,
+}
+
+
+@dataclass(frozen=True)
+class ErofsOptions:
+    compress: str = "none"  # "none" | "lz4" | "lz4hc"
+    compress_level: int | None = None  # lz4hc level, 1..12 (default 9, as mkfs.erofs)
+    seed: bytes = b""  # the UUID derives from it and the image's metadata
+    label: str = ""  # volume name, at most 15 bytes
+
+
+@dataclass(eq=False)
+class _Inode:
+    """One inode being laid out: the node plus everything decided about it."""
+
+    node: Node
+    path: bytes  # the first path naming it, for error messages
+    ino: int
+    nlink: int = 1
+    extended: bool = False
+    xattr_ibody: bytes = b""
+    datalayout: int = fmt.INODE_FLAT_PLAIN
+    size: int = 0
+    i_u: int = 0  # raw_blkaddr, compressed_blocks or rdev
+    inline_len: int = 0  # tail bytes stored right after the inode and its xattrs
+    compressed: CompressedFile | None = None
+    # directories only: sorted (name, inode) including "." and "..", and the
+    # index of the first entry of each directory block
+    entries: list[tuple[bytes, _Inode]] = field(default_factory=list)
+    block_starts: list[int] = field(default_factory=list)
+    nid: int = 0
+
+    @property
+    def inode_size(self) -> int:
+        return fmt.EXTENDED_INODE_SIZE if self.extended else fmt.COMPACT_INODE_SIZE
+
+    @property
+    def head_size(self) -> int:
+        """Inode plus xattr ibody."""
+        return self.inode_size + len(self.xattr_ibody)
+
+    @property
+    def meta_size(self) -> int:
+        """Bytes this inode takes in the meta area."""
+        if self.compressed is not None:
+            return self.compressed.metadata_size(self.head_size)
+        return self.head_size + self.inline_len
+
+    def fits_inline(self, tail: int) -> bool:
+        return tail > 0 and self.head_size + tail <= BLOCK
+
+
+def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOptions) -> None:
+    """Write `tree` as an EROFS image to the fresh, empty file `out_fd`."""
+    compress = make_compressor(options.compress, options.compress_level)
+    volume_name = _volume_name(options.label)
+    inodes = _collect_inodes(tree)
+    build_time_ns = _most_common_mtime(inodes)
+    shared_table = _assign_xattrs(inodes)
+    for inode in inodes:
+        if inode.node.is_dir:
+            _plan_dirents(inode)
+        _decide_inode_version(inode, build_time_ns)
+
+    data = _DataArea(out_fd, reader, first_block=1)
+    _place_data(data, inodes, compress)
+
+    meta_blkaddr = data.next_block
+    meta = _build_meta_area(inodes, reader, data)
+    xattr_blkaddr = meta_blkaddr + len(meta) // BLOCK
+    total_blocks = xattr_blkaddr + blocks_for(len(shared_table))
+    if total_blocks > fmt.BLOCKS_MAX:
+        raise WriterError("the tree needs an erofs image over 16 TiB (32-bit block numbers)")
+    os.pwrite(out_fd, meta, meta_blkaddr * BLOCK)
+    if shared_table:
+        os.pwrite(out_fd, shared_table, xattr_blkaddr * BLOCK)
+
+    digest = hashlib.sha256(b"vmimg-erofs\0" + options.seed)
+    digest.update(hashlib.sha256(meta).digest())
+    digest.update(hashlib.sha256(shared_table).digest())
+    compressed = any(i.compressed is not None for i in inodes)
+    sb = fmt.Superblock(
+        root_nid=inodes[0].nid,
+        inos=len(inodes),
+        build_time=build_time_ns // 1_000_000_000,
+        build_time_nsec=build_time_ns % 1_000_000_000,
+        blocks=total_blocks,
+        meta_blkaddr=meta_blkaddr,
+        xattr_blkaddr=xattr_blkaddr if shared_table else 0,
+        uuid=uuid.UUID(bytes=digest.digest()[:16], version=4).bytes,
+        volume_name=volume_name,
+        feature_compat=fmt.FEATURE_COMPAT_SB_CHKSUM | fmt.FEATURE_COMPAT_MTIME,
+        feature_incompat=_COMPRESSION_FEATURES if compressed else 0,
+        u1=1 << fmt.COMPRESSION_LZ4 if compressed else 0,  # available_compr_algs
+    )
+    os.pwrite(out_fd, _superblock_block(sb, compressed), 0)
+    os.ftruncate(out_fd, total_blocks * BLOCK)
+
+
+# big pclusters need the lz4 config (max_pclusterblks) that COMPR_CFGS places
+# after the superblock; 0padding lets the kernel find where a stream starts
+_COMPRESSION_FEATURES = (
+    fmt.FEATURE_INCOMPAT_ZERO_PADDING
+    | fmt.FEATURE_INCOMPAT_COMPR_CFGS
+    | fmt.FEATURE_INCOMPAT_BIG_PCLUSTER
+)
+
+
+def _place_data(data: _DataArea, inodes: list[_Inode], compress: Compress | None) -> None:
+    """Write all file data, then reserve the directories' blocks."""
+    files = [i for i in inodes if i.node.type in (NodeType.FILE, NodeType.SYMLINK)]
+    if compress is None:
+        for inode in files:
+            data.place_plain(inode)
+    else:
+        data.place_compressed(files, compress)
+    for inode in inodes:
+        _place_special(inode)
+        if inode.node.is_dir:
+            data.place_directory(inode)
+
+
+def _build_meta_area(inodes: list[_Inode], reader: ContentReader, data: _DataArea) -> bytearray:
+    """Assign nids, then render every inode (and write the directory blocks,
+    which need the nids) into the meta area, a whole number of blocks."""
+    meta = bytearray(blocks_for(_assign_nids(inodes)) * BLOCK)
+    for inode in inodes:
+        _write_inode(meta, inode, reader, data)
+    return meta
+
+
+# --- inodes -------------------------------------------------------------------
+
+
+def _collect_inodes(tree: Tree) -> list[_Inode]:
+    """One _Inode per distinct node: the root, then each directory's children
+    together, then the subdirectories in name order, depth first."""
+    counts = tree.link_counts()
+    root = _Inode(tree.root, b"/", ino=1, nlink=counts[id(tree.root)])
+    by_node: dict[int, _Inode] = {id(tree.root): root}
+    order = [root]
+    parents: dict[int, _Inode] = {id(tree.root): root}
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        prefix = directory.path.rstrip(b"/") + b"/"
+        entries: list[tuple[bytes, _Inode]] = []
+        subdirs: list[_Inode] = []
+        for name, child in directory.node.sorted_children():
+            _check_name(name, directory.path)
+            inode = by_node.get(id(child))
+            if inode is None:
+                inode = _Inode(child, prefix + name, ino=len(order) + 1, nlink=counts[id(child)])
+                by_node[id(child)] = inode
+                order.append(inode)
+                if child.is_dir:
+                    parents[id(child)] = directory
+                    subdirs.append(inode)
+            entries.append((name, inode))
+        parent = parents[id(directory.node)]
+        entries += [(b".", directory), (b"..", parent)]
+        entries.sort(key=lambda e: e[0])
+        directory.entries = entries
+        stack.extend(reversed(subdirs))
+    return order
+
+
+def _check_name(name: bytes, parent: bytes) -> None:
+    if not 0 < len(name) <= fmt.NAME_LEN_MAX or b"/" in name or b"\0" in name:
+        raise WriterError(f"erofs cannot store the name {name!r} in {os.fsdecode(parent)!r}")
+
+
+def _most_common_mtime(inodes: list[_Inode]) -> int:
+    """The build time: compact inodes carry no mtime and read this one instead,
+    so the most common mtime lets the most inodes stay compact."""
+    counts = collections.Counter(i.node.mtime_ns for i in inodes if i.node.mtime_ns >= 0)
+    if not counts:
+        return 0  # the superblock's build time is unsigned
+    best = max(counts.values())
+    return min(t for t, n in counts.items() if n == best)
+
+
+def _node_size(inode: _Inode) -> int:
+    node = inode.node
+    if node.is_dir:
+        return (len(inode.block_starts) - 1) * BLOCK + _dir_block_used(inode, -1)
+    return node.size
+
+
+def _decide_inode_version(inode: _Inode, build_time_ns: int) -> None:
+    node = inode.node
+    inode.size = _node_size(inode)
+    inode.extended = (
+        node.uid > fmt.COMPACT_ID_MAX
+        or node.gid > fmt.COMPACT_ID_MAX
+        or inode.nlink > fmt.COMPACT_NLINK_MAX
+        or inode.size > fmt.COMPACT_SIZE_MAX
+        or node.mtime_ns != build_time_ns
+    )
+    if node.uid > 0xFFFFFFFF or node.gid > 0xFFFFFFFF or node.uid < 0 or node.gid < 0:
+        raise WriterError(f"owner {node.uid}:{node.gid} of {os.fsdecode(inode.path)!r} too large")
+
+
+def _place_special(inode: _Inode) -> None:
+    if inode.node.type in (NodeType.CHAR, NodeType.BLOCK):
+        major, minor = inode.node.rdev
+        if not (0 <= major <= fmt.DEV_MAJOR_MAX and 0 <= minor <= fmt.DEV_MINOR_MAX):
+            raise WriterError(f"device number {major}:{minor} of {os.fsdecode(inode.path)!r}")
+        inode.i_u = fmt.encode_dev(major, minor)
+
+
+# --- xattrs -------------------------------------------------------------------
+
+_XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, value)
+
+
+def _xattr_key(inode: _Inode, name: bytes, value: bytes) -> _XattrKey:
+    shown = f"xattr {name!r} of {os.fsdecode(inode.path)!r}"
+    if len(value) > fmt.XATTR_VALUE_SIZE_MAX:
+        raise WriterError(f"{shown}: value larger than {fmt.XATTR_VALUE_SIZE_MAX} bytes")
+    index = fmt.XATTR_EXACT_NAMES.get(name)
+    if index is not None:
+        return (index, b"", value)
+    for prefix, index in fmt.XATTR_PREFIXES:
+        if name.startswith(prefix):
+            suffix = name[len(prefix) :]
+            if len(suffix) > fmt.XATTR_NAME_LEN_MAX:
+                raise WriterError(f"{shown}: name too long")
+            return (index, suffix, value)
+    raise WriterError(f"{shown}: erofs stores only user., trusted., security. and ACL xattrs")
+
+
+def _assign_xattrs(inodes: list[_Inode]) -> bytes:
+    """Fill each inode's xattr ibody; return the shared xattr table.
+
+    An xattr (name and value) that two or more inodes carry is stored once in
+    the shared area and referenced by its id (offset / 4 from xattr_blkaddr).
+    """
+    keys = {id(i): [_xattr_key(i, n, v) for n, v in i.node.xattrs.items()] for i in inodes}
+    usage = collections.Counter(k for ks in keys.values() for k in ks)
+    table = bytearray()
+    shared_id: dict[_XattrKey, int] = {}
+    for key in sorted(k for k, n in usage.items() if n > 1):
+        shared_id[key] = len(table) // fmt.XATTR_ALIGN
+        table += fmt.XattrEntry(*key).pack()
+    for inode in inodes:
+        own = sorted(keys[id(inode)])
+        if not own:
+            continue
+        ids = [shared_id[k] for k in own if k in shared_id][: fmt.XATTR_SHARED_COUNT_MAX]
+        taken = set(ids)
+        body = fmt.XattrIbodyHeader(tuple(ids)).pack()
+        body += b"".join(
+            fmt.XattrEntry(*k).pack() for k in own if shared_id.get(k, -1) not in taken
+        )
+        if fmt.xattr_icount(len(body)) > fmt.XATTR_ICOUNT_MAX:
+            raise WriterError(f"xattrs of {os.fsdecode(inode.path)!r} too large for erofs")
+        inode.xattr_ibody = body
+    return bytes(table)
+
+
+# --- directories ----------------------------------------------------------------
+
+
+def _plan_dirents(inode: _Inode) -> None:
+    """Split the sorted entries into blocks: dirents first, then their names."""
+    starts = [0]
+    used = 0
+    for i, (name, _child) in enumerate(inode.entries):
+        need = fmt.DIRENT_SIZE + len(name)
+        if used + need > BLOCK:
+            starts.append(i)
+            used = 0
+        used += need
+    inode.block_starts = starts
+
+
+def _dir_block_range(inode: _Inode, block: int) -> tuple[int, int]:
+    starts = inode.block_starts
+    if block < 0:
+        block += len(starts)
+    end = starts[block + 1] if block + 1 < len(starts) else len(inode.entries)
+    return starts[block], end
+
+
+def _dir_block_used(inode: _Inode, block: int) -> int:
+    start, end = _dir_block_range(inode, block)
+    return sum(fmt.DIRENT_SIZE + len(name) for name, _ in inode.entries[start:end])
+
+
+def _dir_block(inode: _Inode, block: int) -> bytes:
+    """One directory block: dirents (sorted by name) then the names, unpadded."""
+    start, end = _dir_block_range(inode, block)
+    chunk = inode.entries[start:end]
+    nameoff = fmt.DIRENT_SIZE * len(chunk)
+    dirents = []
+    for name, child in chunk:
+        dirents.append(fmt.Dirent(child.nid, nameoff, _FILE_TYPE[child.node.type]).pack())
+        nameoff += len(name)
+    return b"".join(dirents) + b"".join(name for name, _ in chunk)
+
+
+# --- the data area --------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    """One compression job of a file, in flight."""
+
+    inode: _Inode
+    first: bool
+    last: bool
+    raw: bytes
+    result: Future[bytes] | None
+
+
+class _DataArea:
+    """File and directory data, written at a cursor that only moves forward
+    (except to take back an attempt at compressing a file that did not shrink).
+
+    Invariant: every byte at or after the cursor is zero, as in a fresh file.
+    """
+
+    def __init__(self, out_fd: int, reader: ContentReader, first_block: int) -> None:
+        self.out_fd = out_fd
+        self.reader = reader
+        self.next_block = first_block
+        self._current: CompressedFile | None = None
+
+    # plain data
+
+    def place_plain(self, inode: _Inode) -> int:
+        """Store a file or symlink uncompressed: full blocks here, the tail
+        inline after the inode when it fits there, else in one more block.
+        Return the number of bytes written at the data's start."""
+        size = inode.size
+        full, tail = divmod(size, BLOCK)
+        inline = inode.fits_inline(tail)
+        nblocks = full if inline or not tail else full + 1
+        inode.datalayout = fmt.INODE_FLAT_INLINE if inline else fmt.INODE_FLAT_PLAIN
+        inode.inline_len = tail if inline else 0
+        inode.i_u = self.next_block if nblocks else 0
+        written = size if nblocks > full else full * BLOCK
+        if written:
+            self._copy(inode.node, 0, written, self.next_block * BLOCK)
+        self.next_block += nblocks
+        return written
+
+    def _copy(self, node: Node, start: int, length: int, out_offset: int) -> None:
+        if node.type is NodeType.SYMLINK:
+            assert node.target is not None
+            os.pwrite(self.out_fd, node.target[start : start + length], out_offset)
+            return
+        assert node.content is not None
+        copy_logical(self.reader, node.content, start, length, self.out_fd, out_offset)
+
+    # compressed data
+
+    def place_compressed(self, files: list[_Inode], compress: Compress) -> None:
+        """Compress files in 64 KiB chunks on a few threads, in order; write
+        each pcluster as its result comes back; keep the result only if the
+        file shrinks."""
+        window: collections.deque[_Chunk] = collections.deque()
+        with ThreadPoolExecutor(max_workers=COMPRESS_WORKERS) as pool:
+            for chunk in self._chunks(files, compress, pool):
+                window.append(chunk)
+                if len(window) >= CHUNKS_IN_FLIGHT:
+                    self._finish(window.popleft())
+            while window:
+                self._finish(window.popleft())
+
+    def _chunks(
+        self, files: list[_Inode], compress: Compress, pool: ThreadPoolExecutor
+    ) -> Iterator[_Chunk]:
+        for inode in files:
+            node = inode.node
+            # a file of one block or less cannot beat its inline tail
+            if node.type is not NodeType.FILE or inode.size <= BLOCK:
+                yield _Chunk(inode, True, True, b"", None)
+                continue
+            assert node.content is not None
+            for start in range(0, inode.size, CHUNK_SIZE):
+                length = min(CHUNK_SIZE, inode.size - start)
+                raw = read_logical(self.reader, node.content, start, length)
+                yield _Chunk(
+                    inode, start == 0, start + length == inode.size, raw, pool.submit(compress, raw)
+                )
+
+    def _finish(self, chunk: _Chunk) -> None:
+        if chunk.result is None:
+            self.place_plain(chunk.inode)
+            return
+        if chunk.first:
+            self._current = CompressedFile(chunk.inode.size, self.next_block)
+        current = self._current
+        assert current is not None
+        offset = (current.start_block + current.blocks) * BLOCK
+        os.pwrite(
+            self.out_fd, current.add_chunk(len(chunk.raw), chunk.result.result(), chunk.raw), offset
+        )
+        if chunk.last:
+            self._decide(chunk.inode, current)
+            self._current = None
+
+    def _decide(self, inode: _Inode, current: CompressedFile) -> None:
+        full, tail = divmod(inode.size, BLOCK)
+        plain_tail = tail if inode.fits_inline(tail) else blocks_for(tail) * BLOCK
+        plain_cost = full * BLOCK + inode.head_size + plain_tail
+        compressed_cost = current.blocks * BLOCK + current.metadata_size(inode.head_size)
+        if compressed_cost < plain_cost:
+            inode.compressed = current
+            inode.datalayout = fmt.INODE_COMPRESSED_FULL
+            inode.i_u = current.blocks
+            self.next_block = current.start_block + current.blocks
+            return
+        # Take the attempt back: rewrite the file plain from the same place,
+        # and zero what the plain copy does not cover (holes, the tail block).
+        written_end = (current.start_block + current.blocks) * BLOCK
+        self.next_block = current.start_block
+        assert inode.node.content is not None
+        if inode.node.content.is_sparse:
+            self._zero(current.start_block * BLOCK, written_end)
+        written = self.place_plain(inode)
+        self._zero(current.start_block * BLOCK + written, written_end)
+
+    def _zero(self, start: int, end: int) -> None:
+        zeros = bytes(min(ZERO_CHUNK, max(0, end - start)))
+        while start < end:
+            start += os.pwrite(self.out_fd, zeros[: end - start], start)
+
+    # directories
+
+    def place_directory(self, inode: _Inode) -> None:
+        """Reserve the directory's blocks; they are filled once nids are known."""
+        nblocks = len(inode.block_starts)
+        tail = _dir_block_used(inode, -1)
+        inline = inode.fits_inline(tail)
+        data_blocks = nblocks - 1 if inline else nblocks
+        inode.datalayout = fmt.INODE_FLAT_INLINE if inline else fmt.INODE_FLAT_PLAIN
+        inode.inline_len = tail if inline else 0
+        inode.i_u = self.next_block if data_blocks else 0
+        self.next_block += data_blocks
+
+    def write_directory(self, inode: _Inode) -> bytes:
+        """Write the directory's data blocks; return its inline tail (or b"")."""
+        nblocks = len(inode.block_starts)
+        data_blocks = nblocks - 1 if inode.inline_len else nblocks
+        out = bytearray()
+        for block in range(data_blocks):
+            raw = _dir_block(inode, block)
+            out += raw + bytes(BLOCK - len(raw))
+        if out:
+            os.pwrite(self.out_fd, out, inode.i_u * BLOCK)
+        return _dir_block(inode, -1) if inode.inline_len else b""
+
+
+# --- the meta area --------------------------------------------------------------
+
+
+def _assign_nids(inodes: list[_Inode]) -> int:
+    """Give every inode its place in the meta area; return the area's length.
+
+    First-fit over a window of open blocks: an inode (with its xattrs and
+    inline data) goes into the first open block with room for all of it, or
+    starts a new block. Slot 0 stays unused so that no inode has nid 0 (an
+    inode number 0 means "no inode" to much of userspace).
+    """
+    open_blocks: collections.OrderedDict[int, int] = collections.OrderedDict({0: 32})
+    end = BLOCK  # first byte of never-used space
+    for inode in inodes:
+        size = _align(inode.meta_size, fmt.INODE_SLOT_SIZE)
+        offset = None
+        if size <= BLOCK:
+            for block, used in open_blocks.items():
+                if used + size <= BLOCK:
+                    offset = block * BLOCK + used
+                    break
+        if offset is None:
+            offset = end
+            end += _align(size, BLOCK)
+            if len(open_blocks) >= META_OPEN_BLOCKS:
+                open_blocks.popitem(last=False)
+        inode.nid = offset // fmt.INODE_SLOT_SIZE
+        last_block, used = divmod(offset + size, BLOCK)
+        if used == 0:
+            open_blocks.pop(last_block - 1, None)
+        else:
+            open_blocks[last_block] = used
+    if inodes[0].nid > fmt.ROOT_NID_MAX:
+        raise WriterError("the root directory's inode does not fit in a 16-bit nid")
+    return end
+
+
+def _write_inode(meta: bytearray, inode: _Inode, reader: ContentReader, data: _DataArea) -> None:
+    node = inode.node
+    mtime_s, mtime_ns = divmod(node.mtime_ns, 1_000_000_000)
+    icount = fmt.xattr_icount(len(inode.xattr_ibody))
+    raw: fmt.InodeCompact | fmt.InodeExtended
+    if inode.extended:
+        raw = fmt.InodeExtended(
+            inode.datalayout,
+            icount,
+            node.st_mode,
+            inode.nlink,
+            inode.size,
+            inode.i_u,
+            inode.ino,
+            node.uid,
+            node.gid,
+            mtime_s,
+            mtime_ns,
+        )
+    else:
+        raw = fmt.InodeCompact(
+            inode.datalayout,
+            icount,
+            node.st_mode,
+            inode.nlink,
+            inode.size,
+            inode.i_u,
+            inode.ino,
+            node.uid,
+            node.gid,
+        )
+    body = raw.pack() + inode.xattr_ibody
+    if inode.compressed is not None:
+        body += inode.compressed.metadata(len(body))
+    elif node.is_dir:
+        body += data.write_directory(inode)
+    elif inode.inline_len:
+        body += _tail(inode, reader)
+    offset = inode.nid * fmt.INODE_SLOT_SIZE
+    meta[offset : offset + len(body)] = body
+
+
+def _tail(inode: _Inode, reader: ContentReader) -> bytes:
+    start = inode.size - inode.inline_len
+    if inode.node.type is NodeType.SYMLINK:
+        assert inode.node.target is not None
+        return inode.node.target[start:]
+    assert inode.node.content is not None
+    return read_logical(reader, inode.node.content, start, inode.inline_len)
+
+
+def _superblock_block(sb: fmt.Superblock, compressed: bool) -> bytes:
+    """Block 0: the superblock (with its crc32c) and the lz4 configuration."""
+    block = bytearray(BLOCK)
+    tail = sb.pack()
+    if compressed:
+        tail += fmt.Lz4Config(fmt.LZ4_MAX_DISTANCE, MAX_PCLUSTER_BLOCKS).pack()
+    block[fmt.SUPER_OFFSET : fmt.SUPER_OFFSET + len(tail)] = tail
+    # the kernel's crc32c(~0, ...) has no final inversion
+    checksum = crc32c.crc32c(bytes(block[fmt.SUPER_OFFSET :])) ^ 0xFFFFFFFF
+    at = fmt.SUPER_OFFSET + fmt.SUPERBLOCK_CHECKSUM_OFFSET
+    block[at : at + 4] = checksum.to_bytes(4, "little")
+    return bytes(block)
+
+
+def _volume_name(label: str) -> bytes:
+    raw = label.encode()
+    if len(raw) > VOLUME_NAME_MAX or b"\0" in raw:
+        raise WriterError(f"erofs label {label!r} longer than {VOLUME_NAME_MAX} bytes")
+    return raw.ljust(16, b"\0")
+
+
+def _align(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+# --- reading logical file ranges ---------------------------------------------------
+
+
+def _overlaps(content: Content, start: int, length: int) -> Iterable[tuple[int, int, int]]:
+    """(stored offset, logical offset, length) of the data inside [start, start+length)."""
+    stored = 0
+    end = start + length
+    for ext in content.data_extents():
+        lo, hi = max(start, ext.offset), min(end, ext.offset + ext.length)
+        if lo < hi:
+            yield stored + lo - ext.offset, lo, hi - lo
+        stored += ext.length
+
+
+def read_logical(reader: ContentReader, content: Content, start: int, length: int) -> bytes:
+    """The file's bytes [start, start+length), holes as zeros."""
+    if not content.is_sparse:
+        return reader.read(content, start, length)
+    out = bytearray(length)
+    for stored, logical, n in _overlaps(content, start, length):
+        out[logical - start : logical - start + n] = reader.read(content, stored, n)
+    return bytes(out)
+
+
+def copy_logical(
+    reader: ContentReader, content: Content, start: int, length: int, out_fd: int, out_offset: int
+) -> None:
+    """Copy the file's bytes [start, start+length) to `out_offset`, leaving holes
+    unwritten (the output is zero there)."""
+    if not content.is_sparse:
+        reader.copy(content, start, length, out_fd, out_offset)
+        return
+    for stored, logical, n in _overlaps(content, start, length):
+        reader.copy(content, stored, n, out_fd, out_offset + logical - start)

@@ -1,0 +1,978 @@
+"""Lay out a Tree as an ext4 image and write it, without root, loop devices or mke2fs.
+
+The image is planned completely before anything is written:
+
+1. `_plan_inodes` numbers the inodes (root 2, journal 8, lost+found 11, then
+   the tree in walk order) and works out what blocks each one needs:
+   directory blocks (built and checksummed in memory, they are metadata),
+   file data ranges, extent tree blocks, xattr blocks.
+2. `_geometry` sizes the file system: groups, inodes per group, metadata.
+3. `_allocate` hands out blocks front to back: superblock, group
+   descriptors, all bitmaps, all inode tables, journal, then each inode's
+   blocks in inode order. Every used block is below `used_end`, so the
+   bitmaps are "all ones up to N".
+4. `write_ext4` puts file data in place with kernel-side copies, then the
+   metadata with pwrite. Blocks nobody writes are holes of the fresh file.
+
+See docs/ext4.md for the resulting layout and its limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+
+from vmimg.errors import WriterError
+from vmimg.rootfs.content import ContentReader
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.ext4 import format as fmt
+
+MiB = 1 << 20
+DEFAULT_HEADROOM = 256 * MiB  # free space an automatic size leaves for the guest
+HEADROOM_BYTES_PER_INODE = 64 * 1024  # spare inodes: one per this many free bytes
+LOST_FOUND_BLOCKS = 4  # pre-sized like mke2fs so e2fsck can use it without allocating
+JOURNAL_DATA_FRACTION = 16  # journal ~ 1/16 of the data, within the limits below
+JOURNAL_MAX_BLOCKS = 32768  # 128 MiB, one extent
+MAX_UID = 0xFFFFFFFF
+MAX_MAJOR = 0xFFF
+MAX_MINOR = 0xFFFFF
+MAX_INODES = 0xFFFFFFFF
+
+_FILE_TYPE = {
+    NodeType.FILE: fmt.FT_REG_FILE,
+    NodeType.DIR: fmt.FT_DIR,
+    NodeType.SYMLINK: fmt.FT_SYMLINK,
+    NodeType.CHAR: fmt.FT_CHRDEV,
+    NodeType.BLOCK: fmt.FT_BLKDEV,
+    NodeType.FIFO: fmt.FT_FIFO,
+    NodeType.SOCKET: fmt.FT_SOCK,
+}
+
+
+@dataclass(frozen=True)
+class Ext4Options:
+    """How to build the image.
+
+    size: exact image size in bytes; None sizes it automatically as what the
+        tree needs plus `headroom`.
+    headroom: free bytes an automatic size adds (default 256 MiB). Spare
+        inodes are added too, one per 64 KiB of headroom.
+    extra_inodes: inodes to add beyond what the tree and headroom need.
+    journal: an internal jbd2 journal (inode 8); False for read-only images.
+    seed: bytes the UUID and directory hash seed derive from (the image
+        manifest digest, say); empty means derive them from the tree.
+    label: volume label, at most 16 bytes of UTF-8.
+    """
+
+    size: int | None = None
+    headroom: int = DEFAULT_HEADROOM
+    extra_inodes: int = 0
+    journal: bool = True
+    seed: bytes = b""
+    label: str = ""
+
+
+@dataclass(slots=True)
+class _Ino:
+    """One inode to write: what it is, and the blocks it needs and gets."""
+
+    ino: int
+    node: Node
+    links: int
+    path: bytes  # first path naming it, for error messages
+    parent: int = 0  # directories: the inode of ".."
+    flags: int = 0
+    # Blocks whose bytes are built in memory (directories, slow symlinks).
+    blocks: list[bytearray] | None = None
+    # File data: logical block ranges (start, count), mapped contiguously.
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    data_blocks: int = 0
+    tree_blocks: int = 0
+    xattr_ibody: bytes = b""
+    xattr_key: tuple[bytes, int] | None = None  # (xattr block body, share group)
+    # Filled in by _allocate.
+    data_start: int = 0
+    tree_start: int = 0
+
+
+@dataclass(slots=True)
+class _XattrBlock:
+    entries: list[fmt.XattrEntry]
+    refcount: int = 0
+    block: int = 0
+
+
+@dataclass
+class _Plan:
+    """Everything known before the geometry: inodes, block needs, identity."""
+
+    inodes: list[_Ino]  # sorted by ino
+    max_ino: int
+    uuid: bytes
+    hash_seed: bytes
+    fs_seed: int
+    time_ns: int
+    journal_blocks: int
+    xattr_blocks: dict[tuple[bytes, int], _XattrBlock]
+
+    @property
+    def payload_blocks(self) -> int:
+        """Blocks of everything except the fixed metadata (sb, GDT, bitmaps, tables)."""
+        total = self.journal_blocks + len(self.xattr_blocks)
+        for i in self.inodes:
+            total += i.data_blocks + i.tree_blocks
+        return total
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    blocks: int  # s_blocks_count
+    groups: int
+    inodes_per_group: int
+    gdt_blocks: int
+
+    @property
+    def itable_blocks(self) -> int:
+        """Inode table blocks per group."""
+        return self.inodes_per_group // fmt.INODES_PER_BLOCK
+
+    @property
+    def metadata_blocks(self) -> int:
+        return 1 + self.gdt_blocks + self.groups * (2 + self.itable_blocks)
+
+    @property
+    def block_bitmaps(self) -> int:
+        return 1 + self.gdt_blocks
+
+    @property
+    def inode_bitmaps(self) -> int:
+        return self.block_bitmaps + self.groups
+
+    @property
+    def inode_tables(self) -> int:
+        return self.inode_bitmaps + self.groups
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- Identity: UUID, hash seed, time ---------------------------------------------------
+
+
+def _tree_digest(tree: Tree) -> bytes:
+    """A digest of the tree's metadata: the seed when the caller gives none."""
+    h = hashlib.sha256()
+    index: dict[int, int] = {}
+    for path, node in tree.walk():
+        first = index.setdefault(id(node), len(index))
+        fields = (first, node.st_mode, node.uid, node.gid, node.mtime_ns, node.size, node.rdev)
+        h.update(repr(fields).encode() + b"\0" + path + b"\0" + (node.target or b"") + b"\0")
+        for k, v in sorted(node.xattrs.items()):
+            h.update(struct.pack("<II", len(k), len(v)) + k + v)
+    return h.digest()
+
+
+def _derive(seed: bytes, purpose: bytes) -> bytes:
+    return hashlib.sha256(b"vmimg ext4 " + purpose + b"\0" + seed).digest()[:16]
+
+
+def _make_uuid(seed: bytes) -> bytes:
+    u = bytearray(_derive(seed, b"uuid"))
+    u[6] = (u[6] & 0x0F) | 0x40  # shaped like a version 4 UUID
+    u[8] = (u[8] & 0x3F) | 0x80
+    return bytes(u)
+
+
+# --- Planning ------------------------------------------------------------------------------
+
+
+def _xattr_prefix(name: bytes) -> tuple[bytes, int] | None:
+    for prefix, index in fmt.XATTR_PREFIXES:
+        if name.startswith(prefix):
+            return prefix, index
+    return None
+
+
+def _xattr_entries(node: Node, path: bytes) -> list[fmt.XattrEntry]:
+    entries = []
+    for name, value in node.xattrs.items():
+        known = _xattr_prefix(name)
+        if known is None:
+            raise WriterError(f"xattr {name!r} on {os.fsdecode(path)}: unsupported namespace")
+        prefix, index = known
+        suffix = name[len(prefix) :]
+        if index in (fmt.XATTR_INDEX_ACL_ACCESS, fmt.XATTR_INDEX_ACL_DEFAULT):
+            if suffix:
+                raise WriterError(f"xattr {name!r} on {os.fsdecode(path)}: unsupported namespace")
+            value = _acl_to_disk(value, path)
+        if len(suffix) > fmt.NAME_MAX:
+            raise WriterError(f"xattr {name!r} on {os.fsdecode(path)}: name too long")
+        entries.append(fmt.XattrEntry(index, suffix, value))
+    entries.sort(key=fmt.XattrEntry.sort_key)
+    return entries
+
+
+def _acl_to_disk(value: bytes, path: bytes) -> bytes:
+    """A POSIX ACL from its xattr form (version 2) to ext4's compact form (version 1)."""
+    if len(value) < 4 or (len(value) - 4) % 8:
+        raise WriterError(f"malformed POSIX ACL on {os.fsdecode(path)}")
+    (version,) = struct.unpack_from("<I", value)
+    if version != fmt.POSIX_ACL_XATTR_VERSION:
+        raise WriterError(f"POSIX ACL version {version} on {os.fsdecode(path)}")
+    out = bytearray(struct.pack("<I", fmt.EXT4_ACL_VERSION))
+    for tag, perm, ident in struct.iter_unpack("<HHI", value[4:]):
+        if tag in (fmt.ACL_USER, fmt.ACL_GROUP):
+            out += struct.pack("<HHI", tag, perm, ident)
+        else:
+            out += struct.pack("<HH", tag, perm)
+    return bytes(out)
+
+
+def _data_ranges(content: Content, path: bytes) -> list[tuple[int, int]]:
+    """Logical block ranges holding data; holes between them stay unallocated."""
+    ranges: list[tuple[int, int]] = []
+    end_prev = 0
+    for ext in content.data_extents():
+        if ext.length == 0:
+            continue
+        if ext.offset < end_prev or ext.offset + ext.length > content.size:
+            raise WriterError(f"sparse extents of {os.fsdecode(path)} overlap or exceed its size")
+        end_prev = ext.offset + ext.length
+        b0 = ext.offset // fmt.BLOCK_SIZE
+        b1 = _ceil_div(ext.offset + ext.length, fmt.BLOCK_SIZE)
+        if ranges and b0 <= ranges[-1][0] + ranges[-1][1]:
+            start = ranges[-1][0]
+            ranges[-1] = (start, b1 - start)
+        else:
+            ranges.append((b0, b1 - b0))
+    return ranges
+
+
+def _extent_count(ranges: list[tuple[int, int]]) -> int:
+    return sum(_ceil_div(n, fmt.EXTENT_MAX_LEN) for _, n in ranges)
+
+
+def _extent_tree_blocks(n_extents: int) -> int:
+    """Index and leaf blocks an extent tree of n extents needs beyond the inode."""
+    total = 0
+    count = n_extents
+    while count > fmt.EXTENTS_IN_INODE:
+        count = _ceil_div(count, fmt.EXTENTS_PER_BLOCK)
+        total += count
+    return total
+
+
+def _journal_blocks(data_blocks: int) -> int:
+    """About 1/16 of the data, a power of two between 4 MiB and 128 MiB."""
+    want = max(data_blocks // JOURNAL_DATA_FRACTION, fmt.JBD2_MIN_JOURNAL_BLOCKS)
+    blocks = 1 << (want - 1).bit_length()
+    return min(blocks, JOURNAL_MAX_BLOCKS)
+
+
+def _check_node(node: Node, path: bytes) -> None:
+    shown = os.fsdecode(path)
+    if node.uid > MAX_UID or node.gid > MAX_UID or node.uid < 0 or node.gid < 0:
+        raise WriterError(f"{shown}: uid/gid {node.uid}:{node.gid} does not fit in 32 bits")
+    if node.type in (NodeType.CHAR, NodeType.BLOCK):
+        major, minor = node.rdev
+        if not (0 <= major <= MAX_MAJOR and 0 <= minor <= MAX_MINOR):
+            raise WriterError(f"{shown}: device number {major}:{minor} out of range")
+    if node.type is NodeType.SYMLINK:
+        target = node.target or b""
+        if not target or len(target) >= fmt.BLOCK_SIZE:
+            raise WriterError(f"{shown}: symlink target must be 1..{fmt.BLOCK_SIZE - 1} bytes")
+
+
+def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
+    seed = options.seed or _tree_digest(tree)
+    uuid = _make_uuid(seed)
+    hash_seed = _derive(seed, b"hash seed")
+    fs_seed = fmt.fs_checksum_seed(uuid)
+    hash_words: tuple[int, int, int, int] = struct.unpack("<4I", hash_seed)
+    links = tree.link_counts()
+    root = tree.root
+    assert root.children is not None
+
+    inodes: list[_Ino] = []
+    ino_of: dict[int, int] = {}
+    time_ns = 0
+    next_ino = fmt.FIRST_INO
+
+    def add(node: Node, path: bytes, ino: int, parent: int, nlink: int) -> _Ino:
+        entry = _Ino(ino=ino, node=node, links=nlink, path=path, parent=parent)
+        inodes.append(entry)
+        ino_of[id(node)] = ino
+        return entry
+
+    _check_node(root, b"/")
+    root_links = links[id(root)]
+    lost_found: Node | None = None
+    if b"lost+found" not in root.children:
+        lost_found = Node(NodeType.DIR, mode=0o700, mtime_ns=root.mtime_ns, children={})
+        root_links += 1
+    add(root, b"/", fmt.ROOT_INO, fmt.ROOT_INO, root_links)
+    if lost_found is not None:
+        add(lost_found, b"/lost+found", fmt.LOST_FOUND_INO, fmt.ROOT_INO, 2)
+        next_ino += 1
+
+    # Number the tree's inodes in walk order (depth first, names sorted).
+    dir_children: dict[int, list[tuple[bytes, Node]]] = {}
+    stack: list[tuple[bytes, Node, int]] = [(b"/", root, fmt.ROOT_INO)]
+    while stack:
+        path, node, ino = stack.pop()
+        time_ns = max(time_ns, node.mtime_ns)
+        if not node.is_dir:
+            continue
+        children = node.sorted_children()
+        dir_children[ino] = children
+        prefix = path if path.endswith(b"/") else path + b"/"
+        pending = []
+        for name, child in children:
+            if not name or b"/" in name or name in (b".", b".."):
+                raise WriterError(f"bad name {name!r} in {os.fsdecode(path)}")
+            if len(name) > fmt.NAME_MAX:
+                raise WriterError(f"name longer than 255 bytes in {os.fsdecode(path)}")
+            child_path = prefix + name
+            known = ino_of.get(id(child))
+            if known is not None:
+                if child.is_dir:
+                    raise WriterError(f"{os.fsdecode(child_path)}: directory linked twice")
+                continue
+            _check_node(child, child_path)
+            nlink = links[id(child)]
+            if nlink > fmt.LINK_MAX and not child.is_dir:
+                raise WriterError(f"{os.fsdecode(child_path)}: more than {fmt.LINK_MAX} links")
+            add(child, child_path, next_ino, ino, nlink)
+            pending.append((child_path, child, next_ino))
+            next_ino += 1
+        stack.extend(reversed(pending))
+    if lost_found is not None:
+        dir_children[fmt.ROOT_INO] = sorted(
+            [*dir_children[fmt.ROOT_INO], (b"lost+found", lost_found)]
+        )
+        dir_children[fmt.LOST_FOUND_INO] = []
+    max_ino = next_ino - 1
+
+    xattr_blocks: dict[tuple[bytes, int], _XattrBlock] = {}
+    xattr_users: dict[bytes, int] = {}
+    for entry in inodes:
+        _plan_inode(entry, dir_children, ino_of, fs_seed, hash_words)
+        if entry.ino == fmt.LOST_FOUND_INO and lost_found is not None:
+            assert entry.blocks is not None
+            entry.blocks += _empty_dir_blocks(LOST_FOUND_BLOCKS - len(entry.blocks), fs_seed)
+            entry.data_blocks = LOST_FOUND_BLOCKS
+            entry.ranges = [(0, LOST_FOUND_BLOCKS)]
+        _plan_xattrs(entry, xattr_blocks, xattr_users)
+
+    plan = _Plan(
+        inodes=inodes,
+        max_ino=max_ino,
+        uuid=uuid,
+        hash_seed=hash_seed,
+        fs_seed=fs_seed,
+        time_ns=time_ns,
+        journal_blocks=0,
+        xattr_blocks=xattr_blocks,
+    )
+    if options.journal:
+        plan.journal_blocks = _journal_blocks(plan.payload_blocks)
+    return plan
+
+
+def _plan_inode(
+    entry: _Ino,
+    dir_children: dict[int, list[tuple[bytes, Node]]],
+    ino_of: dict[int, int],
+    fs_seed: int,
+    hash_words: tuple[int, int, int, int],
+) -> None:
+    node = entry.node
+    if node.type is NodeType.DIR:
+        seed = fmt.inode_checksum_seed(fs_seed, entry.ino, 0)
+        names = [
+            fmt.DirEntry2(ino_of[id(child)], name, _FILE_TYPE[child.type])
+            for name, child in dir_children[entry.ino]
+        ]
+        linear_size = fmt.dirent_size(1) + fmt.dirent_size(2) + sum(e.size for e in names)
+        if linear_size <= _LEAF_SPACE:
+            blocks = _linear_dir(entry.ino, entry.parent, names, seed)
+        else:  # more than one block: hash-indexed, as the kernel would make it
+            blocks = _htree_dir(entry, names, seed, hash_words)
+            entry.flags |= fmt.INODE_FLAG_INDEX
+        entry.blocks = blocks
+        entry.data_blocks = len(blocks)
+        entry.flags |= fmt.INODE_FLAG_EXTENTS
+        if entry.links > fmt.LINK_MAX:
+            entry.links = 1  # dir_nlink: "more than the field can count"
+    elif node.type is NodeType.FILE:
+        assert node.content is not None
+        entry.ranges = _data_ranges(node.content, entry.path)
+        entry.data_blocks = sum(n for _, n in entry.ranges)
+        entry.tree_blocks = _extent_tree_blocks(_extent_count(entry.ranges))
+        entry.flags |= fmt.INODE_FLAG_EXTENTS
+    elif node.type is NodeType.SYMLINK:
+        assert node.target is not None
+        if len(node.target) > fmt.MAX_FAST_SYMLINK:
+            block = bytearray(fmt.BLOCK_SIZE)
+            block[: len(node.target)] = node.target
+            entry.blocks = [block]
+            entry.data_blocks = 1
+            entry.flags |= fmt.INODE_FLAG_EXTENTS
+    if entry.blocks is not None and not entry.ranges:
+        entry.ranges = [(0, len(entry.blocks))] if entry.blocks else []
+
+
+def _plan_xattrs(
+    entry: _Ino,
+    xattr_blocks: dict[tuple[bytes, int], _XattrBlock],
+    xattr_users: dict[bytes, int],
+) -> None:
+    if not entry.node.xattrs:
+        return
+    entries = _xattr_entries(entry.node, entry.path)
+    if fmt.xattrs_space(entries) <= fmt.XATTR_IBODY_SPACE - 4:
+        entry.xattr_ibody = fmt.xattr_ibody(entries)
+        return
+    if fmt.XATTR_BLOCK_HEADER_SIZE + fmt.xattrs_space(entries) > fmt.BLOCK_SIZE:
+        raise WriterError(f"{os.fsdecode(entry.path)}: xattrs do not fit in one 4 KiB block")
+    # Identical xattr sets share one block (as the kernel does), up to its refcount limit.
+    body = bytes(fmt.xattr_block_body(entries, 0))
+    users = xattr_users.get(body, 0)
+    xattr_users[body] = users + 1
+    key = (body, users // fmt.XATTR_REFCOUNT_MAX)
+    block = xattr_blocks.setdefault(key, _XattrBlock(entries))
+    block.refcount += 1
+    entry.xattr_key = key
+
+
+# --- Directories ------------------------------------------------------------------------------
+
+_LEAF_SPACE = fmt.BLOCK_SIZE - fmt.DIR_TAIL_SIZE
+
+
+def _pack_leaves(entries: list[fmt.DirEntry2], seed: int, breaks: list[int]) -> list[bytearray]:
+    """Directory leaf blocks holding entries, a new block at each index in `breaks`."""
+    blocks: list[bytearray] = []
+    bounds = [*breaks, len(entries)]
+    start = 0
+    for stop in bounds:
+        block = bytearray(fmt.BLOCK_SIZE)
+        pos = 0
+        last = 0
+        for e in entries[start:stop]:
+            e.pack_into(block, pos, e.size)
+            last = pos
+            pos += e.size
+        if stop == start:  # an empty leaf: one unused entry spanning the block
+            fmt.DIRENT.pack_into(block, 0, 0, _LEAF_SPACE, 0, 0)
+        else:
+            struct.pack_into("<H", block, last + 4, _LEAF_SPACE - last)
+        fmt.seal_dir_leaf(block, seed)
+        blocks.append(block)
+        start = stop
+    return blocks
+
+
+def _greedy_breaks(sizes: list[int], can_break: list[bool] | None = None) -> list[int]:
+    """Where to start new blocks so that each block's entries fit in a leaf."""
+    breaks = []
+    used = 0
+    i = 0
+    n = len(sizes)
+    while i < n:
+        # A group of entries that should stay together (same hash), from i to j.
+        j = i + 1
+        if can_break is not None:
+            while j < n and not can_break[j]:
+                j += 1
+        group = sum(sizes[i:j])
+        if used + group <= _LEAF_SPACE:
+            used += group
+        elif group <= _LEAF_SPACE:
+            breaks.append(i)
+            used = group
+        else:  # a group larger than a block must be split (hash collision chain)
+            for k in range(i, j):
+                if used + sizes[k] > _LEAF_SPACE:
+                    breaks.append(k)
+                    used = 0
+                used += sizes[k]
+        i = j
+    return breaks
+
+
+def _linear_dir(ino: int, parent: int, names: list[fmt.DirEntry2], seed: int) -> list[bytearray]:
+    entries = [
+        fmt.DirEntry2(ino, b".", fmt.FT_DIR),
+        fmt.DirEntry2(parent, b"..", fmt.FT_DIR),
+        *names,
+    ]
+    return _pack_leaves(entries, seed, _greedy_breaks([e.size for e in entries]))
+
+
+def _empty_dir_blocks(count: int, fs_seed: int) -> list[bytearray]:
+    seed = fmt.inode_checksum_seed(fs_seed, fmt.LOST_FOUND_INO, 0)
+    return [_pack_leaves([], seed, [])[0] for _ in range(count)]
+
+
+def _htree_dir(
+    entry: _Ino,
+    names: list[fmt.DirEntry2],
+    seed: int,
+    hash_words: tuple[int, int, int, int],
+) -> list[bytearray]:
+    """A hashed (dir_index) directory: dx_root, maybe one level of dx_nodes, leaves.
+
+    Leaves hold entries in hash order. A block boundary falls between
+    different hashes where possible; when a run of equal hashes must be split,
+    the next block's index hash gets the low "continued" bit, as the kernel does.
+    """
+    hashed = sorted(
+        ((*fmt.dx_hash_half_md4(e.name, hash_words), e.name, e) for e in names),
+        key=lambda t: (t[0], t[1], t[2]),
+    )
+    ordered = [t[3] for t in hashed]
+    hashes = [t[0] for t in hashed]
+    can_break = [i == 0 or hashes[i] != hashes[i - 1] for i in range(len(hashes))]
+    breaks = _greedy_breaks([e.size for e in ordered], can_break)
+    leaves = _pack_leaves(ordered, seed, breaks)
+    starts = [0, *breaks]
+    leaf_hashes = []
+    for k, s in enumerate(starts):
+        continued = k > 0 and hashes[s] == hashes[s - 1]
+        leaf_hashes.append(hashes[s] | (1 if continued else 0))
+
+    if len(leaves) <= fmt.DX_ROOT_LIMIT:
+        root = _dx_root(entry, 0, [(h, 1 + k) for k, h in enumerate(leaf_hashes)], seed)
+        return [root, *leaves]
+    n_nodes = _ceil_div(len(leaves), fmt.DX_NODE_LIMIT)
+    if n_nodes > fmt.DX_ROOT_LIMIT:
+        raise WriterError(f"{os.fsdecode(entry.path)}: directory too large for a 2-level htree")
+    first_leaf = 1 + n_nodes
+    nodes = []
+    root_entries = []
+    for j in range(n_nodes):
+        chunk = range(j * fmt.DX_NODE_LIMIT, min((j + 1) * fmt.DX_NODE_LIMIT, len(leaves)))
+        node_entries = [(leaf_hashes[k], first_leaf + k) for k in chunk]
+        nodes.append(_dx_node(node_entries, seed))
+        root_entries.append((node_entries[0][0], 1 + j))
+    return [_dx_root(entry, 1, root_entries, seed), *nodes, *leaves]
+
+
+def _put_dx_entries(
+    block: bytearray, offset: int, limit: int, entries: list[tuple[int, int]], seed: int
+) -> None:
+    """count/limit plus (hash, block) entries; the first entry's hash is implied."""
+    fmt.DX_COUNT_LIMIT.pack_into(block, offset, limit, len(entries))
+    struct.pack_into("<I", block, offset + 4, entries[0][1])
+    for i, (h, blk) in enumerate(entries[1:], start=1):
+        fmt.DX_ENTRY.pack_into(block, offset + i * fmt.DX_ENTRY_SIZE, h, blk)
+    fmt.seal_dx_node(block, offset, limit, seed)
+
+
+def _dx_root(entry: _Ino, levels: int, entries: list[tuple[int, int]], seed: int) -> bytearray:
+    block = bytearray(fmt.BLOCK_SIZE)
+    dot = fmt.DirEntry2(entry.ino, b".", fmt.FT_DIR)
+    dotdot = fmt.DirEntry2(entry.parent, b"..", fmt.FT_DIR)
+    dot.pack_into(block, 0, dot.size)
+    dotdot.pack_into(block, dot.size, fmt.BLOCK_SIZE - dot.size)
+    fmt.DX_ROOT_INFO.pack_into(
+        block, dot.size + dotdot.size, 0, fmt.DX_HASH_HALF_MD4, fmt.DX_ROOT_INFO_LENGTH, levels, 0
+    )
+    _put_dx_entries(block, fmt.DX_ROOT_ENTRIES_OFFSET, fmt.DX_ROOT_LIMIT, entries, seed)
+    return block
+
+
+def _dx_node(entries: list[tuple[int, int]], seed: int) -> bytearray:
+    block = bytearray(fmt.BLOCK_SIZE)
+    fmt.DIRENT.pack_into(block, 0, 0, fmt.BLOCK_SIZE, 0, 0)
+    _put_dx_entries(block, fmt.DX_NODE_ENTRIES_OFFSET, fmt.DX_NODE_LIMIT, entries, seed)
+    return block
+
+
+# --- Geometry ---------------------------------------------------------------------------------
+
+
+def _geometry_for(blocks: int, inodes_wanted: int) -> _Geometry:
+    """Groups for `blocks`, and inodes spread evenly over them (a whole inode table block)."""
+    groups = max(_ceil_div(blocks, fmt.BLOCKS_PER_GROUP), 1)
+    ipg = _ceil_div(_ceil_div(inodes_wanted, groups), fmt.INODES_PER_BLOCK) * fmt.INODES_PER_BLOCK
+    ipg = max(ipg, fmt.INODES_PER_BLOCK)
+    assert ipg <= fmt.MAX_INODES_PER_GROUP
+    gdt = _ceil_div(groups * fmt.DESC_SIZE, fmt.BLOCK_SIZE)
+    return _Geometry(blocks=blocks, groups=groups, inodes_per_group=ipg, gdt_blocks=gdt)
+
+
+def _min_blocks_for_inodes(inodes: int) -> int:
+    """One inode bitmap block per group caps inodes per group: more inodes, more groups."""
+    groups = _ceil_div(inodes, fmt.MAX_INODES_PER_GROUP)
+    return (groups - 1) * fmt.BLOCKS_PER_GROUP + 1
+
+
+def _auto_geometry(plan: _Plan, headroom: int, extra_inodes: int) -> _Geometry:
+    payload = plan.payload_blocks
+    headroom_blocks = _ceil_div(headroom, fmt.BLOCK_SIZE)
+    inodes = plan.max_ino + extra_inodes + headroom // HEADROOM_BYTES_PER_INODE
+    blocks = max(payload + headroom_blocks + 1, _min_blocks_for_inodes(inodes))
+    for _ in range(32):  # converges in two or three rounds: metadata grows with groups
+        geo = _geometry_for(blocks, inodes)
+        need = geo.metadata_blocks + payload + headroom_blocks
+        if need <= blocks:
+            return geo
+        blocks = need
+    raise AssertionError("ext4 geometry did not converge")
+
+
+def _geometry(plan: _Plan, options: Ext4Options) -> _Geometry:
+    if options.size is None:
+        geo = _auto_geometry(plan, options.headroom, options.extra_inodes)
+    else:
+        blocks = options.size // fmt.BLOCK_SIZE
+        groups = max(_ceil_div(blocks, fmt.BLOCKS_PER_GROUP), 1)
+        needed_inodes = plan.max_ino + options.extra_inodes
+        spare = max(blocks - plan.payload_blocks, 0) * fmt.BLOCK_SIZE
+        spare_inodes = spare // (HEADROOM_BYTES_PER_INODE + fmt.INODE_SIZE)
+        inodes = min(needed_inodes + spare_inodes, groups * fmt.MAX_INODES_PER_GROUP)
+        geo = _geometry_for(blocks, inodes)
+        fits = geo.metadata_blocks + plan.payload_blocks <= blocks
+        if not fits or needed_inodes > inodes:
+            smallest = _auto_geometry(plan, 0, options.extra_inodes)
+            raise WriterError(
+                f"image too small: needs {smallest.blocks * fmt.BLOCK_SIZE} bytes, "
+                f"--size gives {options.size}"
+            )
+    if geo.groups * geo.inodes_per_group > MAX_INODES:
+        raise WriterError("too many inodes for ext4")
+    return geo
+
+
+# --- Allocation -----------------------------------------------------------------------------
+
+
+def _allocate(plan: _Plan, geo: _Geometry) -> tuple[int, int]:
+    """Assign blocks front to back; return (journal start, first unused block)."""
+    nxt = geo.inode_tables + geo.groups * geo.itable_blocks
+    journal_start = nxt
+    nxt += plan.journal_blocks
+    for entry in plan.inodes:
+        entry.data_start = nxt
+        nxt += entry.data_blocks
+        entry.tree_start = nxt
+        nxt += entry.tree_blocks
+        if entry.xattr_key is not None:
+            xb = plan.xattr_blocks[entry.xattr_key]
+            if xb.block == 0:
+                xb.block = nxt
+                nxt += 1
+    assert nxt <= geo.blocks
+    return journal_start, nxt
+
+
+def _extents(ranges: list[tuple[int, int]], physical: int) -> list[fmt.Extent]:
+    out = []
+    for logical, count in ranges:
+        while count > 0:
+            n = min(count, fmt.EXTENT_MAX_LEN)
+            out.append(fmt.Extent(logical, n, physical))
+            logical += n
+            physical += n
+            count -= n
+    return out
+
+
+def _extent_tree(
+    extents: list[fmt.Extent], tree_start: int, seed: int
+) -> tuple[bytes, list[tuple[int, bytearray]]]:
+    """The inode's i_block (extent root) and the tree blocks below it, leaves first."""
+    entries = [e.pack() for e in extents]
+    firsts = [e.logical for e in extents]
+    depth = 0
+    blocks: list[tuple[int, bytearray]] = []
+    nxt = tree_start
+    while len(entries) > fmt.EXTENTS_IN_INODE:
+        up_entries = []
+        up_firsts = []
+        for i in range(0, len(entries), fmt.EXTENTS_PER_BLOCK):
+            blocks.append(
+                (nxt, fmt.extent_block(entries[i : i + fmt.EXTENTS_PER_BLOCK], depth, seed))
+            )
+            up_entries.append(fmt.ExtentIdx(firsts[i], nxt).pack())
+            up_firsts.append(firsts[i])
+            nxt += 1
+        entries, firsts = up_entries, up_firsts
+        depth += 1
+    return bytes(fmt.extent_node(entries, depth, fmt.EXTENTS_IN_INODE)), blocks
+
+
+# --- Writing ---------------------------------------------------------------------------------
+
+
+def _pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _copy_file_data(reader: ContentReader, entry: _Ino, out_fd: int) -> None:
+    """Each data run to its block: ranges are contiguous on disk from data_start."""
+    content = entry.node.content
+    assert content is not None
+    ranges = entry.ranges
+    r = 0
+    phys = entry.data_start
+    stored = 0
+    for ext in content.data_extents():
+        if ext.length == 0:
+            continue
+        while ext.offset >= (ranges[r][0] + ranges[r][1]) * fmt.BLOCK_SIZE:
+            phys += ranges[r][1]
+            r += 1
+        at = phys * fmt.BLOCK_SIZE + ext.offset - ranges[r][0] * fmt.BLOCK_SIZE
+        reader.copy(content, stored, ext.length, out_fd, at)
+        stored += ext.length
+
+
+def _i_block_special(node: Node) -> bytes:
+    """i_block for devices (old or new encoding) and fast symlinks."""
+    if node.type in (NodeType.CHAR, NodeType.BLOCK):
+        major, minor = node.rdev
+        if major < 256 and minor < 256:
+            words = ((major << 8) | minor, 0)
+        else:
+            words = (0, (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12))
+        return struct.pack("<II", *words).ljust(fmt.N_BLOCKS_BYTES, b"\0")
+    if node.type is NodeType.SYMLINK:
+        assert node.target is not None
+        return node.target.ljust(fmt.N_BLOCKS_BYTES, b"\0")
+    return bytes(fmt.N_BLOCKS_BYTES)
+
+
+def _write_inodes(plan: _Plan, itable: bytearray, out_fd: int, reader: ContentReader) -> None:
+    """Fill the inode table, and write each inode's blocks (data, dirs, extents)."""
+    bs = fmt.BLOCK_SIZE
+    for entry in plan.inodes:
+        node = entry.node
+        seed = fmt.inode_checksum_seed(plan.fs_seed, entry.ino, 0)
+        if entry.flags & fmt.INODE_FLAG_EXTENTS:
+            i_block, tree = _extent_tree(
+                _extents(entry.ranges, entry.data_start), entry.tree_start, seed
+            )
+            for blk, data in tree:
+                _pwrite(out_fd, data, blk * bs)
+        else:
+            i_block = _i_block_special(node)
+        if entry.blocks is not None:
+            _pwrite(out_fd, b"".join(entry.blocks), entry.data_start * bs)
+        elif node.type is NodeType.FILE:
+            _copy_file_data(reader, entry, out_fd)
+        file_acl = 0
+        used = entry.data_blocks + entry.tree_blocks
+        if entry.xattr_key is not None:
+            file_acl = plan.xattr_blocks[entry.xattr_key].block
+            used += 1
+        size = entry.data_blocks * bs if node.type is NodeType.DIR else node.size
+        inode = fmt.Inode(
+            mode=node.st_mode,
+            uid=node.uid,
+            gid=node.gid,
+            size=size,
+            links=entry.links,
+            blocks_512=used * (bs // fmt.SECTOR),
+            flags=entry.flags,
+            i_block=i_block,
+            mtime_ns=node.mtime_ns,
+            file_acl=file_acl,
+            xattr_ibody=entry.xattr_ibody,
+        )
+        inode.pack_into(itable, (entry.ino - 1) * fmt.INODE_SIZE, entry.ino, plan.fs_seed)
+
+
+def _write_journal(plan: _Plan, start: int, itable: bytearray, out_fd: int) -> bytes:
+    """The journal inode and superblock; returns s_jnl_blocks (the inode's backup)."""
+    blocks = plan.journal_blocks
+    seed = fmt.inode_checksum_seed(plan.fs_seed, fmt.JOURNAL_INO, 0)
+    i_block, tree = _extent_tree(_extents([(0, blocks)], start), 0, seed)
+    assert not tree
+    size = blocks * fmt.BLOCK_SIZE
+    inode = fmt.Inode(
+        mode=stat.S_IFREG | 0o600,
+        uid=0,
+        gid=0,
+        size=size,
+        links=1,
+        blocks_512=blocks * (fmt.BLOCK_SIZE // fmt.SECTOR),
+        flags=fmt.INODE_FLAG_EXTENTS,
+        i_block=i_block,
+        mtime_ns=plan.time_ns,
+    )
+    inode.pack_into(itable, (fmt.JOURNAL_INO - 1) * fmt.INODE_SIZE, fmt.JOURNAL_INO, plan.fs_seed)
+    _pwrite(out_fd, fmt.JournalSuperblock(blocks, plan.uuid).pack(), start * fmt.BLOCK_SIZE)
+    return i_block + struct.pack("<II", size >> 32, size & 0xFFFFFFFF)
+
+
+def _bitmap(used: int, valid: int, length: int) -> bytearray:
+    """A bitmap block: the first `used` bits set, and every bit from `valid` on."""
+    out = bytearray(length)
+    full, rest = divmod(used, 8)
+    out[:full] = b"\xff" * full
+    if rest:
+        out[full] = (1 << rest) - 1
+    if valid < length * 8:
+        v_full, v_rest = divmod(valid, 8)
+        if v_rest:
+            out[v_full] |= 0xFF & ~((1 << v_rest) - 1)
+            v_full += 1
+        out[v_full:] = b"\xff" * (length - v_full)
+    return out
+
+
+def _write_groups(plan: _Plan, geo: _Geometry, used_end: int, out_fd: int) -> tuple[int, int]:
+    """Bitmaps and group descriptors; returns (free blocks, free inodes)."""
+    bs = fmt.BLOCK_SIZE
+    ipg = geo.inodes_per_group
+    dirs_per_group = [0] * geo.groups
+    for entry in plan.inodes:
+        if entry.node.is_dir:
+            dirs_per_group[(entry.ino - 1) // ipg] += 1
+    gdt = bytearray()
+    free_blocks_total = 0
+    free_inodes_total = 0
+    for g in range(geo.groups):
+        first = g * fmt.BLOCKS_PER_GROUP
+        valid = min(fmt.BLOCKS_PER_GROUP, geo.blocks - first)
+        used_blocks = min(max(used_end - first, 0), valid)
+        bbitmap = _bitmap(used_blocks, valid, bs)
+        used_inodes = min(max(plan.max_ino - g * ipg, 0), ipg)
+        ibitmap = _bitmap(used_inodes, ipg, bs)
+        if any(bbitmap):
+            _pwrite(out_fd, bbitmap, (geo.block_bitmaps + g) * bs)
+        _pwrite(out_fd, ibitmap, (geo.inode_bitmaps + g) * bs)
+        flags = fmt.BG_INODE_ZEROED
+        if used_inodes == 0:
+            flags |= fmt.BG_INODE_UNINIT
+        desc = fmt.GroupDescriptor(
+            block_bitmap=geo.block_bitmaps + g,
+            inode_bitmap=geo.inode_bitmaps + g,
+            inode_table=geo.inode_tables + g * geo.itable_blocks,
+            free_blocks=valid - used_blocks,
+            free_inodes=ipg - used_inodes,
+            used_dirs=dirs_per_group[g],
+            flags=flags,
+            itable_unused=ipg - used_inodes,
+            block_bitmap_csum=fmt.bitmap_checksum(
+                plan.fs_seed, bbitmap[: fmt.BLOCKS_PER_GROUP // 8]
+            ),
+            inode_bitmap_csum=fmt.bitmap_checksum(plan.fs_seed, ibitmap[: ipg // 8]),
+        )
+        gdt += desc.pack(g, plan.fs_seed)
+        free_blocks_total += valid - used_blocks
+        free_inodes_total += ipg - used_inodes
+    _pwrite(out_fd, gdt, bs)
+    return free_blocks_total, free_inodes_total
+
+
+def _superblock(
+    plan: _Plan,
+    geo: _Geometry,
+    options: Ext4Options,
+    free: tuple[int, int],
+    jnl_blocks: bytes,
+) -> bytearray:
+    secs = max(plan.time_ns // 1_000_000_000, 0)
+    t_lo, t_hi = secs & 0xFFFFFFFF, min(secs >> 32, 0xFF)
+    label = options.label.encode()
+    compat = fmt.COMPAT_EXT_ATTR | fmt.COMPAT_DIR_INDEX | fmt.COMPAT_SPARSE_SUPER2
+    if options.journal:
+        compat |= fmt.COMPAT_HAS_JOURNAL
+    incompat = (
+        fmt.INCOMPAT_FILETYPE | fmt.INCOMPAT_EXTENTS | fmt.INCOMPAT_64BIT | fmt.INCOMPAT_FLEX_BG
+    )
+    ro_compat = (
+        fmt.RO_COMPAT_SPARSE_SUPER
+        | fmt.RO_COMPAT_LARGE_FILE
+        | fmt.RO_COMPAT_DIR_NLINK
+        | fmt.RO_COMPAT_EXTRA_ISIZE
+        | fmt.RO_COMPAT_METADATA_CSUM
+    )
+    sb = fmt.SUPERBLOCK.pack(
+        s_inodes_count=geo.groups * geo.inodes_per_group,
+        s_blocks_count_lo=geo.blocks & 0xFFFFFFFF,
+        s_free_blocks_count_lo=free[0] & 0xFFFFFFFF,
+        s_free_inodes_count=free[1],
+        s_first_data_block=0,
+        s_log_block_size=fmt.LOG_BLOCK_SIZE,
+        s_log_cluster_size=fmt.LOG_BLOCK_SIZE,
+        s_blocks_per_group=fmt.BLOCKS_PER_GROUP,
+        s_clusters_per_group=fmt.BLOCKS_PER_GROUP,
+        s_inodes_per_group=geo.inodes_per_group,
+        s_wtime=t_lo,
+        s_max_mnt_count=fmt.MAX_MNT_COUNT_NONE,
+        s_magic=fmt.EXT4_SUPER_MAGIC,
+        s_state=fmt.STATE_CLEAN,
+        s_errors=fmt.ERRORS_CONTINUE,
+        s_lastcheck=t_lo,
+        s_creator_os=fmt.OS_LINUX,
+        s_rev_level=fmt.REV_DYNAMIC,
+        s_first_ino=fmt.FIRST_INO,
+        s_inode_size=fmt.INODE_SIZE,
+        s_feature_compat=compat,
+        s_feature_incompat=incompat,
+        s_feature_ro_compat=ro_compat,
+        s_uuid=plan.uuid,
+        s_volume_name=label,
+        s_journal_inum=fmt.JOURNAL_INO if options.journal else 0,
+        s_hash_seed=plan.hash_seed,
+        s_def_hash_version=fmt.DX_HASH_HALF_MD4,
+        s_jnl_backup_type=fmt.JNL_BACKUP_BLOCKS if options.journal else 0,
+        s_desc_size=fmt.DESC_SIZE,
+        s_default_mount_opts=fmt.DEFAULT_MOUNT_OPTS,
+        s_mkfs_time=t_lo,
+        s_jnl_blocks=jnl_blocks,
+        s_blocks_count_hi=geo.blocks >> 32,
+        s_free_blocks_count_hi=free[0] >> 32,
+        s_min_extra_isize=fmt.EXTRA_ISIZE,
+        s_want_extra_isize=fmt.EXTRA_ISIZE,
+        s_flags=fmt.FLAGS_UNSIGNED_HASH,
+        s_log_groups_per_flex=fmt.LOG_GROUPS_PER_FLEX,
+        s_checksum_type=fmt.CHECKSUM_TYPE_CRC32C,
+        s_wtime_hi=t_hi,
+        s_mkfs_time_hi=t_hi,
+        s_lastcheck_hi=t_hi,
+    )
+    fmt.seal_superblock(sb)
+    return sb
+
+
+def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Options) -> None:
+    """Write `tree` as an ext4 image to the fresh file `out_fd`."""
+    label = options.label.encode()
+    if len(label) > 16:
+        raise WriterError(f"ext4 label {options.label!r} is longer than 16 bytes")
+    if options.size is not None and options.size < 0:
+        raise WriterError(f"image size {options.size} is negative")
+    plan = _plan_inodes(tree, options)
+    geo = _geometry(plan, options)
+    journal_start, used_end = _allocate(plan, geo)
+
+    # Nothing is written before this point: a too-small --size fails cleanly.
+    image_size = options.size if options.size is not None else geo.blocks * fmt.BLOCK_SIZE
+    os.ftruncate(out_fd, image_size)
+    itable = bytearray(plan.max_ino * fmt.INODE_SIZE)
+    _write_inodes(plan, itable, out_fd, reader)
+    for xb in plan.xattr_blocks.values():
+        block = fmt.xattr_block_body(xb.entries, xb.refcount)
+        fmt.seal_xattr_block(block, xb.block, plan.fs_seed)
+        _pwrite(out_fd, block, xb.block * fmt.BLOCK_SIZE)
+    jnl_blocks = b""
+    if options.journal:
+        jnl_blocks = _write_journal(plan, journal_start, itable, out_fd)
+    _pwrite(out_fd, itable, geo.inode_tables * fmt.BLOCK_SIZE)
+    free = _write_groups(plan, geo, used_end, out_fd)
+    sb = _superblock(plan, geo, options, free, jnl_blocks)
+    _pwrite(out_fd, sb, fmt.SUPERBLOCK_OFFSET)
