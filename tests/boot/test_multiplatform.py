@@ -42,7 +42,7 @@ def test_build_push_index_and_pull_each_platform(registry: str, tmp_path: Path) 
     ).stdout  # fmt: skip
     index = json.loads(raw)
     assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
-    assert index["artifactType"] == "application/vnd.vmimg.bundle.build.v1"
+    assert index["artifactType"] == "application/vnd.vmimg.bundle.v1"
     assert [m["platform"]["architecture"] for m in index["manifests"]] == ["amd64", "arm64"]
     for plat, arch in (("linux/amd64", "x86_64"), ("linux/arm64", "arm64")):
         out = tmp_path / f"pulled-{arch}"

@@ -61,18 +61,18 @@ if TYPE_CHECKING:
 
 # -- the format (docs/artifact.md) ------------------------------------------------
 
-BUNDLE_ARTIFACT = "application/vnd.vmimg.bundle.build.v1"
-KERNEL_ARTIFACT = "application/vnd.vmimg.guest.kernel.v1"
-BUNDLE_CONFIG = "application/vnd.vmimg.bundle.build.config.v1+json"  # vm.json
-KERNEL_CONFIG = "application/vnd.vmimg.guest.kernel.config.v1+json"  # kernel.json
+BUNDLE_ARTIFACT = "application/vnd.vmimg.bundle.v1"
+KERNEL_ARTIFACT = "application/vnd.vmimg.kernel.v1"
+BUNDLE_CONFIG = "application/vnd.vmimg.bundle.config.v1+json"  # vm.json
+KERNEL_CONFIG = "application/vnd.vmimg.kernel.config.v1+json"  # kernel.json
 ZSTD_SUFFIX = "+zstd"  # appended to a layer media type whose blob is zstd-compressed
 ZSTD_EXT = ".zst"  # appended to the title of such a layer, so the name says what it holds
 
 # Layer media types by bundle path (launch/ files by directory).
 BUNDLE_FILE_TYPES = {
     "vm.json": BUNDLE_CONFIG,
-    "kernel": "application/vnd.vmimg.guest.kernel.image.v1",
-    "manifest": "application/vnd.vmimg.rootfs.tree-manifest.v1",
+    "kernel": "application/vnd.vmimg.kernel.image.v1",
+    "manifest": "application/vnd.vmimg.tree-manifest.v1",
     "rootfs.erofs": "application/vnd.vmimg.rootfs.erofs.v1",
     "rootfs.ext4": "application/vnd.vmimg.rootfs.ext4.v1",
     "initramfs.cpio.gz": "application/vnd.vmimg.rootfs.initramfs.v1",
@@ -81,10 +81,10 @@ LAUNCH_DIR = "launch"
 LAUNCH_TYPE = "application/vnd.vmimg.launch.v1"
 KERNEL_FILE_TYPES = {
     "kernel.json": KERNEL_CONFIG,
-    "vmlinux": "application/vnd.vmimg.guest.kernel.vmlinux.v1",
-    "bzImage": "application/vnd.vmimg.guest.kernel.bzimage.v1",
-    "Image": "application/vnd.vmimg.guest.kernel.arm64-image.v1",
-    "config": "application/vnd.vmimg.guest.kernel.kconfig.v1",
+    "vmlinux": "application/vnd.vmimg.kernel.vmlinux.v1",
+    "bzImage": "application/vnd.vmimg.kernel.bzimage.v1",
+    "Image": "application/vnd.vmimg.kernel.arm64-image.v1",
+    "config": "application/vnd.vmimg.kernel.kconfig.v1",
 }
 # Never zstd: already compressed (zstd would only cost time), or the config blob,
 # which the manifest's config descriptor shares with its layer.
@@ -106,8 +106,8 @@ ANN_SOURCE_DIGEST = "vmimg.source.digest"
 ANN_SOURCE_REF = "vmimg.source.reference"
 ANN_PLATFORM = "vmimg.platform"
 ANN_FS = "vmimg.rootfs.type"
-ANN_KERNEL_VERSION = "vmimg.guest.kernel.version"
-ANN_KERNEL_KEY = "vmimg.guest.kernel.key"
+ANN_KERNEL_VERSION = "vmimg.kernel.version"
+ANN_KERNEL_KEY = "vmimg.kernel.key"
 ANN_VERSION = "vmimg.version"
 
 # Compression policy: zstd level 3 in multi-threaded mode. zstd's output with one
