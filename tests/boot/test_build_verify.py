@@ -13,7 +13,7 @@ import xmlschema
 
 from tests.boot.conftest import TRAP_TERM, build, run_then_stop, vmimg
 from tests.conftest import need
-from vmimg.bundle.build import load_bundle
+from vmimg.bundle.format import read_vm_json
 
 SCHEMA = Path(__file__).resolve().parent.parent / "data" / "junit.xsd"
 pytestmark = [pytest.mark.boot, pytest.mark.timeout(900)]
@@ -43,7 +43,7 @@ def sha256(path: Path) -> str:
 
 def test_bundle_layout_and_vm_json(bundles: dict[str, Path], sample_ref: str) -> None:
     for fs, bundle in bundles.items():
-        vm = load_bundle(str(bundle))
+        vm = read_vm_json(str(bundle)).doc
         assert vm["rootfs"]["type"] == fs and vm["source"]["reference"] == sample_ref
         assert vm["init"]["type"] == "agent" and vm["workload"]["argv"][0] == "/bin/sh"
         for name, info in vm["files"].items():
@@ -54,8 +54,8 @@ def test_bundle_layout_and_vm_json(bundles: dict[str, Path], sample_ref: str) ->
         qemu = (bundle / "launch" / "qemu.sh").read_text()
         assert "-kernel" in qemu and "microvm" in qemu
         assert "--kernel" in (bundle / "launch" / "cloud-hypervisor.sh").read_text()
-    assert "rootfstype=ext4" in load_bundle(str(bundles["ext4"]))["cmdline"]
-    assert "rdinit=/.vmimg/init" in load_bundle(str(bundles["initramfs"]))["cmdline"]
+    assert "rootfstype=ext4" in read_vm_json(str(bundles["ext4"])).doc["cmdline"]
+    assert "rdinit=/.vmimg/init" in read_vm_json(str(bundles["initramfs"])).doc["cmdline"]
 
 
 def test_rebuild_is_cached_and_identical(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import need
-from vmimg.bundle.build import load_bundle
+from vmimg.bundle.format import read_vm_json
 from vmimg.image.sample import write_sample
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -35,7 +35,7 @@ def test_build_push_index_and_pull_each_platform(registry: str, tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert [b["platform"] for b in result["bundles"]] == ["linux/amd64", "linux/arm64"]
-    assert load_bundle(str(tmp_path / "out" / "arm64"))["arch"] == "arm64"
+    assert read_vm_json(str(tmp_path / "out" / "arm64")).doc["arch"] == "arm64"
     raw = subprocess.run(
         [need("skopeo"), "inspect", "--raw", "--tls-verify=false", f"docker://{target}"],
         capture_output=True, text=True, check=True,
@@ -48,7 +48,7 @@ def test_build_push_index_and_pull_each_platform(registry: str, tmp_path: Path) 
         out = tmp_path / f"pulled-{arch}"
         r = vmimg_user_cache("pull", target, "-o", str(out), "--platform", plat)
         assert r.returncode == 0, r.stderr
-        assert load_bundle(str(out))["arch"] == arch
+        assert read_vm_json(str(out)).doc["arch"] == arch
         built = tmp_path / "out" / plat.split("/")[1]
         for name in ("vm.json", "kernel", "rootfs.erofs", "manifest"):
             assert (out / name).read_bytes() == (built / name).read_bytes(), name

@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.conftest import Examples
 from tests.e2e.images import EXAMPLES, VmimgRun, free_port, http_get, qemu_processes
-from vmimg.bundle.build import load_bundle
+from vmimg.bundle.format import read_vm_json
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -69,7 +69,7 @@ def test_oneshot_job_exit_code(examples: Examples) -> None:
     """The job's exit code is the verdict, and verify holds it to --expect-exit."""
     source = f"docker-daemon:{examples.image('oneshot-job')}"
     bundle = examples.bundle(source)
-    vm = load_bundle(str(bundle))
+    vm = read_vm_json(str(bundle)).doc
     assert vm["workload"]["argv"] == ["/usr/local/bin/job.sh"]
     assert "JOB_NAME=nightly-report" in vm["workload"]["env"]
 
@@ -96,7 +96,7 @@ def test_oneshot_job_exit_code(examples: Examples) -> None:
 def test_http_service_from_docker_daemon(examples: Examples, tmp_path: Path) -> None:
     """USER, WORKDIR, ENV and ENTRYPOINT from the Dockerfile, seen from the host over HTTP."""
     bundle = examples.bundle(f"docker-daemon:{examples.image('http-service')}")
-    workload = load_bundle(str(bundle))["workload"]
+    workload = read_vm_json(str(bundle)).doc["workload"]
     assert workload["argv"] == ["python3", "/opt/app/server.py"]
     assert (workload["uid"], workload["gid"], workload["cwd"]) == (1000, 1000, "/srv/site")
 

@@ -21,20 +21,47 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import stat
-import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import zstandard
 
 from vmimg import __version__
-from vmimg.errors import DigestError, ImageRefError, KernelError, SourceError, UsageError
-from vmimg.image.cache import Cache, Hasher, split_digest
+from vmimg.boot.launchers import write_launchers
+from vmimg.bundle.build import check_destination, install_bundle_dir, new_bundle_dir
+from vmimg.bundle.format import (
+    LAUNCH_DIR,
+    VM_JSON,
+    Bundle,
+    bundle_file_names,
+    load_bundle,
+    parse_vm_json,
+)
+from vmimg.digest import Hasher, split_digest
+from vmimg.errors import (
+    BundleError,
+    DigestError,
+    ImageRefError,
+    KernelError,
+    SourceError,
+    UsageError,
+)
+from vmimg.guest.kernel import (
+    METADATA_FILE,
+    KernelInfo,
+    check_kernel_files,
+    check_metadata,
+    find_kernel,
+    load_kernel,
+    pulled_kernel_dir,
+)
+from vmimg.image.cache import Cache
 from vmimg.image.oci import (
     ACCEPT_MANIFESTS,
     INDEX_TYPES,
@@ -51,13 +78,6 @@ from vmimg.image.oci import (
 from vmimg.image.reference import RegistryRef, parse_reference
 from vmimg.image.registry import RegistryClient, digest_of
 from vmimg.image.sources import SourceOptions
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from vmimg.bundle.build import BuildOptions, BuildResult
-    from vmimg.guest.kernel import KernelInfo
-    from vmimg.image.sources.base import Image
 
 # -- the format (docs/artifact.md) ------------------------------------------------
 
@@ -77,7 +97,6 @@ BUNDLE_FILE_TYPES = {
     "rootfs.ext4": "application/vnd.vmimg.rootfs.ext4.v1",
     "initramfs.cpio.gz": "application/vnd.vmimg.rootfs.initramfs.v1",
 }
-LAUNCH_DIR = "launch"
 LAUNCH_TYPE = "application/vnd.vmimg.launch.v1"
 KERNEL_FILE_TYPES = {
     "kernel.json": KERNEL_CONFIG,
@@ -447,34 +466,22 @@ def _push_artifact(
     )
 
 
-def _bundle_files(bundle: str, vm: dict[str, Any]) -> list[str]:
+def _bundle_files(bundle: Bundle) -> list[str]:
     """The bundle's files to push, as relative paths in name order: what vm.json lists,
-    and the launch/ files. Anything else in the directory is not part of the bundle."""
-    names = set(vm.get("files") or {})
-    launch = os.path.join(bundle, LAUNCH_DIR)
-    if os.path.isdir(launch):
-        names.update(
-            f"{LAUNCH_DIR}/{n}"
-            for n in os.listdir(launch)
-            if os.path.isfile(os.path.join(launch, n))
-        )
-    for name in names:
-        _safe_path(name, bundle)
-        if not os.path.isfile(os.path.join(bundle, name)):
-            raise UsageError(f"{bundle}: vm.json lists {name}, which is missing")
-    return sorted(names, key=lambda n: n.encode())
+    and the launch/ files (for readers other than vmimg, which writes its own)."""
+    names = [n for n in bundle_file_names(bundle.vm) if n != VM_JSON]
+    return [n for n in names if n in bundle.vm.files or os.path.isfile(bundle.path_of(n))]
 
 
-def _check_listed(bundle: str, vm: dict[str, Any], layers: list[_Layer]) -> None:
-    """Refuse to push a bundle whose files no longer match vm.json (e.g. an ext4 root
-    that a --persist run changed): its readers would reject it."""
+def _check_listed(bundle: Bundle, layers: list[_Layer]) -> None:
+    """Refuse to push files that changed since load_bundle checked them: their readers
+    would reject the artifact."""
     for layer in layers:
         d = layer.descriptor
-        name = _file_name(d)
-        want = (vm.get("files") or {}).get(name)
+        want = bundle.vm.files.get(_file_name(d))
         plain = d.annotations.get(ANN_UNCOMPRESSED_DIGEST, d.digest)
-        if want and plain != f"sha256:{want.get('sha256')}":
-            raise UsageError(f"{bundle}/{name} does not match its sha256 in vm.json")
+        if want and plain != f"sha256:{want.sha256}":
+            raise UsageError(f"{bundle.dir}/{want.name} does not match its sha256 in vm.json")
 
 
 def _subject(target: _Target, digest: str | None, warnings: list[str]) -> Descriptor | None:
@@ -501,35 +508,36 @@ def push_bundle(
 ) -> PushResult:
     """Push a bundle directory to `ref` as a bundle artifact whose subject is its source
     image (when the target repository holds that image)."""
-    from vmimg.bundle.build import load_bundle
-
     start = time.monotonic()
-    vm = load_bundle(bundle)
+    try:
+        loaded = load_bundle(bundle)
+    except BundleError as e:  # e.g. an ext4 root a --persist run changed behind vm.json's back
+        raise UsageError(f"cannot push {bundle}: {e}") from None
+    vm = loaded.vm
     target = _target(ref, options)
     warnings: list[str] = []
-    build_key = build_key or vm.get("build_key")
+    build_key = build_key or vm.build_key
     memo = _CompressionMemo(cache)
     with cache.temp_dir() as work:
         layers = [
             _prepare_layer(
                 target, os.path.join(bundle, name), name, _bundle_media_type(name), work, memo
             )
-            for name in ["vm.json", *_bundle_files(bundle, vm)]
+            for name in [VM_JSON, *_bundle_files(loaded)]
         ]
-        _check_listed(bundle, vm, layers)
+        _check_listed(loaded, layers)
         config = layers[0]  # vm.json is the config, and a layer too (same blob) for oras
-        source = vm.get("source") or {}
         annotations = {
             ANN_VERSION: __version__,
-            ANN_SOURCE_DIGEST: str(source.get("digest") or ""),
-            ANN_SOURCE_REF: str(source.get("reference") or ""),
-            ANN_PLATFORM: str(vm.get("platform") or ""),
-            ANN_FS: str((vm.get("rootfs") or {}).get("type") or ""),
-            ANN_KERNEL_VERSION: str((vm.get("kernel") or {}).get("version") or ""),
+            ANN_SOURCE_DIGEST: vm.source.digest,
+            ANN_SOURCE_REF: vm.source.reference,
+            ANN_PLATFORM: vm.platform,
+            ANN_FS: vm.rootfs.type,
+            ANN_KERNEL_VERSION: vm.kernel.version,
         }
         if build_key:
             annotations[ANN_BUILD_KEY] = build_key
-        subject = _subject(target, source.get("digest"), warnings)
+        subject = _subject(target, vm.source.digest or None, warnings)
         config_desc = Descriptor(BUNDLE_CONFIG, config.descriptor.digest, config.descriptor.size)
         return _push_artifact(
             target,
@@ -548,16 +556,14 @@ def push_bundle_index(
 ) -> PushResult:
     """Push one bundle per platform (each also tagged TAG-ARCH) and an OCI index over them
     at `ref`, so that a pull picks the bundle of its platform."""
-    from vmimg.bundle.build import load_bundle
-
     start = time.monotonic()
     target = _target(ref, options)
     tag = target.ref.tag or "latest"
     entries: list[dict[str, Any]] = []
     pushed: list[PushResult] = []
     for bundle in bundles:
-        vm = load_bundle(bundle)
-        plat = parse_platform(str(vm.get("platform") or ""))
+        vm = load_bundle(bundle, check_files=False).vm  # push_bundle checks the files
+        plat = parse_platform(vm.platform)
         one = push_bundle(bundle, f"{target.ref.registry}/{target.repo}:{tag}-{plat.architecture}",
                           cache, options)  # fmt: skip
         pushed.append(one)
@@ -574,7 +580,7 @@ def push_bundle_index(
                 "platform": {"os": plat.os, "architecture": plat.architecture},
                 "annotations": {
                     ANN_PLATFORM: str(plat),
-                    ANN_FS: str((vm.get("rootfs") or {}).get("type") or ""),
+                    ANN_FS: vm.rootfs.type,
                 },
             }
         )
@@ -610,8 +616,6 @@ def _bundle_media_type(name: str) -> str:
 
 def push_kernel(key: str, ref: str, cache: Cache, options: SourceOptions) -> PushResult:
     """Push a cached kernel (by key or key prefix) as a kernel artifact."""
-    from vmimg.guest.kernel import METADATA_FILE, find_kernel
-
     start = time.monotonic()
     info = find_kernel(key, cache.root)
     target = _target(ref, options)
@@ -768,56 +772,61 @@ def _read_config(target: _Target, desc: Descriptor, what: str) -> bytes:
     return data
 
 
+FileFilter = Callable[[str], bool]
+
+
 def _fetch_files(
-    target: _Target, artifact: _Artifact, work: str, config_name: str
+    target: _Target,
+    artifact: _Artifact,
+    work: str,
+    config_name: str,
+    config: bytes,
+    wanted: FileFilter,
 ) -> tuple[dict[str, dict[str, Any]], int]:
-    """Every layer into `work` by its title (less .zst); returns files and bytes read."""
+    """The layers `wanted` accepts (by title, less .zst) into `work`, and the config as
+    `config_name`; returns the files and the bytes read. Files are written 0644 whatever
+    the artifact says: nothing pulled is ever executable."""
     where = target.pinned(artifact.digest)
-    config = _read_config(target, artifact.config, f"{where} config")
     files: dict[str, dict[str, Any]] = {}
     total = artifact.config.size
     for desc in artifact.layers:
         name = _safe_path(_file_name(desc), where)
         if name in files:
             raise SourceError(f"{where}: two layers are named {name}")
+        if name == config_name or not wanted(name):
+            continue
         path = os.path.join(work, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if desc.digest == artifact.config.digest:
-            with open(path, "xb") as f:  # the config blob again: we have its bytes
-                f.write(config)
-            digest, size = digest_of(config), len(config)
-        else:
-            digest, size = _fetch_blob(target, desc, path, f"{where} {name}")
-            total += desc.size
-        mode = desc.annotations.get(ANN_MODE, "0644")
-        if re.fullmatch(r"0?[0-7]{3}", mode):
-            os.chmod(path, int(mode, 8) & 0o755)  # never setuid, never group/other write
+        digest, size = _fetch_blob(target, desc, path, f"{where} {name}")
+        total += desc.size
         files[name] = {"sha256": digest.split(":", 1)[1], "size": size}
-    if config_name not in files:
-        with open(os.path.join(work, config_name), "xb") as f:
-            f.write(config)
-        files[config_name] = {"sha256": digest_of(config).split(":", 1)[1], "size": len(config)}
+    with open(os.path.join(work, config_name), "xb") as f:
+        f.write(config)
+    files[config_name] = {"sha256": digest_of(config).split(":", 1)[1], "size": len(config)}
     return files, total
 
 
-def _check_bundle_files(work: str, files: dict[str, dict[str, Any]], where: str) -> None:
-    """Every file vm.json lists arrived, with the digest vm.json gives."""
-    from vmimg.bundle.build import load_bundle
-
-    vm = load_bundle(work)
-    for name, want in (vm.get("files") or {}).items():
-        got = files.get(name)
-        if got is None:
-            raise SourceError(f"{where}: vm.json lists {name}, which the artifact lacks")
-        if got["sha256"] != want.get("sha256"):
-            raise DigestError(f"{where}: {name} does not match its sha256 in vm.json")
-
-
 def _pull_bundle_into(target: _Target, artifact: _Artifact, work: str) -> PullResult:
+    """A bundle artifact into the empty directory `work`: vm.json is read and checked
+    first, then only the files it lists are fetched (a registry's launch/ scripts are
+    never taken: they are written anew from vm.json), and the result is loaded as any
+    bundle is, every file against its size and sha256."""
     start = time.monotonic()
     where = target.pinned(artifact.digest)
-    files, total = _fetch_files(target, artifact, work, "vm.json")
-    _check_bundle_files(work, files, where)
+    config = _read_config(target, artifact.config, f"{where} config")
+    vm = parse_vm_json(config, f"{where} vm.json")
+    for desc in artifact.layers:
+        name = _safe_path(_file_name(desc), where)
+        if name not in vm.files and name != VM_JSON and not name.startswith(LAUNCH_DIR + "/"):
+            raise SourceError(f"{where}: layer {name!r} is not a file of a vmimg bundle")
+    files, total = _fetch_files(target, artifact, work, VM_JSON, config, vm.files.__contains__)
+    for name in vm.files:
+        if name not in files:
+            raise SourceError(f"{where}: vm.json lists {name}, which the artifact lacks")
+    try:
+        bundle = load_bundle(work)
+    except BundleError as e:
+        raise DigestError(f"{where}: {e}") from None
+    write_launchers(work, bundle.vm)
     return PullResult(where, work, files, total, time.monotonic() - start)
 
 
@@ -826,8 +835,6 @@ def pull_bundle(
 ) -> PullResult:
     """Pull the bundle artifact at `ref` (or, with `from_image`, the newest bundle that
     refers to the image at `ref`) into the directory `dest`, atomically."""
-    from vmimg.bundle.build import install_bundle_dir
-
     start = time.monotonic()
     if from_image:
         found = find_bundle(ref, options, fs=fs)
@@ -835,11 +842,9 @@ def pull_bundle(
             raise SourceError(f"no vmimg bundle refers to {ref}")
         ref = found
     target = _target(ref, options)
+    check_destination(dest)
     artifact = _get_artifact(target, BUNDLE_ARTIFACT)
-    parent = os.path.dirname(os.path.abspath(dest))
-    if not os.path.isdir(parent):
-        raise UsageError(f"output directory {parent} does not exist")
-    work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest)}.")
+    work = new_bundle_dir(dest)
     try:
         result = _pull_bundle_into(target, artifact, work)
         install_bundle_dir(work, dest)
@@ -851,7 +856,7 @@ def pull_bundle(
     return result
 
 
-def _pull_into_cache(target: _Target, artifact: _Artifact, cache: Cache, final: str) -> None:
+def pull_into_cache(target: _Target, artifact: _Artifact, cache: Cache, final: str) -> None:
     """Pull a bundle into `final`/bundle in the cache (the layout of bundle.py's outputs)."""
     if os.path.isfile(os.path.join(final, "bundle", "vm.json")):
         return
@@ -867,13 +872,16 @@ def _pull_into_cache(target: _Target, artifact: _Artifact, cache: Cache, final: 
             os.rename(tmp, final)
 
 
-def pull_bundle_to_cache(ref: str, cache: Cache, options: SourceOptions) -> str:
-    """The bundle artifact at `ref` as a directory in the cache (for `vmimg verify REF`);
-    pulled once per manifest digest."""
+def pull_bundle_to_cache(
+    ref: str, cache: Cache, options: SourceOptions, final: str | None = None
+) -> str:
+    """The bundle artifact at `ref` as a directory in the cache: in `final` (the remote
+    build cache's place for a build key), or pulled once per manifest digest (for
+    `vmimg verify REF`)."""
     target = _target(ref, options)
     artifact = _get_artifact(target, BUNDLE_ARTIFACT)
-    final = cache.output_dir("artifact-" + artifact.digest.split(":", 1)[1])
-    _pull_into_cache(target, artifact, cache, final)
+    final = final or cache.output_dir("artifact-" + artifact.digest.split(":", 1)[1])
+    pull_into_cache(target, artifact, cache, final)
     return os.path.join(final, "bundle")
 
 
@@ -886,27 +894,33 @@ def resolve_bundle_argument(arg: str, cache: Cache, options: SourceOptions) -> s
 
 
 def pull_kernel(ref: str, cache: Cache, options: SourceOptions) -> KernelInfo:
-    """Pull a kernel artifact into the kernel cache; returns its KernelInfo."""
-    from vmimg.guest.kernel import METADATA_FILE, kernels_dir, load_kernel
-
+    """Pull a kernel artifact into the cache's pulled kernels, keyed by the artifact's
+    digest (never under a build key, so it cannot replace a kernel built here); returns
+    its KernelInfo. Only known file names are fetched, each checked against kernel.json."""
     target = _target(ref, options)
     artifact = _get_artifact(target, KERNEL_ARTIFACT)
     where = target.pinned(artifact.digest)
-    meta = load_json(_read_config(target, artifact.config, f"{where} config"), f"{where} config")
-    key = str(meta.get("key") or "")
-    if not re.fullmatch(r"[0-9a-f]{16}", key):
-        raise KernelError(f"{where}: kernel.json has no valid key")
-    final = kernels_dir(cache) / key
-    if (final / METADATA_FILE).is_file():
-        return load_kernel(final)
-    with cache.lock(f"kernel-{key}"), cache.temp_dir() as tmp:
-        if (final / METADATA_FILE).is_file():
-            return load_kernel(final)
-        files, _total = _fetch_files(target, artifact, tmp, METADATA_FILE)
-        for name, want in (meta.get("files") or {}).items():
-            if files.get(name, {}).get("sha256") != want.get("sha256"):
-                raise DigestError(f"{where}: {name} missing or not matching kernel.json")
+    config = _read_config(target, artifact.config, f"{where} config")
+    meta = check_metadata(load_json(config, f"{where} config"), where)
+    final = pulled_kernel_dir(cache, artifact.digest)
+    with contextlib.suppress(KernelError):
+        return load_kernel(final, check_files=True)
+    with cache.lock(f"kernel-{final.name}"), cache.temp_dir() as tmp:
+        with contextlib.suppress(KernelError):
+            return load_kernel(final, check_files=True)
+        files, _total = _fetch_files(
+            target, artifact, tmp, METADATA_FILE, config, meta["files"].__contains__
+        )
+        for name in meta["files"]:
+            if name not in files:
+                raise DigestError(f"{where}: kernel.json lists {name}, which the artifact lacks")
+        try:
+            check_kernel_files(Path(tmp), meta)
+        except KernelError as e:
+            raise DigestError(f"{where}: {e}") from None
         final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a damaged earlier copy: nothing else has it locked
+            shutil.rmtree(final)
         os.rename(tmp, final)  # temp_dir's clean-up finds nothing left to remove
     return load_kernel(final)
 
@@ -987,75 +1001,11 @@ def find_remote_bundle(image_ref: str, build_key: str, options: SourceOptions) -
     return find_bundle(image_ref, options, build_key=build_key)
 
 
-# -- build with a remote cache, and build --push -------------------------------------------
-
-
-@dataclass
-class RemoteBuild:
-    build: BuildResult
-    key: str
-    pulled_from: str | None  # the artifact the bundle came from, if the remote cache hit
-    pushed: PushResult | None
-
-
-def compute_build_key(image: Image, options: BuildOptions, cache: Cache) -> str:
-    """The key `vmimg build` gives this image and options (bundle.bundle_key_for)."""
-    from vmimg.bundle.build import bundle_key_for
-
-    return bundle_key_for(image, options, cache).key
-
-
-def build_bundle_remote(
-    source: str,
-    dest: str,
-    options: BuildOptions,
-    cache: Cache,
-    source_options: SourceOptions,
-    *,
-    use_cache: bool = True,
-    remote_cache: bool = False,
-    push: str | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> RemoteBuild:
-    """`vmimg build` with `--remote-cache` and/or `--push REF`.
-
-    With the remote cache, a bundle that is neither in the local cache nor built
-    before is looked up in the source image's repository by its build key and
-    pulled into the local bundle cache, so build_bundle finds it there and
-    converts nothing. With push, the finished bundle goes to `push` with the
-    build key on its manifest, which is what later remote-cache lookups find.
-    """
-    from vmimg.bundle.build import build_bundle
-    from vmimg.image.sources import open_image
-
-    parsed = parse_reference(source)
-    image = open_image(parsed, cache, source_options)
-    try:
-        key = compute_build_key(image, options, cache)
-        digest = image.digest
-    finally:
-        image.close()
-    pulled_from = None
-    local = os.path.join(cache.output_dir(key), "bundle", "vm.json")
-    if remote_cache and use_cache and parsed.registry is not None and not os.path.isfile(local):
-        pinned = f"{parsed.registry.registry}/{parsed.registry.repository}@{digest}"
-        pulled_from = find_remote_bundle(pinned, key, source_options)
-        if pulled_from is not None:
-            target = _target(pulled_from, source_options)
-            artifact = _get_artifact(target, BUNDLE_ARTIFACT)
-            _pull_into_cache(target, artifact, cache, cache.output_dir(key))
-    result = build_bundle(source, dest, options, cache, source_options, use_cache, progress)
-    pushed = push_bundle(dest, push, cache, source_options, key) if push else None
-    return RemoteBuild(result, key, pulled_from, pushed)
-
-
 __all__ = [
     "BUNDLE_ARTIFACT",
     "KERNEL_ARTIFACT",
     "PullResult",
     "PushResult",
-    "RemoteBuild",
-    "build_bundle_remote",
     "find_bundle",
     "find_remote_bundle",
     "pull_bundle",

@@ -16,10 +16,13 @@ import platform
 import subprocess
 from dataclasses import dataclass
 
+from vmimg.arch import Arch
 from vmimg.boot.launch import QEMU_MACHINES, qemu_accel_args, qemu_binary
 from vmimg.boot.vm import VM
 from vmimg.errors import BootError, KernelError
 from vmimg.guest import agent as agentlib
+from vmimg.guest.cmdline import bundle_cmdline
+from vmimg.guest.kernel import kernel_from_path
 from vmimg.image.cache import Cache
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Content, Node, NodeType, Tree
@@ -30,10 +33,6 @@ PROBE_TIMEOUT = 10.0
 PROBE_MEMORY_MIB = 128
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 ACCEL_ENV = "VMIMG_ACCEL"  # "kvm" or "tcg": skip the probe
-# platform.machine() values on which KVM can run guests of each arch (vm.json's arch names).
-KVM_HOSTS = {"x86_64": ("x86_64", "amd64"), "arm64": ("aarch64", "arm64")}
-# The probe's console, per guest arch (the arch's QEMU machine's UART).
-PROBE_CONSOLES = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class Accel:
     reason: str  # why, in words for the report
 
 
-def _probe_initramfs(path: str, arch: str) -> None:
+def _probe_initramfs(path: str, arch: Arch) -> None:
     """An initramfs holding only the agent, set to verify its own small tree."""
     tree = Tree(Node(NodeType.DIR, mode=0o755))
     tree.add(b"/dev", Node(NodeType.DIR, mode=0o755))
@@ -59,7 +58,7 @@ def _probe_initramfs(path: str, arch: str) -> None:
         os.close(fd)
 
 
-def _qemu_version(arch: str = "x86_64") -> str:
+def _qemu_version(arch: Arch = Arch.X86_64) -> str:
     qemu = qemu_binary(arch)
     package = "qemu-system-arm" if arch == "arm64" else "qemu-system-x86"
     try:
@@ -69,24 +68,22 @@ def _qemu_version(arch: str = "x86_64") -> str:
     return out.splitlines()[0] if out else ""
 
 
-def kernel_arch(kernel: str) -> str:
+def kernel_arch(kernel: str) -> Arch:
     """The arch of a kernel file (x86_64 or arm64), from its header; x86_64, as before
     arm64 support, for a file whose format is not recognised (QEMU will judge it)."""
-    from vmimg.guest.kernel import kernel_from_path
-
     try:
-        return kernel_from_path(kernel).arch
+        return Arch.parse(kernel_from_path(kernel).arch) or Arch.X86_64
     except KernelError:
-        return "x86_64"
+        return Arch.X86_64
 
 
-def kvm_can_run(arch: str, machine: str | None = None) -> bool:
+def kvm_can_run(arch: Arch, machine: str | None = None) -> bool:
     """Whether KVM on this host (platform.machine(), or `machine`) can run `arch` guests:
     only guests of the host's own arch; an arm64 guest on x86_64 is always emulated."""
-    return (machine or platform.machine()) in KVM_HOSTS.get(arch, ())
+    return Arch.parse(machine or platform.machine()) == arch
 
 
-def _probe_kvm(kernel: str, cache: Cache, arch: str = "x86_64") -> Accel:
+def _probe_kvm(kernel: str, cache: Cache, arch: Arch = Arch.X86_64) -> Accel:
     with cache.temp_dir() as tmp:
         initrd = os.path.join(tmp, "probe.cpio")
         _probe_initramfs(initrd, arch)
@@ -95,8 +92,7 @@ def _probe_kvm(kernel: str, cache: Cache, arch: str = "x86_64") -> Accel:
             "-m", str(PROBE_MEMORY_MIB), "-smp", "1", "-nodefaults", "-no-user-config",
             "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", kernel,
             "-initrd", initrd, "-append",
-            f"console={PROBE_CONSOLES[arch]} quiet panic=-1 rdinit={agentlib.INIT_PATH} "
-            "vmimg.mode=verify",
+            bundle_cmdline("initramfs", "agent", arch, ("vmimg.mode=verify",)),
         ]  # fmt: skip
         vm = VM(argv)
         vm.start()

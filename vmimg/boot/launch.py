@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmimg.errors import BootError
+from vmimg.arch import Arch
+from vmimg.bundle.format import VmSpec
 
 QEMU_X86 = "qemu-system-x86_64"
 QEMU_AARCH64 = "qemu-system-aarch64"
@@ -18,14 +19,14 @@ QEMU_AARCH64 = "qemu-system-aarch64"
 # microvm; arm64 uses virt, which boots `Image` with a device tree describing a PL011
 # (ttyAMA0), 32 virtio-mmio slots, PSCI for power-off and a PL061 GPIO power key.
 # gic-version=max: GICv3 under TCG (more than 8 vCPUs), whatever the host has under KVM.
-QEMU_BINARIES = {"x86_64": QEMU_X86, "arm64": QEMU_AARCH64}
-QEMU_MACHINES = {"x86_64": "microvm", "arm64": "virt,gic-version=max"}
+QEMU_BINARIES = {Arch.X86_64: QEMU_X86, Arch.ARM64: QEMU_AARCH64}
+QEMU_MACHINES = {Arch.X86_64: "microvm", Arch.ARM64: "virt,gic-version=max"}
 # arm64 under TCG: "max" emulates every feature, but its QARMA pointer-authentication
 # cipher is slow to emulate; pauth-impdef=on keeps pointer auth with QEMU's cheap hash.
 ARM64_TCG_CPU = "max,pauth-impdef=on"
 # What each VMM names the console on the kernel command line, where it differs from vm.json:
 # Firecracker's arm64 console is an 8250 UART (ttyS0), not QEMU virt's PL011.
-FIRECRACKER_CONSOLES = {"arm64": ("console=ttyAMA0", "console=ttyS0")}
+FIRECRACKER_CONSOLES = {Arch.ARM64: ("console=ttyAMA0", "console=ttyS0")}
 # QEMU's user network (slirp) hands out these addresses; the agent configures eth0 with them.
 USER_NET_ARGS = ("vmimg.ip=10.0.2.15/24", "vmimg.gw=10.0.2.2", "vmimg.dns=10.0.2.3")
 # Seccomp sandbox: no new privileges, no spawning, no obsolete syscalls.
@@ -52,8 +53,14 @@ def _path(bundle_dir: str, name: str) -> str:
     return os.path.join(bundle_dir, name)
 
 
-def cmdline(vm: dict[str, Any], opts: LaunchOptions, pci: bool = True) -> str:
-    args = [str(vm["cmdline"])]
+def qemu_opt(value: str) -> str:
+    """A value inside a QEMU option string (`-drive file=...,format=raw`): QEMU reads a
+    doubled comma as a literal one, so a path with commas cannot add options."""
+    return value.replace(",", ",,")
+
+
+def cmdline(vm: VmSpec, opts: LaunchOptions, pci: bool = True) -> str:
+    args = [vm.cmdline]
     if not pci:
         args.append("pci=off")  # microvm has no PCI bus: spare the kernel the probe
     if opts.network:
@@ -62,20 +69,12 @@ def cmdline(vm: dict[str, Any], opts: LaunchOptions, pci: bool = True) -> str:
     return " ".join(args)
 
 
-def vm_arch(vm: dict[str, Any]) -> str:
-    """The guest arch of a bundle's vm.json (x86_64 or arm64)."""
-    arch = str(vm.get("arch", "x86_64"))
-    if arch not in QEMU_BINARIES:
-        raise BootError(f"bundle is for arch {arch!r}; vmimg boots {', '.join(QEMU_BINARIES)}")
-    return arch
-
-
-def qemu_binary(arch: str) -> str:
+def qemu_binary(arch: Arch) -> str:
     """The qemu-system-* program for a guest arch."""
     return QEMU_BINARIES[arch]
 
 
-def qemu_accel_args(arch: str, accel: str) -> list[str]:
+def qemu_accel_args(arch: Arch, accel: str) -> list[str]:
     """-accel and -cpu (and their companions) for a guest arch under "kvm" or "tcg"."""
     if accel == "kvm":
         return ["-accel", "kvm", "-cpu", "host"]
@@ -89,30 +88,30 @@ def qemu_accel_args(arch: str, accel: str) -> list[str]:
 
 
 def qemu_command(
-    vm: dict[str, Any], bundle_dir: str, accel: str = "tcg", opts: LaunchOptions | None = None
+    vm: VmSpec, bundle_dir: str, accel: str = "tcg", opts: LaunchOptions | None = None
 ) -> list[str]:
     """The QEMU command line that boots the bundle: qemu-system-x86_64 on the microvm
     machine, or qemu-system-aarch64 on virt, per vm.json's arch; virtio-mmio devices."""
     o = opts or LaunchOptions(accel=accel)
-    arch = vm_arch(vm)
-    rootfs = vm["rootfs"]
+    arch = vm.arch
+    rootfs = vm.rootfs
     cmd = [qemu_binary(arch), "-M", QEMU_MACHINES[arch], *qemu_accel_args(arch, o.accel)]
     cmd += [
-        "-m", str(o.memory_mib or vm["memory_mib"]),
-        "-smp", str(o.vcpus or vm["vcpus"]),
+        "-m", str(o.memory_mib or vm.memory_mib),
+        "-smp", str(o.vcpus or vm.vcpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-sandbox", QEMU_SANDBOX,
-        "-kernel", _path(bundle_dir, vm["kernel"]["file"]),
+        "-kernel", _path(bundle_dir, vm.kernel.file),
         # microvm has no PCI bus; virt has one (unused), and arm64 has no pci=off.
         "-append", cmdline(vm, o, pci=arch != "x86_64"),
         "-serial", o.serial,
         "-device", "virtio-rng-device",
     ]  # fmt: skip
-    if rootfs["type"] == "initramfs":
-        cmd += ["-initrd", _path(bundle_dir, rootfs["file"])]
+    if rootfs.type == "initramfs":
+        cmd += ["-initrd", _path(bundle_dir, rootfs.file)]
     else:
-        drive = f"id=root,file={_path(bundle_dir, rootfs['file'])},format=raw,if=none"
-        if rootfs.get("read_only"):
+        drive = f"id=root,file={qemu_opt(_path(bundle_dir, rootfs.file))},format=raw,if=none"
+        if rootfs.read_only:
             drive += ",readonly=on"
         elif o.snapshot:
             drive += ",snapshot=on"
@@ -123,56 +122,56 @@ def qemu_command(
             netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
         cmd += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     if o.qmp_socket:
-        cmd += ["-qmp", f"unix:{o.qmp_socket},server=on,wait=off"]
+        cmd += ["-qmp", f"unix:{qemu_opt(o.qmp_socket)},server=on,wait=off"]
     return cmd + list(o.extra)
 
 
-def firecracker_config(vm: dict[str, Any], bundle_dir: str) -> dict[str, Any]:
+def firecracker_config(vm: VmSpec, bundle_dir: str) -> dict[str, Any]:
     """A Firecracker VM config (`firecracker --config-file`); paths relative to the bundle."""
-    rootfs = vm["rootfs"]
-    args = str(vm["cmdline"])
-    if vm.get("arch") in FIRECRACKER_CONSOLES:
-        args = args.replace(*FIRECRACKER_CONSOLES[vm["arch"]])
+    rootfs = vm.rootfs
+    args = vm.cmdline
+    if vm.arch in FIRECRACKER_CONSOLES:
+        args = args.replace(*FIRECRACKER_CONSOLES[vm.arch])
     boot: dict[str, Any] = {
-        "kernel_image_path": _path(bundle_dir, vm["kernel"]["file"]),
+        "kernel_image_path": _path(bundle_dir, vm.kernel.file),
         "boot_args": f"{args} reboot=k pci=off",
     }
     drives = []
-    if rootfs["type"] == "initramfs":
-        boot["initrd_path"] = _path(bundle_dir, rootfs["file"])
+    if rootfs.type == "initramfs":
+        boot["initrd_path"] = _path(bundle_dir, rootfs.file)
     else:
         drives.append(
             {
                 "drive_id": "rootfs",
-                "path_on_host": _path(bundle_dir, rootfs["file"]),
+                "path_on_host": _path(bundle_dir, rootfs.file),
                 "is_root_device": True,
-                "is_read_only": bool(rootfs.get("read_only")),
+                "is_read_only": rootfs.read_only,
             }
         )
     return {
         "boot-source": boot,
         "drives": drives,
-        "machine-config": {"vcpu_count": vm["vcpus"], "mem_size_mib": vm["memory_mib"]},
+        "machine-config": {"vcpu_count": vm.vcpus, "mem_size_mib": vm.memory_mib},
         "network-interfaces": [],
     }
 
 
-def cloud_hypervisor_command(vm: dict[str, Any], bundle_dir: str) -> list[str]:
+def cloud_hypervisor_command(vm: VmSpec, bundle_dir: str) -> list[str]:
     """A cloud-hypervisor command line (virtio-pci devices; the disk is still /dev/vda)."""
-    rootfs = vm["rootfs"]
+    rootfs = vm.rootfs
     cmd = [
         "cloud-hypervisor",
-        "--kernel", _path(bundle_dir, vm["kernel"]["file"]),
-        "--cmdline", str(vm["cmdline"]),
-        "--cpus", f"boot={vm['vcpus']}",
-        "--memory", f"size={vm['memory_mib']}M",
+        "--kernel", _path(bundle_dir, vm.kernel.file),
+        "--cmdline", vm.cmdline,
+        "--cpus", f"boot={vm.vcpus}",
+        "--memory", f"size={vm.memory_mib}M",
         "--rng",
         "--serial", "tty",
         "--console", "off",
     ]  # fmt: skip
-    if rootfs["type"] == "initramfs":
-        cmd += ["--initramfs", _path(bundle_dir, rootfs["file"])]
+    if rootfs.type == "initramfs":
+        cmd += ["--initramfs", _path(bundle_dir, rootfs.file)]
     else:
-        ro = ",readonly=on" if rootfs.get("read_only") else ""
-        cmd += ["--disk", f"path={_path(bundle_dir, rootfs['file'])}{ro}"]
+        ro = ",readonly=on" if rootfs.read_only else ""
+        cmd += ["--disk", f"path={qemu_opt(_path(bundle_dir, rootfs.file))}{ro}"]
     return cmd

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from vmimg.boot.accel import choose_accel
 from vmimg.boot.launch import LaunchOptions, qemu_command
 from vmimg.boot.vm import VM, BootResult, qmp_command
-from vmimg.bundle.build import load_bundle
+from vmimg.bundle.format import load_bundle, record_rootfs_change
 from vmimg.errors import BootError
-from vmimg.guest.agent import BootOptions, kernel_args
+from vmimg.guest.protocol import BootOptions, kernel_args
 from vmimg.image.cache import Cache
 
 ESCAPE_KEY = b"\x1d"  # Ctrl-]
@@ -125,11 +125,13 @@ def _explain_no_report(result: BootResult) -> None:
 
 
 def run_bundle(bundle: str, opts: RunOptions, cache: Cache) -> RunResult:
-    vm_json = load_bundle(bundle)
-    if vm_json.get("init", {}).get("type") != "agent" and opts.cmd:
+    loaded = load_bundle(bundle)  # vm.json and every file checked before anything boots
+    vm_json = loaded.vm
+    if vm_json.init.type != "agent" and opts.cmd:
         raise BootError("--cmd needs a bundle built with the agent")
-    kernel = os.path.join(bundle, vm_json["kernel"]["file"])
-    accel = choose_accel(kernel, cache, opts.accel)
+    if opts.persist and vm_json.rootfs.type != "ext4":
+        raise BootError(f"--persist needs an ext4 bundle; {bundle} has {vm_json.rootfs.type}")
+    accel = choose_accel(loaded.kernel_path, cache, opts.accel)
     with cache.temp_dir() as tmp:
         qmp = os.path.join(tmp, "qmp.sock")
         launch = LaunchOptions(
@@ -166,6 +168,8 @@ def run_bundle(bundle: str, opts: RunOptions, cache: Cache) -> RunResult:
             vm.kill()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            if opts.persist:
+                record_rootfs_change(loaded)
     exit_marker = result.last("exit")
     if exit_marker is None:
         _explain_no_report(result)

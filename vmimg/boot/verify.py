@@ -21,10 +21,11 @@ from typing import Any
 from vmimg.boot.accel import Accel, choose_accel
 from vmimg.boot.launch import LaunchOptions, qemu_command
 from vmimg.boot.vm import VM, BootResult
-from vmimg.bundle.build import load_bundle, sha256_file
-from vmimg.errors import BootError, VmimgError
-from vmimg.guest.agent import BootOptions, kernel_args
+from vmimg.bundle.format import check_file, load_bundle
+from vmimg.errors import BootError, BundleError, VmimgError
+from vmimg.guest.protocol import BootOptions, kernel_args
 from vmimg.image.cache import Cache
+from vmimg.safetext import escape_line, escape_text
 
 DEFAULT_TIMEOUT = 120.0
 CONSOLE_TAIL_LINES = 25
@@ -77,20 +78,10 @@ class VerifyReport:
     timings: Timings = field(default_factory=Timings)
     console_tail: list[str] = field(default_factory=list)
     console_log: str = ""
+    error_code: int | None = None  # the exit code of an error before the boot (stage setup)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _check_files(bundle: str, vm: dict[str, Any]) -> str | None:
-    """A message naming the first bundle file whose hash differs from vm.json, or None."""
-    for name, info in sorted(vm.get("files", {}).items()):
-        path = os.path.join(bundle, name)
-        if not os.path.exists(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != info["size"] or sha256_file(path) != info["sha256"]:
-            return f"{name} does not match the sha256 in vm.json"
-    return None
 
 
 def _boot_options(opts: VerifyOptions) -> BootOptions:
@@ -134,13 +125,17 @@ def _stage_reached(result: BootResult) -> str:
     return stage
 
 
+def _safe_fields(fields: dict[str, str]) -> dict[str, str]:
+    return {escape_text(k): escape_text(v) for k, v in fields.items()}
+
+
 def _judge(report: VerifyReport, result: BootResult, opts: VerifyOptions) -> None:
     """Fill in pass/fail, the stage reached and a message from the boot's markers."""
     verify = result.last("verify")
     if verify is not None:
         report.verify_result = verify.marker.fields.get("result", "")
         report.verify_entries = int(verify.marker.fields.get("entries", "0"))
-    report.verify_problems = [m.marker.fields for m in result.all("verify-problem")]
+    report.verify_problems = [_safe_fields(m.marker.fields) for m in result.all("verify-problem")]
     smoke = result.last("smoke")
     if smoke is not None:
         report.smoke_code = int(smoke.marker.fields.get("code", "-1"))
@@ -174,8 +169,12 @@ def _judge(report: VerifyReport, result: BootResult, opts: VerifyOptions) -> Non
         and report.smoke_code in (None, 0)
         and (report.exit_code == opts.expect_exit if opts.run else report.exit_code == 0)
     )
+    # Everything below came from the guest: no control character reaches a report.
+    report.message = escape_text(report.message)
     if not report.passed:
-        report.console_tail = result.console.splitlines()[-CONSOLE_TAIL_LINES:]
+        report.console_tail = [
+            escape_line(line) for line in result.console.splitlines()[-CONSOLE_TAIL_LINES:]
+        ]
 
 
 def verify_bundle(
@@ -185,25 +184,27 @@ def verify_bundle(
     log_dir: str | None = None,
     accel: Accel | None = None,
 ) -> VerifyReport:
-    vm = load_bundle(bundle)
-    if vm.get("init", {}).get("type") != "agent":
+    loaded = load_bundle(bundle, check_files=False)
+    vm = loaded.vm
+    if vm.init.type != "agent":
         raise BootError(f"{bundle}: built with --init image; vmimg verify needs the agent")
-    kernel_path = os.path.join(bundle, vm["kernel"]["file"])
-    accel = accel or choose_accel(kernel_path, cache, opts.accel)
+    accel = accel or choose_accel(loaded.kernel_path, cache, opts.accel)
     report = VerifyReport(
         bundle=bundle,
         passed=False,
         stage="files",
         accel=accel.name,
         accel_reason=accel.reason,
-        kernel=vm["kernel"].get("version", ""),
-        rootfs=vm["rootfs"]["type"],
+        kernel=vm.kernel.version,
+        rootfs=vm.rootfs.type,
         expected_exit=opts.expect_exit,
     )
     if opts.check_files:
-        problem = _check_files(bundle, vm)
-        if problem:
-            report.message = f"bundle damaged: {problem}"
+        try:
+            for entry in vm.files.values():
+                check_file(bundle, entry)
+        except BundleError as e:
+            report.message = f"bundle damaged: {e}"
             return report
     launch = LaunchOptions(
         accel=accel.name,
@@ -239,7 +240,9 @@ def verify_bundles(
         try:
             report = verify_bundle(bundle, opts, cache)
         except VmimgError as e:
-            report = VerifyReport(bundle, False, "setup", "", "", message=str(e))
+            report = VerifyReport(
+                bundle, False, "setup", "", "", message=str(e), error_code=e.exit_code
+            )
         if on_done:
             on_done(report)
         return report

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmimg.errors import BootError
-from vmimg.guest.agent import Marker, parse_markers
+from vmimg.guest.protocol import Marker, parse_markers
 
 PR_SET_PDEATHSIG = 1
 READ_CHUNK = 65536

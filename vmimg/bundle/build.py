@@ -21,8 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
-import shlex
 import shutil
 import tempfile
 import time
@@ -32,27 +30,41 @@ from pathlib import Path
 from typing import Any
 
 from vmimg import __version__
-from vmimg.errors import UsageError, VmimgError
+from vmimg.arch import Arch
+from vmimg.bundle.format import (
+    BUNDLE_FORMAT,
+    KERNEL_FILE,
+    MANIFEST_FILE,
+    VM_JSON,
+    VmSpec,
+    is_replaceable_bundle,
+    parse_vm_json,
+    read_vm_json,
+)
+from vmimg.digest import sha256_file
+from vmimg.errors import UsageError
 from vmimg.guest import agent as agentlib
-from vmimg.guest.kernel import KernelInfo
+from vmimg.guest.cmdline import bundle_cmdline
+from vmimg.guest.kernel import KernelInfo, find_or_build_kernel, kernel_from_path
+from vmimg.guest.protocol import INIT_PATH
 from vmimg.image.cache import Cache
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.image.sources.base import Image
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.convert import build_tree, copy_file, options_doc, source_date_epoch_ns, with_seed
+from vmimg.rootfs.convert import build_tree, copy_file, source_date_epoch_ns
 from vmimg.rootfs.tree import Node, NodeType, Tree
-from vmimg.rootfs.writers import write_image
+from vmimg.rootfs.writers import (
+    BOOTABLE,
+    WriterOptions,
+    default_options,
+    get_format,
+    options_doc,
+    seeded,
+    write_image,
+)
 
-BUNDLE_FORMAT = 1
-VM_JSON = "vm.json"
-KERNEL_FILE = "kernel"
-MANIFEST_FILE = "manifest"
-LAUNCH_DIR = "launch"
-FS_TYPES = ("erofs", "ext4", "initramfs")
-ROOTFS_FILES = {"erofs": "rootfs.erofs", "ext4": "rootfs.ext4", "initramfs": "initramfs.cpio.gz"}
 DEFAULT_VCPUS = 1
 DEFAULT_MEMORY_MIB = 256
-HASH_CHUNK = 4 << 20
 LOST_FOUND = b"lost+found"
 # Where the agent mounts the kernel's file systems, with the modes distributions give them.
 MOUNT_POINTS = (
@@ -62,10 +74,9 @@ MOUNT_POINTS = (
     (b"run", 0o755),
     (b"tmp", 0o1777),
 )
-BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1")
-_ARCH_OF_PLATFORM = {"amd64": "x86_64", "arm64": "arm64"}
-# The console each arch's reference machine has: QEMU microvm's 8250, QEMU virt's PL011.
-CONSOLES = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
+
+
+Finisher = Callable[[str, VmSpec], None]
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class BuildOptions:
     """Everything `vmimg build` takes besides the source and the destination."""
 
     fs: str = "erofs"
-    writer_options: Any = None  # Ext4Options / ErofsOptions / CpioOptions for `fs`
+    writer_options: WriterOptions | None = None  # the options of `fs`'s writer
     init: str = "agent"  # or "image": the image brings its own init
     overrides: agentlib.ConfigOverrides = field(default_factory=agentlib.ConfigOverrides)
     kernel_path: str | None = None  # a user-supplied kernel instead of ours
@@ -95,31 +106,7 @@ class BuildResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def kernel_cmdline(fs: str, init: str, extra: tuple[str, ...] = (), arch: str = "x86_64") -> str:
-    """The kernel command line stored in vm.json (VMM-independent but for the console,
-    which is the one of the arch's QEMU machine; launchers for other VMMs swap it)."""
-    args = [f"console={CONSOLES.get(arch, CONSOLES['x86_64'])}", *BASE_CMDLINE[1:]]
-    if fs == "initramfs":
-        args += ["rdinit=" + agentlib.INIT_PATH] if init == "agent" else []
-    else:
-        mode = "rw" if fs == "ext4" else "ro"
-        args += ["root=/dev/vda", mode, f"rootfstype={fs}"]
-        if init == "agent":
-            args.append("init=" + agentlib.INIT_PATH)
-    return " ".join([*args, *extra])
-
-
 def resolve_kernel(arch: str, kernel_path: str | None, cache: Cache) -> KernelInfo:
-    from vmimg.guest.kernel import find_or_build_kernel, kernel_from_path
-
     if kernel_path:
         return kernel_from_path(kernel_path, arch)
     return find_or_build_kernel(arch, cache_dir=cache.root)
@@ -149,22 +136,9 @@ def bundle_key(
     return hashlib.sha256(blob).hexdigest()
 
 
-def _writer_options(options: BuildOptions, image: Image) -> Any:
-    w = options.writer_options
-    if w is None:
-        if options.fs == "ext4":
-            from vmimg.rootfs.writers.ext4 import Ext4Options
-
-            w = Ext4Options()
-        elif options.fs == "erofs":
-            from vmimg.rootfs.writers.erofs import ErofsOptions
-
-            w = ErofsOptions()
-        else:
-            from vmimg.rootfs.writers.cpio import CpioOptions
-
-            w = CpioOptions()
-    return with_seed(w, image)
+def _writer_options(options: BuildOptions, image: Image) -> WriterOptions:
+    w = options.writer_options or default_options(options.fs)
+    return seeded(w, image.config_digest.encode())
 
 
 def _prepare_tree(
@@ -187,40 +161,6 @@ def _prepare_tree(
     return manifest, config
 
 
-_BUNDLE_VAR = "@BUNDLE@"
-_ACCEL_VAR = "@ACCEL@"
-_SCRIPT_HEAD = """#!/bin/sh
-# Generated by vmimg: boots this bundle with {vmm}.{note}
-B="$(cd "$(dirname "$0")/.." && pwd)"
-"""
-_QEMU_ACCEL = """if [ "${{ACCEL:-{default}}}" = tcg ]; then
-  accel="{tcg}"
-else
-  accel="{kvm}"
-fi
-"""
-# A foreign-arch bundle defaults to TCG unless the script runs on a host of its arch.
-_QEMU_DEFAULT_ACCEL = {"x86_64": "kvm", "arm64": "$default"}
-_QEMU_HOST_CHECK = {
-    "arm64": 'case "$(uname -m)" in aarch64 | arm64) default=kvm ;; *) default=tcg ;; esac\n'
-}
-_QEMU_NOTES = {
-    "x86_64": "QEMU (KVM; ACCEL=tcg for software emulation)",
-    "arm64": "QEMU (KVM on an arm64 host, else TCG; ACCEL=kvm|tcg to choose)",
-}
-
-
-def _qemu_accel_script(arch: str) -> str:
-    """The shell lines that set $accel for launch/qemu.sh."""
-    from vmimg.boot.launch import qemu_accel_args
-
-    return _QEMU_HOST_CHECK.get(arch, "") + _QEMU_ACCEL.format(
-        default=_QEMU_DEFAULT_ACCEL.get(arch, "kvm"),
-        tcg=" ".join(qemu_accel_args(arch, "tcg")),
-        kvm=" ".join(qemu_accel_args(arch, "kvm")),
-    )
-
-
 def boot_kernel_file(kernel: KernelInfo) -> Path:
     """The kernel file a bundle ships: x86_64's vmlinux (PVH, what every x86 VMM boots);
     for arm64 the `Image` (QEMU virt, Firecracker and Cloud Hypervisor boot it; an arm64
@@ -230,58 +170,6 @@ def boot_kernel_file(kernel: KernelInfo) -> Path:
     return kernel.image
 
 
-def _shell_word(arg: str) -> str:
-    if arg == _ACCEL_VAR:
-        return "$accel"
-    if _BUNDLE_VAR in arg:
-        escaped = re.sub(r'(["$`\\])', r"\\\1", arg).replace(_BUNDLE_VAR, "$B")
-        return f'"{escaped}"'
-    return shlex.quote(arg)
-
-
-def render_script(argv: list[str]) -> str:
-    """argv as a readable shell command: an option and its value share a line."""
-    lines: list[str] = [_shell_word(argv[0])]
-    for arg in argv[1:]:
-        word = _shell_word(arg)
-        if arg.startswith("-") or arg == _ACCEL_VAR:
-            lines.append(word)
-        else:
-            lines[-1] += " " + word
-    return " \\\n  ".join(lines)
-
-
-def _write_launchers(bundle: str, vm: dict[str, Any]) -> None:
-    from vmimg.boot.launch import (
-        cloud_hypervisor_command,
-        firecracker_config,
-        qemu_accel_args,
-        qemu_command,
-        vm_arch,
-    )
-
-    os.makedirs(os.path.join(bundle, LAUNCH_DIR))
-    arch = vm_arch(vm)
-    qemu = qemu_command(vm, bundle_dir=_BUNDLE_VAR, accel="kvm")
-    i = qemu.index("-accel")  # "-accel kvm -cpu host" becomes a choice made at run time
-    qemu[i : i + len(qemu_accel_args(arch, "kvm"))] = [_ACCEL_VAR]
-    cloud = cloud_hypervisor_command(vm, bundle_dir=_BUNDLE_VAR)
-    scripts = (
-        ("qemu.sh", _QEMU_NOTES[arch], _qemu_accel_script(arch), qemu),
-        ("cloud-hypervisor.sh", "Cloud Hypervisor", "", cloud),
-    )
-    for name, vmm, extra, argv in scripts:
-        path = os.path.join(bundle, LAUNCH_DIR, name)
-        with open(path, "w") as f:
-            f.write(_SCRIPT_HEAD.format(vmm=vmm, note=""))
-            f.write(extra)
-            f.write(f'exec {render_script(argv)} "$@"\n')
-        os.chmod(path, 0o755)
-    with open(os.path.join(bundle, LAUNCH_DIR, "firecracker.json"), "w") as f:
-        json.dump(firecracker_config(vm, bundle_dir="."), f, indent=2)
-        f.write("\n")
-
-
 def _vm_json(
     image: Image,
     options: BuildOptions,
@@ -289,9 +177,10 @@ def _vm_json(
     config: agentlib.AgentConfig | None,
     agent_sha: str | None,
     files: dict[str, dict[str, Any]],
-    writer_options: Any,
+    writer_options: WriterOptions,
 ) -> dict[str, Any]:
-    rootfs_file = ROOTFS_FILES[options.fs]
+    fmt = get_format(options.fs)
+    arch = Arch.parse(kernel.arch) or Arch.X86_64
     return {
         "format": BUNDLE_FORMAT,
         "vmimg": __version__,
@@ -303,9 +192,9 @@ def _vm_json(
             "config_digest": image.config_digest,
         },
         "rootfs": {
-            "file": rootfs_file,
+            "file": fmt.file_name(writer_options),
             "type": options.fs,
-            "read_only": options.fs == "erofs",
+            "read_only": fmt.read_only,
             "options": {
                 k: v for k, v in options_doc(writer_options).items() if not isinstance(v, bytes)
             },
@@ -318,7 +207,7 @@ def _vm_json(
             "user_supplied": kernel.user_supplied,
         },
         "init": (
-            {"type": "agent", "path": agentlib.INIT_PATH, "protocol": 1, "sha256": agent_sha}
+            {"type": "agent", "path": INIT_PATH, "protocol": 1, "sha256": agent_sha}
             if config is not None
             else {"type": "image"}
         ),
@@ -333,9 +222,7 @@ def _vm_json(
             if config is not None
             else None
         ),
-        "cmdline": kernel_cmdline(
-            options.fs, options.init, options.extra_cmdline, arch=kernel.arch
-        ),
+        "cmdline": bundle_cmdline(options.fs, options.init, arch, options.extra_cmdline),
         "vcpus": options.vcpus,
         "memory_mib": options.memory_mib,
         "manifest": {"file": MANIFEST_FILE, "sha256": files[MANIFEST_FILE]["sha256"]},
@@ -350,6 +237,7 @@ def _assemble(
     bk: BundleKey,
     work: str,
     progress: Callable[[int], None] | None,
+    finish: Finisher | None,
 ) -> list[str]:
     """Write every file of the bundle into `work`; returns warnings."""
     kernel, agent_sha = bk.kernel, bk.agent_sha
@@ -357,11 +245,10 @@ def _assemble(
     writer_options = _writer_options(options, image)
     with ContentReader() as reader:
         manifest, config = _prepare_tree(image, tree, reader, options, kernel.arch)
-        rootfs = os.path.join(work, ROOTFS_FILES[options.fs])
-        fd = os.open(rootfs, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        rootfs_name = get_format(options.fs).file_name(writer_options)
+        fd = os.open(os.path.join(work, rootfs_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            fmt = "initramfs" if options.fs == "initramfs" else options.fs
-            warnings = write_image(fmt, tree, reader, fd, writer_options)
+            warnings = write_image(options.fs, tree, reader, fd, writer_options)
         finally:
             os.close(fd)
     with open(os.path.join(work, MANIFEST_FILE), "wb") as f:
@@ -372,14 +259,16 @@ def _assemble(
             "sha256": sha256_file(os.path.join(work, name)),
             "size": os.path.getsize(os.path.join(work, name)),
         }
-        for name in sorted((ROOTFS_FILES[options.fs], KERNEL_FILE, MANIFEST_FILE))
+        for name in sorted((rootfs_name, KERNEL_FILE, MANIFEST_FILE))
     }
     vm = _vm_json(image, options, kernel, config, agent_sha, files, writer_options)
     vm["build_key"] = bk.key  # how registries' remote caches find this bundle
-    with open(os.path.join(work, VM_JSON), "w") as f:
-        json.dump(vm, f, indent=2, sort_keys=True)
-        f.write("\n")
-    _write_launchers(work, vm)
+    data = (json.dumps(vm, indent=2, sort_keys=True) + "\n").encode()
+    spec = parse_vm_json(data, VM_JSON)  # what we write must pass what every reader checks
+    with open(os.path.join(work, VM_JSON), "wb") as f:
+        f.write(data)
+    if finish is not None:
+        finish(work, spec)
     return warnings
 
 
@@ -397,17 +286,59 @@ def _copy_tree(src: str, dst: str) -> None:
             shutil.copymode(s, d)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def new_bundle_dir(dest: str) -> str:
+    """An empty directory beside `dest` to assemble a bundle in, with the mode a directory
+    made by the user would have (mkdtemp's is 0700 whatever the umask)."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    check_destination(dest)
+    work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest.rstrip('/'))}.")
+    os.chmod(work, 0o777 & ~_current_umask())
+    return work
+
+
+def check_destination(dest: str) -> None:
+    """Refuse, before any work, an output that could not or must not be replaced:
+    a missing parent, a symlink, a file, or a directory that is not only a vmimg bundle."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        raise UsageError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {parent} is not writable")
+    if os.path.islink(dest):
+        raise UsageError(f"{dest} is a symlink; refusing to replace it")
+    if not os.path.lexists(dest):
+        return
+    if not os.path.isdir(dest):
+        raise UsageError(f"{dest} exists and is not a directory; refusing to replace it")
+    if os.listdir(dest) and not is_replaceable_bundle(dest):
+        raise UsageError(
+            f"{dest} exists and holds more than a vmimg bundle; refusing to replace it"
+        )
+
+
 def install_bundle_dir(work: str, dest: str) -> None:
-    """Rename the finished bundle onto `dest`, replacing an older bundle there."""
-    if os.path.lexists(dest):
-        if not os.path.isfile(os.path.join(dest, VM_JSON)) and os.listdir(dest):
-            raise UsageError(f"{dest} exists and is not a vmimg bundle; refusing to replace it")
-        old = dest.rstrip("/") + f".old-{os.getpid()}"
-        os.rename(dest, old)
+    """Rename the finished bundle in `work` onto `dest`, replacing an older bundle (and
+    nothing else) there; on any failure `dest` is left as it was."""
+    check_destination(dest)
+    if not os.path.lexists(dest):
         os.rename(work, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = os.path.join(
+        os.path.dirname(os.path.abspath(dest)), f".{os.path.basename(dest)}.old-{os.getpid()}"
+    )
+    os.rename(dest, old)
+    try:
         os.rename(work, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -421,7 +352,9 @@ class BundleKey:
 
 def bundle_key_for(image: Image, options: BuildOptions, cache: Cache) -> BundleKey:
     """The kernel and agent `build_bundle` would use for `image`, and the bundle's key."""
-    arch = _ARCH_OF_PLATFORM.get(image.platform.architecture, image.platform.architecture)
+    arch = Arch.parse(image.platform.architecture)
+    if arch is None:
+        raise UsageError(f"{image.name} is for {image.platform}; vmimg boots {', '.join(Arch)}")
     kernel = resolve_kernel(arch, options.kernel_path, cache)
     agent_sha = sha256_file(agentlib.find_agent_binary(arch)) if options.init == "agent" else None
     return BundleKey(bundle_key(image, options, kernel, agent_sha), kernel, agent_sha)
@@ -435,13 +368,14 @@ def build_bundle(
     source_options: SourceOptions,
     use_cache: bool = True,
     progress: Callable[[int], None] | None = None,
+    finish: Finisher | None = None,
 ) -> BuildResult:
-    if options.fs not in FS_TYPES:
-        raise UsageError(f"--fs must be one of {', '.join(FS_TYPES)}")
+    """Build the bundle of `source` at `dest`. `finish(dir, vm)` adds what the layers above
+    add to a bundle (its launchers) before it is cached and installed."""
+    if options.fs not in BOOTABLE:
+        raise UsageError(f"--fs must be one of {', '.join(BOOTABLE)}")
     start = time.monotonic()
-    parent = os.path.dirname(os.path.abspath(dest)) or "."
-    if not os.path.isdir(parent):
-        raise VmimgError(f"output directory {parent} does not exist")
+    check_destination(dest)
     image = open_image(source, cache, source_options)
     try:
         bk = bundle_key_for(image, options, cache)
@@ -449,17 +383,16 @@ def build_bundle(
         cached_dir = os.path.join(cache.output_dir(key), "bundle")
         hit = use_cache and os.path.isfile(os.path.join(cached_dir, VM_JSON))
         warnings: list[str] = []
-        work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest)}.")
+        work = new_bundle_dir(dest)
         try:
             if hit:
                 os.rmdir(work)
                 _copy_tree(cached_dir, work)
             else:
-                warnings = _assemble(image, cache, options, bk, work, progress)
+                warnings = _assemble(image, cache, options, bk, work, progress, finish)
                 if use_cache:
                     _store(cache, key, work)
-            with open(os.path.join(work, VM_JSON)) as f:
-                files = json.load(f)["files"]
+            files = dict(read_vm_json(work).doc["files"])
             install_bundle_dir(work, dest)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
@@ -487,17 +420,3 @@ def _store(cache: Cache, key: str, work: str) -> None:
         _copy_tree(work, os.path.join(tmp, "bundle"))
         with contextlib.suppress(OSError):  # another process stored it first
             os.rename(tmp, final)
-
-
-def load_bundle(path: str) -> dict[str, Any]:
-    """vm.json of a bundle directory, checked for the format we know."""
-    vm_path = Path(path) / VM_JSON
-    try:
-        vm: dict[str, Any] = json.loads(vm_path.read_text())
-    except FileNotFoundError:
-        raise VmimgError(f"{path} is not a vmimg bundle (no {VM_JSON})") from None
-    except ValueError as e:
-        raise VmimgError(f"{vm_path} is not valid JSON: {e}") from None
-    if vm.get("format") != BUNDLE_FORMAT:
-        raise VmimgError(f"{vm_path}: bundle format {vm.get('format')!r} is not {BUNDLE_FORMAT}")
-    return vm

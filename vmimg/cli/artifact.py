@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from vmimg.artifact.artifact import pull_bundle, pull_kernel, push_bundle, push_kernel
 from vmimg.cli.options import bundle_output, cache_param, run, source_options
 from vmimg.cli.options import registry_params as reach_registry
 from vmimg.image.cache import Cache
@@ -69,7 +70,6 @@ def push(
     artifact names that image as its subject, so `vmimg pull --from-image`
     and `vmimg build --remote-cache` find it.
     """
-    from vmimg.artifact.artifact import push_bundle
 
     def go() -> None:
         opts = source_options("linux/amd64", insecure, ca_cert)
@@ -117,7 +117,6 @@ def pull(
     Every blob is checked against its digest while it streams; OUTPUT appears
     only when the whole bundle is there and verified.
     """
-    from vmimg.artifact.artifact import pull_bundle
 
     def go() -> None:
         result = pull_bundle(
@@ -148,7 +147,6 @@ def kernel_push(
     cache_dir: str | None,
 ) -> None:
     """Push the cached kernel KEY (or a prefix of it) to REF as an OCI artifact."""
-    from vmimg.artifact.artifact import push_kernel
 
     def go() -> None:
         opts = source_options("linux/amd64", insecure, ca_cert)
@@ -165,7 +163,6 @@ def kernel_pull(
     ref: str, as_json: bool, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None
 ) -> None:
     """Pull the kernel artifact at REF into the kernel cache."""
-    from vmimg.artifact.artifact import pull_kernel
 
     def go() -> None:
         info = pull_kernel(

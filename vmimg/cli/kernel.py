@@ -18,6 +18,7 @@ import click
 from vmimg.cli.options import cache_param
 from vmimg.errors import VmimgError
 from vmimg.guest import kernel as klib
+from vmimg.safetext import escape_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 SPINNER = "|/-\\"
@@ -113,8 +114,8 @@ def build_cmd(
 @cache_param
 @_report_errors
 def list_cmd(cache_dir: str | None) -> None:
-    """The cached kernels, newest first."""
-    kernels = klib.list_kernels(cache_dir)
+    """The cached kernels, newest first: built here, and pulled from registries."""
+    kernels = klib.list_kernels(cache_dir, pulled=True)
     if not kernels:
         click.echo("no kernels in the cache")
         return
@@ -122,9 +123,11 @@ def list_cmd(cache_dir: str | None) -> None:
     for k in kernels:
         size = k.metadata["files"][k.metadata["boot_image"]]["size"]
         debug = "  debug" if k.metadata.get("debug") else ""
+        origin = f"  pulled, at {k.directory}" if k.directory.parent.name == klib.PULLED_DIR else ""
+        built = escape_text(str(k.metadata.get("built_at", "")))[:40]
         click.echo(
-            f"{k.key:<16}  {k.version:<10}  {k.arch:<7}  {_size(size):>10}  "
-            f"{k.metadata['built_at']}{debug}"
+            f"{k.key:<16}  {escape_text(k.version)[:20]:<10}  {k.arch:<7}  {_size(size):>10}  "
+            f"{built}{debug}{origin}"
         )
 
 

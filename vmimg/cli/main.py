@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -15,7 +17,14 @@ from typing import Any
 
 import click
 
-from vmimg import __version__
+from vmimg import __version__, pipeline
+from vmimg.artifact.artifact import resolve_bundle_argument
+from vmimg.boot.run import RunOptions, run_bundle
+from vmimg.boot.verify import VerifyOptions, junit_xml, verify_bundles
+from vmimg.bundle.build import BuildOptions
+from vmimg.bundle.format import BUNDLE_FORMAT
+from vmimg.cli.artifact import register as register_artifact_commands
+from vmimg.cli.kernel import kernel
 from vmimg.cli.options import (
     EXIT_INTERRUPTED,
     SIZE,
@@ -27,8 +36,17 @@ from vmimg.cli.options import (
     source_params,
     vm_params,
 )
+from vmimg.errors import VerificationFailed
+from vmimg.guest.agent import CONFIG_VERSION, MANIFEST_VERSION, ConfigOverrides
+from vmimg.guest.kernel import read_pin
 from vmimg.image.cache import Cache
-from vmimg.image.oci import parse_platform
+from vmimg.image.inspect import describe
+from vmimg.image.sample import write_sample
+from vmimg.rootfs.convert import convert
+from vmimg.rootfs.writers.cpio import CpioOptions
+from vmimg.rootfs.writers.erofs import ErofsOptions
+from vmimg.rootfs.writers.ext4 import Ext4Options
+from vmimg.rootfs.writers.tar import TarOptions
 
 
 def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -68,9 +86,6 @@ def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def version_message() -> str:
     """`vmimg --version`: the versions of every format vmimg writes or pairs with."""
-    from vmimg.bundle.build import BUNDLE_FORMAT
-    from vmimg.guest.agent import CONFIG_VERSION, MANIFEST_VERSION
-    from vmimg.guest.kernel import read_pin
 
     pin = read_pin()
     return (
@@ -124,7 +139,6 @@ def rootfs(
     SOURCE is docker://HOST/REPO:TAG (or HOST/REPO:TAG), oci:DIR[:TAG],
     oci-archive:FILE[:TAG], docker-archive:FILE or docker-daemon:NAME[:TAG].
     """
-    from vmimg.rootfs.convert import convert
 
     def go() -> None:
         options = writer_options(
@@ -170,16 +184,10 @@ def writer_options(
 ) -> Any:
     """The options object of the chosen writer."""
     if fmt == "tar":
-        from vmimg.rootfs.writers.tar import TarOptions
-
         return TarOptions()
     if fmt == "initramfs":
-        from vmimg.rootfs.writers.cpio import CpioOptions
-
         return CpioOptions(compression=compression)
     if fmt == "ext4":
-        from vmimg.rootfs.writers.ext4 import Ext4Options
-
         kw: dict[str, Any] = {
             "size": size,
             "extra_inodes": inodes,
@@ -189,7 +197,6 @@ def writer_options(
         if headroom is not None:
             kw["headroom"] = headroom
         return Ext4Options(**kw)
-    from vmimg.rootfs.writers.erofs import ErofsOptions
 
     return ErofsOptions(compress=compress, compress_level=compress_level, label=label)
 
@@ -208,7 +215,6 @@ def inspect(
     cache_dir: str | None,
 ) -> None:
     """Show an image's digest, platform, config and layers."""
-    from vmimg.image.inspect import describe
 
     def go() -> None:
         info = describe(source, Cache.open(cache_dir), source_options(platform, insecure, ca_cert))
@@ -230,43 +236,28 @@ def inspect(
     run(as_json, go)
 
 
-def build_platforms(
-    source: str, output: str, options: Any, cache: Cache, platforms: list[str],
+def _build_platforms(
+    source: str, output: str, options: BuildOptions, cache: Cache, platforms: list[str],
     insecure: tuple[str, ...], ca_cert: str | None, use_cache: bool, push_ref: str | None,
     remote_cache: bool, as_json: bool,
 ) -> None:  # fmt: skip
-    """`vmimg build --platform A,B`: one bundle per platform in OUTPUT/ARCH, and with --push
-    one artifact per platform plus an OCI index over them."""
-    from vmimg.bundle.build import build_bundle
-    from vmimg.errors import UsageError
-
-    if remote_cache:
-        raise UsageError("--remote-cache takes one platform at a time")
-    os.makedirs(output, exist_ok=True)
-    results = []
-    for plat in platforms:
-        arch = parse_platform(plat).architecture
-        results.append(
-            build_bundle(source, os.path.join(output, arch), options, cache,
-                         source_options(plat, insecure, ca_cert), use_cache=use_cache)
-        )  # fmt: skip
-    pushed = None
-    if push_ref:
-        from vmimg.artifact.artifact import push_bundle_index
-
-        index = push_bundle_index([r.bundle for r in results], push_ref, cache,
-                                  source_options(platforms[0], insecure, ca_cert))  # fmt: skip
-        pushed = f"{index.reference.rsplit(':', 1)[0]}@{index.digest}"
+    """`vmimg build --platform A,B`."""
+    pipeline.check_platforms_options(remote_cache)
+    done = pipeline.build_platforms(
+        source, output, options, cache,
+        {p: source_options(p, insecure, ca_cert) for p in platforms},
+        use_cache=use_cache, push=push_ref,
+    )  # fmt: skip
     if as_json:
-        click.echo(json.dumps({"bundles": [asdict(r) for r in results], "pushed": pushed},
-                              indent=2))  # fmt: skip
+        click.echo(json.dumps({"bundles": [asdict(r) for r in done.bundles],
+                               "pushed": done.pushed}, indent=2))  # fmt: skip
         return
-    for r in results:
+    for r in done.bundles:
         state = "from cache" if r.cached else f"in {r.seconds:.2f}s"
         click.echo(f"{r.bundle}: {r.fs} bundle of {r.image} ({r.digest[:19]}, {r.platform}) "
                    f"{state}")  # fmt: skip
-    if pushed:
-        click.echo(f"pushed index to {pushed}")
+    if done.pushed:
+        click.echo(f"pushed index to {done.pushed}")
 
 
 def split_command(text: str | None) -> list[str] | None:
@@ -281,7 +272,6 @@ def split_command(text: str | None) -> list[str] | None:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise click.BadParameter(f"not a JSON list of strings: {text}")
         return value
-    import shlex
 
     return shlex.split(text)
 
@@ -369,8 +359,6 @@ def build(
     platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Turn SOURCE into a VM-ready bundle: root fs, agent, kernel, vm.json, launchers."""
-    from vmimg.bundle.build import BuildOptions, build_bundle
-    from vmimg.guest.agent import ConfigOverrides
 
     def go() -> None:
         fs_type = fs or ("ext4" if writable_root else "erofs")
@@ -395,15 +383,13 @@ def build(
         cache = Cache.open(cache_dir)
         platforms = [p.strip() for p in platform.split(",") if p.strip()]
         if len(platforms) > 1:
-            build_platforms(source, output, options, cache, platforms, insecure, ca_cert,
-                            not no_cache, push_ref, remote_cache, as_json)  # fmt: skip
+            _build_platforms(source, output, options, cache, platforms, insecure, ca_cert,
+                             not no_cache, push_ref, remote_cache, as_json)  # fmt: skip
             return
         sopts = source_options(platform, insecure, ca_cert)
         extra: dict[str, Any] = {}
         if push_ref or remote_cache:
-            from vmimg.artifact.artifact import build_bundle_remote
-
-            remote = build_bundle_remote(
+            remote = pipeline.build_bundle_remote(
                 source, output, options, cache, sopts, use_cache=not no_cache,
                 remote_cache=remote_cache, push=push_ref, progress=progress_printer("layers"),
             )  # fmt: skip
@@ -416,7 +402,7 @@ def build(
             for w in remote.pushed.warnings if remote.pushed else []:
                 click.echo(f"vmimg: warning: {w}", err=True)
         else:
-            result = build_bundle(
+            result = pipeline.build_one(
                 source, output, options, cache, sopts, use_cache=not no_cache,
                 progress=progress_printer("layers"),
             )  # fmt: skip
@@ -484,15 +470,12 @@ def verify(
     A BUNDLE is a directory, or a registry reference to a bundle artifact (pulled once
     into the cache).
     """
-    from vmimg.boot.verify import VerifyOptions, junit_xml, verify_bundles
-    from vmimg.errors import VerificationFailed
 
     def go() -> None:
         opts = VerifyOptions(
             timeout=timeout, expect_exit=expect_exit, cmd=cmd, smoke=smoke, deep=deep,
             run=not no_run, accel=accel, vcpus=cpus, memory_mib=memory,
         )  # fmt: skip
-        from vmimg.artifact.artifact import resolve_bundle_argument
 
         cache = Cache.open(cache_dir)
         sopts = source_options(platform, insecure, ca_cert)
@@ -506,12 +489,24 @@ def verify(
         else:
             click.echo(render_reports(reports))
         failed = [r for r in reports if not r.passed]
+        # A bundle that could not even be booted (malformed, QEMU missing) exits with that
+        # error's own code; bundles that booted and failed, with VerificationFailed's.
+        setup = [r.error_code for r in failed if r.error_code is not None]
+        code = setup[0] if setup else VerificationFailed.exit_code
         if failed and as_json:
-            sys.exit(VerificationFailed.exit_code)  # the reports say it all: one JSON document
+            sys.exit(code)  # the reports say it all: one JSON document
+        if failed and setup:
+            click.echo(f"vmimg: error: {failed[0].message}", err=True)
+            sys.exit(code)
         if failed:
             raise VerificationFailed(f"{len(failed)} of {len(reports)} bundles failed")
 
     run(as_json, go)
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` in `width` columns: its end, marked as cut, when it is longer."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
 
 
 def render_reports(reports: list[Any]) -> str:
@@ -526,7 +521,7 @@ def render_reports(reports: list[Any]) -> str:
     for r in reports:
         t = r.timings
         lines.append(
-            f"{r.bundle[-28:]:<28} {'pass' if r.passed else 'FAIL':<6} {r.accel:<5} "
+            f"{_fit(r.bundle, 28):<28} {'pass' if r.passed else 'FAIL':<6} {r.accel:<5} "
             f"{r.rootfs:<9} {r.exit_code if r.exit_code is not None else '-':>4} "
             f"{secs(t.vmm_to_kernel):>8} {secs(t.to_agent_ready):>7} {secs(t.to_workload_exit):>6}"
         )  # fmt: skip
@@ -566,7 +561,6 @@ def run_cmd(
     Ctrl-] asks the guest to shut down (the workload gets SIGTERM); press it
     twice to kill the VM. Ctrl-C goes to the workload.
     """
-    from vmimg.boot.run import RunOptions, run_bundle
 
     def go() -> None:
         opts = RunOptions(
@@ -594,7 +588,6 @@ def sample(directory: str, platforms: str | None) -> None:
 
     Prints its reference, ready for `vmimg rootfs` or `vmimg build`.
     """
-    from vmimg.image.sample import write_sample
 
     def go() -> str:
         if platforms:
@@ -633,7 +626,6 @@ def cache_ls(as_json: bool, cache_dir: str | None) -> None:
 @cache_param
 def cache_prune(everything: bool, cache_dir: str | None) -> None:
     """Remove finished conversions and stale temporary files (with --all, everything)."""
-    import shutil
 
     def go() -> None:
         c = Cache.open(cache_dir)
@@ -661,13 +653,5 @@ def entry() -> None:
         sys.exit(e.exit_code)
 
 
-def _register_groups() -> None:
-    """Command groups that live in their own modules."""
-    from vmimg.cli.artifact import register
-    from vmimg.cli.kernel import kernel
-
-    main.add_command(kernel)
-    register(main, kernel)  # vmimg push/pull, vmimg kernel push/pull
-
-
-_register_groups()
+main.add_command(kernel)
+register_artifact_commands(main, kernel)  # vmimg push/pull, vmimg kernel push/pull

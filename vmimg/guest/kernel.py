@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from vmimg.digest import is_sha256_hex, sha256_file, split_digest
 from vmimg.errors import KernelError
 from vmimg.image.cache import Cache
 
@@ -53,7 +55,6 @@ METADATA_FORMAT = 1
 BUILDER_VERSION = 1
 DEFAULT_NICE = 10
 LOG_TAIL_LINES = 40
-_HASH_CHUNK = 1 << 20
 
 # One block of config text is `CONFIG_NAME=value` or `# CONFIG_NAME is not set`.
 _SET_RE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
@@ -232,14 +233,6 @@ def arch_spec(arch: str) -> ArchSpec:
 
 
 # -- sources -------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stat_token(st: os.stat_result) -> str:
@@ -582,31 +575,106 @@ def _build_locked(
 # -- the cache -----------------------------------------------------------------
 
 
-def load_kernel(directory: Path) -> KernelInfo:
-    """KernelInfo for a cached build directory."""
+PULLED_DIR = "pulled"  # kernels/pulled/<manifest digest hex>/: kernels from registries
+KERNEL_FILES = frozenset({"vmlinux", "bzImage", "Image", "config"})
+_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def pulled_kernel_dir(cache: Cache, digest: str) -> Path:
+    """Where a kernel pulled from a registry lives: keyed by its artifact's digest, apart
+    from our builds, so that no artifact can stand in for a kernel this machine builds."""
+    algo, hexd = split_digest(digest)
+    return kernels_dir(cache) / PULLED_DIR / f"{algo}-{hexd}"
+
+
+def check_metadata(meta: object, where: str) -> dict[str, Any]:
+    """kernel.json, checked: a known arch, its boot image's name, only known file names,
+    each with a sha256 and size. KernelError naming the field otherwise."""
+    if not isinstance(meta, dict):
+        raise KernelError(f"{where}: kernel.json is not an object")
+    key, arch = meta.get("key"), meta.get("arch")
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise KernelError(f"{where}: kernel.json has no valid key")
+    if not isinstance(arch, str) or arch not in ARCHES:
+        raise KernelError(f"{where}: kernel.json names an unknown arch {str(arch)[:20]!r}")
+    if meta.get("boot_image") != ARCHES[arch].boot_image:
+        raise KernelError(f"{where}: kernel.json's boot_image is not {ARCHES[arch].boot_image}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not {"vmlinux", ARCHES[arch].boot_image} <= set(files):
+        raise KernelError(f"{where}: kernel.json does not list vmlinux and its boot image")
+    for name, entry in files.items():
+        if name not in KERNEL_FILES:
+            raise KernelError(f"{where}: kernel.json lists an unknown file {str(name)[:40]!r}")
+        if (
+            not isinstance(entry, dict)
+            or not is_sha256_hex(entry.get("sha256"))
+            or isinstance(entry.get("size"), bool)
+            or not isinstance(entry.get("size"), int)
+        ):
+            raise KernelError(f"{where}: kernel.json's entry for {name} is malformed")
+    for field_name in ("kernel_version",):
+        if not isinstance(meta.get(field_name, ""), str):
+            raise KernelError(f"{where}: kernel.json's {field_name} is not a string")
+    config_version = meta.get("config_version")
+    if config_version is not None and (
+        isinstance(config_version, bool) or not isinstance(config_version, int)
+    ):
+        raise KernelError(f"{where}: kernel.json's config_version is not a number")
+    return meta
+
+
+def check_kernel_files(directory: Path, meta: dict[str, Any]) -> None:
+    """Every file kernel.json lists is a regular file there, of its size and sha256."""
+    for name, entry in meta["files"].items():
+        path = directory / name
+        try:
+            st = path.lstat()
+            ok = stat.S_ISREG(st.st_mode) and st.st_size == entry["size"]
+            ok = ok and sha256_file(path, follow_symlinks=False) == entry["sha256"]
+        except OSError:
+            ok = False
+        if not ok:
+            raise KernelError(f"{directory}: {name} is missing or does not match kernel.json")
+
+
+def load_kernel(directory: Path, check_files: bool = False) -> KernelInfo:
+    """KernelInfo for a cached kernel directory (a build of ours, or a pulled kernel)."""
     try:
-        meta = json.loads((directory / METADATA_FILE).read_text())
+        meta = check_metadata(json.loads((directory / METADATA_FILE).read_text()), str(directory))
     except (OSError, ValueError) as e:
         raise KernelError(f"unreadable kernel metadata in {directory}: {e}") from e
+    if check_files:
+        check_kernel_files(directory, meta)
     return KernelInfo(
         key=meta["key"],
         arch=meta["arch"],
-        version=meta["kernel_version"],
-        config_version=meta["config_version"],
+        version=meta.get("kernel_version", ""),
+        config_version=meta.get("config_version"),
         image=directory / meta["boot_image"],
         vmlinux=directory / "vmlinux",
-        config=directory / "config",
+        config=directory / "config" if "config" in meta["files"] else None,
         metadata=meta,
     )
 
 
-def list_kernels(cache_dir: str | None = None) -> list[KernelInfo]:
-    """Every cached kernel, newest first."""
+def _loadable(directory: Path, check_files: bool = False) -> KernelInfo | None:
+    if not (directory / METADATA_FILE).is_file():
+        return None
+    try:
+        return load_kernel(directory, check_files)
+    except KernelError:
+        return None  # damaged or foreign: listed by nobody, used by nobody
+
+
+def list_kernels(cache_dir: str | None = None, pulled: bool = False) -> list[KernelInfo]:
+    """Every cached kernel we built (and, with `pulled`, those pulled from registries),
+    newest first. Whatever else lies in the cache is skipped."""
     kdir = kernels_dir(Cache.open(cache_dir))
-    if not kdir.is_dir():
-        return []
-    found = [load_kernel(d) for d in kdir.iterdir() if (d / METADATA_FILE).is_file()]
-    return sorted(found, key=lambda k: (k.metadata.get("built_at", ""), k.key), reverse=True)
+    dirs = [d for d in kdir.iterdir() if d.name != PULLED_DIR] if kdir.is_dir() else []
+    if pulled and (kdir / PULLED_DIR).is_dir():
+        dirs += list((kdir / PULLED_DIR).iterdir())
+    found = [k for k in (_loadable(d) for d in dirs) if k is not None]
+    return sorted(found, key=lambda k: (str(k.metadata.get("built_at", "")), k.key), reverse=True)
 
 
 def host_kernel_arch() -> str:

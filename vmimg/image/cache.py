@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -26,10 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from vmimg.digest import Hasher, split_digest
 from vmimg.errors import CacheError, DigestError
-
-_DIGEST_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
-_HEX_LEN = {"sha256": 64, "sha512": 128}
 
 
 def default_cache_dir() -> str:
@@ -38,41 +35,6 @@ def default_cache_dir() -> str:
         return env
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(xdg, "vmimg")
-
-
-def split_digest(digest: str) -> tuple[str, str]:
-    """('sha256', hex) from 'sha256:hex'; DigestError if malformed."""
-    m = _DIGEST_RE.match(digest)
-    if not m or len(m.group(2)) != _HEX_LEN[m.group(1)]:
-        raise DigestError(f"invalid digest {digest!r}")
-    return m.group(1), m.group(2)
-
-
-def digest_bytes(data: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-class Hasher:
-    """Counts and hashes the bytes passed through it; checks them against a descriptor."""
-
-    def __init__(self, algorithm: str = "sha256") -> None:
-        self.algorithm = algorithm
-        self._h = hashlib.new(algorithm)
-        self.size = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._h.update(data)
-        self.size += len(data)
-
-    @property
-    def digest(self) -> str:
-        return f"{self.algorithm}:{self._h.hexdigest()}"
-
-    def verify(self, digest: str, size: int | None, what: str) -> None:
-        if size is not None and self.size != size:
-            raise DigestError(f"{what}: size {self.size} does not match the expected {size}")
-        if self.digest != digest:
-            raise DigestError(f"{what}: digest {self.digest} does not match the expected {digest}")
 
 
 @dataclass

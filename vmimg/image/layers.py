@@ -21,8 +21,9 @@ from typing import Any, BinaryIO, Protocol, cast
 import zstandard
 from isal import isal_zlib
 
+from vmimg.digest import Hasher
 from vmimg.errors import CacheError, DigestError, LayerError
-from vmimg.image.cache import Cache, Hasher
+from vmimg.image.cache import Cache
 from vmimg.image.oci import Descriptor, layer_compression
 
 CHUNK = 1 << 20

@@ -15,7 +15,7 @@ from typing import Any
 import zstandard
 from isal import isal_zlib
 
-from vmimg.image.cache import digest_bytes
+from vmimg.digest import digest_bytes
 from vmimg.image.oci import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Platform
 
 LAYER_MEDIA_TYPES = {

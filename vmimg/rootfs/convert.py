@@ -9,7 +9,6 @@ keyed by everything that determines their bytes, so a repeat is a copy.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
@@ -18,7 +17,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from vmimg import __version__
 from vmimg.errors import VmimgError, WriterError
@@ -29,7 +27,7 @@ from vmimg.image.sources.base import Image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
 from vmimg.rootfs.tree import Tree
-from vmimg.rootfs.writers import write_image
+from vmimg.rootfs.writers import WriterOptions, options_doc, seeded, write_image
 
 NS_PER_S = 1_000_000_000
 COPY_CHUNK = 64 << 20
@@ -58,27 +56,7 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def options_doc(options: Any) -> dict[str, Any]:
-    """A writer options dataclass as a dict (for cache keys and metadata)."""
-    if dataclasses.is_dataclass(options) and not isinstance(options, type):
-        return {"type": type(options).__name__, **dataclasses.asdict(options)}
-    return {}
-
-
-def with_seed(options: Any, image: Image) -> Any:
-    """Writers that make UUIDs derive them from a `seed`: the image's config digest, so the
-    same image gives the same bytes whichever transport it came through."""
-    fields = (
-        {f.name for f in dataclasses.fields(options)}
-        if dataclasses.is_dataclass(options)
-        else set()
-    )
-    if "seed" in fields and not options.seed:
-        return dataclasses.replace(options, seed=image.config_digest.encode())
-    return options
-
-
-def conversion_key(image: Image, fmt: str, options: Any, epoch_ns: int | None) -> str:
+def conversion_key(image: Image, fmt: str, options: WriterOptions, epoch_ns: int | None) -> str:
     doc = {
         "vmimg": __version__,
         "image": image.digest,
@@ -157,7 +135,7 @@ def convert(
     source: str,
     fmt: str,
     dest: str,
-    options: Any,
+    options: WriterOptions,
     cache: Cache,
     source_options: SourceOptions,
     use_cache: bool = True,
@@ -168,7 +146,7 @@ def convert(
     start = time.monotonic()
     image = open_image(source, cache, source_options)
     try:
-        options = with_seed(options, image)
+        options = seeded(options, image.config_digest.encode())
         key = conversion_key(image, fmt, options, source_date_epoch_ns())
         cached_path = os.path.join(cache.output_dir(key), f"rootfs.{fmt}")
         warnings: list[str] = []

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from vmimg.digest import Hasher, digest_bytes, split_digest
 from vmimg.errors import DigestError, PlatformError, SourceError
-from vmimg.image.cache import Cache, Hasher, digest_bytes, split_digest
+from vmimg.image.cache import Cache
 from vmimg.image.oci import (
     INDEX_TYPES,
     Descriptor,

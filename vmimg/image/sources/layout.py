@@ -11,8 +11,9 @@ import os
 import tarfile
 from typing import BinaryIO, Protocol
 
+from vmimg.digest import split_digest
 from vmimg.errors import ImageRefError, SourceError
-from vmimg.image.cache import Cache, split_digest
+from vmimg.image.cache import Cache
 from vmimg.image.oci import Descriptor, Platform, load_json
 from vmimg.image.sources.base import Image, resolve_image
 

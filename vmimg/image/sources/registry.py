@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import BinaryIO
 
+from vmimg.digest import digest_bytes
 from vmimg.errors import DigestError
-from vmimg.image.cache import Cache, digest_bytes
+from vmimg.image.cache import Cache
 from vmimg.image.oci import ACCEPT_MANIFESTS, Descriptor, Platform
 from vmimg.image.reference import RegistryRef
 from vmimg.image.registry import RegistryClient

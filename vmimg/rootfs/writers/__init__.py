@@ -3,39 +3,119 @@
 Every writer has the same shape: `write_X(tree, reader, out_fd, options)`,
 where `out_fd` is a fresh, empty file the caller renames into place when the
 writer returns. Writers see only the Tree and the content it references.
+
+`FORMATS` is the one table of what vmimg can write: each format's options type, its
+writer, the file name a bundle gives it, and whether the kernel mounts it read-only.
+Everything else (the CLI's options, bundles, conversion keys) reads it from here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Tree
+from vmimg.rootfs.writers.cpio import CpioOptions, write_cpio
+from vmimg.rootfs.writers.erofs import ErofsOptions, write_erofs
+from vmimg.rootfs.writers.ext4 import Ext4Options, write_ext4
+from vmimg.rootfs.writers.tar import TarOptions, write_tar
 
-FORMATS = ("tar", "initramfs", "ext4", "erofs")
+
+class WriterOptions(Protocol):
+    """What every writer's options are: a frozen dataclass (so they key caches)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
+Writer = Callable[[Tree, ContentReader, int, Any], list[str]]
+# Compressed initramfs names say their compression (docs/bundle.md).
+INITRAMFS_SUFFIX = {"gzip": ".gz", "zstd": ".zst", "none": ""}
+
+
+@dataclass(frozen=True)
+class Format:
+    """One output format."""
+
+    name: str
+    options_type: type[Any]
+    write: Writer
+    read_only: bool  # the kernel mounts it read-only (erofs), or it is unpacked (initramfs)
+    bootable: bool  # a bundle can carry it as its root
+
+    def file_name(self, options: WriterOptions) -> str:
+        """The root file system's name in a bundle."""
+        if isinstance(options, CpioOptions):
+            return "initramfs.cpio" + INITRAMFS_SUFFIX[options.compression]
+        return f"rootfs.{self.name}"
+
+
+def _tar(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
+    return write_tar(tree, reader, fd, options)
+
+
+def _cpio(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
+    return write_cpio(tree, reader, fd, options)
+
+
+def _ext4(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
+    write_ext4(tree, reader, fd, options)
+    return []
+
+
+def _erofs(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
+    write_erofs(tree, reader, fd, options)
+    return []
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("tar", TarOptions, _tar, read_only=False, bootable=False),
+        Format("initramfs", CpioOptions, _cpio, read_only=False, bootable=True),
+        Format("ext4", Ext4Options, _ext4, read_only=False, bootable=True),
+        Format("erofs", ErofsOptions, _erofs, read_only=True, bootable=True),
+    )
+}
+BOOTABLE = tuple(name for name, f in FORMATS.items() if f.bootable)
+
+
+def get_format(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise WriterError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}") from None
+
+
+def default_options(name: str) -> WriterOptions:
+    result: WriterOptions = get_format(name).options_type()
+    return result
+
+
+def seeded(options: WriterOptions, seed: bytes) -> WriterOptions:
+    """Options with `seed` filled in where the writer derives UUIDs from one and the
+    caller gave none: the same image then gives the same bytes through any transport."""
+    if "seed" in options.__dataclass_fields__ and not getattr(options, "seed", b""):
+        result: WriterOptions = dataclasses.replace(options, seed=seed)
+        return result
+    return options
+
+
+def options_doc(options: WriterOptions | None) -> dict[str, Any]:
+    """Writer options as a dict (for cache keys and metadata)."""
+    if options is None:
+        return {}
+    return {"type": type(options).__name__, **dataclasses.asdict(options)}
 
 
 def write_image(
-    fmt: str, tree: Tree, reader: ContentReader, out_fd: int, options: Any
+    fmt: str, tree: Tree, reader: ContentReader, out_fd: int, options: WriterOptions
 ) -> list[str]:
-    """Dispatch to the writer for `fmt`; returns warnings to show the user."""
-    if fmt == "tar":
-        from vmimg.rootfs.writers.tar import write_tar
-
-        return write_tar(tree, reader, out_fd, options)
-    if fmt == "initramfs":
-        from vmimg.rootfs.writers.cpio import write_cpio
-
-        return write_cpio(tree, reader, out_fd, options)
-    if fmt == "ext4":
-        from vmimg.rootfs.writers.ext4 import write_ext4
-
-        write_ext4(tree, reader, out_fd, options)
-        return []
-    if fmt == "erofs":
-        from vmimg.rootfs.writers.erofs import write_erofs
-
-        write_erofs(tree, reader, out_fd, options)
-        return []
-    raise WriterError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    """Write `tree` as format `fmt`; returns warnings to show the user."""
+    writer = get_format(fmt)
+    if not isinstance(options, writer.options_type):
+        raise WriterError(f"{fmt} takes {writer.options_type.__name__}, not {type(options)}")
+    return writer.write(tree, reader, out_fd, options)
