@@ -150,3 +150,15 @@ def skopeo_copy(src: str, dest: str) -> None:
         check=True,
         capture_output=True,
     )
+
+
+# Fixtures that need the guest kernel vmimg builds (minutes, once per machine): tests using
+# them are marked `kernel`, so the default fast tier (pyproject's addopts) leaves them out.
+KERNEL_FIXTURES = frozenset({"guest_kernel", "kernel_file"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kernel)

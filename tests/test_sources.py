@@ -16,10 +16,10 @@ from tests.conftest import podman, skopeo_copy
 from vmimg.errors import DigestError, ImageRefError, LayerError, PlatformError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.fetch import fetch_layers
+from vmimg.image.image import Image
 from vmimg.image.oci import Platform, parse_platform
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 from vmimg.image.sources import SourceOptions, open_image
-from vmimg.image.sources.base import Image
 
 AMD64 = SourceOptions(Platform("linux", "amd64"))
 

@@ -23,10 +23,10 @@ from vmimg.boot.launchers import write_launchers
 from vmimg.bundle.build import BuildOptions, BuildResult, build_bundle, bundle_key_for
 from vmimg.errors import UsageError
 from vmimg.image.cache import Cache
+from vmimg.image.image import Image
 from vmimg.image.oci import parse_platform
 from vmimg.image.reference import parse_reference
 from vmimg.image.sources import SourceOptions, open_image
-from vmimg.image.sources.base import Image
 
 
 @dataclass
@@ -63,12 +63,9 @@ def build_bundle_remote(
     build key on its manifest, which is what later remote-cache lookups find.
     """
     parsed = parse_reference(source)
-    image = open_image(parsed, cache, source_options)
-    try:
+    with open_image(parsed, cache, source_options) as image:
         key = compute_build_key(image, options, cache)
         digest = image.digest
-    finally:
-        image.close()
     pulled_from = None
     local = os.path.join(cache.output_dir(key), "bundle", "vm.json")
     if remote_cache and use_cache and parsed.registry is not None and not os.path.isfile(local):

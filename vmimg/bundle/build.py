@@ -48,8 +48,8 @@ from vmimg.guest.cmdline import bundle_cmdline
 from vmimg.guest.kernel import KernelInfo, find_or_build_kernel, kernel_from_path
 from vmimg.guest.protocol import INIT_PATH
 from vmimg.image.cache import Cache
+from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
-from vmimg.image.sources.base import Image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.convert import build_tree, copy_file, source_date_epoch_ns
 from vmimg.rootfs.tree import Node, NodeType, Tree
@@ -376,8 +376,7 @@ def build_bundle(
         raise UsageError(f"--fs must be one of {', '.join(BOOTABLE)}")
     start = time.monotonic()
     check_destination(dest)
-    image = open_image(source, cache, source_options)
-    try:
+    with open_image(source, cache, source_options) as image:
         bk = bundle_key_for(image, options, cache)
         key = bk.key
         cached_dir = os.path.join(cache.output_dir(key), "bundle")
@@ -408,8 +407,6 @@ def build_bundle(
             files=files,
             warnings=warnings,
         )
-    finally:
-        image.close()
 
 
 def _store(cache: Cache, key: str, work: str) -> None:

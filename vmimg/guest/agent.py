@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmimg.arch import Arch
 from vmimg.errors import AgentError
 from vmimg.guest.protocol import INIT_PATH, escape, unescape
 from vmimg.rootfs.content import ContentReader
@@ -65,8 +66,6 @@ class AgentBinaryMissing(AgentError):
 # --- the binary -------------------------------------------------------------
 
 
-# Kernel and OCI names of an architecture -> the agent's (GNU triplet) name.
-_AGENT_ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
 # What the Makefile cross-compiles with, for the hint when the binary is missing.
 _AGENT_TOOLCHAIN_HINT = {
     "x86_64": "needs musl-gcc: apt-get install musl-tools",
@@ -96,7 +95,8 @@ def _check_binary_arch(path: str, arch: str) -> None:
 
 def agent_arch(arch: str) -> str:
     """The agent's name for `arch` (x86_64, aarch64), given a kernel/OCI/agent name."""
-    return _AGENT_ARCH_ALIASES.get(arch, arch)
+    known = Arch.parse(arch)
+    return known.gnu if known is not None else arch
 
 
 def find_agent_binary(arch: str = "x86_64") -> str:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from vmimg.image.cache import Cache
+from vmimg.image.image import Image
 from vmimg.image.layers import LayerFile, unpack_layer_to_cache
-from vmimg.image.sources.base import Image
 
 Progress = Callable[[int], None]
 

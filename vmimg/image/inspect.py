@@ -9,8 +9,7 @@ from vmimg.image.sources import SourceOptions, open_image
 
 
 def describe(source: str, cache: Cache, options: SourceOptions) -> dict[str, Any]:
-    image = open_image(source, cache, options)
-    try:
+    with open_image(source, cache, options) as image:
         return {
             "name": image.name,
             "digest": image.digest,
@@ -30,5 +29,3 @@ def describe(source: str, cache: Cache, options: SourceOptions) -> dict[str, Any
                 for desc, diff_id in zip(image.layers, image.diff_ids, strict=True)
             ],
         }
-    finally:
-        image.close()

@@ -22,8 +22,8 @@ from vmimg import __version__
 from vmimg.errors import VmimgError, WriterError
 from vmimg.image.cache import Cache
 from vmimg.image.fetch import fetch_layers
+from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
-from vmimg.image.sources.base import Image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
 from vmimg.rootfs.tree import Tree
@@ -144,8 +144,7 @@ def convert(
 ) -> ConvertResult:
     """Convert `source` to a `fmt` image at `dest`."""
     start = time.monotonic()
-    image = open_image(source, cache, source_options)
-    try:
+    with open_image(source, cache, source_options) as image:
         options = seeded(options, image.config_digest.encode())
         key = conversion_key(image, fmt, options, source_date_epoch_ns())
         cached_path = os.path.join(cache.output_dir(key), f"rootfs.{fmt}")
@@ -180,8 +179,6 @@ def convert(
             seconds=time.monotonic() - start,
             warnings=warnings,
         )
-    finally:
-        image.close()
 
 
 def _store_output(cache: Cache, key: str, src: str, name: str) -> None:

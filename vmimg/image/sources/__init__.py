@@ -7,9 +7,13 @@ from dataclasses import dataclass
 
 from vmimg.errors import ImageRefError
 from vmimg.image.cache import Cache
+from vmimg.image.image import Image
 from vmimg.image.oci import Platform
 from vmimg.image.reference import ImageRef, parse_reference
-from vmimg.image.sources.base import Image
+from vmimg.image.sources.docker_archive import open_docker_archive
+from vmimg.image.sources.docker_daemon import open_daemon_image
+from vmimg.image.sources.layout import DirFiles, TarFiles, open_layout_image
+from vmimg.image.sources.registry import open_registry_image
 
 
 @dataclass(frozen=True)
@@ -26,15 +30,11 @@ def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Ima
     name = str(ref)
     want = options.platform
     if ref.transport == "docker":
-        from vmimg.image.sources.registry import open_registry_image
-
         assert ref.registry is not None
         return open_registry_image(
             ref.registry, want, cache, options.insecure_hosts, options.ca_cert
         )
     if ref.transport in ("oci", "oci-archive"):
-        from vmimg.image.sources.layout import DirFiles, TarFiles, open_layout_image
-
         assert ref.path is not None
         if ref.transport == "oci":
             files: DirFiles | TarFiles = DirFiles(ref.path)
@@ -44,15 +44,11 @@ def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Ima
             files = TarFiles(ref.path)
         return open_layout_image(files, name, ref.tag, want, cache)
     if ref.transport == "docker-archive":
-        from vmimg.image.sources.docker_archive import open_docker_archive
-
         assert ref.path is not None
         if not os.path.isfile(ref.path):
             raise ImageRefError(f"no such file: {ref.path}")
         return open_docker_archive(ref.path, name, ref.tag, want, cache)
     if ref.transport == "docker-daemon":
-        from vmimg.image.sources.docker_daemon import open_daemon_image
-
         assert ref.tag is not None
         return open_daemon_image(ref.tag, name, want, cache)
     raise ImageRefError(f"unknown transport in {name!r}")

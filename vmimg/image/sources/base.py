@@ -8,13 +8,10 @@ every transport checks digests and platforms the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import BinaryIO
-
 from vmimg.digest import Hasher, digest_bytes, split_digest
 from vmimg.errors import DigestError, PlatformError, SourceError
 from vmimg.image.cache import Cache
+from vmimg.image.image import BlobOpener, Image
 from vmimg.image.oci import (
     INDEX_TYPES,
     Descriptor,
@@ -27,27 +24,7 @@ from vmimg.image.oci import (
     sniff_media_type,
 )
 
-BlobOpener = Callable[[Descriptor], BinaryIO]
 MAX_DOCUMENT_BYTES = 4 << 20  # manifests and configs are small; refuse absurd ones
-
-
-@dataclass
-class Image:
-    """A resolved image: its identity, config and layers, and a way to read them."""
-
-    name: str  # the reference as the user wrote it
-    digest: str  # manifest digest (config digest where there is no manifest)
-    config_digest: str
-    config: ImageConfig
-    layers: list[Descriptor]
-    platform: Platform
-    open_blob: BlobOpener
-    manifest: dict[str, object] | None = None
-    close: Callable[[], None] = lambda: None
-
-    @property
-    def diff_ids(self) -> list[str]:
-        return self.config.diff_ids
 
 
 def read_document(open_blob: BlobOpener, desc: Descriptor, cache: Cache | None, what: str) -> bytes:

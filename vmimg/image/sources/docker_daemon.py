@@ -17,8 +17,9 @@ import docker.errors
 
 from vmimg.errors import ImageRefError, SourceError
 from vmimg.image.cache import Cache
+from vmimg.image.image import Image
 from vmimg.image.oci import Descriptor, ImageConfig, Platform, normalize_platform
-from vmimg.image.sources.base import Image, check_platform
+from vmimg.image.sources.base import check_platform
 from vmimg.image.sources.docker_archive import DOCKER_LAYER_TAR, open_docker_archive
 
 SAVE_CHUNK = 4 << 20

@@ -14,8 +14,9 @@ from typing import BinaryIO, Protocol
 from vmimg.digest import split_digest
 from vmimg.errors import ImageRefError, SourceError
 from vmimg.image.cache import Cache
+from vmimg.image.image import Image
 from vmimg.image.oci import Descriptor, Platform, load_json
-from vmimg.image.sources.base import Image, resolve_image
+from vmimg.image.sources.base import resolve_image
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"

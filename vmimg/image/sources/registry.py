@@ -8,10 +8,11 @@ from typing import BinaryIO
 from vmimg.digest import digest_bytes
 from vmimg.errors import DigestError
 from vmimg.image.cache import Cache
+from vmimg.image.image import Image
 from vmimg.image.oci import ACCEPT_MANIFESTS, Descriptor, Platform
 from vmimg.image.reference import RegistryRef
 from vmimg.image.registry import RegistryClient
-from vmimg.image.sources.base import Image, resolve_image
+from vmimg.image.sources.base import resolve_image
 
 
 def open_registry_image(

@@ -1,0 +1,90 @@
+"""The layout docs/architecture.md describes is the layout the code has: stages import only
+from the stages before them, nothing imports vmimg inside a function, and every module is
+on the map."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "vmimg"
+# The stages in data-flow order; the foundation modules may be imported by any of them.
+FOUNDATION = {"errors", "digest", "arch", "safetext", "__init__"}
+STAGES = ["image", "rootfs", "guest", "bundle", "boot", "artifact", "pipeline", "cli", "__main__"]
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _stage(module: str) -> str:
+    """'vmimg.image.cache' -> 'image'; foundation modules -> their own name."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported vmimg module, whether at module level) for each import in the file."""
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name.split(".")[0] == "vmimg":
+                out.append((name, id(node) in top))
+    return out
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def test_no_vmimg_import_inside_a_function() -> None:
+    hidden = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in _modules()
+        for name, at_top in _imports(path)
+        if not at_top
+    ]
+    assert hidden == []
+
+
+def test_stages_import_only_earlier_stages() -> None:
+    backwards = []
+    for path in _modules():
+        here = _stage(_module_name(path))
+        if here in FOUNDATION:
+            assert all(_stage(n) in FOUNDATION for n, _ in _imports(path)), path
+            continue
+        for name, _ in _imports(path):
+            there = _stage(name)
+            if there in FOUNDATION or there == "vmimg" or there not in STAGES:
+                continue
+            if STAGES.index(there) > STAGES.index(here):
+                backwards.append(f"{_module_name(path)} imports {name}")
+    assert backwards == []
+
+
+def test_every_module_is_on_the_map() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = []
+    for path in _modules():
+        rel = path.relative_to(PACKAGE).as_posix()
+        if path.name == "__init__.py" or path.name == "__main__.py":
+            continue
+        parent = path.parent.relative_to(PACKAGE).as_posix() + "/"
+        if f"`{rel}`" in text or rel in text:
+            continue
+        # Writers and sources are listed by their folder.
+        if parent in ("rootfs/writers/ext4/", "rootfs/writers/erofs/", "image/sources/"):
+            continue
+        if path.parent.name == "writers" and f"`{path.name}`" in text:
+            continue
+        missing.append(rel)
+    assert missing == []
