@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -89,6 +90,8 @@ def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """podman's Docker-API service on a unix socket, with its own storage: yields DOCKER_HOST."""
     root = tmp_path_factory.mktemp("podman")
     sock = root / "podman.sock"
+    # podman refuses a runroot over 50 characters; pytest's temporary paths grow past that.
+    runroot = tempfile.mkdtemp(prefix="vmimg-podman-", dir="/tmp")
     base = [
         need("podman"),
         "--storage-driver",
@@ -96,7 +99,7 @@ def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--root",
         str(root / "storage"),
         "--runroot",
-        str(root / "run"),
+        runroot,
     ]
     proc = subprocess.Popen(
         [*base, "system", "service", "--time=0", f"unix://{sock}"],
@@ -114,6 +117,7 @@ def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"unix://{sock}"
     proc.terminate()
     proc.wait(20)
+    shutil.rmtree(runroot, ignore_errors=True)
 
 
 def podman(*args: str) -> subprocess.CompletedProcess[str]:
