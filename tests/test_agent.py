@@ -205,6 +205,61 @@ def test_resolve_user_errors_name_the_user() -> None:
             resolve_config({"Env": ["A=1"]}, _users_tree(), reader)
 
 
+def _tree_with(passwd: str, group: str) -> Tree:
+    tree = Tree()
+    tree.add(b"/etc", _dir())
+    tree.add(b"/etc/passwd", _file(passwd.encode()))
+    tree.add(b"/etc/group", _file(group.encode()))
+    return tree
+
+
+HUGE = "9" * 5000  # past int()'s 4300-digit limit: must not surface as a ValueError
+
+
+@pytest.mark.parametrize(
+    ("passwd", "group", "user", "message"),
+    [
+        # a group listing the user, with a gid no gid_t holds (the agent crashed on it)
+        (PASSWD, GROUP + "big:x:99999999999:app\n", "app", r"group 'big'.*/etc/group"),
+        (PASSWD, GROUP + f"big:x:{HUGE}:app\n", "app", r"group 'big'.*too large"),
+        (PASSWD + "huge:x:4294967295:0::/:/bin/sh\n", GROUP, "huge", r"uid of user 'huge'.*passwd"),
+        (PASSWD + f"huge:x:0:{HUGE}::/:/bin/sh\n", GROUP, "huge", r"gid of user 'huge'.*passwd"),
+        (PASSWD, GROUP + "big:x:4294967295:\n", "app:big", r"gid of group 'big'.*/etc/group"),
+        (PASSWD, GROUP, "4294967295", r"uid 4294967295 in User '4294967295'"),
+        (PASSWD, GROUP, f"app:{HUGE}", r"gid 9+ in User"),
+    ],
+)
+def test_out_of_range_ids_are_named(passwd: str, group: str, user: str, message: str) -> None:
+    with ContentReader() as reader, pytest.raises(AgentError, match=message):
+        resolve_config({"Cmd": ["sh"], "User": user}, _tree_with(passwd, group), reader)
+
+
+def test_ids_at_the_limit_and_odd_lines_elsewhere() -> None:
+    """4294967294 is a valid id; an out-of-range or non-ASCII id on a line the user does
+    not use is no error; "²" is not a number (str.isdigit() says it is, int() disagrees)."""
+    passwd = PASSWD + "top:x:4294967294:4294967294::/:/bin/sh\nodd:x:²:0::/:/bin/sh\n"
+    group = GROUP + "big:x:99999999999:daemon\nsup:x:4294967294:top\nodd:x:٣:top\n"
+    with ContentReader() as reader:
+        cfg = resolve_config({"Cmd": ["sh"], "User": "top"}, _tree_with(passwd, group), reader)
+        assert (cfg.uid, cfg.gid, cfg.groups) == (agent.MAX_ID, agent.MAX_ID, [])
+        cfg = resolve_config({"Cmd": ["sh"], "User": "app"}, _tree_with(passwd, group), reader)
+        assert cfg.groups == [10, 29]
+        with pytest.raises(AgentError, match="user '²' is not in"):
+            resolve_config({"Cmd": ["sh"], "User": "²"}, _tree_with(passwd, group), reader)
+        with pytest.raises(AgentError, match="StopSignal '²'"):
+            resolve_config({"Cmd": ["sh"], "StopSignal": "²"}, _tree_with(passwd, group), reader)
+
+
+def test_config_refuses_ids_the_agent_refuses() -> None:
+    for over in ({"uid": 2**32 - 1}, {"gid": -1}, {"groups": [1, 2**32]}):
+        with pytest.raises(AgentError, match=r"agent config .* out of range"):
+            AgentConfig(argv=["x"], **over).to_bytes()  # type: ignore[arg-type]
+    with pytest.raises(AgentError, match="group 'x'"):
+        AgentConfig.from_bytes(b"vmimg-agent-config 1\narg x\ngroup x\n")
+    with pytest.raises(AgentError, match=r"uid.*out of range"):
+        AgentConfig.from_bytes(b"vmimg-agent-config 1\narg x\nuid 4294967295\n")
+
+
 def test_resolve_config_follows_passwd_symlink() -> None:
     tree = _users_tree()
     passwd = tree.remove(b"/etc/passwd")
