@@ -147,6 +147,14 @@ int manifest_parse(char *text, struct manifest *m, char *err, size_t errlen)
 		m->n++;
 	}
 	qsort(m->entries, m->n, sizeof *m->entries, cmp_entry);
+	/* The verify walk looks each path up once: a second line for it could
+	 * never be met, and would read as "missing". */
+	for (size_t i = 1; i < m->n; i++) {
+		if (!strcmp(m->entries[i - 1].path, m->entries[i].path)) {
+			snprintf(err, errlen, "manifest lists %s twice", m->entries[i].path);
+			goto fail;
+		}
+	}
 	return 0;
 fail:
 	manifest_free(m);

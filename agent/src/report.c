@@ -31,15 +31,37 @@ struct vsock_addr {
 			   2 * sizeof(unsigned int)];
 };
 
+static int count_pairs(va_list ap)
+{
+	int n = 0;
+	while (va_arg(ap, const char *)) {
+		va_arg(ap, const char *);
+		n++;
+	}
+	return n;
+}
+
+/* Room kept per key on the line for " key=" (keys are short words). */
+#define MARKER_KEY_ROOM 24
+
+/* A value too long for the line (a deep path, a long argv[0]) is cut to its
+ * share of the room left, so that every later field still fits. */
 static int vmarker(char *line, size_t cap, const char *event, va_list ap)
 {
+	va_list count;
+	va_copy(count, ap);
+	int left = count_pairs(count);
+	va_end(count);
 	snprintf(line, cap, "\n%s %s", MARKER_PREFIX, event);
-	for (const char *key; (key = va_arg(ap, const char *));) {
+	for (const char *key; (key = va_arg(ap, const char *)); left--) {
 		const char *val = va_arg(ap, const char *);
 		size_t n = strlen(line);
 		snprintf(line + n, cap - n, " %s=", key);
-		if (escape_append(line, cap - 1, val ? val : "") < 0)
-			break; /* truncated value: the line still ends below */
+		n = strlen(line);
+		size_t room = cap - 1 - n; /* one byte for the final newline */
+		size_t later = (size_t)(left - 1) * MARKER_KEY_ROOM;
+		size_t share = room > later ? (room - later) / (size_t)left : 0;
+		escape_append(line, n + share + 1, val ? val : ""); /* cut when too long */
 	}
 	size_t n = strlen(line);
 	line[n++] = '\n';
@@ -111,6 +133,12 @@ void report_ready(uint64_t agent_start_us)
 void report_error(const char *stage, const char *msg)
 {
 	marker("error", "stage", stage, "msg", msg, (char *)NULL);
+}
+
+void report_integrity(const char *during, const char *path, int err)
+{
+	marker("error", "stage", "integrity", "during", during, "path", path, "msg", strerror(err),
+	       (char *)NULL);
 }
 
 /* Send the exit line to the host over vsock; silent when there is none. */

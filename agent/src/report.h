@@ -28,6 +28,11 @@ void report_ready(uint64_t agent_start_us);
 /* An error marker naming the stage, plus a plain line for people. */
 void report_error(const char *stage, const char *msg);
 
+/* An I/O error (EIO) reading the root: on a dm-verity root, a block that
+ * failed its hash. The error marker with stage=integrity, during=<stage>,
+ * the path and the errno text. */
+void report_integrity(const char *during, const char *path, int err);
+
 /* Exit marker on the console and over vsock. */
 void report_exit(int code, int signal);
 

@@ -64,5 +64,10 @@ int main(void)
 	      strstr(err, "rdev"));
 	CHECK(parse("vmimg-manifest 1\n\n/x d 0755 0 0 0 0:0 - -\n", &m, err) == 0 && m.n == 1);
 	manifest_free(&m);
+	/* one line per path */
+	CHECK(parse("vmimg-manifest 1\n/a d 0755 0 0 0 0:0 - -\n/b d 0755 0 0 0 0:0 - -\n"
+		    "/a d 0700 0 0 0 0:0 - -\n",
+		    &m, err) == -1 &&
+	      strstr(err, "/a twice"));
 	return check_done("manifest");
 }
