@@ -69,5 +69,7 @@ int main(void)
 		    "/a d 0700 0 0 0 0:0 - -\n",
 		    &m, err) == -1 &&
 	      strstr(err, "/a twice"));
+	/* no entries at all: nothing to sort or find */
+	CHECK(parse("vmimg-manifest 1\n", &m, err) == 0 && m.n == 0 && !manifest_find(&m, "/"));
 	return check_done("manifest");
 }
