@@ -45,7 +45,7 @@ from vmimg.agent import (
     resolve_config,
     unescape,
 )
-from vmimg.boot.launch import qemu_accel_args
+from vmimg.boot.launch import firecracker_config, qemu_accel_args
 from vmimg.content import ContentReader
 from vmimg.tree import Content, Extent, Node, NodeType, Tree
 
@@ -890,6 +890,64 @@ def test_boot_verify_reports_problems(tmp_path: Path, kernel: str, agent_binary:
     assert boot.last("verify").fields["result"] == "fail"
     assert boot.last("verify").number("problems") == 5
     assert boot.last("exit").fields == {"code": "1"}
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_bad_group_fails_cleanly(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    """A gid no gid_t holds, after good ones, in the config: an error and exit 125. The agent
+    used to free the groups twice (when growing the array had moved it: musl moves 12 bytes of
+    groups to a bigger slot for the fourth), and the guest panicked: "Attempted to kill init"."""
+    tree = busybox_tree()
+    vm = boot_tree(tmp_path, kernel, agent_binary, tree, AgentConfig(argv=["/bin/true"]))
+    with ContentReader() as reader:
+        groups = b"".join(b"group %d\n" % g for g in (10, 20, 29, 99999999999))
+        bad = b"vmimg-agent-config 1\narg /bin/true\n" + groups
+        tree.add(b"/.vmimg/config", _file(bad))
+        write_newc(tree, reader, vm.initrd)
+    boot = vm.run()
+    assert "Attempted to kill init" not in boot.console
+    error = boot.last("error")
+    assert error.fields["stage"] == "config" and "group" in error.fields["msg"]
+    assert boot.last("exit").fields == {"code": "125"}
+
+
+# QEMU's microvm without ACPI stands in for Firecracker: no power-off method in the guest.
+NO_ACPI_MACHINE = "microvm,acpi=off"
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_without_acpi_ends_the_vm(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    """Without ACPI a power-off only halts ("reboot: System halted") and QEMU ran on forever.
+    The agent sees no /sys/firmware/acpi and reboots, which QEMU (-no-reboot) exits on; the
+    workload's exit code still arrives in the marker printed before."""
+    tree = busybox_tree()
+    cfg = _config(tree, {"Cmd": ["/bin/sh", "-c", "echo NO-ACPI-$((3+4)); exit 7"]})
+    vm = boot_tree(tmp_path, kernel, agent_binary, tree, cfg)
+    vm.machine = NO_ACPI_MACHINE
+    boot = vm.run()  # fails the test when QEMU is still running at the timeout
+    assert "NO-ACPI-7" in boot.console
+    assert boot.last("exit").fields == {"code": "7"}
+    assert "System halted" not in boot.console
+    assert boot.returncode == 0
+
+
+@pytest.mark.parametrize(("arch", "told"), [("x86_64", True), ("arm64", False)])
+def test_firecracker_guests_are_told_to_reboot(arch: str, told: bool) -> None:
+    """Firecracker on x86_64 exits on the reboot (reboot=k) and only halts on power-off, so the
+    agent is told; arm64 guests power off through PSCI."""
+    vm = {
+        "arch": arch,
+        "cmdline": "console=ttyS0 init=/.vmimg/init",
+        "kernel": {"file": "kernel"},
+        "rootfs": {"type": "erofs", "file": "rootfs.erofs", "read_only": True},
+        "vcpus": 1,
+        "memory_mib": 128,
+    }
+    args = firecracker_config(vm, ".")["boot-source"]["boot_args"].split()
+    assert "reboot=k" in args
+    assert ("vmimg.shutdown=reboot" in args) is told
 
 
 def _erofs_kernel_reason() -> str | None:

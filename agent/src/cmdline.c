@@ -47,6 +47,15 @@ static void set_param(struct bootargs *a, char *word)
 			a->mode = MODE_CHECK;
 		else if (!a->bad)
 			a->bad = word;
+	} else if (!strcmp(key, "shutdown")) {
+		if (!strcmp(val, "auto"))
+			a->shutdown = SHUTDOWN_AUTO;
+		else if (!strcmp(val, "poweroff"))
+			a->shutdown = SHUTDOWN_POWEROFF;
+		else if (!strcmp(val, "reboot"))
+			a->shutdown = SHUTDOWN_REBOOT;
+		else if (!a->bad)
+			a->bad = word;
 	} else if (!strcmp(key, "deep")) {
 		a->deep = strcmp(val, "0") != 0;
 	} else if (!strcmp(key, "ip")) {

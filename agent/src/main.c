@@ -146,6 +146,7 @@ int main(void)
 	cmdline_parse(cmdline ? cmdline : (char[]){""}, &args);
 	if (args.bad)
 		log_msg("ignoring unknown parameter %s", args.bad);
+	power_set_method(args.shutdown);
 
 	struct config cfg;
 	load_config(&cfg);

@@ -5,12 +5,62 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "mounts.h"
 #include "power.h"
 #include "util.h"
+
+static enum shutdown_method g_method = SHUTDOWN_AUTO;
+
+void power_set_method(enum shutdown_method how)
+{
+	g_method = how;
+}
+
+/* Whether the kernel found ACPI tables (and so, on x86_64, a way to power
+ * off). After an early failure /sys may not be mounted yet: then look through
+ * a sysfs mounted for a moment on the scratch directory. */
+static int acpi_present(void)
+{
+	struct stat st;
+	if (stat("/sys/firmware", &st) == 0)
+		return stat("/sys/" ACPI_SYSFS_DIR, &st) == 0;
+	if (mount("sysfs", SCRATCH_DIR, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+		  NULL) < 0)
+		return 0;
+	int found = stat(SCRATCH_DIR "/" ACPI_SYSFS_DIR, &st) == 0;
+	umount2(SCRATCH_DIR, MNT_DETACH);
+	return found;
+}
+
+static enum shutdown_method pick_method(void)
+{
+	if (g_method != SHUTDOWN_AUTO)
+		return g_method;
+#if defined(__aarch64__)
+	return SHUTDOWN_POWEROFF; /* PSCI SYSTEM_OFF, with or without ACPI */
+#else
+	return acpi_present() ? SHUTDOWN_POWEROFF : SHUTDOWN_REBOOT;
+#endif
+}
+
+void power_off(void)
+{
+	sync();
+	/* RB_POWER_OFF does not return: without a power-off handler the kernel
+	 * halts instead. So the reboot goes first whenever it is the choice. */
+	if (pick_method() == SHUTDOWN_REBOOT)
+		reboot(RB_AUTOBOOT);
+	reboot(RB_POWER_OFF);
+	for (;;)
+		pause();
+}
 
 #define INPUT_DIR "/dev/input"
 #define EVENT_PREFIX "event"

@@ -6,13 +6,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/statfs.h>
 #include <sys/time.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include "power.h"
 #include "util.h"
 
 #define MARKER_MAX 1024
@@ -170,16 +170,6 @@ void report_exit(int code, int signal)
 		snprintf(line, sizeof line, "\n%s exit code=%s\n", MARKER_PREFIX, c);
 	write_all(g_console_fd, line, strlen(line));
 	vsock_send(line + 1, strlen(line + 1));
-}
-
-void power_off(void)
-{
-	sync();
-	reboot(RB_POWER_OFF);
-	/* No power-off method (no ACPI): a reboot ends QEMU run with -no-reboot. */
-	reboot(RB_AUTOBOOT);
-	for (;;)
-		pause();
 }
 
 void fail(const char *stage, const char *msg, int code)

@@ -36,9 +36,6 @@ void report_integrity(const char *during, const char *path, int err);
 /* Exit marker on the console and over vsock. */
 void report_exit(int code, int signal);
 
-/* sync and power off; never returns (falls back to reboot, then sleeps). */
-void power_off(void) __attribute__((noreturn));
-
 /* Report an agent failure with code and power off. */
 void fail(const char *stage, const char *msg, int code) __attribute__((noreturn));
 

@@ -101,6 +101,8 @@ static void fuzz_cmdline(char *line, size_t len)
 	struct bootargs a;
 	cmdline_parse(line, &a);
 	REQUIRE(a.mode == MODE_RUN || a.mode == MODE_VERIFY || a.mode == MODE_CHECK);
+	REQUIRE(a.shutdown == SHUTDOWN_AUTO || a.shutdown == SHUTDOWN_POWEROFF ||
+		a.shutdown == SHUTDOWN_REBOOT);
 	const char *values[] = {a.ip, a.gw, a.dns, a.hostname, a.smoke, a.cmd, a.bad};
 	for (size_t i = 0; i < sizeof values / sizeof values[0]; i++)
 		check_value(values[i], line, len);
