@@ -10,6 +10,7 @@ Tree to a running workload is exercised.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
@@ -958,8 +959,32 @@ def _erofs_kernel_reason() -> str | None:
     return None
 
 
-def _boot_erofs(tmp_path: Path, agent_binary: str, cfg: AgentConfig, options: BootOptions) -> Boot:
-    """Boot an erofs image of a busybox tree as a virtio-blk root (tuned kernel)."""
+SECTOR = 512
+EROFS_BLOCK = 4096
+
+
+def _failing_reads(tmp_path: Path, image: Path, data: bytes) -> str:
+    """A QEMU drive file spec for `image` whose reads of the block holding the start of `data`
+    fail with EIO (QEMU's blkdebug driver), as dm-verity fails a block that does not hash."""
+    offset = image.read_bytes().find(data[:EROFS_BLOCK])
+    assert offset >= 0 and offset % EROFS_BLOCK == 0, "data not block-aligned in the image"
+    rules = tmp_path / "blkdebug.conf"
+    rules.write_text(
+        f'[inject-error]\nevent = "read_aio"\nerrno = "{errno.EIO}"\n'
+        f'sector = "{offset // SECTOR}"\n'
+    )
+    return f"blkdebug:{rules}:{image}"
+
+
+def _boot_erofs(
+    tmp_path: Path,
+    agent_binary: str,
+    cfg: AgentConfig,
+    options: BootOptions,
+    bad_file: tuple[bytes, bytes] | None = None,
+) -> Boot:
+    """Boot an erofs image of a busybox tree as a virtio-blk root (tuned kernel). bad_file
+    (path, data): a file of the image whose first block fails to read (EIO)."""
     reason = _erofs_kernel_reason()
     if reason:
         pytest.fail(reason)
@@ -967,18 +992,21 @@ def _boot_erofs(tmp_path: Path, agent_binary: str, cfg: AgentConfig, options: Bo
     assert tuned is not None
     tree = busybox_tree()
     tree.add(b"/etc/motd", _file(b"from the image\n"))
+    if bad_file is not None:
+        tree.add(bad_file[0], _file(bad_file[1], mode=0o755))
     with ContentReader() as reader:
         inject_agent(tree, cfg, build_manifest(tree, reader), agent_binary)
         stage = tmp_path / "root"
         _stage_tree(tree, reader, stage)
     image = tmp_path / "root.erofs"
     subprocess.run(["mkfs.erofs", "--quiet", str(image), str(stage)], check=True)
+    drive = str(image) if bad_file is None else _failing_reads(tmp_path, image, bad_file[1])
     append = ["console=ttyS0", "panic=-1", "quiet", "root=/dev/vda", "rootfstype=erofs", "ro"]
     cmd = [
         "qemu-system-x86_64", "-M", "microvm", *qemu_accel_args("x86_64", "tcg"),
         "-m", "256", "-nographic",
         "-nodefaults", "-serial", "stdio", "-no-reboot", "-kernel", tuned,
-        "-drive", f"file={image},format=raw,if=none,id=root,readonly=on",
+        "-drive", f"file={drive},format=raw,if=none,id=root,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-append", " ".join(append + kernel_args(options=options)),
     ]  # fmt: skip
@@ -1015,6 +1043,36 @@ def test_boot_erofs_verify_deep(tmp_path: Path, agent_binary: str) -> None:
     verify = boot.last("verify")
     assert verify.fields["result"] == "ok", boot.console
     assert boot.last("exit").fields == {"code": "0"}
+
+
+# A script padded past two erofs blocks with bytes found nowhere else in the image, so that
+# its first block can be found in the image and made to fail.
+CORRUPT_SCRIPT = b"#!/bin/sh\necho NEVER-RUN\n" + b"".join(
+    b"# %s\n" % hashlib.sha256(b"%d" % i).hexdigest().encode() for i in range(120)
+)
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["run", "verify"])
+def test_boot_io_error_is_an_integrity_error(tmp_path: Path, agent_binary: str, mode: str) -> None:
+    """A block of the root that fails to read (EIO, as dm-verity reports a corrupted block):
+    exec of the entrypoint, or the deep verify's read of it, gives error stage=integrity."""
+    cfg = AgentConfig(argv=["/corrupt"])
+    options = BootOptions(mode="verify", deep=True) if mode == "verify" else BootOptions()
+    boot = _boot_erofs(tmp_path, agent_binary, cfg, options, (b"/corrupt", CORRUPT_SCRIPT))
+    error = boot.last("error")
+    assert error.fields["stage"] == "integrity", boot.console[-3000:]
+    assert error.fields["path"] == "/corrupt"
+    assert "I/O error" in error.fields["msg"]
+    assert "NEVER-RUN" not in boot.console
+    if mode == "run":
+        assert error.fields["during"] == "exec"
+        assert boot.last("exit").fields == {"code": "126"}
+    else:
+        assert error.fields["during"] == "verify"
+        assert boot.last("verify").fields["result"] == "fail"
+        assert boot.last("exit").fields == {"code": "1"}
 
 
 def _stage_tree(tree: Tree, reader: ContentReader, root: Path) -> None:

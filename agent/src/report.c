@@ -135,10 +135,18 @@ void report_error(const char *stage, const char *msg)
 	marker("error", "stage", stage, "msg", msg, (char *)NULL);
 }
 
-void report_integrity(const char *during, const char *path, int err)
+void report_integrity(const char *during, const char *path, const char *msg)
 {
-	marker("error", "stage", "integrity", "during", during, "path", path, "msg", strerror(err),
+	marker("error", "stage", "integrity", "during", during, "path", path, "msg", msg,
 	       (char *)NULL);
+}
+
+void report_failure(const char *stage, const char *path, const char *msg, int err)
+{
+	if (err == EIO)
+		report_integrity(stage, path, msg);
+	else
+		report_error(stage, msg);
 }
 
 /* Send the exit line to the host over vsock; silent when there is none. */
@@ -172,10 +180,15 @@ void report_exit(int code, int signal)
 	vsock_send(line + 1, strlen(line + 1));
 }
 
-void fail(const char *stage, const char *msg, int code)
+void fail_errno(const char *stage, const char *path, const char *msg, int code, int err)
 {
-	report_error(stage, msg);
+	report_failure(stage, path, msg, err);
 	log_msg("%s: %s", stage, msg);
 	report_exit(code, 0);
 	power_off();
+}
+
+void fail(const char *stage, const char *msg, int code)
+{
+	fail_errno(stage, "", msg, code, 0);
 }

@@ -52,8 +52,11 @@ static void problem(struct verifier *v, const char *path, const char *what, cons
 /* A check that failed with errno `err`; EIO also gets the integrity marker. */
 static void problem_errno(struct verifier *v, const char *path, const char *what, int err)
 {
-	if (err == EIO && v->problems < VERIFY_MAX_LISTED)
-		report_integrity("verify", path, err);
+	if (err == EIO && v->problems < VERIFY_MAX_LISTED) {
+		char msg[64];
+		snprintf(msg, sizeof msg, "checking %s: %s", what, strerror(err));
+		report_integrity("verify", path, msg);
+	}
 	problem(v, path, what, "", strerror(err));
 }
 
@@ -375,6 +378,7 @@ static int walk(struct verifier *v, int root_fd, char *err, size_t errlen)
 		free(stack[--depth].names);
 	free(stack);
 	close(fd);
+	errno = rc == -1 ? ENOMEM : rc == -2 ? ESTALE : 0;
 	return rc < 0 ? -1 : 0;
 }
 
@@ -385,9 +389,11 @@ long verify_walk(const char *root, const struct manifest *m, int deep, int see_m
 	int fd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	struct stat st;
 	if (fd < 0 || fstat(fd, &st) < 0) {
-		snprintf(err, errlen, "cannot open %s: %s", root, strerror(errno));
+		int e = errno;
+		snprintf(err, errlen, "cannot open %s: %s", root, strerror(e));
 		if (fd >= 0)
 			close(fd);
+		errno = e;
 		return -1;
 	}
 	v.root_dev = st.st_dev;
@@ -399,6 +405,7 @@ long verify_walk(const char *root, const struct manifest *m, int deep, int see_m
 		close(fd);
 		free(v.seen);
 		free(v.rel);
+		errno = ENOMEM;
 		return -1;
 	}
 	v.rel[0] = '\0';
@@ -414,8 +421,10 @@ long verify_walk(const char *root, const struct manifest *m, int deep, int see_m
 		    strncmp(path, AGENT_DIR "/", strlen(AGENT_DIR) + 1))
 			problem(&v, path, "missing", "", strerror(ENOENT));
 	}
+	int e = errno;
 	free(v.seen);
 	free(v.rel);
+	errno = e;
 	return rc < 0 ? -1 : v.problems;
 }
 
@@ -423,12 +432,15 @@ long verify_tree(const char *manifest_path, int deep, char *err, size_t errlen)
 {
 	char *text = read_file(manifest_path, NULL);
 	if (!text) {
-		snprintf(err, errlen, "cannot read %s: %s", manifest_path, strerror(errno));
+		int e = errno;
+		snprintf(err, errlen, "cannot read %s: %s", manifest_path, strerror(e));
+		errno = e;
 		return -1;
 	}
 	struct manifest m;
 	if (manifest_parse(text, &m, err, errlen) < 0) {
 		free(text);
+		errno = EINVAL;
 		return -1;
 	}
 	/* A non-recursive bind of / shows the root file system without the
@@ -440,6 +452,7 @@ long verify_tree(const char *manifest_path, int deep, char *err, size_t errlen)
 		root = "/";
 	}
 	long problems = verify_walk(root, &m, deep, root[1] == '\0', err, errlen);
+	int walk_errno = errno;
 	if (root[1] != '\0') {
 		umount2(VERIFY_BIND_DIR, MNT_DETACH);
 		rmdir(VERIFY_BIND_DIR);
@@ -453,5 +466,6 @@ long verify_tree(const char *manifest_path, int deep, char *err, size_t errlen)
 	}
 	manifest_free(&m);
 	free(text);
+	errno = walk_errno; /* a failed walk's cause, for the caller */
 	return problems;
 }

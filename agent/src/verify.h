@@ -21,8 +21,8 @@ long verify_walk(const char *root, const struct manifest *m, int deep, int see_m
 
 /* Check every manifest entry (and look for entries the manifest lacks);
  * deep also hashes file content. Prints the problem and result markers.
- * Returns the number of problems, or -1 with a reason in err when the
- * manifest is unreadable. */
+ * Returns the number of problems, or -1 with a reason in err and errno set
+ * (EIO: the root failed a read) when the manifest or the root is unreadable. */
 long verify_tree(const char *manifest_path, int deep, char *err, size_t errlen);
 
 #endif
