@@ -39,15 +39,18 @@ static int acpi_present(void)
 	return found;
 }
 
+/* arm64 guests always have PSCI SYSTEM_OFF, with or without ACPI. */
+#if defined(__aarch64__)
+#define ALWAYS_POWERS_OFF 1
+#else
+#define ALWAYS_POWERS_OFF 0
+#endif
+
 static enum shutdown_method pick_method(void)
 {
 	if (g_method != SHUTDOWN_AUTO)
 		return g_method;
-#if defined(__aarch64__)
-	return SHUTDOWN_POWEROFF; /* PSCI SYSTEM_OFF, with or without ACPI */
-#else
-	return acpi_present() ? SHUTDOWN_POWEROFF : SHUTDOWN_REBOOT;
-#endif
+	return ALWAYS_POWERS_OFF || acpi_present() ? SHUTDOWN_POWEROFF : SHUTDOWN_REBOOT;
 }
 
 void power_off(void)
