@@ -3,6 +3,7 @@
 #include <string.h>
 
 #define PREFIX "vmimg."
+#define KERNEL_REBOOT "reboot="
 
 /* Cut the next word off *pos, dropping quotes; NULL when none is left. */
 static char *next_word(char **pos)
@@ -78,7 +79,10 @@ static void set_param(struct bootargs *a, char *word)
 void cmdline_parse(char *line, struct bootargs *args)
 {
 	memset(args, 0, sizeof *args);
-	for (char *pos = line, *w; (w = next_word(&pos));)
+	for (char *pos = line, *w; (w = next_word(&pos));) {
 		if (!strncmp(w, PREFIX, strlen(PREFIX)))
 			set_param(args, w);
+		else if (!strncmp(w, KERNEL_REBOOT, strlen(KERNEL_REBOOT)))
+			args->kernel_reboot = 1;
+	}
 }

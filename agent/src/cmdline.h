@@ -16,6 +16,7 @@ struct bootargs {
 	enum agent_mode mode; /* vmimg.mode=run|verify|check */
 	int deep;             /* vmimg.deep=1: hash file content in verify mode */
 	enum shutdown_method shutdown; /* vmimg.shutdown=auto|poweroff|reboot */
+	int kernel_reboot;    /* the kernel's own reboot= is there (its reset method) */
 	const char *ip;       /* vmimg.ip=10.0.2.15/24: configure eth0 */
 	const char *gw;       /* vmimg.gw=10.0.2.2: default route */
 	const char *dns;      /* vmimg.dns=10.0.2.3: /etc/resolv.conf */

@@ -147,7 +147,7 @@ int main(void)
 	cmdline_parse(cmdline ? cmdline : (char[]){""}, &args);
 	if (args.bad)
 		log_msg("ignoring unknown parameter %s", args.bad);
-	power_set_method(args.shutdown);
+	power_configure(args.shutdown, args.kernel_reboot);
 
 	struct config cfg;
 	load_config(&cfg);

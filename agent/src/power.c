@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -17,26 +18,12 @@
 #include "util.h"
 
 static enum shutdown_method g_method = SHUTDOWN_AUTO;
+static int g_kernel_reboot; /* the command line chose the kernel's reboot= */
 
-void power_set_method(enum shutdown_method how)
+void power_configure(enum shutdown_method how, int kernel_reboot)
 {
 	g_method = how;
-}
-
-/* Whether the kernel found ACPI tables (and so, on x86_64, a way to power
- * off). After an early failure /sys may not be mounted yet: then look through
- * a sysfs mounted for a moment on the scratch directory. */
-static int acpi_present(void)
-{
-	struct stat st;
-	if (stat("/sys/firmware", &st) == 0)
-		return stat("/sys/" ACPI_SYSFS_DIR, &st) == 0;
-	if (mount("sysfs", SCRATCH_DIR, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-		  NULL) < 0)
-		return 0;
-	int found = stat(SCRATCH_DIR "/" ACPI_SYSFS_DIR, &st) == 0;
-	umount2(SCRATCH_DIR, MNT_DETACH);
-	return found;
+	g_kernel_reboot = kernel_reboot;
 }
 
 /* arm64 guests always have PSCI SYSTEM_OFF, with or without ACPI. */
@@ -46,11 +33,43 @@ static int acpi_present(void)
 #define ALWAYS_POWERS_OFF 0
 #endif
 
-static enum shutdown_method pick_method(void)
+/* Where sysfs can be read: /sys, or after an early failure (before /sys is
+ * mounted) a sysfs mounted on the scratch directory, which *scratch says. */
+static const char *sysfs_dir(int *scratch)
 {
-	if (g_method != SHUTDOWN_AUTO)
-		return g_method;
-	return ALWAYS_POWERS_OFF || acpi_present() ? SHUTDOWN_POWEROFF : SHUTDOWN_REBOOT;
+	struct stat st;
+	*scratch = 0;
+	if (stat("/sys/kernel", &st) == 0)
+		return "/sys";
+	if (mount("sysfs", SCRATCH_DIR, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+		return NULL;
+	*scratch = 1;
+	return SCRATCH_DIR;
+}
+
+/* Decide how to end the VM; for a reboot, make it one the VMM sees. */
+static enum shutdown_method prepare(void)
+{
+	int scratch;
+	const char *sys = sysfs_dir(&scratch);
+	char path[64];
+	struct stat st;
+	enum shutdown_method how = g_method;
+	if (how == SHUTDOWN_AUTO) {
+		snprintf(path, sizeof path, "%s/%s", sys ? sys : "/sys", ACPI_SYSFS_DIR);
+		how = ALWAYS_POWERS_OFF || stat(path, &st) == 0 ? SHUTDOWN_POWEROFF
+								 : SHUTDOWN_REBOOT;
+	}
+	/* The kernel's default reset tries ACPI, the keyboard controller and the
+	 * BIOS before a triple fault, and can hang on a machine with none of them
+	 * (QEMU microvm without ACPI). A triple fault resets every VMM's vCPU. */
+	if (how == SHUTDOWN_REBOOT && sys && !ALWAYS_POWERS_OFF && !g_kernel_reboot) {
+		snprintf(path, sizeof path, "%s/%s", sys, REBOOT_TYPE_FILE);
+		write_text_file(path, REBOOT_TYPE_TRIPLE, 0);
+	}
+	if (scratch)
+		umount2(SCRATCH_DIR, MNT_DETACH);
+	return how;
 }
 
 void power_off(void)
@@ -58,7 +77,7 @@ void power_off(void)
 	sync();
 	/* RB_POWER_OFF does not return: without a power-off handler the kernel
 	 * halts instead. So the reboot goes first whenever it is the choice. */
-	if (pick_method() == SHUTDOWN_REBOOT)
+	if (prepare() == SHUTDOWN_REBOOT)
 		reboot(RB_AUTOBOOT);
 	reboot(RB_POWER_OFF);
 	for (;;)

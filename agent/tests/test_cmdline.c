@@ -36,9 +36,10 @@ int main(void)
 
 	/* how the VM ends: detected unless the launcher says */
 	CHECK(a.shutdown == SHUTDOWN_AUTO);
+	CHECK(a.kernel_reboot == 0);
 	char reboot[] = "reboot=k vmimg.shutdown=reboot";
 	cmdline_parse(reboot, &a);
-	CHECK(a.shutdown == SHUTDOWN_REBOOT && a.bad == NULL);
+	CHECK(a.shutdown == SHUTDOWN_REBOOT && a.bad == NULL && a.kernel_reboot == 1);
 	char off[] = "vmimg.shutdown=poweroff";
 	cmdline_parse(off, &a);
 	CHECK(a.shutdown == SHUTDOWN_POWEROFF && a.bad == NULL);
