@@ -10,6 +10,7 @@ Tree to a running workload is exercised.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
@@ -27,7 +28,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmimg.boot.launch import qemu_accel_args
+from tests.hostile.test_bundles import make_bundle, write_vm
+from vmimg.boot.launch import firecracker_config, qemu_accel_args
+from vmimg.bundle.format import read_vm_json
 from vmimg.guest import agent
 from vmimg.guest.agent import (
     AgentBinaryMissing,
@@ -86,7 +89,7 @@ def test_c_unit_tests() -> None:
         ["make", "-s", "-C", str(AGENT_SRC), "check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for suite in ("config", "escape", "manifest", "sha256", "cmdline"):
+    for suite in ("config", "escape", "manifest", "sha256", "cmdline", "marker", "verify"):
         assert f"{suite}: " in result.stdout
     assert " 0 failed" in result.stdout and ", 1 failed" not in result.stdout
 
@@ -206,6 +209,61 @@ def test_resolve_user_errors_name_the_user() -> None:
             resolve_config({"Cmd": ["sh"], "User": "app:nogroup"}, _users_tree(), reader)
         with pytest.raises(AgentError, match="Entrypoint or Cmd"):
             resolve_config({"Env": ["A=1"]}, _users_tree(), reader)
+
+
+def _tree_with(passwd: str, group: str) -> Tree:
+    tree = Tree()
+    tree.add(b"/etc", _dir())
+    tree.add(b"/etc/passwd", _file(passwd.encode()))
+    tree.add(b"/etc/group", _file(group.encode()))
+    return tree
+
+
+HUGE = "9" * 5000  # past int()'s 4300-digit limit: must not surface as a ValueError
+
+
+@pytest.mark.parametrize(
+    ("passwd", "group", "user", "message"),
+    [
+        # a group listing the user, with a gid no gid_t holds (the agent crashed on it)
+        (PASSWD, GROUP + "big:x:99999999999:app\n", "app", r"group 'big'.*/etc/group"),
+        (PASSWD, GROUP + f"big:x:{HUGE}:app\n", "app", r"group 'big'.*too large"),
+        (PASSWD + "huge:x:4294967295:0::/:/bin/sh\n", GROUP, "huge", r"uid of user 'huge'.*passwd"),
+        (PASSWD + f"huge:x:0:{HUGE}::/:/bin/sh\n", GROUP, "huge", r"gid of user 'huge'.*passwd"),
+        (PASSWD, GROUP + "big:x:4294967295:\n", "app:big", r"gid of group 'big'.*/etc/group"),
+        (PASSWD, GROUP, "4294967295", r"uid 4294967295 in User '4294967295'"),
+        (PASSWD, GROUP, f"app:{HUGE}", r"gid 9+ in User"),
+    ],
+)
+def test_out_of_range_ids_are_named(passwd: str, group: str, user: str, message: str) -> None:
+    with ContentReader() as reader, pytest.raises(AgentError, match=message):
+        resolve_config({"Cmd": ["sh"], "User": user}, _tree_with(passwd, group), reader)
+
+
+def test_ids_at_the_limit_and_odd_lines_elsewhere() -> None:
+    """4294967294 is a valid id; an out-of-range or non-ASCII id on a line the user does
+    not use is no error; "²" is not a number (str.isdigit() says it is, int() disagrees)."""
+    passwd = PASSWD + "top:x:4294967294:4294967294::/:/bin/sh\nodd:x:²:0::/:/bin/sh\n"
+    group = GROUP + "big:x:99999999999:daemon\nsup:x:4294967294:top\nodd:x:٣:top\n"
+    with ContentReader() as reader:
+        cfg = resolve_config({"Cmd": ["sh"], "User": "top"}, _tree_with(passwd, group), reader)
+        assert (cfg.uid, cfg.gid, cfg.groups) == (agent.MAX_ID, agent.MAX_ID, [])
+        cfg = resolve_config({"Cmd": ["sh"], "User": "app"}, _tree_with(passwd, group), reader)
+        assert cfg.groups == [10, 29]
+        with pytest.raises(AgentError, match="user '²' is not in"):
+            resolve_config({"Cmd": ["sh"], "User": "²"}, _tree_with(passwd, group), reader)
+        with pytest.raises(AgentError, match="StopSignal '²'"):
+            resolve_config({"Cmd": ["sh"], "StopSignal": "²"}, _tree_with(passwd, group), reader)
+
+
+def test_config_refuses_ids_the_agent_refuses() -> None:
+    for over in ({"uid": 2**32 - 1}, {"gid": -1}, {"groups": [1, 2**32]}):
+        with pytest.raises(AgentError, match=r"agent config .* out of range"):
+            AgentConfig(argv=["x"], **over).to_bytes()  # type: ignore[arg-type]
+    with pytest.raises(AgentError, match="group 'x'"):
+        AgentConfig.from_bytes(b"vmimg-agent-config 1\narg x\ngroup x\n")
+    with pytest.raises(AgentError, match=r"uid.*out of range"):
+        AgentConfig.from_bytes(b"vmimg-agent-config 1\narg x\nuid 4294967295\n")
 
 
 def test_resolve_config_follows_passwd_symlink() -> None:
@@ -329,6 +387,30 @@ def test_manifest_from_tree_and_round_trip(tmp_path: Path) -> None:
     for line in data.split(b"\n")[1:-1]:
         assert len(line.split(b" ")) == 9
     assert Manifest.from_bytes(data) == manifest
+
+
+DEEP_LEVELS = 5000  # as agent/tests/test_verify.c walks on disk
+
+
+def test_manifest_of_a_deep_tree() -> None:
+    """A 5,000-level directory chain (10,000-byte paths, a 25 MB manifest): walked without
+    recursion, escaped and parsed back at C speed (per-byte Python took 16 s)."""
+    tree = Tree()
+    node = tree.root
+    for _ in range(DEEP_LEVELS):  # built by hand: Tree.add walks from the root every time
+        child = _dir()
+        assert node.children is not None
+        node.children[b"d"] = child
+        node = child
+    assert node.children is not None
+    node.children[b"f"] = _file(b"bottom")
+    with ContentReader() as reader:
+        manifest = build_manifest(tree, reader)
+    assert len(manifest.entries) == DEEP_LEVELS + 2
+    deepest = manifest.entries[-1]
+    assert deepest.path == b"/d" * DEEP_LEVELS + b"/f"
+    assert deepest.sha256 == hashlib.sha256(b"bottom").hexdigest()
+    assert Manifest.from_bytes(manifest.to_bytes()) == manifest
 
 
 def test_manifest_skips_agent_files(tmp_path: Path, agent_binary: str) -> None:
@@ -840,6 +922,60 @@ def test_boot_verify_reports_problems(tmp_path: Path, kernel: str, agent_binary:
     assert boot.last("exit").fields == {"code": "1"}
 
 
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_bad_group_fails_cleanly(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    """A gid no gid_t holds, after good ones, in the config: an error and exit 125. The agent
+    used to free the groups twice (when growing the array had moved it: musl moves 12 bytes of
+    groups to a bigger slot for the fourth), and the guest panicked: "Attempted to kill init"."""
+    tree = busybox_tree()
+    vm = boot_tree(tmp_path, kernel, agent_binary, tree, AgentConfig(argv=["/bin/true"]))
+    with ContentReader() as reader:
+        groups = b"".join(b"group %d\n" % g for g in (10, 20, 29, 99999999999))
+        bad = b"vmimg-agent-config 1\narg /bin/true\n" + groups
+        tree.add(b"/.vmimg/config", _file(bad))
+        write_newc(tree, reader, vm.initrd)
+    boot = vm.run()
+    assert "Attempted to kill init" not in boot.console
+    error = boot.last("error")
+    assert error.fields["stage"] == "config" and "group" in error.fields["msg"]
+    assert boot.last("exit").fields == {"code": "125"}
+
+
+# QEMU's microvm without ACPI stands in for Firecracker: no power-off method in the guest.
+NO_ACPI_MACHINE = "microvm,acpi=off"
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+def test_boot_without_acpi_ends_the_vm(tmp_path: Path, kernel: str, agent_binary: str) -> None:
+    """Without ACPI a power-off only halts ("reboot: System halted") and QEMU ran on forever.
+    The agent sees no /sys/firmware/acpi and reboots, which QEMU (-no-reboot) exits on; the
+    workload's exit code still arrives in the marker printed before."""
+    tree = busybox_tree()
+    cfg = _config(tree, {"Cmd": ["/bin/sh", "-c", "echo NO-ACPI-$((3+4)); exit 7"]})
+    vm = boot_tree(tmp_path, kernel, agent_binary, tree, cfg)
+    vm.machine = NO_ACPI_MACHINE
+    boot = vm.run()  # fails the test when QEMU is still running at the timeout
+    assert "NO-ACPI-7" in boot.console
+    assert boot.last("exit").fields == {"code": "7"}
+    assert "System halted" not in boot.console
+    assert boot.returncode == 0
+
+
+@pytest.mark.parametrize(("arch", "told"), [("x86_64", True), ("arm64", False)])
+def test_firecracker_guests_are_told_to_reboot(arch: str, told: bool, tmp_path: Path) -> None:
+    """Firecracker on x86_64 exits on the reboot (reboot=k) and only halts on power-off, so the
+    agent is told; arm64 guests power off through PSCI."""
+    vm = make_bundle(tmp_path / "b")
+    vm["arch"] = arch
+    write_vm(tmp_path / "b", vm)
+    args = firecracker_config(read_vm_json(str(tmp_path / "b")), ".")["boot-source"]["boot_args"]
+    args = args.split()
+    assert "reboot=k" in args
+    assert ("vmimg.shutdown=reboot" in args) is told
+
+
 def _erofs_kernel_reason() -> str | None:
     if _tuned_kernel() is None:
         return "needs vmimg.guest.kernel's tuned kernel (erofs, overlayfs, virtio-blk built in)"
@@ -848,8 +984,32 @@ def _erofs_kernel_reason() -> str | None:
     return None
 
 
-def _boot_erofs(tmp_path: Path, agent_binary: str, cfg: AgentConfig, options: BootOptions) -> Boot:
-    """Boot an erofs image of a busybox tree as a virtio-blk root (tuned kernel)."""
+SECTOR = 512
+EROFS_BLOCK = 4096
+
+
+def _failing_reads(tmp_path: Path, image: Path, data: bytes) -> str:
+    """A QEMU drive file spec for `image` whose reads of the block holding the start of `data`
+    fail with EIO (QEMU's blkdebug driver), as dm-verity fails a block that does not hash."""
+    offset = image.read_bytes().find(data[:EROFS_BLOCK])
+    assert offset >= 0 and offset % EROFS_BLOCK == 0, "data not block-aligned in the image"
+    rules = tmp_path / "blkdebug.conf"
+    rules.write_text(
+        f'[inject-error]\nevent = "read_aio"\nerrno = "{errno.EIO}"\n'
+        f'sector = "{offset // SECTOR}"\n'
+    )
+    return f"blkdebug:{rules}:{image}"
+
+
+def _boot_erofs(
+    tmp_path: Path,
+    agent_binary: str,
+    cfg: AgentConfig,
+    options: BootOptions,
+    bad_file: tuple[bytes, bytes] | None = None,
+) -> Boot:
+    """Boot an erofs image of a busybox tree as a virtio-blk root (tuned kernel). bad_file
+    (path, data): a file of the image whose first block fails to read (EIO)."""
     reason = _erofs_kernel_reason()
     if reason:
         pytest.fail(reason)
@@ -857,18 +1017,21 @@ def _boot_erofs(tmp_path: Path, agent_binary: str, cfg: AgentConfig, options: Bo
     assert tuned is not None
     tree = busybox_tree()
     tree.add(b"/etc/motd", _file(b"from the image\n"))
+    if bad_file is not None:
+        tree.add(bad_file[0], _file(bad_file[1], mode=0o755))
     with ContentReader() as reader:
         inject_agent(tree, cfg, build_manifest(tree, reader), agent_binary)
         stage = tmp_path / "root"
         _stage_tree(tree, reader, stage)
     image = tmp_path / "root.erofs"
     subprocess.run(["mkfs.erofs", "--quiet", str(image), str(stage)], check=True)
+    drive = str(image) if bad_file is None else _failing_reads(tmp_path, image, bad_file[1])
     append = ["console=ttyS0", "panic=-1", "quiet", "root=/dev/vda", "rootfstype=erofs", "ro"]
     cmd = [
         "qemu-system-x86_64", "-M", "microvm", *qemu_accel_args("x86_64", "tcg"),
         "-m", "256", "-nographic",
         "-nodefaults", "-serial", "stdio", "-no-reboot", "-kernel", tuned,
-        "-drive", f"file={image},format=raw,if=none,id=root,readonly=on",
+        "-drive", f"file={drive},format=raw,if=none,id=root,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-append", " ".join(append + kernel_args(options=options)),
     ]  # fmt: skip
@@ -905,6 +1068,36 @@ def test_boot_erofs_verify_deep(tmp_path: Path, agent_binary: str) -> None:
     verify = boot.last("verify")
     assert verify.fields["result"] == "ok", boot.console
     assert boot.last("exit").fields == {"code": "0"}
+
+
+# A script padded past two erofs blocks with bytes found nowhere else in the image, so that
+# its first block can be found in the image and made to fail.
+CORRUPT_SCRIPT = b"#!/bin/sh\necho NEVER-RUN\n" + b"".join(
+    b"# %s\n" % hashlib.sha256(b"%d" % i).hexdigest().encode() for i in range(120)
+)
+
+
+@pytest.mark.boot
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["run", "verify"])
+def test_boot_io_error_is_an_integrity_error(tmp_path: Path, agent_binary: str, mode: str) -> None:
+    """A block of the root that fails to read (EIO, as dm-verity reports a corrupted block):
+    exec of the entrypoint, or the deep verify's read of it, gives error stage=integrity."""
+    cfg = AgentConfig(argv=["/corrupt"])
+    options = BootOptions(mode="verify", deep=True) if mode == "verify" else BootOptions()
+    boot = _boot_erofs(tmp_path, agent_binary, cfg, options, (b"/corrupt", CORRUPT_SCRIPT))
+    error = boot.last("error")
+    assert error.fields["stage"] == "integrity", boot.console[-3000:]
+    assert error.fields["path"] == "/corrupt"
+    assert "I/O error" in error.fields["msg"]
+    assert "NEVER-RUN" not in boot.console
+    if mode == "run":
+        assert error.fields["during"] == "exec"
+        assert boot.last("exit").fields == {"code": "126"}
+    else:
+        assert error.fields["during"] == "verify"
+        assert boot.last("verify").fields["result"] == "fail"
+        assert boot.last("exit").fields == {"code": "1"}
 
 
 def _stage_tree(tree: Tree, reader: ContentReader, root: Path) -> None:

@@ -42,6 +42,8 @@ NOT_IN_RUNTIME = {
     "skopeo": "tests: copies images into layouts and registries",
     "umoci": "tests: a second OCI layout writer",
     "linux-image-amd64": "tests: Debian's kernel as a second guest kernel",
+    "clang": "tests: the agent's parser fuzz target (make -C agent check)",
+    "libclang-rt-dev": "tests: libFuzzer and the sanitizer runtimes for that target",
     "debootstrap": "bench: makes the distro fixtures",
     # The image serves x86_64 guests; arm64 guests need these in the agent and runtime stages.
     "gcc-aarch64-linux-gnu": "arm64 guests: the cross compiler (agent, kernel)",

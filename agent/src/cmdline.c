@@ -3,6 +3,7 @@
 #include <string.h>
 
 #define PREFIX "vmimg."
+#define KERNEL_REBOOT "reboot="
 
 /* Cut the next word off *pos, dropping quotes; NULL when none is left. */
 static char *next_word(char **pos)
@@ -47,6 +48,15 @@ static void set_param(struct bootargs *a, char *word)
 			a->mode = MODE_CHECK;
 		else if (!a->bad)
 			a->bad = word;
+	} else if (!strcmp(key, "shutdown")) {
+		if (!strcmp(val, "auto"))
+			a->shutdown = SHUTDOWN_AUTO;
+		else if (!strcmp(val, "poweroff"))
+			a->shutdown = SHUTDOWN_POWEROFF;
+		else if (!strcmp(val, "reboot"))
+			a->shutdown = SHUTDOWN_REBOOT;
+		else if (!a->bad)
+			a->bad = word;
 	} else if (!strcmp(key, "deep")) {
 		a->deep = strcmp(val, "0") != 0;
 	} else if (!strcmp(key, "ip")) {
@@ -69,7 +79,10 @@ static void set_param(struct bootargs *a, char *word)
 void cmdline_parse(char *line, struct bootargs *args)
 {
 	memset(args, 0, sizeof *args);
-	for (char *pos = line, *w; (w = next_word(&pos));)
+	for (char *pos = line, *w; (w = next_word(&pos));) {
 		if (!strncmp(w, PREFIX, strlen(PREFIX)))
 			set_param(args, w);
+		else if (!strncmp(w, KERNEL_REBOOT, strlen(KERNEL_REBOOT)))
+			args->kernel_reboot = 1;
+	}
 }

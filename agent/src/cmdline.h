@@ -8,9 +8,15 @@
  * check: verify, smoke, and then, when all passed, run the workload. */
 enum agent_mode { MODE_RUN, MODE_VERIFY, MODE_CHECK };
 
+/* How the VM ends (power.c): auto picks power-off when the platform has a way
+ * to power off (ACPI, PSCI), else a reboot, which the VMM turns into an exit. */
+enum shutdown_method { SHUTDOWN_AUTO, SHUTDOWN_POWEROFF, SHUTDOWN_REBOOT };
+
 struct bootargs {
 	enum agent_mode mode; /* vmimg.mode=run|verify|check */
 	int deep;             /* vmimg.deep=1: hash file content in verify mode */
+	enum shutdown_method shutdown; /* vmimg.shutdown=auto|poweroff|reboot */
+	int kernel_reboot;    /* the kernel's own reboot= is there (its reset method) */
 	const char *ip;       /* vmimg.ip=10.0.2.15/24: configure eth0 */
 	const char *gw;       /* vmimg.gw=10.0.2.2: default route */
 	const char *dns;      /* vmimg.dns=10.0.2.3: /etc/resolv.conf */

@@ -21,9 +21,24 @@ static int push_str(char ***arr, size_t *n, char *s)
 static int parse_id(const char *s, unsigned *out)
 {
 	unsigned long long v;
-	if (parse_uint(s, &v) < 0 || v > 0xfffffffeULL)
+	if (parse_uint(s, &v) < 0 || v > MAX_ID)
 		return -1;
 	*out = (unsigned)v;
+	return 0;
+}
+
+/* Append a supplementary gid. The value is checked before the array grows:
+ * on any failure cfg->groups still owns exactly what it owned before. */
+static int push_group(struct config *cfg, const char *value)
+{
+	unsigned g;
+	if (parse_id(value, &g) < 0)
+		return -1;
+	unsigned *bigger = realloc(cfg->groups, (cfg->ngroups + 1) * sizeof *bigger);
+	if (!bigger)
+		return -1;
+	cfg->groups = bigger;
+	cfg->groups[cfg->ngroups++] = g;
 	return 0;
 }
 
@@ -74,15 +89,8 @@ static int set_key(struct config *cfg, const char *key, char *value)
 		return parse_id(value, &cfg->uid);
 	if (!strcmp(key, "gid"))
 		return parse_id(value, &cfg->gid);
-	if (!strcmp(key, "group")) {
-		unsigned g;
-		unsigned *bigger = realloc(cfg->groups, (cfg->ngroups + 1) * sizeof *bigger);
-		if (parse_id(value, &g) < 0 || !bigger)
-			return -1;
-		cfg->groups = bigger;
-		cfg->groups[cfg->ngroups++] = g;
-		return 0;
-	}
+	if (!strcmp(key, "group"))
+		return push_group(cfg, value);
 	if (!strcmp(key, "hostname")) {
 		cfg->hostname = value;
 		return 0;

@@ -12,6 +12,8 @@
 #define DEFAULT_STOP_TIMEOUT_S 10
 #define DEFAULT_STOP_SIGNAL 15 /* SIGTERM, as container runtimes send without STOPSIGNAL */
 #define MAX_SIGNAL 65          /* Linux's NSIG: signal numbers run 1..64 */
+/* uid/gid values run 0..2^32-2: 2^32-1 is (uid_t)-1, "leave unchanged" to set*id(). */
+#define MAX_ID 0xfffffffeULL
 
 enum overlay_mode { OVERLAY_AUTO, OVERLAY_ALWAYS, OVERLAY_NEVER };
 

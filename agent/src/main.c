@@ -65,8 +65,9 @@ static void load_config(struct config *cfg)
 	char err[ERR_LEN];
 	char *text = read_file(CONFIG_PATH, NULL);
 	if (!text) {
-		snprintf(err, sizeof err, "cannot read %s: %s", CONFIG_PATH, strerror(errno));
-		fail("config", err, EXIT_AGENT_ERROR);
+		int e = errno;
+		snprintf(err, sizeof err, "cannot read %s: %s", CONFIG_PATH, strerror(e));
+		fail_errno("config", CONFIG_PATH, err, EXIT_AGENT_ERROR, e);
 	}
 	if (config_parse(text, cfg, err, sizeof err) < 0)
 		fail("config", err, EXIT_AGENT_ERROR);
@@ -107,7 +108,7 @@ static void verify_mode(const struct bootargs *args, const struct config *cfg, i
 	char err[ERR_LEN];
 	long problems = verify_tree(MANIFEST_PATH, args->deep, err, sizeof err);
 	if (problems < 0)
-		fail("verify", err, EXIT_AGENT_ERROR);
+		fail_errno("verify", MANIFEST_PATH, err, EXIT_AGENT_ERROR, errno);
 	const char *smoke = args->smoke ? args->smoke : cfg->smoke;
 	struct outcome o = {0, 0};
 	if (smoke) {
@@ -146,14 +147,15 @@ int main(void)
 	cmdline_parse(cmdline ? cmdline : (char[]){""}, &args);
 	if (args.bad)
 		log_msg("ignoring unknown parameter %s", args.bad);
+	power_configure(args.shutdown, args.kernel_reboot);
 
 	struct config cfg;
 	load_config(&cfg);
 	char err[ERR_LEN];
 	if (root_overlay(cfg.overlay, err, sizeof err) < 0)
-		fail("overlay", err, EXIT_AGENT_ERROR);
+		fail_errno("overlay", "/", err, EXIT_AGENT_ERROR, errno);
 	if (mount_all(err, sizeof err) < 0)
-		fail("mount", err, EXIT_AGENT_ERROR);
+		fail_errno("mount", "/", err, EXIT_AGENT_ERROR, errno);
 	raise_nofile();
 	int tty = take_console();
 

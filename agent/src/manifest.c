@@ -146,7 +146,16 @@ int manifest_parse(char *text, struct manifest *m, char *err, size_t errlen)
 		}
 		m->n++;
 	}
-	qsort(m->entries, m->n, sizeof *m->entries, cmp_entry);
+	if (m->n) /* qsort and bsearch take no NULL array, even empty */
+		qsort(m->entries, m->n, sizeof *m->entries, cmp_entry);
+	/* The verify walk looks each path up once: a second line for it could
+	 * never be met, and would read as "missing". */
+	for (size_t i = 1; i < m->n; i++) {
+		if (!strcmp(m->entries[i - 1].path, m->entries[i].path)) {
+			snprintf(err, errlen, "manifest lists %s twice", m->entries[i].path);
+			goto fail;
+		}
+	}
 	return 0;
 fail:
 	manifest_free(m);
@@ -156,7 +165,7 @@ fail:
 const struct manifest_entry *manifest_find(const struct manifest *m, const char *path)
 {
 	struct manifest_entry key = {.path = (char *)path};
-	return bsearch(&key, m->entries, m->n, sizeof key, cmp_entry);
+	return m->n ? bsearch(&key, m->entries, m->n, sizeof key, cmp_entry) : NULL;
 }
 
 void manifest_free(struct manifest *m)

@@ -180,8 +180,10 @@ int root_overlay(enum overlay_mode mode, char *err, size_t errlen)
 	    chdir("/") < 0)
 		goto fail;
 	return 0;
-fail:
-	snprintf(err, errlen, "root overlay: %s: %s", step, strerror(errno));
+fail:;
+	int e = errno;
+	snprintf(err, errlen, "root overlay: %s: %s", step, strerror(e));
+	errno = e; /* the caller tells an I/O error (integrity) from the rest */
 	return -1;
 }
 
@@ -191,8 +193,10 @@ int mount_all(char *err, size_t errlen)
 		if (mount_one(&mounts[i]) == 0)
 			continue;
 		if (mounts[i].how & ESSENTIAL) {
+			int e = errno;
 			snprintf(err, errlen, "mount %s on %s: %s", mounts[i].type, mounts[i].target,
-				 strerror(errno));
+				 strerror(e));
+			errno = e;
 			return -1;
 		}
 		log_msg("cannot mount %s on %s: %s", mounts[i].type, mounts[i].target,

@@ -6,13 +6,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/statfs.h>
 #include <sys/time.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include "power.h"
 #include "util.h"
 
 #define MARKER_MAX 1024
@@ -31,15 +31,37 @@ struct vsock_addr {
 			   2 * sizeof(unsigned int)];
 };
 
+static int count_pairs(va_list ap)
+{
+	int n = 0;
+	while (va_arg(ap, const char *)) {
+		va_arg(ap, const char *);
+		n++;
+	}
+	return n;
+}
+
+/* Room kept per key on the line for " key=" (keys are short words). */
+#define MARKER_KEY_ROOM 24
+
+/* A value too long for the line (a deep path, a long argv[0]) is cut to its
+ * share of the room left, so that every later field still fits. */
 static int vmarker(char *line, size_t cap, const char *event, va_list ap)
 {
+	va_list count;
+	va_copy(count, ap);
+	int left = count_pairs(count);
+	va_end(count);
 	snprintf(line, cap, "\n%s %s", MARKER_PREFIX, event);
-	for (const char *key; (key = va_arg(ap, const char *));) {
+	for (const char *key; (key = va_arg(ap, const char *)); left--) {
 		const char *val = va_arg(ap, const char *);
 		size_t n = strlen(line);
 		snprintf(line + n, cap - n, " %s=", key);
-		if (escape_append(line, cap - 1, val ? val : "") < 0)
-			break; /* truncated value: the line still ends below */
+		n = strlen(line);
+		size_t room = cap - 1 - n; /* one byte for the final newline */
+		size_t later = (size_t)(left - 1) * MARKER_KEY_ROOM;
+		size_t share = room > later ? (room - later) / (size_t)left : 0;
+		escape_append(line, n + share + 1, val ? val : ""); /* cut when too long */
 	}
 	size_t n = strlen(line);
 	line[n++] = '\n';
@@ -113,6 +135,20 @@ void report_error(const char *stage, const char *msg)
 	marker("error", "stage", stage, "msg", msg, (char *)NULL);
 }
 
+void report_integrity(const char *during, const char *path, const char *msg)
+{
+	marker("error", "stage", "integrity", "during", during, "path", path, "msg", msg,
+	       (char *)NULL);
+}
+
+void report_failure(const char *stage, const char *path, const char *msg, int err)
+{
+	if (err == EIO)
+		report_integrity(stage, path, msg);
+	else
+		report_error(stage, msg);
+}
+
 /* Send the exit line to the host over vsock; silent when there is none. */
 static void vsock_send(const char *line, size_t len)
 {
@@ -144,20 +180,15 @@ void report_exit(int code, int signal)
 	vsock_send(line + 1, strlen(line + 1));
 }
 
-void power_off(void)
+void fail_errno(const char *stage, const char *path, const char *msg, int code, int err)
 {
-	sync();
-	reboot(RB_POWER_OFF);
-	/* No power-off method (no ACPI): a reboot ends QEMU run with -no-reboot. */
-	reboot(RB_AUTOBOOT);
-	for (;;)
-		pause();
+	report_failure(stage, path, msg, err);
+	log_msg("%s: %s", stage, msg);
+	report_exit(code, 0);
+	power_off();
 }
 
 void fail(const char *stage, const char *msg, int code)
 {
-	report_error(stage, msg);
-	log_msg("%s: %s", stage, msg);
-	report_exit(code, 0);
-	power_off();
+	fail_errno(stage, "", msg, code, 0);
 }

@@ -28,14 +28,24 @@ void report_ready(uint64_t agent_start_us);
 /* An error marker naming the stage, plus a plain line for people. */
 void report_error(const char *stage, const char *msg);
 
+/* An I/O error (EIO) reading the root: on a dm-verity root, a block that
+ * failed its hash. The error marker with stage=integrity, the stage it
+ * happened in (during=), the path being read and the message. */
+void report_integrity(const char *during, const char *path, const char *msg);
+
+/* report_error, or report_integrity when err is EIO. */
+void report_failure(const char *stage, const char *path, const char *msg, int err);
+
 /* Exit marker on the console and over vsock. */
 void report_exit(int code, int signal);
 
-/* sync and power off; never returns (falls back to reboot, then sleeps). */
-void power_off(void) __attribute__((noreturn));
-
 /* Report an agent failure with code and power off. */
 void fail(const char *stage, const char *msg, int code) __attribute__((noreturn));
+
+/* fail, for a failure with errno err while reading `path`: an EIO is
+ * reported as an integrity error. */
+void fail_errno(const char *stage, const char *path, const char *msg, int code, int err)
+	__attribute__((noreturn));
 
 /* The name of the file system type with this statfs magic ("ext4"...). */
 const char *fs_type_name(unsigned long magic);

@@ -210,7 +210,9 @@ pid_t workload_start(const struct workload *w, uint64_t *exec_us, int *code)
 			snprintf(msg, sizeof msg, "cannot switch to uid %u gid %u: %s",
 				 (unsigned)w->uid, (unsigned)w->gid, strerror(r.err));
 	}
-	report_error(stage_names[r.stage > 0 && r.stage < NSTAGES ? r.stage : 0], msg);
+	const char *path = r.stage == STAGE_EXEC ? w->argv[0] : w->cwd;
+	report_failure(stage_names[r.stage > 0 && r.stage < NSTAGES ? r.stage : 0], path, msg,
+		       r.stage == STAGE_USER ? 0 : r.err);
 	log_msg("%s", msg);
 	return -1;
 }

@@ -62,8 +62,10 @@ int escape_append(char *out, size_t cap, const char *s)
 	size_t n = strlen(out);
 	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
 		int plain = *p > 0x20 && *p < 0x7f && *p != '%';
-		if (n + (plain ? 1 : 3) >= cap)
+		if (n + (plain ? 1 : 3) >= cap) {
+			out[n] = '\0'; /* what fit, never half an escape */
 			return -1;
+		}
 		if (plain) {
 			out[n++] = (char)*p;
 		} else {

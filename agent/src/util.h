@@ -18,7 +18,8 @@ void log_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 long unescape(char *s);
 
 /* Append `s` to `out` (capacity `cap`, NUL terminated) escaping every byte
- * outside 0x21..0x7e and '%' itself. Returns 0, or -1 when it does not fit. */
+ * outside 0x21..0x7e and '%' itself. Returns 0, or -1 when it does not fit;
+ * `out` then holds as much as fit, still terminated. */
 int escape_append(char *out, size_t cap, const char *s);
 
 /* Read a whole file into a fresh NUL-terminated buffer. Returns NULL and sets

@@ -33,5 +33,18 @@ int main(void)
 	cmdline_parse(odd, &a);
 	CHECK(a.mode == MODE_RUN && a.deep == 0);
 	CHECK(a.bad != NULL && !strncmp(a.bad, "vmimg.mode", 10));
+
+	/* how the VM ends: detected unless the launcher says */
+	CHECK(a.shutdown == SHUTDOWN_AUTO);
+	CHECK(a.kernel_reboot == 0);
+	char reboot[] = "reboot=k vmimg.shutdown=reboot";
+	cmdline_parse(reboot, &a);
+	CHECK(a.shutdown == SHUTDOWN_REBOOT && a.bad == NULL && a.kernel_reboot == 1);
+	char off[] = "vmimg.shutdown=poweroff";
+	cmdline_parse(off, &a);
+	CHECK(a.shutdown == SHUTDOWN_POWEROFF && a.bad == NULL);
+	char halt[] = "vmimg.shutdown=halt";
+	cmdline_parse(halt, &a);
+	CHECK(a.shutdown == SHUTDOWN_AUTO && a.bad != NULL);
 	return check_done("cmdline");
 }

@@ -79,5 +79,21 @@ int main(void)
 	CHECK(parse("vmimg-agent-config 1\narg x\nstop_signal 0\n", &c, err) < 0);
 	CHECK(parse("vmimg-agent-config 1\narg x\nstop_signal 65\n", &c, err) < 0);
 	CHECK(parse("vmimg-agent-config 1\narg x\n", &c, err) == 0 && c.stop_signal == 15);
+
+	/* A bad group after good ones (a gid from /etc/group too big for a gid_t)
+	 * is an error that frees the groups once (ASan: no double free, no leak). */
+	CHECK(parse("vmimg-agent-config 1\narg x\ngroup 1\ngroup 2\ngroup 99999999999\n", &c,
+		    err) == -1 &&
+	      strstr(err, "line 5") && strstr(err, "group"));
+	CHECK(c.groups == NULL && c.ngroups == 0);
+	CHECK(parse("vmimg-agent-config 1\narg x\ngroup 7\ngroup x\n", &c, err) == -1);
+	/* ids run 0..2^32-2: 2^32-1 is (uid_t)-1, which set*id() read as "unchanged" */
+	CHECK(parse("vmimg-agent-config 1\narg x\ngroup 4294967294\nuid 4294967294\n", &c, err) ==
+		      0 &&
+	      c.groups[0] == 4294967294u && c.uid == 4294967294u);
+	config_free(&c);
+	CHECK(parse("vmimg-agent-config 1\narg x\ngroup 4294967295\n", &c, err) == -1);
+	CHECK(parse("vmimg-agent-config 1\narg x\ngid 4294967295\n", &c, err) == -1);
+	CHECK(parse("vmimg-agent-config 1\narg x\nuid 18446744073709551616\n", &c, err) == -1);
 	return check_done("config");
 }

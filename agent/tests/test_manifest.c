@@ -64,5 +64,12 @@ int main(void)
 	      strstr(err, "rdev"));
 	CHECK(parse("vmimg-manifest 1\n\n/x d 0755 0 0 0 0:0 - -\n", &m, err) == 0 && m.n == 1);
 	manifest_free(&m);
+	/* one line per path */
+	CHECK(parse("vmimg-manifest 1\n/a d 0755 0 0 0 0:0 - -\n/b d 0755 0 0 0 0:0 - -\n"
+		    "/a d 0700 0 0 0 0:0 - -\n",
+		    &m, err) == -1 &&
+	      strstr(err, "/a twice"));
+	/* no entries at all: nothing to sort or find */
+	CHECK(parse("vmimg-manifest 1\n", &m, err) == 0 && m.n == 0 && !manifest_find(&m, "/"));
 	return check_done("manifest");
 }

@@ -27,6 +27,11 @@ ARM64_TCG_CPU = "max,pauth-impdef=on"
 # What each VMM names the console on the kernel command line, where it differs from vm.json:
 # Firecracker's arm64 console is an 8250 UART (ttyS0), not QEMU virt's PL011.
 FIRECRACKER_CONSOLES = {Arch.ARM64: ("console=ttyAMA0", "console=ttyS0")}
+# How the agent ends a Firecracker guest (docs/agent.md, "Ending the VM"). On x86_64 Firecracker
+# exits on the i8042 reset that a reboot with reboot=k pokes, while a power-off only halts the
+# guest; the agent is told to reboot rather than left to guess from the ACPI tables, which newer
+# Firecracker releases expose. arm64 guests power off through PSCI, which Firecracker exits on.
+FIRECRACKER_AGENT_ARGS = {Arch.X86_64: "vmimg.shutdown=reboot"}
 # QEMU's user network (slirp) hands out these addresses; the agent configures eth0 with them.
 USER_NET_ARGS = ("vmimg.ip=10.0.2.15/24", "vmimg.gw=10.0.2.2", "vmimg.dns=10.0.2.3")
 # Seccomp sandbox: no new privileges, no spawning, no obsolete syscalls.
@@ -132,6 +137,8 @@ def firecracker_config(vm: VmSpec, bundle_dir: str) -> dict[str, Any]:
     args = vm.cmdline
     if vm.arch in FIRECRACKER_CONSOLES:
         args = args.replace(*FIRECRACKER_CONSOLES[vm.arch])
+    if vm.arch in FIRECRACKER_AGENT_ARGS:
+        args += " " + FIRECRACKER_AGENT_ARGS[vm.arch]
     boot: dict[str, Any] = {
         "kernel_image_path": _path(bundle_dir, vm.kernel.file),
         "boot_args": f"{args} reboot=k pci=off",

@@ -145,7 +145,16 @@ def _judge(report: VerifyReport, result: BootResult, opts: VerifyOptions) -> Non
     errors = [m.marker.fields for m in result.all("error")]
 
     report.stage = _stage_reached(result)
-    if report.verify_result == "fail" and verify is not None:
+    # An I/O error reading the root (a dm-verity block that failed its hash) says more than
+    # whatever it broke next: the agent's stage=integrity marker comes first.
+    integrity = [e for e in errors if e.get("stage") == "integrity"]
+    if integrity:
+        first_io = integrity[0]
+        report.message = (
+            f"root file system integrity error during {first_io.get('during')} "
+            f"at {first_io.get('path')}: {first_io.get('msg')}"
+        )
+    elif report.verify_result == "fail" and verify is not None:
         first = report.verify_problems[0] if report.verify_problems else {}
         report.message = (
             f"root tree differs from the manifest: {verify.marker.fields.get('problems')} "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import signal
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,12 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_STOP_TIMEOUT = 10
 DEFAULT_STOP_SIGNAL = int(signal.SIGTERM)
 OVERLAY_MODES = ("auto", "always", "never")
+# uids and gids run 0..2^32-2: 2^32-1 is (uid_t)-1, which setuid() and chown() read as
+# "leave unchanged". The agent refuses larger values in its config (agent/src/config.h).
+MAX_ID = 2**32 - 2
+# Decimal ids with more significant digits than this are out of range whatever they say;
+# they are not converted (int() refuses strings past a few thousand digits anyway).
+_ID_DIGITS = len(str(MAX_ID))
 INIT_MODES = ("agent", "image")
 
 # Exit codes the agent reports for its own failures (as container runtimes do).
@@ -61,6 +68,29 @@ _BINARY_ENV = "VMIMG_AGENT_BINARY"
 
 class AgentBinaryMissing(AgentError):
     """No built agent binary for the requested architecture."""
+
+
+# --- ids ------------------------------------------------------------------------
+
+_DECIMAL = re.compile(r"[0-9]+")
+
+
+def parse_decimal(text: str) -> int | None:
+    """An ASCII decimal number, or None for anything else (str.isdigit() would also take
+    "²" and "٣", which int() rejects or reads). Numbers too long to be an id come back as
+    MAX_ID + 1, so that range checks refuse them without converting thousands of digits."""
+    if not _DECIMAL.fullmatch(text):
+        return None
+    significant = text.lstrip("0") or "0"
+    return MAX_ID + 1 if len(significant) > _ID_DIGITS else int(significant)
+
+
+def check_id(value: int, what: str) -> int:
+    """`value` if it can be a uid or gid; else AgentError naming `what` (field and file)."""
+    if not 0 <= value <= MAX_ID:
+        shown = str(value) if value != MAX_ID + 1 else "too large"
+        raise AgentError(f"{what} is out of range ({shown}; ids run 0..{MAX_ID})")
+    return value
 
 
 # --- the binary -------------------------------------------------------------
@@ -155,6 +185,11 @@ class AgentConfig:
             raise AgentError(f"overlay must be one of {OVERLAY_MODES}, not {self.overlay!r}")
         if not self.cwd.startswith("/"):
             raise AgentError(f"working directory must be absolute: {self.cwd!r}")
+        check_id(self.uid, f"agent config uid {self.uid}")
+        check_id(self.gid, f"agent config gid {self.gid}")
+        for g in self.groups:
+            check_id(g, f"agent config supplementary group {g}")
+        check_id(self.stop_timeout, f"agent config stop_timeout {self.stop_timeout}")
         items: list[tuple[str, str]] = [("arg", a) for a in self.argv]
         items += [("env", e) for e in self.env]
         items += [("cwd", self.cwd), ("uid", str(self.uid)), ("gid", str(self.gid))]
@@ -187,6 +222,13 @@ class AgentConfig:
         return cfg
 
 
+def _config_number(key: str, value: str) -> int:
+    number = parse_decimal(value)
+    if number is None:
+        raise AgentError(f"agent config {key} {value!r} is not a decimal number")
+    return check_id(number, f"agent config {key}")
+
+
 def _set_config_key(cfg: AgentConfig, key: str, value: str) -> None:
     if key == "arg":
         cfg.argv.append(value)
@@ -195,9 +237,9 @@ def _set_config_key(cfg: AgentConfig, key: str, value: str) -> None:
     elif key == "cwd":
         cfg.cwd = value
     elif key in ("uid", "gid", "stop_timeout", "stop_signal"):
-        setattr(cfg, key, int(value))
+        setattr(cfg, key, _config_number(key, value))
     elif key == "group":
-        cfg.groups.append(int(value))
+        cfg.groups.append(_config_number(key, value))
     elif key in ("hostname", "overlay", "smoke"):
         setattr(cfg, key, value)
     # unknown keys are skipped, as the agent does
@@ -264,21 +306,28 @@ def _resolve(tree: Tree, path: bytes, depth: int = 0) -> Node | None:
 
 
 def parse_passwd(text: str) -> list[PasswdEntry]:
+    """The entries of an /etc/passwd with decimal ids. Ids are range-checked only when an
+    entry is used (`resolve_user`): an odd line the workload never uses does not matter."""
     out = []
     for line in text.splitlines():
         f = line.split(":")
-        if len(f) >= 7 and f[2].isdigit() and f[3].isdigit():
-            out.append(PasswdEntry(f[0], int(f[2]), int(f[3]), f[5]))
+        if len(f) < 7:
+            continue
+        uid, gid = parse_decimal(f[2]), parse_decimal(f[3])
+        if uid is not None and gid is not None:
+            out.append(PasswdEntry(f[0], uid, gid, f[5]))
     return out
 
 
 def parse_group(text: str) -> list[GroupEntry]:
+    """The entries of an /etc/group with a decimal gid (range-checked when used)."""
     out = []
     for line in text.splitlines():
         f = line.split(":")
-        if len(f) >= 4 and f[2].isdigit():
+        gid = parse_decimal(f[2]) if len(f) >= 4 else None
+        if gid is not None:
             members = tuple(m for m in f[3].split(",") if m)
-            out.append(GroupEntry(f[0], int(f[2]), members))
+            out.append(GroupEntry(f[0], gid, members))
     return out
 
 
@@ -298,28 +347,33 @@ def resolve_user(
     supplementary groups are the /etc/group entries listing the user."""
     user_part, _, group_part = (spec or "0").partition(":")
     entry: PasswdEntry | None
-    if user_part.isdigit():
-        uid = int(user_part)
+    number = parse_decimal(user_part)
+    if number is not None:
+        uid = check_id(number, f"uid {user_part} in User {spec!r}")
         entry = next((p for p in passwd if p.uid == uid), None)
     else:
         entry = next((p for p in passwd if p.name == user_part), None)
         if entry is None:
             raise AgentError(f"user {user_part!r} is not in the image's /etc/passwd")
-        uid = entry.uid
-    gid = entry.gid if entry else 0
+        uid = check_id(entry.uid, f"uid of user {entry.name!r} in the image's /etc/passwd")
+    gid = 0
+    if entry is not None:
+        gid = check_id(entry.gid, f"gid of user {entry.name!r} in the image's /etc/passwd")
     if group_part:
-        if group_part.isdigit():
-            gid = int(group_part)
+        number = parse_decimal(group_part)
+        if number is not None:
+            gid = check_id(number, f"gid {group_part} in User {spec!r}")
         else:
             group = next((g for g in groups if g.name == group_part), None)
             if group is None:
                 raise AgentError(f"group {group_part!r} is not in the image's /etc/group")
-            gid = group.gid
+            gid = check_id(group.gid, f"gid of group {group.name!r} in the image's /etc/group")
     supplementary: list[int] = []
     if entry is not None:
         for g in groups:
             if entry.name in g.members and g.gid != gid and g.gid not in supplementary:
-                supplementary.append(g.gid)
+                what = f"gid of group {g.name!r} (lists {entry.name!r}) in the image's /etc/group"
+                supplementary.append(check_id(g.gid, what))
     home = entry.home if entry and entry.home else "/"
     return ResolvedUser(uid, gid, supplementary, home)
 
@@ -391,8 +445,9 @@ def parse_signal(value: object) -> int:
     if value is None or value == "":
         return DEFAULT_STOP_SIGNAL
     text = str(value).strip().upper()
-    if text.isdigit() and 0 < int(text) < signal.NSIG:
-        return int(text)
+    number = parse_decimal(text)
+    if number is not None and 0 < number < signal.NSIG:
+        return number
     name = text if text.startswith("SIG") else "SIG" + text
     try:
         return int(signal.Signals[name])
