@@ -34,7 +34,7 @@ import zstandard
 
 from vmimg import __version__
 from vmimg.errors import DigestError, ImageRefError, KernelError, SourceError, UsageError
-from vmimg.image.cache import Cache, Hasher, split_digest
+from vmimg.image.cache import Cache, Hasher, commit, split_digest
 from vmimg.image.oci import (
     ACCEPT_MANIFESTS,
     INDEX_TYPES,
@@ -864,7 +864,7 @@ def _pull_into_cache(target: _Target, artifact: _Artifact, cache: Cache, final: 
             _pull_bundle_into(target, artifact, work)
             if os.path.isdir(final):  # an incomplete leftover: nothing else has it locked
                 shutil.rmtree(final)
-            os.rename(tmp, final)
+            commit(tmp, final)
 
 
 def pull_bundle_to_cache(ref: str, cache: Cache, options: SourceOptions) -> str:
@@ -874,6 +874,8 @@ def pull_bundle_to_cache(ref: str, cache: Cache, options: SourceOptions) -> str:
     artifact = _get_artifact(target, BUNDLE_ARTIFACT)
     final = cache.output_dir("artifact-" + artifact.digest.split(":", 1)[1])
     _pull_into_cache(target, artifact, cache, final)
+    while not cache.pin(final):  # kept by `cache prune` while we boot it; pull again if pruned
+        _pull_into_cache(target, artifact, cache, final)
     return os.path.join(final, "bundle")
 
 
@@ -907,7 +909,7 @@ def pull_kernel(ref: str, cache: Cache, options: SourceOptions) -> KernelInfo:
             if files.get(name, {}).get("sha256") != want.get("sha256"):
                 raise DigestError(f"{where}: {name} missing or not matching kernel.json")
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, final)  # temp_dir's clean-up finds nothing left to remove
+        commit(tmp, str(final))  # temp_dir's clean-up finds nothing left to remove
     return load_kernel(final)
 
 

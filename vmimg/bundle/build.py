@@ -35,11 +35,19 @@ from vmimg import __version__
 from vmimg.errors import UsageError, VmimgError
 from vmimg.guest import agent as agentlib
 from vmimg.guest.kernel import KernelInfo
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.image.sources.base import Image
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.convert import build_tree, copy_file, options_doc, source_date_epoch_ns, with_seed
+from vmimg.rootfs.convert import (
+    build_tree,
+    check_output_space,
+    copy_file,
+    options_doc,
+    output_size_floor,
+    source_date_epoch_ns,
+    with_seed,
+)
 from vmimg.rootfs.tree import Node, NodeType, Tree
 from vmimg.rootfs.writers import write_image
 
@@ -122,7 +130,10 @@ def resolve_kernel(arch: str, kernel_path: str | None, cache: Cache) -> KernelIn
 
     if kernel_path:
         return kernel_from_path(kernel_path, arch)
-    return find_or_build_kernel(arch, cache_dir=cache.root)
+    kernel = find_or_build_kernel(arch, cache_dir=cache.root)
+    while not cache.pin(kernel.directory):  # pruned as we looked: build it again
+        kernel = find_or_build_kernel(arch, cache_dir=cache.root)
+    return kernel
 
 
 def _options_doc(options: BuildOptions) -> dict[str, Any]:
@@ -358,9 +369,10 @@ def _assemble(
     with ContentReader() as reader:
         manifest, config = _prepare_tree(image, tree, reader, options, kernel.arch)
         rootfs = os.path.join(work, ROOTFS_FILES[options.fs])
+        fmt = "initramfs" if options.fs == "initramfs" else options.fs
+        check_output_space(rootfs, output_size_floor(fmt, tree, writer_options))
         fd = os.open(rootfs, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            fmt = "initramfs" if options.fs == "initramfs" else options.fs
             warnings = write_image(fmt, tree, reader, fd, writer_options)
         finally:
             os.close(fd)
@@ -447,11 +459,16 @@ def build_bundle(
         bk = bundle_key_for(image, options, cache)
         key = bk.key
         cached_dir = os.path.join(cache.output_dir(key), "bundle")
-        hit = use_cache and os.path.isfile(os.path.join(cached_dir, VM_JSON))
+        hit = (
+            use_cache
+            and cache.pin(cache.output_dir(key))  # kept by `cache prune` while we copy it
+            and os.path.isfile(os.path.join(cached_dir, VM_JSON))
+        )
         warnings: list[str] = []
         work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest)}.")
         try:
             if hit:
+                check_output_space(dest, disk_usage(cached_dir))
                 os.rmdir(work)
                 _copy_tree(cached_dir, work)
             else:
@@ -483,10 +500,12 @@ def _store(cache: Cache, key: str, work: str) -> None:
     final = cache.output_dir(key)
     if os.path.exists(os.path.join(final, "bundle", VM_JSON)):
         return
-    with cache.temp_dir() as tmp:
+    if space_shortfall(cache.tmp_dir, disk_usage(work)) is not None:
+        return  # a copy is worth less than the disk space everything else needs
+    with cache.temp_dir("bundle-") as tmp:
         _copy_tree(work, os.path.join(tmp, "bundle"))
         with contextlib.suppress(OSError):  # another process stored it first
-            os.rename(tmp, final)
+            commit(tmp, final)
 
 
 def load_bundle(path: str) -> dict[str, Any]:
