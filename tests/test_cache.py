@@ -271,20 +271,21 @@ def test_a_lock_file_removed_while_waited_on_is_taken_again(tmp_path: Path) -> N
             holding.set()
             release.wait()
 
-    with cache.lock("k"):
-        t = threading.Thread(target=waiter)
-        t.start()
-        waiting.wait()
-        _wait_until_blocked_on(path.stat().st_ino)
-        path.unlink()  # as prune does, holding the lock, to a file it found unheld
-    assert holding.wait(10)
-    assert path.exists()
-    probe = subprocess.run(
-        [need("flock"), "--nonblock", str(path), "true"], capture_output=True, check=False
-    )
-    assert probe.returncode == 1  # the waiter holds the lock on the file at the path
-    release.set()
-    t.join()
+    t = threading.Thread(target=waiter, daemon=True)
+    try:
+        with cache.lock("k"):
+            t.start()
+            waiting.wait()
+            _wait_until_blocked_on(path.stat().st_ino)
+            path.unlink()  # as prune does, holding the lock, to a file it found unheld
+        assert holding.wait(PAUSE_TIMEOUT)
+        probe = subprocess.run(
+            [need("flock"), "--nonblock", str(path), "true"], capture_output=True, check=False
+        )
+        assert probe.returncode == 1  # the waiter holds the lock on the file at the path
+    finally:
+        release.set()
+        t.join()
 
 
 # -- durability ----------------------------------------------------------------------------
