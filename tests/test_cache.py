@@ -4,6 +4,9 @@ entries made durable (fsync) before they are renamed into place."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import re
 import subprocess
 import sys
@@ -18,12 +21,14 @@ from tests import layerkit as L
 from tests.conftest import need
 from tests.hostile.cli import PAUSE_POLL, PAUSE_TIMEOUT, paused_vmimg, run_vmimg
 from tests.hostile.corpus import ZERO_DIFF_ID, ZSTD_TYPE, bomb, image, raw_layer
+from vmimg.guest.kernel import BZ_HEADER_MAGIC, BZ_HEADER_MAGIC_OFFSET
 from vmimg.image.cache import Cache
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 
 MIB = 1 << 20
 LAYER_BYTES = 3 * MIB  # each of the three layers of the `three_layers` image
 LAYER_LINE = r"vmimg: error: layer sha256:[0-9a-f]{64}: "
+IMAGE_INIT = ("--init", "image")  # a bundle without the agent: the images have no command
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +105,57 @@ def test_layers_already_in_the_cache_count_too(three_layers: str, tmp_path: Path
     assert _limit_error("8 MiB").fullmatch(r.stderr), r.stderr
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs, unmounted afterwards."""
-    mnt = tmp_path / "tmpfs"
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs, unmounted afterwards."""
+    with mounted_tmpfs(tmp_path / "tmpfs", "64m") as mnt:
+        yield mnt
+
+
+def _fake_bzimage(path: Path, size: int) -> str:
+    """Bytes `vmimg build --kernel` takes for an x86 bzImage (never booted here)."""
+    data = bytearray(size)
+    data[BZ_HEADER_MAGIC_OFFSET : BZ_HEADER_MAGIC_OFFSET + len(BZ_HEADER_MAGIC)] = BZ_HEADER_MAGIC
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def test_build_is_bounded_and_stops_before_a_full_disk(three_layers: str, tmp_path: Path) -> None:
+    kernel = _fake_bzimage(tmp_path / "bzImage", MIB)
+    out = tmp_path / "bundle"
+    r = run_vmimg(tmp_path, "build", three_layers, "--kernel", kernel, "-o", str(out),
+                  *IMAGE_INIT, "--max-unpacked-size", "8M")  # fmt: skip
+    assert r.returncode == 5 and _limit_error("8 MiB").fullmatch(r.stderr), r.stderr
+    assert not out.exists() and _entries(tmp_path / "cache", "tmp") == []
+    with mounted_tmpfs(tmp_path / "small", "5m") as small:
+        # erofs: 9 MiB of file data and the kernel cannot fit; known before writing.
+        r = run_vmimg(
+            tmp_path, "build", three_layers, "--kernel", kernel, "-o", f"{small}/b", *IMAGE_INIT
+        )
+        assert r.returncode == 7, r.stderr
+        assert re.fullmatch(f"vmimg: error: cannot write {small}/b: it needs at least 10 MiB "
+                            f"and {small} has .* free \\(vmimg leaves .* unused\\)\n",
+                            r.stderr), r.stderr  # fmt: skip
+        assert os.listdir(small) == []
+        # A compressed initramfs has no size floor: the disk fills, the error is as clean.
+        noise = tmp_path / "noise"
+        layer = LayerSpec(L.layer(L.file("noise", random.Random(3).randbytes(6 * MIB))))
+        write_layout(str(noise), {"t": ImageSpec([layer])})
+        r = run_vmimg(tmp_path, "build", f"oci:{noise}:t", "--fs", "initramfs", "--kernel",
+                      kernel, "-o", f"{small}/b", *IMAGE_INIT)  # fmt: skip
+        assert r.returncode == 7, r.stderr
+        assert r.stderr == f"vmimg: error: cannot write {small}/b: No space left on device\n"
+        assert os.listdir(small) == []
 
 
 def test_a_bomb_costs_the_cache_at_most_the_limit(tmpfs: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vmimg import __version__
-from vmimg.errors import UsageError, VmimgError
+from vmimg.errors import UsageError, VmimgError, WriterError
 from vmimg.guest import agent as agentlib
 from vmimg.guest.kernel import KernelInfo
 from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
@@ -74,6 +75,8 @@ BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1")
 _ARCH_OF_PLATFORM = {"amd64": "x86_64", "arm64": "arm64"}
 # The console each arch's reference machine has: QEMU microvm's 8250, QEMU virt's PL011.
 CONSOLES = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
+# Write failures of the destination's file system (rather than of what is read).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -361,8 +364,9 @@ def _assemble(
     bk: BundleKey,
     work: str,
     progress: Callable[[int], None] | None,
+    dest: str,
 ) -> list[str]:
-    """Write every file of the bundle into `work`; returns warnings."""
+    """Write every file of the bundle `dest` into `work`; returns warnings."""
     kernel, agent_sha = bk.kernel, bk.agent_sha
     tree = build_tree(image, cache, progress)
     writer_options = _writer_options(options, image)
@@ -370,7 +374,9 @@ def _assemble(
         manifest, config = _prepare_tree(image, tree, reader, options, kernel.arch)
         rootfs = os.path.join(work, ROOTFS_FILES[options.fs])
         fmt = "initramfs" if options.fs == "initramfs" else options.fs
-        check_output_space(rootfs, output_size_floor(fmt, tree, writer_options))
+        kernel_bytes = os.path.getsize(boot_kernel_file(kernel))
+        need = output_size_floor(fmt, tree, writer_options) + kernel_bytes
+        check_output_space(dest, need, os.path.dirname(os.path.abspath(work)))
         fd = os.open(rootfs, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             warnings = write_image(fmt, tree, reader, fd, writer_options)
@@ -472,12 +478,17 @@ def build_bundle(
                 os.rmdir(work)
                 _copy_tree(cached_dir, work)
             else:
-                warnings = _assemble(image, cache, options, bk, work, progress)
+                warnings = _assemble(image, cache, options, bk, work, progress, dest)
                 if use_cache:
                     _store(cache, key, work)
             with open(os.path.join(work, VM_JSON)) as f:
                 files = json.load(f)["files"]
             install_bundle_dir(work, dest)
+        except OSError as e:
+            shutil.rmtree(work, ignore_errors=True)
+            if e.errno in DISK_FULL_ERRNOS:
+                raise WriterError(f"cannot write {dest}: {e.strerror}") from None
+            raise
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -475,8 +475,8 @@ class Cache:
                 path = os.path.join(self.tmp_dir, name)
                 if not foreign and not _TEMP_NAME_RE.match(name):
                     continue
-                if os.path.islink(path):  # nothing locks a symlink: nobody's work
-                    freed += remove_unused(path)
+                if not (os.path.isfile(path) or os.path.isdir(path)) or os.path.islink(path):
+                    freed += remove_unused(path)  # a symlink, a socket: nothing locks them
                 elif (fd := _try_claim(path)) is None:
                     freed.kept += 1
                 else:

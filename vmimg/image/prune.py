@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 
+from vmimg.errors import CacheError
 from vmimg.image.cache import AREAS, Cache, Freed, remove_unused
 
 # Directories that stay (emptied) besides every top-level one: others rename into them.
@@ -21,6 +22,13 @@ def prune(cache: Cache, everything: bool = False) -> dict[str, Freed]:
     """Remove stale temporary entries and finished outputs; with `everything`, every
     entry of every area (blobs, layers, kernels and their sources, logs, unheld locks).
     Returns what was freed per top-level area."""
+    try:
+        return _prune(cache, everything)
+    except OSError as e:
+        raise CacheError(f"cannot prune {e.filename or cache.root}: {e.strerror}") from e
+
+
+def _prune(cache: Cache, everything: bool) -> dict[str, Freed]:
     freed: dict[str, Freed] = {}
     with cache.lock("prune"):
         freed["tmp"] = cache.reclaim_temp(foreign=True)

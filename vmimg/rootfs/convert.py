@@ -107,10 +107,11 @@ def output_size_floor(fmt: str, tree: Tree, options: Any) -> int:
     return total
 
 
-def check_output_space(dest: str, need: int) -> None:
+def check_output_space(dest: str, need: int, directory: str | None = None) -> None:
     """WriterError, before anything is written, if `need` bytes would fill the file
-    system `dest` goes to (beyond the reserve vmimg leaves free)."""
-    problem = space_shortfall(os.path.dirname(os.path.abspath(dest)) or ".", need)
+    system `dest` goes to (beyond the reserve vmimg leaves free); `directory`: where on it
+    they go, if not beside `dest`."""
+    problem = space_shortfall(directory or os.path.dirname(os.path.abspath(dest)) or ".", need)
     if problem is not None:
         raise WriterError(f"cannot write {dest}: {problem}")
 
