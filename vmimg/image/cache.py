@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import os
@@ -58,6 +59,8 @@ MIN_FREE_CAP = 1 << 30
 # (an extracted kernel source has 80 000 files).
 FSYNC_FILES_MAX = 256
 _OPEN_ENTRY = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# A cache we may read but not write (read-only mount, another user's): nothing to reclaim.
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _UNITS = ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
 
 
@@ -235,7 +238,9 @@ def _lock_file(path: str, mode: int) -> Iterator[None]:
     """flock(`mode`) on the lock file at `path`, created if missing. `prune` may remove a
     lock file nobody holds: whoever then gets the lock on the removed inode tries again."""
     while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        # Read-only is enough for flock, and lets users who share a cache use each
+        # other's lock files.
+        fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, mode)
             if _same_file(fd, path):
@@ -250,7 +255,7 @@ def _try_claim(path: str) -> int | None:
     holds a lock on it (or it is gone). The caller closes the fd."""
     try:
         fd = os.open(path, _OPEN_ENTRY)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # gone, or another user's to remove
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -363,7 +368,11 @@ class Cache:
         try:
             for sub in AREAS:
                 os.makedirs(os.path.join(cache.root, sub), exist_ok=True)
-            cache.reclaim_temp()
+            try:
+                cache.reclaim_temp()
+            except OSError as e:
+                if e.errno not in _READ_ONLY_ERRNOS:
+                    raise
         except OSError as e:
             raise CacheError(f"cannot use cache directory {cache.root}: {e.strerror}") from e
         return cache
