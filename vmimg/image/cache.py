@@ -16,7 +16,8 @@ with flock on a per-key lock file, so the second one waits and then finds the wo
 Work in progress is an entry of tmp/ named with its writer's pid, on which the writer holds
 an exclusive flock for as long as it exists. The kernel drops a lock when its process dies,
 however it dies: an entry of tmp/ whose lock is free has no writer left, and `Cache.open`
-reclaims it (a SIGKILLed unpack leaves gigabytes there). A process that reads a finished
+reclaims it (a SIGKILLed unpack leaves gigabytes there). Entries not named so come from an
+older vmimg, which locked nothing: only `prune` removes them. A process that reads a finished
 entry (a layer tar, a cached output, a kernel) holds a shared flock on it (`pin`). `prune`
 removes neither a locked temporary entry nor a pinned one.
 """
