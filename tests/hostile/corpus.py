@@ -39,7 +39,7 @@ TAR_TYPE = LAYER_MEDIA_TYPES["none"]
 TB = 1 << 40
 BOMB_MEMBER = 64 << 20  # zeros per compressed member of a bomb
 BOMB_MEMBERS = 64  # 4 GiB claimed in all
-BOMB_LIMIT = 256 << 20  # VMIMG_MAX_LAYER_BYTES for the bomb cases
+BOMB_LIMIT = "256M"  # VMIMG_MAX_UNPACKED_SIZE for the bomb cases
 
 _PLACEHOLDERS = {
     "{layer}": r"layer sha256:[0-9a-f]{64}",
@@ -619,14 +619,14 @@ CASES: list[Case] = [
     Case(
         "gzip-bomb",
         image(then=raw_layer(bomb("gzip"), GZIP_TYPE, ZERO_DIFF_ID)),
-        Fail(5, "{layer}: expands past 268435456 bytes (VMIMG_MAX_LAYER_BYTES); refusing it"),
-        env={"VMIMG_MAX_LAYER_BYTES": str(BOMB_LIMIT)},
+        Fail(5, "{layer}: expands the image past --max-unpacked-size 256 MiB; refusing it"),
+        env={"VMIMG_MAX_UNPACKED_SIZE": BOMB_LIMIT},
     ),
     Case(
         "zstd-bomb",
         image(then=raw_layer(bomb("zstd"), ZSTD_TYPE, ZERO_DIFF_ID)),
-        Fail(5, "{layer}: expands past 268435456 bytes (VMIMG_MAX_LAYER_BYTES); refusing it"),
-        env={"VMIMG_MAX_LAYER_BYTES": str(BOMB_LIMIT)},
+        Fail(5, "{layer}: expands the image past --max-unpacked-size 256 MiB; refusing it"),
+        env={"VMIMG_MAX_UNPACKED_SIZE": BOMB_LIMIT},
     ),
     Case(
         "gzip-truncated",

@@ -61,7 +61,7 @@ from vmimg.guest.kernel import (
     load_kernel,
     pulled_kernel_dir,
 )
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, commit
 from vmimg.image.oci import (
     ACCEPT_MANIFESTS,
     INDEX_TYPES,
@@ -869,7 +869,7 @@ def pull_into_cache(target: _Target, artifact: _Artifact, cache: Cache, final: s
             _pull_bundle_into(target, artifact, work)
             if os.path.isdir(final):  # an incomplete leftover: nothing else has it locked
                 shutil.rmtree(final)
-            os.rename(tmp, final)
+            commit(tmp, final)
 
 
 def pull_bundle_to_cache(
@@ -882,6 +882,8 @@ def pull_bundle_to_cache(
     artifact = _get_artifact(target, BUNDLE_ARTIFACT)
     final = final or cache.output_dir("artifact-" + artifact.digest.split(":", 1)[1])
     pull_into_cache(target, artifact, cache, final)
+    while not cache.pin(final):  # kept by `cache prune` while we boot it; pull again if pruned
+        pull_into_cache(target, artifact, cache, final)
     return os.path.join(final, "bundle")
 
 
@@ -921,7 +923,7 @@ def pull_kernel(ref: str, cache: Cache, options: SourceOptions) -> KernelInfo:
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a damaged earlier copy: nothing else has it locked
             shutil.rmtree(final)
-        os.rename(tmp, final)  # temp_dir's clean-up finds nothing left to remove
+        commit(tmp, str(final))  # temp_dir's clean-up finds nothing left to remove
     return load_kernel(final)
 
 

@@ -23,7 +23,7 @@ from vmimg.errors import BootError, KernelError
 from vmimg.guest import agent as agentlib
 from vmimg.guest.cmdline import bundle_cmdline
 from vmimg.guest.kernel import kernel_from_path
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, commit
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Content, Node, NodeType, Tree
 from vmimg.rootfs.writers.cpio import CpioOptions, write_cpio
@@ -140,5 +140,5 @@ def choose_accel(kernel: str, cache: Cache, forced: str | None = None) -> Accel:
         with cache.temp_file() as (f, tmp):
             f.write(json.dumps({"name": accel.name, "reason": accel.reason}).encode())
             f.flush()
-            os.rename(tmp, verdict_path)
+            commit(tmp, verdict_path)
     return accel

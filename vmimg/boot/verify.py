@@ -225,11 +225,13 @@ def verify_bundle(
     os.makedirs(log_dir, exist_ok=True)
     fd, log_path = tempfile.mkstemp(prefix="verify-", suffix=".log", dir=log_dir)
     os.close(fd)
+    cache.pin(log_path)  # `cache prune --all` leaves it while QEMU writes it
     report.console_log = log_path
-    env = {**os.environ, "TMPDIR": os.path.join(cache.root, "tmp")}  # QEMU's snapshot files
-    machine = VM(qemu_command(vm, bundle, opts=launch), console_log=log_path, env=env)
-    machine.start()
-    result = machine.wait(opts.timeout)
+    with cache.temp_dir("qemu-") as tmp:  # QEMU's snapshot files, locked like any work
+        env = {**os.environ, "TMPDIR": tmp}
+        machine = VM(qemu_command(vm, bundle, opts=launch), console_log=log_path, env=env)
+        machine.start()
+        result = machine.wait(opts.timeout)
     report.timings = _timings(result)
     _judge(report, result, opts)
     return report

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -42,16 +43,22 @@ from vmimg.bundle.format import (
     read_vm_json,
 )
 from vmimg.digest import sha256_file
-from vmimg.errors import UsageError
+from vmimg.errors import UsageError, WriterError
 from vmimg.guest import agent as agentlib
 from vmimg.guest.cmdline import bundle_cmdline
 from vmimg.guest.kernel import KernelInfo, find_or_build_kernel, kernel_from_path
 from vmimg.guest.protocol import INIT_PATH
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
 from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.convert import build_tree, copy_file, source_date_epoch_ns
+from vmimg.rootfs.convert import (
+    build_tree,
+    check_output_space,
+    copy_file,
+    output_size_floor,
+    source_date_epoch_ns,
+)
 from vmimg.rootfs.tree import Node, NodeType, Tree
 from vmimg.rootfs.writers import (
     BOOTABLE,
@@ -74,6 +81,8 @@ MOUNT_POINTS = (
     (b"run", 0o755),
     (b"tmp", 0o1777),
 )
+# Write failures of the destination's file system (rather than of what is read).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 Finisher = Callable[[str, VmSpec], None]
@@ -109,7 +118,10 @@ class BuildResult:
 def resolve_kernel(arch: str, kernel_path: str | None, cache: Cache) -> KernelInfo:
     if kernel_path:
         return kernel_from_path(kernel_path, arch)
-    return find_or_build_kernel(arch, cache_dir=cache.root)
+    kernel = find_or_build_kernel(arch, cache_dir=cache.root)
+    while not cache.pin(kernel.directory):  # pruned as we looked: build it again
+        kernel = find_or_build_kernel(arch, cache_dir=cache.root)
+    return kernel
 
 
 def _options_doc(options: BuildOptions) -> dict[str, Any]:
@@ -237,15 +249,19 @@ def _assemble(
     bk: BundleKey,
     work: str,
     progress: Callable[[int], None] | None,
+    dest: str,
     finish: Finisher | None,
 ) -> list[str]:
-    """Write every file of the bundle into `work`; returns warnings."""
+    """Write every file of the bundle `dest` into `work`; returns warnings."""
     kernel, agent_sha = bk.kernel, bk.agent_sha
     tree = build_tree(image, cache, progress)
     writer_options = _writer_options(options, image)
     with ContentReader() as reader:
         manifest, config = _prepare_tree(image, tree, reader, options, kernel.arch)
         rootfs_name = get_format(options.fs).file_name(writer_options)
+        kernel_bytes = os.path.getsize(boot_kernel_file(kernel))
+        need = output_size_floor(options.fs, tree, writer_options) + kernel_bytes
+        check_output_space(dest, need, os.path.dirname(os.path.abspath(work)))
         fd = os.open(os.path.join(work, rootfs_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             warnings = write_image(options.fs, tree, reader, fd, writer_options)
@@ -380,19 +396,29 @@ def build_bundle(
         bk = bundle_key_for(image, options, cache)
         key = bk.key
         cached_dir = os.path.join(cache.output_dir(key), "bundle")
-        hit = use_cache and os.path.isfile(os.path.join(cached_dir, VM_JSON))
+        hit = (
+            use_cache
+            and cache.pin(cache.output_dir(key))  # kept by `cache prune` while we copy it
+            and os.path.isfile(os.path.join(cached_dir, VM_JSON))
+        )
         warnings: list[str] = []
         work = new_bundle_dir(dest)
         try:
             if hit:
+                check_output_space(dest, disk_usage(cached_dir))
                 os.rmdir(work)
                 _copy_tree(cached_dir, work)
             else:
-                warnings = _assemble(image, cache, options, bk, work, progress, finish)
+                warnings = _assemble(image, cache, options, bk, work, progress, dest, finish)
                 if use_cache:
                     _store(cache, key, work)
             files = dict(read_vm_json(work).doc["files"])
             install_bundle_dir(work, dest)
+        except OSError as e:
+            shutil.rmtree(work, ignore_errors=True)
+            if e.errno in DISK_FULL_ERRNOS:
+                raise WriterError(f"cannot write {dest}: {e.strerror}") from None
+            raise
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -413,7 +439,9 @@ def _store(cache: Cache, key: str, work: str) -> None:
     final = cache.output_dir(key)
     if os.path.exists(os.path.join(final, "bundle", VM_JSON)):
         return
-    with cache.temp_dir() as tmp:
+    if space_shortfall(cache.tmp_dir, disk_usage(work)) is not None:
+        return  # a copy is worth less than the disk space everything else needs
+    with cache.temp_dir("bundle-") as tmp:
         _copy_tree(work, os.path.join(tmp, "bundle"))
         with contextlib.suppress(OSError):  # another process stored it first
-            os.rename(tmp, final)
+            commit(tmp, final)

@@ -7,9 +7,7 @@ No logic lives here beyond turning options into library calls and results
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,13 +32,15 @@ from vmimg.cli.options import (
     run,
     source_options,
     source_params,
+    unpack_param,
     vm_params,
 )
 from vmimg.errors import VerificationFailed
 from vmimg.guest.agent import CONFIG_VERSION, MANIFEST_VERSION, ConfigOverrides
 from vmimg.guest.kernel import read_pin
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, format_size
 from vmimg.image.inspect import describe
+from vmimg.image.prune import prune
 from vmimg.image.sample import write_sample
 from vmimg.rootfs.convert import convert
 from vmimg.rootfs.writers.cpio import CpioOptions
@@ -113,6 +113,7 @@ def main() -> None:
 @writer_params
 @click.option("--no-cache", is_flag=True, help="Convert again even if a finished result is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@unpack_param
 @source_params
 @cache_param
 def rootfs(
@@ -129,6 +130,7 @@ def rootfs(
     compress_level: int | None,
     no_cache: bool,
     as_json: bool,
+    max_unpacked_size: int,
     platform: str,
     insecure: tuple[str, ...],
     ca_cert: str | None,
@@ -144,7 +146,7 @@ def rootfs(
         options = writer_options(
             fmt, compression, size, headroom, inodes, no_journal, compress, label, compress_level
         )
-        cache = Cache.open(cache_dir)
+        cache = Cache.open(cache_dir, max_unpacked_size)
         result = convert(
             source,
             fmt,
@@ -347,6 +349,7 @@ def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
     help="Pull a bundle built with the same settings from the image's registry instead.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@unpack_param
 @source_params
 @cache_param
 def build(
@@ -355,7 +358,7 @@ def build(
     workdir: str | None, user: str | None, hostname: str | None, cpus: int, memory: int,
     compression: str, size: int | None, headroom: int | None, inodes: int, no_journal: bool,
     label: str, compress: str, compress_level: int | None, no_cache: bool,
-    push_ref: str | None, remote_cache: bool, as_json: bool,
+    push_ref: str | None, remote_cache: bool, as_json: bool, max_unpacked_size: int,
     platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Turn SOURCE into a VM-ready bundle: root fs, agent, kernel, vm.json, launchers."""
@@ -380,7 +383,7 @@ def build(
             vcpus=cpus,
             memory_mib=memory,
         )  # fmt: skip
-        cache = Cache.open(cache_dir)
+        cache = Cache.open(cache_dir, max_unpacked_size)
         platforms = [p.strip() for p in platform.split(",") if p.strip()]
         if len(platforms) > 1:
             _build_platforms(source, output, options, cache, platforms, insecure, ca_cert,
@@ -622,21 +625,35 @@ def cache_ls(as_json: bool, cache_dir: str | None) -> None:
 
 
 @cache.command("prune")
-@click.option("--all", "everything", is_flag=True, help="Also remove blobs and layers.")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Also remove blobs, layers, kernels and their sources, logs and unheld locks.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print what was freed as JSON.")
 @cache_param
-def cache_prune(everything: bool, cache_dir: str | None) -> None:
-    """Remove finished conversions and stale temporary files (with --all, everything)."""
+def cache_prune(everything: bool, as_json: bool, cache_dir: str | None) -> None:
+    """Remove finished conversions and stale temporary files (with --all, everything).
+
+    Work in progress of running vmimg processes, and entries they are reading, stay.
+    """
 
     def go() -> None:
         c = Cache.open(cache_dir)
-        areas = ["outputs", "tmp"] + (["blobs", "layers"] if everything else [])
-        for area in areas:
-            with c.lock(f"prune-{area}"):
-                shutil.rmtree(os.path.join(c.root, area), ignore_errors=True)
-        Cache.open(cache_dir)
-        click.echo(f"pruned {', '.join(areas)} in {c.root}")
+        freed = prune(c, everything)
+        total = sum(f.bytes for f in freed.values())
+        if as_json:
+            areas = {a: asdict(f) for a, f in freed.items()}
+            click.echo(json.dumps({"root": c.root, "bytes": total, "areas": areas}, indent=2))
+            return
+        click.echo(f"pruned {c.root}: freed {format_size(total)}")
+        for area, f in freed.items():
+            if f.entries or f.kept:
+                kept = f", {f.kept} in use kept" if f.kept else ""
+                click.echo(f"  {area:<8} {format_size(f.bytes):>10}  {f.entries} removed{kept}")
 
-    run(False, go)
+    run(as_json, go)
 
 
 def entry() -> None:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from vmimg.errors import VmimgError
+from vmimg.image.cache import DEFAULT_MAX_UNPACKED_SIZE, format_size
 from vmimg.image.oci import parse_platform
 from vmimg.image.sources import SourceOptions
 
@@ -120,6 +121,20 @@ def cache_param(f: Callable[..., Any]) -> Callable[..., Any]:
         envvar="VMIMG_CACHE",
         type=click.Path(file_okay=False),
         help="Cache directory (default $XDG_CACHE_HOME/vmimg; env VMIMG_CACHE).",
+    )(f)
+
+
+def unpack_param(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-unpacked-size, for the commands that unpack an image's layers."""
+    return click.option(
+        "--max-unpacked-size",
+        type=SIZE,
+        envvar="VMIMG_MAX_UNPACKED_SIZE",
+        default=format_size(DEFAULT_MAX_UNPACKED_SIZE),  # "32 GiB", which SIZE parses
+        show_default=True,
+        metavar="SIZE",
+        help="Refuse an image whose layers expand past SIZE in all (512M, 4G; "
+        "env VMIMG_MAX_UNPACKED_SIZE).",
     )(f)
 
 

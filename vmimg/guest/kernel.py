@@ -31,7 +31,6 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 import tomllib
 from collections import deque
@@ -42,7 +41,7 @@ from typing import Any, TextIO
 
 from vmimg.digest import is_sha256_hex, sha256_file, split_digest
 from vmimg.errors import KernelError
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, commit
 
 # kernels/ beside the package in a source checkout; VMIMG_KERNELS_DIR elsewhere (the image).
 FRAGMENTS_DIR = Path(
@@ -298,28 +297,30 @@ def kernel_version_of(srctree: Path) -> str:
 
 
 def extract_source(tarball: Path, source_id: str, cache: Cache) -> Path:
-    """The tarball's tree under kernels/sources/<id>, extracted once (locked, atomic)."""
+    """The tarball's tree under kernels/sources/<id>, extracted once (locked, atomic), and
+    pinned in `cache` (so that `vmimg cache prune --all` leaves it while a build reads it)."""
     final = Path(cache.root) / "kernels" / "sources" / source_id[:16]
-    if (final / "Makefile").exists():
-        return final
-    with cache.lock(f"kernel-source-{source_id[:16]}"):
-        if (final / "Makefile").exists():
-            return final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=os.path.join(cache.root, "tmp"), prefix="ksrc-"))
-        try:
-            # tar(1) is several times faster than tarfile on a 130 MB .xz.
-            proc = subprocess.run(
-                ["tar", "-xf", str(tarball), "-C", str(tmp)], capture_output=True, text=True
-            )
-            if proc.returncode != 0:
-                raise KernelError(f"cannot extract {tarball}: {proc.stderr.strip()[-300:]}")
-            tops = [p for p in tmp.iterdir() if p.is_dir()]
-            if len(tops) != 1 or not (tops[0] / "Makefile").exists():
-                raise KernelError(f"{tarball} does not hold one kernel source directory")
-            os.rename(tops[0], final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    while not ((final / "Makefile").exists() and cache.pin(final)):
+        with cache.lock(f"kernel-source-{source_id[:16]}"):
+            if (final / "Makefile").exists():
+                continue
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(cache.new_temp_dir("ksrc-"))
+            try:
+                # tar(1) is several times faster than tarfile on a 130 MB .xz.
+                proc = subprocess.run(
+                    ["tar", "-xf", str(tarball), "-C", str(tmp)], capture_output=True, text=True
+                )
+                if proc.returncode != 0:
+                    raise KernelError(f"cannot extract {tarball}: {proc.stderr.strip()[-300:]}")
+                tops = [p for p in tmp.iterdir() if p.is_dir()]
+                if len(tops) != 1 or not (tops[0] / "Makefile").exists():
+                    raise KernelError(f"{tarball} does not hold one kernel source directory")
+                if final.exists():  # what an interrupted removal left: replace it
+                    shutil.rmtree(final)
+                commit(str(tops[0]), str(final))
+            finally:
+                cache.remove_temp(tmp)
     return final
 
 
@@ -513,7 +514,7 @@ def _build_locked(
     kdir = kernels_dir(cache)
     (kdir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = kdir / "logs" / f"{key}.log"
-    work = Path(tempfile.mkdtemp(dir=os.path.join(cache.root, "tmp"), prefix=f"kernel-{key}-"))
+    work = Path(cache.new_temp_dir(f"kernel-{key}-"))
     try:
         objtree = work / "obj"
         out = work / "out"
@@ -564,12 +565,12 @@ def _build_locked(
         final = kdir / key
         if final.exists():  # a directory someone emptied by hand: replace it
             shutil.rmtree(final)
-        os.rename(out, final)
+        commit(str(out), str(final))
         with contextlib.suppress(OSError):
             log_path.unlink()
         return load_kernel(final)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        cache.remove_temp(work)
 
 
 # -- the cache -----------------------------------------------------------------
@@ -732,7 +733,7 @@ def check_fragments(
     cross = _cross_prefix(spec)
     have_cross = not cross or shutil.which(cross + "gcc") is not None
     requested = merge_fragments(fragments)
-    work = Path(tempfile.mkdtemp(dir=os.path.join(cache.root, "tmp"), prefix="kconfig-"))
+    work = Path(cache.new_temp_dir("kconfig-"))
     try:
         allconfig = work / "fragment.config"
         allconfig.write_text(render_fragment(requested))
@@ -745,7 +746,7 @@ def check_fragments(
             make("olddefconfig")
             return check_config(requested, make.final_config())
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        cache.remove_temp(work)
 
 
 def find_or_build_kernel(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, SpaceGuard
 from vmimg.image.image import Image
-from vmimg.image.layers import LayerFile, unpack_layer_to_cache
+from vmimg.image.layers import LayerFile, UnpackAborted, UnpackBudget, unpack_layer_to_cache
 
 Progress = Callable[[int], None]
 
@@ -20,9 +20,13 @@ def fetch_layers(
     """Every layer of `image` as an uncompressed, verified tar in the cache.
 
     Layers decompress in parallel threads: hashing, isal and zstd release the
-    GIL, so two layers really use two cores.
+    GIL, so two layers really use two cores. Together they may expand to
+    `cache.max_unpacked_size`; the first failure (that limit, a bad layer, a
+    full disk, Ctrl-C) stops the other threads at their next chunk.
     """
     lock = threading.Lock()
+    budget = UnpackBudget(cache.max_unpacked_size)
+    space = SpaceGuard(cache.root)
 
     def report(n: int) -> None:
         if progress is not None:
@@ -32,11 +36,34 @@ def fetch_layers(
     def one(i: int) -> LayerFile:
         desc = image.layers[i]
         diff_id = image.diff_ids[i]
-        path = unpack_layer_to_cache(cache, desc, diff_id, lambda: image.open_blob(desc), report)
+        path = unpack_layer_to_cache(
+            cache, desc, diff_id, lambda: image.open_blob(desc), report, budget, space
+        )
         return LayerFile(path, desc.digest or diff_id)
 
     workers = jobs or min(len(image.layers), os.cpu_count() or 1) or 1
     if workers == 1:
         return [one(i) for i in range(len(image.layers))]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, range(len(image.layers))))
+        futures = [pool.submit(one, i) for i in range(len(image.layers))]
+        try:
+            _done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C while waiting
+            budget.abort()
+            raise
+        if pending:
+            budget.abort()
+            wait(pending)
+        _raise_first_failure(futures, budget)
+        return [f.result() for f in futures]
+
+
+def _raise_first_failure(futures: list[Future[LayerFile]], budget: UnpackBudget) -> None:
+    """The failure that stopped the fetch: the budget's, else the first layer's in order
+    (never the UnpackAborted of a layer that was only stopped)."""
+    if budget.error is not None:
+        raise budget.error
+    for f in futures:
+        exc = f.exception()
+        if exc is not None and not isinstance(exc, UnpackAborted):
+            raise exc

@@ -14,6 +14,7 @@ import contextlib
 import marshal
 import os
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, cast
@@ -23,8 +24,9 @@ from isal import isal_zlib
 
 from vmimg.digest import Hasher
 from vmimg.errors import CacheError, DigestError, LayerError
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, SpaceGuard, commit, format_size
 from vmimg.image.oci import Descriptor, layer_compression
+from vmimg.testhook import pause_point
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -34,9 +36,6 @@ GZIP_WBITS = 31  # zlib's "gzip wrapper" window bits
 # zstd input fed per call: a run-length block of 128 KiB costs 4 bytes, so
 # 1 KiB of input yields at most 32 MiB.
 ZSTD_FEED = 1 << 10
-# A layer that expands past this is refused (a decompression bomb); override
-# with VMIMG_MAX_LAYER_BYTES.
-DEFAULT_MAX_LAYER_BYTES = 64 << 30
 PAX_XATTR_PREFIX = "SCHILY.xattr."
 # isal's stubs type IsalError as an instance; it is the class zlib-style code raises.
 DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
@@ -61,8 +60,41 @@ class LayerFile:
     name: str  # the layer's digest, for error messages
 
 
-def max_layer_bytes() -> int:
-    return int(os.environ.get("VMIMG_MAX_LAYER_BYTES", DEFAULT_MAX_LAYER_BYTES))
+class UnpackAborted(LayerError):
+    """Another layer of the same image failed: this one stops too (never shown: fetch_layers
+    reports the failure that caused it)."""
+
+
+class UnpackBudget:
+    """What one image's layers may expand to in all (Cache.max_unpacked_size), shared by the
+    threads that unpack them. It bounds each layer too: a decompression bomb stops at the
+    limit, and so does an image of many large layers. The layer that crosses the limit
+    fails; the others stop at their next chunk (`abort` stops them for any other failure)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.error: LayerError | None = None
+        self._aborted = False
+        self._lock = threading.Lock()
+
+    def charge(self, n: int, what: str) -> None:
+        """Account for `n` more uncompressed bytes of `what`; LayerError past the limit."""
+        with self._lock:
+            if self._aborted:
+                raise UnpackAborted(f"{what}: stopped")
+            self.used += n
+            if self.used > self.limit:
+                self._aborted = True
+                self.error = LayerError(
+                    f"{what}: expands the image past --max-unpacked-size "
+                    f"{format_size(self.limit)}; refusing it"
+                )
+                raise self.error
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
 
 
 class _Decompressor(Protocol):
@@ -97,7 +129,7 @@ def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> I
 
     Every chunk yielded is bounded, however well the input compresses: a few
     KiB of gzip or zstd can claim gigabytes, and one call that returned them
-    whole would run the process out of memory before VMIMG_MAX_LAYER_BYTES
+    whole would run the process out of memory before --max-unpacked-size
     is ever checked.
     """
     if kind == "none":
@@ -171,24 +203,36 @@ def unpack_layer_to_cache(
     diff_id: str,
     open_blob: Callable[[], BinaryIO],
     on_progress: Callable[[int], None] | None = None,
+    budget: UnpackBudget | None = None,
+    space: SpaceGuard | None = None,
 ) -> str:
-    """Make sure the uncompressed tar of this layer is in the cache; return its path.
+    """Make sure the uncompressed tar of this layer is in the cache; return its path,
+    pinned in `cache` (so that `vmimg cache prune` leaves it while we read it).
 
     `desc.digest` may be empty (docker-archive layers have none); then only
-    the diff_id is checked.
+    the diff_id is checked. The layer's bytes count against `budget` (default: a
+    budget of its own), whether unpacked now or found in the cache.
     """
     what = f"layer {desc.digest or diff_id}"
     final = cache.layer_path(diff_id)
-    if os.path.exists(final):
-        return final
-    with cache.lock(f"layer-{diff_id}"):
-        if os.path.exists(final):
-            return final
-        try:
-            _unpack(cache, desc, diff_id, open_blob, on_progress, what, final)
-        except OSError as e:
-            # Sources turn their own read errors into SourceError: this is the cache's disk.
-            raise CacheError(f"{what}: cannot write to the cache {cache.root}: {e.strerror}") from e
+    budget = budget or UnpackBudget(cache.max_unpacked_size)
+    space = space or SpaceGuard(cache.root)
+    unpacked = False
+    while not cache.pin(final):  # not there, or pruned while we looked
+        with cache.lock(f"layer-{diff_id}"):
+            if os.path.exists(final):
+                continue
+            try:
+                _unpack(cache, desc, diff_id, open_blob, on_progress, what, final, budget, space)
+            except OSError as e:
+                # Sources turn their own read errors into SourceError: this is the cache's disk.
+                raise CacheError(
+                    f"{what}: cannot write to the cache {cache.root}: {e.strerror}"
+                ) from e
+            unpacked = True
+        pause_point("layer-committed")
+    if not unpacked:
+        budget.charge(os.path.getsize(final), what)
     return final
 
 
@@ -200,29 +244,29 @@ def _unpack(
     on_progress: Callable[[int], None] | None,
     what: str,
     final: str,
+    budget: UnpackBudget,
+    space: SpaceGuard,
 ) -> None:
     """Stream, verify and decompress one layer blob into the cache as `final`."""
     declared = layer_compression(desc.media_type)
-    limit = max_layer_bytes()
     algo = desc.digest.split(":", 1)[0] if desc.digest else "sha256"
-    with open_blob() as stream, cache.temp_file(".tar") as (out, tmp):
+    with open_blob() as stream, cache.temp_file(".tar", "layer-") as (out, tmp):
         reader = _HashingReader(stream, algo, desc.size if desc.digest else None)
         kind = sniff_compression(reader.peek(4), declared)
         tar_hash = Hasher("sha256")
         for chunk in decompressed_chunks(reader.read, kind, what):
             tar_hash.update(chunk)
-            if tar_hash.size > limit:
-                raise LayerError(
-                    f"{what}: expands past {limit} bytes (VMIMG_MAX_LAYER_BYTES); refusing it"
-                )
+            budget.charge(len(chunk), what)
+            space.take(len(chunk), what)
             out.write(chunk)
             if on_progress:
                 on_progress(len(chunk))
+            pause_point("layer-unpack-midway")
         if desc.digest:
             reader.hasher.verify(desc.digest, desc.size, what)
         tar_hash.verify(diff_id, None, f"{what} (uncompressed)")
         out.flush()
-        os.rename(tmp, final)
+        commit(tmp, final)
 
 
 # -- entries -------------------------------------------------------------------
@@ -489,17 +533,14 @@ def load_entries(tar_path: str, what: str) -> list[Entry]:
     entries = list(iter_entries(tar_path, what))
     layers_dir = os.path.dirname(os.path.dirname(tar_path))
     if os.path.basename(layers_dir) == "layers":  # a layer in the cache: keep its index
-        tmp_dir = os.path.join(os.path.dirname(layers_dir), "tmp")
-        _write_index(index_path, entries, tmp_dir)
+        _write_index(index_path, entries, Cache(os.path.dirname(layers_dir)))
     return entries
 
 
-def _write_index(index_path: str, entries: list[Entry], tmp_dir: str) -> None:
-    tmp = os.path.join(tmp_dir, f"{os.path.basename(index_path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            marshal.dump((INDEX_FORMAT, [_entry_record(e) for e in entries]), f)
-        os.rename(tmp, index_path)
-    except OSError:  # an index is an optimisation: a full disk must not fail the build
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+def _write_index(index_path: str, entries: list[Entry], cache: Cache) -> None:
+    # An index is an optimisation: a full disk must not fail the build.
+    with contextlib.suppress(OSError), cache.temp_file(".idx", "index-") as (f, tmp):
+        marshal.dump((INDEX_FORMAT, [_entry_record(e) for e in entries]), f)
+        f.flush()
+        pause_point("index-write")
+        commit(tmp, index_path)

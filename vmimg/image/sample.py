@@ -19,7 +19,7 @@ import subprocess
 import tarfile
 
 from vmimg.errors import VmimgError
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, commit
 from vmimg.image.oci import Platform, host_platform, parse_platform
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 
@@ -158,7 +158,7 @@ def foreign_busybox(architecture: str, cache: Cache | None = None) -> str:
         shutil.copy2(debs[0], staged)  # kept: the package the binary came from
         os.makedirs(os.path.dirname(home), exist_ok=True)
         shutil.rmtree(home, ignore_errors=True)
-        os.rename(staged, home)
+        commit(staged, home)
     return binary
 
 

@@ -12,6 +12,7 @@ from types import TracebackType
 
 from vmimg.errors import ContentError
 from vmimg.rootfs.tree import Content
+from vmimg.testhook import pause_point
 
 COPY_CHUNK = 8 << 20  # bytes per copy_file_range / read call
 
@@ -79,6 +80,7 @@ class ContentReader:
 
     def copy(self, content: Content, start: int, length: int, out_fd: int, out_offset: int) -> None:
         """Copy stored bytes [start, start+length) to `out_fd` at `out_offset`."""
+        pause_point("output-write-midway")
         if content.data is not None:
             written = os.pwrite(out_fd, content.data[start : start + length], out_offset)
             if written != length:

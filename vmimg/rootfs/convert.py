@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 
 from vmimg import __version__
 from vmimg.errors import VmimgError, WriterError
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
 from vmimg.image.fetch import fetch_layers
 from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
-from vmimg.rootfs.tree import Tree
+from vmimg.rootfs.tree import NodeType, Tree
 from vmimg.rootfs.writers import WriterOptions, options_doc, seeded, write_image
+from vmimg.testhook import pause_point
 
 NS_PER_S = 1_000_000_000
 COPY_CHUNK = 64 << 20
@@ -69,12 +70,38 @@ def conversion_key(image: Image, fmt: str, options: WriterOptions, epoch_ns: int
     return hashlib.sha256(blob).hexdigest()
 
 
+def output_size_floor(fmt: str, tree: Tree, options: WriterOptions) -> int:
+    """The fewest bytes writing `tree` as `fmt` takes: its file data, once per inode. Zero
+    when the writer compresses (no floor is known then)."""
+    compressed = {getattr(options, "compression", "none"), getattr(options, "compress", "none")}
+    if compressed != {"none"}:
+        return 0
+    seen: set[int] = set()
+    total = 0
+    for _path, node in tree.walk():
+        if node.type is NodeType.FILE and node.content is not None and id(node) not in seen:
+            seen.add(id(node))
+            total += node.content.stored_size
+    return total
+
+
+def check_output_space(dest: str, need: int, directory: str | None = None) -> None:
+    """WriterError, before anything is written, if `need` bytes would fill the file
+    system `dest` goes to (beyond the reserve vmimg leaves free); `directory`: where on it
+    they go, if not beside `dest`."""
+    problem = space_shortfall(directory or os.path.dirname(os.path.abspath(dest)) or ".", need)
+    if problem is not None:
+        raise WriterError(f"cannot write {dest}: {problem}")
+
+
 @contextlib.contextmanager
-def atomic_output(dest: str) -> Iterator[int]:
-    """A file descriptor for a temporary file beside `dest`, renamed onto it on success."""
+def atomic_output(dest: str, need: int = 0) -> Iterator[int]:
+    """A file descriptor for a temporary file beside `dest`, renamed onto it on success.
+    `need`: the bytes it will take at least (checked against the free space first)."""
     directory = os.path.dirname(os.path.abspath(dest)) or "."
     if not os.path.isdir(directory):
         raise VmimgError(f"output directory {directory} does not exist")
+    check_output_space(dest, need)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
     try:
         yield fd
@@ -149,14 +176,22 @@ def convert(
         key = conversion_key(image, fmt, options, source_date_epoch_ns())
         cached_path = os.path.join(cache.output_dir(key), f"rootfs.{fmt}")
         warnings: list[str] = []
-        hit = use_cache and transform is None and os.path.exists(cached_path)
+        hit = (
+            use_cache
+            and transform is None
+            and cache.pin(cache.output_dir(key))  # kept by `cache prune` while we copy it
+            and os.path.exists(cached_path)
+        )
         tree = None
         if not hit:
             tree = build_tree(image, cache, progress)
             if transform is not None:
                 transform(tree, image)
         try:
-            with atomic_output(dest) as fd:
+            need = (
+                disk_usage(cached_path) if tree is None else output_size_floor(fmt, tree, options)
+            )
+            with atomic_output(dest, need) as fd:
                 if tree is None:
                     copy_file(cached_path, fd)
                 else:
@@ -165,6 +200,7 @@ def convert(
         except OSError as e:
             # A full disk, a quota, a read-only directory: the temporary file is gone.
             raise WriterError(f"cannot write {dest}: {e.strerror or e}") from None
+        pause_point("output-renamed")
         if use_cache and transform is None and not hit:
             with contextlib.suppress(OSError):  # keeping a copy is optional
                 _store_output(cache, key, dest, f"rootfs.{fmt}")
@@ -185,12 +221,14 @@ def _store_output(cache: Cache, key: str, src: str, name: str) -> None:
     final_dir = cache.output_dir(key)
     if os.path.exists(os.path.join(final_dir, name)):
         return
-    with cache.temp_dir() as tmp:
+    if space_shortfall(cache.tmp_dir, disk_usage(src)) is not None:
+        return  # a copy is worth less than the disk space everything else needs
+    with cache.temp_dir("output-") as tmp:
         fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             copy_file(src, fd)
-            os.fsync(fd)
         finally:
             os.close(fd)
+        pause_point("output-cache-store")
         with contextlib.suppress(OSError):  # another process stored it first
-            os.rename(tmp, final_dir)
+            commit(tmp, final_dir)

@@ -1,0 +1,39 @@
+"""Test-only: stop the process at a named point, so that a test kills or interrupts it
+exactly there instead of after a sleep (which a loaded machine stretches or shrinks).
+
+With VMIMG_TEST_PAUSE_AT=<point> and VMIMG_TEST_PAUSE_FILE=<path> set, the first time the
+process reaches `pause_point("<point>")` it creates <path> (holding its pid) and waits
+until <path> is removed. Only the tests set these variables; unset, a pause point costs
+an environment lookup. The points:
+
+    layer-unpack-midway   a layer's first chunk is in its temporary file in the cache
+    layer-committed       a layer tar was renamed into the cache, before its index
+    index-write           a layer's entry index is written but not yet renamed into place
+    output-write-midway   the writer has begun copying file bytes into the temporary output
+    output-renamed        the output is in place, before the conversion cache stores a copy
+    output-cache-store    that copy is in a temporary directory of the cache, not renamed
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+PAUSE_AT_ENV = "VMIMG_TEST_PAUSE_AT"
+PAUSE_FILE_ENV = "VMIMG_TEST_PAUSE_FILE"
+POLL_SECONDS = 0.01
+
+_fired = threading.Lock()  # taken by the first thread to reach the point, never released
+
+
+def pause_point(point: str) -> None:
+    """Wait here if the tests asked to (see the module's docstring); else return at once."""
+    if os.environ.get(PAUSE_AT_ENV) != point or not _fired.acquire(blocking=False):
+        return
+    path = os.environ[PAUSE_FILE_ENV]
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.rename(path + ".tmp", path)  # whole when the test sees it
+    while os.path.exists(path):
+        time.sleep(POLL_SECONDS)
