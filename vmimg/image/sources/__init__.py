@@ -9,14 +9,21 @@ from vmimg.errors import ImageRefError
 from vmimg.image.cache import Cache
 from vmimg.image.oci import Platform
 from vmimg.image.reference import ImageRef, parse_reference
+from vmimg.image.registry import Credentials
 from vmimg.image.sources.base import Image
 
 
 @dataclass(frozen=True)
 class SourceOptions:
+    """Which platform to pick, and how to reach registries (as skopeo's options)."""
+
     platform: Platform
-    insecure_hosts: tuple[str, ...] = ()
+    insecure_hosts: tuple[str, ...] = ()  # plain http allowed (loopback hosts always are)
     ca_cert: str | None = None
+    tls_verify: bool = True  # False: plain http allowed and certificates unchecked, everywhere
+    authfile: str | None = None  # the primary auth file (else $REGISTRY_AUTH_FILE, ...)
+    creds: Credentials | None = None  # --creds: used for creds_host only
+    creds_host: str | None = None
 
 
 def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Image:
@@ -29,9 +36,7 @@ def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Ima
         from vmimg.image.sources.registry import open_registry_image
 
         assert ref.registry is not None
-        return open_registry_image(
-            ref.registry, want, cache, options.insecure_hosts, options.ca_cert
-        )
+        return open_registry_image(ref.registry, cache, options)
     if ref.transport in ("oci", "oci-archive"):
         from vmimg.image.sources.layout import DirFiles, TarFiles, open_layout_image
 

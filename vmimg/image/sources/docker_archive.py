@@ -13,8 +13,14 @@ from typing import Any, BinaryIO
 
 from vmimg.errors import ImageRefError, SourceError
 from vmimg.image.cache import Cache, Hasher, digest_bytes
-from vmimg.image.oci import Descriptor, ImageConfig, Platform, normalize_platform
-from vmimg.image.sources.base import MAX_DOCUMENT_BYTES, Image, check_platform
+from vmimg.image.oci import (
+    MAX_DOCUMENT_BYTES,
+    Descriptor,
+    ImageConfig,
+    Platform,
+    normalize_platform,
+)
+from vmimg.image.sources.base import Image, check_platform
 from vmimg.image.sources.layout import TarFiles, open_layout_image, read_small
 
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
