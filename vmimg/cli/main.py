@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import click
@@ -19,16 +19,19 @@ from vmimg import __version__
 from vmimg.cli.options import (
     EXIT_INTERRUPTED,
     SIZE,
+    RegistryFlags,
     bundle_output,
     cache_param,
     progress_printer,
     run,
+    setup_logging,
     source_options,
     source_params,
     vm_params,
 )
 from vmimg.image.cache import Cache
 from vmimg.image.oci import parse_platform
+from vmimg.image.sources import SourceOptions
 
 
 def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,8 +84,12 @@ def version_message() -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="vmimg", message=version_message())
-def main() -> None:
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log every registry request (never its credentials)."
+)
+def main(verbose: bool) -> None:
     """Turn container images into VM-ready, boot-verified artifacts."""
+    setup_logging(verbose)
 
 
 @main.command()
@@ -115,8 +122,7 @@ def rootfs(
     no_cache: bool,
     as_json: bool,
     platform: str,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
+    registry: RegistryFlags,
     cache_dir: str | None,
 ) -> None:
     """Flatten SOURCE into one root file system image.
@@ -137,7 +143,7 @@ def rootfs(
             output,
             options,
             cache,
-            source_options(platform, insecure, ca_cert),
+            source_options(platform, registry, [source]),
             use_cache=not no_cache,
             progress=progress_printer("layers"),
         )
@@ -203,15 +209,15 @@ def inspect(
     source: str,
     as_json: bool,
     platform: str,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
+    registry: RegistryFlags,
     cache_dir: str | None,
 ) -> None:
     """Show an image's digest, platform, config and layers."""
     from vmimg.image.inspect import describe
 
     def go() -> None:
-        info = describe(source, Cache.open(cache_dir), source_options(platform, insecure, ca_cert))
+        opts = source_options(platform, registry, [source])
+        info = describe(source, Cache.open(cache_dir), opts)
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return
@@ -232,8 +238,8 @@ def inspect(
 
 def build_platforms(
     source: str, output: str, options: Any, cache: Cache, platforms: list[str],
-    insecure: tuple[str, ...], ca_cert: str | None, use_cache: bool, push_ref: str | None,
-    remote_cache: bool, as_json: bool,
+    sopts: SourceOptions, use_cache: bool, push_ref: str | None, remote_cache: bool,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """`vmimg build --platform A,B`: one bundle per platform in OUTPUT/ARCH, and with --push
     one artifact per platform plus an OCI index over them."""
@@ -248,14 +254,14 @@ def build_platforms(
         arch = parse_platform(plat).architecture
         results.append(
             build_bundle(source, os.path.join(output, arch), options, cache,
-                         source_options(plat, insecure, ca_cert), use_cache=use_cache)
+                         replace(sopts, platform=parse_platform(plat)), use_cache=use_cache)
         )  # fmt: skip
     pushed = None
     if push_ref:
         from vmimg.artifact.artifact import push_bundle_index
 
-        index = push_bundle_index([r.bundle for r in results], push_ref, cache,
-                                  source_options(platforms[0], insecure, ca_cert))  # fmt: skip
+        first = replace(sopts, platform=parse_platform(platforms[0]))
+        index = push_bundle_index([r.bundle for r in results], push_ref, cache, first)
         pushed = f"{index.reference.rsplit(':', 1)[0]}@{index.digest}"
     if as_json:
         click.echo(json.dumps({"bundles": [asdict(r) for r in results], "pushed": pushed},
@@ -366,7 +372,7 @@ def build(
     compression: str, size: int | None, headroom: int | None, inodes: int, no_journal: bool,
     label: str, compress: str, compress_level: int | None, no_cache: bool,
     push_ref: str | None, remote_cache: bool, as_json: bool,
-    platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
+    platform: str, registry: RegistryFlags, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Turn SOURCE into a VM-ready bundle: root fs, agent, kernel, vm.json, launchers."""
     from vmimg.bundle.build import BuildOptions, build_bundle
@@ -394,11 +400,12 @@ def build(
         )  # fmt: skip
         cache = Cache.open(cache_dir)
         platforms = [p.strip() for p in platform.split(",") if p.strip()]
+        refs = [source, *([push_ref] if push_ref else [])]
+        sopts = source_options(platforms[0] if platforms else platform, registry, refs)
         if len(platforms) > 1:
-            build_platforms(source, output, options, cache, platforms, insecure, ca_cert,
+            build_platforms(source, output, options, cache, platforms, sopts,
                             not no_cache, push_ref, remote_cache, as_json)  # fmt: skip
             return
-        sopts = source_options(platform, insecure, ca_cert)
         extra: dict[str, Any] = {}
         if push_ref or remote_cache:
             from vmimg.artifact.artifact import build_bundle_remote
@@ -477,7 +484,7 @@ def verify(
     bundles: tuple[str, ...], timeout: float, expect_exit: int, cmd: str | None,
     smoke: str | None, deep: bool, no_run: bool, accel: str | None, cpus: int | None,
     memory: int | None, jobs: int | None, junit: str | None, as_json: bool,
-    platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
+    platform: str, registry: RegistryFlags, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Boot each BUNDLE, check its tree and run its workload; report per bundle.
 
@@ -495,7 +502,8 @@ def verify(
         from vmimg.artifact.artifact import resolve_bundle_argument
 
         cache = Cache.open(cache_dir)
-        sopts = source_options(platform, insecure, ca_cert)
+        refs = [b for b in bundles if not os.path.isdir(b)]
+        sopts = source_options(platform, registry, refs)
         paths = [resolve_bundle_argument(b, cache, sopts) for b in bundles]
         reports = verify_bundles(paths, opts, cache, jobs)
         if junit:
