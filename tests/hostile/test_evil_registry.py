@@ -195,6 +195,38 @@ def test_a_blob_head_may_claim_any_size(hostile: EvilServer) -> None:
     assert client.blob_exists(REPO, "sha256:" + "0" * 64)
 
 
+def echo(status: int) -> Reply:
+    """An error whose message repeats the Authorization header and the password."""
+
+    def reply(h: Handler, m: re.Match[str]) -> None:
+        said = f"you sent {h.headers.get('Authorization')} for {USER}:{PASSWORD}"
+        send_json({"errors": [{"code": "DENIED", "message": said}]}, status)(h, m)
+
+    return reply
+
+
+@pytest.mark.parametrize("where", ["manifest", "redirected-blob"])
+def test_echoed_credentials_are_never_printed(
+    hostile: EvilServer, other: EvilServer, tmp_path: Path, where: str
+) -> None:
+    if where == "manifest":
+        hostile.on("GET", rf"/v2/{REPO}/manifests/.*", guard_basic(echo(403)))
+    else:  # the storage host's path and answer both carry the secrets
+        other.on("GET", r"/.*", echo(404))
+        hostile.on(
+            "GET",
+            rf"/v2/{REPO}/blobs/.*",
+            guard_basic(redirect(lambda m: f"{other.url}/{PASSWORD}/{basic(USER, PASSWORD)[6:]}")),
+        )
+    env = docker_config(tmp_path, hostile.address)
+    r = run_vmimg(
+        tmp_path / "w", "-v", "inspect", f"{hostile.address}/{REPO}:latest", "--json", env=env
+    )
+    assert "[hidden]" in one_line(r)
+    for secret in secrets():
+        assert secret not in r.stdout + r.stderr
+
+
 def bearer_registry(evil: EvilServer, store: Store, realm: str, token: str) -> None:
     """Make `evil` a registry that wants a bearer token `token`, to be had at `realm`."""
     header = f'Bearer realm="{realm}",service="evil",scope="repository:{REPO}:pull"'

@@ -46,7 +46,7 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
-from vmimg.errors import AuthError, SourceError
+from vmimg.errors import AuthError, SourceError, VmimgError
 from vmimg.image.oci import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io")
 DOCKER_HUB_API = "registry-1.docker.io"
 DOCKER_HUB_INDEX = "https://index.docker.io/v1/"
 MIN_DOMAIN_LABELS = 2  # a registry's parent domain must not be a bare top-level domain
+MIN_SECRET_LEN = 4  # shorter "secrets" are not hidden from messages (they would garble them)
+HIDDEN = "[hidden]"
 HELPER_TIMEOUT = 30.0
 HELPER_NOT_FOUND = b"credentials not found"  # docker-credential-helpers' "no entry" answer
 # Blobs up to this size go up in one PUT, bigger ones in PATCH chunks of this size
@@ -450,6 +452,22 @@ class RegistryClient:
 
     # -- requests -----------------------------------------------------------
 
+    def _scrub(self, text: str) -> str:
+        """`text` without our credentials or token: a hostile registry may echo them in an
+        error message, a Location or a realm, and our messages end up in CI logs."""
+        secrets = [v.split(" ", 1)[-1] for v in self._auth_header.values()]
+        creds = self._credentials
+        if creds is not None:
+            secrets += [creds.basic(), creds.secret]
+        for secret in sorted(secrets, key=len, reverse=True):
+            if len(secret) >= MIN_SECRET_LEN:
+                text = text.replace(secret, HIDDEN)
+        return text
+
+    def _log(self, level: int, fmt: str, *args: object) -> None:
+        if log.isEnabledFor(level):
+            log.log(level, "%s", self._scrub(fmt % args))
+
     def request(
         self,
         method: str,
@@ -460,6 +478,24 @@ class RegistryClient:
         ok: Iterable[int] = (200,),
         what: str = "",
         replayable: bool = True,
+    ) -> requests.Response:
+        """One API call with auth and retries; raises unless the status is in `ok`
+        (see _request), with our credentials scrubbed from any error."""
+        try:
+            return self._request(method, path, headers, stream, data, ok, what, replayable)
+        except VmimgError as e:
+            raise type(e)(self._scrub(str(e))) from None
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None,
+        stream: bool,
+        data: Any,
+        ok: Iterable[int],
+        what: str,
+        replayable: bool,
     ) -> requests.Response:
         """One API call with auth and retries; raises unless the status is in `ok`.
 
@@ -533,9 +569,11 @@ class RegistryClient:
                 resp.close()
                 reason = f"{resp.status_code} {resp.reason}"
             pause = delay if resp is None else _retry_after(resp, delay)
-            log.warning(
-                "%s: %s; retry %d of %d in %g s", what, reason, attempt, self.retries, pause
-            )
+            self._log(
+                logging.WARNING,
+                "%s: %s; retry %d of %d in %g s",
+                what, reason, attempt, self.retries, pause,
+            )  # fmt: skip
             time.sleep(pause)
             delay = min(delay * 2, BACKOFF_CAP)
 
@@ -567,7 +605,7 @@ class RegistryClient:
                     _read_capped(resp, MAX_DOCUMENT_BYTES, what, self.timeout)
             except requests.exceptions.RequestException as e:
                 raise self._failure(e, url, what) from None
-            log.debug("%s %s: %d", method, shown(url), resp.status_code)
+            self._log(logging.DEBUG, "%s %s: %d", method, shown(url), resp.status_code)
             if not (resp.is_redirect and method in ("GET", "HEAD")):
                 return resp
             url = urllib.parse.urljoin(resp.url, resp.headers["Location"])
