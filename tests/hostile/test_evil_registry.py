@@ -620,3 +620,16 @@ def test_https_redirect_to_plain_http_elsewhere_is_refused(
         )  # fmt: skip
     assert r.returncode == 4, r.stderr
     assert f"{remote} is plain http" in r.stderr
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain-http"])
+def test_tls_verify_false_tries_tls_first_even_on_loopback(
+    store: Store, tmp_path: Path, tls: bool
+) -> None:
+    """As skopeo: https first (certificate unchecked), plain http if the registry answers so."""
+    from tests.hostile.evil_registry import self_signed
+
+    with evil_server(tls=self_signed(tmp_path, "127.0.0.1") if tls else None) as evil:
+        serve_registry(evil, REPO, store)
+        r, _ = inspect(tmp_path, f"{evil.address}/{REPO}:latest", {}, "--tls-verify=false")
+    assert r.returncode == 0, r.stderr

@@ -368,9 +368,12 @@ class RegistryClient:
         self.host = api_host(host)
         self.insecure_hosts = frozenset(insecure_hosts)
         self.tls_verify = tls_verify
-        # Loopback and named-insecure hosts get plain http first (and https if they say
-        # so); with tls_verify off, https is tried first and plain http if it answers so.
-        plain_first = is_loopback_host(self.host) or self.host in self.insecure_hosts
+        # With tls_verify off, https is tried first and plain http if it answers so (as
+        # skopeo does); else loopback and named-insecure hosts get plain http first (and
+        # https if they say they speak it).
+        plain_first = tls_verify and (
+            is_loopback_host(self.host) or self.host in self.insecure_hosts
+        )
         self.base = f"{'http' if plain_first else 'https'}://{self.host}"
         self._may_fall_back_to_http = not tls_verify and not plain_first
         self.retries = retries if retries is not None else retries_allowed()
