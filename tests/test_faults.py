@@ -125,9 +125,15 @@ def test_persistent_500_is_a_clear_error_in_bounded_time(images: Images, tmp_pat
         elapsed = time.monotonic() - start
         address = proxy.address
     assert r.returncode == 4
-    assert r.stderr == (
-        f"vmimg: error: manifest {address}/{REPO}:a: 500 Internal Server Error (injected fault)\n"
+    *retries, last = r.stderr.splitlines()
+    assert last == (
+        f"vmimg: error: manifest {address}/{REPO}:a: 500 Internal Server Error (injected fault)"
     )
+    # One line per retry, then the error.
+    assert retries == [
+        f"vmimg: manifest {address}/{REPO}:a: 500 Internal Server Error; retry {n} of 2 in {d} s"
+        for n, d in ((1, "0.5"), (2, "1"))
+    ]
     assert elapsed < 20
     assert not (tmp_path / "a.tar").exists()
 
@@ -153,8 +159,12 @@ def test_endless_stall_fails_in_bounded_time(images: Images, tmp_path: Path) -> 
         r = pull(tmp_path, proxy.address, "d", tmp_path / "d.tar", env)
         elapsed = time.monotonic() - start
     assert r.returncode == 4, r.stderr
-    message = DIGEST_RE.sub("DIGEST", r.stderr)
-    assert message == "vmimg: error: blob DIGEST: download failed: ReadTimeoutError\n"
+    *resumes, last = DIGEST_RE.sub("DIGEST", r.stderr).splitlines()
+    assert last == "vmimg: error: blob DIGEST: download failed: ReadTimeoutError"
+    # One line per resume, then the error.
+    assert [re.sub(r"byte \d+", "byte N", line) for line in resumes] == [
+        f"vmimg: blob DIGEST: ReadTimeoutError at byte N; resuming ({n} of 2)" for n in (1, 2)
+    ]
     assert elapsed < 30
     assert not (tmp_path / "d.tar").exists()
     assert os.listdir(tmp_path / "cache" / "tmp") == []

@@ -1,9 +1,13 @@
-"""A registry with TLS (our own CA) and htpasswd auth: credentials from the Docker config."""
+"""A registry with TLS (our own CA) and htpasswd auth: credentials from the auth files podman
+and skopeo read, Docker's config and its helpers, and --creds; --tls-verify=false."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import pty
+import shutil
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -12,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, need, start_registry
+from tests.hostile.cli import confined_command, confined_env, run_vmimg
 from vmimg.errors import AuthError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.fetch import fetch_layers
@@ -143,7 +148,7 @@ def test_no_credentials_and_untrusted_certificate(
         open_image(
             f"docker://{host}/auth/sample:v1", cache, SourceOptions(Platform(), ca_cert=cert)
         )
-    with pytest.raises(SourceError, match="TLS error"):
+    with pytest.raises(SourceError, match=r"TLS certificate is not trusted .*--ca-cert FILE"):
         open_image(f"docker://{host}/auth/sample:v1", cache, SourceOptions(Platform()))
 
 
@@ -173,3 +178,157 @@ def test_credential_helper(
     cache = Cache.open(str(tmp_path / "c"))
     image = open_image(ref, cache, SourceOptions(Platform(), ca_cert=cert))
     assert image.digest.startswith("sha256:")
+
+
+# -- where credentials come from, as podman and skopeo look for them ----------------------
+
+
+def auth_json(path: Path, host: str, user: str, password: str) -> Path:
+    """A containers-auth.json(5) file with one entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pushed_ref(sample_ref: str, secure_registry: tuple[str, str]) -> str:
+    host, cert = secure_registry
+    Path(cert).with_name("ca.crt").write_bytes(Path(cert).read_bytes())
+    return push(sample_ref, host, cert)
+
+
+def inspect_cli(
+    work: Path, ref: str, cert: str | None, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    ca = ["--ca-cert", cert] if cert else []
+    return run_vmimg(work, "inspect", ref, "--json", *ca, *extra, env=env)
+
+
+AUTH_SOURCES = ["--authfile", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME",
+                "~/.config", "DOCKER_CONFIG"]  # fmt: skip
+
+
+@pytest.mark.parametrize("source", AUTH_SOURCES)
+def test_credentials_are_found_where_podman_and_skopeo_look(
+    pushed_ref: str, secure_registry: tuple[str, str], tmp_path: Path, source: str
+) -> None:
+    host, cert = secure_registry
+    work = tmp_path / "w"
+    extra: list[str] = []
+    env: dict[str, str] = {}
+    files = {
+        "--authfile": tmp_path / "given.json",
+        "REGISTRY_AUTH_FILE": tmp_path / "env.json",
+        "XDG_RUNTIME_DIR": tmp_path / "run" / "containers" / "auth.json",
+        "XDG_CONFIG_HOME": tmp_path / "config" / "containers" / "auth.json",
+        "~/.config": work / "home" / ".config" / "containers" / "auth.json",
+    }
+    if source == "DOCKER_CONFIG":
+        env["DOCKER_CONFIG"] = docker_config(tmp_path, host, USER, PASSWORD)
+    else:
+        path = auth_json(files[source], host, USER, PASSWORD)
+        if source == "--authfile":
+            extra = ["--authfile", str(path)]
+        elif not source.startswith("~"):
+            env[source] = str(path.parent.parent) if source.startswith("XDG") else str(path)
+    assert inspect_cli(work, pushed_ref, cert, *extra, env=env).returncode == 0
+    if source != "--authfile":  # and nothing else does it: without the file, a 401
+        shutil.rmtree(work / "home")
+        for f in files.values():
+            f.unlink(missing_ok=True)
+        env.pop("DOCKER_CONFIG", None)
+        r = inspect_cli(work, pushed_ref, cert, env=env)
+        assert r.returncode == 4 and "requires credentials" in r.stdout
+
+
+def test_the_first_file_with_an_entry_wins(
+    pushed_ref: str, secure_registry: tuple[str, str], tmp_path: Path
+) -> None:
+    host, cert = secure_registry
+    work = tmp_path / "w"
+    run_dir = tmp_path / "run"
+    runtime = auth_json(run_dir / "containers" / "auth.json", host, USER, "wrong")
+    home_file = work / "home" / ".config" / "containers" / "auth.json"
+    auth_json(home_file, host, USER, PASSWORD)
+    env = {"XDG_RUNTIME_DIR": str(run_dir)}
+    # The runtime file is read first: its wrong password is the one used.
+    r = inspect_cli(work, pushed_ref, cert, env=env)
+    assert r.returncode == 4 and "401" in r.stdout
+    # --authfile and $REGISTRY_AUTH_FILE replace the runtime file.
+    right = auth_json(tmp_path / "right.json", host, USER, PASSWORD)
+    assert inspect_cli(work, pushed_ref, cert, "--authfile", str(right), env=env).returncode == 0
+    env_file = {**env, "REGISTRY_AUTH_FILE": str(right)}
+    assert inspect_cli(work, pushed_ref, cert, env=env_file).returncode == 0
+    # A file without an entry for the host does not stop the search.
+    auth_json(runtime, "elsewhere.example:5000", USER, "wrong")
+    assert inspect_cli(work, pushed_ref, cert, env=env).returncode == 0
+
+
+def test_creds_option(pushed_ref: str, secure_registry: tuple[str, str], tmp_path: Path) -> None:
+    _host, cert = secure_registry
+    work = tmp_path / "w"
+    r = inspect_cli(work, pushed_ref, cert, "--creds", f"{USER}:{PASSWORD}")
+    assert r.returncode == 0, r.stdout
+    r = inspect_cli(work, pushed_ref, cert, "--creds", f"{USER}:wrong")
+    assert r.returncode == 4 and "the registry rejected the credentials" in r.stdout
+    r = inspect_cli(work, pushed_ref, cert, "--creds", USER)  # no terminal to ask on
+    assert r.returncode == 2
+    assert json.loads(r.stdout)["error"] == (
+        "--creds USER without a password, and no terminal to ask it on: "
+        "use --creds USER:PASSWORD or an auth file"
+    )
+
+
+def test_creds_without_password_asks_at_a_terminal(
+    pushed_ref: str, secure_registry: tuple[str, str], tmp_path: Path
+) -> None:
+    host, cert = secure_registry
+    work = tmp_path / "w"
+    env = confined_env(work)  # (makes work/cwd and work/home)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        confined_command("inspect", pushed_ref, "--json", "--ca-cert", cert, "--creds", USER),
+        cwd=work / "cwd",
+        env=env,
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # no controlling terminal but the pty on stdin
+    )
+    os.close(slave)
+    assert proc.stderr is not None
+    prompt = b""
+    while b": " not in prompt:  # the answer must follow the prompt: getpass flushes input
+        more = os.read(proc.stderr.fileno(), 4096)
+        assert more, prompt
+        prompt += more
+    os.write(master, f"{PASSWORD}\n".encode())
+    out_bytes, err_bytes = proc.communicate(timeout=120)
+    os.close(master)
+    out, err = out_bytes.decode(), (prompt + err_bytes).decode()
+    assert proc.returncode == 0, err
+    assert f"Password for {USER} at {host}: " in err
+    assert PASSWORD not in out + err
+
+
+def test_creds_are_for_one_registry(tmp_path: Path) -> None:
+    r = run_vmimg(
+        tmp_path / "w", "build", "docker://one.example/a:1", "-o", str(tmp_path / "b"),
+        "--push", "two.example/b:1", "--creds", "u:p", "--json",
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert json.loads(r.stdout)["error"] == (
+        "--creds is for one registry, but this command talks to one.example and two.example:"
+        " keep the credentials in an auth file instead (--authfile)"
+    )
+
+
+def test_tls_verify_false_skips_the_certificate_check(
+    pushed_ref: str, secure_registry: tuple[str, str], tmp_path: Path
+) -> None:
+    work = tmp_path / "w"
+    creds = ["--creds", f"{USER}:{PASSWORD}"]
+    r = inspect_cli(work, pushed_ref, None, *creds)
+    assert r.returncode == 4 and "TLS certificate is not trusted" in r.stdout
+    assert inspect_cli(work, pushed_ref, None, "--tls-verify=false", *creds).returncode == 0

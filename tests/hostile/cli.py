@@ -47,6 +47,7 @@ def run_vmimg(
         confined_command(*args),
         cwd=work / "cwd",
         env=confined_env(work, env),
+        stdin=subprocess.DEVNULL,  # no terminal: nothing may wait for input
         capture_output=True,
         text=True,
         errors="backslashreplace",

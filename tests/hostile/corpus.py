@@ -668,7 +668,7 @@ CASES: list[Case] = [
     Case(
         "layer-size-lie",
         image(L.layer(L.file("f", b"x" * 5000)), then=lie_layer_size),
-        Fail(4, "blob is larger than its descriptor's size {n}"),
+        Fail(4, "{layer}: blob is larger than its descriptor's size {n}"),
     ),
     Case(
         "diff-id-mismatch",

@@ -64,3 +64,24 @@ def test_right_password_never_printed(
         codes.append(r.returncode)
         _assert_hidden([r.stdout, r.stderr], _secrets(USER, PASSWORD))
     assert codes == [0, 0, 4, 4]
+
+
+@pytest.mark.parametrize("password", [WRONG, "right"])
+@pytest.mark.parametrize("how", ["docker-config", "creds"])
+def test_verbose_log_never_shows_credentials(
+    sample_ref: str, secure_registry: tuple[str, str], tmp_path: Path, how: str, password: str
+) -> None:
+    from tests.test_registry_auth import PASSWORD
+
+    host, cert = secure_registry
+    Path(cert).with_name("ca.crt").write_bytes(Path(cert).read_bytes())
+    ref = push(sample_ref, host, cert)
+    password = PASSWORD if password == "right" else password
+    env, extra = {}, ["--creds", f"{USER}:{password}"]
+    if how == "docker-config":
+        env, extra = {"DOCKER_CONFIG": docker_config(tmp_path, host, USER, password)}, []
+    args = ["-v", "inspect", ref, "--json", "--ca-cert", cert, *extra]
+    r = run_vmimg(tmp_path / "w", *args, env=env)
+    assert r.returncode == (0 if password == PASSWORD else 4)
+    assert f"vmimg: GET https://{host}/v2/auth/sample/manifests/v1: 401" in r.stderr.splitlines()
+    _assert_hidden([r.stdout, r.stderr], _secrets(USER, password))

@@ -78,6 +78,7 @@ from vmimg.image.oci import (
 from vmimg.image.reference import RegistryRef, parse_reference
 from vmimg.image.registry import RegistryClient, digest_of
 from vmimg.image.sources import SourceOptions
+from vmimg.image.sources.registry import registry_client
 
 # -- the format (docs/artifact.md) ------------------------------------------------
 
@@ -212,9 +213,7 @@ def _target(ref: str, options: SourceOptions) -> _Target:
     parsed = parse_reference(ref)
     if parsed.transport != "docker" or parsed.registry is None:
         raise ImageRefError(f"{ref} is not a registry reference (HOST/REPO:TAG)")
-    client = RegistryClient(
-        parsed.registry.registry, insecure_hosts=options.insecure_hosts, ca_cert=options.ca_cert
-    )
+    client = registry_client(parsed.registry.registry, options)
     return _Target(client, parsed.registry, options.platform)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from vmimg.artifact.artifact import pull_bundle, pull_kernel, push_bundle, push_kernel
-from vmimg.cli.options import bundle_output, cache_param, run, source_options
+from vmimg.cli.options import RegistryFlags, bundle_output, cache_param, run, source_options
 from vmimg.cli.options import registry_params as reach_registry
 from vmimg.image.cache import Cache
 
@@ -22,7 +22,8 @@ MIB = 1 << 20
 
 
 def registry_params(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--insecure-registry, --ca-cert and --cache, as the image commands have them."""
+    """How to reach the registry (--authfile, --creds, --tls-verify, ...) and --cache, as the
+    image commands have them."""
     return cache_param(reach_registry(f))
 
 
@@ -60,8 +61,7 @@ def push(
     ref: str,
     build_key: str | None,
     as_json: bool,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
+    registry: RegistryFlags,
     cache_dir: str | None,
 ) -> None:
     """Push the bundle directory BUNDLE to REF (HOST/REPO:TAG) as an OCI artifact.
@@ -72,7 +72,7 @@ def push(
     """
 
     def go() -> None:
-        opts = source_options("linux/amd64", insecure, ca_cert)
+        opts = source_options("linux/amd64", registry, [ref])
         result = push_bundle(bundle, ref, Cache.open(cache_dir), opts, build_key)
         _echo_push(result, as_json)
 
@@ -108,8 +108,7 @@ def pull(
     fs: str | None,
     platform: str,
     as_json: bool,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
+    registry: RegistryFlags,
     cache_dir: str | None,
 ) -> None:
     """Pull the bundle artifact at REF into the directory OUTPUT.
@@ -120,7 +119,7 @@ def pull(
 
     def go() -> None:
         result = pull_bundle(
-            ref, output, source_options(platform, insecure, ca_cert), from_image=from_image, fs=fs
+            ref, output, source_options(platform, registry, [ref]), from_image=from_image, fs=fs
         )
         if as_json:
             click.echo(json.dumps(asdict(result), indent=2))
@@ -142,14 +141,13 @@ def kernel_push(
     key: str,
     ref: str,
     as_json: bool,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
+    registry: RegistryFlags,
     cache_dir: str | None,
 ) -> None:
     """Push the cached kernel KEY (or a prefix of it) to REF as an OCI artifact."""
 
     def go() -> None:
-        opts = source_options("linux/amd64", insecure, ca_cert)
+        opts = source_options("linux/amd64", registry, [ref])
         _echo_push(push_kernel(key, ref, Cache.open(cache_dir), opts), as_json)
 
     run(as_json, go)
@@ -159,14 +157,12 @@ def kernel_push(
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @registry_params
-def kernel_pull(
-    ref: str, as_json: bool, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None
-) -> None:
+def kernel_pull(ref: str, as_json: bool, registry: RegistryFlags, cache_dir: str | None) -> None:
     """Pull the kernel artifact at REF into the kernel cache."""
 
     def go() -> None:
         info = pull_kernel(
-            ref, Cache.open(cache_dir), source_options("linux/amd64", insecure, ca_cert)
+            ref, Cache.open(cache_dir), source_options("linux/amd64", registry, [ref])
         )
         if as_json:
             click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))

@@ -7,10 +7,11 @@ No logic lives here beyond turning options into library calls and results
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import click
@@ -26,10 +27,12 @@ from vmimg.cli.kernel import kernel
 from vmimg.cli.options import (
     EXIT_INTERRUPTED,
     SIZE,
+    RegistryFlags,
     bundle_output,
     cache_param,
     progress_printer,
     run,
+    setup_logging,
     source_options,
     source_params,
     unpack_param,
@@ -40,8 +43,10 @@ from vmimg.guest.agent import CONFIG_VERSION, MANIFEST_VERSION, ConfigOverrides
 from vmimg.guest.kernel import read_pin
 from vmimg.image.cache import Cache, format_size
 from vmimg.image.inspect import describe
+from vmimg.image.oci import parse_platform
 from vmimg.image.prune import prune
 from vmimg.image.sample import write_sample
+from vmimg.image.sources import SourceOptions
 from vmimg.rootfs.convert import convert
 from vmimg.rootfs.writers.cpio import CpioOptions
 from vmimg.rootfs.writers.erofs import ErofsOptions
@@ -96,8 +101,12 @@ def version_message() -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="vmimg", message=version_message())
-def main() -> None:
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log every registry request (never its credentials)."
+)
+def main(verbose: bool) -> None:
     """Turn container images into VM-ready, boot-verified artifacts."""
+    setup_logging(verbose)
 
 
 @main.command()
@@ -132,8 +141,7 @@ def rootfs(
     as_json: bool,
     max_unpacked_size: int,
     platform: str,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
+    registry: RegistryFlags,
     cache_dir: str | None,
 ) -> None:
     """Flatten SOURCE into one root file system image.
@@ -153,7 +161,7 @@ def rootfs(
             output,
             options,
             cache,
-            source_options(platform, insecure, ca_cert),
+            source_options(platform, registry, [source]),
             use_cache=not no_cache,
             progress=progress_printer("layers"),
         )
@@ -212,14 +220,14 @@ def inspect(
     source: str,
     as_json: bool,
     platform: str,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
+    registry: RegistryFlags,
     cache_dir: str | None,
 ) -> None:
     """Show an image's digest, platform, config and layers."""
 
     def go() -> None:
-        info = describe(source, Cache.open(cache_dir), source_options(platform, insecure, ca_cert))
+        opts = source_options(platform, registry, [source])
+        info = describe(source, Cache.open(cache_dir), opts)
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return
@@ -240,14 +248,14 @@ def inspect(
 
 def _build_platforms(
     source: str, output: str, options: BuildOptions, cache: Cache, platforms: list[str],
-    insecure: tuple[str, ...], ca_cert: str | None, use_cache: bool, push_ref: str | None,
-    remote_cache: bool, as_json: bool,
+    sopts: SourceOptions, use_cache: bool, push_ref: str | None, remote_cache: bool,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """`vmimg build --platform A,B`."""
     pipeline.check_platforms_options(remote_cache)
     done = pipeline.build_platforms(
         source, output, options, cache,
-        {p: source_options(p, insecure, ca_cert) for p in platforms},
+        {p: replace(sopts, platform=parse_platform(p)) for p in platforms},
         use_cache=use_cache, push=push_ref,
     )  # fmt: skip
     if as_json:
@@ -359,7 +367,7 @@ def build(
     compression: str, size: int | None, headroom: int | None, inodes: int, no_journal: bool,
     label: str, compress: str, compress_level: int | None, no_cache: bool,
     push_ref: str | None, remote_cache: bool, as_json: bool, max_unpacked_size: int,
-    platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
+    platform: str, registry: RegistryFlags, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Turn SOURCE into a VM-ready bundle: root fs, agent, kernel, vm.json, launchers."""
 
@@ -385,11 +393,12 @@ def build(
         )  # fmt: skip
         cache = Cache.open(cache_dir, max_unpacked_size)
         platforms = [p.strip() for p in platform.split(",") if p.strip()]
+        refs = [source, *([push_ref] if push_ref else [])]
+        sopts = source_options(platforms[0] if platforms else platform, registry, refs)
         if len(platforms) > 1:
-            _build_platforms(source, output, options, cache, platforms, insecure, ca_cert,
+            _build_platforms(source, output, options, cache, platforms, sopts,
                              not no_cache, push_ref, remote_cache, as_json)  # fmt: skip
             return
-        sopts = source_options(platform, insecure, ca_cert)
         extra: dict[str, Any] = {}
         if push_ref or remote_cache:
             remote = pipeline.build_bundle_remote(
@@ -466,7 +475,7 @@ def verify(
     bundles: tuple[str, ...], timeout: float, expect_exit: int, cmd: str | None,
     smoke: str | None, deep: bool, no_run: bool, accel: str | None, cpus: int | None,
     memory: int | None, jobs: int | None, junit: str | None, as_json: bool,
-    platform: str, insecure: tuple[str, ...], ca_cert: str | None, cache_dir: str | None,
+    platform: str, registry: RegistryFlags, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Boot each BUNDLE, check its tree and run its workload; report per bundle.
 
@@ -481,7 +490,8 @@ def verify(
         )  # fmt: skip
 
         cache = Cache.open(cache_dir)
-        sopts = source_options(platform, insecure, ca_cert)
+        refs = [b for b in bundles if not os.path.isdir(b)]
+        sopts = source_options(platform, registry, refs)
         paths = [resolve_bundle_argument(b, cache, sopts) for b in bundles]
         reports = verify_bundles(paths, opts, cache, jobs)
         if junit:

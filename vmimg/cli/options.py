@@ -6,17 +6,22 @@ from each other), so that any of them can be imported first.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import click
 
-from vmimg.errors import VmimgError
+from vmimg.errors import ImageRefError, UsageError, VmimgError
 from vmimg.image.cache import DEFAULT_MAX_UNPACKED_SIZE, format_size
 from vmimg.image.oci import parse_platform
+from vmimg.image.reference import parse_reference
+from vmimg.image.registry import Credentials, api_host
 from vmimg.image.sources import SourceOptions
 
 EXIT_INTERRUPTED = 130
@@ -67,10 +72,83 @@ def run(as_json: bool, fn: Callable[[], Any]) -> Any:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def source_options(platform: str, insecure: tuple[str, ...], ca_cert: str | None) -> SourceOptions:
+class _StderrLog(logging.Handler):
+    """vmimg's log lines (retries; with -v every registry request) as `vmimg: ...` on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"vmimg: {record.getMessage()}", err=True)
+
+
+def setup_logging(verbose: bool) -> None:
+    logger = logging.getLogger("vmimg")
+    if not any(isinstance(h, _StderrLog) for h in logger.handlers):
+        logger.addHandler(_StderrLog())
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+@dataclass(frozen=True)
+class RegistryFlags:
+    """How the user said to reach registries: the options of `registry_params`."""
+
+    insecure: tuple[str, ...] = ()
+    ca_cert: str | None = None
+    tls_verify: bool = True
+    authfile: str | None = None
+    creds: str | None = field(default=None, repr=False)
+
+
+def source_options(
+    platform: str, registry: RegistryFlags, refs: Iterable[str] = ()
+) -> SourceOptions:
+    """SourceOptions from the command line; `refs` are the image or artifact references
+    the command names, so that --creds goes to their registry and no other."""
+    creds_host = _creds_host(refs) if registry.creds is not None else None
+    creds = None
+    if registry.creds is not None and creds_host is not None:
+        creds = _parse_creds(registry.creds, creds_host)
     return SourceOptions(
-        platform=parse_platform(platform), insecure_hosts=insecure, ca_cert=ca_cert
+        platform=parse_platform(platform),
+        insecure_hosts=registry.insecure,
+        ca_cert=registry.ca_cert,
+        tls_verify=registry.tls_verify,
+        authfile=registry.authfile,
+        creds=creds,
+        creds_host=creds_host,
     )
+
+
+def _creds_host(refs: Iterable[str]) -> str | None:
+    """The one registry host among `refs` (None if they name none)."""
+    hosts = set()
+    for text in refs:
+        try:
+            ref = parse_reference(text)
+        except ImageRefError:
+            continue  # the command reports it
+        if ref.transport == "docker" and ref.registry is not None:
+            hosts.add(api_host(ref.registry.registry))
+    if len(hosts) > 1:
+        raise UsageError(
+            f"--creds is for one registry, but this command talks to {' and '.join(sorted(hosts))}:"
+            " keep the credentials in an auth file instead (--authfile)"
+        )
+    return hosts.pop() if hosts else None
+
+
+def _parse_creds(text: str, host: str) -> Credentials:
+    """--creds USER[:PASSWORD]; without the password, ask for it at a terminal."""
+    user, sep, password = text.partition(":")
+    if not user:
+        raise UsageError("--creds takes USER[:PASSWORD]")
+    if not sep:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                "--creds USER without a password, and no terminal to ask it on: "
+                "use --creds USER:PASSWORD or an auth file"
+            )
+        password = click.prompt(f"Password for {user} at {host}", hide_input=True, err=True)
+    return Credentials(user, password)
 
 
 def progress_printer(label: str) -> Callable[[int], None] | None:
@@ -88,18 +166,58 @@ def progress_printer(label: str) -> Callable[[int], None] | None:
 
 
 def registry_params(f: Callable[..., Any]) -> Callable[..., Any]:
-    """How to reach a registry: --insecure-registry and --ca-cert."""
-    f = click.option(
-        "--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA bundle for TLS."
-    )(f)
-    f = click.option(
-        "--insecure-registry",
-        "insecure",
-        multiple=True,
-        metavar="HOST",
-        help="Allow plain http to HOST (loopback hosts always may).",
-    )(f)
-    return f
+    """How to reach a registry, as skopeo spells it: --authfile, --creds, --tls-verify,
+    --insecure-registry and --ca-cert. The command gets them as one `registry` argument
+    (a RegistryFlags)."""
+
+    @functools.wraps(f)
+    def command(
+        *args: Any,
+        insecure: tuple[str, ...],
+        ca_cert: str | None,
+        tls_verify: bool,
+        authfile: str | None,
+        creds: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        flags = RegistryFlags(insecure, ca_cert, tls_verify, authfile, creds)
+        return f(*args, registry=flags, **kwargs)
+
+    options = [
+        click.option(
+            "--insecure-registry",
+            "insecure",
+            multiple=True,
+            metavar="HOST",
+            help="Allow plain http to HOST (loopback hosts always may).",
+        ),
+        click.option(
+            "--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA bundle for TLS."
+        ),
+        click.option(
+            "--tls-verify",
+            type=click.BOOL,
+            default=True,
+            show_default=True,
+            metavar="BOOL",
+            help="--tls-verify=false: allow plain http and skip certificate checks.",
+        ),
+        click.option(
+            "--authfile",
+            type=click.Path(exists=True, dir_okay=False),
+            help="Registry credentials file (default: $REGISTRY_AUTH_FILE, then the "
+            "podman/skopeo and Docker files).",
+        ),
+        click.option(
+            "--creds",
+            metavar="USER[:PASS]",
+            help="Credentials for the registry the command names (asks for PASS at a terminal).",
+        ),
+    ]
+    wrapped: Callable[..., Any] = command
+    for option in reversed(options):
+        wrapped = option(wrapped)
+    return wrapped
 
 
 def source_params(f: Callable[..., Any]) -> Callable[..., Any]:

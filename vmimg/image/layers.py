@@ -172,10 +172,11 @@ def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> I
 class _HashingReader:
     """Wraps a blob stream: hashes what is read, refuses to read past `limit`."""
 
-    def __init__(self, stream: BinaryIO, algorithm: str, limit: int | None) -> None:
+    def __init__(self, stream: BinaryIO, algorithm: str, limit: int | None, what: str) -> None:
         self.stream = stream
         self.hasher = Hasher(algorithm)
         self.limit = limit
+        self.what = what
         self.head = b""
 
     def read(self, n: int) -> bytes:
@@ -185,7 +186,9 @@ class _HashingReader:
             data = self.stream.read(n)
         self.hasher.update(data)
         if self.limit is not None and self.hasher.size > self.limit:
-            raise DigestError(f"blob is larger than its descriptor's size {self.limit}")
+            raise DigestError(
+                f"{self.what}: blob is larger than its descriptor's size {self.limit}"
+            )
         return data
 
     def peek(self, n: int) -> bytes:
@@ -251,7 +254,7 @@ def _unpack(
     declared = layer_compression(desc.media_type)
     algo = desc.digest.split(":", 1)[0] if desc.digest else "sha256"
     with open_blob() as stream, cache.temp_file(".tar", "layer-") as (out, tmp):
-        reader = _HashingReader(stream, algo, desc.size if desc.digest else None)
+        reader = _HashingReader(stream, algo, desc.size if desc.digest else None, what)
         kind = sniff_compression(reader.peek(4), declared)
         tar_hash = Hasher("sha256")
         for chunk in decompressed_chunks(reader.read, kind, what):

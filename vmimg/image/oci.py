@@ -13,6 +13,9 @@ from typing import Any
 
 from vmimg.errors import PlatformError, SourceError
 
+# Manifests, indexes and configs are small: refuse bigger ones (containerd's limit too).
+MAX_DOCUMENT_BYTES = 4 << 20
+
 # Manifest and index media types.
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -117,15 +120,31 @@ class Descriptor:
             size = d["size"]
         except KeyError as e:
             raise SourceError(f"{what}: descriptor lacks {e.args[0]!r}") from None
-        if not isinstance(size, int) or size < 0 or not isinstance(digest, str):
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or size < 0
+            or not isinstance(digest, str)
+        ):
             raise SourceError(f"{what}: descriptor has an invalid size or digest")
+        if not isinstance(media_type, str):
+            raise SourceError(f"{what}: descriptor has an invalid mediaType")
+        annotations = d.get("annotations") or {}
+        if not isinstance(annotations, dict) or not all(
+            isinstance(v, str) for v in annotations.values()
+        ):
+            raise SourceError(f"{what}: descriptor has invalid annotations")
+        artifact_type = d.get("artifactType")
+        if artifact_type is not None and not isinstance(artifact_type, str):
+            raise SourceError(f"{what}: descriptor has an invalid artifactType")
         plat = None
         if isinstance(d.get("platform"), dict):
             pd = d["platform"]
-            plat = Platform(pd.get("os", ""), pd.get("architecture", ""), pd.get("variant", ""))
-        return cls(
-            media_type, digest, size, dict(d.get("annotations") or {}), plat, d.get("artifactType")
-        )
+            fields = [pd.get(k, "") for k in ("os", "architecture", "variant")]
+            if not all(isinstance(f, str) for f in fields):
+                raise SourceError(f"{what}: descriptor has an invalid platform")
+            plat = Platform(*fields)
+        return cls(media_type, digest, size, dict(annotations), plat, artifact_type)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

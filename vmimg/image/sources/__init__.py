@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from vmimg.errors import ImageRefError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
-from vmimg.image.oci import Platform
 from vmimg.image.reference import ImageRef, parse_reference
 from vmimg.image.sources.docker_archive import open_docker_archive
 from vmimg.image.sources.docker_daemon import open_daemon_image
 from vmimg.image.sources.layout import DirFiles, TarFiles, open_layout_image
+from vmimg.image.sources.options import SourceOptions
 from vmimg.image.sources.registry import open_registry_image
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    platform: Platform
-    insecure_hosts: tuple[str, ...] = ()
-    ca_cert: str | None = None
 
 
 def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Image:
@@ -31,9 +23,7 @@ def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Ima
     want = options.platform
     if ref.transport == "docker":
         assert ref.registry is not None
-        return open_registry_image(
-            ref.registry, want, cache, options.insecure_hosts, options.ca_cert
-        )
+        return open_registry_image(ref.registry, cache, options)
     if ref.transport in ("oci", "oci-archive"):
         assert ref.path is not None
         if ref.transport == "oci":

@@ -14,6 +14,7 @@ from vmimg.image.cache import Cache
 from vmimg.image.image import BlobOpener, Image
 from vmimg.image.oci import (
     INDEX_TYPES,
+    MAX_DOCUMENT_BYTES,
     Descriptor,
     ImageConfig,
     Manifest,
@@ -24,8 +25,6 @@ from vmimg.image.oci import (
     sniff_media_type,
 )
 
-MAX_DOCUMENT_BYTES = 4 << 20  # manifests and configs are small; refuse absurd ones
-
 
 def read_document(open_blob: BlobOpener, desc: Descriptor, cache: Cache | None, what: str) -> bytes:
     """A small blob (manifest, index, config), verified, via the cache when there is one."""
@@ -35,12 +34,21 @@ def read_document(open_blob: BlobOpener, desc: Descriptor, cache: Cache | None, 
         return _fetch_document(open_blob, desc, cache, what)
     cached = cache.read_blob(desc.digest)
     if cached is not None:
-        return cached
+        return _check_size(cached, desc, what)
     with cache.lock(f"blob-{desc.digest}"):  # concurrent pulls fetch it once
         cached = cache.read_blob(desc.digest)
         if cached is not None:
-            return cached
+            return _check_size(cached, desc, what)
         return _fetch_document(open_blob, desc, cache, what)
+
+
+def _check_size(data: bytes, desc: Descriptor, what: str) -> bytes:
+    """A cached blob has the right digest; a descriptor naming it may still lie about its size."""
+    if len(data) != desc.size:
+        raise DigestError(
+            f"{what} {desc.digest}: size {len(data)} does not match the expected {desc.size}"
+        )
+    return data
 
 
 def _fetch_document(

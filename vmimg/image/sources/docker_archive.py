@@ -15,8 +15,14 @@ from vmimg.digest import Hasher, digest_bytes
 from vmimg.errors import ImageRefError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
-from vmimg.image.oci import Descriptor, ImageConfig, Platform, normalize_platform
-from vmimg.image.sources.base import MAX_DOCUMENT_BYTES, check_platform
+from vmimg.image.oci import (
+    MAX_DOCUMENT_BYTES,
+    Descriptor,
+    ImageConfig,
+    Platform,
+    normalize_platform,
+)
+from vmimg.image.sources.base import check_platform
 from vmimg.image.sources.layout import TarFiles, open_layout_image, read_small
 
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"

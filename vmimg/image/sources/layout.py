@@ -15,8 +15,8 @@ from vmimg.digest import split_digest
 from vmimg.errors import ImageRefError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
-from vmimg.image.oci import Descriptor, Platform, load_json
-from vmimg.image.sources.base import resolve_image
+from vmimg.image.oci import MAX_DOCUMENT_BYTES, Descriptor, Platform, load_json
+from vmimg.image.sources.base import read_document, resolve_image
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
@@ -114,8 +114,11 @@ def blob_path(digest: str) -> str:
 
 
 def read_small(files: Files, path: str) -> bytes:
+    """A small file with no descriptor (index.json, manifest.json), refused past 4 MiB."""
     with files.open(path) as f:
-        data = f.read(4 << 20)
+        data = f.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise SourceError(f"{path} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB; refusing it")
     return data
 
 
@@ -148,7 +151,8 @@ def open_layout_image(
         # Several images and no tag: index.json itself is the platform index.
         image = resolve_image(name, index_bytes, None, open_blob, platform, None)
     else:
-        root = read_small(files, blob_path(chosen.digest))
+        # Checked against the entry's size and digest like every other blob.
+        root = read_document(open_blob, chosen, None, "manifest")
         image = resolve_image(
             name, root, chosen.media_type, open_blob, platform, cache, chosen.digest
         )

@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import BinaryIO
 
 from vmimg.digest import digest_bytes
 from vmimg.errors import DigestError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
-from vmimg.image.oci import ACCEPT_MANIFESTS, Descriptor, Platform
+from vmimg.image.oci import ACCEPT_MANIFESTS, Descriptor
 from vmimg.image.reference import RegistryRef
-from vmimg.image.registry import RegistryClient
+from vmimg.image.registry import RegistryClient, api_host, quiet_insecure_warnings
 from vmimg.image.sources.base import resolve_image
+from vmimg.image.sources.options import SourceOptions
 
 
-def open_registry_image(
-    ref: RegistryRef,
-    platform: Platform,
-    cache: Cache | None,
-    insecure_hosts: Iterable[str] = (),
-    ca_cert: str | None = None,
-) -> Image:
-    client = RegistryClient(ref.registry, insecure_hosts=insecure_hosts, ca_cert=ca_cert)
+def registry_client(host: str, options: SourceOptions) -> RegistryClient:
+    """A client for `host` with the options' TLS settings and auth file; --creds
+    only when they were given for this host."""
+    creds = options.creds
+    if options.creds_host is None or api_host(options.creds_host) != api_host(host):
+        creds = None
+    if not options.tls_verify:
+        quiet_insecure_warnings()
+    return RegistryClient(
+        host,
+        insecure_hosts=options.insecure_hosts,
+        ca_cert=options.ca_cert,
+        credentials=creds,
+        tls_verify=options.tls_verify,
+        authfile=options.authfile,
+    )
+
+
+def open_registry_image(ref: RegistryRef, cache: Cache | None, options: SourceOptions) -> Image:
+    client = registry_client(ref.registry, options)
     root = cache.read_blob(ref.digest) if (cache is not None and ref.digest) else None
     media_type = None
     if root is None:
@@ -37,4 +49,4 @@ def open_registry_image(
     def open_blob(desc: Descriptor) -> BinaryIO:
         return client.open_blob(ref.repository, desc.digest)  # type: ignore[return-value]
 
-    return resolve_image(str(ref), root, media_type, open_blob, platform, cache, ref.digest)
+    return resolve_image(str(ref), root, media_type, open_blob, options.platform, cache, ref.digest)
