@@ -34,18 +34,16 @@ from tests.test_registry_auth import (
     secure_registry,  # noqa: F401 (a fixture)
 )
 from tests.test_registry_auth import push as skopeo_push_auth
-from vmimg.artifact.artifact import (
+from vmimg.artifact.bundle import (
     BUNDLE_ARTIFACT,
     BUNDLE_CONFIG,
-    KERNEL_ARTIFACT,
-    TITLE,
-    fallback_tag,
     find_bundle,
     pull_bundle,
     pull_bundle_to_cache,
-    pull_kernel,
     push_bundle,
 )
+from vmimg.artifact.kernel import KERNEL_ARTIFACT, pull_kernel
+from vmimg.artifact.transfer import TITLE
 from vmimg.bundle.build import BuildOptions
 from vmimg.bundle.format import read_vm_json
 from vmimg.cli import artifact as cli_artifact
@@ -54,7 +52,7 @@ from vmimg.guest.agent import ConfigOverrides
 from vmimg.guest.kernel import KernelInfo, find_or_build_kernel, load_kernel
 from vmimg.image.cache import Cache
 from vmimg.image.oci import OCI_INDEX, OCI_MANIFEST, Platform
-from vmimg.image.registry import RegistryClient
+from vmimg.image.registry import RegistryClient, fallback_tag
 from vmimg.image.sources import SourceOptions
 from vmimg.pipeline import RemoteBuild, build_bundle_remote
 

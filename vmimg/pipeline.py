@@ -12,13 +12,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmimg.artifact.artifact import (
-    PushResult,
+from vmimg.artifact.bundle import (
     find_remote_bundle,
     pull_bundle_to_cache,
     push_bundle,
     push_bundle_index,
 )
+from vmimg.artifact.transfer import PushResult
 from vmimg.boot.launchers import write_launchers
 from vmimg.bundle.build import BuildOptions, BuildResult, build_bundle, bundle_key_for
 from vmimg.errors import UsageError

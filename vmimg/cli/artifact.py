@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from vmimg.artifact.artifact import pull_bundle, pull_kernel, push_bundle, push_kernel
+from vmimg.artifact.bundle import pull_bundle, push_bundle
+from vmimg.artifact.kernel import pull_kernel, push_kernel
 from vmimg.cli.options import RegistryFlags, bundle_output, cache_param, run, source_options
 from vmimg.cli.options import registry_params as reach_registry
 from vmimg.image.cache import Cache

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from vmimg import __version__, pipeline
-from vmimg.artifact.artifact import resolve_bundle_argument
+from vmimg.artifact.bundle import resolve_bundle_argument
 from vmimg.boot.run import RunOptions, run_bundle
 from vmimg.boot.verify import VerifyOptions, junit_xml, verify_bundles
 from vmimg.bundle.build import BuildOptions

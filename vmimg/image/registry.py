@@ -27,6 +27,7 @@ a Range request.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import ipaddress
@@ -46,8 +47,18 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
+from vmimg.digest import split_digest
 from vmimg.errors import AuthError, SourceError, VmimgError
-from vmimg.image.oci import MAX_DOCUMENT_BYTES
+from vmimg.image.oci import MAX_DOCUMENT_BYTES, OCI_INDEX, Descriptor, load_json
+
+FALLBACK_TAG_MAX = 128  # tag length limit of the distribution spec
+
+
+def fallback_tag(digest: str) -> str:
+    """The referrers tag scheme's tag for a subject: `<alg>-<hex>`."""
+    algo, hexd = split_digest(digest)
+    return f"{algo}-{hexd}"[:FALLBACK_TAG_MAX]
+
 
 log = logging.getLogger(__name__)
 
@@ -791,6 +802,65 @@ class RegistryClient:
             link = _next_link(resp.headers.get("Link", ""))
             url = urllib.parse.urljoin(resp.url, link) if link else None
         return tags
+
+    # -- referrers (the OCI distribution spec's API, and its fallback tag) --------
+
+    def read_index(self, repo: str, reference: str) -> dict[str, Any] | None:
+        """The OCI index at `reference` (a tag such as a fallback tag), or None if absent."""
+        resp = self.request(
+            "GET",
+            f"/v2/{repo}/manifests/{reference}",
+            headers={"Accept": OCI_INDEX},
+            ok=(200, 404),
+            what=f"referrers index {self.host}/{repo}:{reference}",
+        )
+        if resp.status_code == 404:
+            return None
+        return load_json(resp.content, f"referrers index {reference}")
+
+    def add_to_fallback_index(self, repo: str, subject: str, entry: Descriptor) -> None:
+        """Add `entry` to the index under the subject's fallback tag (read, append, PUT),
+        for registries without the referrers API."""
+        tag = fallback_tag(subject)
+        index = self.read_index(repo, tag) or {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [],
+        }
+        manifests = index.get("manifests")
+        if not isinstance(manifests, list):
+            raise SourceError(f"{self.host}/{repo}:{tag} is not an index")
+        if any(isinstance(m, dict) and m.get("digest") == entry.digest for m in manifests):
+            return
+        manifests.append(entry.to_json())
+        data = json.dumps(index, separators=(",", ":")).encode()
+        self.put_manifest(repo, tag, data, OCI_INDEX)
+
+    def referrers(
+        self, repo: str, digest: str, artifact_type: str | None = None
+    ) -> list[Descriptor]:
+        """The manifests whose subject is `digest`: the referrers API, or the fallback tag
+        where the registry has no API (it answers 404, as the spec says it must)."""
+        query = f"?artifactType={urllib.parse.quote(artifact_type)}" if artifact_type else ""
+        resp = self.request(
+            "GET",
+            f"/v2/{repo}/referrers/{digest}{query}",
+            headers={"Accept": OCI_INDEX},
+            ok=(200, 404),
+            what=f"referrers of {self.host}/{repo}@{digest}",
+        )
+        index: dict[str, Any] | None = None
+        if resp.status_code == 200:
+            with contextlib.suppress(SourceError):
+                index = load_json(resp.content, "referrers")
+        if index is None or not isinstance(index.get("manifests"), list):
+            index = self.read_index(repo, fallback_tag(digest)) or {"manifests": []}
+        out = []
+        for i, d in enumerate(index.get("manifests") or []):
+            desc = Descriptor.from_json(d, f"referrers of {digest} [{i}]")
+            if artifact_type is None or desc.artifact_type == artifact_type:
+                out.append(desc)
+        return out
 
     # -- pushing --------------------------------------------------------------
 
