@@ -550,7 +550,7 @@ def build_manifest(tree: Tree, reader: ContentReader) -> Manifest:
             ManifestEntry(
                 path=path,
                 type=node.type,
-                mode=node.mode & 0o7777,
+                mode=node.permissions,
                 uid=node.uid,
                 gid=node.gid,
                 size=node.size,

@@ -24,7 +24,7 @@ from isal import isal_zlib
 from vmimg.cache import Cache, Hasher
 from vmimg.errors import CacheError, DigestError, LayerError
 from vmimg.oci import Descriptor, layer_compression
-from vmimg.tree import Extent
+from vmimg.tree import MAX_TIME_NS, MIN_TIME_NS, NS_PER_S, Extent
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -241,8 +241,9 @@ GNU_ISEXTENDED_OFFSET = 504  # old GNU sparse: "another block follows" flag
 MAX_ID = (1 << 32) - 1  # uid_t and gid_t are 32 bits
 XATTR_NAME_MAX = 255  # Linux limits (include/uapi/linux/limits.h)
 XATTR_SIZE_MAX = 1 << 16
-MIN_MTIME_NS = -(1 << 63)  # what a signed 64-bit nanosecond count holds
-MAX_MTIME_NS = (1 << 63) - 1
+# Digits of whole seconds past which a PAX time is clamped without being parsed: more
+# than MAX_TIME_NS has, few enough that int() never meets its digit limit.
+TIME_DIGITS_MAX = 30
 _META_TYPES = (
     tarfile.XHDTYPE,
     tarfile.XGLTYPE,
@@ -304,22 +305,29 @@ def _bytes(s: str) -> bytes:
 
 
 def _mtime_ns(info: tarfile.TarInfo) -> int:
+    """The member's mtime in nanoseconds, clamped to what a Tree holds (each writer
+    clamps it further to what its format stores): an odd time never fails an image."""
     text = info.pax_headers.get("mtime")
-    if text:
-        # Parse the decimal string exactly: a float would lose the nanoseconds.
-        whole, _, frac = text.partition(".")
-        try:
-            secs = int(whole)
-            ns = int((frac + "000000000")[:9]) if frac else 0
-        except ValueError:
-            raise LayerError(f"invalid PAX mtime {text!r}") from None
-        sign = -1 if whole.startswith("-") else 1
-        mtime = secs * 1_000_000_000 + sign * ns
-    else:
-        mtime = int(info.mtime) * 1_000_000_000
-    if not MIN_MTIME_NS <= mtime <= MAX_MTIME_NS:
-        raise LayerError(f"mtime {mtime} ns is outside what 64 bits of nanoseconds hold")
-    return mtime
+    mtime = _pax_time_ns(text) if text else int(info.mtime) * NS_PER_S
+    return min(max(mtime, MIN_TIME_NS), MAX_TIME_NS)
+
+
+def _is_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _pax_time_ns(text: str) -> int:
+    """A PAX decimal time ("-1.5") parsed exactly: a float would lose the nanoseconds."""
+    whole, _, frac = text.partition(".")
+    negative = whole.startswith("-")
+    digits = whole[1:] if negative else whole
+    if not _is_digits(digits) or (frac and not _is_digits(frac)):
+        raise LayerError(f"invalid PAX mtime {text[:64]!r}")
+    sign = -1 if negative else 1
+    if len(digits.lstrip("0")) > TIME_DIGITS_MAX:
+        return sign * (MAX_TIME_NS + 1)  # far outside the range: the caller clamps it
+    ns = int((frac + "000000000")[:9]) if frac else 0
+    return sign * (int(digits) * NS_PER_S + ns)
 
 
 def iter_entries(tar_path: str, what: str) -> Iterator[Entry]:
@@ -443,7 +451,7 @@ def _checked_runs(runs: list[tuple[int, int]], size: int) -> tuple[Extent, ...]:
 # shares the layer reads them back instead of parsing the tar again.
 
 INDEX_SUFFIX = ".idx"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: PAX times parsed strictly and clamped, not refused
 
 
 def _entry_record(e: Entry) -> tuple[object, ...]:

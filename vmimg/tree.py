@@ -23,6 +23,14 @@ from dataclasses import dataclass, field
 
 from vmimg.errors import TreeError
 
+PATH_MAX = 4096  # bytes in a path below the root (Linux's PATH_MAX): deeper trees are refused
+SYMLINK_MODE = 0o777  # Linux gives every symlink these permissions, whatever a layer says
+NS_PER_S = 1_000_000_000
+# The widest time any output stores (erofs and tar keep signed 64-bit seconds): a layer's
+# time outside it is clamped here, and each writer clamps further to its own format.
+MIN_TIME_NS = -(1 << 63) * NS_PER_S
+MAX_TIME_NS = ((1 << 63) - 1) * NS_PER_S + NS_PER_S - 1
+
 
 class NodeType(enum.Enum):
     """File types, in the order a directory listing conventionally names them."""
@@ -105,7 +113,8 @@ class Node:
     """One inode: a file, directory, symlink, device, fifo or socket.
 
     `mode` holds only the permission bits (including setuid, setgid and
-    sticky, 0o7777); the type is `type`. `mtime_ns` is nanoseconds since the
+    sticky, 0o7777); the type is `type`. A symlink's are always 0o777, as
+    Linux makes them. No path in a tree is longer than PATH_MAX. `mtime_ns` is nanoseconds since the
     epoch. `xattrs` maps full names (b"security.capability",
     b"user.foo") to raw values. `children` is used by directories only,
     `target` by symlinks only, `rdev` (major, minor) by devices only,
@@ -131,6 +140,8 @@ class Node:
             self.children = {}
         if self.type is NodeType.FILE and self.content is None:
             self.content = Content(size=0)
+        if self.type is NodeType.SYMLINK:
+            self.mode = SYMLINK_MODE
 
     @property
     def is_dir(self) -> bool:
@@ -149,8 +160,15 @@ class Node:
 
     @property
     def st_mode(self) -> int:
-        """Full st_mode: type bits plus permission bits."""
+        """Full st_mode: type bits plus permission bits (always 0777 for a symlink)."""
+        if self.type is NodeType.SYMLINK:
+            return stat.S_IFLNK | SYMLINK_MODE
         return self.type.st_ifmt | (self.mode & 0o7777)
+
+    @property
+    def permissions(self) -> int:
+        """The permission bits an output stores: `mode`, but 0777 for a symlink."""
+        return stat.S_IMODE(self.st_mode)
 
     def sorted_children(self) -> list[tuple[bytes, Node]]:
         """Children ordered by name bytes, the order every writer uses."""
@@ -242,14 +260,23 @@ class Tree:
         Paths are absolute (b"/", b"/etc", b"/etc/passwd"). A hardlinked node
         appears once per path that holds it.
         """
-        stack: list[tuple[bytes, Node]] = [(b"/", self.root)]
+        # One (path, children iterator) per open directory: a path is made only when it
+        # is yielded, so memory follows the depth of the tree, never its width times depth.
+        yield b"/", self.root
+        stack: list[tuple[bytes, Iterator[tuple[bytes, Node]]]] = [
+            (b"", iter(self.root.sorted_children()))
+        ]
         while stack:
-            path, node = stack.pop()
-            yield path, node
-            if node.children:
-                prefix = path if path.endswith(b"/") else path + b"/"
-                for name, child in reversed(node.sorted_children()):
-                    stack.append((prefix + name, child))
+            prefix, children = stack[-1]
+            step = next(children, None)
+            if step is None:
+                stack.pop()
+                continue
+            name, child = step
+            path = prefix + b"/" + name
+            yield path, child
+            if child.children:
+                stack.append((path, iter(child.sorted_children())))
 
     def link_counts(self) -> dict[int, int]:
         """Link count per node id: entries naming it, plus for a directory its

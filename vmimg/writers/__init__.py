@@ -7,6 +7,7 @@ writer returns. Writers see only the Tree and the content it references.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vmimg.content import ContentReader
@@ -14,6 +15,28 @@ from vmimg.errors import WriterError
 from vmimg.tree import Tree
 
 FORMATS = ("tar", "initramfs", "ext4", "erofs")
+SHOWN_WARNINGS_MAX = 20  # warnings of one kind listed by path; the rest are counted
+
+
+class PathWarnings:
+    """Warnings of one kind ("mtime clamped"), one per path up to SHOWN_WARNINGS_MAX:
+    a hostile tree with a million odd entries must not make a million lines."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.shown: list[str] = []
+        self.more = 0
+
+    def add(self, path: bytes) -> None:
+        if len(self.shown) < SHOWN_WARNINGS_MAX:
+            self.shown.append(f"{os.fsdecode(path)}: {self.what}")
+        else:
+            self.more += 1
+
+    def lines(self) -> list[str]:
+        if not self.more:
+            return list(self.shown)
+        return [*self.shown, f"{self.more} more paths: {self.what}"]
 
 
 def write_image(
@@ -31,8 +54,7 @@ def write_image(
     if fmt == "ext4":
         from vmimg.writers.ext4 import write_ext4
 
-        write_ext4(tree, reader, out_fd, options)
-        return []
+        return write_ext4(tree, reader, out_fd, options)
     if fmt == "erofs":
         from vmimg.writers.erofs import write_erofs
 

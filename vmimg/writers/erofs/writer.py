@@ -80,7 +80,8 @@ class _Inode:
     """One inode being laid out: the node plus everything decided about it."""
 
     node: Node
-    path: bytes  # the first path naming it, for error messages
+    name: bytes  # the name of its first path (b"/" for the root) ...
+    up: _Inode | None  # ... and the directory holding it: its path, for errors only
     ino: int
     nlink: int = 1
     extended: bool = False
@@ -95,6 +96,16 @@ class _Inode:
     entries: list[tuple[bytes, _Inode]] = field(default_factory=list)
     block_starts: list[int] = field(default_factory=list)
     nid: int = 0
+
+    @property
+    def path(self) -> bytes:
+        """The first path naming this inode, built on demand (never held: see _collect_inodes)."""
+        names = []
+        inode: _Inode | None = self
+        while inode is not None and inode.up is not None:
+            names.append(inode.name)
+            inode = inode.up
+        return b"/" + b"/".join(reversed(names))
 
     @property
     def inode_size(self) -> int:
@@ -202,21 +213,20 @@ def _collect_inodes(tree: Tree) -> list[_Inode]:
     """One _Inode per distinct node: the root, then each directory's children
     together, then the subdirectories in name order, depth first."""
     counts = tree.link_counts()
-    root = _Inode(tree.root, b"/", ino=1, nlink=counts[id(tree.root)])
+    root = _Inode(tree.root, b"/", None, ino=1, nlink=counts[id(tree.root)])
     by_node: dict[int, _Inode] = {id(tree.root): root}
     order = [root]
     parents: dict[int, _Inode] = {id(tree.root): root}
     stack = [root]
     while stack:
         directory = stack.pop()
-        prefix = directory.path.rstrip(b"/") + b"/"
         entries: list[tuple[bytes, _Inode]] = []
         subdirs: list[_Inode] = []
         for name, child in directory.node.sorted_children():
-            _check_name(name, directory.path)
+            _check_name(name, directory)
             inode = by_node.get(id(child))
             if inode is None:
-                inode = _Inode(child, prefix + name, ino=len(order) + 1, nlink=counts[id(child)])
+                inode = _Inode(child, name, directory, ino=len(order) + 1, nlink=counts[id(child)])
                 by_node[id(child)] = inode
                 order.append(inode)
                 if child.is_dir:
@@ -231,9 +241,9 @@ def _collect_inodes(tree: Tree) -> list[_Inode]:
     return order
 
 
-def _check_name(name: bytes, parent: bytes) -> None:
+def _check_name(name: bytes, parent: _Inode) -> None:
     if not 0 < len(name) <= fmt.NAME_LEN_MAX or b"/" in name or b"\0" in name:
-        raise WriterError(f"erofs cannot store the name {name!r} in {os.fsdecode(parent)!r}")
+        raise WriterError(f"erofs cannot store the name {name!r} in {os.fsdecode(parent.path)!r}")
 
 
 def _most_common_mtime(inodes: list[_Inode]) -> int:
@@ -281,9 +291,11 @@ _XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, value)
 
 
 def _xattr_key(inode: _Inode, name: bytes, value: bytes) -> _XattrKey:
-    shown = f"xattr {name!r} of {os.fsdecode(inode.path)!r}"
+    def shown() -> str:
+        return f"xattr {name!r} of {os.fsdecode(inode.path)!r}"
+
     if len(value) > fmt.XATTR_VALUE_SIZE_MAX:
-        raise WriterError(f"{shown}: value larger than {fmt.XATTR_VALUE_SIZE_MAX} bytes")
+        raise WriterError(f"{shown()}: value larger than {fmt.XATTR_VALUE_SIZE_MAX} bytes")
     index = fmt.XATTR_EXACT_NAMES.get(name)
     if index is not None:
         return (index, b"", value)
@@ -291,9 +303,9 @@ def _xattr_key(inode: _Inode, name: bytes, value: bytes) -> _XattrKey:
         if name.startswith(prefix):
             suffix = name[len(prefix) :]
             if len(suffix) > fmt.XATTR_NAME_LEN_MAX:
-                raise WriterError(f"{shown}: name too long")
+                raise WriterError(f"{shown()}: name too long")
             return (index, suffix, value)
-    raise WriterError(f"{shown}: erofs stores only user., trusted., security. and ACL xattrs")
+    raise WriterError(f"{shown()}: erofs stores only user., trusted., security. and ACL xattrs")
 
 
 def _assign_xattrs(inodes: list[_Inode]) -> bytes:
