@@ -205,6 +205,32 @@ def test_resolve_user_errors_name_the_user() -> None:
             resolve_config({"Env": ["A=1"]}, _users_tree(), reader)
 
 
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [
+        ("\u00b2", "user '\u00b2' is not in the image's /etc/passwd"),  # isdigit(), not int()
+        ("1000:\u00b3", "group '\u00b3' is not in the image's /etc/group"),
+        ("4294967296", "user id 4294967296 is larger than 4294967295"),
+        ("0:99999999999999999999", "group id 99999999999999999999 is larger than 4294967295"),
+    ],
+)
+def test_user_ids_are_ascii_numbers_in_32_bits(user: str, message: str) -> None:
+    with ContentReader() as reader, pytest.raises(AgentError) as err:
+        resolve_config({"Cmd": ["sh"], "User": user}, _users_tree(), reader)
+    assert str(err.value) == message
+
+
+def test_passwd_lines_with_odd_digits_are_skipped() -> None:
+    passwd = "odd:x:\u00b2:0::/:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"
+    assert [p.name for p in agent.parse_passwd(passwd)] == ["app"]
+    assert agent.parse_group("g:x:\u00b9:app\nh:x:7:\n") == [agent.GroupEntry("h", 7, ())]
+
+
+def test_stop_signal_with_odd_digits_is_named() -> None:
+    with ContentReader() as reader, pytest.raises(AgentError, match="StopSignal '\u00b2'"):
+        resolve_config({"Cmd": ["/x"], "StopSignal": "\u00b2"}, _users_tree(), reader)
+
+
 def test_resolve_config_follows_passwd_symlink() -> None:
     tree = _users_tree()
     passwd = tree.remove(b"/etc/passwd")

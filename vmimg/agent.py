@@ -44,6 +44,7 @@ AGENT_MANIFEST = b"/.vmimg/manifest"
 AGENT_SCRATCH = b"/.vmimg/mnt"  # empty mount point the agent uses on read-only roots
 INIT_PATH = AGENT_INIT.decode()
 
+MAX_ID = 0xFFFFFFFF  # uid_t and gid_t are 32 bits
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_STOP_TIMEOUT = 10
 DEFAULT_STOP_SIGNAL = int(signal.SIGTERM)
@@ -297,11 +298,16 @@ def _resolve(tree: Tree, path: bytes, depth: int = 0) -> Node | None:
     return _resolve(tree, b"/" + b"/".join(parts), depth + 1)
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_passwd(text: str) -> list[PasswdEntry]:
     out = []
     for line in text.splitlines():
         f = line.split(":")
-        if len(f) >= 7 and f[2].isdigit() and f[3].isdigit():
+        if len(f) >= 7 and is_number(f[2]) and is_number(f[3]):
             out.append(PasswdEntry(f[0], int(f[2]), int(f[3]), f[5]))
     return out
 
@@ -310,7 +316,7 @@ def parse_group(text: str) -> list[GroupEntry]:
     out = []
     for line in text.splitlines():
         f = line.split(":")
-        if len(f) >= 4 and f[2].isdigit():
+        if len(f) >= 4 and is_number(f[2]):
             members = tuple(m for m in f[3].split(",") if m)
             out.append(GroupEntry(f[0], int(f[2]), members))
     return out
@@ -332,8 +338,8 @@ def resolve_user(
     supplementary groups are the /etc/group entries listing the user."""
     user_part, _, group_part = (spec or "0").partition(":")
     entry: PasswdEntry | None
-    if user_part.isdigit():
-        uid = int(user_part)
+    if is_number(user_part):
+        uid = _id(user_part, "user")
         entry = next((p for p in passwd if p.uid == uid), None)
     else:
         entry = next((p for p in passwd if p.name == user_part), None)
@@ -342,8 +348,8 @@ def resolve_user(
         uid = entry.uid
     gid = entry.gid if entry else 0
     if group_part:
-        if group_part.isdigit():
-            gid = int(group_part)
+        if is_number(group_part):
+            gid = _id(group_part, "group")
         else:
             group = next((g for g in groups if g.name == group_part), None)
             if group is None:
@@ -356,6 +362,13 @@ def resolve_user(
                 supplementary.append(g.gid)
     home = entry.home if entry and entry.home else "/"
     return ResolvedUser(uid, gid, supplementary, home)
+
+
+def _id(text: str, what: str) -> int:
+    value = int(text)
+    if value > MAX_ID:
+        raise AgentError(f"{what} id {text[:32]} is larger than {MAX_ID}")
+    return value
 
 
 def _merge_env(base: Iterable[str], extra: Iterable[str]) -> list[str]:
@@ -425,7 +438,7 @@ def parse_signal(value: object) -> int:
     if value is None or value == "":
         return DEFAULT_STOP_SIGNAL
     text = str(value).strip().upper()
-    if text.isdigit() and 0 < int(text) < signal.NSIG:
+    if is_number(text) and 0 < int(text) < signal.NSIG:
         return int(text)
     name = text if text.startswith("SIG") else "SIG" + text
     try:

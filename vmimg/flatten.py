@@ -32,7 +32,7 @@ MAX_SYMLINK_HOPS = 40  # as the kernel's MAXSYMLINKS
 IMPLICIT_DIR_MODE = 0o755
 NAME_MAX = 255  # bytes in one name: Linux's limit, and ext4's and erofs's
 SYMLINK_MAX = 4095  # bytes in a symlink target: PATH_MAX less its NUL
-SHOWN_NAME_MAX = 200  # bytes of an entry name an error message quotes
+SHOWN_NAME_MAX = 300  # bytes of an entry name an error message quotes (NAME_MAX fits)
 
 _NODE_TYPE = {
     tarfile.REGTYPE: NodeType.FILE,

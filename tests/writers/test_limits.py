@@ -317,3 +317,40 @@ def test_initramfs_streams_a_large_sparse_file(tmp_path: Path) -> None:
     start = archive.index(b"head")
     assert archive[start + size - 4 : start + size] == b"tail"
     assert archive[start + 4 : start + size - 4].count(0) == size - 8
+
+
+# --- ext4 directory memory ------------------------------------------------------------------
+
+_SUBDIRS_SCRIPT = """
+import os, sys
+from vmimg.content import ContentReader
+from vmimg.tree import Node, NodeType, Tree
+from vmimg.writers.ext4 import Ext4Options, write_ext4
+tree = Tree()
+parent = Node(NodeType.DIR)
+tree.add(b"/d", parent)
+for i in range(int(sys.argv[1])):
+    parent.children[b"sub%06d" % i] = Node(NodeType.DIR)
+fd = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+with ContentReader() as reader:
+    write_ext4(tree, reader, fd, Ext4Options(seed=b"subdirs"))
+# VmHWM is this program's own peak: ru_maxrss would count the forking parent's memory
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def test_ext4_many_subdirectories_in_bounded_memory(tmp_path: Path) -> None:
+    """Directory blocks are written as they are built: 65,000 subdirectories (one block
+    each, 254 MiB if all were held) peak under 120 MiB, tree and interpreter included."""
+    import sys
+
+    out = tmp_path / "dirs.ext4"
+    run = subprocess.run(
+        [sys.executable, "-c", _SUBDIRS_SCRIPT, "65000", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    peak_kib = int(run.stdout.split()[-1])
+    assert peak_kib < 120 * 1024, f"peak RSS {peak_kib} KiB"
+    fsck(out)
