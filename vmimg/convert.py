@@ -29,7 +29,7 @@ from vmimg.image import fetch_layers
 from vmimg.sources import SourceOptions, open_image
 from vmimg.sources.base import Image
 from vmimg.tree import Tree
-from vmimg.writers import write_image
+from vmimg.writers import WRITER_VERSIONS, write_image
 
 NS_PER_S = 1_000_000_000
 COPY_CHUNK = 64 << 20
@@ -84,6 +84,7 @@ def conversion_key(image: Image, fmt: str, options: Any, epoch_ns: int | None) -
         "image": image.digest,
         "platform": str(image.platform),
         "format": fmt,
+        "writer": WRITER_VERSIONS.get(fmt),
         "options": options_doc(options),
         "epoch": epoch_ns,
     }

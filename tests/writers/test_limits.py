@@ -16,9 +16,14 @@ import pytest
 from tests import layerkit as L
 from tests.writers.test_erofs import raw_mode, superblock
 from tests.writers.test_ext4 import fsck, stat_paths
+from vmimg import writers
+from vmimg.cache import Cache
 from vmimg.content import ContentReader
+from vmimg.convert import conversion_key
 from vmimg.errors import WriterError
 from vmimg.flatten import LayerFile, flatten
+from vmimg.oci import Platform
+from vmimg.sources import SourceOptions, open_image
 from vmimg.tree import MAX_TIME_NS, NS_PER_S, Content, Extent, Node, NodeType, Tree
 from vmimg.writers import write_image
 from vmimg.writers.cpio import CpioOptions
@@ -323,7 +328,10 @@ def test_initramfs_streams_a_large_sparse_file(tmp_path: Path) -> None:
 
 _SUBDIRS_SCRIPT = """
 import os, sys
+from vmimg import writers
+from vmimg.cache import Cache
 from vmimg.content import ContentReader
+from vmimg.convert import conversion_key
 from vmimg.tree import Node, NodeType, Tree
 from vmimg.writers.ext4 import Ext4Options, write_ext4
 tree = Tree()
@@ -354,3 +362,20 @@ def test_ext4_many_subdirectories_in_bounded_memory(tmp_path: Path) -> None:
     peak_kib = int(run.stdout.split()[-1])
     assert peak_kib < 120 * 1024, f"peak RSS {peak_kib} KiB"
     fsck(out)
+
+
+# --- the conversion cache ------------------------------------------------------------------
+
+
+def test_writer_version_is_part_of_the_conversion_key(
+    sample_ref: str, cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached images made by an older writer are not reused once its bytes change."""
+    image = open_image(sample_ref, cache, SourceOptions(Platform()))
+    try:
+        keys = {fmt: conversion_key(image, fmt, OPTIONS[fmt], None) for fmt in OPTIONS}
+        monkeypatch.setitem(writers.WRITER_VERSIONS, "erofs", writers.WRITER_VERSIONS["erofs"] + 1)
+        again = {fmt: conversion_key(image, fmt, OPTIONS[fmt], None) for fmt in OPTIONS}
+    finally:
+        image.close()
+    assert [fmt for fmt in OPTIONS if keys[fmt] != again[fmt]] == ["erofs"]

@@ -15,6 +15,10 @@ from vmimg.errors import WriterError
 from vmimg.tree import Tree
 
 FORMATS = ("tar", "initramfs", "ext4", "erofs")
+# The version of each writer's output: part of the conversion cache key, so a cached image
+# is never reused once the same tree and options would give other bytes. Bump on change.
+# 2: symlinks 0777, times clamped per format; erofs: zero chunks share pclusters.
+WRITER_VERSIONS = {"tar": 2, "initramfs": 2, "ext4": 2, "erofs": 2}
 SHOWN_WARNINGS_MAX = 20  # warnings of one kind listed by path; the rest are counted
 
 

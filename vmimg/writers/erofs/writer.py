@@ -43,10 +43,12 @@ from vmimg.writers.erofs import format as fmt
 from vmimg.writers.erofs.compress import (
     CHUNK_SIZE,
     MAX_PCLUSTER_BLOCKS,
+    MIN_ZERO_LCLUSTERS,
     Compress,
     CompressedFile,
     blocks_for,
     make_compressor,
+    zero_pcluster,
 )
 
 BLOCK = fmt.BLOCK_SIZE
@@ -390,6 +392,47 @@ class _Chunk:
     last: bool
     raw: bytes
     result: Future[bytes] | None
+    zero_lclusters: int = 0  # a chunk of zeros of this many lclusters: nothing to compress
+
+
+class _RunCursor:
+    """A file's data runs, walked once front to back as windows move along the file:
+    which stored bytes fall in each window, without rescanning every run each time."""
+
+    def __init__(self, content: Content) -> None:
+        self.content = content
+        self.runs = content.data_extents()
+        self.index = 0  # the first run that does not end before the current window
+        self.stored = 0  # stored offset of runs[index]
+
+    def pieces(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(stored offset, logical offset, length) of the data in [start, end)."""
+        runs = self.runs
+        while self.index < len(runs) and runs[self.index].offset + runs[self.index].length <= start:
+            self.stored += runs[self.index].length
+            self.index += 1
+        out = []
+        stored = self.stored
+        for run in runs[self.index :]:
+            if run.offset >= end:
+                break
+            lo, hi = max(start, run.offset), min(end, run.offset + run.length)
+            if lo < hi:
+                out.append((stored + lo - run.offset, lo, hi - lo))
+            stored += run.length
+        return out
+
+    def read(self, reader: ContentReader, start: int, end: int) -> bytes | None:
+        """The bytes of [start, end), or None when it lies wholly in holes (not read)."""
+        pieces = self.pieces(start, end)
+        if not pieces:
+            return None
+        if not self.content.is_sparse:
+            return reader.read(self.content, start, end - start)
+        out = bytearray(end - start)
+        for stored, logical, n in pieces:
+            out[logical - start : logical - start + n] = reader.read(self.content, stored, n)
+        return bytes(out)
 
 
 class _DataArea:
@@ -437,7 +480,7 @@ class _DataArea:
     def place_compressed(self, files: list[_Inode], compress: Compress) -> None:
         """Compress files in 64 KiB chunks on a few threads, in order; write
         each pcluster as its result comes back; keep the result only if the
-        file shrinks."""
+        file shrinks. Chunks of zeros share one pcluster per length, written last."""
         window: collections.deque[_Chunk] = collections.deque()
         with ThreadPoolExecutor(max_workers=COMPRESS_WORKERS) as pool:
             for chunk in self._chunks(files, compress, pool):
@@ -446,6 +489,21 @@ class _DataArea:
                     self._finish(window.popleft())
             while window:
                 self._finish(window.popleft())
+        self._place_zero_pclusters(files, compress)
+
+    def _place_zero_pclusters(self, files: list[_Inode], compress: Compress) -> None:
+        """Write the shared zero pclusters the compressed files use; point them there."""
+        users = [
+            i.compressed for i in files if i.compressed is not None and i.compressed.zero_heads
+        ]
+        lengths = sorted({nlc for c in users for _, nlc in c.zero_heads})
+        blkaddr_of = {}
+        for nlc in lengths:
+            blkaddr_of[nlc] = self.next_block
+            os.pwrite(self.out_fd, zero_pcluster(compress, nlc), self.next_block * BLOCK)
+            self.next_block += 1
+        for c in users:
+            c.patch_zero_heads(blkaddr_of)
 
     def _chunks(
         self, files: list[_Inode], compress: Compress, pool: ThreadPoolExecutor
@@ -457,25 +515,34 @@ class _DataArea:
                 yield _Chunk(inode, True, True, b"", None)
                 continue
             assert node.content is not None
+            runs = _RunCursor(node.content)
             for start in range(0, inode.size, CHUNK_SIZE):
                 length = min(CHUNK_SIZE, inode.size - start)
-                raw = read_logical(self.reader, node.content, start, length)
-                yield _Chunk(
-                    inode, start == 0, start + length == inode.size, raw, pool.submit(compress, raw)
-                )
+                first, last = start == 0, start + length == inode.size
+                # a zero extent must decode to exactly its length: whole lclusters only
+                nlc = length // BLOCK if length % BLOCK == 0 else 0
+                raw = runs.read(self.reader, start, start + length)  # None: all holes
+                if nlc >= MIN_ZERO_LCLUSTERS and (raw is None or raw.count(0) == length):
+                    yield _Chunk(inode, first, last, b"", None, zero_lclusters=nlc)
+                    continue
+                raw = raw if raw is not None else bytes(length)
+                yield _Chunk(inode, first, last, raw, pool.submit(compress, raw))
 
     def _finish(self, chunk: _Chunk) -> None:
-        if chunk.result is None:
+        if chunk.result is None and not chunk.zero_lclusters:
             self.place_plain(chunk.inode)
             return
         if chunk.first:
             self._current = CompressedFile(chunk.inode.size, self.next_block)
         current = self._current
         assert current is not None
-        offset = (current.start_block + current.blocks) * BLOCK
-        os.pwrite(
-            self.out_fd, current.add_chunk(len(chunk.raw), chunk.result.result(), chunk.raw), offset
-        )
+        if chunk.zero_lclusters:
+            current.add_zero_chunk(chunk.zero_lclusters)
+        else:
+            assert chunk.result is not None
+            offset = (current.start_block + current.blocks) * BLOCK
+            data = current.add_chunk(len(chunk.raw), chunk.result.result(), chunk.raw)
+            os.pwrite(self.out_fd, data, offset)
         if chunk.last:
             self._decide(chunk.inode, current)
             self._current = None
