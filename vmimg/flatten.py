@@ -58,6 +58,17 @@ class LayerFile:
 class _Flattener:
     def __init__(self) -> None:
         self.tree = Tree(Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE))
+        # Parent directories already resolved, by their path as written: entries of a
+        # layer share parents, and resolving a 2000-level path per entry would cost
+        # depth x entries. Valid until an entry is replaced or removed (it may have been
+        # a directory or symlink such a resolution went through): then it is emptied.
+        self._parents: dict[bytes, tuple[Node, int]] = {}
+
+    def _put(self, directory: Node, name: bytes, node: Node) -> None:
+        assert directory.children is not None
+        if directory.children.get(name) is not None:
+            self._parents.clear()
+        directory.children[name] = node
 
     # -- path resolution inside the tree --------------------------------------
 
@@ -104,7 +115,7 @@ class _Flattener:
                     return None
                 _check_path_length(length)
                 child = Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=create_mtime)
-                node.children[name] = child
+                self._put(node, name, child)
             stack.append(child)
             lengths.append(length)
         return stack[-1], lengths[-1]
@@ -125,10 +136,11 @@ class _Flattener:
             return  # whiting out inside a directory that is not there
         directory = found[0]
         assert directory.children is not None
+        if name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX) and name != OPAQUE_MARKER:
+            return  # other aufs metadata (.wh..wh.plnk ...): not content
+        self._parents.clear()
         if name == OPAQUE_MARKER:
             directory.children.clear()
-        elif name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
-            return  # other aufs metadata (.wh..wh.plnk ...): not content
         else:
             directory.children.pop(hidden, None)
 
@@ -138,22 +150,26 @@ class _Flattener:
         parts = split_path(e.name)
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             return  # handled in apply_whiteouts
-        if any(len(p) > NAME_MAX for p in parts):
+        if parts and max(map(len, parts)) > NAME_MAX:
             raise TreeError(f"a name longer than {NAME_MAX} bytes")
         # Checked before anything is made: the path as written, then (below) where it lands.
-        _check_path_length(sum(len(p) for p in parts) + len(parts) - 1)
+        written = b"/".join(parts[:-1])
+        _check_path_length(_joined_length(len(written), parts[-1]) if parts else 0)
         if not parts:
             if e.type == tarfile.DIRTYPE:
                 self._set_attrs(self.tree.root, e)
             return
-        found = self._resolve_dir(parts[:-1], create_mtime=e.mtime_ns)
-        assert found is not None
+        found = self._parents.get(written)
+        if found is None:
+            found = self._resolve_dir(parts[:-1], create_mtime=e.mtime_ns)
+            assert found is not None
+            self._parents[written] = found
         parent, parent_length = found
         assert parent.children is not None
         name = parts[-1]
         _check_path_length(_joined_length(parent_length, name))
         if e.type == tarfile.LNKTYPE:
-            parent.children[name] = self._hardlink_target(e)
+            self._put(parent, name, self._hardlink_target(e))
             return
         kind = _NODE_TYPE.get(e.type)
         if kind is None:
@@ -176,7 +192,7 @@ class _Flattener:
             node.target = e.linkname
         elif kind in (NodeType.CHAR, NodeType.BLOCK):
             node.rdev = (e.devmajor, e.devminor)
-        parent.children[name] = node
+        self._put(parent, name, node)
 
     def _hardlink_target(self, e: Entry) -> Node:
         target_parts = split_path(e.linkname)

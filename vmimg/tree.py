@@ -183,10 +183,18 @@ def split_path(path: bytes) -> list[bytes]:
     are dropped, and ".." is an error rather than something to resolve: a
     flattened tree never needs it, and resolving it is how extraction escapes.
     """
-    parts = [p for p in path.split(b"/") if p not in (b"", b".")]
-    for p in parts:
-        if p == b"..":
-            raise TreeError(f"path leaves the root: {os.fsdecode(path)!r}")
+    # list operations that run in C: a path may have 2048 components, and every
+    # entry of a layer is split (twice)
+    parts = path.split(b"/")
+    if b"" in parts:
+        parts = list(filter(None, parts))
+    dots = parts.count(b".")
+    if dots == 1:
+        parts.remove(b".")
+    elif dots:
+        parts = [p for p in parts if p != b"."]
+    if b".." in parts:
+        raise TreeError(f"path leaves the root: {os.fsdecode(path)!r}")
     return parts
 
 
