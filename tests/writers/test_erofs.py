@@ -408,6 +408,30 @@ def test_file_over_4gib(tmp_path: Path) -> None:
     assert os.stat(image).st_blocks * 512 < GiB  # the image file itself stays sparse
 
 
+def test_terabyte_sparse_file_with_compression_is_stored_plain(tmp_path: Path) -> None:
+    """A file claiming 1 TB would need 2 GiB of lcluster indexes compressed, holes
+    included: past 32 GiB a file is stored plain, where holes cost nothing."""
+    import tracemalloc
+
+    on_disk = tmp_path / "layer.bin"
+    on_disk.write_bytes(b"head" + b"tail")
+    size = 1 << 40
+    content = Content(size, str(on_disk), 0, extents=(Extent(0, 4), Extent(size - 4, 4)))
+    tree = Tree(Node(NodeType.DIR, mtime_ns=T0))
+    tree.add(b"/big", Node(NodeType.FILE, mode=0o644, mtime_ns=T0, content=content))
+    tree.add(b"/small", Node(NodeType.FILE, content=Content.from_bytes(compressible(99_999, 9))))
+    tracemalloc.start()
+    try:
+        image = write_image(tree, tmp_path / "img", compress="lz4")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, peak
+    assert dump(image, "/big").layout in (0, 2) and dump(image, "/big").size == size
+    assert dump(image, "/small").layout == 1  # the others are still compressed
+    assert os.stat(image).st_blocks * 512 < 1 << 20
+
+
 def test_times_before_1970(tmp_path: Path) -> None:
     old = -86_400 * 10**9 + 1
     tree = Tree(Node(NodeType.DIR, mtime_ns=old))

@@ -57,6 +57,10 @@ META_OPEN_BLOCKS = 32  # metadata blocks kept open for first-fit packing
 COMPRESS_WORKERS = max(1, min(4, os.cpu_count() or 1))  # lz4 releases the GIL
 CHUNKS_IN_FLIGHT = 4 * COMPRESS_WORKERS
 ZERO_CHUNK = 1 << 20
+# A compressed file costs an 8-byte index per 4 KiB, holes included: past this size
+# (64 MiB of indexes, held in memory until the meta area is written) a file is stored
+# plain, where holes cost nothing. A sparse file can claim a terabyte.
+MAX_COMPRESSED_FILE_SIZE = 32 << 30
 
 _FILE_TYPE = {
     NodeType.FILE: fmt.FT_REG_FILE,
@@ -511,7 +515,7 @@ class _DataArea:
         for inode in files:
             node = inode.node
             # a file of one block or less cannot beat its inline tail
-            if node.type is not NodeType.FILE or inode.size <= BLOCK:
+            if node.type is not NodeType.FILE or not BLOCK < inode.size <= MAX_COMPRESSED_FILE_SIZE:
                 yield _Chunk(inode, True, True, b"", None)
                 continue
             assert node.content is not None
