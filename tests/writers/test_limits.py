@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import layerkit as L
-from tests.writers.test_erofs import raw_mode, superblock
+from tests.writers.test_erofs import dump, mtime_text, raw_mode, superblock
 from tests.writers.test_ext4 import fsck, stat_paths
 from vmimg import writers
 from vmimg.cache import Cache
@@ -288,6 +288,8 @@ def test_far_times_from_a_layer_reach_every_format(tmp_path: Path) -> None:
         assert t.getmember("past").pax_headers["mtime"] == "-99999999999.25"
         assert t.getmember("absurd").pax_headers["mtime"] == _pax_seconds(MAX_TIME_NS)
     assert _erofs_raw_mtime(out["erofs"], "future") == (99_999_999_999, 500_000_000)
+    shown = dump(out["erofs"], "/future").timestamp  # dump.erofs says the year 5138 too
+    assert shown == mtime_text(99_999_999_999_500_000_000)
     assert _erofs_raw_mtime(out["erofs"], "past") == (-100_000_000_000, 750_000_000)
     assert _erofs_raw_mtime(out["erofs"], "absurd") == ((1 << 63) - 1, 999_999_999)
     subprocess.run(["fsck.erofs", str(out["erofs"])], check=True, capture_output=True)
