@@ -43,6 +43,7 @@ AGENT_MANIFEST = b"/.vmimg/manifest"
 AGENT_SCRATCH = b"/.vmimg/mnt"  # empty mount point the agent uses on read-only roots
 AGENT_INIT = INIT_PATH.encode()
 
+MAX_ID = 0xFFFFFFFF  # uid_t and gid_t are 32 bits
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_STOP_TIMEOUT = 10
 DEFAULT_STOP_SIGNAL = int(signal.SIGTERM)
@@ -305,6 +306,11 @@ def _resolve(tree: Tree, path: bytes, depth: int = 0) -> Node | None:
     return _resolve(tree, b"/" + b"/".join(parts), depth + 1)
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_passwd(text: str) -> list[PasswdEntry]:
     """The entries of an /etc/passwd with decimal ids. Ids are range-checked only when an
     entry is used (`resolve_user`): an odd line the workload never uses does not matter."""
@@ -376,6 +382,13 @@ def resolve_user(
                 supplementary.append(check_id(g.gid, what))
     home = entry.home if entry and entry.home else "/"
     return ResolvedUser(uid, gid, supplementary, home)
+
+
+def _id(text: str, what: str) -> int:
+    value = int(text)
+    if value > MAX_ID:
+        raise AgentError(f"{what} id {text[:32]} is larger than {MAX_ID}")
+    return value
 
 
 def _merge_env(base: Iterable[str], extra: Iterable[str]) -> list[str]:
@@ -571,7 +584,7 @@ def build_manifest(tree: Tree, reader: ContentReader) -> Manifest:
             ManifestEntry(
                 path=path,
                 type=node.type,
-                mode=node.mode & 0o7777,
+                mode=node.permissions,
                 uid=node.uid,
                 gid=node.gid,
                 size=node.size,

@@ -28,6 +28,11 @@ from vmimg.image.cache import Cache, SpaceGuard, commit, format_size
 from vmimg.image.oci import Descriptor, layer_compression
 from vmimg.testhook import pause_point
 
+NS_PER_S = 1_000_000_000
+# The widest time any output stores (erofs and tar keep signed 64-bit seconds): a layer's
+# time outside it is clamped here, and each writer clamps further to its own format.
+MIN_TIME_NS = -(1 << 63) * NS_PER_S
+MAX_TIME_NS = ((1 << 63) - 1) * NS_PER_S + NS_PER_S - 1
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -304,8 +309,9 @@ GNU_ISEXTENDED_OFFSET = 504  # old GNU sparse: "another block follows" flag
 MAX_ID = (1 << 32) - 1  # uid_t and gid_t are 32 bits
 XATTR_NAME_MAX = 255  # Linux limits (include/uapi/linux/limits.h)
 XATTR_SIZE_MAX = 1 << 16
-MIN_MTIME_NS = -(1 << 63)  # what a signed 64-bit nanosecond count holds
-MAX_MTIME_NS = (1 << 63) - 1
+# Digits of whole seconds past which a PAX time is clamped without being parsed: more
+# than MAX_TIME_NS has, few enough that int() never meets its digit limit.
+TIME_DIGITS_MAX = 30
 _META_TYPES = (
     tarfile.XHDTYPE,
     tarfile.XGLTYPE,
@@ -367,22 +373,29 @@ def _bytes(s: str) -> bytes:
 
 
 def _mtime_ns(info: tarfile.TarInfo) -> int:
+    """The member's mtime in nanoseconds, clamped to what a Tree holds (each writer
+    clamps it further to what its format stores): an odd time never fails an image."""
     text = info.pax_headers.get("mtime")
-    if text:
-        # Parse the decimal string exactly: a float would lose the nanoseconds.
-        whole, _, frac = text.partition(".")
-        try:
-            secs = int(whole)
-            ns = int((frac + "000000000")[:9]) if frac else 0
-        except ValueError:
-            raise LayerError(f"invalid PAX mtime {text!r}") from None
-        sign = -1 if whole.startswith("-") else 1
-        mtime = secs * 1_000_000_000 + sign * ns
-    else:
-        mtime = int(info.mtime) * 1_000_000_000
-    if not MIN_MTIME_NS <= mtime <= MAX_MTIME_NS:
-        raise LayerError(f"mtime {mtime} ns is outside what 64 bits of nanoseconds hold")
-    return mtime
+    mtime = _pax_time_ns(text) if text else int(info.mtime) * NS_PER_S
+    return min(max(mtime, MIN_TIME_NS), MAX_TIME_NS)
+
+
+def _is_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _pax_time_ns(text: str) -> int:
+    """A PAX decimal time ("-1.5") parsed exactly: a float would lose the nanoseconds."""
+    whole, _, frac = text.partition(".")
+    negative = whole.startswith("-")
+    digits = whole[1:] if negative else whole
+    if not _is_digits(digits) or (frac and not _is_digits(frac)):
+        raise LayerError(f"invalid PAX mtime {text[:64]!r}")
+    sign = -1 if negative else 1
+    if len(digits.lstrip("0")) > TIME_DIGITS_MAX:
+        return sign * (MAX_TIME_NS + 1)  # far outside the range: the caller clamps it
+    ns = int((frac + "000000000")[:9]) if frac else 0
+    return sign * (int(digits) * NS_PER_S + ns)
 
 
 def iter_entries(tar_path: str, what: str) -> Iterator[Entry]:
@@ -506,7 +519,7 @@ def _checked_runs(runs: list[tuple[int, int]], size: int) -> tuple[Extent, ...]:
 # shares the layer reads them back instead of parsing the tar again.
 
 INDEX_SUFFIX = ".idx"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: PAX times parsed strictly and clamped, not refused
 
 
 def _entry_record(e: Entry) -> tuple[object, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform as _platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +215,92 @@ def select_platform(index: dict[str, Any], want: Platform, where: str) -> Descri
     raise PlatformError(f"{where} has no image for {want} (it has: {have or 'none'})")
 
 
+# The image config's "config" object, field by field, as the OCI image spec types it
+# (and Docker's own image config adds). A JSON null is an absent field, as Go reads it;
+# any other wrong type is refused: a string Entrypoint is not split into characters,
+# nor guessed into one argument.
+_STRING_FIELDS = ("User", "WorkingDir", "StopSignal", "Hostname", "Domainname")
+_STRING_LIST_FIELDS = ("Cmd", "Entrypoint", "Shell", "OnBuild")
+_OBJECT_FIELDS = ("ExposedPorts", "Volumes")
+_PLATFORM_FIELDS = ("os", "architecture", "variant")
+
+
+def _type_name(value: object) -> str:
+    names = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
+    if isinstance(value, bool | str | list | dict):
+        return names[type(value)]
+    return "a number" if isinstance(value, int | float) else "null"
+
+
+_ALL_FINE = object()
+
+
+def _holding(value: list[Any] | dict[str, Any], item: type) -> str | None:
+    """None if every item (or object value) is an `item`, else what the odd one is."""
+    items = value if isinstance(value, list) else list(value.values())
+    odd = next((v for v in items if not isinstance(v, item)), _ALL_FINE)
+    return None if odd is _ALL_FINE else f"{_type_name(value)} holding {_type_name(odd)}"
+
+
+def _string(value: object) -> str | None:
+    return None if isinstance(value, str) else f"must be a string, not {_type_name(value)}"
+
+
+def _container(value: object, kind: type, item: type, want: str) -> str | None:
+    if not isinstance(value, kind):
+        return f"must be {want}, not {_type_name(value)}"
+    assert isinstance(value, list | dict)
+    odd = _holding(value, item)
+    return None if odd is None else f"must be {want}, not {odd}"
+
+
+def _strings(value: object) -> str | None:
+    return _container(value, list, str, "a list of strings")
+
+
+def _env(value: object) -> str | None:
+    problem = _strings(value)
+    if problem is None:
+        assert isinstance(value, list)
+        bad = next((v for v in value if "=" not in v or v.startswith("=")), None)
+        if bad is not None:
+            return f"has {bad[:64]!r}, not KEY=VALUE"
+    return problem
+
+
+def _objects(value: object) -> str | None:
+    return _container(value, dict, dict, "an object of objects")
+
+
+def _labels(value: object) -> str | None:
+    return _container(value, dict, str, "an object of strings")
+
+
+_FIELD_CHECKS: dict[str, Callable[[object], str | None]] = {
+    **dict.fromkeys(_STRING_FIELDS, _string),
+    **dict.fromkeys(_STRING_LIST_FIELDS, _strings),
+    **dict.fromkeys(_OBJECT_FIELDS, _objects),
+    "Env": _env,
+    "Labels": _labels,
+}
+
+
+def check_run_config(config: object, what: str) -> dict[str, Any]:
+    """The "config" object of an image config, every field vmimg knows type-checked."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise SourceError(f"{what}: config must be an object, not {_type_name(config)}")
+    for name, value in config.items():
+        if value is None:
+            continue
+        check = _FIELD_CHECKS.get(name)
+        problem = check(value) if check is not None else None
+        if problem is not None:
+            raise SourceError(f"{what}: config.{name} {problem}")
+    return config
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """The parts of an image config vmimg uses, plus the raw document."""
@@ -224,8 +311,11 @@ class ImageConfig:
 
     @property
     def config(self) -> dict[str, Any]:
+        """The run config (Entrypoint, Cmd, Env...), its null fields dropped."""
         c = self.raw.get("config")
-        return c if isinstance(c, dict) else {}
+        if not isinstance(c, dict):
+            return {}
+        return {k: v for k, v in c.items() if v is not None}
 
     @classmethod
     def parse(cls, data: bytes, what: str) -> ImageConfig:
@@ -236,11 +326,12 @@ class ImageConfig:
         diff_ids = rootfs["diff_ids"]
         if not all(isinstance(d, str) for d in diff_ids):
             raise SourceError(f"{what} has an invalid diff_id")
-        plat = Platform(
-            str(raw.get("os") or "linux"),
-            str(raw.get("architecture") or "amd64"),
-            str(raw.get("variant") or ""),
-        )
+        for name in _PLATFORM_FIELDS:
+            if raw.get(name) is not None and not isinstance(raw[name], str):
+                raise SourceError(f"{what}: {name} must be a string, not {_type_name(raw[name])}")
+        check_run_config(raw.get("config"), what)
+        plat = Platform(raw.get("os") or "linux", raw.get("architecture") or "amd64",
+                        raw.get("variant") or "")  # fmt: skip
         return cls(raw, list(diff_ids), plat)
 
 

@@ -27,7 +27,7 @@ from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
 from vmimg.rootfs.tree import NodeType, Tree
-from vmimg.rootfs.writers import WriterOptions, options_doc, seeded, write_image
+from vmimg.rootfs.writers import WRITER_VERSIONS, WriterOptions, options_doc, seeded, write_image
 from vmimg.testhook import pause_point
 
 NS_PER_S = 1_000_000_000
@@ -63,6 +63,7 @@ def conversion_key(image: Image, fmt: str, options: WriterOptions, epoch_ns: int
         "image": image.digest,
         "platform": str(image.platform),
         "format": fmt,
+        "writer": WRITER_VERSIONS.get(fmt),
         "options": options_doc(options),
         "epoch": epoch_ns,
     }

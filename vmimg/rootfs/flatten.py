@@ -23,7 +23,7 @@ import tarfile
 
 from vmimg.errors import LayerError, TreeError
 from vmimg.image.layers import Entry, LayerFile, load_entries
-from vmimg.rootfs.tree import Content, Node, NodeType, Tree, split_path
+from vmimg.rootfs.tree import PATH_MAX, SYMLINK_MODE, Content, Node, NodeType, Tree, split_path
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -31,6 +31,7 @@ MAX_SYMLINK_HOPS = 40  # as the kernel's MAXSYMLINKS
 IMPLICIT_DIR_MODE = 0o755
 NAME_MAX = 255  # bytes in one name: Linux's limit, and ext4's and erofs's
 SYMLINK_MAX = 4095  # bytes in a symlink target: PATH_MAX less its NUL
+SHOWN_NAME_MAX = 300  # bytes of an entry name an error message quotes (NAME_MAX fits)
 
 _NODE_TYPE = {
     tarfile.REGTYPE: NodeType.FILE,
@@ -48,17 +49,33 @@ _NODE_TYPE = {
 class _Flattener:
     def __init__(self) -> None:
         self.tree = Tree(Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE))
+        # Parent directories already resolved, by their path as written: entries of a
+        # layer share parents, and resolving a 2000-level path per entry would cost
+        # depth x entries. Valid until an entry is replaced or removed (it may have been
+        # a directory or symlink such a resolution went through): then it is emptied.
+        self._parents: dict[bytes, tuple[Node, int]] = {}
+
+    def _put(self, directory: Node, name: bytes, node: Node) -> None:
+        assert directory.children is not None
+        if directory.children.get(name) is not None:
+            self._parents.clear()
+        directory.children[name] = node
 
     # -- path resolution inside the tree --------------------------------------
 
-    def _resolve_dir(self, parts: list[bytes], create_mtime: int | None = None) -> Node | None:
-        """The directory at `parts`, following symlinks *inside* the tree.
+    def _resolve_dir(
+        self, parts: list[bytes], create_mtime: int | None = None
+    ) -> tuple[Node, int] | None:
+        """The directory at `parts`, following symlinks *inside* the tree, and the
+        length of its path from the root (what PATH_MAX bounds).
 
         ".." stops at the root, as it does for a chrooted process. With
         `create_mtime`, missing directories are created (and a non-directory
         in the way is replaced, as tar does); otherwise a missing one gives None.
+        No directory is ever made deeper than PATH_MAX, whatever symlinks lead there.
         """
         stack: list[Node] = [self.tree.root]
+        lengths: list[int] = [0]  # path length of each directory on the stack
         pending = list(reversed(parts))
         hops = 0
         while pending:
@@ -68,6 +85,7 @@ class _Flattener:
             if name == b"..":
                 if len(stack) > 1:
                     stack.pop()
+                    lengths.pop()
                 continue
             node = stack[-1]
             assert node.children is not None
@@ -79,15 +97,19 @@ class _Flattener:
                 assert child.target is not None
                 if child.target.startswith(b"/"):
                     del stack[1:]
+                    del lengths[1:]
                 pending.extend(reversed(child.target.split(b"/")))
                 continue
+            length = _joined_length(lengths[-1], name)
             if child is None or not child.is_dir:
                 if create_mtime is None:
                     return None
+                _check_path_length(length)
                 child = Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=create_mtime)
-                node.children[name] = child
+                self._put(node, name, child)
             stack.append(child)
-        return stack[-1]
+            lengths.append(length)
+        return stack[-1], lengths[-1]
 
     # -- whiteouts -------------------------------------------------------------
 
@@ -100,14 +122,16 @@ class _Flattener:
         hidden = name[len(WHITEOUT_PREFIX) :]
         if hidden in (b"", b".", b".."):
             raise TreeError("invalid whiteout")  # checked first: where it stands is no excuse
-        directory = self._resolve_dir(parts[:-1])
-        if directory is None:
+        found = self._resolve_dir(parts[:-1])
+        if found is None:
             return  # whiting out inside a directory that is not there
+        directory = found[0]
         assert directory.children is not None
+        if name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX) and name != OPAQUE_MARKER:
+            return  # other aufs metadata (.wh..wh.plnk ...): not content
+        self._parents.clear()
         if name == OPAQUE_MARKER:
             directory.children.clear()
-        elif name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
-            return  # other aufs metadata (.wh..wh.plnk ...): not content
         else:
             directory.children.pop(hidden, None)
 
@@ -117,17 +141,26 @@ class _Flattener:
         parts = split_path(e.name)
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             return  # handled in apply_whiteouts
-        if any(len(p) > NAME_MAX for p in parts):
+        if parts and max(map(len, parts)) > NAME_MAX:
             raise TreeError(f"a name longer than {NAME_MAX} bytes")
+        # Checked before anything is made: the path as written, then (below) where it lands.
+        written = b"/".join(parts[:-1])
+        _check_path_length(_joined_length(len(written), parts[-1]) if parts else 0)
         if not parts:
             if e.type == tarfile.DIRTYPE:
                 self._set_attrs(self.tree.root, e)
             return
-        parent = self._resolve_dir(parts[:-1], create_mtime=e.mtime_ns)
-        assert parent is not None and parent.children is not None
+        found = self._parents.get(written)
+        if found is None:
+            found = self._resolve_dir(parts[:-1], create_mtime=e.mtime_ns)
+            assert found is not None
+            self._parents[written] = found
+        parent, parent_length = found
+        assert parent.children is not None
         name = parts[-1]
+        _check_path_length(_joined_length(parent_length, name))
         if e.type == tarfile.LNKTYPE:
-            parent.children[name] = self._hardlink_target(e)
+            self._put(parent, name, self._hardlink_target(e))
             return
         kind = _NODE_TYPE.get(e.type)
         if kind is None:
@@ -150,11 +183,12 @@ class _Flattener:
             node.target = e.linkname
         elif kind in (NodeType.CHAR, NodeType.BLOCK):
             node.rdev = (e.devmajor, e.devminor)
-        parent.children[name] = node
+        self._put(parent, name, node)
 
     def _hardlink_target(self, e: Entry) -> Node:
         target_parts = split_path(e.linkname)
-        directory = self._resolve_dir(target_parts[:-1]) if target_parts else None
+        found = self._resolve_dir(target_parts[:-1]) if target_parts else None
+        directory = found[0] if found is not None else None
         target = None
         if directory is not None and directory.children is not None:
             target = directory.children.get(target_parts[-1])
@@ -166,11 +200,28 @@ class _Flattener:
 
     @staticmethod
     def _set_attrs(node: Node, e: Entry) -> None:
-        node.mode = e.mode & 0o7777
+        node.mode = SYMLINK_MODE if node.type is NodeType.SYMLINK else e.mode & 0o7777
         node.uid = e.uid
         node.gid = e.gid
         node.mtime_ns = e.mtime_ns
         node.xattrs = dict(e.xattrs)
+
+
+def _joined_length(parent_length: int, name: bytes) -> int:
+    """Length of the path of `name` in a directory whose path is `parent_length` long."""
+    return parent_length + (1 if parent_length else 0) + len(name)
+
+
+def _check_path_length(length: int) -> None:
+    if length > PATH_MAX:
+        raise TreeError(f"path longer than {PATH_MAX} bytes")
+
+
+def shown_name(name: bytes) -> str:
+    """An entry name for an error message: long ones cut, their length said."""
+    if len(name) <= SHOWN_NAME_MAX:
+        return repr(os.fsdecode(name))
+    return f"{os.fsdecode(name[:SHOWN_NAME_MAX])!r}... ({len(name)} bytes)"
 
 
 def flatten(layers: list[LayerFile]) -> Tree:
@@ -187,6 +238,6 @@ def flatten(layers: list[LayerFile]) -> Tree:
                         f.apply_entry(e, layer)
                 except TreeError as err:
                     raise LayerError(
-                        f"layer {layer.name}: entry {os.fsdecode(e.name)!r}: {err}"
+                        f"layer {layer.name}: entry {shown_name(e.name)}: {err}"
                     ) from None
     return f.tree

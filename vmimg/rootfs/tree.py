@@ -22,7 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vmimg.errors import TreeError
+from vmimg.image.layers import MAX_TIME_NS as MAX_TIME_NS
+from vmimg.image.layers import MIN_TIME_NS as MIN_TIME_NS
+from vmimg.image.layers import NS_PER_S as NS_PER_S
 from vmimg.image.layers import Extent
+
+PATH_MAX = 4096  # bytes in a path below the root (Linux's PATH_MAX): deeper trees are refused
+SYMLINK_MODE = 0o777  # Linux gives every symlink these permissions, whatever a layer says
 
 
 class NodeType(enum.Enum):
@@ -98,7 +104,8 @@ class Node:
     """One inode: a file, directory, symlink, device, fifo or socket.
 
     `mode` holds only the permission bits (including setuid, setgid and
-    sticky, 0o7777); the type is `type`. `mtime_ns` is nanoseconds since the
+    sticky, 0o7777); the type is `type`. A symlink's are always 0o777, as
+    Linux makes them. No path in a tree is longer than PATH_MAX. `mtime_ns` is nanoseconds since the
     epoch. `xattrs` maps full names (b"security.capability",
     b"user.foo") to raw values. `children` is used by directories only,
     `target` by symlinks only, `rdev` (major, minor) by devices only,
@@ -124,6 +131,8 @@ class Node:
             self.children = {}
         if self.type is NodeType.FILE and self.content is None:
             self.content = Content(size=0)
+        if self.type is NodeType.SYMLINK:
+            self.mode = SYMLINK_MODE
 
     @property
     def is_dir(self) -> bool:
@@ -142,8 +151,15 @@ class Node:
 
     @property
     def st_mode(self) -> int:
-        """Full st_mode: type bits plus permission bits."""
+        """Full st_mode: type bits plus permission bits (always 0777 for a symlink)."""
+        if self.type is NodeType.SYMLINK:
+            return stat.S_IFLNK | SYMLINK_MODE
         return self.type.st_ifmt | (self.mode & 0o7777)
+
+    @property
+    def permissions(self) -> int:
+        """The permission bits an output stores: `mode`, but 0777 for a symlink."""
+        return stat.S_IMODE(self.st_mode)
 
     def sorted_children(self) -> list[tuple[bytes, Node]]:
         """Children ordered by name bytes, the order every writer uses."""
@@ -158,10 +174,18 @@ def split_path(path: bytes) -> list[bytes]:
     are dropped, and ".." is an error rather than something to resolve: a
     flattened tree never needs it, and resolving it is how extraction escapes.
     """
-    parts = [p for p in path.split(b"/") if p not in (b"", b".")]
-    for p in parts:
-        if p == b"..":
-            raise TreeError(f"path leaves the root: {os.fsdecode(path)!r}")
+    # list operations that run in C: a path may have 2048 components, and every
+    # entry of a layer is split (twice)
+    parts = path.split(b"/")
+    if b"" in parts:
+        parts = list(filter(None, parts))
+    dots = parts.count(b".")
+    if dots == 1:
+        parts.remove(b".")
+    elif dots:
+        parts = [p for p in parts if p != b"."]
+    if b".." in parts:
+        raise TreeError(f"path leaves the root: {os.fsdecode(path)!r}")
     return parts
 
 
@@ -235,14 +259,23 @@ class Tree:
         Paths are absolute (b"/", b"/etc", b"/etc/passwd"). A hardlinked node
         appears once per path that holds it.
         """
-        stack: list[tuple[bytes, Node]] = [(b"/", self.root)]
+        # One (path, children iterator) per open directory: a path is made only when it
+        # is yielded, so memory follows the depth of the tree, never its width times depth.
+        yield b"/", self.root
+        stack: list[tuple[bytes, Iterator[tuple[bytes, Node]]]] = [
+            (b"", iter(self.root.sorted_children()))
+        ]
         while stack:
-            path, node = stack.pop()
-            yield path, node
-            if node.children:
-                prefix = path if path.endswith(b"/") else path + b"/"
-                for name, child in reversed(node.sorted_children()):
-                    stack.append((prefix + name, child))
+            prefix, children = stack[-1]
+            step = next(children, None)
+            if step is None:
+                stack.pop()
+                continue
+            name, child = step
+            path = prefix + b"/" + name
+            yield path, child
+            if child.children:
+                stack.append((path, iter(child.sorted_children())))
 
     def link_counts(self) -> dict[int, int]:
         """Link count per node id: entries naming it, plus for a directory its

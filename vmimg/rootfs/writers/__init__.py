@@ -32,6 +32,10 @@ class WriterOptions(Protocol):
 
 
 Writer = Callable[[Tree, ContentReader, int, Any], list[str]]
+# The version of each writer's output: part of the conversion cache key, so a cached image
+# is never reused once the same tree and options would give other bytes. Bump on change.
+# 2: symlinks 0777, times clamped per format; erofs: zero chunks share pclusters.
+WRITER_VERSIONS = {"tar": 2, "initramfs": 2, "ext4": 2, "erofs": 2}
 # Compressed initramfs names say their compression (docs/bundle.md).
 INITRAMFS_SUFFIX = {"gzip": ".gz", "zstd": ".zst", "none": ""}
 
@@ -62,8 +66,7 @@ def _cpio(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]
 
 
 def _ext4(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
-    write_ext4(tree, reader, fd, options)
-    return []
+    return write_ext4(tree, reader, fd, options)
 
 
 def _erofs(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:

@@ -18,7 +18,8 @@ from isal import isal_zlib
 
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.tree import Node, NodeType, Tree
+from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.pathwarnings import PathWarnings
 
 NEWC_MAGIC = b"070701"
 TRAILER = b"TRAILER!!!"
@@ -28,6 +29,8 @@ GZIP_WBITS = 31
 COMPRESSIONS = ("gzip", "zstd", "none")
 DEFAULT_GZIP_LEVEL = 3  # isal levels run 0..3
 DEFAULT_ZSTD_LEVEL = 10
+FIELD_MAX = 0xFFFFFFFF  # every newc header field is 8 hex digits
+ZEROS = bytes(READ_CHUNK)
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,10 @@ def newc_header(
 ) -> bytes:
     """One newc header with its name, padded so the data starts aligned."""
     namesize = len(name) + 1
-    fields = (ino, mode, uid, gid, nlink, max(mtime, 0), size, 0, 0, rdev[0], rdev[1], namesize, 0)
-    hdr = NEWC_MAGIC + b"".join(b"%08X" % (f & 0xFFFFFFFF) for f in fields) + name + b"\0"
+    fields = (ino, mode, uid, gid, nlink, mtime, size, 0, 0, rdev[0], rdev[1], namesize, 0)
+    if not all(0 <= f <= FIELD_MAX for f in fields):
+        raise WriterError(f"{name!r}: a newc header field outside 0..{FIELD_MAX}: {fields}")
+    hdr = NEWC_MAGIC + b"".join(b"%08X" % f for f in fields) + name + b"\0"
     return hdr + _pad(len(hdr))
 
 
@@ -94,6 +99,7 @@ class _Sink:
 def write_cpio(tree: Tree, reader: ContentReader, out_fd: int, options: CpioOptions) -> list[str]:
     """Write the tree as a (compressed) newc cpio to `out_fd`. Returns warnings."""
     warnings: list[str] = []
+    clamped = PathWarnings("mtime outside what newc cpio stores (1970..2106); clamped")
     sink = _Sink(out_fd, options.compression, options.level)
     counts = tree.link_counts()
     inos: dict[int, int] = {}
@@ -104,6 +110,14 @@ def write_cpio(tree: Tree, reader: ContentReader, out_fd: int, options: CpioOpti
             inos[id(node)] = len(inos) + 1
         if node.xattrs and not seen:
             warnings.append(f"{os.fsdecode(path)}: xattrs are not stored in an initramfs")
+        if node.size > FIELD_MAX:
+            raise WriterError(
+                f"{os.fsdecode(path)}: {node.size} bytes; an initramfs (newc cpio) stores files "
+                f"of at most {FIELD_MAX} bytes"
+            )
+        mtime = _newc_mtime(node.mtime_ns)
+        if mtime != node.mtime_ns // NS_PER_S and not seen:
+            clamped.add(path)
         size = node.size if not seen else 0
         sink.write(
             newc_header(
@@ -113,7 +127,7 @@ def write_cpio(tree: Tree, reader: ContentReader, out_fd: int, options: CpioOpti
                 node.uid,
                 node.gid,
                 counts[id(node)],
-                node.mtime_ns // 1_000_000_000,
+                mtime,
                 size,
                 node.rdev,
             )
@@ -123,7 +137,12 @@ def write_cpio(tree: Tree, reader: ContentReader, out_fd: int, options: CpioOpti
             sink.write(_pad(size))
     sink.write(newc_header(TRAILER, 0, 0, 0, 0, 1, 0, 0))
     sink.close()
-    return warnings
+    return warnings + clamped.lines()
+
+
+def _newc_mtime(ns: int) -> int:
+    """Whole seconds, clamped to the unsigned 32 bits a newc header holds."""
+    return min(max(ns // NS_PER_S, 0), FIELD_MAX)
 
 
 def _write_data(sink: _Sink, reader: ContentReader, node: Node) -> None:
@@ -132,11 +151,22 @@ def _write_data(sink: _Sink, reader: ContentReader, node: Node) -> None:
         sink.write(node.target)
         return
     assert node.content is not None
-    content = node.content
-    if content.is_sparse:
-        if content.size > READ_CHUNK * 64:
-            raise WriterError("sparse files larger than 256 MiB do not fit an initramfs")
-        sink.write(reader.read_all(content))
-        return
-    for start in range(0, content.size, READ_CHUNK):
-        sink.write(reader.read(content, start, min(READ_CHUNK, content.size - start)))
+    _write_logical(sink, reader, node.content)
+
+
+def _write_logical(sink: _Sink, reader: ContentReader, content: Content) -> None:
+    """The file's bytes in bounded chunks, holes as zeros (newc has no holes)."""
+    pos = 0  # logical offset reached
+    stored = 0  # offset into the stored runs
+    for ext in (*content.data_extents(), None):
+        hole_end = content.size if ext is None else ext.offset
+        while pos < hole_end:
+            n = min(READ_CHUNK, hole_end - pos)
+            sink.write(ZEROS[:n])
+            pos += n
+        if ext is None:
+            break
+        for start in range(0, ext.length, READ_CHUNK):
+            sink.write(reader.read(content, stored + start, min(READ_CHUNK, ext.length - start)))
+        stored += ext.length
+        pos = ext.offset + ext.length

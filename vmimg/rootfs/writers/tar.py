@@ -13,12 +13,12 @@ import tarfile
 from dataclasses import dataclass
 
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.tree import Node, NodeType, Tree
+from vmimg.rootfs.tree import NS_PER_S, Node, NodeType, Tree
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = 2 * BLOCK
 PAX_XATTR_PREFIX = "SCHILY.xattr."
-NS_PER_S = 1_000_000_000
+USTAR_MTIME_LIMIT = 8**11  # the header's 12-byte octal field holds 0 up to this, exclusive
 
 _TAR_TYPE = {
     NodeType.FILE: tarfile.REGTYPE,
@@ -46,17 +46,25 @@ def tar_name(path: bytes, node: Node) -> str:
     return name + "/" if node.is_dir else name
 
 
+def pax_time(ns: int) -> str:
+    """A time as PAX writes it: exact decimal seconds, sign first ("-1.5", never "-2.5")."""
+    secs, frac = divmod(abs(ns), NS_PER_S)
+    text = f"{'-' if ns < 0 else ''}{secs}"
+    return f"{text}.{frac:09d}".rstrip("0") if frac else text
+
+
 def header(path: bytes, node: Node, hardlink_to: str | None) -> bytes:
     """The tar header block(s) for one entry."""
     info = tarfile.TarInfo(tar_name(path, node))
-    info.mode = node.mode
+    info.mode = node.permissions
     info.uid, info.gid = node.uid, node.gid
     info.uname = info.gname = ""
-    secs, frac = divmod(node.mtime_ns, NS_PER_S)
-    info.mtime = secs
+    secs = node.mtime_ns // NS_PER_S
+    in_header = 0 <= secs < USTAR_MTIME_LIMIT
+    info.mtime = secs if in_header else 0
     pax: dict[str, str] = {}
-    if frac:
-        pax["mtime"] = f"{secs}.{frac:09d}".rstrip("0")
+    if node.mtime_ns % NS_PER_S or not in_header:
+        pax["mtime"] = pax_time(node.mtime_ns)
     for key, value in sorted(node.xattrs.items()):
         pax[PAX_XATTR_PREFIX + _str(key)] = _str(value)
     if hardlink_to is not None:

@@ -16,6 +16,15 @@ per 4 KiB of file:
     NONHEAD  first after a head: delta0 = D0_CBLKCNT | pcluster blocks
     NONHEAD  others: delta0 = distance back to the head
     every NONHEAD: delta1 = distance forward to the next head
+
+Zeros. A compressed file has no holes in the format Linux 6.1 reads (only
+chunk-based files do), so a chunk that is all zeros (a hole of a sparse file,
+known without reading it, or zeros read from the layer) becomes an extent
+whose pcluster is shared: one block per chunk length holds the LZ4 stream of
+that many zeros, and every such chunk of the image points at it. Extents that
+share a pcluster decode to the same bytes, which the kernel handles as it
+handles deduplicated pclusters. The shared blocks are written after all file
+data (`ZeroPclusters`), and the HEAD indexes that use them are patched then.
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ CHUNK_SIZE = CHUNK_LCLUSTERS << fmt.LCLUSTER_SIZE_BITS
 MAX_PCLUSTER_BLOCKS = CHUNK_LCLUSTERS  # a pcluster never reaches this (it would not shrink)
 LZ4HC_DEFAULT_LEVEL = 6  # mkfs.erofs uses 9; 6 costs the CPU mkfs spends, for 0.3% more bytes
 LZ4HC_LEVELS = range(1, 13)
+# A zero chunk's LZ4 stream (64 KiB of zeros: about 270 bytes) fits one block; a chunk of
+# one lcluster would save nothing and, last in a file, could not say its block count.
+ZERO_PCLUSTER_BLOCKS = 1
+MIN_ZERO_LCLUSTERS = 2
 
 Compress = Callable[[bytes], bytes]
 
@@ -79,6 +92,26 @@ class CompressedFile:
     start_block: int
     blocks: int = 0  # blocks written so far (the inode's compressed_blocks)
     indexes: bytearray = field(default_factory=bytearray)
+    # (offset in `indexes` of a HEAD, lclusters) of each zero chunk: patched later
+    zero_heads: list[tuple[int, int]] = field(default_factory=list)
+
+    def add_zero_chunk(self, nlc: int) -> None:
+        """Index a chunk of `nlc` lclusters of zeros; its pcluster is shared."""
+        assert nlc >= MIN_ZERO_LCLUSTERS
+        self.zero_heads.append((len(self.indexes), nlc))
+        self._index_pcluster(0, nlc, ZERO_PCLUSTER_BLOCKS)
+
+    def _index_pcluster(self, blkaddr: int, nlc: int, pblocks: int) -> None:
+        self.indexes += fmt.lcluster_head(fmt.LCLUSTER_TYPE_HEAD1, 0, blkaddr)
+        for j in range(1, nlc):
+            delta0 = fmt.LI_D0_CBLKCNT | pblocks if j == 1 else j
+            self.indexes += fmt.lcluster_nonhead(delta0, nlc - j)
+
+    def patch_zero_heads(self, blkaddr_of: dict[int, int]) -> None:
+        """Point each zero chunk's HEAD at the shared pcluster for its length."""
+        for offset, nlc in self.zero_heads:
+            head = fmt.lcluster_head(fmt.LCLUSTER_TYPE_HEAD1, 0, blkaddr_of[nlc])
+            self.indexes[offset : offset + len(head)] = head
 
     def add_chunk(self, raw_len: int, compressed: bytes | None, raw: bytes) -> bytes:
         """Encode one chunk: compressed (when it saves a block) or as plain blocks."""
@@ -86,10 +119,7 @@ class CompressedFile:
         blkaddr = self.start_block + self.blocks
         if compressed is not None and blocks_for(len(compressed)) < nlc:
             pblocks = blocks_for(len(compressed))
-            self.indexes += fmt.lcluster_head(fmt.LCLUSTER_TYPE_HEAD1, 0, blkaddr)
-            for j in range(1, nlc):
-                delta0 = fmt.LI_D0_CBLKCNT | pblocks if j == 1 else j
-                self.indexes += fmt.lcluster_nonhead(delta0, nlc - j)
+            self._index_pcluster(blkaddr, nlc, pblocks)
             self.blocks += pblocks
             # 0padding: the stream ends at the pcluster's end
             return bytes(pblocks * fmt.BLOCK_SIZE - len(compressed)) + compressed
@@ -108,6 +138,13 @@ class CompressedFile:
         header = fmt.MapHeader(advise=fmt.ADVISE_BIG_PCLUSTER_1).pack()
         gap = bytes(fmt.FULL_INDEX_OFFSET - fmt.MAP_HEADER_SIZE)
         return bytes(pad) + header + gap + bytes(self.indexes)
+
+
+def zero_pcluster(compress: Compress, nlc: int) -> bytes:
+    """The shared pcluster of a zero chunk of `nlc` lclusters: its stream at the end."""
+    stream = compress(bytes(nlc << fmt.LCLUSTER_SIZE_BITS))
+    assert len(stream) <= ZERO_PCLUSTER_BLOCKS * fmt.BLOCK_SIZE
+    return bytes(ZERO_PCLUSTER_BLOCKS * fmt.BLOCK_SIZE - len(stream)) + stream
 
 
 def _align8(n: int) -> int:

@@ -43,10 +43,12 @@ from vmimg.rootfs.writers.erofs import format as fmt
 from vmimg.rootfs.writers.erofs.compress import (
     CHUNK_SIZE,
     MAX_PCLUSTER_BLOCKS,
+    MIN_ZERO_LCLUSTERS,
     Compress,
     CompressedFile,
     blocks_for,
     make_compressor,
+    zero_pcluster,
 )
 
 BLOCK = fmt.BLOCK_SIZE
@@ -55,6 +57,10 @@ META_OPEN_BLOCKS = 32  # metadata blocks kept open for first-fit packing
 COMPRESS_WORKERS = max(1, min(4, os.cpu_count() or 1))  # lz4 releases the GIL
 CHUNKS_IN_FLIGHT = 4 * COMPRESS_WORKERS
 ZERO_CHUNK = 1 << 20
+# A compressed file costs an 8-byte index per 4 KiB, holes included: past this size
+# (64 MiB of indexes, held in memory until the meta area is written) a file is stored
+# plain, where holes cost nothing. A sparse file can claim a terabyte.
+MAX_COMPRESSED_FILE_SIZE = 32 << 30
 
 _FILE_TYPE = {
     NodeType.FILE: fmt.FT_REG_FILE,
@@ -80,7 +86,8 @@ class _Inode:
     """One inode being laid out: the node plus everything decided about it."""
 
     node: Node
-    path: bytes  # the first path naming it, for error messages
+    name: bytes  # the name of its first path (b"/" for the root) ...
+    up: _Inode | None  # ... and the directory holding it: its path, for errors only
     ino: int
     nlink: int = 1
     extended: bool = False
@@ -95,6 +102,16 @@ class _Inode:
     entries: list[tuple[bytes, _Inode]] = field(default_factory=list)
     block_starts: list[int] = field(default_factory=list)
     nid: int = 0
+
+    @property
+    def path(self) -> bytes:
+        """The first path naming this inode, built on demand (never held: see _collect_inodes)."""
+        names = []
+        inode: _Inode | None = self
+        while inode is not None and inode.up is not None:
+            names.append(inode.name)
+            inode = inode.up
+        return b"/" + b"/".join(reversed(names))
 
     @property
     def inode_size(self) -> int:
@@ -202,21 +219,20 @@ def _collect_inodes(tree: Tree) -> list[_Inode]:
     """One _Inode per distinct node: the root, then each directory's children
     together, then the subdirectories in name order, depth first."""
     counts = tree.link_counts()
-    root = _Inode(tree.root, b"/", ino=1, nlink=counts[id(tree.root)])
+    root = _Inode(tree.root, b"/", None, ino=1, nlink=counts[id(tree.root)])
     by_node: dict[int, _Inode] = {id(tree.root): root}
     order = [root]
     parents: dict[int, _Inode] = {id(tree.root): root}
     stack = [root]
     while stack:
         directory = stack.pop()
-        prefix = directory.path.rstrip(b"/") + b"/"
         entries: list[tuple[bytes, _Inode]] = []
         subdirs: list[_Inode] = []
         for name, child in directory.node.sorted_children():
-            _check_name(name, directory.path)
+            _check_name(name, directory)
             inode = by_node.get(id(child))
             if inode is None:
-                inode = _Inode(child, prefix + name, ino=len(order) + 1, nlink=counts[id(child)])
+                inode = _Inode(child, name, directory, ino=len(order) + 1, nlink=counts[id(child)])
                 by_node[id(child)] = inode
                 order.append(inode)
                 if child.is_dir:
@@ -231,9 +247,9 @@ def _collect_inodes(tree: Tree) -> list[_Inode]:
     return order
 
 
-def _check_name(name: bytes, parent: bytes) -> None:
+def _check_name(name: bytes, parent: _Inode) -> None:
     if not 0 < len(name) <= fmt.NAME_LEN_MAX or b"/" in name or b"\0" in name:
-        raise WriterError(f"erofs cannot store the name {name!r} in {os.fsdecode(parent)!r}")
+        raise WriterError(f"erofs cannot store the name {name!r} in {os.fsdecode(parent.path)!r}")
 
 
 def _most_common_mtime(inodes: list[_Inode]) -> int:
@@ -281,9 +297,11 @@ _XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, value)
 
 
 def _xattr_key(inode: _Inode, name: bytes, value: bytes) -> _XattrKey:
-    shown = f"xattr {name!r} of {os.fsdecode(inode.path)!r}"
+    def shown() -> str:
+        return f"xattr {name!r} of {os.fsdecode(inode.path)!r}"
+
     if len(value) > fmt.XATTR_VALUE_SIZE_MAX:
-        raise WriterError(f"{shown}: value larger than {fmt.XATTR_VALUE_SIZE_MAX} bytes")
+        raise WriterError(f"{shown()}: value larger than {fmt.XATTR_VALUE_SIZE_MAX} bytes")
     index = fmt.XATTR_EXACT_NAMES.get(name)
     if index is not None:
         return (index, b"", value)
@@ -291,9 +309,9 @@ def _xattr_key(inode: _Inode, name: bytes, value: bytes) -> _XattrKey:
         if name.startswith(prefix):
             suffix = name[len(prefix) :]
             if len(suffix) > fmt.XATTR_NAME_LEN_MAX:
-                raise WriterError(f"{shown}: name too long")
+                raise WriterError(f"{shown()}: name too long")
             return (index, suffix, value)
-    raise WriterError(f"{shown}: erofs stores only user., trusted., security. and ACL xattrs")
+    raise WriterError(f"{shown()}: erofs stores only user., trusted., security. and ACL xattrs")
 
 
 def _assign_xattrs(inodes: list[_Inode]) -> bytes:
@@ -378,6 +396,47 @@ class _Chunk:
     last: bool
     raw: bytes
     result: Future[bytes] | None
+    zero_lclusters: int = 0  # a chunk of zeros of this many lclusters: nothing to compress
+
+
+class _RunCursor:
+    """A file's data runs, walked once front to back as windows move along the file:
+    which stored bytes fall in each window, without rescanning every run each time."""
+
+    def __init__(self, content: Content) -> None:
+        self.content = content
+        self.runs = content.data_extents()
+        self.index = 0  # the first run that does not end before the current window
+        self.stored = 0  # stored offset of runs[index]
+
+    def pieces(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(stored offset, logical offset, length) of the data in [start, end)."""
+        runs = self.runs
+        while self.index < len(runs) and runs[self.index].offset + runs[self.index].length <= start:
+            self.stored += runs[self.index].length
+            self.index += 1
+        out = []
+        stored = self.stored
+        for run in runs[self.index :]:
+            if run.offset >= end:
+                break
+            lo, hi = max(start, run.offset), min(end, run.offset + run.length)
+            if lo < hi:
+                out.append((stored + lo - run.offset, lo, hi - lo))
+            stored += run.length
+        return out
+
+    def read(self, reader: ContentReader, start: int, end: int) -> bytes | None:
+        """The bytes of [start, end), or None when it lies wholly in holes (not read)."""
+        pieces = self.pieces(start, end)
+        if not pieces:
+            return None
+        if not self.content.is_sparse:
+            return reader.read(self.content, start, end - start)
+        out = bytearray(end - start)
+        for stored, logical, n in pieces:
+            out[logical - start : logical - start + n] = reader.read(self.content, stored, n)
+        return bytes(out)
 
 
 class _DataArea:
@@ -425,7 +484,7 @@ class _DataArea:
     def place_compressed(self, files: list[_Inode], compress: Compress) -> None:
         """Compress files in 64 KiB chunks on a few threads, in order; write
         each pcluster as its result comes back; keep the result only if the
-        file shrinks."""
+        file shrinks. Chunks of zeros share one pcluster per length, written last."""
         window: collections.deque[_Chunk] = collections.deque()
         with ThreadPoolExecutor(max_workers=COMPRESS_WORKERS) as pool:
             for chunk in self._chunks(files, compress, pool):
@@ -434,6 +493,21 @@ class _DataArea:
                     self._finish(window.popleft())
             while window:
                 self._finish(window.popleft())
+        self._place_zero_pclusters(files, compress)
+
+    def _place_zero_pclusters(self, files: list[_Inode], compress: Compress) -> None:
+        """Write the shared zero pclusters the compressed files use; point them there."""
+        users = [
+            i.compressed for i in files if i.compressed is not None and i.compressed.zero_heads
+        ]
+        lengths = sorted({nlc for c in users for _, nlc in c.zero_heads})
+        blkaddr_of = {}
+        for nlc in lengths:
+            blkaddr_of[nlc] = self.next_block
+            os.pwrite(self.out_fd, zero_pcluster(compress, nlc), self.next_block * BLOCK)
+            self.next_block += 1
+        for c in users:
+            c.patch_zero_heads(blkaddr_of)
 
     def _chunks(
         self, files: list[_Inode], compress: Compress, pool: ThreadPoolExecutor
@@ -441,29 +515,38 @@ class _DataArea:
         for inode in files:
             node = inode.node
             # a file of one block or less cannot beat its inline tail
-            if node.type is not NodeType.FILE or inode.size <= BLOCK:
+            if node.type is not NodeType.FILE or not BLOCK < inode.size <= MAX_COMPRESSED_FILE_SIZE:
                 yield _Chunk(inode, True, True, b"", None)
                 continue
             assert node.content is not None
+            runs = _RunCursor(node.content)
             for start in range(0, inode.size, CHUNK_SIZE):
                 length = min(CHUNK_SIZE, inode.size - start)
-                raw = read_logical(self.reader, node.content, start, length)
-                yield _Chunk(
-                    inode, start == 0, start + length == inode.size, raw, pool.submit(compress, raw)
-                )
+                first, last = start == 0, start + length == inode.size
+                # a zero extent must decode to exactly its length: whole lclusters only
+                nlc = length // BLOCK if length % BLOCK == 0 else 0
+                raw = runs.read(self.reader, start, start + length)  # None: all holes
+                if nlc >= MIN_ZERO_LCLUSTERS and (raw is None or raw.count(0) == length):
+                    yield _Chunk(inode, first, last, b"", None, zero_lclusters=nlc)
+                    continue
+                raw = raw if raw is not None else bytes(length)
+                yield _Chunk(inode, first, last, raw, pool.submit(compress, raw))
 
     def _finish(self, chunk: _Chunk) -> None:
-        if chunk.result is None:
+        if chunk.result is None and not chunk.zero_lclusters:
             self.place_plain(chunk.inode)
             return
         if chunk.first:
             self._current = CompressedFile(chunk.inode.size, self.next_block)
         current = self._current
         assert current is not None
-        offset = (current.start_block + current.blocks) * BLOCK
-        os.pwrite(
-            self.out_fd, current.add_chunk(len(chunk.raw), chunk.result.result(), chunk.raw), offset
-        )
+        if chunk.zero_lclusters:
+            current.add_zero_chunk(chunk.zero_lclusters)
+        else:
+            assert chunk.result is not None
+            offset = (current.start_block + current.blocks) * BLOCK
+            data = current.add_chunk(len(chunk.raw), chunk.result.result(), chunk.raw)
+            os.pwrite(self.out_fd, data, offset)
         if chunk.last:
             self._decide(chunk.inode, current)
             self._current = None

@@ -23,12 +23,14 @@ import hashlib
 import os
 import stat
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree
 from vmimg.rootfs.writers.ext4 import format as fmt
+from vmimg.rootfs.writers.pathwarnings import PathWarnings
 
 MiB = 1 << 20
 DEFAULT_HEADROOM = 256 * MiB  # free space an automatic size leaves for the guest
@@ -40,6 +42,10 @@ MAX_UID = 0xFFFFFFFF
 MAX_MAJOR = 0xFFF
 MAX_MINOR = 0xFFFFF
 MAX_INODES = 0xFFFFFFFF
+# Inode times ext4 stores with 256-byte inodes: signed 32-bit seconds plus two epoch
+# bits, 1901-12-13 to 2446-05-10 (the kernel's EXT4_TIMESTAMP_MIN / EXTRA_TIMESTAMP_MAX).
+MIN_TIME_NS = -(1 << 31) * NS_PER_S
+MAX_TIME_NS = ((1 << 34) - 1 - (1 << 31)) * NS_PER_S + NS_PER_S - 1
 
 _FILE_TYPE = {
     NodeType.FILE: fmt.FT_REG_FILE,
@@ -82,13 +88,14 @@ class _Ino:
     ino: int
     node: Node
     links: int
-    path: bytes  # first path naming it, for error messages
+    name: bytes  # the name of its first path (b"/" for the root) ...
+    up: _Ino | None  # ... and the directory holding it: together, its path for errors
     parent: int = 0  # directories: the inode of ".."
     flags: int = 0
-    # Blocks whose bytes are built in memory (directories, slow symlinks).
-    blocks: list[bytearray] | None = None
-    # File data: logical block ranges (start, count), mapped contiguously.
-    ranges: list[tuple[int, int]] = field(default_factory=list)
+    # Blocks built at write time (directories, slow symlinks): data_blocks from block 0.
+    metadata: bool = False
+    # Files: logical block ranges (start, count) holding data, mapped contiguously.
+    ranges: Sequence[tuple[int, int]] = ()
     data_blocks: int = 0
     tree_blocks: int = 0
     xattr_ibody: bytes = b""
@@ -96,6 +103,16 @@ class _Ino:
     # Filled in by _allocate.
     data_start: int = 0
     tree_start: int = 0
+
+    @property
+    def path(self) -> bytes:
+        """The first path naming this inode, built on demand (error messages only)."""
+        names = []
+        entry: _Ino | None = self
+        while entry is not None and entry.up is not None:
+            names.append(entry.name)
+            entry = entry.up
+        return b"/" + b"/".join(reversed(names))
 
 
 @dataclass(slots=True)
@@ -111,6 +128,8 @@ class _Plan:
 
     inodes: list[_Ino]  # sorted by ino
     max_ino: int
+    ino_of: dict[int, int]  # id(node) -> inode number
+    lost_found: Node | None  # the one made for the image when the tree has none
     uuid: bytes
     hash_seed: bytes
     fs_seed: int
@@ -197,32 +216,34 @@ def _xattr_prefix(name: bytes) -> tuple[bytes, int] | None:
     return None
 
 
-def _xattr_entries(node: Node, path: bytes) -> list[fmt.XattrEntry]:
+def _xattr_entries(node: Node, where: _Ino) -> list[fmt.XattrEntry]:
     entries = []
     for name, value in node.xattrs.items():
         known = _xattr_prefix(name)
         if known is None:
-            raise WriterError(f"xattr {name!r} on {os.fsdecode(path)}: unsupported namespace")
+            raise WriterError(f"xattr {name!r} on {os.fsdecode(where.path)}: unsupported namespace")
         prefix, index = known
         suffix = name[len(prefix) :]
         if index in (fmt.XATTR_INDEX_ACL_ACCESS, fmt.XATTR_INDEX_ACL_DEFAULT):
             if suffix:
-                raise WriterError(f"xattr {name!r} on {os.fsdecode(path)}: unsupported namespace")
-            value = _acl_to_disk(value, path)
+                raise WriterError(
+                    f"xattr {name!r} on {os.fsdecode(where.path)}: unsupported namespace"
+                )
+            value = _acl_to_disk(value, where)
         if len(suffix) > fmt.NAME_MAX:
-            raise WriterError(f"xattr {name!r} on {os.fsdecode(path)}: name too long")
+            raise WriterError(f"xattr {name!r} on {os.fsdecode(where.path)}: name too long")
         entries.append(fmt.XattrEntry(index, suffix, value))
     entries.sort(key=fmt.XattrEntry.sort_key)
     return entries
 
 
-def _acl_to_disk(value: bytes, path: bytes) -> bytes:
+def _acl_to_disk(value: bytes, where: _Ino) -> bytes:
     """A POSIX ACL from its xattr form (version 2) to ext4's compact form (version 1)."""
     if len(value) < 4 or (len(value) - 4) % 8:
-        raise WriterError(f"malformed POSIX ACL on {os.fsdecode(path)}")
+        raise WriterError(f"malformed POSIX ACL on {os.fsdecode(where.path)}")
     (version,) = struct.unpack_from("<I", value)
     if version != fmt.POSIX_ACL_XATTR_VERSION:
-        raise WriterError(f"POSIX ACL version {version} on {os.fsdecode(path)}")
+        raise WriterError(f"POSIX ACL version {version} on {os.fsdecode(where.path)}")
     out = bytearray(struct.pack("<I", fmt.EXT4_ACL_VERSION))
     for tag, perm, ident in struct.iter_unpack("<HHI", value[4:]):
         if tag in (fmt.ACL_USER, fmt.ACL_GROUP):
@@ -232,7 +253,7 @@ def _acl_to_disk(value: bytes, path: bytes) -> bytes:
     return bytes(out)
 
 
-def _data_ranges(content: Content, path: bytes) -> list[tuple[int, int]]:
+def _data_ranges(content: Content, where: _Ino) -> list[tuple[int, int]]:
     """Logical block ranges holding data; holes between them stay unallocated."""
     ranges: list[tuple[int, int]] = []
     end_prev = 0
@@ -240,7 +261,9 @@ def _data_ranges(content: Content, path: bytes) -> list[tuple[int, int]]:
         if ext.length == 0:
             continue
         if ext.offset < end_prev or ext.offset + ext.length > content.size:
-            raise WriterError(f"sparse extents of {os.fsdecode(path)} overlap or exceed its size")
+            raise WriterError(
+                f"sparse extents of {os.fsdecode(where.path)} overlap or exceed its size"
+            )
         end_prev = ext.offset + ext.length
         b0 = ext.offset // fmt.BLOCK_SIZE
         b1 = _ceil_div(ext.offset + ext.length, fmt.BLOCK_SIZE)
@@ -252,7 +275,7 @@ def _data_ranges(content: Content, path: bytes) -> list[tuple[int, int]]:
     return ranges
 
 
-def _extent_count(ranges: list[tuple[int, int]]) -> int:
+def _extent_count(ranges: Sequence[tuple[int, int]]) -> int:
     return sum(_ceil_div(n, fmt.EXTENT_MAX_LEN) for _, n in ranges)
 
 
@@ -273,18 +296,21 @@ def _journal_blocks(data_blocks: int) -> int:
     return min(blocks, JOURNAL_MAX_BLOCKS)
 
 
-def _check_node(node: Node, path: bytes) -> None:
-    shown = os.fsdecode(path)
+def _check_node(node: Node, entry: _Ino | None) -> None:
+    problem = None
     if node.uid > MAX_UID or node.gid > MAX_UID or node.uid < 0 or node.gid < 0:
-        raise WriterError(f"{shown}: uid/gid {node.uid}:{node.gid} does not fit in 32 bits")
+        problem = f"uid/gid {node.uid}:{node.gid} does not fit in 32 bits"
     if node.type in (NodeType.CHAR, NodeType.BLOCK):
         major, minor = node.rdev
         if not (0 <= major <= MAX_MAJOR and 0 <= minor <= MAX_MINOR):
-            raise WriterError(f"{shown}: device number {major}:{minor} out of range")
+            problem = f"device number {major}:{minor} out of range"
     if node.type is NodeType.SYMLINK:
         target = node.target or b""
         if not target or len(target) >= fmt.BLOCK_SIZE:
-            raise WriterError(f"{shown}: symlink target must be 1..{fmt.BLOCK_SIZE - 1} bytes")
+            problem = f"symlink target must be 1..{fmt.BLOCK_SIZE - 1} bytes"
+    if problem is not None:
+        shown = os.fsdecode(entry.path) if entry is not None else "/"
+        raise WriterError(f"{shown}: {problem}")
 
 
 def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
@@ -302,75 +328,70 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
     time_ns = 0
     next_ino = fmt.FIRST_INO
 
-    def add(node: Node, path: bytes, ino: int, parent: int, nlink: int) -> _Ino:
-        entry = _Ino(ino=ino, node=node, links=nlink, path=path, parent=parent)
+    def add(node: Node, name: bytes, up: _Ino | None, ino: int, parent: int, nlink: int) -> _Ino:
+        entry = _Ino(ino=ino, node=node, links=nlink, name=name, up=up, parent=parent)
         inodes.append(entry)
         ino_of[id(node)] = ino
         return entry
 
-    _check_node(root, b"/")
+    _check_node(root, None)
     root_links = links[id(root)]
     lost_found: Node | None = None
     if b"lost+found" not in root.children:
         lost_found = Node(NodeType.DIR, mode=0o700, mtime_ns=root.mtime_ns, children={})
         root_links += 1
-    add(root, b"/", fmt.ROOT_INO, fmt.ROOT_INO, root_links)
+    root_entry = add(root, b"/", None, fmt.ROOT_INO, fmt.ROOT_INO, root_links)
+    lost_found_entry = None
     if lost_found is not None:
-        add(lost_found, b"/lost+found", fmt.LOST_FOUND_INO, fmt.ROOT_INO, 2)
+        lost_found_entry = add(
+            lost_found, b"lost+found", root_entry, fmt.LOST_FOUND_INO, fmt.ROOT_INO, 2
+        )
         next_ino += 1
 
-    # Number the tree's inodes in walk order (depth first, names sorted).
-    dir_children: dict[int, list[tuple[bytes, Node]]] = {}
-    stack: list[tuple[bytes, Node, int]] = [(b"/", root, fmt.ROOT_INO)]
+    # Number the tree's inodes in walk order (depth first, names sorted). Only names are
+    # held, never whole paths: memory follows the number of entries, not their depth.
+    stack: list[_Ino] = [root_entry]
     while stack:
-        path, node, ino = stack.pop()
+        directory = stack.pop()
+        node = directory.node
         time_ns = max(time_ns, node.mtime_ns)
         if not node.is_dir:
             continue
         children = node.sorted_children()
-        dir_children[ino] = children
-        prefix = path if path.endswith(b"/") else path + b"/"
         pending = []
         for name, child in children:
             if not name or b"/" in name or name in (b".", b".."):
-                raise WriterError(f"bad name {name!r} in {os.fsdecode(path)}")
+                raise WriterError(f"bad name {name!r} in {os.fsdecode(directory.path)}")
             if len(name) > fmt.NAME_MAX:
-                raise WriterError(f"name longer than 255 bytes in {os.fsdecode(path)}")
-            child_path = prefix + name
+                raise WriterError(f"name longer than 255 bytes in {os.fsdecode(directory.path)}")
             known = ino_of.get(id(child))
             if known is not None:
                 if child.is_dir:
-                    raise WriterError(f"{os.fsdecode(child_path)}: directory linked twice")
+                    shown = os.fsdecode(directory.path.rstrip(b"/") + b"/" + name)
+                    raise WriterError(f"{shown}: directory linked twice")
                 continue
-            _check_node(child, child_path)
-            nlink = links[id(child)]
-            if nlink > fmt.LINK_MAX and not child.is_dir:
-                raise WriterError(f"{os.fsdecode(child_path)}: more than {fmt.LINK_MAX} links")
-            add(child, child_path, next_ino, ino, nlink)
-            pending.append((child_path, child, next_ino))
+            entry = add(child, name, directory, next_ino, directory.ino, links[id(child)])
+            _check_node(child, entry)
+            if entry.links > fmt.LINK_MAX and not child.is_dir:
+                raise WriterError(f"{os.fsdecode(entry.path)}: more than {fmt.LINK_MAX} links")
+            pending.append(entry)
             next_ino += 1
         stack.extend(reversed(pending))
-    if lost_found is not None:
-        dir_children[fmt.ROOT_INO] = sorted(
-            [*dir_children[fmt.ROOT_INO], (b"lost+found", lost_found)]
-        )
-        dir_children[fmt.LOST_FOUND_INO] = []
     max_ino = next_ino - 1
 
     xattr_blocks: dict[tuple[bytes, int], _XattrBlock] = {}
     xattr_users: dict[bytes, int] = {}
     for entry in inodes:
-        _plan_inode(entry, dir_children, ino_of, fs_seed, hash_words)
-        if entry.ino == fmt.LOST_FOUND_INO and lost_found is not None:
-            assert entry.blocks is not None
-            entry.blocks += _empty_dir_blocks(LOST_FOUND_BLOCKS - len(entry.blocks), fs_seed)
+        _plan_inode(entry, ino_of, lost_found, hash_words)
+        if entry is lost_found_entry:
             entry.data_blocks = LOST_FOUND_BLOCKS
-            entry.ranges = [(0, LOST_FOUND_BLOCKS)]
         _plan_xattrs(entry, xattr_blocks, xattr_users)
 
     plan = _Plan(
         inodes=inodes,
         max_ino=max_ino,
+        ino_of=ino_of,
+        lost_found=lost_found,
         uuid=uuid,
         hash_seed=hash_seed,
         fs_seed=fs_seed,
@@ -385,45 +406,37 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
 
 def _plan_inode(
     entry: _Ino,
-    dir_children: dict[int, list[tuple[bytes, Node]]],
     ino_of: dict[int, int],
-    fs_seed: int,
+    lost_found: Node | None,
     hash_words: tuple[int, int, int, int],
 ) -> None:
     node = entry.node
     if node.type is NodeType.DIR:
-        seed = fmt.inode_checksum_seed(fs_seed, entry.ino, 0)
-        names = [
-            fmt.DirEntry2(ino_of[id(child)], name, _FILE_TYPE[child.type])
-            for name, child in dir_children[entry.ino]
-        ]
-        linear_size = fmt.dirent_size(1) + fmt.dirent_size(2) + sum(e.size for e in names)
-        if linear_size <= _LEAF_SPACE:
-            blocks = _linear_dir(entry.ino, entry.parent, names, seed)
+        # Only the number of blocks is worked out here; the blocks themselves are
+        # built and written one directory at a time (_dir_blocks), never all held.
+        names = _dir_entries(entry, ino_of, lost_found)
+        if _is_linear(names):
+            count = len(_linear_breaks(names)) + 1
         else:  # more than one block: hash-indexed, as the kernel would make it
-            blocks = _htree_dir(entry, names, seed, hash_words)
+            count = _htree_shape(entry, _htree_order(names, hash_words)).blocks
             entry.flags |= fmt.INODE_FLAG_INDEX
-        entry.blocks = blocks
-        entry.data_blocks = len(blocks)
+        entry.metadata = True
+        entry.data_blocks = count
         entry.flags |= fmt.INODE_FLAG_EXTENTS
         if entry.links > fmt.LINK_MAX:
             entry.links = 1  # dir_nlink: "more than the field can count"
     elif node.type is NodeType.FILE:
         assert node.content is not None
-        entry.ranges = _data_ranges(node.content, entry.path)
+        entry.ranges = _data_ranges(node.content, entry)
         entry.data_blocks = sum(n for _, n in entry.ranges)
         entry.tree_blocks = _extent_tree_blocks(_extent_count(entry.ranges))
         entry.flags |= fmt.INODE_FLAG_EXTENTS
     elif node.type is NodeType.SYMLINK:
         assert node.target is not None
-        if len(node.target) > fmt.MAX_FAST_SYMLINK:
-            block = bytearray(fmt.BLOCK_SIZE)
-            block[: len(node.target)] = node.target
-            entry.blocks = [block]
+        if len(node.target) > fmt.MAX_FAST_SYMLINK:  # a slow symlink: its target in a block
+            entry.metadata = True
             entry.data_blocks = 1
             entry.flags |= fmt.INODE_FLAG_EXTENTS
-    if entry.blocks is not None and not entry.ranges:
-        entry.ranges = [(0, len(entry.blocks))] if entry.blocks else []
 
 
 def _plan_xattrs(
@@ -433,7 +446,7 @@ def _plan_xattrs(
 ) -> None:
     if not entry.node.xattrs:
         return
-    entries = _xattr_entries(entry.node, entry.path)
+    entries = _xattr_entries(entry.node, entry)
     if fmt.xattrs_space(entries) <= fmt.XATTR_IBODY_SPACE - 4:
         entry.xattr_ibody = fmt.xattr_ibody(entries)
         return
@@ -505,32 +518,61 @@ def _greedy_breaks(sizes: list[int], can_break: list[bool] | None = None) -> lis
     return breaks
 
 
-def _linear_dir(ino: int, parent: int, names: list[fmt.DirEntry2], seed: int) -> list[bytearray]:
-    entries = [
-        fmt.DirEntry2(ino, b".", fmt.FT_DIR),
-        fmt.DirEntry2(parent, b"..", fmt.FT_DIR),
-        *names,
+def _dir_entries(
+    entry: _Ino, ino_of: dict[int, int], lost_found: Node | None
+) -> list[fmt.DirEntry2]:
+    """A directory's entries by name (sorted again when written: nothing is kept)."""
+    children = entry.node.sorted_children()
+    if entry.ino == fmt.ROOT_INO and lost_found is not None:
+        children = sorted([*children, (b"lost+found", lost_found)])
+    return [
+        fmt.DirEntry2(ino_of[id(child)], name, _FILE_TYPE[child.type]) for name, child in children
     ]
-    return _pack_leaves(entries, seed, _greedy_breaks([e.size for e in entries]))
 
 
-def _empty_dir_blocks(count: int, fs_seed: int) -> list[bytearray]:
-    seed = fmt.inode_checksum_seed(fs_seed, fmt.LOST_FOUND_INO, 0)
-    return [_pack_leaves([], seed, [])[0] for _ in range(count)]
+def _dots(entry: _Ino) -> list[fmt.DirEntry2]:
+    return [
+        fmt.DirEntry2(entry.ino, b".", fmt.FT_DIR),
+        fmt.DirEntry2(entry.parent, b"..", fmt.FT_DIR),
+    ]
 
 
-def _htree_dir(
-    entry: _Ino,
-    names: list[fmt.DirEntry2],
-    seed: int,
-    hash_words: tuple[int, int, int, int],
-) -> list[bytearray]:
-    """A hashed (dir_index) directory: dx_root, maybe one level of dx_nodes, leaves.
+def _is_linear(names: list[fmt.DirEntry2]) -> bool:
+    """Whether the entries (with "." and "..") fit one block: else the directory is hashed."""
+    return fmt.dirent_size(1) + fmt.dirent_size(2) + sum(e.size for e in names) <= _LEAF_SPACE
 
-    Leaves hold entries in hash order. A block boundary falls between
-    different hashes where possible; when a run of equal hashes must be split,
-    the next block's index hash gets the low "continued" bit, as the kernel does.
-    """
+
+def _linear_breaks(names: list[fmt.DirEntry2]) -> list[int]:
+    return _greedy_breaks([fmt.dirent_size(1), fmt.dirent_size(2), *(e.size for e in names)])
+
+
+@dataclass(frozen=True)
+class _HtreeOrder:
+    """A hashed directory's entries in hash order, and where its leaves break."""
+
+    ordered: list[fmt.DirEntry2]
+    hashes: list[int]
+    breaks: list[int]
+
+    @property
+    def leaves(self) -> int:
+        return len(self.breaks) + 1
+
+
+@dataclass(frozen=True)
+class _HtreeShape:
+    leaves: int
+    nodes: int  # dx_node blocks: 0 for a one-level tree
+
+    @property
+    def blocks(self) -> int:
+        return 1 + self.nodes + self.leaves
+
+
+def _htree_order(names: list[fmt.DirEntry2], hash_words: tuple[int, int, int, int]) -> _HtreeOrder:
+    """Leaves hold entries in hash order. A block boundary falls between different
+    hashes where possible (a run of equal hashes split across blocks is marked by the
+    next block's "continued" bit, as the kernel does)."""
     hashed = sorted(
         ((*fmt.dx_hash_half_md4(e.name, hash_words), e.name, e) for e in names),
         key=lambda t: (t[0], t[1], t[2]),
@@ -538,24 +580,49 @@ def _htree_dir(
     ordered = [t[3] for t in hashed]
     hashes = [t[0] for t in hashed]
     can_break = [i == 0 or hashes[i] != hashes[i - 1] for i in range(len(hashes))]
-    breaks = _greedy_breaks([e.size for e in ordered], can_break)
-    leaves = _pack_leaves(ordered, seed, breaks)
-    starts = [0, *breaks]
-    leaf_hashes = []
-    for k, s in enumerate(starts):
-        continued = k > 0 and hashes[s] == hashes[s - 1]
-        leaf_hashes.append(hashes[s] | (1 if continued else 0))
+    return _HtreeOrder(ordered, hashes, _greedy_breaks([e.size for e in ordered], can_break))
 
-    if len(leaves) <= fmt.DX_ROOT_LIMIT:
-        root = _dx_root(entry, 0, [(h, 1 + k) for k, h in enumerate(leaf_hashes)], seed)
-        return [root, *leaves]
-    n_nodes = _ceil_div(len(leaves), fmt.DX_NODE_LIMIT)
+
+def _htree_shape(entry: _Ino, order: _HtreeOrder) -> _HtreeShape:
+    if order.leaves <= fmt.DX_ROOT_LIMIT:
+        return _HtreeShape(order.leaves, 0)
+    n_nodes = _ceil_div(order.leaves, fmt.DX_NODE_LIMIT)
     if n_nodes > fmt.DX_ROOT_LIMIT:
         raise WriterError(f"{os.fsdecode(entry.path)}: directory too large for a 2-level htree")
-    first_leaf = 1 + n_nodes
+    return _HtreeShape(order.leaves, n_nodes)
+
+
+def _dir_blocks(entry: _Ino, plan: _Plan, seed: int) -> list[bytearray]:
+    """The blocks of one directory, as _plan_inode counted them."""
+    names = _dir_entries(entry, plan.ino_of, plan.lost_found)
+    if entry.flags & fmt.INODE_FLAG_INDEX:
+        hash_words: tuple[int, int, int, int] = struct.unpack("<4I", plan.hash_seed)
+        blocks = _htree_dir(entry, _htree_order(names, hash_words), seed)
+    else:
+        entries = [*_dots(entry), *names]
+        blocks = _pack_leaves(entries, seed, _greedy_breaks([e.size for e in entries]))
+    # lost+found is pre-sized with empty leaves, as mke2fs does
+    blocks += [_pack_leaves([], seed, [])[0] for _ in range(entry.data_blocks - len(blocks))]
+    assert len(blocks) == entry.data_blocks
+    return blocks
+
+
+def _htree_dir(entry: _Ino, order: _HtreeOrder, seed: int) -> list[bytearray]:
+    """A hashed (dir_index) directory: dx_root, maybe one level of dx_nodes, leaves."""
+    leaves = _pack_leaves(order.ordered, seed, order.breaks)
+    hashes = order.hashes
+    leaf_hashes = []
+    for k, s in enumerate([0, *order.breaks]):
+        continued = k > 0 and hashes[s] == hashes[s - 1]
+        leaf_hashes.append(hashes[s] | (1 if continued else 0))
+    shape = _htree_shape(entry, order)
+    if shape.nodes == 0:
+        root = _dx_root(entry, 0, [(h, 1 + k) for k, h in enumerate(leaf_hashes)], seed)
+        return [root, *leaves]
+    first_leaf = 1 + shape.nodes
     nodes = []
     root_entries = []
-    for j in range(n_nodes):
+    for j in range(shape.nodes):
         chunk = range(j * fmt.DX_NODE_LIMIT, min((j + 1) * fmt.DX_NODE_LIMIT, len(leaves)))
         node_entries = [(leaf_hashes[k], first_leaf + k) for k in chunk]
         nodes.append(_dx_node(node_entries, seed))
@@ -672,7 +739,12 @@ def _allocate(plan: _Plan, geo: _Geometry) -> tuple[int, int]:
     return journal_start, nxt
 
 
-def _extents(ranges: list[tuple[int, int]], physical: int) -> list[fmt.Extent]:
+def _block_ranges(entry: _Ino) -> Sequence[tuple[int, int]]:
+    """Logical block ranges of an inode's blocks: metadata ones are one run from 0."""
+    return ((0, entry.data_blocks),) if entry.metadata else entry.ranges
+
+
+def _extents(ranges: Sequence[tuple[int, int]], physical: int) -> list[fmt.Extent]:
     out = []
     for logical, count in ranges:
         while count > 0:
@@ -753,22 +825,41 @@ def _i_block_special(node: Node) -> bytes:
     return bytes(fmt.N_BLOCKS_BYTES)
 
 
-def _write_inodes(plan: _Plan, itable: bytearray, out_fd: int, reader: ContentReader) -> None:
-    """Fill the inode table, and write each inode's blocks (data, dirs, extents)."""
+def _metadata_blocks(entry: _Ino, plan: _Plan, seed: int) -> list[bytearray]:
+    """The blocks of a directory or slow symlink, built when they are written."""
+    node = entry.node
+    if node.is_dir:
+        return _dir_blocks(entry, plan, seed)
+    assert node.type is NodeType.SYMLINK and node.target is not None
+    block = bytearray(fmt.BLOCK_SIZE)
+    block[: len(node.target)] = node.target
+    return [block]
+
+
+def clamp_time(ns: int) -> int:
+    """A time as ext4 can store it: clamped to 1901..2446, as the kernel clamps."""
+    return min(max(ns, MIN_TIME_NS), MAX_TIME_NS)
+
+
+def _write_inodes(plan: _Plan, itable: bytearray, out_fd: int, reader: ContentReader) -> list[str]:
+    """Fill the inode table, and write each inode's blocks (data, dirs, extents).
+    Returns warnings: the paths whose times were clamped."""
     bs = fmt.BLOCK_SIZE
+    clamped = PathWarnings("mtime outside what ext4 stores (1901..2446); clamped")
     for entry in plan.inodes:
         node = entry.node
         seed = fmt.inode_checksum_seed(plan.fs_seed, entry.ino, 0)
         if entry.flags & fmt.INODE_FLAG_EXTENTS:
             i_block, tree = _extent_tree(
-                _extents(entry.ranges, entry.data_start), entry.tree_start, seed
+                _extents(_block_ranges(entry), entry.data_start), entry.tree_start, seed
             )
             for blk, data in tree:
                 _pwrite(out_fd, data, blk * bs)
         else:
             i_block = _i_block_special(node)
-        if entry.blocks is not None:
-            _pwrite(out_fd, b"".join(entry.blocks), entry.data_start * bs)
+        if entry.metadata:
+            blocks = _metadata_blocks(entry, plan, seed)
+            _pwrite(out_fd, b"".join(blocks), entry.data_start * bs)
         elif node.type is NodeType.FILE:
             _copy_file_data(reader, entry, out_fd)
         file_acl = 0
@@ -786,11 +877,14 @@ def _write_inodes(plan: _Plan, itable: bytearray, out_fd: int, reader: ContentRe
             blocks_512=used * (bs // fmt.SECTOR),
             flags=entry.flags,
             i_block=i_block,
-            mtime_ns=node.mtime_ns,
+            mtime_ns=clamp_time(node.mtime_ns),
             file_acl=file_acl,
             xattr_ibody=entry.xattr_ibody,
         )
         inode.pack_into(itable, (entry.ino - 1) * fmt.INODE_SIZE, entry.ino, plan.fs_seed)
+        if inode.mtime_ns != node.mtime_ns:
+            clamped.add(entry.path)
+    return clamped.lines()
 
 
 def _write_journal(plan: _Plan, start: int, itable: bytearray, out_fd: int) -> bytes:
@@ -809,7 +903,7 @@ def _write_journal(plan: _Plan, start: int, itable: bytearray, out_fd: int) -> b
         blocks_512=blocks * (fmt.BLOCK_SIZE // fmt.SECTOR),
         flags=fmt.INODE_FLAG_EXTENTS,
         i_block=i_block,
-        mtime_ns=plan.time_ns,
+        mtime_ns=clamp_time(plan.time_ns),
     )
     inode.pack_into(itable, (fmt.JOURNAL_INO - 1) * fmt.INODE_SIZE, fmt.JOURNAL_INO, plan.fs_seed)
     _pwrite(out_fd, fmt.JournalSuperblock(blocks, plan.uuid).pack(), start * fmt.BLOCK_SIZE)
@@ -884,7 +978,7 @@ def _superblock(
     free: tuple[int, int],
     jnl_blocks: bytes,
 ) -> bytearray:
-    secs = max(plan.time_ns // 1_000_000_000, 0)
+    secs = max(clamp_time(plan.time_ns) // NS_PER_S, 0)
     t_lo, t_hi = secs & 0xFFFFFFFF, min(secs >> 32, 0xFF)
     label = options.label.encode()
     compat = fmt.COMPAT_EXT_ATTR | fmt.COMPAT_DIR_INDEX | fmt.COMPAT_SPARSE_SUPER2
@@ -949,8 +1043,8 @@ def _superblock(
     return sb
 
 
-def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Options) -> None:
-    """Write `tree` as an ext4 image to the fresh file `out_fd`."""
+def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Options) -> list[str]:
+    """Write `tree` as an ext4 image to the fresh file `out_fd`. Returns warnings."""
     label = options.label.encode()
     if len(label) > 16:
         raise WriterError(f"ext4 label {options.label!r} is longer than 16 bytes")
@@ -964,7 +1058,7 @@ def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Opti
     image_size = options.size if options.size is not None else geo.blocks * fmt.BLOCK_SIZE
     os.ftruncate(out_fd, image_size)
     itable = bytearray(plan.max_ino * fmt.INODE_SIZE)
-    _write_inodes(plan, itable, out_fd, reader)
+    warnings = _write_inodes(plan, itable, out_fd, reader)
     for xb in plan.xattr_blocks.values():
         block = fmt.xattr_block_body(xb.entries, xb.refcount)
         fmt.seal_xattr_block(block, xb.block, plan.fs_seed)
@@ -976,3 +1070,4 @@ def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Opti
     free = _write_groups(plan, geo, used_end, out_fd)
     sb = _superblock(plan, geo, options, free, jnl_blocks)
     _pwrite(out_fd, sb, fmt.SUPERBLOCK_OFFSET)
+    return warnings
