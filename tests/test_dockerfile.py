@@ -43,6 +43,7 @@ NOT_IN_RUNTIME = {
     "umoci": "tests: a second OCI layout writer",
     "linux-image-amd64": "tests: Debian's kernel as a second guest kernel",
     "debootstrap": "bench: makes the distro fixtures",
+    "cryptsetup-bin": "tests: veritysetup, the oracle for vmimg.verity's hash trees",
     # The image serves x86_64 guests; arm64 guests need these in the agent and runtime stages.
     "gcc-aarch64-linux-gnu": "arm64 guests: the cross compiler (agent, kernel)",
     "musl-dev:arm64": "arm64 guests: musl for the cross-built agent",
