@@ -65,6 +65,10 @@ class WriterError(VmimgError):
     exit_code = 7
 
 
+class VerityError(WriterError):
+    """A dm-verity hash tree cannot be made for this image (its size, the salt)."""
+
+
 class CacheError(VmimgError):
     """The cache directory is unusable."""
 
