@@ -91,6 +91,8 @@ NEVER_COMPRESSED = frozenset({"initramfs.cpio.gz", "initramfs.cpio.zst", VM_JSON
 
 
 LAUNCH_TYPE = "application/vnd.vmimg.launch.v1"
+# The dm-verity root hash of a bundle's root file system (docs/artifact.md).
+ANN_VERITY_ROOT_HASH = "vmimg.rootfs.verity.root-hash"
 
 
 ANN_BUILD_KEY = "vmimg.build-key"
@@ -180,6 +182,8 @@ def push_bundle(
             ANN_FS: vm.rootfs.type,
             ANN_KERNEL_VERSION: vm.kernel.version,
         }
+        if vm.rootfs.verity is not None:
+            annotations[ANN_VERITY_ROOT_HASH] = vm.rootfs.verity.root_hash
         if build_key:
             annotations[ANN_BUILD_KEY] = build_key
         subject = _subject(target, vm.source.digest or None, warnings)

@@ -10,6 +10,7 @@ lines, times each stage, and kills the VM at the timeout.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -21,7 +22,7 @@ from typing import Any
 from vmimg.boot.accel import Accel, choose_accel
 from vmimg.boot.launch import LaunchOptions, qemu_command
 from vmimg.boot.vm import VM, BootResult
-from vmimg.bundle.format import check_file, load_bundle
+from vmimg.bundle.format import check_file, check_verity, load_bundle
 from vmimg.errors import BootError, BundleError, VmimgError
 from vmimg.guest.protocol import BootOptions, kernel_args
 from vmimg.image.cache import Cache
@@ -84,9 +85,14 @@ class VerifyReport:
         return asdict(self)
 
 
-def _boot_options(opts: VerifyOptions) -> BootOptions:
+def _boot_options(opts: VerifyOptions, verity: bool) -> BootOptions:
+    # On a dm-verity root the kernel checks every block read against the pinned root hash:
+    # hashing each file's content again (--deep) adds nothing.
     return BootOptions(
-        mode="check" if opts.run else "verify", deep=opts.deep, smoke=opts.smoke, cmd=opts.cmd
+        mode="check" if opts.run else "verify",
+        deep=opts.deep and not verity,
+        smoke=opts.smoke,
+        cmd=opts.cmd,
     )
 
 
@@ -129,6 +135,10 @@ def _safe_fields(fields: dict[str, str]) -> dict[str, str]:
     return {escape_text(k): escape_text(v) for k, v in fields.items()}
 
 
+# What the kernel logs when a block of a dm-verity device fails its hash.
+_VERITY_CORRUPTION = re.compile(r"verity: [0-9:]+: (?:data|metadata) block \d+ is corrupted")
+
+
 def _judge(report: VerifyReport, result: BootResult, opts: VerifyOptions) -> None:
     """Fill in pass/fail, the stage reached and a message from the boot's markers."""
     verify = result.last("verify")
@@ -148,12 +158,15 @@ def _judge(report: VerifyReport, result: BootResult, opts: VerifyOptions) -> Non
     # An I/O error reading the root (a dm-verity block that failed its hash) says more than
     # whatever it broke next: the agent's stage=integrity marker comes first.
     integrity = [e for e in errors if e.get("stage") == "integrity"]
+    corrupted = _VERITY_CORRUPTION.search(result.console)
     if integrity:
         first_io = integrity[0]
         report.message = (
-            f"root file system integrity error during {first_io.get('during')} "
+            f"rootfs integrity: {report.bundle}: an I/O error during {first_io.get('during')} "
             f"at {first_io.get('path')}: {first_io.get('msg')}"
         )
+    elif corrupted:  # the kernel could not even mount the root, or the agent never said
+        report.message = f"rootfs integrity: {report.bundle}: {corrupted.group(0)}"
     elif report.verify_result == "fail" and verify is not None:
         first = report.verify_problems[0] if report.verify_problems else {}
         report.message = (
@@ -212,6 +225,7 @@ def verify_bundle(
         try:
             for entry in vm.files.values():
                 check_file(bundle, entry)
+            check_verity(bundle, vm)
         except BundleError as e:
             report.message = f"bundle damaged: {e}"
             return report
@@ -219,7 +233,9 @@ def verify_bundle(
         accel=accel.name,
         vcpus=opts.vcpus,
         memory_mib=opts.memory_mib,
-        extra_cmdline=tuple(kernel_args(options=_boot_options(opts))[1:]),
+        extra_cmdline=tuple(
+            kernel_args(options=_boot_options(opts, vm.rootfs.verity is not None))[1:]
+        ),
     )
     log_dir = log_dir or os.path.join(cache.root, "logs")
     os.makedirs(log_dir, exist_ok=True)

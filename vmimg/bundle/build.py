@@ -60,6 +60,7 @@ from vmimg.rootfs.convert import (
     source_date_epoch_ns,
 )
 from vmimg.rootfs.tree import Node, NodeType, Tree
+from vmimg.rootfs.verity import VerityTree, append_hash_tree
 from vmimg.rootfs.writers import (
     BOOTABLE,
     WriterOptions,
@@ -100,6 +101,13 @@ class BuildOptions:
     vcpus: int = DEFAULT_VCPUS
     memory_mib: int = DEFAULT_MEMORY_MIB
     extra_cmdline: tuple[str, ...] = ()
+    # A dm-verity tree over the root (docs/bundle.md): None means the default, on for erofs;
+    # on for ext4 makes the ext4 root read-only (the agent lays a tmpfs overlay over it).
+    verity: bool | None = None
+
+    @property
+    def use_verity(self) -> bool:
+        return self.fs == "erofs" if self.verity is None else self.verity
 
 
 @dataclass
@@ -190,9 +198,21 @@ def _vm_json(
     agent_sha: str | None,
     files: dict[str, dict[str, Any]],
     writer_options: WriterOptions,
+    verity: VerityTree | None,
 ) -> dict[str, Any]:
     fmt = get_format(options.fs)
     arch = Arch.parse(kernel.arch) or Arch.X86_64
+    read_only = fmt.read_only or verity is not None
+    rootfs: dict[str, Any] = {
+        "file": fmt.file_name(writer_options),
+        "type": options.fs,
+        "read_only": read_only,
+        "options": {
+            k: v for k, v in options_doc(writer_options).items() if not isinstance(v, bytes)
+        },
+    }
+    if verity is not None:
+        rootfs["verity"] = dataclasses.asdict(verity)
     return {
         "format": BUNDLE_FORMAT,
         "vmimg": __version__,
@@ -203,14 +223,7 @@ def _vm_json(
             "digest": image.digest,
             "config_digest": image.config_digest,
         },
-        "rootfs": {
-            "file": fmt.file_name(writer_options),
-            "type": options.fs,
-            "read_only": fmt.read_only,
-            "options": {
-                k: v for k, v in options_doc(writer_options).items() if not isinstance(v, bytes)
-            },
-        },
+        "rootfs": rootfs,
         "kernel": {
             "file": KERNEL_FILE,
             "version": kernel.version,
@@ -234,7 +247,9 @@ def _vm_json(
             if config is not None
             else None
         ),
-        "cmdline": bundle_cmdline(options.fs, options.init, arch, options.extra_cmdline),
+        "cmdline": bundle_cmdline(
+            options.fs, options.init, arch, options.extra_cmdline, verity, rw=not read_only
+        ),
         "vcpus": options.vcpus,
         "memory_mib": options.memory_mib,
         "manifest": {"file": MANIFEST_FILE, "sha256": files[MANIFEST_FILE]["sha256"]},
@@ -267,6 +282,11 @@ def _assemble(
             warnings = write_image(options.fs, tree, reader, fd, writer_options)
         finally:
             os.close(fd)
+    verity = None
+    if options.use_verity:
+        if options.fs == "initramfs":
+            raise UsageError("--verity needs a block-device root: --fs erofs or ext4")
+        verity = append_hash_tree(os.path.join(work, rootfs_name), verity_salt(bk.key))
     with open(os.path.join(work, MANIFEST_FILE), "wb") as f:
         f.write(manifest.to_bytes())
     shutil.copyfile(boot_kernel_file(kernel), os.path.join(work, KERNEL_FILE))
@@ -277,7 +297,7 @@ def _assemble(
         }
         for name in sorted((rootfs_name, KERNEL_FILE, MANIFEST_FILE))
     }
-    vm = _vm_json(image, options, kernel, config, agent_sha, files, writer_options)
+    vm = _vm_json(image, options, kernel, config, agent_sha, files, writer_options, verity)
     vm["build_key"] = bk.key  # how registries' remote caches find this bundle
     data = (json.dumps(vm, indent=2, sort_keys=True) + "\n").encode()
     spec = parse_vm_json(data, VM_JSON)  # what we write must pass what every reader checks
@@ -286,6 +306,12 @@ def _assemble(
     if finish is not None:
         finish(work, spec)
     return warnings
+
+
+def verity_salt(build_key: str) -> bytes:
+    """The dm-verity salt of a build: derived from its key, so the same build gives the
+    same bytes, and different builds different salts."""
+    return hashlib.sha256(b"vmimg dm-verity salt\0" + build_key.encode()).digest()
 
 
 def _copy_tree(src: str, dst: str) -> None:

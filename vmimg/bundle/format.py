@@ -27,7 +27,11 @@ from typing import Any
 
 from vmimg.arch import Arch
 from vmimg.digest import is_sha256_hex, sha256_file
-from vmimg.errors import BundleError
+from vmimg.errors import BundleError, VerityError
+from vmimg.rootfs.verity import ALGORITHM as VERITY_ALGORITHM
+from vmimg.rootfs.verity import BLOCK_SIZE as VERITY_BLOCK
+from vmimg.rootfs.verity import FORMAT_VERSION as VERITY_VERSION
+from vmimg.rootfs.verity import VerityTree, check_root_hash, level_blocks
 
 BUNDLE_FORMAT = 1
 VM_JSON = "vm.json"
@@ -54,6 +58,7 @@ MAX_MEMORY_MIB = 1 << 20
 MAX_VCPUS = 256
 MAX_STRING = 4096
 MAX_LIST = 4096
+MAX_BLOCKS = 1 << 38  # 1 PiB of 4 KiB blocks
 
 
 def rootfs_file_name(fs: str, compression: str | None = None) -> str:
@@ -83,11 +88,28 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Verity:
+    """The dm-verity hash tree appended to the root image (docs/bundle.md)."""
+
+    root_hash: str  # hex: what the kernel checks the whole image against
+    salt: str  # hex
+    data_blocks: int
+    hash_offset: int  # bytes: where the tree starts (the data's size)
+    hash_blocks: int
+
+    def tree(self) -> VerityTree:
+        return VerityTree(
+            self.root_hash, self.salt, self.data_blocks, self.hash_offset, self.hash_blocks
+        )
+
+
+@dataclass(frozen=True)
 class Rootfs:
     file: str
     type: str  # one of FS_TYPES
     read_only: bool
     options: Mapping[str, Any] = field(default_factory=dict)
+    verity: Verity | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +240,25 @@ def _parse_files(r: _Reader) -> dict[str, FileEntry]:
     return files
 
 
+def _parse_verity(r: _Reader) -> Verity:
+    for key in ("root_hash", "salt"):
+        if not is_sha256_hex(r.string(key)):
+            raise r.fail(key, "must be 64 lower-case hex digits")
+    r.choice("algorithm", frozenset([VERITY_ALGORITHM]))
+    for key in ("data_block_size", "hash_block_size"):
+        if r.integer(key, VERITY_BLOCK, VERITY_BLOCK) != VERITY_BLOCK:
+            raise r.fail(key, f"must be {VERITY_BLOCK}")
+    r.integer("version", VERITY_VERSION, VERITY_VERSION)
+    data_blocks = r.integer("data_blocks", 1, MAX_BLOCKS)
+    hash_offset = r.integer("hash_offset", VERITY_BLOCK, MAX_BLOCKS * VERITY_BLOCK)
+    if hash_offset != data_blocks * VERITY_BLOCK:
+        raise r.fail("hash_offset", "must be data_blocks × 4096 (the tree follows the data)")
+    hash_blocks = r.integer("hash_blocks", 0, MAX_BLOCKS)
+    if hash_blocks != sum(level_blocks(data_blocks)):
+        raise r.fail("hash_blocks", f"does not fit {data_blocks} data blocks")
+    return Verity(r.string("root_hash"), r.string("salt"), data_blocks, hash_offset, hash_blocks)
+
+
 def _parse_rootfs(r: _Reader) -> Rootfs:
     fs = r.choice("type", FS_TYPES)
     allowed = INITRAMFS_FILES.values() if fs == "initramfs" else (ROOTFS_FILES[fs],)
@@ -225,7 +266,11 @@ def _parse_rootfs(r: _Reader) -> Rootfs:
     options = r.obj.get("options") or {}
     if not isinstance(options, dict):
         raise r.fail("options", "must be an object")
-    return Rootfs(name, fs, r.boolean("read_only", False), options)
+    read_only = r.boolean("read_only", False)
+    verity = _parse_verity(r.sub("verity")) if r.has("verity") else None
+    if verity is not None and (fs == "initramfs" or not read_only):
+        raise r.fail("verity", "needs a read-only erofs or ext4 root")
+    return Rootfs(name, fs, read_only, options, verity)
 
 
 def _parse_kernel(r: _Reader) -> KernelSpec:
@@ -287,6 +332,13 @@ def parse_vm_json(data: bytes, where: str) -> VmSpec:
     cmdline = r.string("cmdline")
     if len(cmdline.encode()) > MAX_CMDLINE_BYTES:
         raise r.fail("cmdline", f"is longer than {MAX_CMDLINE_BYTES} bytes")
+    if rootfs.verity is not None:
+        rootfs_entry = files[rootfs.file]
+        tree = rootfs.verity.tree()
+        if rootfs_entry.size != tree.data_size + tree.hash_size:
+            raise BundleError(f"{where}: {rootfs.file}'s size does not fit its verity tree")
+        if tree.dm_create_param() not in cmdline:
+            raise r.fail("cmdline", "does not map the root through its verity tree")
     source = r.sub("source")
     build_key = r.string("build_key") if r.has("build_key") else None
     if build_key is not None and not is_sha256_hex(build_key):
@@ -410,7 +462,19 @@ def load_bundle(bundle_dir: str, check_files: bool = True) -> Bundle:
     if check_files:
         for entry in vm.files.values():
             check_file(bundle_dir, entry)
+        check_verity(bundle_dir, vm)
     return Bundle(bundle_dir, vm)
+
+
+def check_verity(bundle_dir: str, vm: VmSpec) -> None:
+    """A verity root's stored tree hashes to the root hash vm.json records (and the
+    command line passes the kernel): O(1), the kernel checks the rest as it reads."""
+    if vm.rootfs.verity is None:
+        return
+    try:
+        check_root_hash(os.path.join(bundle_dir, vm.rootfs.file), vm.rootfs.verity.tree())
+    except VerityError as e:
+        raise BundleError(f"{bundle_dir}: {e}") from None
 
 
 def bundle_file_names(vm: VmSpec) -> list[str]:

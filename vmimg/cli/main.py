@@ -309,6 +309,12 @@ def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
     "--writable-root", is_flag=True, help="A read-write ext4 root instead of erofs with an overlay."
 )
 @click.option(
+    "--verity/--no-verity",
+    default=None,
+    help="Put a dm-verity tree over the root, so the guest kernel checks every block it reads "
+    "(default: on for erofs; on for ext4 makes the root read-only).",
+)
+@click.option(
     "--kernel",
     "kernel_path",
     type=click.Path(exists=True, dir_okay=False),
@@ -361,9 +367,10 @@ def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
 @source_params
 @cache_param
 def build(
-    source: str, output: str, fs: str | None, writable_root: bool, kernel_path: str | None,
-    init_mode: str, entrypoint: str | None, cmd: str | None, env: tuple[str, ...],
-    workdir: str | None, user: str | None, hostname: str | None, cpus: int, memory: int,
+    source: str, output: str, fs: str | None, writable_root: bool, verity: bool | None,
+    kernel_path: str | None, init_mode: str, entrypoint: str | None, cmd: str | None,
+    env: tuple[str, ...], workdir: str | None, user: str | None, hostname: str | None,
+    cpus: int, memory: int,
     compression: str, size: int | None, headroom: int | None, inodes: int, no_journal: bool,
     label: str, compress: str, compress_level: int | None, no_cache: bool,
     push_ref: str | None, remote_cache: bool, as_json: bool, max_unpacked_size: int,
@@ -375,6 +382,8 @@ def build(
         fs_type = fs or ("ext4" if writable_root else "erofs")
         if writable_root and fs_type != "ext4":
             raise click.BadParameter("--writable-root needs --fs ext4")
+        if verity and (writable_root or fs_type == "initramfs"):
+            raise click.BadParameter("--verity needs a read-only erofs or ext4 root")
         fmt = fs_type
         options = BuildOptions(
             fs=fs_type,
@@ -390,6 +399,7 @@ def build(
             kernel_path=kernel_path,
             vcpus=cpus,
             memory_mib=memory,
+            verity=verity,
         )  # fmt: skip
         cache = Cache.open(cache_dir, max_unpacked_size)
         platforms = [p.strip() for p in platform.split(",") if p.strip()]

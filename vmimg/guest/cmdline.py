@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from vmimg.arch import Arch
 from vmimg.guest.protocol import INIT_PATH
+from vmimg.rootfs.verity import VerityTree
 
 # The console each arch's reference machine has: QEMU microvm's 8250, QEMU virt's PL011.
 CONSOLES = {Arch.X86_64: "ttyS0", Arch.ARM64: "ttyAMA0"}
@@ -24,17 +25,30 @@ def console_arg(arch: Arch) -> str:
     return f"console={CONSOLES[arch]}"
 
 
-def root_args(fs: str, init: str) -> list[str]:
-    """Where the kernel finds the root and init: an initramfs's rdinit, or a block device."""
+def root_args(fs: str, init: str, verity: VerityTree | None = None, rw: bool = False) -> list[str]:
+    """Where the kernel finds the root and init: an initramfs's rdinit, or a block device,
+    read-write or read-only; with `verity`, through a dm-verity mapping of that device that
+    checks every block read (no initramfs: dm-init sets it up)."""
     if fs == "initramfs":
         return [f"rdinit={INIT_PATH}"] if init == "agent" else []
-    mode = "rw" if fs == "ext4" else "ro"
-    args = [f"root={ROOT_DEVICE}", mode, f"rootfstype={fs}"]
+    root = verity.kernel_args(ROOT_DEVICE) if verity else [f"root={ROOT_DEVICE}"]
+    args = [*root, "rw" if rw and verity is None else "ro", f"rootfstype={fs}"]
     if init == "agent":
         args.append(f"init={INIT_PATH}")
     return args
 
 
-def bundle_cmdline(fs: str, init: str, arch: Arch, extra: tuple[str, ...] = ()) -> str:
-    """The command line stored in vm.json (launchers for other VMMs swap the console)."""
-    return " ".join([console_arg(arch), *COMMON_ARGS, *root_args(fs, init), *extra])
+def bundle_cmdline(
+    fs: str,
+    init: str,
+    arch: Arch,
+    extra: tuple[str, ...] = (),
+    verity: VerityTree | None = None,
+    rw: bool | None = None,
+) -> str:
+    """The command line stored in vm.json (launchers for other VMMs swap the console).
+    The root is read-write for ext4 unless `rw` says otherwise."""
+    writable = fs == "ext4" if rw is None else rw
+    return " ".join(
+        [console_arg(arch), *COMMON_ARGS, *root_args(fs, init, verity, writable), *extra]
+    )

@@ -367,3 +367,21 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def check_root_hash(image: str | os.PathLike[str], tree: VerityTree) -> None:
+    """Check, in O(1), that the tree stored in `image` hashes to `tree.root_hash`: the
+    top level's block (or, for a one-block image, the data block) hashed with the salt.
+    The kernel checks every level below it as it reads. VerityError if it does not."""
+    salt = bytes.fromhex(tree.salt)
+    offset = tree.hash_offset if tree.hash_blocks else 0
+    path = Path(image)
+    fd = _open(path, os.O_RDONLY)
+    try:
+        block = os.pread(fd, BLOCK_SIZE, offset)
+    finally:
+        os.close(fd)
+    if len(block) != BLOCK_SIZE:
+        raise VerityError(f"{path}: the verity tree is cut short")
+    if hashlib.sha256(salt + block).hexdigest() != tree.root_hash:
+        raise VerityError(f"{path}: rootfs integrity: the verity tree does not match the root hash")
