@@ -54,6 +54,7 @@ from vmimg.guest.protocol import (
 from vmimg.image.layers import Extent
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.cpio import CpioOptions, write_cpio
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT_SRC = REPO / "agent"
@@ -557,36 +558,12 @@ def kernel() -> str:
 
 
 def write_newc(tree: Tree, reader: ContentReader, out: Path) -> None:
-    """A newc ("070701") cpio archive of the tree, as the kernel unpacks an
-    initramfs: 13 hex header fields, name and data each padded to 4 bytes."""
-
-    def pad(n: int) -> bytes:
-        return b"\0" * (-n % 4)
-
-    with open(out, "wb") as f:
-        ino = 1
-        # "." carries the root's own mode and owner (the kernel chmods the root)
-        entries = [(p if p != b"/" else b".", n) for p, n in tree.walk()]
-        entries.append((b"TRAILER!!!", Node(NodeType.FILE, mode=0)))
-        for path, node in entries:
-            name = path.lstrip(b"/") + b"\0"
-            if node.type is NodeType.FILE:
-                assert node.content is not None
-                data = reader.read_all(node.content) if node.content.size else b""
-            elif node.type is NodeType.SYMLINK:
-                assert node.target is not None
-                data = node.target
-            else:
-                data = b""
-            mode = node.st_mode if path != b"TRAILER!!!" else 0
-            fields = [
-                ino, mode, node.uid, node.gid, 2 if node.is_dir else 1, 0, len(data),
-                0, 0, node.rdev[0], node.rdev[1], len(name), 0,
-            ]  # fmt: skip
-            header = b"070701" + b"".join(b"%08X" % v for v in fields)
-            f.write(header + name + pad(len(header) + len(name)))
-            f.write(data + pad(len(data)))
-            ino += 1
+    """An uncompressed newc initramfs of the tree, by the package's own cpio writer."""
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_cpio(tree, reader, fd, CpioOptions(compression="none"))
+    finally:
+        os.close(fd)
 
 
 def busybox_tree(script: bytes | None = None) -> Tree:
