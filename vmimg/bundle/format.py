@@ -12,7 +12,7 @@ parses vm.json into typed objects and refuses anything outside the format:
   that size and hash before anything boots;
 - numbers are numbers in sane ranges, strings are strings without control characters.
 
-This module imports nothing above `image/`: bundle building, booting and artifacts all
+This module imports nothing above `rootfs/`: bundle building, booting and artifacts all
 stand on it (docs/bundle.md describes the format for users).
 """
 
@@ -32,6 +32,7 @@ from vmimg.rootfs.verity import ALGORITHM as VERITY_ALGORITHM
 from vmimg.rootfs.verity import BLOCK_SIZE as VERITY_BLOCK
 from vmimg.rootfs.verity import FORMAT_VERSION as VERITY_VERSION
 from vmimg.rootfs.verity import VerityTree, check_root_hash, level_blocks
+from vmimg.rootfs.writers import INITRAMFS_SUFFIX
 
 BUNDLE_FORMAT = 1
 VM_JSON = "vm.json"
@@ -40,13 +41,10 @@ MANIFEST_FILE = "manifest"
 LAUNCH_DIR = "launch"
 LAUNCH_FILES = ("cloud-hypervisor.sh", "firecracker.json", "qemu.sh")
 FS_TYPES = ("erofs", "ext4", "initramfs")
-# The name of the root file system's file, per type; an initramfs is named by its compression.
-ROOTFS_FILES = {"erofs": "rootfs.erofs", "ext4": "rootfs.ext4"}
-INITRAMFS_FILES = {
-    "gzip": "initramfs.cpio.gz",
-    "zstd": "initramfs.cpio.zst",
-    "none": "initramfs.cpio",
-}
+# The name of the root file system's file, per type, as the writers' table gives it; an
+# initramfs is named by its compression.
+ROOTFS_FILES = {fs: f"rootfs.{fs}" for fs in ("erofs", "ext4")}
+INITRAMFS_FILES = {c: "initramfs.cpio" + suffix for c, suffix in INITRAMFS_SUFFIX.items()}
 ROOTFS_NAMES = frozenset([*ROOTFS_FILES.values(), *INITRAMFS_FILES.values()])
 ROLE_NAMES = frozenset([KERNEL_FILE, MANIFEST_FILE, *ROOTFS_NAMES])
 INIT_TYPES = ("agent", "image")
@@ -59,13 +57,6 @@ MAX_VCPUS = 256
 MAX_STRING = 4096
 MAX_LIST = 4096
 MAX_BLOCKS = 1 << 38  # 1 PiB of 4 KiB blocks
-
-
-def rootfs_file_name(fs: str, compression: str | None = None) -> str:
-    """The file name a root file system of type `fs` has in a bundle."""
-    if fs == "initramfs":
-        return INITRAMFS_FILES[compression or "gzip"]
-    return ROOTFS_FILES[fs]
 
 
 # -- typed vm.json -----------------------------------------------------------------
