@@ -80,7 +80,9 @@ def images(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Images:
 def pull(
     work: Path, proxy: str, tag: str, out: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return run_vmimg(work, "rootfs", f"docker://{proxy}/{REPO}:{tag}", "-o", str(out), env=env)
+    return run_vmimg(
+        work, "rootfs", f"docker://{proxy}/{REPO}:{tag}", "-o", str(out), "-q", env=env
+    )
 
 
 FAST_RETRIES = {"VMIMG_REGISTRY_RETRIES": "3"}
@@ -322,7 +324,7 @@ def test_sigint_leaves_no_temporary_files(busy_layout: str, tmp_path: Path) -> N
     interrupted = 0
     for share in (0.4, 0.55, 0.7, 0.85):
         subprocess.run(["rm", "-rf", str(tmp_path / "cache")], check=True)
-        proc = _start(tmp_path, busy_layout, "ext4", out_dir / "root.ext4")
+        proc = _start(tmp_path, busy_layout, "ext4", out_dir / "root.ext4", "-q")
         time.sleep(share * cold)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=60)
@@ -361,7 +363,7 @@ def test_full_disk_while_writing_the_image(
 ) -> None:
     for fmt in ("tar", "ext4", "erofs"):
         out = small_disk / f"root.{fmt}"
-        r = run_vmimg(tmp_path, "rootfs", busy_layout, "--format", fmt, "-o", str(out))
+        r = run_vmimg(tmp_path, "rootfs", busy_layout, "--format", fmt, "-o", str(out), "-q")
         assert r.returncode == 7, r.stderr
         assert r.stderr == f"vmimg: error: cannot write {out}: No space left on device\n"
         assert os.listdir(small_disk) == []
@@ -370,7 +372,7 @@ def test_full_disk_while_writing_the_image(
 def test_full_disk_under_the_cache(busy_layout: str, small_disk: Path, tmp_path: Path) -> None:
     out = tmp_path / "root.tar"
     r = run_vmimg(
-        tmp_path, "rootfs", busy_layout, "-o", str(out), env={"VMIMG_CACHE": str(small_disk)}
+        tmp_path, "rootfs", busy_layout, "-o", str(out), "-q", env={"VMIMG_CACHE": str(small_disk)}
     )
     assert r.returncode == 8, r.stderr
     message = DIGEST_RE.sub("DIGEST", r.stderr)

@@ -62,6 +62,7 @@ from vmimg.guest.kernel import (
     pulled_kernel_dir,
 )
 from vmimg.image.cache import Cache
+from vmimg.image.fetch import BYTES, PhaseStart, Progress
 from vmimg.image.oci import (
     ACCEPT_MANIFESTS,
     INDEX_TYPES,
@@ -78,6 +79,7 @@ from vmimg.image.oci import (
 from vmimg.image.reference import RegistryRef, parse_reference
 from vmimg.image.registry import RegistryClient, digest_of
 from vmimg.image.sources import SourceOptions
+from vmimg.image.sources.registry import get_manifest
 
 # -- the format (docs/artifact.md) ------------------------------------------------
 
@@ -147,6 +149,9 @@ MAX_CONFIG_BYTES = 4 << 20
 MAX_LAYERS = 256
 FALLBACK_TAG_MAX = 128  # tag length limit of the distribution spec
 MEMO_DIR = "artifacts/zstd"
+PULLED_FILE_MODE = 0o666  # less the umask; never executable
+UPLOAD_PHASE = "uploading"
+DOWNLOAD_PHASE = "downloading"
 
 
 # -- results -----------------------------------------------------------------------
@@ -224,14 +229,19 @@ def _target(ref: str, options: SourceOptions) -> _Target:
 class _HashingReader:
     """Wraps a readable, hashing and counting what passes, refusing to pass `limit` bytes."""
 
-    def __init__(self, f: Any, hasher: Hasher, limit: int | None = None) -> None:
+    def __init__(
+        self, f: Any, hasher: Hasher, limit: int | None = None, progress: Progress | None = None
+    ) -> None:
         self._f = f
         self.hasher = hasher
         self.limit = limit
+        self.progress = progress
 
     def read(self, n: int = -1) -> bytes:
         data: bytes = self._f.read(n)
         self.hasher.update(data)
+        if self.progress is not None:
+            self.progress(len(data))
         if self.limit is not None and self.hasher.size > self.limit:
             raise DigestError(f"more than the expected {self.limit} bytes")
         return data
@@ -245,7 +255,7 @@ def _hash_file(path: str) -> tuple[str, int]:
     return h.digest, h.size
 
 
-def _compress(src: str, dest: str) -> tuple[str, int, str, int]:
+def _compress(src: str, dest: str, progress: Progress | None = None) -> tuple[str, int, str, int]:
     """zstd-compress `src` into `dest`: (compressed digest, size, plain digest, size)."""
     plain, packed = Hasher(), Hasher()
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS, write_content_size=True)
@@ -258,6 +268,8 @@ def _compress(src: str, dest: str) -> tuple[str, int, str, int]:
         while chunk := fin.read(IO_CHUNK):
             plain.update(chunk)
             writer.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
     with open(dest, "rb") as f:  # hashed on a second read: stream_writer hides its output
         while chunk := f.read(IO_CHUNK):
             packed.update(chunk)
@@ -319,6 +331,7 @@ def _prepare_layer(
     media_type: str,
     work: str,
     memo: _CompressionMemo,
+    phases: PhaseStart | None = None,
 ) -> _Layer:
     """The layer for one file: compressed when big and compressible, else as it is."""
     plain_digest, plain_size = _hash_file(path)
@@ -341,7 +354,8 @@ def _prepare_layer(
         memo.put(plain_digest, "", 0)
         return plain
     dest = os.path.join(work, plain_digest.split(":", 1)[1] + ZSTD_EXT)
-    digest, size, again, _n = _compress(path, dest)
+    progress = phases(f"compressing {name}", plain_size, BYTES) if phases else None
+    digest, size, again, _n = _compress(path, dest, progress)
     if again != plain_digest:
         raise UsageError(f"{path} changed while it was being pushed")
     if size > plain_size * KEEP_RATIO:
@@ -421,14 +435,16 @@ def _push_artifact(
     annotations: dict[str, str],
     start: float,
     warnings: list[str],
+    phases: PhaseStart | None = None,
 ) -> PushResult:
     uploaded = skipped = sent = 0
-    seen: set[str] = set()
-    for item in [config, *layers]:
+    unique = list({x.descriptor.digest: x for x in [config, *layers]}.values())
+    todo = [x for x in unique if x.blob_path is not None]
+    progress = None
+    if phases is not None and todo:
+        progress = phases(UPLOAD_PHASE, sum(x.descriptor.size for x in todo), BYTES)
+    for item in unique:
         d = item.descriptor
-        if d.digest in seen:
-            continue
-        seen.add(d.digest)
         if item.blob_path is None:
             skipped += 1
             continue
@@ -437,6 +453,8 @@ def _push_artifact(
             sent += d.size
         else:
             skipped += 1
+        if progress is not None:  # blob by blob: the registry client streams it whole
+            progress(d.size)
     descs = [x.descriptor for x in layers]
     data = _manifest_doc(artifact_type, config.descriptor, descs, subject, annotations)
     tag = target.ref.tag or target.ref.digest or "latest"
@@ -505,6 +523,7 @@ def push_bundle(
     cache: Cache,
     options: SourceOptions,
     build_key: str | None = None,
+    phases: PhaseStart | None = None,
 ) -> PushResult:
     """Push a bundle directory to `ref` as a bundle artifact whose subject is its source
     image (when the target repository holds that image)."""
@@ -521,7 +540,13 @@ def push_bundle(
     with cache.temp_dir() as work:
         layers = [
             _prepare_layer(
-                target, os.path.join(bundle, name), name, _bundle_media_type(name), work, memo
+                target,
+                os.path.join(bundle, name),
+                name,
+                _bundle_media_type(name),
+                work,
+                memo,
+                phases,
             )
             for name in [VM_JSON, *_bundle_files(loaded)]
         ]
@@ -548,11 +573,16 @@ def push_bundle(
             annotations,
             start,
             warnings,
+            phases,
         )
 
 
 def push_bundle_index(
-    bundles: list[str], ref: str, cache: Cache, options: SourceOptions
+    bundles: list[str],
+    ref: str,
+    cache: Cache,
+    options: SourceOptions,
+    phases: PhaseStart | None = None,
 ) -> PushResult:
     """Push one bundle per platform (each also tagged TAG-ARCH) and an OCI index over them
     at `ref`, so that a pull picks the bundle of its platform."""
@@ -565,7 +595,7 @@ def push_bundle_index(
         vm = load_bundle(bundle, check_files=False).vm  # push_bundle checks the files
         plat = parse_platform(vm.platform)
         one = push_bundle(bundle, f"{target.ref.registry}/{target.repo}:{tag}-{plat.architecture}",
-                          cache, options)  # fmt: skip
+                          cache, options, phases=phases)  # fmt: skip
         pushed.append(one)
         head = target.client.head_manifest(target.repo, one.digest, OCI_MANIFEST)
         if head is None:
@@ -614,7 +644,9 @@ def _bundle_media_type(name: str) -> str:
     return BUNDLE_FILE_TYPES.get(name, "application/vnd.vmimg.file.v1")
 
 
-def push_kernel(key: str, ref: str, cache: Cache, options: SourceOptions) -> PushResult:
+def push_kernel(
+    key: str, ref: str, cache: Cache, options: SourceOptions, phases: PhaseStart | None = None
+) -> PushResult:
     """Push a cached kernel (by key or key prefix) as a kernel artifact."""
     start = time.monotonic()
     info = find_kernel(key, cache.root)
@@ -626,7 +658,9 @@ def push_kernel(key: str, ref: str, cache: Cache, options: SourceOptions) -> Pus
     memo = _CompressionMemo(cache)
     with cache.temp_dir() as work:
         layers = [
-            _prepare_layer(target, str(info.directory / n), n, KERNEL_FILE_TYPES[n], work, memo)
+            _prepare_layer(
+                target, str(info.directory / n), n, KERNEL_FILE_TYPES[n], work, memo, phases
+            )
             for n in names
         ]
         meta = layers[0]
@@ -640,7 +674,9 @@ def push_kernel(key: str, ref: str, cache: Cache, options: SourceOptions) -> Pus
             ANN_KERNEL_VERSION: info.version,
             ANN_PLATFORM: f"linux/{info.arch}",
         }
-        return _push_artifact(target, KERNEL_ARTIFACT, config, layers, None, annotations, start, [])
+        return _push_artifact(
+            target, KERNEL_ARTIFACT, config, layers, None, annotations, start, [], phases
+        )
 
 
 # -- pulling ---------------------------------------------------------------------------
@@ -681,8 +717,8 @@ _ARTIFACT_OF_CONFIG = {BUNDLE_CONFIG: BUNDLE_ARTIFACT, KERNEL_CONFIG: KERNEL_ART
 def _get_artifact(target: _Target, expected_type: str) -> _Artifact:
     """The artifact manifest at the target reference, checked to be of `expected_type`."""
     where = str(target.ref)
-    data, ctype = target.client.get_manifest(
-        target.repo, target.ref.reference, f"{OCI_MANIFEST}, {ACCEPT_MANIFESTS}"
+    data, ctype = get_manifest(
+        target.client, target.repo, target.ref.reference, f"{OCI_MANIFEST}, {ACCEPT_MANIFESTS}"
     )
     digest = digest_of(data)
     if target.ref.digest and digest != target.ref.digest:
@@ -707,7 +743,9 @@ def _get_artifact(target: _Target, expected_type: str) -> _Artifact:
     return _Artifact(digest, kind, config, layers, obj)
 
 
-def _fetch_blob(target: _Target, desc: Descriptor, dest: str, what: str) -> tuple[str, int]:
+def _fetch_blob(
+    target: _Target, desc: Descriptor, dest: str, what: str, progress: Progress | None = None
+) -> tuple[str, int]:
     """Stream a blob into `dest`, decompressing a zstd layer, checking the blob's digest
     and size and, for compressed layers, the annotated uncompressed digest and size.
     Returns the file's sha256 digest and size."""
@@ -723,8 +761,8 @@ def _fetch_blob(target: _Target, desc: Descriptor, dest: str, what: str) -> tupl
             raise SourceError(f"{what}: compressed layer without its uncompressed digest and size")
         limit = int(size_text)
     with target.client.open_blob(target.repo, desc.digest) as stream:
-        reader = _HashingReader(stream, packed, desc.size)
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        reader = _HashingReader(stream, packed, desc.size, progress)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PULLED_FILE_MODE)
         with os.fdopen(fd, "wb") as out:
             try:
                 if compressed:
@@ -782,13 +820,19 @@ def _fetch_files(
     config_name: str,
     config: bytes,
     wanted: FileFilter,
+    phases: PhaseStart | None = None,
 ) -> tuple[dict[str, dict[str, Any]], int]:
     """The layers `wanted` accepts (by title, less .zst) into `work`, and the config as
-    `config_name`; returns the files and the bytes read. Files are written 0644 whatever
-    the artifact says: nothing pulled is ever executable."""
+    `config_name`; returns the files and the bytes read. Files are written 0666 less the
+    umask whatever the artifact says: nothing pulled is ever executable."""
     where = target.pinned(artifact.digest)
     files: dict[str, dict[str, Any]] = {}
     total = artifact.config.size
+    progress = None
+    if phases is not None:
+        names = [(d, _file_name(d)) for d in artifact.layers]
+        size = sum(d.size for d, n in names if n != config_name and wanted(n))
+        progress = phases(DOWNLOAD_PHASE, size, BYTES)
     for desc in artifact.layers:
         name = _safe_path(_file_name(desc), where)
         if name in files:
@@ -796,7 +840,7 @@ def _fetch_files(
         if name == config_name or not wanted(name):
             continue
         path = os.path.join(work, name)
-        digest, size = _fetch_blob(target, desc, path, f"{where} {name}")
+        digest, size = _fetch_blob(target, desc, path, f"{where} {name}", progress)
         total += desc.size
         files[name] = {"sha256": digest.split(":", 1)[1], "size": size}
     with open(os.path.join(work, config_name), "xb") as f:
@@ -805,7 +849,9 @@ def _fetch_files(
     return files, total
 
 
-def _pull_bundle_into(target: _Target, artifact: _Artifact, work: str) -> PullResult:
+def _pull_bundle_into(
+    target: _Target, artifact: _Artifact, work: str, phases: PhaseStart | None = None
+) -> PullResult:
     """A bundle artifact into the empty directory `work`: vm.json is read and checked
     first, then only the files it lists are fetched (a registry's launch/ scripts are
     never taken: they are written anew from vm.json), and the result is loaded as any
@@ -818,7 +864,9 @@ def _pull_bundle_into(target: _Target, artifact: _Artifact, work: str) -> PullRe
         name = _safe_path(_file_name(desc), where)
         if name not in vm.files and name != VM_JSON and not name.startswith(LAUNCH_DIR + "/"):
             raise SourceError(f"{where}: layer {name!r} is not a file of a vmimg bundle")
-    files, total = _fetch_files(target, artifact, work, VM_JSON, config, vm.files.__contains__)
+    files, total = _fetch_files(
+        target, artifact, work, VM_JSON, config, vm.files.__contains__, phases
+    )
     for name in vm.files:
         if name not in files:
             raise SourceError(f"{where}: vm.json lists {name}, which the artifact lacks")
@@ -831,7 +879,12 @@ def _pull_bundle_into(target: _Target, artifact: _Artifact, work: str) -> PullRe
 
 
 def pull_bundle(
-    ref: str, dest: str, options: SourceOptions, from_image: bool = False, fs: str | None = None
+    ref: str,
+    dest: str,
+    options: SourceOptions,
+    from_image: bool = False,
+    fs: str | None = None,
+    phases: PhaseStart | None = None,
 ) -> PullResult:
     """Pull the bundle artifact at `ref` (or, with `from_image`, the newest bundle that
     refers to the image at `ref`) into the directory `dest`, atomically."""
@@ -846,7 +899,7 @@ def pull_bundle(
     artifact = _get_artifact(target, BUNDLE_ARTIFACT)
     work = new_bundle_dir(dest)
     try:
-        result = _pull_bundle_into(target, artifact, work)
+        result = _pull_bundle_into(target, artifact, work, phases)
         install_bundle_dir(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -856,7 +909,13 @@ def pull_bundle(
     return result
 
 
-def pull_into_cache(target: _Target, artifact: _Artifact, cache: Cache, final: str) -> None:
+def pull_into_cache(
+    target: _Target,
+    artifact: _Artifact,
+    cache: Cache,
+    final: str,
+    phases: PhaseStart | None = None,
+) -> None:
     """Pull a bundle into `final`/bundle in the cache (the layout of bundle.py's outputs)."""
     if os.path.isfile(os.path.join(final, "bundle", "vm.json")):
         return
@@ -866,14 +925,18 @@ def pull_into_cache(target: _Target, artifact: _Artifact, cache: Cache, final: s
         with cache.temp_dir() as tmp:
             work = os.path.join(tmp, "bundle")
             os.mkdir(work)
-            _pull_bundle_into(target, artifact, work)
+            _pull_bundle_into(target, artifact, work, phases)
             if os.path.isdir(final):  # an incomplete leftover: nothing else has it locked
                 shutil.rmtree(final)
             os.rename(tmp, final)
 
 
 def pull_bundle_to_cache(
-    ref: str, cache: Cache, options: SourceOptions, final: str | None = None
+    ref: str,
+    cache: Cache,
+    options: SourceOptions,
+    final: str | None = None,
+    phases: PhaseStart | None = None,
 ) -> str:
     """The bundle artifact at `ref` as a directory in the cache: in `final` (the remote
     build cache's place for a build key), or pulled once per manifest digest (for
@@ -881,19 +944,42 @@ def pull_bundle_to_cache(
     target = _target(ref, options)
     artifact = _get_artifact(target, BUNDLE_ARTIFACT)
     final = final or cache.output_dir("artifact-" + artifact.digest.split(":", 1)[1])
-    pull_into_cache(target, artifact, cache, final)
+    pull_into_cache(target, artifact, cache, final, phases)
     return os.path.join(final, "bundle")
 
 
-def resolve_bundle_argument(arg: str, cache: Cache, options: SourceOptions) -> str:
+def resolve_bundle_argument(
+    arg: str, cache: Cache, options: SourceOptions, phases: PhaseStart | None = None
+) -> str:
     """A `vmimg verify` argument: a bundle directory as it is, a registry reference
     pulled into the cache."""
     if os.path.isdir(arg):
         return arg
-    return pull_bundle_to_cache(arg, cache, options)
+    return pull_bundle_to_cache(arg, cache, options, phases=phases)
 
 
-def pull_kernel(ref: str, cache: Cache, options: SourceOptions) -> KernelInfo:
+def read_bundle_artifact(ref: str, options: SourceOptions) -> tuple[str, bytes, bytes] | None:
+    """(HOST/REPO@DIGEST, manifest, vm.json) of the bundle artifact at `ref` (a bundle index
+    gives the entry for options.platform), or None when `ref` names anything else."""
+    target = _target(ref, options)
+    data, _ctype = get_manifest(
+        target.client, target.repo, target.ref.reference, f"{OCI_MANIFEST}, {ACCEPT_MANIFESTS}"
+    )
+    obj = load_json(data, f"manifest {target.ref}")
+    config = obj.get("config")
+    config_type = config.get("mediaType") if isinstance(config, dict) else None
+    if obj.get("artifactType") != BUNDLE_ARTIFACT and config_type != BUNDLE_CONFIG:
+        return None
+    artifact = _get_artifact(target, BUNDLE_ARTIFACT)
+    where = target.pinned(artifact.digest)
+    vm_json = _read_config(target, artifact.config, f"{where} config")
+    manifest = json.dumps(artifact.raw, indent=2).encode() + b"\n"
+    return where, manifest, vm_json
+
+
+def pull_kernel(
+    ref: str, cache: Cache, options: SourceOptions, phases: PhaseStart | None = None
+) -> KernelInfo:
     """Pull a kernel artifact into the cache's pulled kernels, keyed by the artifact's
     digest (never under a build key, so it cannot replace a kernel built here); returns
     its KernelInfo. Only known file names are fetched, each checked against kernel.json."""
@@ -909,7 +995,7 @@ def pull_kernel(ref: str, cache: Cache, options: SourceOptions) -> KernelInfo:
         with contextlib.suppress(KernelError):
             return load_kernel(final, check_files=True)
         files, _total = _fetch_files(
-            target, artifact, tmp, METADATA_FILE, config, meta["files"].__contains__
+            target, artifact, tmp, METADATA_FILE, config, meta["files"].__contains__, phases
         )
         for name in meta["files"]:
             if name not in files:
@@ -1013,5 +1099,6 @@ __all__ = [
     "pull_kernel",
     "push_bundle",
     "push_kernel",
+    "read_bundle_artifact",
     "resolve_bundle_argument",
 ]

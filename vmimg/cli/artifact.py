@@ -14,8 +14,10 @@ from typing import Any
 import click
 
 from vmimg.artifact.artifact import pull_bundle, pull_kernel, push_bundle, push_kernel
-from vmimg.cli.options import bundle_output, cache_param, run, source_options
+from vmimg.bundle.build import boot_kernel_file, check_destination
+from vmimg.cli.options import bundle_output, cache_param, check_platform, run, source_options
 from vmimg.cli.options import registry_params as reach_registry
+from vmimg.cli.progress import progress
 from vmimg.image.cache import Cache
 
 MIB = 1 << 20
@@ -73,7 +75,8 @@ def push(
 
     def go() -> None:
         opts = source_options("linux/amd64", insecure, ca_cert)
-        result = push_bundle(bundle, ref, Cache.open(cache_dir), opts, build_key)
+        with progress() as shown:
+            result = push_bundle(bundle, ref, Cache.open(cache_dir), opts, build_key, shown.phase)
         _echo_push(result, as_json)
 
     run(as_json, go)
@@ -97,6 +100,7 @@ def push(
     "--platform",
     default="linux/amd64",
     show_default=True,
+    callback=check_platform,
     help="With --from-image: the platform to pick from an image index.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -119,9 +123,12 @@ def pull(
     """
 
     def go() -> None:
-        result = pull_bundle(
-            ref, output, source_options(platform, insecure, ca_cert), from_image=from_image, fs=fs
-        )
+        check_destination(output)  # before anything is fetched
+        with progress() as shown:
+            result = pull_bundle(
+                ref, output, source_options(platform, insecure, ca_cert), from_image=from_image,
+                fs=fs, phases=shown.phase,
+            )  # fmt: skip
         if as_json:
             click.echo(json.dumps(asdict(result), indent=2))
             return
@@ -150,7 +157,9 @@ def kernel_push(
 
     def go() -> None:
         opts = source_options("linux/amd64", insecure, ca_cert)
-        _echo_push(push_kernel(key, ref, Cache.open(cache_dir), opts), as_json)
+        with progress() as shown:
+            result = push_kernel(key, ref, Cache.open(cache_dir), opts, shown.phase)
+        _echo_push(result, as_json)
 
     run(as_json, go)
 
@@ -165,13 +174,18 @@ def kernel_pull(
     """Pull the kernel artifact at REF into the kernel cache."""
 
     def go() -> None:
-        info = pull_kernel(
-            ref, Cache.open(cache_dir), source_options("linux/amd64", insecure, ca_cert)
-        )
+        with progress() as shown:
+            info = pull_kernel(
+                ref, Cache.open(cache_dir), source_options("linux/amd64", insecure, ca_cert),
+                shown.phase,
+            )  # fmt: skip
+        boot_file = boot_kernel_file(info)  # the file a bundle boots: what --kernel takes
         if as_json:
-            click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))
+            click.echo(json.dumps({**info.metadata, "directory": str(info.directory),
+                                   "kernel": str(boot_file)}, indent=2))  # fmt: skip
             return
         click.echo(f"{info.key}  {info.version}  {info.arch}  {info.directory}")
+        click.echo(f"  use it: vmimg build SOURCE -o DIR --kernel {boot_file}")
 
     run(as_json, go)
 

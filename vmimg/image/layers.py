@@ -209,6 +209,7 @@ def _unpack(
         reader = _HashingReader(stream, algo, desc.size if desc.digest else None)
         kind = sniff_compression(reader.peek(4), declared)
         tar_hash = Hasher("sha256")
+        reported = 0
         for chunk in decompressed_chunks(reader.read, kind, what):
             tar_hash.update(chunk)
             if tar_hash.size > limit:
@@ -216,8 +217,9 @@ def _unpack(
                     f"{what}: expands past {limit} bytes (VMIMG_MAX_LAYER_BYTES); refusing it"
                 )
             out.write(chunk)
-            if on_progress:
-                on_progress(len(chunk))
+            if on_progress:  # the blob's bytes: what the layer's size in the manifest counts
+                on_progress(reader.hasher.size - reported)
+                reported = reader.hasher.size
         if desc.digest:
             reader.hasher.verify(desc.digest, desc.size, what)
         tar_hash.verify(diff_id, None, f"{what} (uncompressed)")
