@@ -342,6 +342,8 @@ def test_kernel_push_pull_round_trip(
     # The CLI finds it cached the second time.
     r = cli("kernel", "pull", f"{reg.host}/kernels:6.1", "--cache", there.root)
     assert r.exit_code == 0 and guest_kernel.key in r.stdout
+    # ... and says how to use it: the file `vmimg build --kernel` takes.
+    assert f"use it: vmimg build SOURCE -o DIR --kernel {info.directory / 'vmlinux'}" in r.stdout
 
 
 # -- TLS, credentials ------------------------------------------------------------------------
