@@ -17,7 +17,7 @@ from vmimg.artifact.artifact import pull_bundle, pull_kernel, push_bundle, push_
 from vmimg.bundle.build import boot_kernel_file, check_destination
 from vmimg.cli.options import bundle_output, cache_param, check_platform, run, source_options
 from vmimg.cli.options import registry_params as reach_registry
-from vmimg.cli.progress import progress
+from vmimg.cli.progress import add_verbosity_options, progress
 from vmimg.image.cache import Cache
 
 MIB = 1 << 20
@@ -196,3 +196,7 @@ def register(main: click.Group, kernel: click.Group) -> None:
     main.add_command(pull)
     kernel.add_command(kernel_push)
     kernel.add_command(kernel_pull)
+
+
+for _command in (push, pull, kernel_push, kernel_pull):
+    add_verbosity_options(_command)  # -q/-v, also when imported without vmimg.cli.main

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from vmimg.cli.options import cache_param, os_error_message
-from vmimg.cli.progress import progress
+from vmimg.cli.progress import add_verbosity_options, progress
 from vmimg.errors import VmimgError
 from vmimg.guest import kernel as klib
 from vmimg.safetext import escape_text
@@ -124,3 +124,6 @@ def show_cmd(key: str | None, cache_dir: str | None) -> None:
     """A cached kernel's metadata (KEY or a prefix of it; default the newest)."""
     info = klib.find_kernel(key, cache_dir)
     click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))
+
+
+add_verbosity_options(kernel)  # -q/-v, also when imported without vmimg.cli.main
