@@ -216,7 +216,11 @@ def test_inspect_a_pushed_bundle(registry: str, sample_ref: str, tmp_path: Path)
     assert raw["artifactType"] == "application/vnd.vmimg.bundle.v1"
     # An image in the same registry is still shown as an image.
     skopeo_copy(sample_ref, f"docker://{registry}/ux/image:v1")
-    r = run_vmimg(tmp_path, "inspect", f"{registry}/ux/image:v1")
+    r = run_vmimg(tmp_path, "inspect", f"{registry}/ux/image:v1", "--json")
+    assert r.returncode == 0, r.stderr
+    # Pinned by digest and cached, an image needs no registry to be told from a bundle.
+    pinned_image = f"127.0.0.1:9/ux/image@{json.loads(r.stdout)['digest']}"
+    r = run_vmimg(tmp_path, "inspect", pinned_image, env={"VMIMG_REGISTRY_RETRIES": "0"})
     assert r.returncode == 0 and r.stdout.startswith("Image:"), r.stderr
 
 

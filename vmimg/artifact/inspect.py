@@ -7,13 +7,15 @@ strings in it are the bundle maker's (or a registry's), so the CLI escapes them 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from vmimg.artifact.artifact import read_bundle_artifact
+from vmimg.artifact.artifact import BUNDLE_ARTIFACT, BUNDLE_CONFIG, read_bundle_artifact
 from vmimg.bundle.format import VM_JSON, VmSpec, parse_vm_json, read_vm_json
 from vmimg.digest import digest_bytes
+from vmimg.image.cache import Cache
 from vmimg.image.reference import BUNDLE, parse_reference
 from vmimg.image.sources import SourceOptions
 
@@ -26,20 +28,38 @@ class BundleInfo:
     raw: bytes  # what --raw prints: vm.json for a directory, the manifest for a reference
 
 
-def read_bundle(source: str, options: SourceOptions) -> BundleInfo | None:
+def read_bundle(source: str, options: SourceOptions, cache: Cache) -> BundleInfo | None:
     """The bundle `source` names, or None when it names an image."""
     ref = parse_reference(source)
     if ref.transport == BUNDLE:
         assert ref.path is not None
         return _read_dir(ref.path)
-    if ref.transport != "docker":
+    if ref.registry is None:
         return None
+    if ref.registry.digest and _cached_image_manifest(cache, ref.registry.digest):
+        return None  # an image pinned by digest and cached: asking the registry is not needed
     found = read_bundle_artifact(source, options)
     if found is None:
         return None
     where, manifest, vm_json = found
     vm = parse_vm_json(vm_json, f"{where} vm.json")
     return BundleInfo(where, where.rsplit("@", 1)[1], vm, manifest)
+
+
+def _cached_image_manifest(cache: Cache, digest: str) -> bool:
+    """Whether the cache holds `digest` as a manifest that is no bundle's."""
+    data = cache.read_blob(digest)
+    if data is None:
+        return False
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    if not isinstance(doc, dict):
+        return False
+    config = doc.get("config")
+    config_type = config.get("mediaType") if isinstance(config, dict) else None
+    return doc.get("artifactType") != BUNDLE_ARTIFACT and config_type != BUNDLE_CONFIG
 
 
 def _read_dir(path: str) -> BundleInfo:

@@ -230,7 +230,8 @@ def inspect(
 
     def go() -> None:
         sopts = source_options(platform, insecure, ca_cert)
-        bundle = read_bundle(source, sopts)
+        cache = Cache.open(cache_dir)
+        bundle = read_bundle(source, sopts, cache)
         if bundle is not None:
             if raw:
                 click.echo(bundle.raw.decode("utf-8", "replace"), nl=False)
@@ -239,7 +240,6 @@ def inspect(
             else:
                 click.echo(render_bundle(describe_bundle(bundle)))
             return
-        cache = Cache.open(cache_dir)
         if raw:
             click.echo(raw_manifest(source, cache, sopts).decode("utf-8", "replace"), nl=False)
             return
