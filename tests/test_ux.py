@@ -313,6 +313,16 @@ def test_a_heartbeat_line_during_long_work_without_a_terminal() -> None:
                                    for ln in lines[1:])  # fmt: skip
 
 
+def test_a_failed_phase_is_not_called_done() -> None:
+    out = io.StringIO()
+    with pytest.raises(OSError), Progress(out, tty=True) as shown:
+        shown.phase("fetching layers", 100)(40)
+        time.sleep(0.3)  # a redraw or two
+        raise OSError("the disk is full")
+    assert "fetching layers, 0.0 MiB of 0.0 MiB (40%)" in out.getvalue()
+    assert "done" not in out.getvalue()
+
+
 # -- 6. -q and -v --------------------------------------------------------------------------------
 
 

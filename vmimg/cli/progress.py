@@ -155,11 +155,16 @@ class Progress:
                 self._clear_locked()
                 self._line(text)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End the last phase: "done" at a terminal, or, when the work `failed`, only the
+        status line cleared (the error says the rest)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         with self._lock:
+            if failed:
+                self._clear_locked()
+                self._current = None
             self._end_locked(time.monotonic())
 
     def __enter__(self) -> Progress:
@@ -171,7 +176,7 @@ class Progress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(failed=exc is not None)
 
     # -- rendering ------------------------------------------------------------------------
 
