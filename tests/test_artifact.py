@@ -289,7 +289,7 @@ def test_corrupted_blob_fails_cleanly(
     blob.write_bytes(bytes(data))
 
     out = tmp_path / "out"
-    r = cli("pull", result.pinned, "-o", str(out))
+    r = cli("pull", result.pinned, "-o", str(out), "-q")
     assert r.exit_code == SourceError.exit_code
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vmimg: error: "), r.stderr
@@ -340,6 +340,8 @@ def test_kernel_push_pull_round_trip(
     # The CLI finds it cached the second time.
     r = cli("kernel", "pull", f"{reg.host}/kernels:6.1", "--cache", there.root)
     assert r.exit_code == 0 and guest_kernel.key in r.stdout
+    # ... and says how to use it: the file `vmimg build --kernel` takes.
+    assert f"use it: vmimg build SOURCE -o DIR --kernel {info.directory / 'vmlinux'}" in r.stdout
 
 
 # -- TLS, credentials ------------------------------------------------------------------------
@@ -378,7 +380,7 @@ def test_wrong_credentials_are_a_clear_error(
     host, cert = secure_registry
     wrong = "not-the-pass-7731"
     monkeypatch.setenv("DOCKER_CONFIG", docker_config(tmp_path, host, USER, wrong))
-    r = cli("push", str(bundle), f"{host}/auth/denied:v1", "--ca-cert", cert)
+    r = cli("push", str(bundle), f"{host}/auth/denied:v1", "--ca-cert", cert, "-q")
     assert r.exit_code == SourceError.exit_code
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "401" in lines[0] and host in lines[0], r.stderr

@@ -71,7 +71,7 @@ def test_bad_layer_path_one_line_error_no_output(tmp_path: Path) -> None:
     assert digests
     out = tmp_path / "out" / "root.tar"
     out.parent.mkdir()
-    r = vmimg("rootfs", f"oci:{root}:bad", "-o", str(out), cache=tmp_path / "c")
+    r = vmimg("rootfs", f"oci:{root}:bad", "-o", str(out), "-q", cache=tmp_path / "c")
     assert r.returncode == 5
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1

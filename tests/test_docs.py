@@ -1,7 +1,9 @@
 """The user docs against the code: the generated CLI reference is current, every `vmimg`
-command line in the docs and CI examples names real commands and options, the CI examples
-are valid YAML and appear verbatim in docs/ci.md, its exit codes are vmimg.errors', links
-resolve, and shell completion works in bash, zsh and fish."""
+command line in the README, the docs and the CI examples names real commands and options,
+the CI examples are valid YAML and appear verbatim in docs/ci.md, the exit code tables
+(docs/usage.md's, the one reference, and docs/ci.md's) are vmimg.errors', no doc announces
+as coming a command that exists, links resolve, and shell completion works in bash, zsh
+and fish."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ DOCS = ROOT / "docs"
 GENERATOR = ROOT / "scripts" / "gen-cli-docs"
 CLI_MD = DOCS / "cli.md"
 CI_MD = DOCS / "ci.md"
+USAGE_MD = DOCS / "usage.md"
+README = ROOT / "README.md"
 GITHUB_EXAMPLE = DOCS / "ci" / "github-actions.yml"
 GITLAB_EXAMPLE = DOCS / "ci" / "gitlab-ci.yml"
 # The docs written with these files; each is checked for command lines and links.
@@ -34,11 +38,14 @@ USER_DOCS = [
     DOCS / "troubleshooting.md",
     DOCS / "comparison.md",
     CLI_MD,
+    USAGE_MD,
     GITHUB_EXAMPLE,
     GITLAB_EXAMPLE,
 ]
+# Every doc whose command lines are checked: the README and all of docs/.
+ALL_DOCS = sorted({README, *DOCS.glob("*.md"), *USER_DOCS})
 # Commands the docs may show before they exist (a parallel change adds them).
-PENDING_COMMANDS = {"push"}
+PENDING_COMMANDS: set[str] = set()
 VMIMG_SCRIPT = Path(sys.executable).parent / "vmimg"
 
 
@@ -143,7 +150,7 @@ def check_command_line(line: str) -> None:
             assert option in known, f"{line!r}: {path} has no option {option}"
 
 
-@pytest.mark.parametrize("doc", USER_DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", ALL_DOCS, ids=lambda p: p.name)
 def test_command_lines_in_docs_are_real(doc: Path) -> None:
     lines = command_lines(code_lines(doc))
     for line in lines:
@@ -199,21 +206,55 @@ def test_gitlab_job_builds_verifies_with_junit_and_pushes() -> None:
     assert job["artifacts"]["reports"]["junit"] == "report.xml"
 
 
-def test_ci_md_exit_codes_are_vmimg_errors() -> None:
-    text = CI_MD.read_text().split("### Exit codes", 1)[1].split("###", 1)[0]
-    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", text, flags=re.M)}
-    codes = {
-        obj.exit_code
+def error_classes() -> list[type[errors.VmimgError]]:
+    return [
+        obj
         for obj in vars(errors).values()
         if isinstance(obj, type) and issubclass(obj, errors.VmimgError)
+    ]
+
+
+def exit_code_rows(text: str) -> dict[int, str]:
+    """The rows of a `| code | ... |` table, by code."""
+    return {int(m[0]): m[1] for m in re.findall(r"^\| (\d+) \|(.*)$", text, flags=re.M)}
+
+
+def test_ci_md_exit_codes_are_vmimg_errors() -> None:
+    text = CI_MD.read_text().split("### Exit codes", 1)[1].split("###", 1)[0]
+    codes = {cls.exit_code for cls in error_classes()}
+    assert set(exit_code_rows(text)) == {0, cli_options.EXIT_INTERRUPTED} | codes
+
+
+def test_usage_md_exit_code_table_names_every_error_class() -> None:
+    """docs/usage.md holds the one exit code table: a row per code, and every class of
+    vmimg.errors named in the row of its exit code (nothing else names a class)."""
+    text = USAGE_MD.read_text().split("## Exit codes", 1)[1]
+    rows = exit_code_rows(text)
+    codes = {cls.exit_code for cls in error_classes()}
+    assert set(rows) == {0, cli_options.EXIT_INTERRUPTED} | codes
+    for cls in error_classes():
+        assert f"`{cls.__name__}`" in rows[cls.exit_code], (
+            f"{cls.__name__} not in row {cls.exit_code}"
+        )
+    named = {
+        n for row in rows.values() for n in re.findall(r"`(\w+Error|VerificationFailed)`", row)
     }
-    assert documented == {0, cli_options.EXIT_INTERRUPTED} | codes
+    assert named == {cls.__name__ for cls in error_classes()}
+    # The generated reference points at this table rather than repeating it.
+    assert "usage.md#exit-codes" in CLI_MD.read_text()
+
+
+def test_no_doc_announces_an_existing_command_as_coming() -> None:
+    pending = re.compile(r"`vmimg (\w+)[^`]*` (?:is|are) (?:arriving|coming|not yet)")
+    for doc in ALL_DOCS:
+        for name in pending.findall(doc.read_text()):
+            assert name not in cli.main.commands, f"{doc.name}: `vmimg {name}` exists"
 
 
 # --- links ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("doc", USER_DOCS[:5], ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", USER_DOCS[:6], ids=lambda p: p.name)
 def test_relative_links_resolve(doc: Path) -> None:
     text = doc.read_text()
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):

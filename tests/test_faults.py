@@ -81,7 +81,9 @@ def images(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Images:
 def pull(
     work: Path, proxy: str, tag: str, out: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return run_vmimg(work, "rootfs", f"docker://{proxy}/{REPO}:{tag}", "-o", str(out), env=env)
+    return run_vmimg(
+        work, "rootfs", f"docker://{proxy}/{REPO}:{tag}", "-o", str(out), "-q", env=env
+    )
 
 
 FAST_RETRIES = {"VMIMG_REGISTRY_RETRIES": "3"}
@@ -271,7 +273,7 @@ FORMATS = ("tar", "ext4", "erofs")
 
 
 def _rootfs_args(source: str, fmt: str, out: Path) -> tuple[str, ...]:
-    return ("rootfs", source, "--format", fmt, "-o", str(out))
+    return ("rootfs", source, "--format", fmt, "-o", str(out), "-q")  # -q: errors only
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -344,7 +346,7 @@ def test_full_disk_while_writing_the_image(
     free = r"[0-9.]+ (bytes|KiB|MiB)"
     for fmt in ("tar", "ext4", "erofs"):  # checked before writing: 36 MiB of file data
         out = small_disk / f"root.{fmt}"
-        r = run_vmimg(tmp_path, "rootfs", busy_layout, "--format", fmt, "-o", str(out))
+        r = run_vmimg(tmp_path, "rootfs", busy_layout, "--format", fmt, "-o", str(out), "-q")
         assert r.returncode == 7, r.stderr
         assert re.fullmatch(
             f"vmimg: error: cannot write {out}: it needs at least 36[.0-9]* MiB and "
@@ -354,7 +356,7 @@ def test_full_disk_while_writing_the_image(
         assert os.listdir(small_disk) == []
     # A compressed initramfs has no known size: the disk fills while it is written.
     out = small_disk / "root.cpio.gz"
-    r = run_vmimg(tmp_path, "rootfs", busy_layout, "--format", "initramfs", "-o", str(out))
+    r = run_vmimg(tmp_path, "rootfs", busy_layout, "--format", "initramfs", "-o", str(out), "-q")
     assert r.returncode == 7, r.stderr
     assert r.stderr == f"vmimg: error: cannot write {out}: No space left on device\n"
     assert os.listdir(small_disk) == []
@@ -363,7 +365,7 @@ def test_full_disk_while_writing_the_image(
 def test_full_disk_under_the_cache(busy_layout: str, small_disk: Path, tmp_path: Path) -> None:
     out = tmp_path / "root.tar"
     r = run_vmimg(
-        tmp_path, "rootfs", busy_layout, "-o", str(out), env={"VMIMG_CACHE": str(small_disk)}
+        tmp_path, "rootfs", busy_layout, "-o", str(out), "-q", env={"VMIMG_CACHE": str(small_disk)}
     )
     assert r.returncode == 8, r.stderr
     message = DIGEST_RE.sub("DIGEST", r.stderr)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vmimg.errors import ImageRefError, PlatformError
 from vmimg.image.oci import Platform, parse_platform
-from vmimg.image.reference import parse_reference
+from vmimg.image.reference import BUNDLE, parse_reference
 
 
 @pytest.mark.parametrize(
@@ -51,3 +53,49 @@ def test_platform_normalisation() -> None:
     assert parse_platform("linux/arm") == Platform("linux", "arm", "v7")
     with pytest.raises(PlatformError):
         parse_platform("a/b/c/d")
+
+
+def test_local_paths_are_local_and_a_missing_one_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for typo in ("./bundel", "../bundel", "/nonexistent/bundle"):
+        with pytest.raises(ImageRefError, match=f"{typo}: no such file or directory"):
+            parse_reference(typo)
+    (tmp_path / "layout").mkdir()
+    (tmp_path / "layout" / "index.json").write_text("{}")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "vm.json").write_text("{}")
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "manifest.json").write_text("{}")
+    (tmp_path / "copied" / "version").write_text("Directory Transport Version: 1.1\n")
+    (tmp_path / "saved.tar").write_bytes(b"")
+    assert parse_reference("layout").transport == "oci"  # exists: local, not docker.io
+    assert parse_reference("./layout").path == "./layout"
+    assert parse_reference("bundle").transport == BUNDLE
+    assert parse_reference(str(tmp_path / "copied")).transport == "dir"
+    assert parse_reference("saved.tar").transport == "docker-archive"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageRefError, match="not an OCI layout"):
+        parse_reference("./empty")
+
+
+@pytest.mark.parametrize("text", ["containers-storage:x", "foo:", "ostree:/repo", "sif:x.sif"])
+def test_unknown_transports_fail_at_once_listing_ours(text: str) -> None:
+    with pytest.raises(ImageRefError, match=r"unsupported transport .*docker://.*dir:DIR"):
+        parse_reference(text)
+
+
+def test_names_with_a_colon_that_are_images() -> None:
+    # An image name and tag, and a registry with a port: never taken for transports.
+    assert parse_reference("busybox:1.36").registry.tag == "1.36"  # type: ignore[union-attr]
+    assert parse_reference("localhost:5000/app").registry.registry == "localhost:5000"  # type: ignore[union-attr]
+    assert parse_reference("myhost:5000/a/b:v1").registry.repository == "a/b"  # type: ignore[union-attr]
+
+
+def test_dir_and_docker_archive_names() -> None:
+    assert parse_reference("dir:/some/dir").path == "/some/dir"
+    ref = parse_reference("docker-archive:/x.tar:vmimg/app:v1")
+    assert (ref.path, ref.tag) == ("/x.tar", "vmimg/app:v1")
+    assert parse_reference("docker-archive:/x.tar:app").tag == "app:latest"
+    assert parse_reference("docker-archive:/x.tar").tag is None

@@ -91,7 +91,8 @@ def test_registry_errors_are_one_line_and_named(
     registry: str, cache: Cache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VMIMG_REGISTRY_RETRIES", "1")
-    with pytest.raises(SourceError, match=r"manifest .*/missing/image:v1: 404"):
+    # A missing image or tag is the reference's fault (exit 3), not the source's.
+    with pytest.raises(ImageRefError, match=r"/missing/image:v1: no such image or tag"):
         open_image(f"docker://{registry}/missing/image:v1", cache, AMD64)
     with pytest.raises(SourceError, match=r"127\.0\.0\.1:9 refused the connection$"):
         open_image("docker://127.0.0.1:9/nothing/here:v1", cache, AMD64)
@@ -208,3 +209,52 @@ def test_concurrent_processes_share_the_cache(sample_ref: str, tmp_path: Path) -
     assert all(p.returncode == 0 for p in procs)
     assert len(paths) == 1
     assert os.listdir(cache_dir / "tmp") == []
+
+
+# -- dir: (skopeo's directory format) and docker-archive:FILE:NAME:TAG ---------------------
+
+
+def test_dir_transport_single_and_multi_platform(
+    two_platform_layout: str, sample_ref: str, cache: Cache, tmp_path: Path
+) -> None:
+    single = tmp_path / "single"
+    skopeo_copy(sample_ref, f"dir:{single}")
+    assert (single / "version").read_text().startswith("Directory Transport Version: 1.")
+    image = open_image(f"dir:{single}", cache, AMD64)
+    local = open_image(sample_ref, cache, AMD64)
+    assert (image.digest, image.diff_ids) == (local.digest, local.diff_ids)
+    assert tree_digest(image, cache) == local.diff_ids
+    # The same directory named as a plain path is recognised by what it holds.
+    assert open_image(str(single), cache, AMD64).digest == local.digest
+
+    multi = tmp_path / "multi"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--all", f"oci:{two_platform_layout}:multi", f"dir:{multi}"],
+        check=True,
+        capture_output=True,
+    )
+    for arch in ("amd64", "arm64"):
+        want = SourceOptions(Platform("linux", arch))
+        got = open_image(f"dir:{multi}", cache, want)
+        ref = open_image(f"oci:{two_platform_layout}:multi", cache, want)
+        assert (got.digest, got.diff_ids) == (ref.digest, ref.diff_ids)
+        assert str(got.platform) == f"linux/{arch}"
+
+
+def test_dir_transport_refuses_what_is_not_one(cache: Cache, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "manifest.json").write_text("{}")
+    with pytest.raises(SourceError, match="version"):
+        open_image(f"dir:{tmp_path / 'd'}", cache, AMD64)
+    with pytest.raises(ImageRefError, match="no such directory"):
+        open_image(f"dir:{tmp_path / 'none'}", cache, AMD64)
+
+
+def test_docker_archive_with_name_and_tag(sample_ref: str, cache: Cache, tmp_path: Path) -> None:
+    archive = tmp_path / "app.tar"
+    skopeo_copy(sample_ref, f"docker-archive:{archive}:vmimg/app:v1")
+    local = open_image(sample_ref, cache, AMD64)
+    named = open_image(f"docker-archive:{archive}:vmimg/app:v1", cache, AMD64)
+    assert named.diff_ids == local.diff_ids
+    with pytest.raises(ImageRefError, match="no image named 'vmimg/app:v2'"):
+        open_image(f"docker-archive:{archive}:vmimg/app:v2", cache, AMD64)

@@ -47,3 +47,9 @@ _ALIASES = {
     "aarch64": Arch.ARM64,
 }
 ARCHES = tuple(Arch)
+# Every architecture an OCI platform may name (the image spec's list: Go's GOARCH values).
+# Images for any of them can be flattened (vmimg rootfs, inspect); vmimg boots ARCHES.
+OCI_ARCHITECTURES = (
+    "386", "amd64", "arm", "arm64", "loong64", "mips", "mips64", "mips64le", "mipsle",
+    "ppc64", "ppc64le", "riscv64", "s390x", "wasm",
+)  # fmt: skip

@@ -9,7 +9,6 @@ OUTPUT/ARCH, and with `--push` an OCI index over their artifacts.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmimg.artifact.bundle import (
@@ -23,6 +22,7 @@ from vmimg.boot.launchers import write_launchers
 from vmimg.bundle.build import BuildOptions, BuildResult, build_bundle, bundle_key_for
 from vmimg.errors import UsageError
 from vmimg.image.cache import Cache
+from vmimg.image.fetch import PhaseStart
 from vmimg.image.image import Image
 from vmimg.image.oci import parse_platform
 from vmimg.image.reference import parse_reference
@@ -37,9 +37,11 @@ class RemoteBuild:
     pushed: PushResult | None
 
 
-def compute_build_key(image: Image, options: BuildOptions, cache: Cache) -> str:
+def compute_build_key(
+    image: Image, options: BuildOptions, cache: Cache, phases: PhaseStart | None = None
+) -> str:
     """The key `vmimg build` gives this image and options (bundle.bundle_key_for)."""
-    return bundle_key_for(image, options, cache).key
+    return bundle_key_for(image, options, cache, phases).key
 
 
 def build_bundle_remote(
@@ -52,7 +54,7 @@ def build_bundle_remote(
     use_cache: bool = True,
     remote_cache: bool = False,
     push: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    phases: PhaseStart | None = None,
 ) -> RemoteBuild:
     """`vmimg build` with `--remote-cache` and/or `--push REF`.
 
@@ -64,7 +66,7 @@ def build_bundle_remote(
     """
     parsed = parse_reference(source)
     with open_image(parsed, cache, source_options) as image:
-        key = compute_build_key(image, options, cache)
+        key = compute_build_key(image, options, cache, phases)
         digest = image.digest
     pulled_from = None
     local = os.path.join(cache.output_dir(key), "bundle", "vm.json")
@@ -72,11 +74,13 @@ def build_bundle_remote(
         pinned = f"{parsed.registry.registry}/{parsed.registry.repository}@{digest}"
         pulled_from = find_remote_bundle(pinned, key, source_options)
         if pulled_from is not None:
-            pull_bundle_to_cache(pulled_from, cache, source_options, cache.output_dir(key))
+            pull_bundle_to_cache(
+                pulled_from, cache, source_options, cache.output_dir(key), phases=phases
+            )
     result = build_bundle(
-        source, dest, options, cache, source_options, use_cache, progress, write_launchers
+        source, dest, options, cache, source_options, use_cache, phases, write_launchers
     )
-    pushed = push_bundle(dest, push, cache, source_options, key) if push else None
+    pushed = push_bundle(dest, push, cache, source_options, key, phases) if push else None
     return RemoteBuild(result, key, pulled_from, pushed)
 
 
@@ -95,6 +99,7 @@ def build_platforms(
     *,
     use_cache: bool = True,
     push: str | None = None,
+    phases: PhaseStart | None = None,
 ) -> PlatformsBuild:
     """`vmimg build --platform A,B`: one bundle per platform in OUTPUT/ARCH, and with
     `push` one artifact per platform plus an OCI index over them."""
@@ -107,6 +112,7 @@ def build_platforms(
             cache,
             sopts,
             use_cache=use_cache,
+            phases=phases,
             finish=write_launchers,
         )
         for plat, sopts in platforms.items()
@@ -114,7 +120,7 @@ def build_platforms(
     pushed = None
     if push:
         first = next(iter(platforms.values()))
-        index = push_bundle_index([r.bundle for r in results], push, cache, first)
+        index = push_bundle_index([r.bundle for r in results], push, cache, first, phases)
         pushed = f"{index.reference.rsplit(':', 1)[0]}@{index.digest}"
     return PlatformsBuild(results, pushed)
 
@@ -127,11 +133,11 @@ def build_one(
     source_options: SourceOptions,
     *,
     use_cache: bool = True,
-    progress: Callable[[int], None] | None = None,
+    phases: PhaseStart | None = None,
 ) -> BuildResult:
     """`vmimg build` of one platform, with the bundle's launchers."""
     return build_bundle(
-        source, dest, options, cache, source_options, use_cache, progress, write_launchers
+        source, dest, options, cache, source_options, use_cache, phases, write_launchers
     )
 
 

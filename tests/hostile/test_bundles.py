@@ -200,7 +200,7 @@ def test_verify_refuses_a_hostile_bundle_before_booting(tmp_path: Path) -> None:
     vm = make_bundle(tmp_path / "b")
     vm["rootfs"]["file"] = "/etc/shadow"
     write_vm(tmp_path / "b", vm)
-    r = run_vmimg(tmp_path / "w", "verify", str(tmp_path / "b"), env={"PATH": "/nonexistent"})
+    r = run_vmimg(tmp_path / "w", "verify", "-q", str(tmp_path / "b"), env={"PATH": "/nonexistent"})
     assert r.returncode == EXIT_BUNDLE, r.stderr
     assert "rootfs.file must be one of" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

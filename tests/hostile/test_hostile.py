@@ -109,7 +109,7 @@ def test_case(
     outdir = tmp_path / "out"
     outdir.mkdir()
     out = outdir / f"root.{fmt}"
-    r = run_vmimg(work, "rootfs", source, "--format", fmt, "-o", str(out), env=case.env)
+    r = run_vmimg(work, "rootfs", source, "--format", fmt, "-o", str(out), "-q", env=case.env)
     if isinstance(outcome, Fail):
         lines = r.stderr.splitlines()
         assert r.returncode == outcome.code, r.stderr

@@ -54,6 +54,7 @@ from vmimg.errors import (
     UsageError,
 )
 from vmimg.image.cache import Cache, commit
+from vmimg.image.fetch import PhaseStart
 from vmimg.image.oci import (
     ACCEPT_MANIFESTS,
     INDEX_TYPES,
@@ -67,6 +68,7 @@ from vmimg.image.oci import (
 )
 from vmimg.image.registry import digest_of
 from vmimg.image.sources import SourceOptions
+from vmimg.image.sources.registry import get_manifest
 
 BUNDLE_ARTIFACT = "application/vnd.vmimg.bundle.v1"
 
@@ -146,6 +148,7 @@ def push_bundle(
     cache: Cache,
     options: SourceOptions,
     build_key: str | None = None,
+    phases: PhaseStart | None = None,
 ) -> PushResult:
     """Push a bundle directory to `ref` as a bundle artifact whose subject is its source
     image (when the target repository holds that image)."""
@@ -169,6 +172,7 @@ def push_bundle(
                 work,
                 memo,
                 compress=name not in NEVER_COMPRESSED,
+                phases=phases,
             )
             for name in [VM_JSON, *_bundle_files(loaded)]
         ]
@@ -197,11 +201,16 @@ def push_bundle(
             annotations,
             start,
             warnings,
+            phases,
         )
 
 
 def push_bundle_index(
-    bundles: list[str], ref: str, cache: Cache, options: SourceOptions
+    bundles: list[str],
+    ref: str,
+    cache: Cache,
+    options: SourceOptions,
+    phases: PhaseStart | None = None,
 ) -> PushResult:
     """Push one bundle per platform (each also tagged TAG-ARCH) and an OCI index over them
     at `ref`, so that a pull picks the bundle of its platform."""
@@ -214,7 +223,7 @@ def push_bundle_index(
         vm = load_bundle(bundle, check_files=False).vm  # push_bundle checks the files
         plat = parse_platform(vm.platform)
         one = push_bundle(bundle, f"{target.ref.registry}/{target.repo}:{tag}-{plat.architecture}",
-                          cache, options)  # fmt: skip
+                          cache, options, phases=phases)  # fmt: skip
         pushed.append(one)
         head = target.client.head_manifest(target.repo, one.digest, OCI_MANIFEST)
         if head is None:
@@ -263,7 +272,9 @@ def _bundle_media_type(name: str) -> str:
     return BUNDLE_FILE_TYPES.get(name, "application/vnd.vmimg.file.v1")
 
 
-def _pull_bundle_into(target: Target, artifact: Artifact, work: str) -> PullResult:
+def _pull_bundle_into(
+    target: Target, artifact: Artifact, work: str, phases: PhaseStart | None = None
+) -> PullResult:
     """A bundle artifact into the empty directory `work`: vm.json is read and checked
     first, then only the files it lists are fetched (a registry's launch/ scripts are
     never taken: they are written anew from vm.json), and the result is loaded as any
@@ -276,7 +287,9 @@ def _pull_bundle_into(target: Target, artifact: Artifact, work: str) -> PullResu
         name = safe_path(layer_file_name(desc), where)
         if name not in vm.files and name != VM_JSON and not name.startswith(LAUNCH_DIR + "/"):
             raise SourceError(f"{where}: layer {name!r} is not a file of a vmimg bundle")
-    files, total = fetch_files(target, artifact, work, VM_JSON, config, vm.files.__contains__)
+    files, total = fetch_files(
+        target, artifact, work, VM_JSON, config, vm.files.__contains__, phases
+    )
     for name in vm.files:
         if name not in files:
             raise SourceError(f"{where}: vm.json lists {name}, which the artifact lacks")
@@ -289,7 +302,12 @@ def _pull_bundle_into(target: Target, artifact: Artifact, work: str) -> PullResu
 
 
 def pull_bundle(
-    ref: str, dest: str, options: SourceOptions, from_image: bool = False, fs: str | None = None
+    ref: str,
+    dest: str,
+    options: SourceOptions,
+    from_image: bool = False,
+    fs: str | None = None,
+    phases: PhaseStart | None = None,
 ) -> PullResult:
     """Pull the bundle artifact at `ref` (or, with `from_image`, the newest bundle that
     refers to the image at `ref`) into the directory `dest`, atomically."""
@@ -304,7 +322,7 @@ def pull_bundle(
     artifact = get_artifact(target, BUNDLE_ARTIFACT, BUNDLE_CONFIG)
     work = new_bundle_dir(dest)
     try:
-        result = _pull_bundle_into(target, artifact, work)
+        result = _pull_bundle_into(target, artifact, work, phases)
         install_bundle_dir(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -314,7 +332,13 @@ def pull_bundle(
     return result
 
 
-def pull_into_cache(target: Target, artifact: Artifact, cache: Cache, final: str) -> None:
+def pull_into_cache(
+    target: Target,
+    artifact: Artifact,
+    cache: Cache,
+    final: str,
+    phases: PhaseStart | None = None,
+) -> None:
     """Pull a bundle into `final`/bundle in the cache (the layout of bundle.py's outputs)."""
     if os.path.isfile(os.path.join(final, "bundle", "vm.json")):
         return
@@ -324,14 +348,18 @@ def pull_into_cache(target: Target, artifact: Artifact, cache: Cache, final: str
         with cache.temp_dir() as tmp:
             work = os.path.join(tmp, "bundle")
             os.mkdir(work)
-            _pull_bundle_into(target, artifact, work)
+            _pull_bundle_into(target, artifact, work, phases)
             if os.path.isdir(final):  # an incomplete leftover: nothing else has it locked
                 shutil.rmtree(final)
             commit(tmp, final)
 
 
 def pull_bundle_to_cache(
-    ref: str, cache: Cache, options: SourceOptions, final: str | None = None
+    ref: str,
+    cache: Cache,
+    options: SourceOptions,
+    final: str | None = None,
+    phases: PhaseStart | None = None,
 ) -> str:
     """The bundle artifact at `ref` as a directory in the cache: in `final` (the remote
     build cache's place for a build key), or pulled once per manifest digest (for
@@ -339,18 +367,39 @@ def pull_bundle_to_cache(
     target = target_for(ref, options)
     artifact = get_artifact(target, BUNDLE_ARTIFACT, BUNDLE_CONFIG)
     final = final or cache.output_dir("artifact-" + artifact.digest.split(":", 1)[1])
-    pull_into_cache(target, artifact, cache, final)
+    pull_into_cache(target, artifact, cache, final, phases)
     while not cache.pin(final):  # kept by `cache prune` while we boot it; pull again if pruned
-        pull_into_cache(target, artifact, cache, final)
+        pull_into_cache(target, artifact, cache, final, phases)
     return os.path.join(final, "bundle")
 
 
-def resolve_bundle_argument(arg: str, cache: Cache, options: SourceOptions) -> str:
+def resolve_bundle_argument(
+    arg: str, cache: Cache, options: SourceOptions, phases: PhaseStart | None = None
+) -> str:
     """A `vmimg verify` argument: a bundle directory as it is, a registry reference
     pulled into the cache."""
     if os.path.isdir(arg):
         return arg
-    return pull_bundle_to_cache(arg, cache, options)
+    return pull_bundle_to_cache(arg, cache, options, phases=phases)
+
+
+def read_bundle_artifact(ref: str, options: SourceOptions) -> tuple[str, bytes, bytes] | None:
+    """(HOST/REPO@DIGEST, manifest, vm.json) of the bundle artifact at `ref` (a bundle index
+    gives the entry for options.platform), or None when `ref` names anything else."""
+    target = target_for(ref, options)
+    data, _ctype = get_manifest(
+        target.client, target.repo, target.ref.reference, f"{OCI_MANIFEST}, {ACCEPT_MANIFESTS}"
+    )
+    obj = load_json(data, f"manifest {target.ref}")
+    config = obj.get("config")
+    config_type = config.get("mediaType") if isinstance(config, dict) else None
+    if obj.get("artifactType") != BUNDLE_ARTIFACT and config_type != BUNDLE_CONFIG:
+        return None
+    artifact = get_artifact(target, BUNDLE_ARTIFACT, BUNDLE_CONFIG)
+    where = target.pinned(artifact.digest)
+    vm_json = read_config(target, artifact.config, f"{where} config")
+    manifest = json.dumps(artifact.raw, indent=2).encode() + b"\n"
+    return where, manifest, vm_json
 
 
 def _image_digests(target: Target, options: SourceOptions) -> list[str]:

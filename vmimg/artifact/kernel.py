@@ -38,6 +38,7 @@ from vmimg.guest.kernel import (
     pulled_kernel_dir,
 )
 from vmimg.image.cache import Cache, commit
+from vmimg.image.fetch import PhaseStart
 from vmimg.image.oci import (
     Descriptor,
     load_json,
@@ -64,7 +65,9 @@ NEVER_COMPRESSED = frozenset({"bzImage", METADATA_FILE})
 ANN_KERNEL_KEY = "vmimg.kernel.key"
 
 
-def push_kernel(key: str, ref: str, cache: Cache, options: SourceOptions) -> PushResult:
+def push_kernel(
+    key: str, ref: str, cache: Cache, options: SourceOptions, phases: PhaseStart | None = None
+) -> PushResult:
     """Push a cached kernel (by key or key prefix) as a kernel artifact."""
     start = time.monotonic()
     info = find_kernel(key, cache.root)
@@ -84,6 +87,7 @@ def push_kernel(key: str, ref: str, cache: Cache, options: SourceOptions) -> Pus
                 work,
                 memo,
                 compress=n not in NEVER_COMPRESSED,
+                phases=phases,
             )
             for n in names
         ]
@@ -98,10 +102,14 @@ def push_kernel(key: str, ref: str, cache: Cache, options: SourceOptions) -> Pus
             ANN_KERNEL_VERSION: info.version,
             ANN_PLATFORM: f"linux/{info.arch}",
         }
-        return push_artifact(target, KERNEL_ARTIFACT, config, layers, None, annotations, start, [])
+        return push_artifact(
+            target, KERNEL_ARTIFACT, config, layers, None, annotations, start, [], phases
+        )
 
 
-def pull_kernel(ref: str, cache: Cache, options: SourceOptions) -> KernelInfo:
+def pull_kernel(
+    ref: str, cache: Cache, options: SourceOptions, phases: PhaseStart | None = None
+) -> KernelInfo:
     """Pull a kernel artifact into the cache's pulled kernels, keyed by the artifact's
     digest (never under a build key, so it cannot replace a kernel built here); returns
     its KernelInfo. Only known file names are fetched, each checked against kernel.json."""
@@ -117,7 +125,7 @@ def pull_kernel(ref: str, cache: Cache, options: SourceOptions) -> KernelInfo:
         with contextlib.suppress(KernelError):
             return load_kernel(final, check_files=True)
         files, _total = fetch_files(
-            target, artifact, tmp, METADATA_FILE, config, meta["files"].__contains__
+            target, artifact, tmp, METADATA_FILE, config, meta["files"].__contains__, phases
         )
         for name in meta["files"]:
             if name not in files:

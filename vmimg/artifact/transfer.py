@@ -32,6 +32,7 @@ from vmimg.errors import (
     UsageError,
 )
 from vmimg.image.cache import Cache
+from vmimg.image.fetch import BYTES, PhaseStart, Progress
 from vmimg.image.oci import (
     ACCEPT_MANIFESTS,
     INDEX_TYPES,
@@ -45,7 +46,7 @@ from vmimg.image.oci import (
 from vmimg.image.reference import RegistryRef, parse_reference
 from vmimg.image.registry import RegistryClient, digest_of
 from vmimg.image.sources import SourceOptions
-from vmimg.image.sources.registry import registry_client
+from vmimg.image.sources.registry import get_manifest, registry_client
 
 ZSTD_SUFFIX = "+zstd"  # appended to a layer media type whose blob is zstd-compressed
 
@@ -113,6 +114,9 @@ MAX_LAYERS = 256
 
 
 MEMO_DIR = "artifacts/zstd"
+PULLED_FILE_MODE = 0o666  # less the umask; never executable
+UPLOAD_PHASE = "uploading"
+DOWNLOAD_PHASE = "downloading"
 
 
 @dataclass
@@ -182,14 +186,19 @@ def target_for(ref: str, options: SourceOptions) -> Target:
 class _HashingReader:
     """Wraps a readable, hashing and counting what passes, refusing to pass `limit` bytes."""
 
-    def __init__(self, f: Any, hasher: Hasher, limit: int | None = None) -> None:
+    def __init__(
+        self, f: Any, hasher: Hasher, limit: int | None = None, progress: Progress | None = None
+    ) -> None:
         self._f = f
         self.hasher = hasher
         self.limit = limit
+        self.progress = progress
 
     def read(self, n: int = -1) -> bytes:
         data: bytes = self._f.read(n)
         self.hasher.update(data)
+        if self.progress is not None:
+            self.progress(len(data))
         if self.limit is not None and self.hasher.size > self.limit:
             raise DigestError(f"more than the expected {self.limit} bytes")
         return data
@@ -203,7 +212,7 @@ def _hash_file(path: str) -> tuple[str, int]:
     return h.digest, h.size
 
 
-def _compress(src: str, dest: str) -> tuple[str, int, str, int]:
+def _compress(src: str, dest: str, progress: Progress | None = None) -> tuple[str, int, str, int]:
     """zstd-compress `src` into `dest`: (compressed digest, size, plain digest, size)."""
     plain, packed = Hasher(), Hasher()
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS, write_content_size=True)
@@ -216,6 +225,8 @@ def _compress(src: str, dest: str) -> tuple[str, int, str, int]:
         while chunk := fin.read(IO_CHUNK):
             plain.update(chunk)
             writer.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
     with open(dest, "rb") as f:  # hashed on a second read: stream_writer hides its output
         while chunk := f.read(IO_CHUNK):
             packed.update(chunk)
@@ -278,6 +289,7 @@ def prepare_layer(
     work: str,
     memo: CompressionMemo,
     compress: bool = True,
+    phases: PhaseStart | None = None,
 ) -> Layer:
     """The layer for one file: compressed when big and compressible, else as it is."""
     plain_digest, plain_size = _hash_file(path)
@@ -300,7 +312,8 @@ def prepare_layer(
         memo.put(plain_digest, "", 0)
         return plain
     dest = os.path.join(work, plain_digest.split(":", 1)[1] + ZSTD_EXT)
-    digest, size, again, _n = _compress(path, dest)
+    progress = phases(f"compressing {name}", plain_size, BYTES) if phases else None
+    digest, size, again, _n = _compress(path, dest, progress)
     if again != plain_digest:
         raise UsageError(f"{path} changed while it was being pushed")
     if size > plain_size * KEEP_RATIO:
@@ -340,14 +353,16 @@ def push_artifact(
     annotations: dict[str, str],
     start: float,
     warnings: list[str],
+    phases: PhaseStart | None = None,
 ) -> PushResult:
     uploaded = skipped = sent = 0
-    seen: set[str] = set()
-    for item in [config, *layers]:
+    unique = list({x.descriptor.digest: x for x in [config, *layers]}.values())
+    todo = [x for x in unique if x.blob_path is not None]
+    progress = None
+    if phases is not None and todo:
+        progress = phases(UPLOAD_PHASE, sum(x.descriptor.size for x in todo), BYTES)
+    for item in unique:
         d = item.descriptor
-        if d.digest in seen:
-            continue
-        seen.add(d.digest)
         if item.blob_path is None:
             skipped += 1
             continue
@@ -356,6 +371,8 @@ def push_artifact(
             sent += d.size
         else:
             skipped += 1
+        if progress is not None:  # blob by blob: the registry client streams it whole
+            progress(d.size)
     descs = [x.descriptor for x in layers]
     data = _manifest_doc(artifact_type, config.descriptor, descs, subject, annotations)
     tag = target.ref.tag or target.ref.digest or "latest"
@@ -417,8 +434,8 @@ class Artifact:
 def get_artifact(target: Target, expected_type: str, config_type: str) -> Artifact:
     """The artifact manifest at the target reference, checked to be of `expected_type`."""
     where = str(target.ref)
-    data, ctype = target.client.get_manifest(
-        target.repo, target.ref.reference, f"{OCI_MANIFEST}, {ACCEPT_MANIFESTS}"
+    data, ctype = get_manifest(
+        target.client, target.repo, target.ref.reference, f"{OCI_MANIFEST}, {ACCEPT_MANIFESTS}"
     )
     digest = digest_of(data)
     if target.ref.digest and digest != target.ref.digest:
@@ -447,7 +464,9 @@ def get_artifact(target: Target, expected_type: str, config_type: str) -> Artifa
     return Artifact(digest, kind, config, layers, obj)
 
 
-def _fetch_blob(target: Target, desc: Descriptor, dest: str, what: str) -> tuple[str, int]:
+def _fetch_blob(
+    target: Target, desc: Descriptor, dest: str, what: str, progress: Progress | None = None
+) -> tuple[str, int]:
     """Stream a blob into `dest`, decompressing a zstd layer, checking the blob's digest
     and size and, for compressed layers, the annotated uncompressed digest and size.
     Returns the file's sha256 digest and size."""
@@ -463,8 +482,8 @@ def _fetch_blob(target: Target, desc: Descriptor, dest: str, what: str) -> tuple
             raise SourceError(f"{what}: compressed layer without its uncompressed digest and size")
         limit = int(size_text)
     with target.client.open_blob(target.repo, desc.digest) as stream:
-        reader = _HashingReader(stream, packed, desc.size)
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        reader = _HashingReader(stream, packed, desc.size, progress)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PULLED_FILE_MODE)
         with os.fdopen(fd, "wb") as out:
             try:
                 if compressed:
@@ -522,13 +541,19 @@ def fetch_files(
     config_name: str,
     config: bytes,
     wanted: FileFilter,
+    phases: PhaseStart | None = None,
 ) -> tuple[dict[str, dict[str, Any]], int]:
     """The layers `wanted` accepts (by title, less .zst) into `work`, and the config as
-    `config_name`; returns the files and the bytes read. Files are written 0644 whatever
-    the artifact says: nothing pulled is ever executable."""
+    `config_name`; returns the files and the bytes read. Files are written 0666 less the
+    umask whatever the artifact says: nothing pulled is ever executable."""
     where = target.pinned(artifact.digest)
     files: dict[str, dict[str, Any]] = {}
     total = artifact.config.size
+    progress = None
+    if phases is not None:
+        names = [(d, layer_file_name(d)) for d in artifact.layers]
+        size = sum(d.size for d, n in names if n != config_name and wanted(n))
+        progress = phases(DOWNLOAD_PHASE, size, BYTES)
     for desc in artifact.layers:
         name = safe_path(layer_file_name(desc), where)
         if name in files:
@@ -536,7 +561,7 @@ def fetch_files(
         if name == config_name or not wanted(name):
             continue
         path = os.path.join(work, name)
-        digest, size = _fetch_blob(target, desc, path, f"{where} {name}")
+        digest, size = _fetch_blob(target, desc, path, f"{where} {name}", progress)
         total += desc.size
         files[name] = {"sha256": digest.split(":", 1)[1], "size": size}
     with open(os.path.join(work, config_name), "xb") as f:

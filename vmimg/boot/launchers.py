@@ -20,6 +20,7 @@ from vmimg.boot.launch import (
     qemu_accel_args,
     qemu_command,
 )
+from vmimg.bundle.build import EXECUTABLE_MODE, current_umask
 from vmimg.bundle.format import LAUNCH_DIR, VmSpec
 
 _BUNDLE_VAR = "@BUNDLE@"
@@ -100,7 +101,7 @@ def write_launchers(bundle: str, vm: VmSpec) -> None:
             f.write(_SCRIPT_HEAD.format(vmm=vmm, note=""))
             f.write(extra)
             f.write(f'exec {render_script(argv)} "$@"\n')
-        os.chmod(path, 0o755)
+        os.chmod(path, EXECUTABLE_MODE & ~current_umask())
     with open(os.path.join(bundle, LAUNCH_DIR, "firecracker.json"), "w") as f:
         json.dump(firecracker_config(vm, bundle_dir="."), f, indent=2)
         f.write("\n")

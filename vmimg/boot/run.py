@@ -6,6 +6,11 @@ and keep an escape key: Ctrl-] asks the guest to shut down (ACPI power
 button -> agent -> SIGTERM to the workload); pressed twice, it kills the VM.
 Ctrl-C goes to the workload, as `docker run -it` does. When stdin is not a
 terminal, SIGINT and SIGTERM to vmimg ask the guest to shut down instead.
+
+The console carries more than the workload's output: the kernel's messages and the
+agent's marker lines. Unless asked for all of it (`vmimg run -v`), the guest boots with
+`loglevel=0` (the kernel prints nothing on the console but a panic, whatever vm.json's
+command line says) and marker lines are dropped on the way through.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vmimg.boot.accel import choose_accel
@@ -28,13 +33,17 @@ from vmimg.boot.launch import LaunchOptions, qemu_command
 from vmimg.boot.vm import VM, BootResult, qmp_command
 from vmimg.bundle.format import load_bundle, record_rootfs_change
 from vmimg.errors import BootError
-from vmimg.guest.protocol import BootOptions, kernel_args
+from vmimg.guest.protocol import MARKER_PREFIX, BootOptions, kernel_args
 from vmimg.image.cache import Cache
 
 ESCAPE_KEY = b"\x1d"  # Ctrl-]
 DOUBLE_ESCAPE_SECONDS = 2.0
 STDIN_POLL_SECONDS = 0.2
 EXIT_NO_REPORT = 125  # the VM ended without the agent's exit report
+# The last loglevel= on the command line wins: no kernel message reaches the console but
+# a panic's (a panic raises the level itself).
+SILENT_KERNEL_ARGS = ("loglevel=0",)
+MARKER_START = (MARKER_PREFIX + " ").encode()
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class RunOptions:
     cmd: str | None = None
     persist: bool = False  # let the guest write to the bundle's ext4 image
     timeout: float | None = None
+    console_all: bool = False  # kernel messages and the agent's marker lines too
 
 
 @dataclass
@@ -86,6 +96,81 @@ class _Shutdown:
         self.asked_at = now
         with contextlib.suppress(OSError, ValueError):
             qmp_command(self.qmp, "system_powerdown")
+
+
+class ConsoleFilter:
+    """The guest console without the agent's marker lines. The agent writes each marker as
+    "\\n@@vmimg@@ ...\\n" (its own newline first, so that it starts a line): that newline
+    goes with the marker, so what is left is the workload's output as it wrote it. Bytes
+    are held back only while they could still belong to a marker: the start of a line, and
+    a line's newline until the next line shows it is no marker's; so a prompt that ends
+    without a newline shows at once."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
+        self.held = b""  # the start of the current line, not yet known to be a marker or not
+        self.eol = b""  # the last line's newline: dropped if the next line is a marker
+        self.cr = b""  # a "\\r" that ended a chunk: the start of a "\\r\\n", perhaps
+        self.mode = _START
+
+    def __call__(self, chunk: bytes) -> None:
+        out = bytearray()
+        while chunk:
+            nl = chunk.find(b"\n")
+            end = len(chunk) if nl < 0 else nl + 1
+            piece, chunk = chunk[:end], chunk[end:]
+            complete = nl >= 0
+            if self.mode == _DROP:
+                self.mode = _START if complete else _DROP
+            elif self.mode == _PASS:
+                out += self._rest_of_line(piece, complete)
+            else:
+                out += self._start_of_line(piece, complete)
+        if out:
+            self.write(bytes(out))
+
+    def _start_of_line(self, piece: bytes, complete: bool) -> bytes:
+        self.held += piece
+        probe = self.held.lstrip(b"\r")
+        if probe.startswith(MARKER_START):  # a marker: it goes, with the newline before it
+            self.held = self.eol = b""
+            self.mode = _START if complete else _DROP
+            return b""
+        if complete:  # a whole line that is no marker (an empty one, say)
+            text, eol = _split_eol(self.held)
+            shown, self.held, self.eol = self.eol + text, b"", eol
+            return shown
+        if MARKER_START.startswith(probe):
+            return b""  # could still be a marker: wait for more
+        shown, held, self.held, self.eol = self.eol, self.held, b"", b""
+        self.mode = _PASS
+        return shown + self._rest_of_line(held, False)
+
+    def _rest_of_line(self, piece: bytes, complete: bool) -> bytes:
+        """Text of a line known to be no marker; its newline is kept back (`eol`)."""
+        data, self.cr = self.cr + piece, b""
+        if complete:
+            text, self.eol = _split_eol(data)
+            self.mode = _START
+            return text
+        if data.endswith(b"\r"):
+            data, self.cr = data[:-1], b"\r"
+        return data
+
+    def flush(self) -> None:
+        rest, self.held, self.eol, self.cr = self.eol + self.held + self.cr, b"", b"", b""
+        if rest:
+            self.write(rest)
+
+
+_START, _PASS, _DROP = "start", "pass", "drop"  # where ConsoleFilter is in a line
+
+
+def _split_eol(line: bytes) -> tuple[bytes, bytes]:
+    """A complete line's text and its newline (\\r\\n from a serial console, or \\n)."""
+    if line.endswith(b"\r\n"):
+        return line[:-2], b"\r\n"
+    return line[:-1], b"\n"
 
 
 def _relay_stdin(vm: VM, proc_stdin: int, shutdown: _Shutdown, is_tty: bool) -> None:
@@ -141,13 +226,19 @@ def run_bundle(bundle: str, opts: RunOptions, cache: Cache) -> RunResult:
             publish=opts.publish,
             snapshot=not opts.persist,
             qmp_socket=qmp,
-            extra_cmdline=tuple(kernel_args(options=BootOptions(cmd=opts.cmd))[1:]),
+            extra_cmdline=(
+                *kernel_args(options=BootOptions(cmd=opts.cmd))[1:],
+                *(() if opts.console_all else SILENT_KERNEL_ARGS),
+            ),
         )
         out = sys.stdout.buffer
 
-        def echo(chunk: bytes) -> None:
+        def write(chunk: bytes) -> None:
             out.write(chunk)
             out.flush()
+
+        shown = None if opts.console_all else ConsoleFilter(write)
+        echo = shown or write
 
         env = {**os.environ, "TMPDIR": tmp}
         vm = VM(qemu_command(vm_json, bundle, opts=launch), env=env, echo=echo)
@@ -166,6 +257,8 @@ def run_bundle(bundle: str, opts: RunOptions, cache: Cache) -> RunResult:
                 result = vm.wait(opts.timeout)
         finally:
             vm.kill()
+            if shown is not None:
+                shown.flush()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             if opts.persist:

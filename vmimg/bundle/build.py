@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,9 +47,16 @@ from vmimg.digest import sha256_file
 from vmimg.errors import UsageError, WriterError
 from vmimg.guest import agent as agentlib
 from vmimg.guest.cmdline import bundle_cmdline
-from vmimg.guest.kernel import KernelInfo, find_or_build_kernel, kernel_from_path
+from vmimg.guest.kernel import (
+    KERNEL_BUILD_PHASE,
+    KernelInfo,
+    ProgressFn,
+    find_or_build_kernel,
+    kernel_from_path,
+)
 from vmimg.guest.protocol import INIT_PATH
 from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
+from vmimg.image.fetch import BYTES, PhaseStart
 from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
@@ -58,6 +66,8 @@ from vmimg.rootfs.convert import (
     copy_file,
     output_size_floor,
     source_date_epoch_ns,
+    track_phase,
+    writing_phase,
 )
 from vmimg.rootfs.tree import Node, NodeType, Tree
 from vmimg.rootfs.verity import VerityTree, append_hash_tree
@@ -72,6 +82,9 @@ from vmimg.rootfs.writers import (
 )
 
 DEFAULT_VCPUS = 1
+# Modes before the umask, as open() and mkdir() give them: the user's umask decides.
+FILE_MODE = 0o666
+EXECUTABLE_MODE = DIR_MODE = 0o777
 DEFAULT_MEMORY_MIB = 256
 LOST_FOUND = b"lost+found"
 # Where the agent mounts the kernel's file systems, with the modes distributions give them.
@@ -123,13 +136,33 @@ class BuildResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def resolve_kernel(arch: str, kernel_path: str | None, cache: Cache) -> KernelInfo:
+MANIFEST_PHASE = "hashing files for the manifest"
+
+
+def resolve_kernel(
+    arch: str, kernel_path: str | None, cache: Cache, phases: PhaseStart | None = None
+) -> KernelInfo:
     if kernel_path:
         return kernel_from_path(kernel_path, arch)
-    kernel = find_or_build_kernel(arch, cache_dir=cache.root)
+    kernel = find_or_build_kernel(arch, cache_dir=cache.root, progress=_kernel_progress(phases))
     while not cache.pin(kernel.directory):  # pruned as we looked: build it again
-        kernel = find_or_build_kernel(arch, cache_dir=cache.root)
+        kernel = find_or_build_kernel(arch, cache_dir=cache.root, progress=_kernel_progress(phases))
     return kernel
+
+
+def _kernel_progress(phases: PhaseStart | None) -> ProgressFn | None:
+    """The kernel build's progress as a phase, opened when a build really starts."""
+    if phases is None:
+        return None
+    tick: Callable[[int], None] | None = None
+
+    def on_output(_elapsed: float, _line: str) -> None:
+        nonlocal tick
+        if tick is None:
+            tick = phases(KERNEL_BUILD_PHASE, None, BYTES)
+        tick(0)
+
+    return on_output
 
 
 def _options_doc(options: BuildOptions) -> dict[str, Any]:
@@ -162,7 +195,12 @@ def _writer_options(options: BuildOptions, image: Image) -> WriterOptions:
 
 
 def _prepare_tree(
-    image: Image, tree: Tree, reader: ContentReader, options: BuildOptions, arch: str
+    image: Image,
+    tree: Tree,
+    reader: ContentReader,
+    options: BuildOptions,
+    arch: str,
+    phases: PhaseStart | None = None,
 ) -> tuple[agentlib.Manifest, agentlib.AgentConfig | None]:
     """Build the manifest of the image's tree, then inject the agent (unless --init image)."""
     assert tree.root.children is not None
@@ -173,6 +211,7 @@ def _prepare_tree(
         # A read-only root cannot get them at boot; container runtimes add them too.
         if name not in tree.root.children:
             tree.add(b"/" + name, Node(NodeType.DIR, mode=mode, mtime_ns=tree.root.mtime_ns))
+    track_phase(reader, phases, MANIFEST_PHASE, tree)
     manifest = agentlib.build_manifest(tree, reader)
     if options.init == "image":
         return manifest, None
@@ -263,21 +302,24 @@ def _assemble(
     options: BuildOptions,
     bk: BundleKey,
     work: str,
-    progress: Callable[[int], None] | None,
+    phases: PhaseStart | None,
     dest: str,
     finish: Finisher | None,
 ) -> list[str]:
     """Write every file of the bundle `dest` into `work`; returns warnings."""
     kernel, agent_sha = bk.kernel, bk.agent_sha
-    tree = build_tree(image, cache, progress)
+    tree = build_tree(image, cache, phases)
     writer_options = _writer_options(options, image)
     with ContentReader() as reader:
-        manifest, config = _prepare_tree(image, tree, reader, options, kernel.arch)
+        manifest, config = _prepare_tree(image, tree, reader, options, kernel.arch, phases)
+        track_phase(reader, phases, writing_phase(options.fs), tree)
         rootfs_name = get_format(options.fs).file_name(writer_options)
         kernel_bytes = os.path.getsize(boot_kernel_file(kernel))
         need = output_size_floor(options.fs, tree, writer_options) + kernel_bytes
         check_output_space(dest, need, os.path.dirname(os.path.abspath(work)))
-        fd = os.open(os.path.join(work, rootfs_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(
+            os.path.join(work, rootfs_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE
+        )
         try:
             warnings = write_image(options.fs, tree, reader, fd, writer_options)
         finally:
@@ -315,20 +357,26 @@ def verity_salt(build_key: str) -> bytes:
 
 
 def _copy_tree(src: str, dst: str) -> None:
+    """Copy a bundle; modes come from this process's umask, as if it had built the files
+    (the cache's copy has the modes of whoever built it first), executables staying so."""
+    umask = current_umask()
     for dirpath, _dirs, names in os.walk(src):
         rel = os.path.relpath(dirpath, src)
         os.makedirs(os.path.join(dst, rel), exist_ok=True)
         for name in names:
             s, d = os.path.join(dirpath, name), os.path.join(dst, rel, name)
-            fd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            executable = os.stat(s).st_mode & stat.S_IXUSR
+            fd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 copy_file(s, fd)
+                if executable:
+                    os.fchmod(fd, EXECUTABLE_MODE & ~umask)
             finally:
                 os.close(fd)
-            shutil.copymode(s, d)
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
     mask = os.umask(0o22)
     os.umask(mask)
     return mask
@@ -340,7 +388,7 @@ def new_bundle_dir(dest: str) -> str:
     parent = os.path.dirname(os.path.abspath(dest))
     check_destination(dest)
     work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest.rstrip('/'))}.")
-    os.chmod(work, 0o777 & ~_current_umask())
+    os.chmod(work, DIR_MODE & ~current_umask())
     return work
 
 
@@ -352,6 +400,7 @@ def check_destination(dest: str) -> None:
         raise UsageError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {parent} is not writable")
+    _probe_writable(parent)
     if os.path.islink(dest):
         raise UsageError(f"{dest} is a symlink; refusing to replace it")
     if not os.path.lexists(dest):
@@ -362,6 +411,15 @@ def check_destination(dest: str) -> None:
         raise UsageError(
             f"{dest} exists and holds more than a vmimg bundle; refusing to replace it"
         )
+
+
+def _probe_writable(parent: str) -> None:
+    """Make and remove a directory in `parent`: what access() cannot tell (a read-only
+    mount, a file system that refuses even root, a full inode table) shows now."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".vmimg-probe-"))
+    except OSError as e:
+        raise UsageError(f"output directory {parent} is not writable: {e.strerror}") from None
 
 
 def install_bundle_dir(work: str, dest: str) -> None:
@@ -392,12 +450,14 @@ class BundleKey:
     agent_sha: str | None
 
 
-def bundle_key_for(image: Image, options: BuildOptions, cache: Cache) -> BundleKey:
+def bundle_key_for(
+    image: Image, options: BuildOptions, cache: Cache, phases: PhaseStart | None = None
+) -> BundleKey:
     """The kernel and agent `build_bundle` would use for `image`, and the bundle's key."""
     arch = Arch.parse(image.platform.architecture)
     if arch is None:
         raise UsageError(f"{image.name} is for {image.platform}; vmimg boots {', '.join(Arch)}")
-    kernel = resolve_kernel(arch, options.kernel_path, cache)
+    kernel = resolve_kernel(arch, options.kernel_path, cache, phases)
     agent_sha = sha256_file(agentlib.find_agent_binary(arch)) if options.init == "agent" else None
     return BundleKey(bundle_key(image, options, kernel, agent_sha), kernel, agent_sha)
 
@@ -409,7 +469,7 @@ def build_bundle(
     cache: Cache,
     source_options: SourceOptions,
     use_cache: bool = True,
-    progress: Callable[[int], None] | None = None,
+    phases: PhaseStart | None = None,
     finish: Finisher | None = None,
 ) -> BuildResult:
     """Build the bundle of `source` at `dest`. `finish(dir, vm)` adds what the layers above
@@ -419,7 +479,7 @@ def build_bundle(
     start = time.monotonic()
     check_destination(dest)
     with open_image(source, cache, source_options) as image:
-        bk = bundle_key_for(image, options, cache)
+        bk = bundle_key_for(image, options, cache, phases)
         key = bk.key
         cached_dir = os.path.join(cache.output_dir(key), "bundle")
         hit = (
@@ -435,7 +495,7 @@ def build_bundle(
                 os.rmdir(work)
                 _copy_tree(cached_dir, work)
             else:
-                warnings = _assemble(image, cache, options, bk, work, progress, dest, finish)
+                warnings = _assemble(image, cache, options, bk, work, phases, dest, finish)
                 if use_cache:
                     _store(cache, key, work)
             files = dict(read_vm_json(work).doc["files"])

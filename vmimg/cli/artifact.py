@@ -15,8 +15,17 @@ import click
 
 from vmimg.artifact.bundle import pull_bundle, push_bundle
 from vmimg.artifact.kernel import pull_kernel, push_kernel
-from vmimg.cli.options import RegistryFlags, bundle_output, cache_param, run, source_options
+from vmimg.bundle.build import boot_kernel_file, check_destination
+from vmimg.cli.options import (
+    RegistryFlags,
+    bundle_output,
+    cache_param,
+    check_platform,
+    run,
+    source_options,
+)
 from vmimg.cli.options import registry_params as reach_registry
+from vmimg.cli.progress import add_verbosity_options, progress
 from vmimg.image.cache import Cache
 
 MIB = 1 << 20
@@ -74,7 +83,8 @@ def push(
 
     def go() -> None:
         opts = source_options("linux/amd64", registry, [ref])
-        result = push_bundle(bundle, ref, Cache.open(cache_dir), opts, build_key)
+        with progress() as shown:
+            result = push_bundle(bundle, ref, Cache.open(cache_dir), opts, build_key, shown.phase)
         _echo_push(result, as_json)
 
     run(as_json, go)
@@ -98,6 +108,7 @@ def push(
     "--platform",
     default="linux/amd64",
     show_default=True,
+    callback=check_platform,
     help="With --from-image: the platform to pick from an image index.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -119,9 +130,12 @@ def pull(
     """
 
     def go() -> None:
-        result = pull_bundle(
-            ref, output, source_options(platform, registry, [ref]), from_image=from_image, fs=fs
-        )
+        check_destination(output)  # before anything is fetched
+        with progress() as shown:
+            result = pull_bundle(
+                ref, output, source_options(platform, registry, [ref]), from_image=from_image,
+                fs=fs, phases=shown.phase,
+            )  # fmt: skip
         if as_json:
             click.echo(json.dumps(asdict(result), indent=2))
             return
@@ -149,7 +163,9 @@ def kernel_push(
 
     def go() -> None:
         opts = source_options("linux/amd64", registry, [ref])
-        _echo_push(push_kernel(key, ref, Cache.open(cache_dir), opts), as_json)
+        with progress() as shown:
+            result = push_kernel(key, ref, Cache.open(cache_dir), opts, shown.phase)
+        _echo_push(result, as_json)
 
     run(as_json, go)
 
@@ -162,13 +178,18 @@ def kernel_pull(ref: str, as_json: bool, registry: RegistryFlags, cache_dir: str
     """Pull the kernel artifact at REF into the kernel cache."""
 
     def go() -> None:
-        info = pull_kernel(
-            ref, Cache.open(cache_dir), source_options("linux/amd64", registry, [ref])
-        )
+        with progress() as shown:
+            info = pull_kernel(
+                ref, Cache.open(cache_dir), source_options("linux/amd64", registry, [ref]),
+                shown.phase,
+            )  # fmt: skip
+        boot_file = boot_kernel_file(info)  # the file a bundle boots: what --kernel takes
         if as_json:
-            click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))
+            click.echo(json.dumps({**info.metadata, "directory": str(info.directory),
+                                   "kernel": str(boot_file)}, indent=2))  # fmt: skip
             return
         click.echo(f"{info.key}  {info.version}  {info.arch}  {info.directory}")
+        click.echo(f"  use it: vmimg build SOURCE -o DIR --kernel {boot_file}")
 
     run(as_json, go)
 
@@ -179,3 +200,7 @@ def register(main: click.Group, kernel: click.Group) -> None:
     main.add_command(pull)
     kernel.add_command(kernel_push)
     kernel.add_command(kernel_pull)
+
+
+for _command in (push, pull, kernel_push, kernel_pull):
+    add_verbosity_options(_command)  # -q/-v, also when imported without vmimg.cli.main

@@ -7,23 +7,27 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
-from vmimg.cli.options import cache_param
+from vmimg.cli.options import cache_param, os_error_message
+from vmimg.cli.progress import add_verbosity_options, progress
 from vmimg.errors import VmimgError
 from vmimg.guest import kernel as klib
 from vmimg.safetext import escape_text
 
 F = TypeVar("F", bound=Callable[..., Any])
-SPINNER = "|/-\\"
-REDRAW_SECONDS = 0.1
 MIB = 1 << 20
+# Said when `vmimg build` (or `vmimg kernel build`) really starts building the kernel.
+FIRST_KERNEL_NOTE = (
+    "vmimg: first use: vmimg builds the guest kernel once (then it is cached); that takes "
+    "minutes (about 3 on 2 idle cores). In CI, skip it: `vmimg kernel pull REF` a kernel "
+    "pushed with `vmimg kernel push`, then `vmimg build SOURCE -o DIR --kernel PATH` with "
+    "the path it prints."
+)
 
 
 def _report_errors(fn: F) -> F:
@@ -40,34 +44,11 @@ def _report_errors(fn: F) -> F:
         except VmimgError as e:
             click.echo(f"vmimg: error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # a missing tool (tar, make), a path nothing checked
+            click.echo(f"vmimg: error: {os_error_message(e)}", err=True)
+            sys.exit(VmimgError.exit_code)
 
     return wrapper  # type: ignore[return-value]
-
-
-class _Spinner:
-    """One status line, redrawn in place: elapsed time and make's latest line."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.turn = 0
-        self.last = 0.0
-
-    def __call__(self, elapsed: float, line: str) -> None:
-        now = time.monotonic()
-        if now - self.last < REDRAW_SECONDS:
-            return
-        self.last = now
-        self.turn += 1
-        width = shutil.get_terminal_size().columns - 1
-        minutes, seconds = divmod(int(elapsed), 60)
-        text = f"{SPINNER[self.turn % len(SPINNER)]} {self.label} {minutes}:{seconds:02d} {line}"
-        sys.stderr.write("\r" + text[:width].ljust(width))
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.turn:
-            sys.stderr.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
-            sys.stderr.flush()
 
 
 def _size(n: int) -> str:
@@ -97,14 +78,18 @@ def build_cmd(
     source: str | None, arch: str, debug: bool, jobs: int | None, cache_dir: str | None
 ) -> None:
     """Build the guest kernel, or find it in the cache."""
-    spinner = _Spinner(f"building kernel ({arch})") if sys.stderr.isatty() else None
-    try:
+    with progress({klib.KERNEL_BUILD_PHASE: FIRST_KERNEL_NOTE}) as shown:
+        building: list[Callable[[int], None]] = []
+
+        def on_output(_elapsed: float, line: str) -> None:
+            if not building:  # the first call: a build really starts
+                building.append(shown.phase(klib.KERNEL_BUILD_PHASE, None, ""))
+            shown.detail(escape_text(line))
+
         info = klib.build_kernel(
-            source=source, arch=arch, debug=debug, jobs=jobs, progress=spinner, cache_dir=cache_dir
-        )
-    finally:
-        if spinner is not None:
-            spinner.done()
+            source=source, arch=arch, debug=debug, jobs=jobs, progress=on_output,
+            cache_dir=cache_dir,
+        )  # fmt: skip
     meta = info.metadata
     click.echo(f"{info.key}  {info.version}  {info.arch}  {info.image}")
     click.echo(f"  built in {meta['build_seconds']} s at {meta['built_at']}")
@@ -139,3 +124,6 @@ def show_cmd(key: str | None, cache_dir: str | None) -> None:
     """A cached kernel's metadata (KEY or a prefix of it; default the newest)."""
     info = klib.find_kernel(key, cache_dir)
     click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))
+
+
+add_verbosity_options(kernel)  # -q/-v, also when imported without vmimg.cli.main

@@ -18,19 +18,21 @@ import click
 
 from vmimg import __version__, pipeline
 from vmimg.artifact.bundle import resolve_bundle_argument
+from vmimg.artifact.inspect import describe_bundle, read_bundle
 from vmimg.boot.run import RunOptions, run_bundle
 from vmimg.boot.verify import VerifyOptions, junit_xml, verify_bundles
-from vmimg.bundle.build import BuildOptions
+from vmimg.bundle.build import BuildOptions, check_destination
 from vmimg.bundle.format import BUNDLE_FORMAT
 from vmimg.cli.artifact import register as register_artifact_commands
-from vmimg.cli.kernel import kernel
+from vmimg.cli.kernel import FIRST_KERNEL_NOTE, kernel
 from vmimg.cli.options import (
     EXIT_INTERRUPTED,
     SIZE,
     RegistryFlags,
     bundle_output,
     cache_param,
-    progress_printer,
+    check_output_file,
+    os_error_message,
     run,
     setup_logging,
     source_options,
@@ -38,11 +40,12 @@ from vmimg.cli.options import (
     unpack_param,
     vm_params,
 )
-from vmimg.errors import VerificationFailed
+from vmimg.cli.progress import VERBOSITY, add_verbosity_options, progress
+from vmimg.errors import UsageError, VerificationFailed, VmimgError
 from vmimg.guest.agent import CONFIG_VERSION, MANIFEST_VERSION, ConfigOverrides
-from vmimg.guest.kernel import read_pin
+from vmimg.guest.kernel import KERNEL_BUILD_PHASE, read_pin
 from vmimg.image.cache import Cache, format_size
-from vmimg.image.inspect import describe
+from vmimg.image.inspect import describe, raw_manifest
 from vmimg.image.oci import parse_platform
 from vmimg.image.prune import prune
 from vmimg.image.sample import write_sample
@@ -52,6 +55,7 @@ from vmimg.rootfs.writers.cpio import CpioOptions
 from vmimg.rootfs.writers.erofs import ErofsOptions
 from vmimg.rootfs.writers.ext4 import Ext4Options
 from vmimg.rootfs.writers.tar import TarOptions
+from vmimg.safetext import escape_text
 
 
 def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -147,26 +151,27 @@ def rootfs(
     """Flatten SOURCE into one root file system image.
 
     SOURCE is docker://HOST/REPO:TAG (or HOST/REPO:TAG), oci:DIR[:TAG],
-    oci-archive:FILE[:TAG], docker-archive:FILE or docker-daemon:NAME[:TAG].
+    oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], docker-daemon:NAME[:TAG],
+    dir:DIR, or a local path (an OCI layout, a dir: image or an archive).
     """
 
     def go() -> None:
+        check_output_file(output, "-o")
         options = writer_options(
             fmt, compression, size, headroom, inodes, no_journal, compress, label, compress_level
         )
         cache = Cache.open(cache_dir, max_unpacked_size)
-        result = convert(
-            source,
-            fmt,
-            output,
-            options,
-            cache,
-            source_options(platform, registry, [source]),
-            use_cache=not no_cache,
-            progress=progress_printer("layers"),
-        )
-        if sys.stderr.isatty():
-            click.echo("", err=True)
+        with progress() as shown:
+            result = convert(
+                source,
+                fmt,
+                output,
+                options,
+                cache,
+                source_options(platform, registry, [source]),
+                use_cache=not no_cache,
+                phases=shown.phase,
+            )
         for w in result.warnings:
             click.echo(f"vmimg: warning: {w}", err=True)
         if as_json:
@@ -214,20 +219,40 @@ def writer_options(
 @main.command()
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--raw", is_flag=True, help="Print the manifest (a bundle directory: vm.json) as is.")
 @source_params
 @cache_param
 def inspect(
     source: str,
     as_json: bool,
+    raw: bool,
     platform: str,
     registry: RegistryFlags,
     cache_dir: str | None,
 ) -> None:
-    """Show an image's digest, platform, config and layers."""
+    """Show an image's digest, platform, config and layers, or a bundle's source, kernel,
+    root file system, workload and build key.
+
+    SOURCE is an image (as for rootfs), a bundle directory, or the registry reference of
+    a pushed bundle.
+    """
 
     def go() -> None:
-        opts = source_options(platform, registry, [source])
-        info = describe(source, Cache.open(cache_dir), opts)
+        sopts = source_options(platform, registry, [source])
+        cache = Cache.open(cache_dir)
+        bundle = read_bundle(source, sopts, cache)
+        if bundle is not None:
+            if raw:
+                click.echo(bundle.raw.decode("utf-8", "replace"), nl=False)
+            elif as_json:
+                click.echo(json.dumps(describe_bundle(bundle), indent=2))
+            else:
+                click.echo(render_bundle(describe_bundle(bundle)))
+            return
+        if raw:
+            click.echo(raw_manifest(source, cache, sopts).decode("utf-8", "replace"), nl=False)
+            return
+        info = describe(source, cache, sopts)
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return
@@ -246,6 +271,38 @@ def inspect(
     run(as_json, go)
 
 
+def render_bundle(info: dict[str, Any]) -> str:
+    """`vmimg inspect BUNDLE` as text; vm.json's strings escaped (they are the maker's)."""
+
+    def text(value: Any) -> str:
+        return escape_text(str(value))
+
+    src, kern, root, work = info["source"], info["kernel"], info["rootfs"], info["workload"]
+    size = f"{root['size'] / (1 << 20):.1f} MiB" if root["size"] is not None else "?"
+    supplied = ", user-supplied" if kern["user_supplied"] else ""
+    lines = [
+        f"Bundle:     {text(info['bundle'])}",
+        f"Digest:     {info['digest']}",
+        f"Source:     {text(src['reference'])} ({text(src['digest'])})",
+        f"Platform:   {text(info['platform'])}",
+        f"Kernel:     {text(kern['version'])} (key {text(kern['key'])}{supplied})",
+        f"Root fs:    {root['type']}, {size} ({root['file']}, "
+        f"{'read-only' if root['read_only'] else 'read-write'})",
+        f"Init:       {info['init']}",
+    ]
+    if work:
+        lines += [
+            f"Workload:   {text(json.dumps(work['argv']))}",
+            f"Env:        {text(json.dumps(work['env']))}",
+            f"WorkingDir: {text(work['cwd'])}  User: {work['uid']}:{work['gid']}",
+        ]
+    lines += [
+        f"Resources:  {info['vcpus']} vCPU, {info['memory_mib']} MiB",
+        f"Build key:  {info['build_key'] or '-'}",
+    ]
+    return "\n".join(lines)
+
+
 def _build_platforms(
     source: str, output: str, options: BuildOptions, cache: Cache, platforms: list[str],
     sopts: SourceOptions, use_cache: bool, push_ref: str | None, remote_cache: bool,
@@ -253,11 +310,12 @@ def _build_platforms(
 ) -> None:  # fmt: skip
     """`vmimg build --platform A,B`."""
     pipeline.check_platforms_options(remote_cache)
-    done = pipeline.build_platforms(
-        source, output, options, cache,
-        {p: replace(sopts, platform=parse_platform(p)) for p in platforms},
-        use_cache=use_cache, push=push_ref,
-    )  # fmt: skip
+    with progress({KERNEL_BUILD_PHASE: FIRST_KERNEL_NOTE}) as shown:
+        done = pipeline.build_platforms(
+            source, output, options, cache,
+            {p: replace(sopts, platform=parse_platform(p)) for p in platforms},
+            use_cache=use_cache, push=push_ref, phases=shown.phase,
+        )  # fmt: skip
     if as_json:
         click.echo(json.dumps({"bundles": [asdict(r) for r in done.bundles],
                                "pushed": done.pushed}, indent=2))  # fmt: skip
@@ -268,6 +326,17 @@ def _build_platforms(
                    f"{state}")  # fmt: skip
     if done.pushed:
         click.echo(f"pushed index to {done.pushed}")
+
+
+BOOT_PHASE = "booting bundles"
+
+
+def check_output_dir(path: str) -> None:
+    """build --platform A,B writes DIR/ARCH: DIR must be a directory we may write in."""
+    if not os.path.isdir(path):
+        check_output_file(path, "-o")
+    elif not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {path} is not writable")
 
 
 def split_command(text: str | None) -> list[str] | None:
@@ -284,6 +353,15 @@ def split_command(text: str | None) -> list[str] | None:
         return value
 
     return shlex.split(text)
+
+
+def check_env(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    """-e K=V: a name, then '=' (the value may be empty)."""
+    for v in values:
+        name, sep, _value = v.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{v!r} is not KEY=VALUE")
+    return values
 
 
 def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
@@ -330,7 +408,10 @@ def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
 )
 @click.option("--entrypoint", default=None, help="Override the entrypoint (words or JSON list).")
 @click.option("--cmd", default=None, help="Override the command (words or JSON list).")
-@click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable.")
+@click.option(
+    "-e", "--env", multiple=True, metavar="K=V", callback=check_env,
+    help="Set an environment variable.",
+)  # fmt: skip
 @click.option("-w", "--workdir", default=None, help="Override the working directory.")
 @click.option("-u", "--user", default=None, help="Run as USER[:GROUP] (names or ids).")
 @click.option("--hostname", default=None, help="The guest's hostname.")
@@ -406,15 +487,19 @@ def build(
         refs = [source, *([push_ref] if push_ref else [])]
         sopts = source_options(platforms[0] if platforms else platform, registry, refs)
         if len(platforms) > 1:
+            check_output_dir(output)
             _build_platforms(source, output, options, cache, platforms, sopts,
                              not no_cache, push_ref, remote_cache, as_json)  # fmt: skip
             return
+        check_destination(output)  # before the kernel, the layers, the registry
         extra: dict[str, Any] = {}
+        shown = progress({KERNEL_BUILD_PHASE: FIRST_KERNEL_NOTE})
         if push_ref or remote_cache:
-            remote = pipeline.build_bundle_remote(
-                source, output, options, cache, sopts, use_cache=not no_cache,
-                remote_cache=remote_cache, push=push_ref, progress=progress_printer("layers"),
-            )  # fmt: skip
+            with shown:
+                remote = pipeline.build_bundle_remote(
+                    source, output, options, cache, sopts, use_cache=not no_cache,
+                    remote_cache=remote_cache, push=push_ref, phases=shown.phase,
+                )  # fmt: skip
             result = remote.build
             extra = {
                 "build_key": remote.key,
@@ -424,10 +509,11 @@ def build(
             for w in remote.pushed.warnings if remote.pushed else []:
                 click.echo(f"vmimg: warning: {w}", err=True)
         else:
-            result = pipeline.build_one(
-                source, output, options, cache, sopts, use_cache=not no_cache,
-                progress=progress_printer("layers"),
-            )  # fmt: skip
+            with shown:
+                result = pipeline.build_one(
+                    source, output, options, cache, sopts, use_cache=not no_cache,
+                    phases=shown.phase,
+                )  # fmt: skip
         for w in result.warnings:
             click.echo(f"vmimg: warning: {w}", err=True)
         if as_json:
@@ -499,14 +585,21 @@ def verify(
             run=not no_run, accel=accel, vcpus=cpus, memory_mib=memory,
         )  # fmt: skip
 
+        if junit:
+            check_output_file(junit, "--junit")  # not after minutes of booting
         cache = Cache.open(cache_dir)
         refs = [b for b in bundles if not os.path.isdir(b)]
         sopts = source_options(platform, registry, refs)
-        paths = [resolve_bundle_argument(b, cache, sopts) for b in bundles]
-        reports = verify_bundles(paths, opts, cache, jobs)
+        with progress() as shown:
+            paths = [resolve_bundle_argument(b, cache, sopts, shown.phase) for b in bundles]
+            booted = shown.phase(BOOT_PHASE, len(paths), "")
+            reports = verify_bundles(paths, opts, cache, jobs, on_done=lambda _r: booted(1))
         if junit:
-            with open(junit, "wb") as f:
-                f.write(junit_xml(reports))
+            try:
+                with open(junit, "wb") as f:
+                    f.write(junit_xml(reports))
+            except OSError as e:  # the reports still print: the boots were not for nothing
+                click.echo(f"vmimg: error: --junit {os_error_message(e)}", err=True)
         if as_json:
             click.echo(json.dumps([r.to_json() for r in reports], indent=2))
         else:
@@ -588,7 +681,7 @@ def run_cmd(
     def go() -> None:
         opts = RunOptions(
             accel=accel, vcpus=cpus, memory_mib=memory, publish=parse_publish(publish),
-            cmd=cmd, persist=persist, timeout=timeout,
+            cmd=cmd, persist=persist, timeout=timeout, console_all=VERBOSITY.verbose,
         )  # fmt: skip
         result = run_bundle(bundle, opts, Cache.open(cache_dir))
         if not result.reported:
@@ -688,7 +781,11 @@ def entry() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:  # outside a command's own net (an option's callback, kernel commands)
+        click.echo(f"vmimg: error: {os_error_message(e)}", err=True)
+        sys.exit(VmimgError.exit_code)
 
 
 main.add_command(kernel)
 register_artifact_commands(main, kernel)  # vmimg push/pull, vmimg kernel push/pull
+add_verbosity_options(main)  # last: -q/-v on every command registered above

@@ -9,15 +9,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import click
 
-from vmimg.errors import ImageRefError, UsageError, VmimgError
+from vmimg.arch import ARCHES, OCI_ARCHITECTURES, Arch
+from vmimg.errors import ImageRefError, PlatformError, UsageError, VmimgError
 from vmimg.image.cache import DEFAULT_MAX_UNPACKED_SIZE, format_size
 from vmimg.image.oci import parse_platform
 from vmimg.image.reference import parse_reference
@@ -61,15 +64,40 @@ def fail(err: VmimgError, as_json: bool) -> NoReturn:
     sys.exit(err.exit_code)
 
 
+def os_error_message(e: OSError) -> str:
+    """An OSError as one line naming the path(s): `PATH: Permission denied`."""
+    what = e.strerror or str(e) or type(e).__name__
+    paths = [os.fsdecode(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {what}" if paths else what
+
+
 def run(as_json: bool, fn: Callable[[], Any]) -> Any:
-    """Call `fn`, turning our errors and Ctrl-C into one line and an exit code."""
+    """Call `fn`, turning our errors, any OSError and Ctrl-C into one line and an exit code."""
     try:
         return fn()
     except VmimgError as e:
         fail(e, as_json)
+    except OSError as e:  # the safety net: a path nothing checked before (exit 1)
+        fail(VmimgError(os_error_message(e)), as_json)
     except KeyboardInterrupt:
         click.echo("vmimg: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Refuse, before any work, an output file that could not be written: its directory
+    missing or not writable, or a directory in its place."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory")
+    try:  # access() cannot tell a read-only mount, and says yes to root: try it
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".vmimg-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write in {parent}: {e.strerror}") from None
 
 
 class _StderrLog(logging.Handler):
@@ -151,18 +179,33 @@ def _parse_creds(text: str, host: str) -> Credentials:
     return Credentials(user, password)
 
 
-def progress_printer(label: str) -> Callable[[int], None] | None:
-    """A byte counter on stderr when it is a terminal; None otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    total = 0
+# Commands whose --platform must be one vmimg boots; the others read any image.
+BOOTING_COMMANDS = frozenset({"build", "verify", "pull"})
+MULTI_PLATFORM_COMMANDS = frozenset({"build"})
 
-    def report(n: int) -> None:
-        nonlocal total
-        total += n
-        click.echo(f"\r{label}: {total / (1 << 20):8.1f} MiB", err=True, nl=False)
 
-    return report
+def check_platform(ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """--platform OS/ARCH[/VARIANT] (build: a comma-separated list), with an architecture
+    that exists (and, for the commands that boot, that vmimg boots)."""
+    items = [p.strip() for p in value.split(",") if p.strip()]
+    name = ctx.command.name or ""
+    if not items:
+        raise click.BadParameter("names no platform")
+    if len(items) > 1 and name not in MULTI_PLATFORM_COMMANDS:
+        raise click.BadParameter("one platform at a time (build takes several)")
+    for item in items:
+        try:
+            arch = parse_platform(item).architecture
+        except PlatformError as e:
+            raise click.BadParameter(str(e)) from None
+        if name in BOOTING_COMMANDS and Arch.parse(arch) is None:
+            booted = ", ".join(f"linux/{a.oci}" for a in ARCHES)
+            raise click.BadParameter(f"{item!r}: vmimg boots {booted}")
+        if arch not in OCI_ARCHITECTURES:
+            raise click.BadParameter(
+                f"{item!r}: unknown architecture {arch!r} (known: {', '.join(OCI_ARCHITECTURES)})"
+            )
+    return value
 
 
 def registry_params(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -227,6 +270,7 @@ def source_params(f: Callable[..., Any]) -> Callable[..., Any]:
         "--platform",
         default="linux/amd64",
         show_default=True,
+        callback=check_platform,
         help="Platform to pick from an image index.",
     )(f)
     return f

@@ -374,6 +374,7 @@ def _make_env() -> dict[str, str]:
 
 
 ProgressFn = Callable[[float, str], None]
+KERNEL_BUILD_PHASE = "building the guest kernel"
 
 
 def _run_logged(
@@ -437,6 +438,8 @@ def build_kernel(
     with cache.lock(f"kernel-{key}"):
         if (final / METADATA_FILE).exists():
             return load_kernel(final)
+        if progress is not None:
+            progress(0.0, "")  # a build starts (before the source is even unpacked)
         srctree = src if src.is_dir() else extract_source(src, source_id, cache)
         _check_clean_srctree(srctree)
         return _build_locked(

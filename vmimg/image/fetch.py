@@ -12,21 +12,31 @@ from vmimg.image.image import Image
 from vmimg.image.layers import LayerFile, UnpackAborted, UnpackBudget, unpack_layer_to_cache
 
 Progress = Callable[[int], None]
+# Opens a phase of long work: (name, total or None, unit) -> the counter the work calls with
+# each amount done. The CLI renders phases (vmimg/cli/progress.py); None means nobody looks.
+PhaseStart = Callable[[str, int | None, str], Progress]
+BYTES = "B"
+LAYERS_PHASE = "fetching layers"
 
 
 def fetch_layers(
-    image: Image, cache: Cache, progress: Progress | None = None, jobs: int | None = None
+    image: Image, cache: Cache, phases: PhaseStart | None = None, jobs: int | None = None
 ) -> list[LayerFile]:
     """Every layer of `image` as an uncompressed, verified tar in the cache.
 
     Layers decompress in parallel threads: hashing, isal and zstd release the
     GIL, so two layers really use two cores. Together they may expand to
     `cache.max_unpacked_size`; the first failure (that limit, a bad layer, a
-    full disk, Ctrl-C) stops the other threads at their next chunk.
+    full disk, Ctrl-C) stops the other threads at their next chunk. Progress counts
+    the blobs' bytes read, against the sizes of the layers not yet in the cache.
     """
     lock = threading.Lock()
     budget = UnpackBudget(cache.max_unpacked_size)
     space = SpaceGuard(cache.root)
+    missing = [i for i, d in enumerate(image.diff_ids) if not os.path.exists(cache.layer_path(d))]
+    progress = None
+    if phases is not None and missing:
+        progress = phases(LAYERS_PHASE, sum(image.layers[i].size for i in missing), BYTES)
 
     def report(n: int) -> None:
         if progress is not None:

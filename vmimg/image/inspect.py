@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from vmimg.image.cache import Cache
@@ -29,3 +30,11 @@ def describe(source: str, cache: Cache, options: SourceOptions) -> dict[str, Any
                 for desc, diff_id in zip(image.layers, image.diff_ids, strict=True)
             ],
         }
+
+
+def raw_manifest(source: str, cache: Cache, options: SourceOptions) -> bytes:
+    """The image's manifest as JSON (`vmimg inspect --raw`); an image from a docker-archive
+    or an engine has none (only a config), so its config is shown instead."""
+    with open_image(source, cache, options) as image:
+        doc = image.manifest if image.manifest is not None else image.config.raw
+        return json.dumps(doc, indent=2).encode() + b"\n"

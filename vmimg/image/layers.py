@@ -262,13 +262,15 @@ def _unpack(
         reader = _HashingReader(stream, algo, desc.size if desc.digest else None, what)
         kind = sniff_compression(reader.peek(4), declared)
         tar_hash = Hasher("sha256")
+        reported = 0
         for chunk in decompressed_chunks(reader.read, kind, what):
             tar_hash.update(chunk)
             budget.charge(len(chunk), what)
             space.take(len(chunk), what)
             out.write(chunk)
-            if on_progress:
-                on_progress(len(chunk))
+            if on_progress:  # the blob's bytes: what the layer's size in the manifest counts
+                on_progress(reader.hasher.size - reported)
+                reported = reader.hasher.size
             pause_point("layer-unpack-midway")
         if desc.digest:
             reader.hasher.verify(desc.digest, desc.size, what)

@@ -8,6 +8,7 @@ kernel moves the bytes, Python never sees them) where the output is a file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import TracebackType
 
 from vmimg.errors import ContentError
@@ -22,6 +23,7 @@ class ContentReader:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self.on_bytes: Callable[[int], None] | None = None  # told each amount read or copied
 
     def __enter__(self) -> ContentReader:
         return self
@@ -57,6 +59,8 @@ class ContentReader:
             length = stored - start
         if start < 0 or length < 0 or start + length > stored:
             raise ContentError(f"read of {length} bytes at {start} outside content of {stored}")
+        if self.on_bytes is not None:
+            self.on_bytes(length)
         if content.data is not None:
             return content.data[start : start + length]
         if length == 0:
@@ -80,6 +84,8 @@ class ContentReader:
 
     def copy(self, content: Content, start: int, length: int, out_fd: int, out_offset: int) -> None:
         """Copy stored bytes [start, start+length) to `out_fd` at `out_offset`."""
+        if self.on_bytes is not None:
+            self.on_bytes(length)
         pause_point("output-write-midway")
         if content.data is not None:
             written = os.pwrite(out_fd, content.data[start : start + length], out_offset)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from vmimg import __version__
 from vmimg.errors import VmimgError, WriterError
 from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
-from vmimg.image.fetch import fetch_layers
+from vmimg.image.fetch import BYTES, PhaseStart, fetch_layers
 from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
@@ -151,12 +151,40 @@ def _copy_range(src: str, in_fd: int, out_fd: int, start: int, end: int) -> None
         start += n
 
 
-def build_tree(image: Image, cache: Cache, progress: Callable[[int], None] | None = None) -> Tree:
-    tree = flatten(fetch_layers(image, cache, progress))
+FLATTEN_PHASE = "flattening layers"
+
+
+def build_tree(image: Image, cache: Cache, phases: PhaseStart | None = None) -> Tree:
+    layers = fetch_layers(image, cache, phases)
+    if phases is not None:
+        phases(FLATTEN_PHASE, None, BYTES)  # no count: its time shows
+    tree = flatten(layers)
     epoch = source_date_epoch_ns()
     if epoch is not None:
         tree.clamp_mtimes(epoch)
     return tree
+
+
+def content_bytes(tree: Tree) -> int:
+    """The stored bytes of every file in the tree, each hardlinked file once: what a
+    writer reads, the total its progress counts towards."""
+    seen: set[int] = set()
+    total = 0
+    for _path, node in tree.walk():
+        if node.type is NodeType.FILE and node.content is not None and id(node) not in seen:
+            seen.add(id(node))
+            total += node.content.stored_size
+    return total
+
+
+def track_phase(reader: ContentReader, phases: PhaseStart | None, name: str, tree: Tree) -> None:
+    """Count what `reader` reads from now on as the phase `name` of `phases`."""
+    if phases is not None:
+        reader.on_bytes = phases(name, content_bytes(tree), BYTES)
+
+
+def writing_phase(fmt: str) -> str:
+    return f"writing {fmt}"
 
 
 def convert(
@@ -167,7 +195,7 @@ def convert(
     cache: Cache,
     source_options: SourceOptions,
     use_cache: bool = True,
-    progress: Callable[[int], None] | None = None,
+    phases: PhaseStart | None = None,
     transform: Callable[[Tree, Image], None] | None = None,
 ) -> ConvertResult:
     """Convert `source` to a `fmt` image at `dest`."""
@@ -185,7 +213,7 @@ def convert(
         )
         tree = None
         if not hit:
-            tree = build_tree(image, cache, progress)
+            tree = build_tree(image, cache, phases)
             if transform is not None:
                 transform(tree, image)
         try:
@@ -197,6 +225,7 @@ def convert(
                     copy_file(cached_path, fd)
                 else:
                     with ContentReader() as reader:
+                        track_phase(reader, phases, writing_phase(fmt), tree)
                         warnings = write_image(fmt, tree, reader, fd, options)
         except OSError as e:
             # A full disk, a quota, a read-only directory: the temporary file is gone.

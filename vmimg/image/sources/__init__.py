@@ -7,7 +7,8 @@ import os
 from vmimg.errors import ImageRefError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
-from vmimg.image.reference import ImageRef, parse_reference
+from vmimg.image.reference import BUNDLE, SUPPORTED_FORMS, ImageRef, parse_reference
+from vmimg.image.sources.dirformat import open_dir_image
 from vmimg.image.sources.docker_archive import open_docker_archive
 from vmimg.image.sources.docker_daemon import open_daemon_image
 from vmimg.image.sources.layout import DirFiles, TarFiles, open_layout_image
@@ -41,7 +42,12 @@ def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Ima
     if ref.transport == "docker-daemon":
         assert ref.tag is not None
         return open_daemon_image(ref.tag, name, want, cache)
-    raise ImageRefError(f"unknown transport in {name!r}")
+    if ref.transport == "dir":
+        assert ref.path is not None
+        return open_dir_image(ref.path, name, want, cache)
+    if ref.transport == BUNDLE:
+        raise ImageRefError(f"{name} is a vmimg bundle directory, not an image")
+    raise ImageRefError(f"unknown transport in {name!r}; use {SUPPORTED_FORMS}")
 
 
 __all__ = ["Image", "SourceOptions", "open_image"]

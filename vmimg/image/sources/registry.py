@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from vmimg.digest import digest_bytes
-from vmimg.errors import DigestError
+from vmimg.errors import DigestError, ImageRefError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
 from vmimg.image.oci import ACCEPT_MANIFESTS, Descriptor
@@ -13,6 +13,29 @@ from vmimg.image.reference import RegistryRef
 from vmimg.image.registry import RegistryClient, api_host, quiet_insecure_warnings
 from vmimg.image.sources.base import resolve_image
 from vmimg.image.sources.options import SourceOptions
+
+HTTP_NOT_FOUND = 404
+
+
+def get_manifest(
+    client: RegistryClient, repo: str, reference: str, accept: str
+) -> tuple[bytes, str]:
+    """A manifest's bytes and declared Content-Type; a 404 (no such repository, tag or
+    digest) is a missing image, which the user fixes in the reference (exit 3), not a
+    failing source."""
+    where = f"{client.host}/{repo}{'@' if ':' in reference else ':'}{reference}"
+    resp = client.request(
+        "GET",
+        f"/v2/{repo}/manifests/{reference}",
+        headers={"Accept": accept},
+        what=f"manifest {where}",
+        ok=(200, HTTP_NOT_FOUND),
+    )
+    if resp.status_code == HTTP_NOT_FOUND:
+        resp.close()
+        raise ImageRefError(f"{where}: no such image or tag in the registry")
+    ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
+    return resp.content, ctype
 
 
 def registry_client(host: str, options: SourceOptions) -> RegistryClient:
@@ -38,7 +61,7 @@ def open_registry_image(ref: RegistryRef, cache: Cache | None, options: SourceOp
     root = cache.read_blob(ref.digest) if (cache is not None and ref.digest) else None
     media_type = None
     if root is None:
-        root, media_type = client.get_manifest(ref.repository, ref.reference, ACCEPT_MANIFESTS)
+        root, media_type = get_manifest(client, ref.repository, ref.reference, ACCEPT_MANIFESTS)
         got = digest_bytes(root, ref.digest.split(":", 1)[0] if ref.digest else "sha256")
         if ref.digest and got != ref.digest:
             raise DigestError(f"manifest {ref}: registry sent {got}")
