@@ -5,19 +5,24 @@ and neither a later write to the output nor `cache prune` harms the other side."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+from tests.conftest import need
 from tests.hostile.cli import run_vmimg
 from tests.test_cache import mounted_tmpfs
 from vmimg.bundle.format import KERNEL_FILE, MANIFEST_FILE, VM_JSON, load_bundle
 from vmimg.guest.kernel import BZ_HEADER_MAGIC, BZ_HEADER_MAGIC_OFFSET
-from vmimg.rootfs.convert import COPY, HARDLINK, hand_out
+from vmimg.rootfs.convert import COPY, HARDLINK, REFLINK, hand_out
 
 MIB = 1 << 20
+XFS_SIZE = "512M"  # above mkfs.xfs's minimum
 WRITE_BITS = 0o222
 
 
@@ -153,3 +158,40 @@ def test_prune_leaves_hardlinked_outputs_whole_and_counts_only_what_it_frees(
     assert a.read_bytes() == data and b.read_bytes() == data and a.stat().st_nlink == 2
     # The entry's blocks stay in use by the outputs: prune does not claim them.
     assert isinstance(freed["bytes"], int) and freed["bytes"] < len(data)
+
+
+@contextlib.contextmanager
+def mounted_xfs(work: Path) -> Iterator[Path]:
+    """A loop-mounted XFS with reflink on (a file system that clones files), unmounted after."""
+    image, mnt = work / "xfs.img", work / "xfs"
+    subprocess.run(["truncate", "-s", XFS_SIZE, str(image)], check=True)
+    subprocess.run([need("mkfs.xfs"), "-q", "-m", "reflink=1", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_where_the_file_system_clones_files_a_warm_hit_is_a_reflink(
+    sample_ref: str, tmp_path: Path
+) -> None:
+    with mounted_xfs(tmp_path) as work:
+        for fmt in ("erofs", "ext4"):  # a clone is the user's own: no need for a hardlink
+            a, b = work / f"a.{fmt}", work / f"b.{fmt}"
+            _json(work, "rootfs", sample_ref, "--format", fmt, "-o", str(a))
+            assert (
+                _json(work, "rootfs", sample_ref, "--format", fmt, "-o", str(b))["handed_out"]
+                == REFLINK
+            )
+            [entry] = _entries(work, f"rootfs.{fmt}")
+            assert b.stat().st_ino != entry.stat().st_ino and b.read_bytes() == a.read_bytes()
+            before = _sha(entry)
+            with open(b, "r+b") as f:
+                f.write(b"\xff" * 4096)
+            assert _sha(entry) == before
+        out = work / "bundle"
+        _build(work, sample_ref, out, "--fs", "ext4")
+        assert _build(work, sample_ref, out, "--fs", "ext4")["handed_out"] == REFLINK
+        load_bundle(str(out))
