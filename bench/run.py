@@ -253,6 +253,10 @@ def machine_info() -> dict[str, object]:
         "mke2fs": version([tool("VMIMG_BENCH_MKE2FS", "mke2fs") or "mke2fs", "-V"]),
         "mkfs.erofs": version([tool("VMIMG_BENCH_MKFS_EROFS", "mkfs.erofs") or "mkfs.erofs", "-V"]),
         "umoci": version(["umoci", "--version"]),
+        # Other work on the machine skews the figures: say how busy it was.
+        "load": "{:.1f}, {:.1f}, {:.1f} (1, 5, 15 min averages at the end)".format(
+            *os.getloadavg()
+        ),
     }
 
 

@@ -45,7 +45,8 @@ NOT_IN_RUNTIME = {
     "clang": "tests: the agent's parser fuzz target (make -C agent check)",
     "libclang-rt-dev": "tests: libFuzzer and the sanitizer runtimes for that target",
     "debootstrap": "bench: makes the distro fixtures",
-    "cryptsetup-bin": "tests: veritysetup, the oracle for vmimg.verity's hash trees",
+    "cryptsetup-bin": "tests: veritysetup, the oracle for vmimg.rootfs.verity's hash trees",
+    "xfsprogs": "tests: a loop-mounted XFS with reflink, for cache hand-outs by reflink",
     # The image serves x86_64 guests; arm64 guests need these in the agent and runtime stages.
     "gcc-aarch64-linux-gnu": "arm64 guests: the cross compiler (agent, kernel)",
     "musl-dev:arm64": "arm64 guests: musl for the cross-built agent",

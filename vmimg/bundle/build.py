@@ -11,7 +11,11 @@
 
 The bundle is assembled in a temporary directory beside the destination and
 renamed into place, so a bundle directory is always whole. Finished bundles
-are cached by everything that determines their bytes.
+are cached by everything that determines their bytes. A cached bundle is handed
+out without copying its big files where it can (rootfs.convert.share_file): the
+kernel, the manifest and a read-only root (erofs, or any root with a dm-verity tree)
+may be hardlinks to the cache's read-only entries; a writable ext4 root is cloned
+or copied, since `vmimg run --persist` writes to it in place.
 """
 
 from __future__ import annotations
@@ -61,10 +65,12 @@ from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.convert import (
+    HARDLINK,
     build_tree,
     check_output_space,
-    copy_file,
     output_size_floor,
+    seal,
+    share_file,
     source_date_epoch_ns,
     track_phase,
     writing_phase,
@@ -134,6 +140,8 @@ class BuildResult:
     seconds: float
     files: dict[str, dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
+    # A cache hit: how the root file system reached the bundle (REFLINK, HARDLINK, COPY).
+    handed_out: str | None = None
 
 
 MANIFEST_PHASE = "hashing files for the manifest"
@@ -356,23 +364,40 @@ def verity_salt(build_key: str) -> bytes:
     return hashlib.sha256(b"vmimg dm-verity salt\0" + build_key.encode()).digest()
 
 
-def _copy_tree(src: str, dst: str) -> None:
-    """Copy a bundle; modes come from this process's umask, as if it had built the files
-    (the cache's copy has the modes of whoever built it first), executables staying so."""
+def linkable_files(vm: VmSpec) -> set[str]:
+    """The files of a bundle nothing writes in place: the kernel, the manifest, and the
+    root when it is read-only (`vmimg run --persist` writes a read-write ext4 root)."""
+    names = {vm.kernel.file, MANIFEST_FILE}
+    if vm.rootfs.read_only or vm.rootfs.verity is not None:
+        names.add(vm.rootfs.file)
+    return names
+
+
+def _share_tree(src: str, dst: str, linkable: set[str]) -> dict[str, str]:
+    """Make `dst` a tree with the files of `src` (share_file for each: a file named in
+    `linkable` may become a hardlink); how each file got there, by its relative path.
+    A copy or a clone gets the mode a file this process made would have (the umask's,
+    executables staying so): the cache's copy has the modes of whoever built it first."""
     umask = current_umask()
+    how: dict[str, str] = {}
     for dirpath, _dirs, names in os.walk(src):
         rel = os.path.relpath(dirpath, src)
         os.makedirs(os.path.join(dst, rel), exist_ok=True)
         for name in names:
             s, d = os.path.join(dirpath, name), os.path.join(dst, rel, name)
-            executable = os.stat(s).st_mode & stat.S_IXUSR
-            fd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            try:
-                copy_file(s, fd)
-                if executable:
-                    os.fchmod(fd, EXECUTABLE_MODE & ~umask)
-            finally:
-                os.close(fd)
+            key = os.path.normpath(os.path.join(rel, name))
+            how[key] = share_file(s, d, key in linkable)
+            if how[key] != HARDLINK:
+                executable = os.stat(s).st_mode & stat.S_IXUSR
+                os.chmod(d, (EXECUTABLE_MODE if executable else FILE_MODE) & ~umask)
+    return how
+
+
+def _seal_tree(path: str) -> None:
+    """Take the write bits off every file of a cache entry (see rootfs.convert.seal)."""
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            seal(os.path.join(dirpath, name))
 
 
 def current_umask() -> int:
@@ -488,12 +513,14 @@ def build_bundle(
             and os.path.isfile(os.path.join(cached_dir, VM_JSON))
         )
         warnings: list[str] = []
+        handed_out = None
         work = new_bundle_dir(dest)
         try:
             if hit:
-                check_output_space(dest, disk_usage(cached_dir))
+                cached_vm = read_vm_json(cached_dir)
                 os.rmdir(work)
-                _copy_tree(cached_dir, work)
+                how = _share_tree(cached_dir, work, linkable_files(cached_vm))
+                handed_out = how[cached_vm.rootfs.file]
             else:
                 warnings = _assemble(image, cache, options, bk, work, phases, dest, finish)
                 if use_cache:
@@ -518,6 +545,7 @@ def build_bundle(
             seconds=time.monotonic() - start,
             files=files,
             warnings=warnings,
+            handed_out=handed_out,
         )
 
 
@@ -528,6 +556,9 @@ def _store(cache: Cache, key: str, work: str) -> None:
     if space_shortfall(cache.tmp_dir, disk_usage(work)) is not None:
         return  # a copy is worth less than the disk space everything else needs
     with cache.temp_dir("bundle-") as tmp:
-        _copy_tree(work, os.path.join(tmp, "bundle"))
+        entry = os.path.join(tmp, "bundle")
+        # The new bundle's read-only files become the entry's (their write bits go).
+        _share_tree(work, entry, linkable_files(read_vm_json(work)))
+        _seal_tree(entry)
         with contextlib.suppress(OSError):  # another process stored it first
             commit(tmp, final)

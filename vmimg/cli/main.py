@@ -177,7 +177,11 @@ def rootfs(
         if as_json:
             click.echo(json.dumps(asdict(result), indent=2))
         else:
-            state = "from cache" if result.cached else f"in {result.seconds:.2f}s"
+            state = (
+                f"from cache ({result.handed_out})"
+                if result.cached
+                else f"in {result.seconds:.2f}s"
+            )
             click.echo(
                 f"{result.output}: {result.format}, {result.size} bytes, "
                 f"{result.image} ({result.digest[:19]}, {result.platform}) {state}"
@@ -321,7 +325,7 @@ def _build_platforms(
                                "pushed": done.pushed}, indent=2))  # fmt: skip
         return
     for r in done.bundles:
-        state = "from cache" if r.cached else f"in {r.seconds:.2f}s"
+        state = f"from cache ({r.handed_out})" if r.cached else f"in {r.seconds:.2f}s"
         click.echo(f"{r.bundle}: {r.fs} bundle of {r.image} ({r.digest[:19]}, {r.platform}) "
                    f"{state}")  # fmt: skip
     if done.pushed:
@@ -522,7 +526,7 @@ def build(
         if extra.get("pulled_from"):
             state = f"pulled from {extra['pulled_from']}"
         elif result.cached:
-            state = "from cache"
+            state = f"from cache ({result.handed_out})"
         else:
             state = f"in {result.seconds:.2f}s"
         click.echo(f"{result.bundle}: {result.fs} bundle of {result.image} "

@@ -260,9 +260,32 @@ def disk_usage(path: str) -> int:
     return total
 
 
+def freed_by_removing(path: str) -> int:
+    """What removing the file or tree at `path` frees: disk_usage without the files that
+    have names elsewhere too (a bundle or an output hardlinked to a cache entry keeps its
+    blocks). A file with several names inside the tree counts once."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_blocks * 512 if st.st_nlink <= 1 or not stat.S_ISREG(st.st_mode) else 0
+    total = st.st_blocks * 512
+    links: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [names seen, blocks]
+    for dirpath, dirs, names in os.walk(path):
+        for name in dirs + names:
+            with contextlib.suppress(OSError):
+                s = os.lstat(os.path.join(dirpath, name))
+                if s.st_nlink > 1 and stat.S_ISREG(s.st_mode):
+                    seen = links.setdefault((s.st_dev, s.st_ino), [0, s.st_blocks * 512])
+                    seen[0] += 1
+                    if seen[0] == s.st_nlink:  # its last name is in the tree
+                        total += seen[1]
+                else:
+                    total += s.st_blocks * 512
+    return total
+
+
 def _remove(path: str) -> int:
     """Remove a file or tree; the bytes it freed."""
-    size = disk_usage(path)
+    size = freed_by_removing(path)
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:

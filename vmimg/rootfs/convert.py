@@ -3,16 +3,23 @@
 The output appears at its destination only when complete: it is written to a
 temporary name beside the destination and renamed at the end; on any error
 the temporary file is removed. Finished conversions are kept in the cache,
-keyed by everything that determines their bytes, so a repeat is a copy.
+keyed by everything that determines their bytes, so a repeat costs no conversion.
+
+A cache hit hands the cached file out without copying its bytes where it can
+(`share_file`): a reflink (copy-on-write clone) where the file system has them, else
+a hardlink to the cache entry for a format nobody writes in place (erofs), else a
+copy. Cache entries lose their write bits, so a hardlinked output is read-only too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,11 +34,28 @@ from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
 from vmimg.rootfs.tree import NodeType, Tree
-from vmimg.rootfs.writers import WRITER_VERSIONS, WriterOptions, options_doc, seeded, write_image
+from vmimg.rootfs.writers import (
+    WRITER_VERSIONS,
+    WriterOptions,
+    get_format,
+    options_doc,
+    seeded,
+    write_image,
+)
 from vmimg.testhook import pause_point
 
 NS_PER_S = 1_000_000_000
 COPY_CHUNK = 64 << 20
+READ_WRITE_CHUNK = 8 << 20  # where copy_file_range cannot: bytes read into memory at once
+# How a cached file reached its destination (`share_file`; "handed_out" in results).
+REFLINK = "reflink"  # a copy-on-write clone: its own inode, no bytes copied
+HARDLINK = "hardlink"  # another name of the cache entry itself: read-only files only
+COPY = "copy"
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int); Python's fcntl module lacks it
+WRITE_BITS = 0o222
+# copy_file_range(2) fails so between file systems (most kernels) and on some file systems.
+COPY_RANGE_UNSUPPORTED = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def source_date_epoch_ns() -> int | None:
@@ -55,6 +79,7 @@ class ConvertResult:
     cached: bool
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    handed_out: str | None = None  # a cache hit: REFLINK, HARDLINK or COPY
 
 
 def conversion_key(image: Image, fmt: str, options: WriterOptions, epoch_ns: int | None) -> str:
@@ -145,10 +170,97 @@ def copy_file(src: str, dst_fd: int) -> None:
 
 def _copy_range(src: str, in_fd: int, out_fd: int, start: int, end: int) -> None:
     while start < end:
-        n = os.copy_file_range(in_fd, out_fd, min(COPY_CHUNK, end - start), start, start)
+        try:
+            n = os.copy_file_range(in_fd, out_fd, min(COPY_CHUNK, end - start), start, start)
+        except OSError as e:
+            if e.errno not in COPY_RANGE_UNSUPPORTED:
+                raise
+            n = _read_write(in_fd, out_fd, min(READ_WRITE_CHUNK, end - start), start)
         if n <= 0:
             raise WriterError(f"copy from {src} stopped early")
         start += n
+
+
+def _read_write(in_fd: int, out_fd: int, count: int, offset: int) -> int:
+    """copy_file_range by hand, for where the kernel refuses it (across file systems)."""
+    data = os.pread(in_fd, count, offset)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(out_fd, data[done:], offset + done)
+    return done
+
+
+def reflink(src_fd: int, dst_fd: int) -> bool:
+    """Make the file `dst_fd` a copy-on-write clone of `src_fd`, if the file system can
+    (btrfs, XFS with reflink, bcachefs; not ext4 or tmpfs, nor across file systems)."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError:  # EOPNOTSUPP, EXDEV, EINVAL, ENOTTY: not here, copy instead
+        return False
+    return True
+
+
+def seal(path: str) -> bool:
+    """Take the write bits off the cache entry at `path` (a hardlink to it must not invite
+    writes in place); False if they stay (another user's cache)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & WRITE_BITS:
+        try:
+            os.chmod(path, mode & ~WRITE_BITS)
+        except OSError:
+            return False
+    return True
+
+
+def share_file(src: str, dst: str, linkable: bool) -> str:
+    """Create `dst` (it must not exist) with the bytes of `src`, sharing them where possible:
+    REFLINK, else HARDLINK when `linkable` (nobody will write `dst` in place: `src` is
+    sealed first), else COPY. Returns which one; on an error `dst` may be left behind."""
+    with open(src, "rb") as s:
+        fd = os.open(dst, _NEW_FILE, 0o644)
+        try:
+            if reflink(s.fileno(), fd):
+                return REFLINK
+        finally:
+            os.close(fd)
+    os.unlink(dst)
+    if linkable and seal(src):
+        try:
+            os.link(src, dst)
+        except OSError:  # EXDEV, EMLINK, EPERM (protected_hardlinks): copy instead
+            pass
+        else:
+            return HARDLINK
+    fd = os.open(dst, _NEW_FILE, 0o644)
+    try:
+        check_output_space(dst, disk_usage(src))
+        copy_file(src, fd)
+    finally:
+        os.close(fd)
+    return COPY
+
+
+def hand_out(cached: str, dest: str, linkable: bool) -> str:
+    """Put the cache entry `cached` at `dest` (replacing what is there, atomically) with
+    `share_file`; returns how. A copy or clone gets mode 0644, a hardlink keeps the
+    entry's read-only mode."""
+    directory = os.path.dirname(os.path.abspath(dest)) or "."
+    if not os.path.isdir(directory):
+        raise VmimgError(f"output directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)  # share_file creates it again, as a clone, a link or a copy
+    try:
+        how = share_file(cached, tmp, linkable)
+        if how != HARDLINK:
+            os.chmod(tmp, 0o644)
+        os.rename(tmp, dest)
+    finally:
+        # Left over on an error; or `dest` already was a link to the entry, and rename(2)
+        # between two names of one file does nothing.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return how
 
 
 FLATTEN_PHASE = "flattening layers"
@@ -216,24 +328,24 @@ def convert(
             tree = build_tree(image, cache, phases)
             if transform is not None:
                 transform(tree, image)
+        handed_out = None
         try:
-            need = (
-                disk_usage(cached_path) if tree is None else output_size_floor(fmt, tree, options)
-            )
-            with atomic_output(dest, need) as fd:
-                if tree is None:
-                    copy_file(cached_path, fd)
-                else:
-                    with ContentReader() as reader:
-                        track_phase(reader, phases, writing_phase(fmt), tree)
-                        warnings = write_image(fmt, tree, reader, fd, options)
+            if tree is None:
+                handed_out = hand_out(cached_path, dest, get_format(fmt).read_only)
+            else:
+                with (
+                    atomic_output(dest, output_size_floor(fmt, tree, options)) as fd,
+                    ContentReader() as reader,
+                ):
+                    track_phase(reader, phases, writing_phase(fmt), tree)
+                    warnings = write_image(fmt, tree, reader, fd, options)
         except OSError as e:
             # A full disk, a quota, a read-only directory: the temporary file is gone.
             raise WriterError(f"cannot write {dest}: {e.strerror or e}") from None
         pause_point("output-renamed")
         if use_cache and transform is None and not hit:
             with contextlib.suppress(OSError):  # keeping a copy is optional
-                _store_output(cache, key, dest, f"rootfs.{fmt}")
+                _store_output(cache, key, dest, f"rootfs.{fmt}", get_format(fmt).read_only)
         return ConvertResult(
             output=dest,
             format=fmt,
@@ -244,21 +356,21 @@ def convert(
             cached=hit,
             seconds=time.monotonic() - start,
             warnings=warnings,
+            handed_out=handed_out,
         )
 
 
-def _store_output(cache: Cache, key: str, src: str, name: str) -> None:
+def _store_output(cache: Cache, key: str, src: str, name: str, linkable: bool) -> None:
     final_dir = cache.output_dir(key)
     if os.path.exists(os.path.join(final_dir, name)):
         return
     if space_shortfall(cache.tmp_dir, disk_usage(src)) is not None:
         return  # a copy is worth less than the disk space everything else needs
     with cache.temp_dir("output-") as tmp:
-        fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            copy_file(src, fd)
-        finally:
-            os.close(fd)
+        entry = os.path.join(tmp, name)
+        # The output itself becomes the entry when it can be shared (its write bits go).
+        share_file(src, entry, linkable)
+        seal(entry)
         pause_point("output-cache-store")
         with contextlib.suppress(OSError):  # another process stored it first
             commit(tmp, final_dir)
