@@ -79,8 +79,7 @@ static const char *env_get(char *const *envp, const char *name)
 	return NULL;
 }
 
-/* execvp with the workload's PATH; returns the errno to report. */
-static int exec_search(char *const *argv, char *const *envp)
+int exec_search(char *const *argv, char *const *envp)
 {
 	if (strchr(argv[0], '/')) {
 		execve(argv[0], argv, envp);
@@ -107,6 +106,15 @@ static int exec_search(char *const *argv, char *const *envp)
 	return seen_eacces ? EACCES : ENOENT;
 }
 
+void signals_reset(void)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	for (size_t i = 0; i < NHANDLED; i++)
+		signal(handled[i], SIG_DFL);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
 static void child(const struct workload *w, int fd)
 {
 	struct exec_report r = {0};
@@ -121,6 +129,13 @@ static void child(const struct workload *w, int fd)
 		signal(SIGTTOU, SIG_IGN);
 		tcsetpgrp(0, getpid());
 		signal(SIGTTOU, SIG_DFL);
+	}
+	if (w->null_stdin) {
+		int null = open("/dev/null", O_RDONLY);
+		if (null > 0) {
+			dup2(null, 0);
+			close(null);
+		}
 	}
 	sigprocmask(SIG_SETMASK, &none, NULL);
 	if (chdir(w->cwd) < 0 && errno == ENOENT)
