@@ -39,6 +39,22 @@ QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontr
 
 
 @dataclass(frozen=True)
+class PortForward:
+    """A host port forwarded to a guest port through QEMU's user network (`-p`)."""
+
+    host_port: int
+    guest_port: int
+    host_ip: str = "127.0.0.1"
+    proto: str = "tcp"  # or "udp"
+
+    def hostfwd(self) -> str:
+        return f"{self.proto}:{self.host_ip}:{self.host_port}-:{self.guest_port}"
+
+    def __str__(self) -> str:
+        return f"{self.host_ip}:{self.host_port}->{self.guest_port}/{self.proto}"
+
+
+@dataclass(frozen=True)
 class LaunchOptions:
     """How one boot differs from the bundle's defaults."""
 
@@ -46,11 +62,13 @@ class LaunchOptions:
     vcpus: int | None = None
     memory_mib: int | None = None
     extra_cmdline: tuple[str, ...] = ()
-    publish: tuple[tuple[int, int], ...] = ()  # (host port, guest port), TCP on 127.0.0.1
+    publish: tuple[PortForward, ...] = ()
     snapshot: bool = True  # guest writes go to a throw-away overlay, the bundle stays as built
     network: bool = True
     serial: str = "stdio"  # QEMU -serial backend
     qmp_socket: str | None = None  # a QMP unix socket, to ask the guest to shut down
+    # Arguments after the root disk's (volumes, disks, ports): the root stays /dev/vda, since
+    # the kernel names virtio-mmio disks in the order their devices are on the command line.
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -123,8 +141,8 @@ def qemu_command(
         cmd += ["-drive", drive, "-device", "virtio-blk-device,drive=root"]
     if o.network:
         netdev = "user,id=net0"
-        for host_port, guest_port in o.publish:
-            netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+        for forward in o.publish:
+            netdev += f",hostfwd={forward.hostfwd()}"
         cmd += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     if o.qmp_socket:
         cmd += ["-qmp", f"unix:{qemu_opt(o.qmp_socket)},server=on,wait=off"]

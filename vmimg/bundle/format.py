@@ -54,6 +54,7 @@ MAX_MEMORY_MIB = 1 << 20
 MAX_VCPUS = 256
 MAX_STRING = 4096
 MAX_LIST = 4096
+MAX_PROTOCOL = 1 << 16
 
 
 def rootfs_file_name(fs: str, compression: str | None = None) -> str:
@@ -103,6 +104,7 @@ class KernelSpec:
 class InitSpec:
     type: str  # "agent" or "image"
     sha256: str | None = None
+    protocol: int = 1  # what the agent understands (guest/protocol.py AGENT_PROTOCOL)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Workload:
     cwd: str
     uid: int
     gid: int
+    entrypoint: tuple[str, ...] | None = None  # argv's first items; None in older bundles
 
 
 @dataclass(frozen=True)
@@ -246,19 +249,25 @@ def _parse_init(r: _Reader) -> InitSpec:
     sha = r.string("sha256") if r.has("sha256") else None
     if sha is not None and not is_sha256_hex(sha):
         raise r.fail("sha256", "must be 64 lower-case hex digits")
-    return InitSpec(kind, sha)
+    protocol = r.integer("protocol", 1, MAX_PROTOCOL) if r.has("protocol") else 1
+    return InitSpec(kind, sha, protocol)
 
 
 MAX_ID = (1 << 32) - 2  # the largest uid/gid Linux accepts ((uid_t)-1 means "unchanged")
 
 
 def _parse_workload(r: _Reader) -> Workload:
+    argv = r.strings("argv")
+    entrypoint = r.strings("entrypoint") if r.has("entrypoint") else None
+    if entrypoint is not None and argv[: len(entrypoint)] != entrypoint:
+        raise r.fail("entrypoint", "must be the first items of argv")
     return Workload(
-        argv=r.strings("argv"),
+        argv=argv,
         env=r.strings("env"),
         cwd=r.string("cwd", "/"),
         uid=r.integer("uid", 0, MAX_ID, 0),
         gid=r.integer("gid", 0, MAX_ID, 0),
+        entrypoint=entrypoint,
     )
 
 
