@@ -98,6 +98,14 @@ VM_ATTACKS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
         "kernel.file names kernel, which files does not list",
     ),
     "vcpus as a string": (lambda vm: vm.update(vcpus="2"), "vcpus must be an integer"),
+    "an entrypoint that is not argv's start": (
+        lambda vm: vm["workload"].update(entrypoint=["/bin/evil"]),
+        "workload.entrypoint must be the first items of argv",
+    ),
+    "an agent protocol out of range": (
+        lambda vm: vm["init"].update(protocol=0),
+        "init.protocol must be between",
+    ),
     "memory as a boolean": (lambda vm: vm.update(memory_mib=True), "memory_mib must be"),
     "absurd memory": (lambda vm: vm.update(memory_mib=1 << 40), "memory_mib must be between"),
     "a command line with a newline": (

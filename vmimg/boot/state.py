@@ -178,13 +178,13 @@ def create(name: str | None) -> VmState:
     """A fresh state directory for a new VM, named `name` or a new random name."""
     root = state_root()
     for _ in range(100):
-        chosen = check_name(name) if name else f"vm-{secrets.token_hex(3)}"
+        chosen = check_name(name) if name is not None else f"vm-{secrets.token_hex(3)}"
         _reap_removed(root, chosen)
         path = os.path.join(root, chosen)
         try:
             os.mkdir(path, PRIVATE_MODE)
         except FileExistsError:
-            if name:
+            if name is not None:
                 raise BootError(f"the name {name} is in use: `vmimg rm {name}` removes an "
                                 "ended VM's state") from None  # fmt: skip
             continue
