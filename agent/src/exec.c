@@ -42,32 +42,6 @@ static const struct config *g_cfg;
 static unsigned char g_rx[FRAME_HEADER + MAX_FRAME];
 static size_t g_rxlen;
 
-static int find_port(char *path, size_t len)
-{
-	DIR *d = opendir(VIRTIO_PORTS_DIR);
-	if (!d)
-		return -1;
-	struct dirent *e;
-	int found = -1;
-	while (found < 0 && (e = readdir(d))) {
-		char p[300], name[64] = "";
-		snprintf(p, sizeof p, VIRTIO_PORTS_DIR "/%s/name", e->d_name);
-		int fd = open(p, O_RDONLY | O_CLOEXEC);
-		if (fd < 0)
-			continue;
-		ssize_t n = read(fd, name, sizeof name - 1);
-		close(fd);
-		name[n > 0 ? n : 0] = '\0';
-		name[strcspn(name, "\n")] = '\0';
-		if (!strcmp(name, EXEC_PORT_NAME)) {
-			snprintf(path, len, "/dev/%s", e->d_name);
-			found = 0;
-		}
-	}
-	closedir(d);
-	return found;
-}
-
 /* Write all of buf to the (non-blocking) port; -1 when the host went away. */
 static int port_write(const void *buf, size_t len)
 {
@@ -391,7 +365,7 @@ static void serve(void)
 void exec_server_start(const struct config *cfg)
 {
 	char path[300];
-	if (find_port(path, sizeof path) < 0)
+	if (find_device(VIRTIO_PORTS_DIR, "", "name", EXEC_PORT_NAME, path, sizeof path) < 0)
 		return;
 	pid_t pid = fork();
 	if (pid != 0)

@@ -55,21 +55,6 @@ struct exec_report {
 enum { STAGE_OK, STAGE_CWD, STAGE_USER, STAGE_EXEC, NSTAGES };
 static const char *const stage_names[NSTAGES] = {"ok", "cwd", "user", "exec"};
 
-/* mkdir -p, as root, so a missing WORKDIR behaves as in container runtimes. */
-static void make_dirs(const char *path)
-{
-	char buf[4096];
-	snprintf(buf, sizeof buf, "%s", path);
-	for (char *p = buf + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		mkdir(buf, 0755);
-		*p = '/';
-	}
-	mkdir(buf, 0755);
-}
-
 static const char *env_get(char *const *envp, const char *name)
 {
 	size_t n = strlen(name);

@@ -8,22 +8,6 @@
 
 #define MAX_FIELDS 4
 
-/* Split the next line off *pos; NULL at the end. */
-static char *next_line(char **pos)
-{
-	char *line = *pos;
-	if (!*line)
-		return NULL;
-	char *nl = strchr(line, '\n');
-	if (nl) {
-		*nl = '\0';
-		*pos = nl + 1;
-	} else {
-		*pos = line + strlen(line);
-	}
-	return line;
-}
-
 /* Cut a line into fields at single spaces and unescape each. Returns the
  * number of fields, or -1 for too many fields or a bad escape. */
 static int split_fields(char *line, char **f)
@@ -92,23 +76,14 @@ static int good_secret_name(const char *name)
 	       len;
 }
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	return -1;
-}
-
-/* Decode lower-case hex in place; the length in bytes, or -1. */
+/* Decode hex in place; the length in bytes, or -1. */
 static long hex_decode(char *s)
 {
 	size_t n = strlen(s);
 	if (n % 2)
 		return -1;
 	for (size_t i = 0; i < n; i += 2) {
-		int hi = hexval(s[i]), lo = hexval(s[i + 1]);
+		int hi = hex_digit(s[i]), lo = hex_digit(s[i + 1]);
 		if (hi < 0 || lo < 0)
 			return -1;
 		s[i / 2] = (char)(hi << 4 | lo);

@@ -18,7 +18,6 @@
 
 #define SYS_BLOCK "/sys/block"
 #define DISK_PREFIX "vd"
-#define SERIAL_MAX 64
 #define SECTOR 512
 #define NINEP_OPTS "trans=virtio,version=9p2000.L,msize=262144"
 #define SECRETS_OPTS "mode=0755,size=64m"
@@ -31,32 +30,7 @@ static size_t g_nmounted;
 
 int find_disk(const char *serial, char *path, size_t len)
 {
-	DIR *d = opendir(SYS_BLOCK);
-	if (!d)
-		return -1;
-	struct dirent *e;
-	int found = -1;
-	while (found < 0 && (e = readdir(d))) {
-		if (strncmp(e->d_name, DISK_PREFIX, strlen(DISK_PREFIX)))
-			continue;
-		char p[300], s[SERIAL_MAX + 2] = "";
-		snprintf(p, sizeof p, SYS_BLOCK "/%s/serial", e->d_name);
-		int fd = open(p, O_RDONLY | O_CLOEXEC);
-		if (fd < 0)
-			continue;
-		ssize_t n = read(fd, s, sizeof s - 1);
-		close(fd);
-		if (n <= 0)
-			continue;
-		s[n] = '\0';
-		s[strcspn(s, "\n")] = '\0';
-		if (!strcmp(s, serial)) {
-			snprintf(path, len, "/dev/%s", e->d_name);
-			found = 0;
-		}
-	}
-	closedir(d);
-	return found;
+	return find_device(SYS_BLOCK, DISK_PREFIX, "serial", serial, path, len);
 }
 
 int load_run_config(struct runcfg *rc, char *err, size_t errlen)
@@ -101,21 +75,6 @@ int apply_user(const char *spec, struct config *cfg, int keep_home, char *err, s
 	cfg->gid = u.gid;
 	snprintf(g_home, sizeof g_home, "HOME=%s", u.home);
 	return keep_home ? 0 : env_set(&cfg->envp, &cfg->envc, g_home);
-}
-
-/* mkdir -p */
-static void make_dirs(const char *path)
-{
-	char buf[4096];
-	snprintf(buf, sizeof buf, "%s", path);
-	for (char *p = buf + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		mkdir(buf, 0755);
-		*p = '/';
-	}
-	mkdir(buf, 0755);
 }
 
 /* A fresh data disk (nothing but lost+found) goes to the workload's user. */

@@ -144,7 +144,7 @@ int main(void)
 		HEAD "secret .. 00\n",
 		HEAD "secret x 0\n",
 		HEAD "secret x 0G\n",
-		HEAD "secret x 00AA\n",
+		HEAD "secret x 0x00\n",
 		HEAD "secret x 00\nsecret x 11\n",
 		HEAD "arg a b\n",
 		HEAD "arg %00\n",
