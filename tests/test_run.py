@@ -271,6 +271,14 @@ def test_frames_in_pieces() -> None:
     assert channel.winsize_frame(24, 80) == b"W\0\0\0\x04\0\x18\0\x50"
 
 
+def test_hello_is_the_agents() -> None:
+    """The host's hello frame is byte for byte the one agent/src/exec.h resyncs on."""
+    header = (Path(__file__).resolve().parent.parent / "agent" / "src" / "exec.h").read_text()
+    assert channel.HELLO == b"H\0\0\0\x0cvmimg-exec-1"
+    assert '#define HELLO "H\\0\\0\\0\\x0cvmimg-exec-1"' in header
+    assert f"#define HELLO_LEN {len(channel.HELLO)}" in header
+
+
 @pytest.mark.parametrize(
     "data",
     [b"Z\0\0\0\0", b"O\xff\xff\xff\xff", b"Q\0\0\0\x01x", b"X\0\0\0\0"],
@@ -347,6 +355,17 @@ def test_ended_rm_vm_is_forgotten(runtime_dir: Path) -> None:
     state.save(vmstate.VmRecord("gone", "/b", True, True, 0.0, pid=2**22 + 7, pid_start=1))
     assert vmstate.list_all() == []
     assert not os.path.exists(state.dir)
+
+
+def test_unreadable_state_is_skipped_and_named(runtime_dir: Path) -> None:
+    state = vmstate.create("torn")
+    Path(state.path(vmstate.RECORD)).write_text('{"name": "torn", "pid": ')
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir)}
+    r = subprocess.run([*VMIMG, "ps", "-a", "--json"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+    r = subprocess.run([*VMIMG, "stop", "torn"], capture_output=True, text=True, env=env)
+    assert r.returncode == BootError.exit_code
+    assert "the state of VM torn is unreadable" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_ps_lists_and_json(runtime_dir: Path) -> None:

@@ -244,6 +244,8 @@ static void finish(struct session *s, int status)
 /* One frame from the host. Returns -1 when the session is broken. */
 static int handle(struct session *s, char type, unsigned char *data, size_t len)
 {
+	if (type == FRAME_HELLO)
+		return 0; /* acted on when it arrived (resync) */
 	if (type == FRAME_EXEC) {
 		if (s->pid)
 			return -1;
@@ -311,6 +313,35 @@ static void write_pending(struct session *s)
 	}
 }
 
+/* A hello in what arrived: a new host. Drop what came before the last one and
+ * end the old host's session. Returns whether there was one. */
+static int resync(struct session *s)
+{
+	unsigned char *last = NULL;
+	for (unsigned char *p = g_rx; (p = memmem(p, g_rxlen - (size_t)(p - g_rx), HELLO, HELLO_LEN));
+	     p++)
+		last = p;
+	if (!last)
+		return 0;
+	end_session(s);
+	g_rxlen -= (size_t)(last - g_rx);
+	memmove(g_rx, last, g_rxlen);
+	return 1;
+}
+
+/* Read what the host sent; a full buffer (a broken stream) keeps only its end,
+ * where a hello may be starting. */
+static void receive(void)
+{
+	if (g_rxlen == sizeof g_rx) {
+		memmove(g_rx, g_rx + g_rxlen - (HELLO_LEN - 1), HELLO_LEN - 1);
+		g_rxlen = HELLO_LEN - 1;
+	}
+	ssize_t r = read(g_port, g_rx + g_rxlen, sizeof g_rx - g_rxlen);
+	if (r > 0)
+		g_rxlen += (size_t)r;
+}
+
 static void serve(void)
 {
 	struct session s = {0, -1, -1, -1, 0, NULL, 0, 0};
@@ -333,16 +364,15 @@ static void serve(void)
 			continue;
 		}
 		if (p[0].revents & POLLIN) {
-			ssize_t r = read(g_port, g_rx + g_rxlen, sizeof g_rx - g_rxlen);
-			if (r > 0 && !broken)
-				g_rxlen += (size_t)r;
+			receive();
+			if (resync(&s))
+				broken = 0;
 		}
 		if (!broken && drain_frames(&s) < 0) {
 			const char *why = "bad frame";
 			send_frame(FRAME_ERROR, why, strlen(why));
 			end_session(&s);
-			broken = 1;
-			g_rxlen = 0;
+			broken = 1; /* until the next hello */
 		}
 		if (iin >= 0 && (p[iin].revents & (POLLOUT | POLLERR | POLLHUP)))
 			write_pending(&s);

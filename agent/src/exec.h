@@ -12,7 +12,13 @@
 /* Frame: a type byte, a big-endian 32-bit payload length, the payload. */
 #define FRAME_HEADER 5
 #define MAX_FRAME (1u << 20)
-/* host -> guest */
+/* host -> guest. Every connection opens with the hello frame: 'H', length 12,
+ * "vmimg-exec-1". Wherever it shows up in the stream, the server drops what came
+ * before it and ends the session running: the host that sent it went away,
+ * perhaps mid-frame, perhaps so quickly that the port never looked closed. */
+#define FRAME_HELLO 'H'
+#define HELLO "H\0\0\0\x0cvmimg-exec-1"
+#define HELLO_LEN 17
 #define FRAME_EXEC 'X'   /* a run config: arg (at least one), env, cwd, user, tty, stdin, rows, cols */
 #define FRAME_STDIN 'I'  /* bytes for the process's stdin; empty: end of input */
 #define FRAME_SIGNAL 'K' /* one byte: a signal number for the process group */

@@ -11,6 +11,7 @@ import os
 import pty
 import secrets
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 from tests.boot.conftest import TRAP_TERM
 from tests.conftest import free_port
 from vmimg.bundle.format import load_bundle
+from vmimg.guest import channel
 from vmimg.guest.kernel import KernelInfo, list_kernels
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 from vmimg.image.sample import busybox_layer
@@ -241,6 +243,16 @@ def _pty_run(argv: list[str], env: dict[str, str], timeout: float = 300) -> tupl
     return code, out.decode("utf-8", "replace")
 
 
+def _first_frame(sock: socket.socket) -> channel.Frame:
+    reader = channel.FrameReader()
+    while True:
+        data = sock.recv(4096)
+        assert data, "the exec channel closed without a frame"
+        frames = reader.feed(data)
+        if frames:
+            return frames[0]
+
+
 def test_detached_vm_exec_logs_stop(bundle: Path, env: dict[str, str]) -> None:
     port = free_port()
     r = vmimg(env, "run", "-d", "--name", "svc", "-p", f"{port}:80", str(bundle),
@@ -261,6 +273,25 @@ def test_detached_vm_exec_logs_stop(bundle: Path, env: dict[str, str]) -> None:
     assert r.returncode == 0 and r.stdout == "from stdin\nX=1\n65534\n/tmp\n", r.stderr
     r = vmimg(env, "exec", "svc", "/no/such/program")
     assert r.returncode == 127 and "cannot execute /no/such/program" in r.stderr
+    # A host that breaks the protocol gets an error frame; a host that goes away mid-frame
+    # leaves nothing behind: the next hello starts afresh.
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "vmimg" / "svc" / "exec.sock"
+    mounts = b"vmimg-run-config 1\narg /bin/true\nvolume t /mnt rw\n"
+    hostile_frames = [
+        (b"X\xff\xff\xff\xff", b"bad frame"),
+        (channel.frame(channel.EXEC, mounts), b"no mounts or secrets"),
+        (b"I\0\0\x10\0partial", None),  # gone mid-frame
+    ]
+    for hostile, why in hostile_frames:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(120)
+            s.connect(str(sock_path))
+            s.sendall(channel.HELLO + hostile)
+            if why is None:
+                continue
+            reply = _first_frame(s)
+            assert reply.kind == channel.ERROR and why in reply.payload, reply
+    assert vmimg(env, "exec", "svc", "true").returncode == 0
     code, out = _pty_run([*VMIMG, "exec", "-it", "svc", "sh", "-c", "tty; stty size; exit 3"],
                          env)  # fmt: skip
     assert code == 3 and "/dev/pts/" in out and "24 100" in out, out

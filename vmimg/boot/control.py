@@ -135,7 +135,7 @@ def exec_in_vm(state: VmState, opts: ExecOptions,
         except OSError as e:
             raise BootError(f"cannot reach VM {state.name}'s exec channel: {e}") from None
         sock.settimeout(None)
-        sock.sendall(channel.frame(channel.EXEC, request))
+        sock.sendall(channel.HELLO + channel.frame(channel.EXEC, request))
         return _session(sock, opts, stdout, stderr, state)
 
 

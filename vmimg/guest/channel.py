@@ -17,7 +17,10 @@ from vmimg.errors import AgentError
 EXEC_PORT_NAME = "vmimg.exec"
 HEADER = struct.Struct(">cI")
 MAX_FRAME = 1 << 20
-# host -> guest
+# host -> guest. Every connection opens with HELLO: wherever it appears in the stream, the
+# agent drops what came before it and ends the session running, since the host that started
+# that session is gone (perhaps mid-frame, perhaps too quickly for the port to look closed).
+HELLO_PAYLOAD = b"vmimg-exec-1"
 EXEC = b"X"
 STDIN = b"I"  # empty: end of input
 SIGNAL = b"K"  # one byte: a signal number
@@ -36,6 +39,9 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_FRAME:
         raise AgentError(f"an exec frame holds at most {MAX_FRAME} bytes")
     return HEADER.pack(kind, len(payload)) + payload
+
+
+HELLO = frame(b"H", HELLO_PAYLOAD)
 
 
 def signal_frame(number: int) -> bytes:
