@@ -56,6 +56,24 @@ def check_firecracker(config: object) -> None:
     jsonschema.Draft4Validator(FC_SCHEMA).validate(config)
 
 
+def split_options(value: str) -> list[str]:
+    """Cloud Hypervisor's split of an option string: at commas outside double quotes and
+    brackets; unbalanced quotes or brackets are an error."""
+    items, current, quoted, depth = [], "", False, 0
+    for c in value:
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c in "[]":
+            depth += 1 if c == "[" else -1
+        elif not quoted and not depth and c == ",":
+            items.append(current)
+            current = ""
+            continue
+        current += c
+    assert not quoted and depth == 0, f"unbalanced quotes or brackets in {value!r}"
+    return [*items, current]
+
+
 def check_cloud_hypervisor(argv: list[str]) -> None:
     """Every option known, given once unless it may repeat, with one value whose keys (for
     option lists) the option takes; AssertionError naming what is wrong otherwise."""
@@ -73,7 +91,7 @@ def check_cloud_hypervisor(argv: list[str]) -> None:
         assert i + 1 < len(argv) and not argv[i + 1].startswith("--"), f"{flag} needs a value"
         value = argv[i + 1]
         if spec["value"] == "options":
-            for item in value.split(","):
+            for item in split_options(value):
                 key, sep, _ = item.partition("=")
                 allowed = spec.get("keys", []) if sep else spec.get("valueless", [])
                 assert key in allowed, f"{flag} takes no {'key' if sep else 'word'} {key!r}"
@@ -125,7 +143,8 @@ def test_cloud_hypervisor_command_matches_its_options(tmp_path: Path, fs: str, a
     assert " rw " not in f" {opts['--cmdline']} " and "vmimg.ip=172.16.0.2/24" in opts["--cmdline"]
     assert opts["--net"].startswith(f"tap={TAP_DEVICE},")
     if fs != "initramfs":
-        assert opts["--disk"].endswith(",readonly=on")
+        path, readonly = split_options(opts["--disk"])
+        assert path == f'path="{bundle}/rootfs.{fs}"' and readonly == "readonly=on"
     # The launcher script runs the same words.
     write_launchers(str(bundle), vm)
     script = (bundle / "launch" / "cloud-hypervisor.sh").read_text()
@@ -140,6 +159,7 @@ def test_cloud_hypervisor_check_catches_mistakes() -> None:
         ["cloud-hypervisor", "--serial", "stdio"],
         ["cloud-hypervisor", "--kernel", "k", "--kernel", "k"],
         ["cloud-hypervisor", "--smp", "2"],
+        ["cloud-hypervisor", "--disk", 'path="a,readonly=off'],  # unbalanced quote
     ):
         with pytest.raises(AssertionError):
             check_cloud_hypervisor(argv)

@@ -217,8 +217,8 @@ def test_verify_refuses_a_hostile_bundle_before_booting(tmp_path: Path) -> None:
 
 
 def test_option_strings_cannot_gain_options(tmp_path: Path) -> None:
-    """A bundle directory with commas in its path: QEMU's -drive and Cloud Hypervisor's
-    --disk get the path with commas doubled, so it cannot add `,file=/etc/shadow`."""
+    """A bundle directory with commas in its path: QEMU's -drive gets the path with commas
+    doubled, Cloud Hypervisor's --disk quoted, so it cannot add `,file=/etc/shadow`."""
     evil = tmp_path / "x,file=,readonly=off,if=virtio"
     make_bundle(evil)
     bundle = load_bundle(str(evil))
@@ -226,7 +226,15 @@ def test_option_strings_cannot_gain_options(tmp_path: Path) -> None:
     drive = argv[argv.index("-drive") + 1]
     assert "x,,file=,,readonly=off,,if=virtio/rootfs.erofs,format=raw" in drive
     ch = cloud_hypervisor_command(bundle.vm, bundle.dir)
-    assert "x,,file=,,readonly=off,,if=virtio/rootfs.erofs" in ch[ch.index("--disk") + 1]
+    disk = ch[ch.index("--disk") + 1]
+    assert disk == f'path="{evil}/rootfs.erofs",readonly=on'
+    quoted = tmp_path / 'q",path=/etc/shadow,"'
+    make_bundle(quoted)
+    bundle = load_bundle(str(quoted))
+    ch = cloud_hypervisor_command(bundle.vm, bundle.dir)
+    assert ch[ch.index("--disk") + 1] == (
+        f'path="{tmp_path}/q"",path=/etc/shadow,""/rootfs.erofs",readonly=on'
+    )
 
 
 def test_launchers_are_written_from_vm_json_not_kept(tmp_path: Path) -> None:

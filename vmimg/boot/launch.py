@@ -157,6 +157,13 @@ def qemu_command(
     return cmd + list(o.extra)
 
 
+def ch_value(value: str) -> str:
+    """A value inside a Cloud Hypervisor option string (`--disk path=...,readonly=on`):
+    quoted, a quote doubled, so that a path with commas cannot add options (Cloud Hypervisor
+    reads quoted values from v48 on)."""
+    return '"' + value.replace('"', '""') + '"'
+
+
 def read_only_root(cmdline: str) -> str:
     """The command line with the root mounted read-only: launchers for VMMs without a
     copy-on-write disk open the bundle's root read-only (the bundle stays as built), and
@@ -202,8 +209,7 @@ def firecracker_config(vm: VmSpec, bundle_dir: str) -> dict[str, Any]:
 
 def cloud_hypervisor_command(vm: VmSpec, bundle_dir: str) -> list[str]:
     """A cloud-hypervisor command line (virtio-pci devices; the disk is still /dev/vda).
-    The root disk is read-only; eth0 is the tap device TAP_DEVICE. Paths go unquoted into
-    Cloud Hypervisor's comma-separated options, so a bundle path must not hold a comma."""
+    The root disk is read-only; eth0 is the tap device TAP_DEVICE."""
     rootfs = vm.rootfs
     cmd = [
         "cloud-hypervisor",
@@ -219,5 +225,5 @@ def cloud_hypervisor_command(vm: VmSpec, bundle_dir: str) -> list[str]:
     if rootfs.type == "initramfs":
         cmd += ["--initramfs", _path(bundle_dir, rootfs.file)]
     else:
-        cmd += ["--disk", f"path={_path(bundle_dir, rootfs.file)},readonly=on"]
+        cmd += ["--disk", f"path={ch_value(_path(bundle_dir, rootfs.file))},readonly=on"]
     return cmd
