@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from vmimg.boot.accel import choose_accel
 from vmimg.boot.devices import (
+    DISK_SERIAL,
     DataDisk,
     ExtraDisk,
     Volume,
@@ -198,8 +199,8 @@ def _devices(bundle: Bundle, opts: RunOptions, state: VmState) -> _Devices:
         mounts.append(mount)
     for i, disk in enumerate(opts.disks):
         dev.args += disk_args(i, disk.file, disk.read_only)
-        serial = f"vmimg-disk{i}"
-        mounts.append(GuestMount("disk", serial, disk.guest_dir, "ro" if disk.read_only else "rw"))
+        mode = "ro" if disk.read_only else "rw"
+        mounts.append(GuestMount("disk", DISK_SERIAL.format(i), disk.guest_dir, mode))
     for j, data in enumerate(opts.data, start=len(opts.disks)):
         path = data_disk_path(bundle.dir, data.guest_dir)
         made = ensure_data_disk(path, data.size)
@@ -207,7 +208,7 @@ def _devices(bundle: Bundle, opts: RunOptions, state: VmState) -> _Devices:
             dev.warnings.append(f"data disk {path} is kept at its size "
                                 f"({os.path.getsize(path)} bytes), not resized")  # fmt: skip
         dev.args += disk_args(j, path, False)
-        mounts.append(GuestMount("disk", f"vmimg-disk{j}", data.guest_dir, "data"))
+        mounts.append(GuestMount("disk", DISK_SERIAL.format(j), data.guest_dir, "data"))
     config = _run_config(bundle, opts, mounts)
     dev.run_disk = state.path(RUN_DISK)
     fd = os.open(dev.run_disk, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
