@@ -66,6 +66,8 @@ def test_run_config_round_trip_and_padding() -> None:
         stdin=True,
         rows=40,
         cols=120,
+        stop_timeout=3,
+        stop_signal=3,
         mounts=mounts,
         secrets=(Secret("token", b"\0\xffsecret\n"),),
     )
@@ -95,6 +97,10 @@ def test_secret_bytes_never_in_a_repr() -> None:
         (RunConfig(cwd="relative"), "absolute"),
         (RunConfig(user=":5"), "bad user"),
         (RunConfig(rows=0), "out of range"),
+        (RunConfig(stop_timeout=-1), "out of range"),
+        (RunConfig(stop_timeout=2**32 - 1), "out of range"),
+        (RunConfig(stop_signal=0), "not a signal"),
+        (RunConfig(stop_signal=65), "not a signal"),
         (RunConfig(mounts=(GuestMount("volume", "t", "/"),)), "other than /"),
         (RunConfig(mounts=(GuestMount("volume", "t", "/a/../etc"),)), "no . or .."),
         (RunConfig(mounts=(GuestMount("volume", "t", "rel"),)), "absolute"),
@@ -401,6 +407,30 @@ def test_ps_lists_and_json(runtime_dir: Path) -> None:
 def test_run_refuses_option_mixes(tmp_path: Path, opts: RunOptions, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         run_bundle(str(tmp_path), opts, Cache.open(str(tmp_path / "cache")))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stop-signal", "SIGNOPE"], "--stop-signal: 'SIGNOPE' is not a signal"),
+        (["-p", "80"], "--publish takes"),
+        (["-v", "/nonexistent-dir:/x"], "is not a directory"),
+        (["--secret", "id=a"], "id=NAME,src=FILE"),
+        (["--name", "a/b"], "a VM name is"),
+        (["--network", "none", "-p", "1:2"], "needs a network"),
+    ],
+)
+def test_run_option_errors_are_one_line(
+    tmp_path: Path, runtime_dir: Path, args: list[str], message: str
+) -> None:
+    bundle = tmp_path / "b"
+    make_bundle(bundle, fs="erofs")
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir), "VMIMG_ACCEL": "tcg",
+           "VMIMG_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    r = subprocess.run([*VMIMG, "run", *args, str(bundle)], capture_output=True, text=True,
+                       env=env)  # fmt: skip
+    assert r.returncode == UsageError.exit_code, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_old_bundle_refuses_run_time_options(tmp_path: Path, runtime_dir: Path) -> None:

@@ -181,11 +181,24 @@ static int set_single(struct runcfg *rc, const char *key, char *v)
 		return parse_size(v, &rc->rows);
 	if (!strcmp(key, "cols"))
 		return parse_size(v, &rc->cols);
+	unsigned long long n;
+	if (!strcmp(key, "stop_timeout")) {
+		if (parse_uint(v, &n) < 0 || n > MAX_ID)
+			return -1;
+		rc->stop_timeout = (long)n;
+		return 0;
+	}
+	if (!strcmp(key, "stop_signal")) {
+		if (parse_uint(v, &n) < 0 || !n || n >= MAX_SIGNAL)
+			return -1;
+		rc->stop_signal = (unsigned)n;
+		return 0;
+	}
 	return 1;
 }
 
-static const char *const single_keys[] = {"arg", "env", "cwd", "user", "hostname",
-					  "tty", "stdin", "rows", "cols"};
+static const char *const single_keys[] = {"arg",   "env",  "cwd",  "user",         "hostname",
+					  "tty",   "stdin", "rows", "cols", "stop_timeout", "stop_signal"};
 
 static int set_key(struct runcfg *rc, char **f, int n)
 {
@@ -206,6 +219,7 @@ int runcfg_parse(char *text, struct runcfg *rc, char *err, size_t errlen)
 {
 	memset(rc, 0, sizeof *rc);
 	rc->tty = rc->stdin_open = -1;
+	rc->stop_timeout = -1;
 	char *pos = text;
 	char *head = next_line(&pos);
 	size_t mlen = strlen(RUNCFG_MAGIC);
@@ -252,6 +266,10 @@ int runcfg_apply(const struct runcfg *rc, struct config *cfg)
 		cfg->cwd = rc->cwd;
 	if (rc->hostname)
 		cfg->hostname = rc->hostname;
+	if (rc->stop_timeout >= 0)
+		cfg->stop_timeout = (unsigned)rc->stop_timeout;
+	if (rc->stop_signal)
+		cfg->stop_signal = rc->stop_signal;
 	return 0;
 }
 

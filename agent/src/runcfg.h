@@ -48,6 +48,8 @@ struct runcfg {
 	int tty;        /* -1 unset, 0 the console without echo or output processing, 1 a tty */
 	int stdin_open; /* -1 unset, 0 stdin is /dev/null, 1 the console (or the exec stream) */
 	unsigned rows, cols; /* terminal size, 0 unset */
+	long stop_timeout;   /* seconds, -1 unset */
+	unsigned stop_signal; /* 0 unset */
 	struct run_mount mounts[MAX_RUN_MOUNTS];
 	size_t nmounts;
 	struct secret secrets[MAX_SECRETS];

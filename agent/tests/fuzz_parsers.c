@@ -128,6 +128,8 @@ static void fuzz_runcfg(char *text, size_t len)
 	REQUIRE(!rc.cwd || rc.cwd[0] == '/');
 	REQUIRE(rc.tty >= -1 && rc.tty <= 1 && rc.stdin_open >= -1 && rc.stdin_open <= 1);
 	REQUIRE(rc.nmounts <= MAX_RUN_MOUNTS && rc.nsecrets <= MAX_SECRETS);
+	REQUIRE(rc.stop_timeout >= -1 && rc.stop_timeout <= (long)MAX_ID);
+	REQUIRE(rc.stop_signal < SIGNAL_COUNT + 1);
 	for (size_t i = 0; i < rc.nmounts; i++) {
 		const struct run_mount *m = &rc.mounts[i];
 		REQUIRE(m->source[0] && (m->target[0] == '/' || (!m->target[0] && m->kind == RM_DISK)));

@@ -69,6 +69,8 @@ int main(void)
 			 "stdin 1\n"
 			 "rows 40\n"
 			 "cols 120\n"
+			 "stop_timeout 3\n"
+			 "stop_signal 3\n"
 			 "volume vmimg0 /mnt/my%20dir ro\n"
 			 "disk vmimg-disk0 /data data\n"
 			 "disk vmimg-disk1  rw\n"
@@ -113,6 +115,7 @@ int main(void)
 	CHECK(cfg.envp[3] == NULL);
 	CHECK_STR(cfg.cwd, "/w");
 	CHECK_STR(cfg.hostname, "h");
+	CHECK(cfg.stop_timeout == 3 && cfg.stop_signal == 3);
 	runcfg_free(&rc);
 	CHECK(rc.nsecrets == 0 && rc.argv == NULL);
 	config_free(&cfg);
@@ -120,6 +123,7 @@ int main(void)
 	/* nothing given keeps everything */
 	CHECK(parse(HEAD, &rc, err) == 0);
 	CHECK(rc.argv == NULL && rc.tty == -1 && rc.stdin_open == -1 && rc.user == NULL);
+	CHECK(rc.stop_timeout == -1 && rc.stop_signal == 0);
 	runcfg_free(&rc);
 
 	/* hostile lines are refused, naming the line and key but never a value */
@@ -131,6 +135,10 @@ int main(void)
 		HEAD "tty 2\n",
 		HEAD "rows 0\n",
 		HEAD "cols 65536\n",
+		HEAD "stop_timeout -1\n",
+		HEAD "stop_timeout 4294967295\n",
+		HEAD "stop_signal 0\n",
+		HEAD "stop_signal 65\n",
 		HEAD "volume t / ro\n",
 		HEAD "volume t /a/../b ro\n",
 		HEAD "volume t /a/./b ro\n",
@@ -156,7 +164,7 @@ int main(void)
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		int rcode = parse(bad[i], &rc, err);
 		CHECK(rcode == -1);
-		if (rcode == -1 && i < 25)
+		if (rcode == -1 && i < 29)
 			CHECK(strstr(err, "run config line ") != NULL);
 		CHECK(rc.argv == NULL && rc.env == NULL && rc.nsecrets == 0);
 	}

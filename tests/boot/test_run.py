@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.boot.conftest import TRAP_TERM
 from tests.conftest import free_port
 from vmimg.bundle.format import load_bundle
 from vmimg.guest import channel
@@ -34,6 +33,7 @@ from vmimg.image.sample import busybox_layer
 pytestmark = [pytest.mark.boot, pytest.mark.timeout(900)]
 VMIMG = [sys.executable, "-m", "vmimg"]
 NINEP = "CONFIG_9P_FS=y"
+TRAP_QUIT = "trap 'echo GOT-QUIT; exit 42' QUIT; echo WAITING; while true; do sleep 1; done"
 ENTRYPOINT_SCRIPT = 'echo "EP $*"; echo "A=$A B=$B HOST_VAR=$HOST_VAR"; id; pwd; hostname; ' \
     "ls /sys/class/net; cat /proc/cmdline"  # fmt: skip
 
@@ -255,8 +255,8 @@ def _first_frame(sock: socket.socket) -> channel.Frame:
 
 def test_detached_vm_exec_logs_stop(bundle: Path, env: dict[str, str]) -> None:
     port = free_port()
-    r = vmimg(env, "run", "-d", "--name", "svc", "-p", f"{port}:80", str(bundle),
-              "--cmd", TRAP_TERM)  # fmt: skip
+    r = vmimg(env, "run", "-d", "--name", "svc", "-p", f"{port}:80", "--stop-signal", "QUIT",
+              "--stop-timeout", "60", str(bundle), "--cmd", TRAP_QUIT)  # fmt: skip
     assert r.returncode == 0 and r.stdout.strip() == "svc", r.stderr
     ps = json.loads(vmimg(env, "ps", "--json").stdout)
     assert [(p["name"], p["state"], p["ports"]) for p in ps] == [
@@ -303,7 +303,7 @@ def test_detached_vm_exec_logs_stop(bundle: Path, env: dict[str, str]) -> None:
     r = vmimg(env, "stop", "-t", "60", "svc")
     assert r.returncode == 0 and time.monotonic() - t0 < 60, r.stderr
     followed, _ = follow.communicate(timeout=60)  # -f ends with the VM
-    assert "GOT-TERM" in followed and "@@vmimg@@ exit code=42" in followed
+    assert "GOT-QUIT" in followed and "@@vmimg@@ exit code=42" in followed
     assert not _qemu_running("svc")
     (row,) = json.loads(vmimg(env, "ps", "-a", "--json").stdout)
     assert (row["state"], row["exit_code"]) == ("exited", 42)

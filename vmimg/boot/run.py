@@ -96,6 +96,8 @@ class RunOptions:
     disks: tuple[ExtraDisk, ...] = ()
     data: tuple[DataDisk, ...] = ()
     secrets: tuple[Secret, ...] = field(default=(), repr=False)
+    stop_timeout: int | None = None  # seconds from the stop signal to SIGKILL (image: 10)
+    stop_signal: int | None = None  # default: the image's STOPSIGNAL, else SIGTERM
     persist: bool = False  # let the guest write to the bundle's ext4 image
     timeout: float | None = None
 
@@ -159,7 +161,8 @@ def _run_config(bundle: Bundle, opts: RunOptions, mounts: list[GuestMount]) -> R
         config = RunConfig(
             argv=_argv(bundle, opts), env=opts.env, cwd=opts.workdir, user=opts.user,
             hostname=opts.hostname, tty=opts.tty, stdin=opts.interactive, rows=rows, cols=cols,
-            mounts=tuple(mounts), secrets=opts.secrets,
+            stop_timeout=opts.stop_timeout, stop_signal=opts.stop_signal, mounts=tuple(mounts),
+            secrets=opts.secrets,
         )  # fmt: skip
         config.check()
     except AgentError as e:
@@ -171,7 +174,8 @@ def _needs_run_config(opts: RunOptions) -> bool:
     return bool(
         opts.command or opts.entrypoint is not None or opts.env or opts.workdir or opts.user
         or opts.hostname or opts.volumes or opts.disks or opts.data or opts.secrets
-        or opts.interactive or opts.tty
+        or opts.interactive or opts.tty or opts.stop_timeout is not None
+        or opts.stop_signal is not None
     )  # fmt: skip
 
 

@@ -558,8 +558,8 @@ def run_cmd(
     env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None, user: str | None,
     hostname: str | None, network: str, name: str | None, remove: bool, interactive: bool,
     tty: bool, detach: bool, volume: tuple[str, ...], disk: tuple[str, ...],
-    data: tuple[str, ...], secret: tuple[str, ...], persist: bool, timeout: float | None,
-    cache_dir: str | None,
+    data: tuple[str, ...], secret: tuple[str, ...], stop_signal: str | None,
+    stop_timeout: int | None, persist: bool, timeout: float | None, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Boot BUNDLE as `docker run` starts a container; exit with the workload's exit code.
 
@@ -572,10 +572,11 @@ def run_cmd(
 
     def go() -> None:
         opts = run_options(
-            command, entrypoint, env, env_file, publish, volume, disk, data, secret,
-            accel=accel, vcpus=cpus, memory_mib=memory, cmd=cmd, workdir=workdir, user=user,
-            hostname=hostname, network=network, name=name, remove=remove,
-            interactive=interactive, tty=tty, detach=detach, persist=persist, timeout=timeout,
+            command, entrypoint, env, env_file, publish, volume, disk, data, secret, stop_signal,
+            stop_timeout=stop_timeout, accel=accel, vcpus=cpus, memory_mib=memory, cmd=cmd,
+            workdir=workdir, user=user, hostname=hostname, network=network, name=name,
+            remove=remove, interactive=interactive, tty=tty, detach=detach, persist=persist,
+            timeout=timeout,
         )  # fmt: skip
         result = run_bundle(bundle, opts, Cache.open(cache_dir))
         for w in result.warnings:

@@ -18,7 +18,8 @@ from vmimg.boot.control import ExecOptions, copy_logs, exec_in_vm, remove_vm, st
 from vmimg.boot.devices import parse_data, parse_disk, parse_publish, parse_secret, parse_volume
 from vmimg.boot.run import RunOptions
 from vmimg.cli.options import parse_size, run
-from vmimg.errors import UsageError
+from vmimg.errors import AgentError, UsageError
+from vmimg.guest.agent import parse_signal
 
 SECONDS_PER = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
@@ -72,14 +73,20 @@ def parse_env(values: tuple[str, ...], env_files: tuple[str, ...]) -> tuple[str,
 def run_options(
     command: tuple[str, ...], entrypoint: str | None, env: tuple[str, ...],
     env_file: tuple[str, ...], publish: tuple[str, ...], volume: tuple[str, ...],
-    disk: tuple[str, ...], data: tuple[str, ...], secret: tuple[str, ...], **rest: Any,
+    disk: tuple[str, ...], data: tuple[str, ...], secret: tuple[str, ...],
+    stop_signal: str | None = None, **rest: Any,
 ) -> RunOptions:  # fmt: skip
     """RunOptions from `vmimg run`'s option values."""
 
     def size_of(text: str) -> int:
         return parse_size(text)
 
+    try:
+        signal_number = parse_signal(stop_signal) if stop_signal is not None else None
+    except AgentError:
+        raise UsageError(f"--stop-signal: {stop_signal!r} is not a signal") from None
     return RunOptions(
+        stop_signal=signal_number,
         command=command or None,
         entrypoint=split_words(entrypoint),
         env=parse_env(env, env_file),
@@ -129,6 +136,12 @@ def run_params(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--secret", multiple=True, metavar="id=NAME,src=FILE",
                          help="FILE's bytes at /run/secrets/NAME (tmpfs), off the command "
                          "line and out of logs."),
+            click.option("--stop-signal", default=None, metavar="SIGNAL",
+                         help="What a stop request sends the workload (default: the image's "
+                         "STOPSIGNAL, else SIGTERM)."),
+            click.option("--stop-timeout", type=click.IntRange(0, 2**32 - 2), default=None,
+                         metavar="SECONDS",
+                         help="Seconds from the stop signal to SIGKILL [default: 10]."),
         ]
     ):  # fmt: skip
         f = opt(f)

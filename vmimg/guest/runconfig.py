@@ -33,6 +33,9 @@ MOUNT_MODES = ("ro", "rw", "data")  # data: rw, and a fresh disk's root goes to 
 SECRET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 SECRETS_DIR = "/run/secrets"
 _SINGLE_KEYS = ("cwd", "user", "hostname")
+_NUMBER_KEYS = ("rows", "cols", "stop_timeout", "stop_signal")
+MAX_ID = 2**32 - 2  # as the agent's config: (uid_t)-1 is not a value
+MAX_SIGNAL = 65  # Linux signals run 1..64
 
 
 def check_guest_path(path: str, what: str) -> str:
@@ -94,6 +97,8 @@ class RunConfig:
     stdin: bool | None = None  # False: the workload's stdin is /dev/null
     rows: int | None = None
     cols: int | None = None
+    stop_timeout: int | None = None  # seconds between the stop signal and SIGKILL
+    stop_signal: int | None = None  # what a stop request sends the workload
     mounts: tuple[GuestMount, ...] = ()
     secrets: tuple[Secret, ...] = field(default=(), repr=False)
 
@@ -111,6 +116,10 @@ class RunConfig:
         for size in (self.rows, self.cols):
             if size is not None and not 0 < size <= MAX_WINSIZE:
                 raise AgentError(f"terminal size {size} is out of range")
+        if self.stop_timeout is not None and not 0 <= self.stop_timeout <= MAX_ID:
+            raise AgentError(f"stop timeout {self.stop_timeout} is out of range")
+        if self.stop_signal is not None and not 0 < self.stop_signal < MAX_SIGNAL:
+            raise AgentError(f"stop signal {self.stop_signal} is not a signal number")
         if len(self.mounts) > MAX_RUN_MOUNTS:
             raise AgentError(f"at most {MAX_RUN_MOUNTS} volumes and disks")
         for m in self.mounts:
@@ -133,7 +142,7 @@ class RunConfig:
         for key in ("tty", "stdin"):
             if (flag := getattr(self, key)) is not None:
                 lines.append([key, "1" if flag else "0"])
-        lines += [[k, str(v)] for k in ("rows", "cols") if (v := getattr(self, k)) is not None]
+        lines += [[k, str(v)] for k in _NUMBER_KEYS if (v := getattr(self, k)) is not None]
         lines += [[m.kind, m.source, m.target, m.mode] for m in self.mounts]
         lines += [["secret", s.name, s.data.hex().encode()] for s in self.secrets]
         out = [RUN_CONFIG_MAGIC + b" %d" % RUN_CONFIG_VERSION]
@@ -170,7 +179,7 @@ class RunConfig:
                 mounts.append(GuestMount(key, f[0], f[1], f[2]))
             elif key in ("tty", "stdin"):
                 values[key] = f[0] == "1"
-            elif key in ("rows", "cols"):
+            elif key in _NUMBER_KEYS:
                 values[key] = int(f[0])
             elif key in _SINGLE_KEYS:
                 values[key] = f[0]
