@@ -218,8 +218,10 @@ def test_interactive_stdin_without_tty(bundle: Path, env: dict[str, str]) -> Non
     assert r.stdout.count("first line") == 1
 
 
-def _pty_run(argv: list[str], env: dict[str, str], timeout: float = 300) -> tuple[int, str]:
-    """argv with a pty as its terminal (24 rows, 100 columns); its exit code and output."""
+def _pty_run(argv: list[str], env: dict[str, str], timeout: float = 300,
+             answer: tuple[str, bytes] | None = None) -> tuple[int, str]:  # fmt: skip
+    """argv with a pty as its terminal (24 rows, 100 columns); its exit code and output.
+    `answer`: when the output first shows its text, type its bytes."""
     master, slave = pty.openpty()
     os.set_blocking(master, False)
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -232,6 +234,9 @@ def _pty_run(argv: list[str], env: dict[str, str], timeout: float = 300) -> tupl
         try:
             chunk = os.read(master, 65536)
             out += chunk
+            if answer and answer[0].encode() in out:
+                os.write(master, answer[1])
+                answer = None
         except BlockingIOError:
             if proc.poll() is not None:
                 break
@@ -241,6 +246,17 @@ def _pty_run(argv: list[str], env: dict[str, str], timeout: float = 300) -> tupl
     code = proc.wait(timeout=30)
     os.close(master)
     return code, out.decode("utf-8", "replace")
+
+
+def test_run_it_terminal_and_escape_key(bundle: Path, env: dict[str, str]) -> None:
+    """-it: the console is the workload's terminal, sized like vmimg's; Ctrl-] asks the
+    guest to shut down, and the workload's stop signal arrives."""
+    script = "tty; stty size; trap 'echo GOT-TERM; exit 9' TERM; echo WAITING; " \
+        "while true; do sleep 1; done"  # fmt: skip
+    code, out = _pty_run([*VMIMG, "run", "-it", "--rm", str(bundle), "--", "sh", "-c", script],
+                         env, answer=("WAITING", b"\x1d"))  # fmt: skip
+    assert code == 9, out[-3000:]
+    assert "/dev/console" in out and "24 100" in out and "GOT-TERM" in out
 
 
 def _first_frame(sock: socket.socket) -> channel.Frame:
