@@ -126,6 +126,21 @@ def podman(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*base, *args], capture_output=True, text=True, check=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def vm_state_root() -> Iterator[str]:
+    """VMs that `vmimg run` starts in tests keep their state (console logs, sockets) in a
+    short private directory of the session's, not in the user's $XDG_RUNTIME_DIR."""
+    root = tempfile.mkdtemp(prefix="vmimg-rt-", dir="/tmp")
+    old = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = root
+    yield root
+    if old is None:
+        os.environ.pop("XDG_RUNTIME_DIR", None)
+    else:
+        os.environ["XDG_RUNTIME_DIR"] = old
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def cache(tmp_path: object) -> Cache:
     import pathlib

@@ -90,7 +90,8 @@ def test_c_unit_tests() -> None:
         ["make", "-s", "-C", str(AGENT_SRC), "check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for suite in ("config", "escape", "manifest", "sha256", "cmdline", "marker", "verify"):
+    suites = ("config", "escape", "manifest", "sha256", "cmdline", "marker", "verify", "runcfg")
+    for suite in suites:
         assert f"{suite}: " in result.stdout
     assert " 0 failed" in result.stdout and ", 1 failed" not in result.stdout
 

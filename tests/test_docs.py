@@ -37,6 +37,7 @@ USER_DOCS = [
     CI_MD,
     DOCS / "troubleshooting.md",
     DOCS / "comparison.md",
+    DOCS / "run.md",
     CLI_MD,
     USAGE_MD,
     GITHUB_EXAMPLE,
@@ -145,8 +146,14 @@ def check_command_line(line: str) -> None:
     known = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
     known |= {"-h", "--help"} | ({"--version"} if cmd is cli.main else set())
     for word in rest:
+        if word == "--":
+            break  # the end of vmimg's options: a command for the guest follows
         if word.startswith("-") and len(word) > 1 and not word.lstrip("-").isdigit():
             option = word.split("=", 1)[0]
+            if not option.startswith("--") and len(option) > 2:  # short flags together: -it
+                for letter in option[1:]:
+                    assert f"-{letter}" in known, f"{line!r}: {path} has no option -{letter}"
+                continue
             assert option in known, f"{line!r}: {path} has no option {option}"
 
 
@@ -161,6 +168,10 @@ def test_command_lines_in_docs_are_real(doc: Path) -> None:
 
 def test_command_line_check_catches_mistakes() -> None:
     check_command_line("vmimg verify bundle --junit report.xml --json > out.json")
+    check_command_line("vmimg run bundle -- ls --all")
+    check_command_line("vmimg exec -it name sh")
+    with pytest.raises(AssertionError, match="no option -x"):
+        check_command_line("vmimg exec -ix name sh")
     with pytest.raises(AssertionError, match="no option --junit-xml"):
         check_command_line("vmimg verify bundle --junit-xml report.xml")
     with pytest.raises(AssertionError, match="no command 'biuld'"):

@@ -42,22 +42,6 @@ static int push_group(struct config *cfg, const char *value)
 	return 0;
 }
 
-/* Split the next line off *pos; returns NULL at the end. */
-static char *next_line(char **pos)
-{
-	char *line = *pos;
-	if (!*line)
-		return NULL;
-	char *nl = strchr(line, '\n');
-	if (nl) {
-		*nl = '\0';
-		*pos = nl + 1;
-	} else {
-		*pos = line + strlen(line);
-	}
-	return line;
-}
-
 static int check_header(char *line, char *err, size_t errlen)
 {
 	size_t mlen = strlen(CONFIG_MAGIC);

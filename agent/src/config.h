@@ -31,6 +31,7 @@ struct config {
 	char *smoke; /* shell command for verify mode, or NULL */
 	unsigned stop_timeout; /* seconds between the stop signal and SIGKILL */
 	unsigned stop_signal;  /* what a stop request sends the workload (STOPSIGNAL) */
+	int null_stdin;        /* not from the file: a run config without stdin (runcfg.h) */
 };
 
 /* Parse `text` (modified in place; the config's strings point into it).

@@ -19,12 +19,15 @@
 
 #include "cmdline.h"
 #include "config.h"
+#include "exec.h"
 #include "manifest.h"
 #include "mounts.h"
 #include "net.h"
 #include "power.h"
 #include "report.h"
 #include "run.h"
+#include "runcfg.h"
+#include "runtime.h"
 #include "util.h"
 #include "verify.h"
 
@@ -38,6 +41,7 @@ static void finish(int code, int signal) __attribute__((noreturn));
 static void finish(int code, int signal)
 {
 	kill_everything();
+	unmount_run_disks();
 	sync();
 	report_exit(code, signal);
 	power_off();
@@ -86,6 +90,7 @@ static struct outcome run_command(const struct config *cfg, char *const *argv, i
 		.groups = cfg->groups,
 		.ngroups = cfg->ngroups,
 		.tty = tty,
+		.null_stdin = cfg->null_stdin,
 	};
 	uint64_t exec_us = 0, start_us = boot_us();
 	int code = 0;
@@ -157,13 +162,27 @@ int main(void)
 	if (mount_all(err, sizeof err) < 0)
 		fail_errno("mount", "/", err, EXIT_AGENT_ERROR, errno);
 	raise_nofile();
+	/* What this boot changes (vmimg run): after the mounts, which it needs
+	 * (/sys and /dev to find its disk, the root's /etc/passwd), before the
+	 * console and the workload, which it shapes. */
+	struct runcfg rc;
+	int have_rc = args.mode == MODE_RUN ? load_run_config(&rc, err, sizeof err) : 0;
+	if (have_rc < 0)
+		fail("runconfig", err, EXIT_AGENT_ERROR);
+	if (have_rc && apply_run_config(&rc, &cfg, err, sizeof err) < 0)
+		fail_errno("runconfig", "", err, EXIT_AGENT_ERROR, errno);
 	int tty = take_console();
+	if (have_rc) {
+		console_mode(&rc);
+		runcfg_free(&rc); /* the secrets' bytes are on their tmpfs now */
+	}
 
 	watch_power_button();
 	if (args.mode == MODE_VERIFY || args.mode == MODE_CHECK)
 		verify_mode(&args, &cfg, tty);
 
 	net_setup(&args, args.hostname ? args.hostname : cfg.hostname, root_writable());
+	exec_server_start(&cfg);
 	char *shell_argv[] = {"/bin/sh", "-c", (char *)args.cmd, NULL};
 	struct outcome o = run_command(&cfg, args.cmd ? shell_argv : cfg.argv, tty);
 	finish(o.code, o.signal);

@@ -55,21 +55,6 @@ struct exec_report {
 enum { STAGE_OK, STAGE_CWD, STAGE_USER, STAGE_EXEC, NSTAGES };
 static const char *const stage_names[NSTAGES] = {"ok", "cwd", "user", "exec"};
 
-/* mkdir -p, as root, so a missing WORKDIR behaves as in container runtimes. */
-static void make_dirs(const char *path)
-{
-	char buf[4096];
-	snprintf(buf, sizeof buf, "%s", path);
-	for (char *p = buf + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		mkdir(buf, 0755);
-		*p = '/';
-	}
-	mkdir(buf, 0755);
-}
-
 static const char *env_get(char *const *envp, const char *name)
 {
 	size_t n = strlen(name);
@@ -79,8 +64,7 @@ static const char *env_get(char *const *envp, const char *name)
 	return NULL;
 }
 
-/* execvp with the workload's PATH; returns the errno to report. */
-static int exec_search(char *const *argv, char *const *envp)
+int exec_search(char *const *argv, char *const *envp)
 {
 	if (strchr(argv[0], '/')) {
 		execve(argv[0], argv, envp);
@@ -107,6 +91,15 @@ static int exec_search(char *const *argv, char *const *envp)
 	return seen_eacces ? EACCES : ENOENT;
 }
 
+void signals_reset(void)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	for (size_t i = 0; i < NHANDLED; i++)
+		signal(handled[i], SIG_DFL);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
 static void child(const struct workload *w, int fd)
 {
 	struct exec_report r = {0};
@@ -121,6 +114,13 @@ static void child(const struct workload *w, int fd)
 		signal(SIGTTOU, SIG_IGN);
 		tcsetpgrp(0, getpid());
 		signal(SIGTTOU, SIG_DFL);
+	}
+	if (w->null_stdin) {
+		int null = open("/dev/null", O_RDONLY);
+		if (null > 0) {
+			dup2(null, 0);
+			close(null);
+		}
 	}
 	sigprocmask(SIG_SETMASK, &none, NULL);
 	if (chdir(w->cwd) < 0 && errno == ENOENT)

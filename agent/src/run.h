@@ -16,6 +16,7 @@ struct workload {
 	const unsigned *groups;
 	size_t ngroups;
 	int tty; /* make the console its controlling tty's foreground group */
+	int null_stdin; /* stdin from /dev/null instead of the console */
 	unsigned stop_timeout;
 };
 
@@ -36,6 +37,13 @@ pid_t workload_start(const struct workload *w, uint64_t *exec_us, int *code);
 /* Wait for the workload, reaping everything and forwarding signals; a stop
  * request (SIGTERM, ctrl-alt-del, power button) sends it `stop_signal`. */
 struct outcome supervise(pid_t pid, unsigned stop_timeout, int stop_signal);
+
+/* execvp with the workload's PATH (argv[0] without a slash is searched for);
+ * returns the errno to report when nothing could be executed. */
+int exec_search(char *const *argv, char *const *envp);
+
+/* Drop signal dispositions and the blocked mask PID 1 set, in a child. */
+void signals_reset(void);
 
 /* Kill whatever is left and reap it. */
 void kill_everything(void);

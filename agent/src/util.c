@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "util.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -26,7 +27,7 @@ void log_msg(const char *fmt, ...)
 	write_all(g_console_fd, line, len);
 }
 
-static int hexval(char c)
+int hex_digit(char c)
 {
 	if (c >= '0' && c <= '9')
 		return c - '0';
@@ -45,8 +46,8 @@ long unescape(char *s)
 			*out++ = *in;
 			continue;
 		}
-		int hi = hexval(in[1]);
-		int lo = hi < 0 ? -1 : hexval(in[2]);
+		int hi = hex_digit(in[1]);
+		int lo = hi < 0 ? -1 : hex_digit(in[2]);
 		if (lo < 0 || (hi == 0 && lo == 0))
 			return -1;
 		*out++ = (char)(hi << 4 | lo);
@@ -171,4 +172,62 @@ uint64_t boot_us(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_BOOTTIME, &ts);
 	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+char *next_line(char **pos)
+{
+	char *line = *pos;
+	if (!*line)
+		return NULL;
+	char *nl = strchr(line, '\n');
+	if (nl) {
+		*nl = '\0';
+		*pos = nl + 1;
+	} else {
+		*pos = line + strlen(line);
+	}
+	return line;
+}
+
+void make_dirs(const char *path)
+{
+	char buf[4096];
+	snprintf(buf, sizeof buf, "%s", path);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		mkdir(buf, 0755);
+		*p = '/';
+	}
+	mkdir(buf, 0755);
+}
+
+int find_device(const char *dir, const char *prefix, const char *attr, const char *want,
+		char *dev, size_t len)
+{
+	DIR *d = opendir(dir);
+	if (!d)
+		return -1;
+	struct dirent *e;
+	int found = -1;
+	while (found < 0 && (e = readdir(d))) {
+		if (strncmp(e->d_name, prefix, strlen(prefix)))
+			continue;
+		char p[512], value[128];
+		snprintf(p, sizeof p, "%s/%s/%s", dir, e->d_name, attr);
+		int fd = open(p, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		ssize_t n = read(fd, value, sizeof value - 1);
+		close(fd);
+		value[n > 0 ? n : 0] = '\0';
+		value[strcspn(value, "\n")] = '\0';
+		if (n > 0 && !strcmp(value, want)) {
+			snprintf(dev, len, "/dev/%s", e->d_name);
+			found = 0;
+		}
+	}
+	closedir(d);
+	return found;
 }

@@ -35,6 +35,21 @@ int write_text_file(const char *path, const char *text, unsigned mode);
 /* Parse a non-negative decimal number that must fill all of s. */
 int parse_uint(const char *s, unsigned long long *out);
 
+/* The value of one hex digit (either case), or -1. */
+int hex_digit(char c);
+
+/* Split the next line off *pos (its newline becomes NUL); NULL at the end. */
+char *next_line(char **pos);
+
+/* mkdir -p, mode 0755; failures are left for the caller's next step to meet. */
+void make_dirs(const char *path);
+
+/* The device node "/dev/NAME" of the entry NAME of `dir` (a sysfs class or
+ * block directory) whose name starts with `prefix` and whose `attr` file
+ * holds `want` (its first line). Returns 0, or -1 when none does. */
+int find_device(const char *dir, const char *prefix, const char *attr, const char *want,
+		char *dev, size_t len);
+
 /* Microseconds since boot (CLOCK_BOOTTIME). */
 uint64_t boot_us(void);
 

@@ -1,10 +1,11 @@
-/* libFuzzer target for the three parsers that read outside input: the config
- * (/.vmimg/config), the manifest (/.vmimg/manifest) and the kernel command
- * line. Built with -fsanitize=fuzzer,address,undefined by `make check`, which
+/* libFuzzer target for the parsers that read outside input: the config
+ * (/.vmimg/config), the manifest (/.vmimg/manifest), the kernel command
+ * line, the run config (the run disk, exec requests) and the guest's
+ * /etc/passwd and /etc/group as run-time users read them. Built with -fsanitize=fuzzer,address,undefined by `make check`, which
  * runs it for a few seconds from the seeds in tests/fuzz-seeds.
  *
- * The first byte picks the parser ('c' config, 'm' manifest, 'k' command line;
- * any other byte by its value mod 3), the rest is the text. Besides memory
+ * The first byte picks the parser ('c' config, 'm' manifest, 'k' command line,
+ * 'r' run config, 'u' users; any other byte by its value mod 5), the rest is the text. Besides memory
  * errors, each parser's promises to the rest of the agent are checked: a
  * violated one aborts, which libFuzzer reports as a crash with the input. */
 #include <stdint.h>
@@ -15,6 +16,8 @@
 #include "cmdline.h"
 #include "config.h"
 #include "manifest.h"
+#include "runcfg.h"
+#include "users.h"
 
 #define ERR_LEN 512
 #define SIGNAL_COUNT 64 /* Linux signals 1..64 */
@@ -28,7 +31,7 @@
 		}                                                                       \
 	} while (0)
 
-enum parser { CONFIG, MANIFEST, CMDLINE, NPARSERS };
+enum parser { CONFIG, MANIFEST, CMDLINE, RUNCFG, USERS, NPARSERS };
 
 static enum parser pick(uint8_t b)
 {
@@ -36,6 +39,8 @@ static enum parser pick(uint8_t b)
 	case 'c': return CONFIG;
 	case 'm': return MANIFEST;
 	case 'k': return CMDLINE;
+	case 'r': return RUNCFG;
+	case 'u': return USERS;
 	default: return (enum parser)(b % NPARSERS);
 	}
 }
@@ -109,6 +114,56 @@ static void fuzz_cmdline(char *line, size_t len)
 	REQUIRE(!a.bad || !strncmp(a.bad, "vmimg.", 6));
 }
 
+static void fuzz_runcfg(char *text, size_t len)
+{
+	struct runcfg rc;
+	char err[ERR_LEN] = "";
+	if (runcfg_parse(text, &rc, err, sizeof err) < 0) {
+		REQUIRE(err[0] != '\0' && !rc.argv && !rc.env && !rc.nsecrets && !rc.nmounts);
+		return;
+	}
+	REQUIRE(!rc.argv || rc.argv[rc.argc] == NULL);
+	for (size_t i = 0; i < rc.envc; i++)
+		REQUIRE(strchr(rc.env[i], '=') > rc.env[i]);
+	REQUIRE(!rc.cwd || rc.cwd[0] == '/');
+	REQUIRE(rc.tty >= -1 && rc.tty <= 1 && rc.stdin_open >= -1 && rc.stdin_open <= 1);
+	REQUIRE(rc.nmounts <= MAX_RUN_MOUNTS && rc.nsecrets <= MAX_SECRETS);
+	REQUIRE(rc.stop_timeout >= -1 && rc.stop_timeout <= (long)MAX_ID);
+	REQUIRE(rc.stop_signal < SIGNAL_COUNT + 1);
+	for (size_t i = 0; i < rc.nmounts; i++) {
+		const struct run_mount *m = &rc.mounts[i];
+		REQUIRE(m->source[0] && (m->target[0] == '/' || (!m->target[0] && m->kind == RM_DISK)));
+		REQUIRE(!strstr(m->target, "/../") && strcmp(m->target, "/"));
+	}
+	for (size_t i = 0; i < rc.nsecrets; i++) {
+		const struct secret *s = &rc.secrets[i];
+		REQUIRE(s->len <= MAX_SECRET_BYTES && !strchr(s->name, '/') && s->name[0]);
+		REQUIRE(s->data >= text && s->data + s->len <= text + len);
+	}
+	runcfg_free(&rc);
+}
+
+/* The text is both files: /etc/passwd up to the first blank line, /etc/group after. */
+static void fuzz_users(char *text)
+{
+	char *group = strstr(text, "\n\n");
+	if (group)
+		*group++ = '\0';
+	const char *specs[] = {"root", "0", "app", "1000:50", "app:staff", "x:y"};
+	for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+		struct user_ids u;
+		char err[ERR_LEN] = "";
+		if (resolve_user(specs[i], text, group, &u, err, sizeof err) < 0) {
+			REQUIRE(err[0] != '\0');
+			continue;
+		}
+		REQUIRE(u.uid <= MAX_ID && u.gid <= MAX_ID && u.ngroups <= MAX_USER_GROUPS);
+		REQUIRE(u.home[0] != '\0');
+		for (size_t g = 0; g < u.ngroups; g++)
+			REQUIRE(u.groups[g] <= MAX_ID && u.groups[g] != u.gid);
+	}
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -126,6 +181,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	switch (pick(data[0])) {
 	case CONFIG: fuzz_config(text); break;
 	case MANIFEST: fuzz_manifest(text); break;
+	case RUNCFG: fuzz_runcfg(text, len); break;
+	case USERS: fuzz_users(text); break;
 	default: fuzz_cmdline(text, len); break;
 	}
 	free(text);

@@ -98,6 +98,14 @@ VM_ATTACKS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
         "kernel.file names kernel, which files does not list",
     ),
     "vcpus as a string": (lambda vm: vm.update(vcpus="2"), "vcpus must be an integer"),
+    "an entrypoint that is not argv's start": (
+        lambda vm: vm["workload"].update(entrypoint=["/bin/evil"]),
+        "workload.entrypoint must be the first items of argv",
+    ),
+    "an agent protocol out of range": (
+        lambda vm: vm["init"].update(protocol=0),
+        "init.protocol must be between",
+    ),
     "memory as a boolean": (lambda vm: vm.update(memory_mib=True), "memory_mib must be"),
     "absurd memory": (lambda vm: vm.update(memory_mib=1 << 40), "memory_mib must be between"),
     "a command line with a newline": (
@@ -209,8 +217,8 @@ def test_verify_refuses_a_hostile_bundle_before_booting(tmp_path: Path) -> None:
 
 
 def test_option_strings_cannot_gain_options(tmp_path: Path) -> None:
-    """A bundle directory with commas in its path: QEMU's -drive and Cloud Hypervisor's
-    --disk get the path with commas doubled, so it cannot add `,file=/etc/shadow`."""
+    """A bundle directory with commas in its path: QEMU's -drive gets the path with commas
+    doubled, Cloud Hypervisor's --disk quoted, so it cannot add `,file=/etc/shadow`."""
     evil = tmp_path / "x,file=,readonly=off,if=virtio"
     make_bundle(evil)
     bundle = load_bundle(str(evil))
@@ -218,7 +226,15 @@ def test_option_strings_cannot_gain_options(tmp_path: Path) -> None:
     drive = argv[argv.index("-drive") + 1]
     assert "x,,file=,,readonly=off,,if=virtio/rootfs.erofs,format=raw" in drive
     ch = cloud_hypervisor_command(bundle.vm, bundle.dir)
-    assert "x,,file=,,readonly=off,,if=virtio/rootfs.erofs" in ch[ch.index("--disk") + 1]
+    disk = ch[ch.index("--disk") + 1]
+    assert disk == f'path="{evil}/rootfs.erofs",readonly=on'
+    quoted = tmp_path / 'q",path=/etc/shadow,"'
+    make_bundle(quoted)
+    bundle = load_bundle(str(quoted))
+    ch = cloud_hypervisor_command(bundle.vm, bundle.dir)
+    assert ch[ch.index("--disk") + 1] == (
+        f'path="{tmp_path}/q"",path=/etc/shadow,""/rootfs.erofs",readonly=on'
+    )
 
 
 def test_launchers_are_written_from_vm_json_not_kept(tmp_path: Path) -> None:

@@ -34,8 +34,32 @@ FIRECRACKER_CONSOLES = {Arch.ARM64: ("console=ttyAMA0", "console=ttyS0")}
 FIRECRACKER_AGENT_ARGS = {Arch.X86_64: "vmimg.shutdown=reboot"}
 # QEMU's user network (slirp) hands out these addresses; the agent configures eth0 with them.
 USER_NET_ARGS = ("vmimg.ip=10.0.2.15/24", "vmimg.gw=10.0.2.2", "vmimg.dns=10.0.2.3")
+# Firecracker and Cloud Hypervisor have no user network: their launchers attach a tap device
+# the host sets up (docs/run.md, "Firecracker and Cloud Hypervisor"), the guest at .2 of its
+# /24 and the host's end, .1, the gateway.
+TAP_DEVICE = "vmimg0"
+TAP_GUEST_MAC = "06:00:ac:10:00:02"  # locally administered, unicast
+TAP_NET_ARGS = ("vmimg.ip=172.16.0.2/24", "vmimg.gw=172.16.0.1")
+# Cloud Hypervisor's --rng takes its options as a value (`--rng` alone is refused).
+CH_RNG = "src=/dev/urandom"
 # Seccomp sandbox: no new privileges, no spawning, no obsolete syscalls.
 QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A host port forwarded to a guest port through QEMU's user network (`-p`)."""
+
+    host_port: int
+    guest_port: int
+    host_ip: str = "127.0.0.1"
+    proto: str = "tcp"  # or "udp"
+
+    def hostfwd(self) -> str:
+        return f"{self.proto}:{self.host_ip}:{self.host_port}-:{self.guest_port}"
+
+    def __str__(self) -> str:
+        return f"{self.host_ip}:{self.host_port}->{self.guest_port}/{self.proto}"
 
 
 @dataclass(frozen=True)
@@ -46,11 +70,13 @@ class LaunchOptions:
     vcpus: int | None = None
     memory_mib: int | None = None
     extra_cmdline: tuple[str, ...] = ()
-    publish: tuple[tuple[int, int], ...] = ()  # (host port, guest port), TCP on 127.0.0.1
+    publish: tuple[PortForward, ...] = ()
     snapshot: bool = True  # guest writes go to a throw-away overlay, the bundle stays as built
     network: bool = True
     serial: str = "stdio"  # QEMU -serial backend
     qmp_socket: str | None = None  # a QMP unix socket, to ask the guest to shut down
+    # Arguments after the root disk's (volumes, disks, ports): the root stays /dev/vda, since
+    # the kernel names virtio-mmio disks in the order their devices are on the command line.
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -123,25 +149,40 @@ def qemu_command(
         cmd += ["-drive", drive, "-device", "virtio-blk-device,drive=root"]
     if o.network:
         netdev = "user,id=net0"
-        for host_port, guest_port in o.publish:
-            netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+        for forward in o.publish:
+            netdev += f",hostfwd={forward.hostfwd()}"
         cmd += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     if o.qmp_socket:
         cmd += ["-qmp", f"unix:{qemu_opt(o.qmp_socket)},server=on,wait=off"]
     return cmd + list(o.extra)
 
 
+def ch_value(value: str) -> str:
+    """A value inside a Cloud Hypervisor option string (`--disk path=...,readonly=on`):
+    quoted, a quote doubled, so that a path with commas cannot add options (Cloud Hypervisor
+    reads quoted values from v48 on)."""
+    return '"' + value.replace('"', '""') + '"'
+
+
+def read_only_root(cmdline: str) -> str:
+    """The command line with the root mounted read-only: launchers for VMMs without a
+    copy-on-write disk open the bundle's root read-only (the bundle stays as built), and
+    the agent puts a tmpfs overlay over it, as it does over erofs."""
+    return " ".join("ro" if word == "rw" else word for word in cmdline.split(" "))
+
+
 def firecracker_config(vm: VmSpec, bundle_dir: str) -> dict[str, Any]:
-    """A Firecracker VM config (`firecracker --config-file`); paths relative to the bundle."""
+    """A Firecracker VM config (`firecracker --config-file`); paths relative to the bundle.
+    The root drive is read-only; eth0 is the tap device TAP_DEVICE."""
     rootfs = vm.rootfs
-    args = vm.cmdline
+    args = read_only_root(vm.cmdline)
     if vm.arch in FIRECRACKER_CONSOLES:
         args = args.replace(*FIRECRACKER_CONSOLES[vm.arch])
     if vm.arch in FIRECRACKER_AGENT_ARGS:
         args += " " + FIRECRACKER_AGENT_ARGS[vm.arch]
     boot: dict[str, Any] = {
         "kernel_image_path": _path(bundle_dir, vm.kernel.file),
-        "boot_args": f"{args} reboot=k pci=off",
+        "boot_args": " ".join([args, "reboot=k", "pci=off", *TAP_NET_ARGS]),
     }
     drives = []
     if rootfs.type == "initramfs":
@@ -152,33 +193,37 @@ def firecracker_config(vm: VmSpec, bundle_dir: str) -> dict[str, Any]:
                 "drive_id": "rootfs",
                 "path_on_host": _path(bundle_dir, rootfs.file),
                 "is_root_device": True,
-                "is_read_only": rootfs.read_only,
+                "is_read_only": True,
             }
         )
     return {
         "boot-source": boot,
         "drives": drives,
         "machine-config": {"vcpu_count": vm.vcpus, "mem_size_mib": vm.memory_mib},
-        "network-interfaces": [],
+        "network-interfaces": [
+            {"iface_id": "eth0", "host_dev_name": TAP_DEVICE, "guest_mac": TAP_GUEST_MAC}
+        ],
+        "entropy": {},  # virtio-rng: getrandom() need not wait for entropy at boot
     }
 
 
 def cloud_hypervisor_command(vm: VmSpec, bundle_dir: str) -> list[str]:
-    """A cloud-hypervisor command line (virtio-pci devices; the disk is still /dev/vda)."""
+    """A cloud-hypervisor command line (virtio-pci devices; the disk is still /dev/vda).
+    The root disk is read-only; eth0 is the tap device TAP_DEVICE."""
     rootfs = vm.rootfs
     cmd = [
         "cloud-hypervisor",
         "--kernel", _path(bundle_dir, vm.kernel.file),
-        "--cmdline", vm.cmdline,
+        "--cmdline", " ".join([read_only_root(vm.cmdline), *TAP_NET_ARGS]),
         "--cpus", f"boot={vm.vcpus}",
         "--memory", f"size={vm.memory_mib}M",
-        "--rng",
+        "--rng", CH_RNG,
         "--serial", "tty",
         "--console", "off",
+        "--net", f"tap={TAP_DEVICE},mac={TAP_GUEST_MAC}",
     ]  # fmt: skip
     if rootfs.type == "initramfs":
         cmd += ["--initramfs", _path(bundle_dir, rootfs.file)]
     else:
-        ro = ",readonly=on" if rootfs.read_only else ""
-        cmd += ["--disk", f"path={qemu_opt(_path(bundle_dir, rootfs.file))}{ro}"]
+        cmd += ["--disk", f"path={ch_value(_path(bundle_dir, rootfs.file))},readonly=on"]
     return cmd

@@ -137,6 +137,11 @@ class VM:
         return list(self._markers)
 
     @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
     def stdin_fd(self) -> int:
         """QEMU's stdin (the guest console's input), when started with stdin=PIPE."""
         assert self._proc is not None and self._proc.stdin is not None

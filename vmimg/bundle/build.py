@@ -58,7 +58,7 @@ from vmimg.guest.kernel import (
     find_or_build_kernel,
     kernel_from_path,
 )
-from vmimg.guest.protocol import INIT_PATH
+from vmimg.guest.protocol import AGENT_PROTOCOL, INIT_PATH
 from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
 from vmimg.image.fetch import BYTES, PhaseStart
 from vmimg.image.image import Image
@@ -279,13 +279,14 @@ def _vm_json(
             "user_supplied": kernel.user_supplied,
         },
         "init": (
-            {"type": "agent", "path": INIT_PATH, "protocol": 1, "sha256": agent_sha}
+            {"type": "agent", "path": INIT_PATH, "protocol": AGENT_PROTOCOL, "sha256": agent_sha}
             if config is not None
             else {"type": "image"}
         ),
         "workload": (
             {
                 "argv": config.argv,
+                "entrypoint": agentlib.command_parts(image.config.config, options.overrides)[0],
                 "env": config.env,
                 "cwd": config.cwd,
                 "uid": config.uid,

@@ -57,6 +57,7 @@ MAX_VCPUS = 256
 MAX_STRING = 4096
 MAX_LIST = 4096
 MAX_BLOCKS = 1 << 38  # 1 PiB of 4 KiB blocks
+MAX_PROTOCOL = 1 << 16
 
 
 # -- typed vm.json -----------------------------------------------------------------
@@ -116,6 +117,7 @@ class KernelSpec:
 class InitSpec:
     type: str  # "agent" or "image"
     sha256: str | None = None
+    protocol: int = 1  # what the agent understands (guest/protocol.py AGENT_PROTOCOL)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class Workload:
     cwd: str
     uid: int
     gid: int
+    entrypoint: tuple[str, ...] | None = None  # argv's first items; None in older bundles
 
 
 @dataclass(frozen=True)
@@ -282,19 +285,25 @@ def _parse_init(r: _Reader) -> InitSpec:
     sha = r.string("sha256") if r.has("sha256") else None
     if sha is not None and not is_sha256_hex(sha):
         raise r.fail("sha256", "must be 64 lower-case hex digits")
-    return InitSpec(kind, sha)
+    protocol = r.integer("protocol", 1, MAX_PROTOCOL) if r.has("protocol") else 1
+    return InitSpec(kind, sha, protocol)
 
 
 MAX_ID = (1 << 32) - 2  # the largest uid/gid Linux accepts ((uid_t)-1 means "unchanged")
 
 
 def _parse_workload(r: _Reader) -> Workload:
+    argv = r.strings("argv")
+    entrypoint = r.strings("entrypoint") if r.has("entrypoint") else None
+    if entrypoint is not None and argv[: len(entrypoint)] != entrypoint:
+        raise r.fail("entrypoint", "must be the first items of argv")
     return Workload(
-        argv=r.strings("argv"),
+        argv=argv,
         env=r.strings("env"),
         cwd=r.string("cwd", "/"),
         uid=r.integer("uid", 0, MAX_ID, 0),
         gid=r.integer("gid", 0, MAX_ID, 0),
+        entrypoint=entrypoint,
     )
 
 

@@ -19,7 +19,7 @@ import click
 from vmimg import __version__, pipeline
 from vmimg.artifact.bundle import resolve_bundle_argument
 from vmimg.artifact.inspect import describe_bundle, read_bundle
-from vmimg.boot.run import RunOptions, run_bundle
+from vmimg.boot.run import run_bundle
 from vmimg.boot.verify import VerifyOptions, junit_xml, verify_bundles
 from vmimg.bundle.build import BuildOptions, check_destination
 from vmimg.bundle.format import BUNDLE_FORMAT
@@ -41,6 +41,8 @@ from vmimg.cli.options import (
     vm_params,
 )
 from vmimg.cli.progress import VERBOSITY, add_verbosity_options, progress
+from vmimg.cli.vms import register as register_vm_commands
+from vmimg.cli.vms import run_options, run_params
 from vmimg.errors import UsageError, VerificationFailed, VmimgError
 from vmimg.guest.agent import CONFIG_VERSION, MANIFEST_VERSION, ConfigOverrides
 from vmimg.guest.kernel import KERNEL_BUILD_PHASE, read_pin
@@ -368,16 +370,6 @@ def check_env(_ctx: click.Context, _param: click.Parameter, values: tuple[str, .
     return values
 
 
-def parse_publish(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
-    out = []
-    for v in values:
-        host, sep, guest = v.partition(":")
-        if not sep or not host.isdigit() or not guest.isdigit():
-            raise click.BadParameter(f"--publish takes HOST:GUEST ports, not {v!r}")
-        out.append((int(host), int(guest)))
-    return tuple(out)
-
-
 @main.command()
 @click.argument("source")
 @bundle_output
@@ -464,6 +456,10 @@ def build(
     """Turn SOURCE into a VM-ready bundle: root fs, agent, kernel, vm.json, launchers."""
 
     def go() -> None:
+        if env:
+            click.echo("vmimg: warning: -e values are baked into vm.json and the root file "
+                       "system, and pushed with the bundle: give secrets at run time "
+                       "(vmimg run -e, --secret)", err=True)  # fmt: skip
         fs_type = fs or ("ext4" if writable_root else "erofs")
         if writable_root and fs_type != "ext4":
             raise click.BadParameter("--writable-root needs --fs ext4")
@@ -659,35 +655,53 @@ def render_reports(reports: list[Any]) -> str:
 
 @main.command("run")
 @click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("command", nargs=-1)
 @vm_params
 @click.option(
     "-p",
     "--publish",
     multiple=True,
-    metavar="HOST:GUEST",
-    help="Forward TCP 127.0.0.1:HOST to the guest's GUEST port.",
+    metavar="[IP:]HOST:GUEST[/udp]",
+    help="Forward HOST (on IP, default 127.0.0.1) to the guest's GUEST port, TCP or UDP.",
 )
-@click.option("--cmd", default=None, help="Run this shell command instead of the entrypoint.")
+@click.option("--cmd", default=None, help="Run this shell command instead of the image's.")
+@run_params
 @click.option("--persist", is_flag=True, help="Keep the guest's writes in the bundle's ext4 image.")
 @click.option("--timeout", type=float, default=None, help="Kill the VM after this many seconds.")
 @cache_param
 def run_cmd(
-    bundle: str, accel: str | None, cpus: int | None, memory: int | None,
-    publish: tuple[str, ...], cmd: str | None, persist: bool, timeout: float | None,
-    cache_dir: str | None,
+    bundle: str, command: tuple[str, ...], accel: str | None, cpus: int | None,
+    memory: int | None, publish: tuple[str, ...], cmd: str | None, entrypoint: str | None,
+    env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None, user: str | None,
+    hostname: str | None, network: str, name: str | None, remove: bool, interactive: bool,
+    tty: bool, detach: bool, volume: tuple[str, ...], disk: tuple[str, ...],
+    data: tuple[str, ...], secret: tuple[str, ...], stop_signal: str | None,
+    stop_timeout: int | None, persist: bool, timeout: float | None, cache_dir: str | None,
 ) -> None:  # fmt: skip
-    """Boot BUNDLE with the console attached; exit with the workload's exit code.
+    """Boot BUNDLE as `docker run` starts a container; exit with the workload's exit code.
 
-    Ctrl-] asks the guest to shut down (the workload gets SIGTERM); press it
-    twice to kill the VM. Ctrl-C goes to the workload.
+    COMMAND [ARG...] replaces the image's Cmd (put `--` before it when it has options).
+    With -it, Ctrl-] asks the guest to shut down (the workload gets its stop signal); press
+    it twice to kill the VM. SIGINT and SIGTERM to vmimg ask the guest to shut down. -d runs
+    the VM in the background: see `vmimg ps`, `logs`, `exec`, `stop`. docs/run.md maps
+    docker run's options to these.
     """
 
     def go() -> None:
-        opts = RunOptions(
-            accel=accel, vcpus=cpus, memory_mib=memory, publish=parse_publish(publish),
-            cmd=cmd, persist=persist, timeout=timeout, console_all=VERBOSITY.verbose,
+        opts = run_options(
+            command, entrypoint, env, env_file, publish, volume, disk, data, secret, stop_signal,
+            stop_timeout=stop_timeout, accel=accel, vcpus=cpus, memory_mib=memory, cmd=cmd,
+            workdir=workdir, user=user, hostname=hostname, network=network, name=name,
+            remove=remove, interactive=interactive, tty=tty, detach=detach, persist=persist,
+            timeout=timeout,
         )  # fmt: skip
+        opts = replace(opts, console_all=VERBOSITY.verbose)
         result = run_bundle(bundle, opts, Cache.open(cache_dir))
+        for w in result.warnings:
+            click.echo(f"vmimg: warning: {w}", err=True)
+        if result.detached:
+            click.echo(result.name)
+            return
         if not result.reported:
             click.echo("vmimg: the VM stopped without reporting an exit code", err=True)
         sys.exit(result.exit_code)
@@ -792,4 +806,5 @@ def entry() -> None:
 
 main.add_command(kernel)
 register_artifact_commands(main, kernel)  # vmimg push/pull, vmimg kernel push/pull
+register_vm_commands(main)  # vmimg ps/logs/stop/exec/rm
 add_verbosity_options(main)  # last: -q/-v on every command registered above

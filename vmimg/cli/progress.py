@@ -290,9 +290,12 @@ def add_verbosity_options(command: click.Command) -> None:
     """-q/--quiet and -v/--verbose on `command` and every command under it."""
     names = {name for p in command.params for name in (*p.opts, *p.secondary_opts)}
     if "--quiet" not in names:
-        command.params.append(click.Option(["-q", "--quiet"], **QUIET_OPTION))
+        short = [] if "-q" in names else ["-q"]
+        command.params.append(click.Option([*short, "--quiet"], **QUIET_OPTION))
     if "--verbose" not in names:
-        command.params.append(click.Option(["-v", "--verbose"], **VERBOSE_OPTION))
+        # `vmimg run -v` is docker's --volume: there, only --verbose (or `vmimg -v run`).
+        short = [] if "-v" in names else ["-v"]
+        command.params.append(click.Option([*short, "--verbose"], **VERBOSE_OPTION))
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             add_verbosity_options(sub)

@@ -402,14 +402,12 @@ def _merge_env(base: Iterable[str], extra: Iterable[str]) -> list[str]:
     return list(merged.values())
 
 
-def resolve_config(
-    image_config: Mapping[str, Any],
-    tree: Tree,
-    reader: ContentReader,
-    overrides: ConfigOverrides | None = None,
-) -> AgentConfig:
-    """The agent config for an image: `image_config` is the OCI image config's
-    "config" object (Entrypoint, Cmd, Env, WorkingDir, User, Hostname)."""
+def command_parts(
+    image_config: Mapping[str, Any], overrides: ConfigOverrides | None = None
+) -> tuple[list[str], list[str]]:
+    """The workload's entrypoint and cmd (argv is the two in a row): overriding the
+    entrypoint drops the image's Cmd unless a cmd is given too, as `docker run --entrypoint`
+    does."""
     o = overrides or ConfigOverrides()
     if o.entrypoint is not None:
         entrypoint = list(o.entrypoint)
@@ -421,6 +419,19 @@ def resolve_config(
         cmd = []
     else:
         cmd = list(image_config.get("Cmd") or [])
+    return entrypoint, cmd
+
+
+def resolve_config(
+    image_config: Mapping[str, Any],
+    tree: Tree,
+    reader: ContentReader,
+    overrides: ConfigOverrides | None = None,
+) -> AgentConfig:
+    """The agent config for an image: `image_config` is the OCI image config's
+    "config" object (Entrypoint, Cmd, Env, WorkingDir, User, Hostname)."""
+    o = overrides or ConfigOverrides()
+    entrypoint, cmd = command_parts(image_config, o)
     argv = entrypoint + cmd
     if not argv:
         raise AgentError("the image has no Entrypoint or Cmd, and none was given")

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from vmimg.errors import AgentError
 
 MARKER_PREFIX = "@@vmimg@@"
+# What the agent understands, recorded in vm.json's init.protocol: 1 the kernel parameters
+# and markers; 2 also the run disk (guest/runconfig.py) and the exec channel
+# (guest/channel.py).
+AGENT_PROTOCOL = 2
+RUN_CONFIG_PROTOCOL = 2
 VSOCK_REPORT_PORT = 7301  # the agent sends its exit line to host CID 2 on this port
 INIT_PATH = "/.vmimg/init"
 
