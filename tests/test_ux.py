@@ -374,14 +374,24 @@ def test_run_console_shows_the_workload_only() -> None:
             if part is before:
                 assert b"".join(shown) == b"hello\r\nname? "  # the prompt, at once
         keep.flush()
-        assert b"".join(shown) == b"hello\r\nname? @@vm\r\n@not a marker\r\n\r\n@@vmi"
-    # A workload that ends its output with a newline keeps it; one that does not, gets none.
-    for workload in (b"one\r\n", b"one"):
+        assert b"".join(shown) == b"hello\r\nname? @@vm\r\n@not a marker\r\n\r\n@@vmi\r\n"
+    # A workload that ends its output with a newline keeps it; one that does not gets the
+    # marker's (a line's newline is never held back: a reader waits for it).
+    for workload, seen in ((b"one\r\n", b"one\r\n"), (b"one", b"one\r\n")):
         shown = []
         keep = ConsoleFilter(shown.append)
         keep(marker(b"ready t=1") + workload + marker(b"exit code=0"))
         keep.flush()
-        assert b"".join(shown) == workload
+        assert b"".join(shown) == seen
+
+
+def test_run_console_never_holds_a_finished_line() -> None:
+    """A line reader (a CI log, `| while read`) gets each line when the guest ends it,
+    not when the next one starts."""
+    shown: list[bytes] = []
+    keep = ConsoleFilter(shown.append)
+    keep(marker(b"exec pid=30") + b"WAITING\r\n")
+    assert b"".join(shown) == b"WAITING\r\n"
 
 
 # -- 7. modes ----------------------------------------------------------------------------------

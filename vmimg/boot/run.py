@@ -289,16 +289,17 @@ MARKER_START = (MARKER_PREFIX + " ").encode()
 
 class ConsoleFilter:
     """The guest console without the agent's marker lines. The agent writes each marker as
-    "\\n@@vmimg@@ ...\\n" (its own newline first, so that it starts a line): that newline
-    goes with the marker, so what is left is the workload's output as it wrote it. Bytes
-    are held back only while they could still belong to a marker: the start of a line, and
-    a line's newline until the next line shows it is no marker's; so a prompt that ends
-    without a newline shows at once."""
+    "\\n@@vmimg@@ ...\\n" (its own newline first, so that it starts a line): the empty line
+    that newline makes goes with the marker, so what is left is the workload's output as it
+    wrote it. Bytes are held back only while they could still belong to a marker: the start
+    of a line, and an empty line until the next line shows it is no marker's. A line's own
+    newline is never held (a reader waiting for it would wait for the next line), and a
+    prompt that ends without a newline shows at once."""
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self.write = write
         self.held = b""  # the start of the current line, not yet known to be a marker or not
-        self.eol = b""  # the last line's newline: dropped if the next line is a marker
+        self.eol = b""  # a held empty line's newline: dropped if the next line is a marker
         self.cr = b""  # a "\\r" that ended a chunk: the start of a "\\r\\n", perhaps
         self.mode = _START
 
@@ -325,9 +326,13 @@ class ConsoleFilter:
             self.held = self.eol = b""
             self.mode = _START if complete else _DROP
             return b""
-        if complete:  # a whole line that is no marker (an empty one, say)
+        if complete:  # a whole line that is no marker
             text, eol = _split_eol(self.held)
-            shown, self.held, self.eol = self.eol + text, b"", eol
+            self.held = b""
+            if not text:  # an empty line: perhaps the one before a marker, held
+                shown, self.eol = self.eol, eol
+                return shown
+            shown, self.eol = self.eol + text + eol, b""
             return shown
         if MARKER_START.startswith(probe):
             return b""  # could still be a marker: wait for more
@@ -339,9 +344,8 @@ class ConsoleFilter:
         """Text of a line known to be no marker; its newline is kept back (`eol`)."""
         data, self.cr = self.cr + piece, b""
         if complete:
-            text, self.eol = _split_eol(data)
             self.mode = _START
-            return text
+            return data
         if data.endswith(b"\r"):
             data, self.cr = data[:-1], b"\r"
         return data
