@@ -74,7 +74,9 @@ def _layer_tars(cache: Path) -> list[Path]:
 def test_max_unpacked_size_bounds_the_sum_of_the_layers(three_layers: str, tmp_path: Path) -> None:
     """Each layer fits the limit; the three together do not."""
     out = tmp_path / "root.tar"
-    r = run_vmimg(tmp_path, "rootfs", three_layers, "-o", str(out), "--max-unpacked-size", "8M")
+    r = run_vmimg(
+        tmp_path, "-q", "rootfs", three_layers, "-o", str(out), "--max-unpacked-size", "8M"
+    )
     assert r.returncode == 5, r.stderr
     assert _limit_error("8 MiB").fullmatch(r.stderr), r.stderr
     assert not out.exists()
@@ -83,10 +85,18 @@ def test_max_unpacked_size_bounds_the_sum_of_the_layers(three_layers: str, tmp_p
     assert sum(p.stat().st_size for p in _layer_tars(cache)) <= 8 * MIB  # whole layers only
     # The environment variable sets it too; the option wins over it.
     env = {"VMIMG_MAX_UNPACKED_SIZE": "4M"}
-    r = run_vmimg(tmp_path, "rootfs", three_layers, "-o", str(out), env=env)
+    r = run_vmimg(tmp_path, "-q", "rootfs", three_layers, "-o", str(out), env=env)
     assert r.returncode == 5 and _limit_error("4 MiB").fullmatch(r.stderr), r.stderr
     r = run_vmimg(
-        tmp_path, "rootfs", three_layers, "-o", str(out), "--max-unpacked-size", "10M", env=env
+        tmp_path,
+        "-q",
+        "rootfs",
+        three_layers,
+        "-o",
+        str(out),
+        "--max-unpacked-size",
+        "10M",
+        env=env,
     )
     assert r.returncode == 0, r.stderr
     assert len(_layer_tars(cache)) == 3
@@ -95,10 +105,10 @@ def test_max_unpacked_size_bounds_the_sum_of_the_layers(three_layers: str, tmp_p
 def test_layers_already_in_the_cache_count_too(three_layers: str, tmp_path: Path) -> None:
     """The same image passes or fails the same limit whatever the cache holds."""
     out = tmp_path / "root.tar"
-    r = run_vmimg(tmp_path, "rootfs", three_layers, "-o", str(out))
+    r = run_vmimg(tmp_path, "-q", "rootfs", three_layers, "-o", str(out))
     assert r.returncode == 0, r.stderr
     r = run_vmimg(
-        tmp_path, "rootfs", three_layers, "-o", str(tmp_path / "again.tar"), "--no-cache",
+        tmp_path, "-q", "rootfs", three_layers, "-o", str(tmp_path / "again.tar"), "--no-cache",
         "--max-unpacked-size", "8M",
     )  # fmt: skip
     assert r.returncode == 5, r.stderr
@@ -133,14 +143,22 @@ def _fake_bzimage(path: Path, size: int) -> str:
 def test_build_is_bounded_and_stops_before_a_full_disk(three_layers: str, tmp_path: Path) -> None:
     kernel = _fake_bzimage(tmp_path / "bzImage", MIB)
     out = tmp_path / "bundle"
-    r = run_vmimg(tmp_path, "build", three_layers, "--kernel", kernel, "-o", str(out),
+    r = run_vmimg(tmp_path, "-q", "build", three_layers, "--kernel", kernel, "-o", str(out),
                   *IMAGE_INIT, "--max-unpacked-size", "8M")  # fmt: skip
     assert r.returncode == 5 and _limit_error("8 MiB").fullmatch(r.stderr), r.stderr
     assert not out.exists() and _entries(tmp_path / "cache", "tmp") == []
     with mounted_tmpfs(tmp_path / "small", "5m") as small:
         # erofs: 9 MiB of file data and the kernel cannot fit; known before writing.
         r = run_vmimg(
-            tmp_path, "build", three_layers, "--kernel", kernel, "-o", f"{small}/b", *IMAGE_INIT
+            tmp_path,
+            "-q",
+            "build",
+            three_layers,
+            "--kernel",
+            kernel,
+            "-o",
+            f"{small}/b",
+            *IMAGE_INIT,
         )
         assert r.returncode == 7, r.stderr
         assert re.fullmatch(f"vmimg: error: cannot write {small}/b: it needs at least 10 MiB "
@@ -151,7 +169,7 @@ def test_build_is_bounded_and_stops_before_a_full_disk(three_layers: str, tmp_pa
         noise = tmp_path / "noise"
         layer = LayerSpec(L.layer(L.file("noise", random.Random(3).randbytes(6 * MIB))))
         write_layout(str(noise), {"t": ImageSpec([layer])})
-        r = run_vmimg(tmp_path, "build", f"oci:{noise}:t", "--fs", "initramfs", "--kernel",
+        r = run_vmimg(tmp_path, "-q", "build", f"oci:{noise}:t", "--fs", "initramfs", "--kernel",
                       kernel, "-o", f"{small}/b", *IMAGE_INIT)  # fmt: skip
         assert r.returncode == 7, r.stderr
         assert r.stderr == f"vmimg: error: cannot write {small}/b: No space left on device\n"
@@ -164,12 +182,14 @@ def test_a_bomb_costs_the_cache_at_most_the_limit(tmpfs: Path, tmp_path: Path) -
     source = image(then=raw_layer(bomb("zstd"), ZSTD_TYPE, ZERO_DIFF_ID))(tmp_path / "bomb")
     env = {"VMIMG_CACHE": str(tmpfs)}
     out = tmp_path / "root.tar"
-    r = run_vmimg(tmp_path, "rootfs", source, "-o", str(out), "--max-unpacked-size", "32M", env=env)
+    r = run_vmimg(
+        tmp_path, "-q", "rootfs", source, "-o", str(out), "--max-unpacked-size", "32M", env=env
+    )
     assert r.returncode == 5, r.stderr
     assert _limit_error("32 MiB").fullmatch(r.stderr), r.stderr
     assert _entries(tmpfs, "tmp") == [] and _layer_tars(tmpfs) == []
     # Without a limit below the file system's size, the free space check stops it instead.
-    r = run_vmimg(tmp_path, "rootfs", source, "-o", str(out), env=env)
+    r = run_vmimg(tmp_path, "-q", "rootfs", source, "-o", str(out), env=env)
     assert r.returncode == 8, r.stderr
     assert re.fullmatch(LAYER_LINE + f"the cache file system at {tmpfs} is nearly full .*\n",
                         r.stderr), r.stderr  # fmt: skip
@@ -251,7 +271,7 @@ def test_prune_all_removes_everything_but_what_live_processes_hold(
     three_layers: str, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    r = run_vmimg(tmp_path, "rootfs", three_layers, "-o", str(tmp_path / "root.tar"))
+    r = run_vmimg(tmp_path, "-q", "rootfs", three_layers, "-o", str(tmp_path / "root.tar"))
     assert r.returncode == 0, r.stderr
     kernel = _fake_kernel_area(cache)
     (cache / "accel").mkdir()
@@ -286,7 +306,7 @@ def test_prune_all_removes_everything_but_what_live_processes_hold(
 
 def test_prune_without_all_keeps_layers_and_kernels(three_layers: str, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    r = run_vmimg(tmp_path, "rootfs", three_layers, "-o", str(tmp_path / "root.tar"))
+    r = run_vmimg(tmp_path, "-q", "rootfs", three_layers, "-o", str(tmp_path / "root.tar"))
     assert r.returncode == 0, r.stderr
     kernel = _fake_kernel_area(cache)
     text = _prune(tmp_path)
