@@ -247,8 +247,9 @@ def test_token_realm_on_another_host_gets_no_credentials(
         tmp_path, f"{hostile.address}/{REPO}:latest", docker_config(tmp_path, hostile.address)
     )
     assert r.returncode == 0, r.stderr
-    assert [s.method for s in other.requests()] == ["GET"]
-    assert "service=evil" in other.requests()[0].path
+    # `inspect` reads the manifest twice (is it a bundle? then the image): a token each time.
+    assert {s.method for s in other.requests()} == {"GET"}
+    assert all("service=evil" in s.path for s in other.requests())
     assert_never_saw_credentials(other)
 
 
@@ -269,7 +270,8 @@ def test_token_realm_on_the_registry_host_gets_the_credentials(
         )
         assert r.returncode == 0, r.stderr
         tokens = [s for s in realm.requests() if s.path.startswith("/token")]
-        assert [s.headers.get("authorization") for s in tokens] == [basic(USER, PASSWORD)]
+        assert tokens  # one per manifest read (`inspect` reads it twice)
+        assert {s.headers.get("authorization") for s in tokens} == {basic(USER, PASSWORD)}
 
 
 def test_withheld_credentials_are_named_when_the_registry_refuses(
