@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,9 +323,11 @@ def test_installed_package_finds_the_agent_and_the_kernel_fragments(
     for target, rel in links:
         (site / rel).symlink_to(in_image(target))
 
-    # -S: no site processing, so the checkout's editable install cannot answer instead.
+    # -S: no site processing, so the checkout's editable install cannot answer instead; the
+    # venv's packages (vmimg's dependencies) come after the installed copy, without their .pth.
+    deps = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
     probe = (
-        f"import sys; sys.path.insert(0, {str(site)!r})\n"
+        f"import sys; sys.path.insert(0, {str(site)!r}); sys.path += {deps!r}\n"
         "from vmimg.guest.agent import find_agent_binary\n"
         "from vmimg.guest.kernel import FRAGMENTS_DIR, read_fragments, read_pin\n"
         "print(find_agent_binary('x86_64'))\n"

@@ -416,7 +416,7 @@ def _boot(kernel: Path, image: Path, root_args: list[str]) -> GuestRun:
 @pytest.fixture(scope="module")
 def verity_kernel() -> Path:
     """The x86_64 kernel of this checkout's fragments (built if not cached), as vmlinux."""
-    from vmimg import kernel as klib
+    from vmimg.guest import kernel as klib
 
     need("qemu-system-x86_64")
     built = klib.find_or_build_kernel("x86_64")

@@ -33,7 +33,7 @@ def test_run_prints_the_workload_and_nothing_else(bundle: Path, cache_dir: Path)
 
 
 def test_run_verbose_shows_the_kernel_and_the_markers(bundle: Path, cache_dir: Path) -> None:
-    r = vmimg("run", "-v", str(bundle), "--cmd", "echo one; exit 3", cache=cache_dir,
+    r = vmimg("run", "--verbose", str(bundle), "--cmd", "echo one; exit 3", cache=cache_dir,
               stdin=subprocess.DEVNULL)  # fmt: skip
     assert r.returncode == 3, r.stderr
     assert f"{MARKER} ready" in r.stdout and f"{MARKER} exit" in r.stdout

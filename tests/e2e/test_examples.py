@@ -75,7 +75,7 @@ def test_oneshot_job_exit_code(examples: Examples) -> None:
 
     code, report = _verify(examples, bundle, "--expect-exit", "3")
     assert code == 0 and report["passed"] and report["exit_code"] == 3, report
-    assert report["verify_result"] == "ok" and report["stage"] == "exit"
+    assert report["verify_result"] in ("ok", "verity") and report["stage"] == "exit"
     console = Path(str(report["console_log"])).read_text()
     assert "job nightly-report: 18 accounts" in console
     assert "not approved (set JOB_APPROVED=yes)" in console
@@ -151,7 +151,7 @@ def test_counter_service_writes_through_the_overlay(examples: Examples, tmp_path
     for boot in range(2):
         bodies, exit_code, console = _serve_and_stop(examples, erofs, tmp_path / f"erofs{boot}")
         assert bodies["/"] == "starts=1\nwritten-by=app\n"  # a fresh overlay every boot
-        assert "@@vmimg@@ ready" in console and "rootfs=erofs" in console
+        assert "@@vmimg@@" not in console  # the workload's output only (run -v shows markers)
         assert exit_code == SIGTERM_EXIT  # busybox httpd does not catch SIGTERM
 
     ext4 = examples.bundle(source, "--writable-root")

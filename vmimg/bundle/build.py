@@ -337,7 +337,9 @@ def _assemble(
     if options.use_verity:
         if options.fs == "initramfs":
             raise UsageError("--verity needs a block-device root: --fs erofs or ext4")
-        verity = append_hash_tree(os.path.join(work, rootfs_name), verity_salt(bk.key))
+        verity = append_hash_tree(
+            os.path.join(work, rootfs_name), verity_salt(image.config_digest)
+        )
     with open(os.path.join(work, MANIFEST_FILE), "wb") as f:
         f.write(manifest.to_bytes())
     shutil.copyfile(boot_kernel_file(kernel), os.path.join(work, KERNEL_FILE))
@@ -359,10 +361,10 @@ def _assemble(
     return warnings
 
 
-def verity_salt(build_key: str) -> bytes:
-    """The dm-verity salt of a build: derived from its key, so the same build gives the
-    same bytes, and different builds different salts."""
-    return hashlib.sha256(b"vmimg dm-verity salt\0" + build_key.encode()).digest()
+def verity_salt(config_digest: str) -> bytes:
+    """The dm-verity salt of a root: derived from the image's config digest, as the writers'
+    seeds are, so the same image gives the same bytes whichever transport it came through."""
+    return hashlib.sha256(b"vmimg dm-verity salt\0" + config_digest.encode()).digest()
 
 
 def linkable_files(vm: VmSpec) -> set[str]:
