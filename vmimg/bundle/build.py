@@ -337,9 +337,7 @@ def _assemble(
     if options.use_verity:
         if options.fs == "initramfs":
             raise UsageError("--verity needs a block-device root: --fs erofs or ext4")
-        verity = append_hash_tree(
-            os.path.join(work, rootfs_name), verity_salt(image.config_digest)
-        )
+        verity = append_hash_tree(os.path.join(work, rootfs_name), verity_salt(image.config_digest))
     with open(os.path.join(work, MANIFEST_FILE), "wb") as f:
         f.write(manifest.to_bytes())
     shutil.copyfile(boot_kernel_file(kernel), os.path.join(work, KERNEL_FILE))
