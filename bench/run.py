@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from bench import fixtures
+from bench.peakrss import run_with_peak_rss
 
 VMIMG = [sys.executable, "-m", "vmimg"]
 PY = sys.executable
@@ -65,16 +66,16 @@ def tool(env: str, name: str) -> str | None:
 
 def run_timed(commands: list[list[str]], env: dict[str, str]) -> tuple[float, float]:
     """Run commands in sequence; total wall seconds and the max peak RSS (MiB) among them."""
-    start = time.perf_counter()
+    seconds = 0.0
     peak = 0.0
     for cmd in commands:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        if os.waitstatus_to_exitcode(status) != 0:
+        run = run_with_peak_rss(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        if run.result.returncode != 0:
+            stderr = run.result.stderr.decode(errors="replace")
             raise RuntimeError(f"{' '.join(cmd)} failed: {stderr[-2000:]}")
-        peak = max(peak, usage.ru_maxrss / 1024)
-    return time.perf_counter() - start, peak
+        seconds += run.seconds
+        peak = max(peak, run.peak_rss_kib / 1024)
+    return seconds, peak
 
 
 def layout_dir(ref: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.peakrss import run_with_peak_rss
 from tests.conftest import free_port
 from tests.hostile.cli import confined_command, confined_env, run_vmimg
 from tests.hostile.corpus import relink
@@ -354,8 +355,8 @@ def test_silent_registry_fails_in_bounded_time(hostile: EvilServer, tmp_path: Pa
 
 
 def run_measured(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
-    """The confined CLI (prlimit --as) and its peak RSS in KiB, from wait4."""
-    proc = subprocess.Popen(
+    """The confined CLI (prlimit --as) and its own peak RSS in KiB."""
+    run = run_with_peak_rss(
         confined_command(*args),
         cwd=tmp_path / "w" / "cwd",
         env=confined_env(tmp_path / "w"),
@@ -363,12 +364,7 @@ def run_measured(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProces
         stderr=subprocess.PIPE,
         text=True,
     )
-    # prlimit execs vmimg in place, so this child's rusage is vmimg's.
-    assert proc.stdout is not None and proc.stderr is not None
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return subprocess.CompletedProcess(args, proc.returncode, out, err), usage.ru_maxrss
+    return run.result, run.peak_rss_kib
 
 
 @pytest.mark.parametrize("length", [None, HUGE], ids=["endless-chunked", "claims-1.5GB"])
