@@ -38,8 +38,7 @@ CASES = [("erofs", "x86_64"), ("ext4", "x86_64"), ("initramfs", "x86_64"), ("ext
 
 def _bundle(tmp_path: Path, fs: str, arch: str) -> Path:
     path = tmp_path / f"{fs}-{arch}"
-    vm = make_bundle(path, fs="ext4" if fs == "ext4" else "erofs")
-    vm["arch"] = arch
+    vm = make_bundle(path, fs="ext4" if fs == "ext4" else "erofs", arch=arch)
     if fs == "ext4":
         vm["cmdline"] = "console=ttyS0 quiet panic=-1 root=/dev/vda rw rootfstype=ext4"
     if fs == "initramfs":

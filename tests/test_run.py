@@ -216,11 +216,12 @@ def test_parse_env_files_and_host_values(tmp_path: Path, monkeypatch: pytest.Mon
 # --- devices ---------------------------------------------------------------------------------
 
 
-def test_root_disk_stays_first_and_device_arguments(tmp_path: Path) -> None:
-    """The kernel names virtio-mmio disks in command line order: the root must come first,
-    or root=/dev/vda finds a volume."""
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+def test_root_disk_is_found_first_and_device_arguments(tmp_path: Path, arch: str) -> None:
+    """The guest must find the root disk first, or root=/dev/vda finds another disk:
+    microvm probes virtio-mmio devices in command-line order, virt in reverse."""
     bundle = tmp_path / "b"
-    make_bundle(bundle, fs="erofs")
+    make_bundle(bundle, fs="erofs", arch=arch)
     vm = read_vm_json(str(bundle))
     (tmp_path / "d,x").mkdir()
     vol_args, mount = volume_args(0, parse_volume(f"{tmp_path}/d,x:/mnt:ro"))
@@ -231,9 +232,9 @@ def test_root_disk_stays_first_and_device_arguments(tmp_path: Path) -> None:
              *exec_port_args(str(tmp_path / "exec.sock")))  # fmt: skip
     cmd = qemu_command(vm, str(bundle), opts=LaunchOptions(extra=extra,
                        publish=(PortForward(8080, 80, "0.0.0.0", "udp"),)))  # fmt: skip
-    drives = [a for a in cmd if a.startswith("id=")]
-    assert drives[0].startswith("id=root,")
-    assert cmd.index("virtio-blk-device,drive=root") < cmd.index("-fsdev")
+    disks = [a for a in cmd if a.startswith("virtio-blk-device,")]
+    in_probe_order = disks if arch == "x86_64" else disks[::-1]
+    assert len(disks) == 2 and in_probe_order[0] == "virtio-blk-device,drive=root"
     assert "virtio-blk-device,drive=disk0,serial=vmimg-disk0" in cmd
     assert "virtserialport,chardev=exec,name=vmimg.exec" in cmd
     assert any("hostfwd=udp:0.0.0.0:8080-:80" in a for a in cmd)

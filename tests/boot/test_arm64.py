@@ -188,11 +188,6 @@ def test_arm64_exit_codes(bundles: dict[str, Path], cache_dir: Path) -> None:
     assert killed.returncode == 0, killed.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: `vmimg run` of an arm64 bundle stops without an exit report since "
-    "run-time values travel on the run disk (booted only on x86_64 so far); see the session note",
-)
 def test_arm64_run_and_shutdown_request(bundles: dict[str, Path], cache_dir: Path) -> None:
     """SIGTERM to `vmimg run` -> QMP system_powerdown -> virt's PL061 GPIO power key ->
     gpio-keys KEY_POWER on evdev -> the agent -> SIGTERM to the workload."""

@@ -37,7 +37,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_bundle(path: Path, fs: str = "erofs") -> dict[str, Any]:
+def make_bundle(path: Path, fs: str = "erofs", arch: str = "x86_64") -> dict[str, Any]:
     """A bundle in the format, with stand-in bytes for its kernel and root."""
     path.mkdir(parents=True)
     rootfs = "rootfs.erofs" if fs == "erofs" else "rootfs.ext4"
@@ -48,8 +48,8 @@ def make_bundle(path: Path, fs: str = "erofs") -> dict[str, Any]:
     vm = {
         "format": 1,
         "vmimg": "test",
-        "arch": "x86_64",
-        "platform": "linux/amd64",
+        "arch": arch,
+        "platform": "linux/amd64" if arch == "x86_64" else "linux/arm64",
         "source": {"reference": "test", "digest": "sha256:" + "0" * 64, "config_digest": ""},
         "rootfs": {"file": rootfs, "type": fs, "read_only": fs == "erofs", "options": {}},
         "kernel": {"file": "kernel", "version": "6.1", "key": "k", "user_supplied": False},

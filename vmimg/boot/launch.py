@@ -21,6 +21,8 @@ QEMU_AARCH64 = "qemu-system-aarch64"
 # gic-version=max: GICv3 under TCG (more than 8 vCPUs), whatever the host has under KVM.
 QEMU_BINARIES = {Arch.X86_64: QEMU_X86, Arch.ARM64: QEMU_AARCH64}
 QEMU_MACHINES = {Arch.X86_64: "microvm", Arch.ARM64: "virt,gic-version=max"}
+# Machines whose virtio-mmio devices the guest finds in reverse command-line order.
+VIRTIO_MMIO_REVERSED = frozenset({Arch.ARM64})
 # arm64 under TCG: "max" emulates every feature, but its QARMA pointer-authentication
 # cipher is slow to emulate; pauth-impdef=on keeps pointer auth with QEMU's cheap hash.
 ARM64_TCG_CPU = "max,pauth-impdef=on"
@@ -75,8 +77,8 @@ class LaunchOptions:
     network: bool = True
     serial: str = "stdio"  # QEMU -serial backend
     qmp_socket: str | None = None  # a QMP unix socket, to ask the guest to shut down
-    # Arguments after the root disk's (volumes, disks, ports): the root stays /dev/vda, since
-    # the kernel names virtio-mmio disks in the order their devices are on the command line.
+    # Devices beside the root disk (volumes, disks, the run disk); qemu_command places them
+    # so that the root disk is still the first one the guest kernel finds (/dev/vda).
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -138,6 +140,12 @@ def qemu_command(
         "-serial", o.serial,
         "-device", "virtio-rng-device",
     ]  # fmt: skip
+    # microvm's virtio-mmio transports are probed in command-line order; virt gives the
+    # first command-line device the highest address and the kernel probes from the lowest,
+    # so there the root disk goes after the other disks to stay /dev/vda.
+    root_last = arch in VIRTIO_MMIO_REVERSED
+    if root_last:
+        cmd += o.extra
     if rootfs.type == "initramfs":
         cmd += ["-initrd", _path(bundle_dir, rootfs.file)]
     else:
@@ -154,7 +162,7 @@ def qemu_command(
         cmd += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     if o.qmp_socket:
         cmd += ["-qmp", f"unix:{qemu_opt(o.qmp_socket)},server=on,wait=off"]
-    return cmd + list(o.extra)
+    return cmd if root_last else cmd + list(o.extra)
 
 
 def ch_value(value: str) -> str:
