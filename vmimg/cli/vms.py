@@ -177,87 +177,88 @@ def _describe(state: vmstate.VmState) -> dict[str, Any] | None:
     }
 
 
-def register(main: click.Group) -> None:
-    """Add ps, logs, stop, exec and rm to `vmimg`."""
+@click.command("ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Also the VMs that have ended.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def ps(show_all: bool, as_json: bool) -> None:
+    """List the VMs `vmimg run` started (running ones; -a: all)."""
 
-    @main.command("ps")
-    @click.option("-a", "--all", "show_all", is_flag=True, help="Also the VMs that have ended.")
-    @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
-    def ps(show_all: bool, as_json: bool) -> None:
-        """List the VMs `vmimg run` started (running ones; -a: all)."""
+    def go() -> None:
+        rows = [d for s in vmstate.list_all() if (d := _describe(s))]
+        rows = [r for r in rows if show_all or r["state"] == "running"]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        click.echo(f"{'NAME':<16} {'STATE':<12} {'UPTIME':>7}  {'PORTS':<28} BUNDLE")
+        for r in rows:
+            status = r["state"]
+            if status == "exited":
+                code = r["exit_code"]
+                status = f"exited({'?' if code is None else code})"
+            up = _duration(r["uptime"]) if r["uptime"] is not None else "-"
+            ports = ",".join(r["ports"]) or "-"
+            click.echo(f"{r['name']:<16} {status:<12} {up:>7}  {ports:<28} {r['bundle']}")
 
-        def go() -> None:
-            rows = [d for s in vmstate.list_all() if (d := _describe(s))]
-            rows = [r for r in rows if show_all or r["state"] == "running"]
-            if as_json:
-                click.echo(json.dumps(rows, indent=2))
-                return
-            click.echo(f"{'NAME':<16} {'STATE':<12} {'UPTIME':>7}  {'PORTS':<28} BUNDLE")
-            for r in rows:
-                status = r["state"]
-                if status == "exited":
-                    code = r["exit_code"]
-                    status = f"exited({'?' if code is None else code})"
-                up = _duration(r["uptime"]) if r["uptime"] is not None else "-"
-                ports = ",".join(r["ports"]) or "-"
-                click.echo(f"{r['name']:<16} {status:<12} {up:>7}  {ports:<28} {r['bundle']}")
+    run(as_json, go)
 
-        run(as_json, go)
 
-    @main.command("logs")
-    @click.argument("name")
-    @click.option("-f", "--follow", is_flag=True, help="Keep printing until the VM ends.")
-    def logs(name: str, follow: bool) -> None:
-        """Print a VM's console (kernel, agent markers, the workload's output)."""
-        run(False, lambda: copy_logs(vmstate.get(name), sys.stdout.buffer, follow))
+@click.command("logs")
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the VM ends.")
+def logs(name: str, follow: bool) -> None:
+    """Print a VM's console (kernel, agent markers, the workload's output)."""
+    run(False, lambda: copy_logs(vmstate.get(name), sys.stdout.buffer, follow))
 
-    @main.command("stop")
-    @click.argument("names", nargs=-1, required=True)
-    @click.option("-t", "--time", "timeout", type=click.FloatRange(0), default=10.0,
-                  show_default=True,
-                  help="Seconds between the power button and a kill.")  # fmt: skip
-    def stop(names: tuple[str, ...], timeout: float) -> None:
-        """Stop VMs: the power button (the workload gets its stop signal), then a kill."""
 
-        def go() -> None:
-            for name in names:
-                stop_vm(vmstate.get(name), timeout)
-                click.echo(name)
+@click.command("stop")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-t", "--time", "timeout", type=click.FloatRange(0), default=10.0,
+              show_default=True,
+              help="Seconds between the power button and a kill.")  # fmt: skip
+def stop(names: tuple[str, ...], timeout: float) -> None:
+    """Stop VMs: the power button (the workload gets its stop signal), then a kill."""
 
-        run(False, go)
+    def go() -> None:
+        for name in names:
+            stop_vm(vmstate.get(name), timeout)
+            click.echo(name)
 
-    @main.command("rm")
-    @click.argument("names", nargs=-1, required=True)
-    @click.option("-f", "--force", is_flag=True, help="Kill a running VM first.")
-    def rm(names: tuple[str, ...], force: bool) -> None:
-        """Forget ended VMs: their state and console logs (data disks stay)."""
+    run(False, go)
 
-        def go() -> None:
-            for name in names:
-                remove_vm(vmstate.get(name), force)
-                click.echo(name)
 
-        run(False, go)
+@click.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Kill a running VM first.")
+def rm(names: tuple[str, ...], force: bool) -> None:
+    """Forget ended VMs: their state and console logs (data disks stay)."""
 
-    @main.command("exec", context_settings={"allow_interspersed_args": False})
-    @click.argument("name")
-    @click.argument("command", nargs=-1, required=True)
-    @click.option("-i", "--interactive", is_flag=True, help="Send stdin to the process.")
-    @click.option("-t", "--tty", is_flag=True, help="Run the process on a terminal (a pty).")
-    @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set a variable.")
-    @click.option("-u", "--user", default=None, help="Run as USER[:GROUP].")
-    @click.option("-w", "--workdir", default=None, help="The process's directory.")
-    def exec_cmd(name: str, command: tuple[str, ...], interactive: bool, tty: bool,
-                 env: tuple[str, ...], user: str | None, workdir: str | None) -> None:  # fmt: skip
-        """Run COMMAND in the running VM NAME; exit with its exit code.
+    def go() -> None:
+        for name in names:
+            remove_vm(vmstate.get(name), force)
+            click.echo(name)
 
-        The process gets the workload's environment, user and directory unless told
-        otherwise. Options go before NAME; everything after NAME is the command.
-        """
+    run(False, go)
 
-        def go() -> int:
-            opts = ExecOptions(argv=command, env=parse_env(env, ()), user=user,
-                               workdir=workdir, interactive=interactive, tty=tty)  # fmt: skip
-            return exec_in_vm(vmstate.get(name), opts)
 
-        sys.exit(run(False, go))
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True)
+@click.option("-i", "--interactive", is_flag=True, help="Send stdin to the process.")
+@click.option("-t", "--tty", is_flag=True, help="Run the process on a terminal (a pty).")
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="Set a variable.")
+@click.option("-u", "--user", default=None, help="Run as USER[:GROUP].")
+@click.option("-w", "--workdir", default=None, help="The process's directory.")
+def exec_cmd(name: str, command: tuple[str, ...], interactive: bool, tty: bool,
+             env: tuple[str, ...], user: str | None, workdir: str | None) -> None:  # fmt: skip
+    """Run COMMAND in the running VM NAME; exit with its exit code.
+
+    The process gets the workload's environment, user and directory unless told
+    otherwise. Options go before NAME; everything after NAME is the command.
+    """
+
+    def go() -> int:
+        opts = ExecOptions(argv=command, env=parse_env(env, ()), user=user,
+                           workdir=workdir, interactive=interactive, tty=tty)  # fmt: skip
+        return exec_in_vm(vmstate.get(name), opts)
+
+    sys.exit(run(False, go))
