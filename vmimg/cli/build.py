@@ -24,7 +24,7 @@ from vmimg.cli.options import (
     unpack_param,
 )
 from vmimg.cli.progress import progress
-from vmimg.cli.rootfs import writer_options, writer_params
+from vmimg.cli.rootfs import WriterFlags, writer_options, writer_params
 from vmimg.errors import UsageError
 from vmimg.guest.agent import ConfigOverrides
 from vmimg.guest.kernel import KERNEL_BUILD_PHASE
@@ -169,8 +169,7 @@ def build(
     kernel_path: str | None, init_mode: str, entrypoint: str | None, cmd: str | None,
     env: tuple[str, ...], workdir: str | None, user: str | None, hostname: str | None,
     cpus: int, memory: int,
-    compression: str, size: int | None, headroom: int | None, inodes: int, no_journal: bool,
-    label: str, compress: str, compress_level: int | None, no_cache: bool,
+    writer: WriterFlags, no_cache: bool,
     push_ref: str | None, remote_cache: bool, as_json: bool, max_unpacked_size: int,
     platform: str, registry: RegistryFlags, cache_dir: str | None,
 ) -> None:  # fmt: skip
@@ -189,10 +188,7 @@ def build(
         fmt = fs_type
         options = BuildOptions(
             fs=fs_type,
-            writer_options=writer_options(
-                fmt, compression, size, headroom, inodes, no_journal, compress, label,
-                compress_level,
-            ),
+            writer_options=writer_options(fmt, writer),
             init=init_mode,
             overrides=ConfigOverrides(
                 entrypoint=split_command(entrypoint), cmd=split_command(cmd), env=list(env),

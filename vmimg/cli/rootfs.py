@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import click
@@ -23,14 +24,49 @@ from vmimg.cli.progress import progress
 from vmimg.image.cache import Cache
 from vmimg.image.sample import write_sample
 from vmimg.rootfs.convert import convert
+from vmimg.rootfs.writers import WriterOptions
 from vmimg.rootfs.writers.cpio import CpioOptions
 from vmimg.rootfs.writers.erofs import ErofsOptions
 from vmimg.rootfs.writers.ext4 import Ext4Options
 from vmimg.rootfs.writers.tar import TarOptions
 
 
+@dataclass(frozen=True)
+class WriterFlags:
+    """The writers' options as given (`writer_params`); `writer_options` picks a format's."""
+
+    compression: str = "gzip"
+    size: int | None = None
+    headroom: int | None = None
+    inodes: int = 0
+    no_journal: bool = False
+    label: str = ""
+    compress: str = "none"
+    compress_level: int | None = None
+
+
 def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The file system writers' options, shared by rootfs and build."""
+    """The file system writers' options, shared by rootfs and build; the command gets them
+    as one `writer` argument (a WriterFlags)."""
+
+    @functools.wraps(f)
+    def command(
+        *args: Any,
+        compression: str,
+        size: int | None,
+        headroom: int | None,
+        inodes: int,
+        no_journal: bool,
+        label: str,
+        compress: str,
+        compress_level: int | None,
+        **kwargs: Any,
+    ) -> Any:
+        flags = WriterFlags(
+            compression, size, headroom, inodes, no_journal, label, compress, compress_level
+        )
+        return f(*args, writer=flags, **kwargs)
+
     for opt in reversed(
         [
             click.option(
@@ -60,8 +96,8 @@ def writer_params(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
         ]
     ):
-        f = opt(f)
-    return f
+        command = opt(command)
+    return command
 
 
 @click.command()
@@ -84,14 +120,7 @@ def rootfs(
     source: str,
     fmt: str,
     output: str,
-    compression: str,
-    size: int | None,
-    headroom: int | None,
-    inodes: int,
-    no_journal: bool,
-    label: str,
-    compress: str,
-    compress_level: int | None,
+    writer: WriterFlags,
     no_cache: bool,
     as_json: bool,
     max_unpacked_size: int,
@@ -108,9 +137,7 @@ def rootfs(
 
     def go() -> None:
         check_output_file(output, "-o")
-        options = writer_options(
-            fmt, compression, size, headroom, inodes, no_journal, compress, label, compress_level
-        )
+        options = writer_options(fmt, writer)
         cache = Cache.open(cache_dir, max_unpacked_size)
         with progress() as shown:
             result = convert(
@@ -141,34 +168,21 @@ def rootfs(
     run(as_json, go)
 
 
-def writer_options(
-    fmt: str,
-    compression: str,
-    size: int | None,
-    headroom: int | None,
-    inodes: int,
-    no_journal: bool,
-    compress: str,
-    label: str = "",
-    compress_level: int | None = None,
-) -> Any:
+def writer_options(fmt: str, flags: WriterFlags) -> WriterOptions:
     """The options object of the chosen writer."""
     if fmt == "tar":
         return TarOptions()
     if fmt == "initramfs":
-        return CpioOptions(compression=compression)
+        return CpioOptions(compression=flags.compression)
     if fmt == "ext4":
-        kw: dict[str, Any] = {
-            "size": size,
-            "extra_inodes": inodes,
-            "journal": not no_journal,
-            "label": label,
-        }
-        if headroom is not None:
-            kw["headroom"] = headroom
-        return Ext4Options(**kw)
-
-    return ErofsOptions(compress=compress, compress_level=compress_level, label=label)
+        ext4 = Ext4Options(
+            size=flags.size, extra_inodes=flags.inodes, journal=not flags.no_journal,
+            label=flags.label,
+        )  # fmt: skip
+        return ext4 if flags.headroom is None else replace(ext4, headroom=flags.headroom)
+    return ErofsOptions(
+        compress=flags.compress, compress_level=flags.compress_level, label=flags.label
+    )
 
 
 @click.command()
