@@ -24,7 +24,7 @@ from vmimg.cli.options import (
     vm_params,
 )
 from vmimg.cli.progress import VERBOSITY, progress
-from vmimg.cli.vms import run_options, run_params
+from vmimg.cli.vms import ContainerFlags, run_options, run_params
 from vmimg.errors import VerificationFailed
 from vmimg.image.cache import Cache
 
@@ -169,12 +169,8 @@ def render_reports(reports: list[Any]) -> str:
 @cache_param
 def run_cmd(
     bundle: str, command: tuple[str, ...], accel: str | None, cpus: int | None,
-    memory: int | None, publish: tuple[str, ...], cmd: str | None, entrypoint: str | None,
-    env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None, user: str | None,
-    hostname: str | None, network: str, name: str | None, remove: bool, interactive: bool,
-    tty: bool, detach: bool, volume: tuple[str, ...], disk: tuple[str, ...],
-    data: tuple[str, ...], secret: tuple[str, ...], stop_signal: str | None,
-    stop_timeout: int | None, persist: bool, timeout: float | None, cache_dir: str | None,
+    memory: int | None, publish: tuple[str, ...], cmd: str | None, container: ContainerFlags,
+    persist: bool, timeout: float | None, cache_dir: str | None,
 ) -> None:  # fmt: skip
     """Boot BUNDLE as `docker run` starts a container; exit with the workload's exit code.
 
@@ -187,11 +183,8 @@ def run_cmd(
 
     def go() -> None:
         opts = run_options(
-            command, entrypoint, env, env_file, publish, volume, disk, data, secret, stop_signal,
-            stop_timeout=stop_timeout, accel=accel, vcpus=cpus, memory_mib=memory, cmd=cmd,
-            workdir=workdir, user=user, hostname=hostname, network=network, name=name,
-            remove=remove, interactive=interactive, tty=tty, detach=detach, persist=persist,
-            timeout=timeout,
+            command, container, publish, accel=accel, vcpus=cpus, memory_mib=memory, cmd=cmd,
+            persist=persist, timeout=timeout,
         )  # fmt: skip
         opts = replace(opts, console_all=VERBOSITY.verbose)
         result = run_bundle(bundle, opts, Cache.open(cache_dir))

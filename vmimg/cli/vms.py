@@ -3,12 +3,14 @@ container-style options (docs/run.md). The work is in vmimg.boot (state, control
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import click
@@ -70,37 +72,71 @@ def parse_env(values: tuple[str, ...], env_files: tuple[str, ...]) -> tuple[str,
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class ContainerFlags:
+    """`vmimg run`'s container-style options as given (`run_params`)."""
+
+    entrypoint: str | None = None
+    env: tuple[str, ...] = ()
+    env_file: tuple[str, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    network: str = "user"
+    name: str | None = None
+    remove: bool = False
+    interactive: bool = False
+    tty: bool = False
+    detach: bool = False
+    volume: tuple[str, ...] = ()
+    disk: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()
+    secret: tuple[str, ...] = field(default=(), repr=False)
+    stop_signal: str | None = None
+    stop_timeout: int | None = None
+
+
 def run_options(
-    command: tuple[str, ...], entrypoint: str | None, env: tuple[str, ...],
-    env_file: tuple[str, ...], publish: tuple[str, ...], volume: tuple[str, ...],
-    disk: tuple[str, ...], data: tuple[str, ...], secret: tuple[str, ...],
-    stop_signal: str | None = None, **rest: Any,
-) -> RunOptions:  # fmt: skip
-    """RunOptions from `vmimg run`'s option values."""
-
-    def size_of(text: str) -> int:
-        return parse_size(text)
-
+    command: tuple[str, ...], flags: ContainerFlags, publish: tuple[str, ...], **rest: Any
+) -> RunOptions:
+    """RunOptions from `vmimg run`'s option values (`rest`: RunOptions fields as they are)."""
     try:
-        signal_number = parse_signal(stop_signal) if stop_signal is not None else None
+        stop_signal = parse_signal(flags.stop_signal) if flags.stop_signal is not None else None
     except AgentError:
-        raise UsageError(f"--stop-signal: {stop_signal!r} is not a signal") from None
+        raise UsageError(f"--stop-signal: {flags.stop_signal!r} is not a signal") from None
     return RunOptions(
-        stop_signal=signal_number,
         command=command or None,
-        entrypoint=split_words(entrypoint),
-        env=parse_env(env, env_file),
+        entrypoint=split_words(flags.entrypoint),
+        env=parse_env(flags.env, flags.env_file),
+        workdir=flags.workdir,
+        user=flags.user,
+        hostname=flags.hostname,
+        network=flags.network,
+        name=flags.name,
+        remove=flags.remove,
+        interactive=flags.interactive,
+        tty=flags.tty,
+        detach=flags.detach,
         publish=tuple(parse_publish(p) for p in publish),
-        volumes=tuple(parse_volume(v) for v in volume),
-        disks=tuple(parse_disk(d) for d in disk),
-        data=tuple(parse_data(d, size_of) for d in data),
-        secrets=tuple(parse_secret(s) for s in secret),
+        volumes=tuple(parse_volume(v) for v in flags.volume),
+        disks=tuple(parse_disk(d) for d in flags.disk),
+        data=tuple(parse_data(d, parse_size) for d in flags.data),
+        secrets=tuple(parse_secret(s) for s in flags.secret),
+        stop_signal=stop_signal,
+        stop_timeout=flags.stop_timeout,
         **rest,
     )
 
 
 def run_params(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`vmimg run`'s container-style options (docs/run.md maps them to docker run's)."""
+    """`vmimg run`'s container-style options (docs/run.md maps them to docker run's); the
+    command gets them as one `container` argument (a ContainerFlags)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        flags = ContainerFlags(**{name: kwargs.pop(name) for name in CONTAINER_FLAGS})
+        return f(*args, container=flags, **kwargs)
+
     for opt in reversed(
         [
             click.option("--entrypoint", default=None,
@@ -144,8 +180,11 @@ def run_params(f: Callable[..., Any]) -> Callable[..., Any]:
                          help="Seconds from the stop signal to SIGKILL [default: 10]."),
         ]
     ):  # fmt: skip
-        f = opt(f)
-    return f
+        command = opt(command)
+    return command
+
+
+CONTAINER_FLAGS = [f.name for f in fields(ContainerFlags)]
 
 
 # -- ps, logs, stop, exec, rm --------------------------------------------------------------
