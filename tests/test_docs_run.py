@@ -158,6 +158,41 @@ def all_commands() -> list[DocCommand]:
     return [c for doc in DOCS for c in doc_commands(doc)]
 
 
+# Code blocks that are not commands, by doc and first word: each is named, so that a block
+# whose program this machine lacks is noticed (it would land here unlisted) rather than
+# silently left out.
+NOT_COMMANDS: dict[tuple[str, str], str] = {
+    ("docs/agent.md", "vmimg-agent-config"): "the agent's config file",
+    ("docs/agent.md", "<path>"): "the manifest's line format",
+    ("docs/agent.md", '"\\n@@vmimg@@'): "the marker line format",
+    ("docs/agent.md", "@@vmimg@@"): "a console marker line",
+    ("docs/agent.md", "watcher"): "prose: a list item's continuation lines",
+    ("docs/agent.md", "up,"): "prose: a list item's continuation lines",
+    ("docs/agent.md", "process"): "prose: a list item's continuation lines",
+    ("docs/agent.md", "SIGTERM,"): "prose: a list item's continuation lines",
+    ("docs/agent.md", "disks"): "prose: a list item's continuation lines",
+    ("docs/architecture.md", "SOURCE"): "a diagram",
+    ("docs/architecture.md", "$VMIMG_CACHE"): "the cache's layout",
+    ("docs/artifact.md", "vmimg:"): "an error message",
+    ("docs/bundle.md", "BUNDLE/"): "the bundle's layout",
+    ("docs/bundle.md", 'dm-mod.create="vroot,,0,ro,0'): "a kernel command line",
+    ("docs/bundle.md", "0"): "a diagram",
+    ("docs/erofs.md", "block"): "the image's layout",
+    ("docs/kernel.md", "$VMIMG_CACHE/kernels/"): "the kernel cache's layout",
+    ("docs/usage.md", "vmimg:"): "an error message",
+}
+
+
+def non_command_blocks() -> set[tuple[str, str]]:
+    found = set()
+    for doc in DOCS:
+        for block in code_blocks(doc.read_text()):
+            first = block[0][1].strip()
+            if not is_command(first):
+                found.add((str(doc.relative_to(ROOT)), first.split()[0]))
+    return found
+
+
 # --- what cannot run here, with the reason ------------------------------------------------
 
 SELF_IMAGE = (
@@ -743,6 +778,14 @@ def test_commands_are_found_in_every_kind_of_block() -> None:
     # Output, configuration and prose in code blocks are not commands.
     assert not any(c.text.startswith(("vmimg:", "vmimg-agent-config", "arg ")) for c in commands)
     assert not any(c.doc == "docs/agent.md" and c.text.startswith("env ") for c in commands)
+
+
+def test_every_block_that_is_not_a_command_is_named() -> None:
+    found = non_command_blocks()
+    assert found - NOT_COMMANDS.keys() == set(), (
+        "code blocks neither run nor named in NOT_COMMANDS (a program this machine lacks?)"
+    )
+    assert NOT_COMMANDS.keys() - found == set(), "NOT_COMMANDS names blocks the docs dropped"
 
 
 def test_allow_list_has_no_stale_entries() -> None:
