@@ -59,7 +59,7 @@ _IFMT = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Content:
     """Where a regular file's bytes are.
 
@@ -99,7 +99,7 @@ class Content:
         return (Extent(0, self.size),) if self.size else ()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """One inode: a file, directory, symlink, device, fifo or socket.
 
@@ -112,7 +112,7 @@ class Node:
     `content` by regular files only.
 
     Nodes compare by identity (eq=False) because identity *is* the hardlink
-    relation.
+    relation. Slots, not a __dict__: a tree holds one Node per entry.
     """
 
     type: NodeType
