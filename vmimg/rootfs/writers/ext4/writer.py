@@ -44,6 +44,7 @@ MAX_MAJOR = 0xFFF
 MAX_MINOR = 0xFFFFF
 MAX_INODES = 0xFFFFFFFF
 SMALL_FILE_MAX = 256 * 1024  # files up to this size are written from memory, not copied
+ITABLE_CHUNK_INODES = 4096  # inode table held in memory at once: 1 MiB
 # Inode times ext4 stores with 256-byte inodes: signed 32-bit seconds plus two epoch
 # bits, 1901-12-13 to 2446-05-10 (the kernel's EXT4_TIMESTAMP_MIN / EXTRA_TIMESTAMP_MAX).
 MIN_TIME_NS = -(1 << 31) * NS_PER_S
@@ -899,7 +900,39 @@ def clamp_time(ns: int) -> int:
     return min(max(ns, MIN_TIME_NS), MAX_TIME_NS)
 
 
-def _write_inodes(plan: _Plan, itable: bytearray, out_fd: int, reader: ContentReader) -> list[str]:
+class _InodeTable:
+    """The inode table (inodes 1..count, contiguous from `start`: the groups' tables
+    follow each other), held a chunk at a time: inodes are packed in number order, and
+    each chunk is written once the next one is asked for."""
+
+    def __init__(self, fd: int, start: int, count: int) -> None:
+        self.fd = fd
+        self.start = start
+        self.count = count
+        self.first = 1  # the inode at chunk[0]
+        self.chunk = bytearray(min(count, ITABLE_CHUNK_INODES) * fmt.INODE_SIZE)
+
+    def at(self, ino: int) -> int:
+        """The offset of inode `ino` in `chunk`, moving on to its chunk if need be."""
+        index = ino - self.first
+        if index >= ITABLE_CHUNK_INODES:
+            self.flush()
+            index = (ino - 1) % ITABLE_CHUNK_INODES
+            self.first = ino - index
+            size = min(ITABLE_CHUNK_INODES, self.count - self.first + 1)
+            self.chunk = bytearray(size * fmt.INODE_SIZE)
+        assert index >= 0, "inodes packed out of order"
+        return index * fmt.INODE_SIZE
+
+    def flush(self) -> None:
+        if self.chunk:
+            _pwrite(self.fd, self.chunk, self.start + (self.first - 1) * fmt.INODE_SIZE)
+            self.chunk = bytearray()
+
+
+def _write_inodes(
+    plan: _Plan, itable: _InodeTable, out_fd: int, reader: ContentReader
+) -> list[str]:
     """Fill the inode table, and write each inode's blocks (data, dirs, extents).
     Returns warnings: the paths whose times were clamped."""
     bs = fmt.BLOCK_SIZE
@@ -948,9 +981,10 @@ def _write_inodes(plan: _Plan, itable: bytearray, out_fd: int, reader: ContentRe
         if time is None:
             clamped_ns = clamp_time(mtime_ns)
             time = times[mtime_ns] = (clamped_ns, *fmt.encode_time(clamped_ns))
+        offset = itable.at(entry.ino)
         fmt.pack_inode_into(
-            itable,
-            (entry.ino - 1) * fmt.INODE_SIZE,
+            itable.chunk,
+            offset,
             seed,
             (
                 node.st_mode,
@@ -973,7 +1007,7 @@ def _write_inodes(plan: _Plan, itable: bytearray, out_fd: int, reader: ContentRe
     return clamped.lines()
 
 
-def _write_journal(plan: _Plan, start: int, itable: bytearray, out_fd: int) -> bytes:
+def _write_journal(plan: _Plan, start: int, itable: _InodeTable, out_fd: int) -> bytes:
     """The journal inode and superblock; returns s_jnl_blocks (the inode's backup)."""
     blocks = plan.journal_blocks
     seed = fmt.inode_checksum_seed(plan.fs_seed, fmt.JOURNAL_INO, 0)
@@ -991,7 +1025,7 @@ def _write_journal(plan: _Plan, start: int, itable: bytearray, out_fd: int) -> b
         i_block=i_block,
         mtime_ns=clamp_time(plan.time_ns),
     )
-    inode.pack_into(itable, (fmt.JOURNAL_INO - 1) * fmt.INODE_SIZE, fmt.JOURNAL_INO, plan.fs_seed)
+    inode.pack_into(itable.chunk, itable.at(fmt.JOURNAL_INO), fmt.JOURNAL_INO, plan.fs_seed)
     _pwrite(out_fd, fmt.JournalSuperblock(blocks, plan.uuid).pack(), start * fmt.BLOCK_SIZE)
     return i_block + struct.pack("<II", size >> 32, size & 0xFFFFFFFF)
 
@@ -1143,16 +1177,16 @@ def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Opti
     # Nothing is written before this point: a too-small --size fails cleanly.
     image_size = options.size if options.size is not None else geo.blocks * fmt.BLOCK_SIZE
     os.ftruncate(out_fd, image_size)
-    itable = bytearray(plan.max_ino * fmt.INODE_SIZE)
+    itable = _InodeTable(out_fd, geo.inode_tables * fmt.BLOCK_SIZE, plan.max_ino)
+    jnl_blocks = b""
+    if options.journal:  # inode 8: packed first, as the table is written in inode order
+        jnl_blocks = _write_journal(plan, journal_start, itable, out_fd)
     warnings = _write_inodes(plan, itable, out_fd, reader)
+    itable.flush()
     for xb in plan.xattr_blocks.values():
         block = fmt.xattr_block_body(xb.entries, xb.refcount)
         fmt.seal_xattr_block(block, xb.block, plan.fs_seed)
         _pwrite(out_fd, block, xb.block * fmt.BLOCK_SIZE)
-    jnl_blocks = b""
-    if options.journal:
-        jnl_blocks = _write_journal(plan, journal_start, itable, out_fd)
-    _pwrite(out_fd, itable, geo.inode_tables * fmt.BLOCK_SIZE)
     free = _write_groups(plan, geo, used_end, out_fd)
     sb = _superblock(plan, geo, options, free, jnl_blocks)
     _pwrite(out_fd, sb, fmt.SUPERBLOCK_OFFSET)
