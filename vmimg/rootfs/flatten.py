@@ -23,7 +23,16 @@ import tarfile
 
 from vmimg.errors import LayerError, TreeError
 from vmimg.image.layers import Entry, LayerFile, load_entries
-from vmimg.rootfs.tree import PATH_MAX, SYMLINK_MODE, Content, Node, NodeType, Tree, split_path
+from vmimg.rootfs.tree import (
+    PATH_MAX,
+    SYMLINK_MODE,
+    Content,
+    Node,
+    NodeType,
+    Tree,
+    split_path,
+    without_cycle_collection,
+)
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -149,11 +158,13 @@ class _Flattener:
         parts = split_path(e.name)
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             return  # handled in apply_whiteouts
-        if parts and max(map(len, parts)) > NAME_MAX:
+        # (no part of a name is longer than the name: most entries skip these checks)
+        if len(e.name) > NAME_MAX and parts and max(map(len, parts)) > NAME_MAX:
             raise TreeError(f"a name longer than {NAME_MAX} bytes")
         # Checked before anything is made: the path as written, then (below) where it lands.
         written = b"/".join(parts[:-1])
-        _check_path_length(_joined_length(len(written), parts[-1]) if parts else 0)
+        if len(e.name) > PATH_MAX:
+            _check_path_length(_joined_length(len(written), parts[-1]) if parts else 0)
         if not parts:
             if e.type == tarfile.DIRTYPE:
                 self._set_attrs(self.tree.root, e)
@@ -233,6 +244,7 @@ def shown_name(name: bytes) -> str:
     return f"{os.fsdecode(name[:SHOWN_NAME_MAX])!r}... ({len(name)} bytes)"
 
 
+@without_cycle_collection
 def flatten(layers: list[LayerFile]) -> Tree:
     """Flatten layer tars, lowest first, into one Tree."""
     f = _Flattener()

@@ -40,7 +40,7 @@ import crc32c
 
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree, without_cycle_collection
 from vmimg.rootfs.writers.erofs import format as fmt
 from vmimg.rootfs.writers.erofs.compress import (
     CHUNK_SIZE,
@@ -144,6 +144,7 @@ class _Inode:
         return tail > 0 and self.head_size + tail <= BLOCK
 
 
+@without_cycle_collection
 def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOptions) -> None:
     """Write `tree` as an EROFS image to the fresh, empty file `out_fd`."""
     compress = make_compressor(options.compress, options.compress_level)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree
+from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree, without_cycle_collection
 from vmimg.rootfs.writers.ext4 import format as fmt
 from vmimg.rootfs.writers.gather import GatherWriter
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
@@ -1163,6 +1163,7 @@ def _superblock(
     return sb
 
 
+@without_cycle_collection
 def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Options) -> list[str]:
     """Write `tree` as an ext4 image to the fresh file `out_fd`. Returns warnings."""
     label = options.label.encode()
