@@ -70,6 +70,10 @@ class NodeType(enum.Enum):
     FIFO = "fifo"
     SOCKET = "socket"
 
+    # Members are singletons: hash them by identity, in C. Enum's own __hash__ is Python
+    # code, and writers look a type up in a table once per entry.
+    __hash__ = object.__hash__
+
     @property
     def st_ifmt(self) -> int:
         """The S_IFMT bits of this type, as stored in an inode's mode."""

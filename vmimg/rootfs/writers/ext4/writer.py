@@ -299,6 +299,10 @@ def _journal_blocks(data_blocks: int) -> int:
     return min(blocks, JOURNAL_MAX_BLOCKS)
 
 
+# Types _check_node checks only the owner of: most entries, checked inline.
+_UNCHECKED = frozenset({NodeType.FILE, NodeType.DIR, NodeType.FIFO, NodeType.SOCKET})
+
+
 def _check_node(node: Node, entry: _Ino | None) -> None:
     problem = None
     if node.uid > MAX_UID or node.gid > MAX_UID or node.uid < 0 or node.gid < 0:
@@ -376,7 +380,10 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
             entry.parent = directory.ino
             inodes.append(entry)
             entry_of[id(child)] = entry
-            _check_node(child, entry)
+            if child.type not in _UNCHECKED or not (
+                0 <= child.uid <= MAX_UID and 0 <= child.gid <= MAX_UID
+            ):
+                _check_node(child, entry)
             if child.mtime_ns > time_ns:
                 time_ns = child.mtime_ns
             if child.type is dir_type:
