@@ -23,7 +23,16 @@ import tarfile
 
 from vmimg.errors import LayerError, TreeError
 from vmimg.image.layers import Entry, LayerFile, load_entries
-from vmimg.rootfs.tree import PATH_MAX, SYMLINK_MODE, Content, Node, NodeType, Tree, split_path
+from vmimg.rootfs.tree import (
+    PATH_MAX,
+    SYMLINK_MODE,
+    Content,
+    Node,
+    NodeType,
+    Tree,
+    split_path,
+    without_cycle_collection,
+)
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -32,6 +41,9 @@ IMPLICIT_DIR_MODE = 0o755
 NAME_MAX = 255  # bytes in one name: Linux's limit, and ext4's and erofs's
 SYMLINK_MAX = 4095  # bytes in a symlink target: PATH_MAX less its NUL
 SHOWN_NAME_MAX = 300  # bytes of an entry name an error message quotes (NAME_MAX fits)
+# The xattrs of every node that has none: one dict, not one per node. Nodes' xattrs are
+# replaced, never changed in place (the Tree contract), so sharing it is safe.
+_NO_XATTRS: dict[bytes, bytes] = {}
 
 _NODE_TYPE = {
     tarfile.REGTYPE: NodeType.FILE,
@@ -54,6 +66,9 @@ class _Flattener:
         # depth x entries. Valid until an entry is replaced or removed (it may have been
         # a directory or symlink such a resolution went through): then it is emptied.
         self._parents: dict[bytes, tuple[Node, int]] = {}
+        # One int object per distinct mtime (most entries of a layer share a few): a
+        # nanosecond time is a 32-byte object of its own otherwise, per node.
+        self._times: dict[int, int] = {}
 
     def _put(self, directory: Node, name: bytes, node: Node) -> None:
         assert directory.children is not None
@@ -115,6 +130,8 @@ class _Flattener:
 
     def apply_whiteout(self, e: Entry) -> None:
         """Apply `e` if it is a whiteout (to what the lower layers made)."""
+        if WHITEOUT_PREFIX not in e.name:
+            return  # most entries: no need to split the path
         parts = split_path(e.name)
         if not parts or not parts[-1].startswith(WHITEOUT_PREFIX):
             return
@@ -141,11 +158,13 @@ class _Flattener:
         parts = split_path(e.name)
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             return  # handled in apply_whiteouts
-        if parts and max(map(len, parts)) > NAME_MAX:
+        # (no part of a name is longer than the name: most entries skip these checks)
+        if len(e.name) > NAME_MAX and parts and max(map(len, parts)) > NAME_MAX:
             raise TreeError(f"a name longer than {NAME_MAX} bytes")
         # Checked before anything is made: the path as written, then (below) where it lands.
         written = b"/".join(parts[:-1])
-        _check_path_length(_joined_length(len(written), parts[-1]) if parts else 0)
+        if len(e.name) > PATH_MAX:
+            _check_path_length(_joined_length(len(written), parts[-1]) if parts else 0)
         if not parts:
             if e.type == tarfile.DIRTYPE:
                 self._set_attrs(self.tree.root, e)
@@ -169,13 +188,15 @@ class _Flattener:
         if kind is NodeType.DIR and existing is not None and existing.is_dir:
             self._set_attrs(existing, e)
             return
-        node = Node(kind)
-        self._set_attrs(node, e)
+        mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
+        xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
         if kind is NodeType.FILE:
-            node.content = Content(
-                size=e.size, path=layer.tar_path, offset=e.offset, extents=e.sparse
-            )
-        elif kind is NodeType.SYMLINK:
+            content = Content(e.size, layer.tar_path, e.offset, None, e.sparse)
+            node = Node(kind, e.mode & 0o7777, e.uid, e.gid, mtime_ns, xattrs, content=content)
+            self._put(parent, name, node)
+            return
+        node = Node(kind, e.mode & 0o7777, e.uid, e.gid, mtime_ns, xattrs)
+        if kind is NodeType.SYMLINK:
             if not e.linkname:
                 raise TreeError("symlink with an empty target")
             if len(e.linkname) > SYMLINK_MAX:
@@ -198,13 +219,12 @@ class _Flattener:
             raise TreeError(f"hardlink to directory {os.fsdecode(e.linkname)!r}")
         return target
 
-    @staticmethod
-    def _set_attrs(node: Node, e: Entry) -> None:
+    def _set_attrs(self, node: Node, e: Entry) -> None:
         node.mode = SYMLINK_MODE if node.type is NodeType.SYMLINK else e.mode & 0o7777
         node.uid = e.uid
         node.gid = e.gid
-        node.mtime_ns = e.mtime_ns
-        node.xattrs = dict(e.xattrs)
+        node.mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
+        node.xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
 
 
 def _joined_length(parent_length: int, name: bytes) -> int:
@@ -224,20 +244,22 @@ def shown_name(name: bytes) -> str:
     return f"{os.fsdecode(name[:SHOWN_NAME_MAX])!r}... ({len(name)} bytes)"
 
 
+@without_cycle_collection
 def flatten(layers: list[LayerFile]) -> Tree:
     """Flatten layer tars, lowest first, into one Tree."""
     f = _Flattener()
     for layer in layers:
         entries = load_entries(layer.tar_path, f"layer {layer.name}")
-        for whiteouts_pass in (True, False):
+        try:
             for e in entries:
-                try:
-                    if whiteouts_pass:
-                        f.apply_whiteout(e)
-                    else:
-                        f.apply_entry(e, layer)
-                except TreeError as err:
-                    raise LayerError(
-                        f"layer {layer.name}: entry {shown_name(e.name)}: {err}"
-                    ) from None
+                f.apply_whiteout(e)
+            # Each entry is let go once applied: the tree grows into the memory the
+            # layer's entries held, rather than beside it.
+            entries.reverse()
+            while entries:
+                e = entries.pop()
+                f.apply_entry(e, layer)
+        except TreeError as err:
+            raise LayerError(f"layer {layer.name}: entry {shown_name(e.name)}: {err}") from None
+        del entries
     return f.tree
