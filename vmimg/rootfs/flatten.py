@@ -228,7 +228,9 @@ def flatten(layers: list[LayerFile]) -> Tree:
     """Flatten layer tars, lowest first, into one Tree."""
     f = _Flattener()
     for layer in layers:
-        entries = load_entries(layer.tar_path, f"layer {layer.name}")
+        entries = layer.entries
+        if entries is None:
+            entries = load_entries(layer.tar_path, f"layer {layer.name}")
         for whiteouts_pass in (True, False):
             for e in entries:
                 try:
