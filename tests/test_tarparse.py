@@ -8,8 +8,12 @@ read before (tests/tarfile_oracle.py), entries and errors alike.
 
 from __future__ import annotations
 
+import gzip
+import io
+import os
 import random
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +23,14 @@ from hypothesis import HealthCheck, given, settings
 
 from tests import layerkit as L
 from tests import tarfile_oracle, tarscan_ref
+from vmimg.digest import digest_bytes
 from vmimg.errors import LayerError
 from vmimg.image import _tarscan, tarparse
+from vmimg.image.cache import Cache
+from vmimg.image.layers import ahead, iter_entries, unpack_layer_to_cache
+from vmimg.image.oci import Descriptor
 from vmimg.image.tarparse import Entry, parse_layer
+from vmimg.rootfs.flatten import flatten
 
 SETTINGS = settings(
     max_examples=200,
@@ -30,6 +39,8 @@ SETTINGS = settings(
 )
 # Refusals the streaming parser adds where tarfile read on (or recursed until it crashed):
 # the oracle cannot agree with these, and need not.
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = OCI_LAYER_TAR + "+gzip"
 NEW_REFUSALS = ("extended header of -", "extended headers", "sparse map of", "refers back")
 
 # -- the C scanner against its reference ---------------------------------------------
@@ -319,3 +330,57 @@ def test_random_layers_split_anywhere(tmp_path: Path) -> None:
     path.write_bytes(data)
     assert whole == list(tarfile_oracle.iter_entries(str(path), "layer t"))
     assert len(whole) == 300
+
+
+# -- one pass: the cold unpack ---------------------------------------------------------
+
+
+def test_a_cold_unpack_parses_the_layer_on_the_way(cache: Cache) -> None:
+    """The entries come from the chunks being written: equal to a parse of the cached tar,
+    with nothing written beside it."""
+    tar = L.layer(*(L.file(f"d/f{i}", b"x" * i) for i in range(50)), L.symlink("l", "d"))
+    blob = gzip.compress(tar)
+    desc = Descriptor(OCI_LAYER_GZIP, digest_bytes(blob), len(blob))
+    layer = unpack_layer_to_cache(cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob))
+    assert layer.entries is not None and len(layer.entries) == 51
+    assert layer.entries == list(iter_entries(layer.tar_path, "again"))
+    assert os.listdir(os.path.dirname(layer.tar_path)) == [os.path.basename(layer.tar_path)]
+
+
+def test_a_malformed_layer_is_kept_and_reported_by_flatten(cache: Cache) -> None:
+    """The tar's own faults wait for flatten, after the digests (as before: the layer is
+    whole and verified; what is wrong is inside it)."""
+    tar = L.layer(L.file("a", b"a"))[:1024] + b"\xff" * 512 + bytes(1024)
+    desc = Descriptor(OCI_LAYER_TAR, digest_bytes(tar), len(tar))
+    layer = unpack_layer_to_cache(cache, desc, digest_bytes(tar), lambda: io.BytesIO(tar))
+    assert layer.entries is None and os.path.exists(layer.tar_path)
+    with pytest.raises(LayerError, match=r"^layer sha256:\w+: invalid tar header at offset 1024$"):
+        flatten([layer])
+
+
+def test_chunks_made_ahead_stop_with_their_reader() -> None:
+    made = []
+
+    def endless() -> Iterator[bytes]:
+        n = 0
+        while True:
+            n += 1
+            made.append(n)
+            yield b"%d" % n
+
+    chunks = ahead(endless(), depth=2)
+    assert [next(chunks), next(chunks)] == [b"1", b"2"]
+    chunks.close()
+    assert not any(t.name == "layer-chunks" for t in threading.enumerate())
+    assert len(made) <= 6  # the thread stopped a few chunks ahead, not at the end
+
+
+def test_chunks_made_ahead_pass_their_errors_on() -> None:
+    def failing() -> Iterator[bytes]:
+        yield b"one"
+        raise LayerError("layer x: corrupt gzip data")
+
+    chunks = ahead(failing())
+    assert next(chunks) == b"one"
+    with pytest.raises(LayerError, match="corrupt gzip"):
+        next(chunks)

@@ -11,9 +11,11 @@ out of it. Nothing is ever extracted.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, cast
 
@@ -33,6 +35,7 @@ from vmimg.image.tarparse import Source, SourceFailed, file_chunks, parse_layer,
 from vmimg.testhook import pause_point
 
 CHUNK = 1 << 20
+PRODUCER_POLL = 0.05  # seconds between a producer's looks at whether its reader stopped
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _MAGIC = {"gzip": GZIP_MAGIC, "zstd": ZSTD_MAGIC}
@@ -197,6 +200,54 @@ class _HashingReader:
         return self.head
 
 
+# Decompression, hashing and the cache's writes run in a thread of their own, a few chunks
+# ahead of the parser: isal, zstd, hashlib and file writes release the GIL, so on two cores
+# they overlap with parsing instead of taking turns.
+PRODUCER_THREAD = True
+CHUNKS_AHEAD = 4
+_END = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def ahead(chunks: Iterator[bytes], depth: int = CHUNKS_AHEAD) -> Generator[bytes, None, None]:
+    """`chunks`, made by a thread of their own up to `depth` chunks ahead of the reader.
+    What that thread raises, the reader gets; a reader that stops (an error, Ctrl-C, close)
+    stops the thread at its next chunk and waits for it."""
+    q: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        q.put(chunk, timeout=PRODUCER_POLL)
+                        break
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # handed to the reader, which raises it
+            q.put(_Failed(e))
+
+    thread = threading.Thread(target=produce, name="layer-chunks", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield cast(bytes, item)
+    finally:
+        stop.set()
+        while thread.is_alive():  # empty the queue so that a waiting put returns
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=PRODUCER_POLL)
+        thread.join()
+
+
 def unpack_layer_to_cache(
     cache: Cache,
     desc: Descriptor,
@@ -262,7 +313,7 @@ def _unpack(
         kind = sniff_compression(reader.peek(4), declared)
         tar_hash = Hasher("sha256")
 
-        def chunks() -> Iterator[bytes]:
+        def chunks() -> Generator[bytes, None, None]:
             reported = 0
             for chunk in decompressed_chunks(reader.read, kind, what):
                 tar_hash.update(chunk)
@@ -276,12 +327,15 @@ def _unpack(
                 yield chunk
 
         entries: list[Entry] | None
+        produced = ahead(chunks()) if PRODUCER_THREAD else chunks()
         try:
-            entries = parse_source(Source(chunks()), what)  # reads the stream to its end
+            entries = parse_source(Source(produced), what)  # reads the stream to its end
         except SourceFailed as e:
             raise e.error from None
         except LayerError:
             entries = None
+        finally:
+            produced.close()
         if desc.digest:
             reader.hasher.verify(desc.digest, desc.size, what)
         tar_hash.verify(diff_id, None, f"{what} (uncompressed)")
