@@ -25,6 +25,8 @@
 #define MAX_MTIME_S (INT64_MAX / NS_PER_S)
 /* base-256 values of more than this many bits go to the Python parser */
 #define MAX_BASE256_BITS 62
+/* the largest offset of a buffer in its layer: offsets plus sizes stay below 2^63 */
+#define MAX_BASE ((int64_t)1 << 60)
 
 /* field offsets and lengths in a ustar header block */
 #define NAME_OFF 0
@@ -172,7 +174,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         goto fail;
-    if (pos < 0 || base < 0 || base > INT64_MAX / 2) {
+    if (pos < 0 || base < 0 || base > MAX_BASE) {
         PyErr_SetString(PyExc_ValueError, "scan: negative position or base");
         goto fail;
     }
