@@ -13,8 +13,8 @@ records, long names, sparse maps) before reading it; and a member whose data run
 the end of the layer is found once the stream's length is known.
 
 Plain headers (most of any layer) are read by a C extension, `_tarscan`, built by pip
-with vmimg; it takes only what it can read exactly as this module would, and leaves every
-other header to the Python code here.
+with vmimg (`pip install -e .`, as scripts/setup does); it takes only what it can read
+exactly as this module would, and leaves every other header to the Python code here.
 """
 
 from __future__ import annotations
@@ -25,15 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmimg.errors import LayerError
+from vmimg.image._tarscan import scan as _c_scan
 
 ScanFunction = Callable[[bytes, int, int], tuple[list[Any], int]]
-_scan: ScanFunction | None
-try:
-    from vmimg.image._tarscan import scan as _c_scan
-
-    _scan = _c_scan
-except ImportError:  # not built (a source tree without `pip install`): Python reads all
-    _scan = None
+# The C scanner (None: the Python code reads every header; the tests compare the two)
+_scan: ScanFunction | None = _c_scan
 
 NS_PER_S = 1_000_000_000
 # The widest time any output stores (erofs and tar keep signed 64-bit seconds): a layer's
