@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -312,11 +313,26 @@ def hand_out(cached: str, dest: str, linkable: bool) -> str:
 FLATTEN_PHASE = "flattening layers"
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: parsing and flattening make an object or more
+    per entry and no cycles, so the collector's passes over a growing heap are pure cost
+    (a sixth of flattening 100,000 entries)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def build_tree(image: Image, cache: Cache, phases: PhaseStart | None = None) -> Tree:
-    layers = fetch_layers(image, cache, phases)
-    if phases is not None:
-        phases(FLATTEN_PHASE, None, BYTES)  # no count: its time shows
-    tree = flatten(layers)
+    with gc_paused():
+        layers = fetch_layers(image, cache, phases)
+        if phases is not None:
+            phases(FLATTEN_PHASE, None, BYTES)  # no count: its time shows
+        tree = flatten(layers)
     epoch = source_date_epoch_ns()
     if epoch is not None:
         tree.clamp_mtimes(epoch)

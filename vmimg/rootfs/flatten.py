@@ -69,6 +69,11 @@ class _Flattener:
         # One int object per distinct mtime (most entries of a layer share a few): a
         # nanosecond time is a 32-byte object of its own otherwise, per node.
         self._times: dict[int, int] = {}
+        # Entry names split before, by their directory part as written: that part's
+        # components joined and its longest component. Pure functions of the bytes, so
+        # never stale: an entry whose directory part is here is not split again (a path
+        # may have 2048 components, and most entries share their directory).
+        self._heads: dict[bytes, tuple[bytes, int]] = {}
 
     def _put(self, directory: Node, name: bytes, node: Node) -> None:
         assert directory.children is not None
@@ -128,11 +133,28 @@ class _Flattener:
 
     # -- whiteouts -------------------------------------------------------------
 
+    def _split(self, name: bytes) -> tuple[bytes, bytes, int] | None:
+        """(directory part joined, last component, longest component) of an entry name
+        whose directory part was split before and whose last component is a plain name;
+        None for any other (split_path is the judge of those)."""
+        head, _, last = name.rpartition(b"/")
+        known = self._heads.get(head)
+        if known is None or last in (b"", b".", b".."):
+            return None
+        return known[0], last, max(known[1], len(last))
+
+    def _split_slowly(self, name: bytes) -> list[bytes]:
+        parts = split_path(name)
+        head, _, last = name.rpartition(b"/")
+        if parts and last == parts[-1] and last not in (b".", b".."):
+            self._heads[head] = (b"/".join(parts[:-1]), max(map(len, parts[:-1]), default=0))
+        return parts
+
     def apply_whiteout(self, e: Entry) -> None:
         """Apply `e` if it is a whiteout (to what the lower layers made)."""
         if WHITEOUT_PREFIX not in e.name:
             return  # most entries: no need to split the path
-        parts = split_path(e.name)
+        parts = self._split_slowly(e.name)
         if not parts or not parts[-1].startswith(WHITEOUT_PREFIX):
             return
         name = parts[-1]
@@ -155,28 +177,28 @@ class _Flattener:
     # -- entries ---------------------------------------------------------------
 
     def apply_entry(self, e: Entry, layer: LayerFile) -> None:
-        parts = split_path(e.name)
-        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+        split = self._split(e.name)
+        if split is None:
+            parts = self._split_slowly(e.name)
+            if not parts:
+                if e.type == tarfile.DIRTYPE:
+                    self._set_attrs(self.tree.root, e)
+                return
+            split = b"/".join(parts[:-1]), parts[-1], max(map(len, parts))
+        written, name, longest = split
+        if name.startswith(WHITEOUT_PREFIX):
             return  # handled in apply_whiteouts
-        # (no part of a name is longer than the name: most entries skip these checks)
-        if len(e.name) > NAME_MAX and parts and max(map(len, parts)) > NAME_MAX:
+        if longest > NAME_MAX:
             raise TreeError(f"a name longer than {NAME_MAX} bytes")
         # Checked before anything is made: the path as written, then (below) where it lands.
-        written = b"/".join(parts[:-1])
-        if len(e.name) > PATH_MAX:
-            _check_path_length(_joined_length(len(written), parts[-1]) if parts else 0)
-        if not parts:
-            if e.type == tarfile.DIRTYPE:
-                self._set_attrs(self.tree.root, e)
-            return
+        _check_path_length(_joined_length(len(written), name))
         found = self._parents.get(written)
         if found is None:
-            found = self._resolve_dir(parts[:-1], create_mtime=e.mtime_ns)
+            found = self._resolve_dir(split_path(written), create_mtime=e.mtime_ns)
             assert found is not None
             self._parents[written] = found
         parent, parent_length = found
         assert parent.children is not None
-        name = parts[-1]
         _check_path_length(_joined_length(parent_length, name))
         if e.type == tarfile.LNKTYPE:
             self._put(parent, name, self._hardlink_target(e))
@@ -249,7 +271,10 @@ def flatten(layers: list[LayerFile]) -> Tree:
     """Flatten layer tars, lowest first, into one Tree."""
     f = _Flattener()
     for layer in layers:
-        entries = load_entries(layer.tar_path, f"layer {layer.name}")
+        entries = layer.entries
+        layer.entries = None  # handed over: let go below as applied (a later flatten reparses)
+        if entries is None:
+            entries = load_entries(layer.tar_path, f"layer {layer.name}")
         try:
             for e in entries:
                 f.apply_whiteout(e)
