@@ -60,11 +60,10 @@ def _probe_initramfs(path: str, arch: Arch) -> None:
 
 def _qemu_version(arch: Arch = Arch.X86_64) -> str:
     qemu = qemu_binary(arch)
-    package = "qemu-system-arm" if arch == "arm64" else "qemu-system-x86"
     try:
         out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        raise BootError(f"{qemu} not found: install {package}") from None
+        raise BootError(f"{qemu} not found: install {arch.qemu_package}") from None
     return out.splitlines()[0] if out else ""
 
 

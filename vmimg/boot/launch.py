@@ -13,13 +13,10 @@ from typing import Any
 from vmimg.arch import Arch
 from vmimg.bundle.format import VmSpec
 
-QEMU_X86 = "qemu-system-x86_64"
-QEMU_AARCH64 = "qemu-system-aarch64"
-# Per guest arch (vm.json's "arch"): the QEMU binary and the machine it boots on. x86_64 uses
+# Per guest arch (vm.json's "arch"): the machine QEMU boots it on. x86_64 uses
 # microvm; arm64 uses virt, which boots `Image` with a device tree describing a PL011
 # (ttyAMA0), 32 virtio-mmio slots, PSCI for power-off and a PL061 GPIO power key.
 # gic-version=max: GICv3 under TCG (more than 8 vCPUs), whatever the host has under KVM.
-QEMU_BINARIES = {Arch.X86_64: QEMU_X86, Arch.ARM64: QEMU_AARCH64}
 QEMU_MACHINES = {Arch.X86_64: "microvm", Arch.ARM64: "virt,gic-version=max"}
 # Machines whose virtio-mmio devices the guest finds in reverse command-line order.
 VIRTIO_MMIO_REVERSED = frozenset({Arch.ARM64})
@@ -104,14 +101,14 @@ def cmdline(vm: VmSpec, opts: LaunchOptions, pci: bool = True) -> str:
 
 def qemu_binary(arch: Arch) -> str:
     """The qemu-system-* program for a guest arch."""
-    return QEMU_BINARIES[arch]
+    return arch.qemu
 
 
 def qemu_accel_args(arch: Arch, accel: str) -> list[str]:
     """-accel and -cpu (and their companions) for a guest arch under "kvm" or "tcg"."""
     if accel == "kvm":
         return ["-accel", "kvm", "-cpu", "host"]
-    if arch == "arm64":
+    if arch is Arch.ARM64:
         # The arm64 generic timer runs off QEMU's virtual clock: no calibration to go
         # wrong, so no -icount (which would also give up multi-threaded TCG).
         return ["-accel", "tcg", "-cpu", ARM64_TCG_CPU]
@@ -136,7 +133,7 @@ def qemu_command(
         "-sandbox", QEMU_SANDBOX,
         "-kernel", _path(bundle_dir, vm.kernel.file),
         # microvm has no PCI bus; virt has one (unused), and arm64 has no pci=off.
-        "-append", cmdline(vm, o, pci=arch != "x86_64"),
+        "-append", cmdline(vm, o, pci=arch is not Arch.X86_64),
         "-serial", o.serial,
         "-device", "virtio-rng-device",
     ]  # fmt: skip
