@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
+from vmimg.rootfs.writers.dirent import FT_DIR
 from vmimg.rootfs.writers.ext4 import format as fmt
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
 
@@ -46,16 +48,6 @@ MAX_INODES = 0xFFFFFFFF
 # bits, 1901-12-13 to 2446-05-10 (the kernel's EXT4_TIMESTAMP_MIN / EXTRA_TIMESTAMP_MAX).
 MIN_TIME_NS = -(1 << 31) * NS_PER_S
 MAX_TIME_NS = ((1 << 34) - 1 - (1 << 31)) * NS_PER_S + NS_PER_S - 1
-
-_FILE_TYPE = {
-    NodeType.FILE: fmt.FT_REG_FILE,
-    NodeType.DIR: fmt.FT_DIR,
-    NodeType.SYMLINK: fmt.FT_SYMLINK,
-    NodeType.CHAR: fmt.FT_CHRDEV,
-    NodeType.BLOCK: fmt.FT_BLKDEV,
-    NodeType.FIFO: fmt.FT_FIFO,
-    NodeType.SOCKET: fmt.FT_SOCK,
-}
 
 
 @dataclass(frozen=True)
@@ -532,8 +524,8 @@ def _dir_entries(
 
 def _dots(entry: _Ino) -> list[fmt.DirEntry2]:
     return [
-        fmt.DirEntry2(entry.ino, b".", fmt.FT_DIR),
-        fmt.DirEntry2(entry.parent, b"..", fmt.FT_DIR),
+        fmt.DirEntry2(entry.ino, b".", FT_DIR),
+        fmt.DirEntry2(entry.parent, b"..", FT_DIR),
     ]
 
 
@@ -643,8 +635,8 @@ def _put_dx_entries(
 
 def _dx_root(entry: _Ino, levels: int, entries: list[tuple[int, int]], seed: int) -> bytearray:
     block = bytearray(fmt.BLOCK_SIZE)
-    dot = fmt.DirEntry2(entry.ino, b".", fmt.FT_DIR)
-    dotdot = fmt.DirEntry2(entry.parent, b"..", fmt.FT_DIR)
+    dot = fmt.DirEntry2(entry.ino, b".", FT_DIR)
+    dotdot = fmt.DirEntry2(entry.parent, b"..", FT_DIR)
     dot.pack_into(block, 0, dot.size)
     dotdot.pack_into(block, dot.size, fmt.BLOCK_SIZE - dot.size)
     fmt.DX_ROOT_INFO.pack_into(
