@@ -41,6 +41,8 @@ TAP_GUEST_MAC = "06:00:ac:10:00:02"  # locally administered, unicast
 TAP_NET_ARGS = ("vmimg.ip=172.16.0.2/24", "vmimg.gw=172.16.0.1")
 # Cloud Hypervisor's --rng takes its options as a value (`--rng` alone is refused).
 CH_RNG = "src=/dev/urandom"
+# A guest booted from a kernel alone (qemu_kernel_command): the agent and a small tree.
+BARE_MEMORY_MIB = 256
 # Seccomp sandbox: no new privileges, no spawning, no obsolete syscalls.
 QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -158,8 +160,37 @@ def qemu_command(
             netdev += f",hostfwd={forward.hostfwd()}"
         cmd += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     if o.qmp_socket:
-        cmd += ["-qmp", f"unix:{qemu_opt(o.qmp_socket)},server=on,wait=off"]
+        cmd += qmp_args(o.qmp_socket)
     return cmd if root_last else cmd + list(o.extra)
+
+
+def qmp_args(socket_path: str) -> list[str]:
+    """A QMP server on a unix socket (vm.qmp_command talks to it)."""
+    return ["-qmp", f"unix:{qemu_opt(socket_path)},server=on,wait=off"]
+
+
+def qemu_kernel_command(
+    kernel: str,
+    append: str,
+    *,
+    initrd: str | None = None,
+    arch: Arch = Arch.X86_64,
+    accel: str = "tcg",
+    memory_mib: int = BARE_MEMORY_MIB,
+    machine: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """QEMU booting a kernel with no bundle: an initramfs (or the disks `extra` adds), the
+    console on stdio, no other devices. The KVM probe's tiny guest and the agent's boot
+    tests; `machine` other than the arch's (q35 has the PC keyboard ctrl-alt-del needs)."""
+    cmd = [
+        qemu_binary(arch), "-M", machine or QEMU_MACHINES[arch], *qemu_accel_args(arch, accel),
+        "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-no-user-config",
+        "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", kernel,
+    ]  # fmt: skip
+    if initrd is not None:
+        cmd += ["-initrd", initrd]
+    return [*cmd, "-append", append, *extra]
 
 
 def ch_value(value: str) -> str:
