@@ -83,6 +83,7 @@ GROUP = (
 # --- C side ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_c_unit_tests() -> None:
     """The agent's C parser, escaping, manifest and sha256 tests on the host."""
     if shutil.which("cc") is None:

@@ -82,6 +82,7 @@ def test_unknown_or_empty_transports_fail_at_once(tmp_path: Path, source: str) -
         assert "docker://HOST/REPO:TAG" in line and "dir:DIR" in line
 
 
+@pytest.mark.slow
 def test_dir_and_named_docker_archive_sources(sample_ref: str, tmp_path: Path) -> None:
     skopeo_copy(sample_ref, f"dir:{tmp_path / 'copied'}")
     skopeo_copy(sample_ref, f"docker-archive:{tmp_path / 'saved.tar'}:vmimg/app:v1")
@@ -205,6 +206,7 @@ def test_inspect_a_bundle_directory(tmp_path: Path) -> None:
     assert r.stdout == (tmp_path / "b" / "vm.json").read_text()
 
 
+@pytest.mark.slow
 def test_inspect_a_pushed_bundle(registry: str, sample_ref: str, tmp_path: Path) -> None:
     make_bundle(tmp_path / "b")
     ref = f"{registry}/ux/bundle:v1"
@@ -361,6 +363,7 @@ def test_quiet_leaves_only_the_result(sample_ref: str, tmp_path: Path, debian_ke
     assert r.returncode == 0 and r.stderr == ""
 
 
+@pytest.mark.slow
 def test_verbose_logs_requests_but_never_credentials(
     sample_ref: str,
     secure_registry: tuple[str, str],  # noqa: F811 (the fixture imported above)
@@ -446,7 +449,7 @@ def build_with_umask(
     return modes(work / "cwd" / out)
 
 
-@pytest.mark.parametrize("umask", [0o077, 0o002])
+@pytest.mark.parametrize("umask", [0o077, pytest.param(0o002, marks=pytest.mark.slow)])
 def test_bundle_modes_follow_the_umask_built_or_cached(
     sample_ref: str, tmp_path: Path, debian_kernel: str, umask: int
 ) -> None:
