@@ -35,11 +35,14 @@ FROM debian:bookworm-slim AS python
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      gcc \
+      libc6-dev \
       python3 \
+      python3-dev \
       python3-venv \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY vmimg vmimg
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret (it stays out of the
 # image): docker build --secret id=ca-certificates,src=/etc/ssl/certs/ca-certificates.crt .

@@ -4,7 +4,8 @@
   (gzip) is the debootstrap tree; layer 2 (zstd) deletes files (whiteouts), replaces a
   directory (opaque), adds hardlinks and changes files, like a typical `RUN apt-get ...` layer.
 - `large`: the same plus python3 and build-essential installed in a chroot (500 MB+).
-- `smallfiles`: one layer of 100k small files in a deep-ish tree.
+- `smallfiles`: one layer of 100k small files in a deep-ish tree; `smallfiles400k` the same
+  with 400k, to see how peak memory grows per entry.
 
 Each is an OCI layout under $VMIMG_BENCH_DIR (default ~/.cache/vmimg-bench), plus the
 unpacked tree peers need as input (`<name>.rootfs/`).
@@ -127,26 +128,58 @@ def large() -> str:
     return f"oci:{path}:latest"
 
 
-def _small_files() -> Iterator[tuple[str, bytes]]:
-    for i in range(100_000):
-        yield f"data/{i % 100:02d}/{i // 100 % 100:02d}/f{i:06d}", f"file {i}\n".encode() * 3
+SMALL_FILES = 100_000
+SMALL_FILES_LARGE = 400_000
+# Version 2 of the small-files layouts holds the directory entries too, as real layers do
+# (mke2fs -d reading a tarball needs them); caches of version 1 lack them and stay unused.
+SMALL_FILES_VERSION = "2"
 
 
-def smallfiles() -> str:
-    path = os.path.join(bench_dir(), "smallfiles")
+def _small_files(count: int) -> Iterator[tuple[str, bytes | None]]:
+    """(path, data), data None for a directory, each directory before what it holds.
+
+    100 x 100 directories, so the 400k tree has 40 files where the 100k one has 10."""
+    yield "data", None
+    for top in range(100):
+        yield f"data/{top:02d}", None
+        for sub in range(100):
+            yield f"data/{top:02d}/{sub:02d}", None
+            for i in range(top + 100 * sub, count, 100 * 100):
+                yield f"data/{top:02d}/{sub:02d}/f{i:06d}", f"file {i}\n".encode() * 3
+
+
+def _small_files_layout(name: str, count: int) -> str:
+    path = os.path.join(bench_dir(), f"{name}.{SMALL_FILES_VERSION}")
     if not os.path.exists(path):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            for name, data in _small_files():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
+            for entry, data in _small_files(count):
+                info = tarfile.TarInfo(entry)
                 info.mtime = FIXED_MTIME
-                tf.addfile(info, io.BytesIO(data))
-        _write("smallfiles", [LayerSpec(buf.getvalue(), "gzip")])
+                if data is None:
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tf.addfile(info)
+                else:
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        _write(os.path.basename(path), [LayerSpec(buf.getvalue(), "gzip")])
     return f"oci:{path}:latest"
 
 
-FIXTURES = {"minbase": minbase, "large": large, "smallfiles": smallfiles}
+def smallfiles() -> str:
+    return _small_files_layout("smallfiles", SMALL_FILES)
+
+
+def smallfiles400k() -> str:
+    return _small_files_layout("smallfiles400k", SMALL_FILES_LARGE)
+
+
+FIXTURES = {
+    "minbase": minbase,
+    "large": large,
+    "smallfiles": smallfiles,
+    "smallfiles400k": smallfiles400k,
+}
 
 if __name__ == "__main__":
     import sys

@@ -5,6 +5,8 @@ on the map."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,3 +90,40 @@ def test_every_module_is_on_the_map() -> None:
             continue
         missing.append(rel)
     assert missing == []
+
+
+def test_only_the_command_table_loads_modules_by_name() -> None:
+    """cli/main.py loads each command's module when the command is used (start-up time);
+    nothing else in vmimg imports by name, so the import graph above stays the whole graph."""
+    users = sorted(
+        _module_name(p)
+        for p in _modules()
+        if "importlib" in {n.split(".")[0] for n in _all_imported_names(p)}
+    )
+    assert users == ["vmimg.cli.main"]
+
+
+def _all_imported_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_a_rootfs_command_loads_no_later_stage() -> None:
+    """`vmimg rootfs` (most of a warm run is start-up) loads the image and rootfs stages
+    only; `vmimg --help` loads every command."""
+    probe = (
+        "import sys\n"
+        "from vmimg.cli import main\n"
+        "main.main(['rootfs', '--help'], standalone_mode=False)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('vmimg.'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    loaded = {_stage(m) for m in out if m.startswith("vmimg.")}
+    assert loaded <= FOUNDATION | {"image", "rootfs", "cli"}, sorted(loaded)

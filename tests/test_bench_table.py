@@ -53,3 +53,45 @@ def test_unusable_inputs_are_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "not a bench.run results file" in capsys.readouterr().err
     bad.write_text("{")
     assert table.main(["--results", str(bad)]) == 2
+
+
+def test_the_rows_vmimg_against_its_peers_and_the_derived_figures() -> None:
+    doc = {
+        **SAMPLE,
+        "rows": [
+            {"fixture": "minbase", "work": "Debian minbase, 2 layers -> ext4",
+             "vmimg": "vmimg ext4 (empty cache)", "peer": "mke2fs -d layer1.tar.gz",
+             "vmimg_s": 1.36, "peer_s": 1.25, "ratio": 1.088, "vmimg_peak_mib": 52.4,
+             "peer_peak_mib": 21.0, "vmimg_bytes": 100 << 20, "peer_bytes": 90 << 20,
+             "size_ratio": 1.11, "compare_size": False},
+            {"fixture": "minbase", "work": "Debian minbase -> erofs lz4hc",
+             "vmimg": "vmimg erofs lz4hc (empty cache)", "peer": "mkfs.erofs -zlz4hc",
+             "vmimg_s": 4.0, "peer_s": 5.0, "ratio": 0.8, "vmimg_peak_mib": 60,
+             "peer_peak_mib": 30, "vmimg_bytes": 51 << 20, "peer_bytes": 50 << 20,
+             "size_ratio": 1.02, "compare_size": True},
+        ],
+        "memory": [{"contender": "vmimg ext4 (empty cache)", "entries": [100_000, 400_000],
+                    "peak_mib": [180.0, 480.0], "growth_kib_per_entry": 1.024}],
+        "limit": {"fixture": "minbase", "contender": "vmimg ext4 (empty cache)",
+                  "cold_s": 1.36, "limit_s": 0.85, "ratio": 1.6},
+        "warm": [{"fixture": "minbase", "fmt": "erofs", "warm_s": 0.05, "cold_s": 1.27,
+                  "percent": 3.94, "handout": "hardlink"}],
+    }  # fmt: skip
+    body = table.section(doc)
+    assert (
+        "| Debian minbase, 2 layers -> ext4 | 1.36 s, 52 MiB peak | mke2fs -d layer1.tar.gz: "
+        "1.25 s, 21 MiB peak | 1.09 |" in body
+    )
+    assert (
+        "| Debian minbase -> erofs lz4hc | 4.00 s, 60 MiB peak, 51.0 MiB image | "
+        "mkfs.erofs -zlz4hc: 5.00 s, 30 MiB peak, 50.0 MiB image | 0.80 (size 1.020) |" in body
+    )
+    assert (
+        "- Peak RSS, vmimg ext4 (empty cache): 180 MiB at 100,000 entries, 480 MiB at "
+        "400,000; growth 1.02 KiB per entry." in body
+    )
+    assert ": 0.85 s; vmimg ext4 (empty cache): 1.36 s, 1.60x the limit." in body
+    assert "minbase -> erofs: 0.05 s, 4% of the cold 1.27 s (hardlink)." in body
+    # The full table stays; the ratio lines are the rows' own, not repeated.
+    assert "| minbase | vmimg ext4 | 0.50 | 0.30 | 37 | 100.0 (20.0 allocated) |" in body
+    assert "13.00x" not in body

@@ -200,3 +200,29 @@ def test_where_the_file_system_clones_files_a_warm_hit_is_a_reflink(
         _build(work, sample_ref, out, "--fs", "ext4")
         assert _build(work, sample_ref, out, "--fs", "ext4")["handed_out"] == REFLINK
         load_bundle(str(out))
+
+
+def test_a_hardlinked_output_written_in_place_by_root_is_not_handed_out_again(
+    sample_ref: str, tmp_path: Path
+) -> None:
+    """Root may write to the 0444 output, which is the cache entry itself: the next build
+    notices the changed entry, makes the image again and hands out the right bytes."""
+    cold, warm, again = (tmp_path / f"{n}.erofs" for n in ("cold", "warm", "again"))
+    _json(tmp_path, "rootfs", sample_ref, "--format", "erofs", "-o", str(cold))
+    assert (
+        _json(tmp_path, "rootfs", sample_ref, "--format", "erofs", "-o", str(warm))["handed_out"]
+        == HARDLINK
+    )
+    good = _sha(cold)
+    with open(warm, "r+b") as f:  # as root: the mode does not stop it
+        f.seek(1024)
+        f.write(b"damaged")
+    [entry] = _entries(tmp_path, "rootfs.erofs")
+    assert _sha(entry) != good  # the same inode: the cache entry changed too
+    third = _json(tmp_path, "rootfs", sample_ref, "--format", "erofs", "-o", str(again))
+    assert third["cached"] is False
+    assert _sha(again) == good
+    [entry] = _entries(tmp_path, "rootfs.erofs")
+    assert _sha(entry) == good
+    fourth = _json(tmp_path, "rootfs", sample_ref, "--format", "erofs", "-o", str(again))
+    assert fourth["cached"] is True and _sha(again) == good

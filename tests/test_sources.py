@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import layerkit as L
-from tests.conftest import podman, skopeo_copy
+from tests.conftest import need, podman, skopeo_copy
 from vmimg.errors import DigestError, ImageRefError, LayerError, PlatformError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.fetch import fetch_layers
@@ -85,6 +85,27 @@ def test_registry_pull_then_no_blob_requests(
     offline = open_image(by_digest.replace(registry, "127.0.0.1:9"), cache, AMD64)
     offline_image_layers = fetch_layers(offline, cache)
     assert len(offline_image_layers) == 1
+
+
+def test_registry_index_picks_each_platform(
+    two_platform_layout: str, registry: str, tmp_path: Path
+) -> None:
+    """A multi-platform index in a registry: the platform's manifest comes from the
+    manifests endpoint (registries do not serve manifests as blobs), as docs/arm64.md's
+    `vmimg build --platform linux/arm64 docker://...` needs."""
+    subprocess.run(
+        [need("skopeo"), "copy", "--quiet", "--all", "--dest-tls-verify=false",
+         f"oci:{two_platform_layout}:multi", f"docker://{registry}/multi/arch:v1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    cache = Cache.open(str(tmp_path / "c"))
+    ref = f"docker://{registry}/multi/arch:v1"
+    amd = open_image(ref, cache, AMD64)
+    arm = open_image(ref, cache, SourceOptions(parse_platform("linux/arm64")))
+    assert str(amd.platform) == "linux/amd64" and str(arm.platform) == "linux/arm64"
+    local = open_image(f"oci:{two_platform_layout}:multi", cache, AMD64)
+    assert amd.digest == local.digest
+    assert tree_digest(arm, cache) == arm.diff_ids
 
 
 def test_registry_errors_are_one_line_and_named(

@@ -7,8 +7,7 @@ until <path> is removed. Only the tests set these variables; unset, a pause poin
 an environment lookup. The points:
 
     layer-unpack-midway   a layer's first chunk is in its temporary file in the cache
-    layer-committed       a layer tar was renamed into the cache, before its index
-    index-write           a layer's entry index is written but not yet renamed into place
+    layer-committed       a layer tar was renamed into the cache
     output-write-midway   the writer has begun copying file bytes into the temporary output
     output-renamed        the output is in place, before the conversion cache stores a copy
     output-cache-store    that copy is in a temporary directory of the cache, not renamed

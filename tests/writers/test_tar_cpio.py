@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 from pathlib import Path
 
@@ -112,3 +113,23 @@ def test_initramfs_is_deterministic(matrix: Tree, tmp_path: Path) -> None:
     write(matrix, tmp_path / "a", write_cpio, CpioOptions())
     write(matrix, tmp_path / "b", write_cpio, CpioOptions())
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+
+
+def test_initramfs_with_a_file_named_like_the_trailer_keeps_what_follows(tmp_path: Path) -> None:
+    """newc ends at the name TRAILER!!!: an image's /TRAILER!!! must not cut the archive
+    short (the kernel would unpack nothing after it)."""
+    tree = Tree()
+    tree.add(b"/TRAILER!!!", Node(NodeType.DIR))
+    tree.add(b"/zzz", Node(NodeType.SYMLINK, target=b"after-the-trailer-name"))
+    out = tmp_path / "root.cpio"
+    write(tree, out, write_cpio, CpioOptions(compression="none"))
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(
+        [need("cpio"), "-idmu", "--quiet", "--no-absolute-filenames"],
+        input=out.read_bytes(),
+        cwd=dest,
+        check=True,
+    )
+    assert (dest / "TRAILER!!!").is_dir()
+    assert os.readlink(dest / "zzz") == "after-the-trailer-name"

@@ -69,10 +69,11 @@ from vmimg.rootfs.convert import (
     build_tree,
     check_output_space,
     output_size_floor,
-    seal,
+    seal_entry,
     share_file,
     source_date_epoch_ns,
     track_phase,
+    usable_entry,
     writing_phase,
 )
 from vmimg.rootfs.tree import Node, NodeType, Tree
@@ -394,13 +395,6 @@ def _share_tree(src: str, dst: str, linkable: set[str]) -> dict[str, str]:
     return how
 
 
-def _seal_tree(path: str) -> None:
-    """Take the write bits off every file of a cache entry (see rootfs.convert.seal)."""
-    for dirpath, _dirs, names in os.walk(path):
-        for name in names:
-            seal(os.path.join(dirpath, name))
-
-
 def current_umask() -> int:
     """The process's umask (reading it means setting it: set back at once)."""
     mask = os.umask(0o22)
@@ -512,6 +506,7 @@ def build_bundle(
             use_cache
             and cache.pin(cache.output_dir(key))  # kept by `cache prune` while we copy it
             and os.path.isfile(os.path.join(cached_dir, VM_JSON))
+            and usable_entry(cache, cache.output_dir(key))
         )
         warnings: list[str] = []
         handed_out = None
@@ -560,6 +555,6 @@ def _store(cache: Cache, key: str, work: str) -> None:
         entry = os.path.join(tmp, "bundle")
         # The new bundle's read-only files become the entry's (their write bits go).
         _share_tree(work, entry, linkable_files(read_vm_json(work)))
-        _seal_tree(entry)
+        seal_entry(tmp)
         with contextlib.suppress(OSError):  # another process stored it first
             commit(tmp, final)

@@ -1,7 +1,8 @@
 """`vmimg push`, `vmimg pull`, `vmimg kernel push` and `vmimg kernel pull`.
 
 Only option parsing and rendering live here; the work is in vmimg.artifact.
-vmimg.cli.main registers the commands; shared options come from vmimg.cli.options.
+vmimg.cli.main loads push and pull, vmimg.cli.kernel adds the kernel ones to its group;
+shared options come from vmimg.cli.options.
 """
 
 from __future__ import annotations
@@ -193,14 +194,6 @@ def kernel_pull(ref: str, as_json: bool, registry: RegistryFlags, cache_dir: str
         click.echo(f"  use it: vmimg build SOURCE -o DIR --kernel {boot_file}")
 
     run(as_json, go)
-
-
-def register(main: click.Group, kernel: click.Group) -> None:
-    """Attach the commands: `vmimg push/pull` and `vmimg kernel push/pull`."""
-    main.add_command(push)
-    main.add_command(pull)
-    kernel.add_command(kernel_push)
-    kernel.add_command(kernel_pull)
 
 
 for _command in (push, pull, kernel_push, kernel_pull):

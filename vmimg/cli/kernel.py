@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from vmimg.arch import ARCHES, Arch
+from vmimg.cli.artifact import kernel_pull, kernel_push
 from vmimg.cli.options import cache_param, os_error_message
 from vmimg.cli.progress import add_verbosity_options, progress
 from vmimg.errors import VmimgError
@@ -130,4 +131,6 @@ def show_cmd(key: str | None, cache_dir: str | None) -> None:
     click.echo(json.dumps({**info.metadata, "directory": str(info.directory)}, indent=2))
 
 
+kernel.add_command(kernel_push)
+kernel.add_command(kernel_pull)
 add_verbosity_options(kernel)  # -q/-v, also when imported without vmimg.cli.main

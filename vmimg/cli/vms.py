@@ -3,12 +3,14 @@ container-style options (docs/run.md). The work is in vmimg.boot (state, control
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import click
@@ -70,37 +72,71 @@ def parse_env(values: tuple[str, ...], env_files: tuple[str, ...]) -> tuple[str,
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class ContainerFlags:
+    """`vmimg run`'s container-style options as given (`run_params`)."""
+
+    entrypoint: str | None = None
+    env: tuple[str, ...] = ()
+    env_file: tuple[str, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    network: str = "user"
+    name: str | None = None
+    remove: bool = False
+    interactive: bool = False
+    tty: bool = False
+    detach: bool = False
+    volume: tuple[str, ...] = ()
+    disk: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()
+    secret: tuple[str, ...] = field(default=(), repr=False)
+    stop_signal: str | None = None
+    stop_timeout: int | None = None
+
+
 def run_options(
-    command: tuple[str, ...], entrypoint: str | None, env: tuple[str, ...],
-    env_file: tuple[str, ...], publish: tuple[str, ...], volume: tuple[str, ...],
-    disk: tuple[str, ...], data: tuple[str, ...], secret: tuple[str, ...],
-    stop_signal: str | None = None, **rest: Any,
-) -> RunOptions:  # fmt: skip
-    """RunOptions from `vmimg run`'s option values."""
-
-    def size_of(text: str) -> int:
-        return parse_size(text)
-
+    command: tuple[str, ...], flags: ContainerFlags, publish: tuple[str, ...], **rest: Any
+) -> RunOptions:
+    """RunOptions from `vmimg run`'s option values (`rest`: RunOptions fields as they are)."""
     try:
-        signal_number = parse_signal(stop_signal) if stop_signal is not None else None
+        stop_signal = parse_signal(flags.stop_signal) if flags.stop_signal is not None else None
     except AgentError:
-        raise UsageError(f"--stop-signal: {stop_signal!r} is not a signal") from None
+        raise UsageError(f"--stop-signal: {flags.stop_signal!r} is not a signal") from None
     return RunOptions(
-        stop_signal=signal_number,
         command=command or None,
-        entrypoint=split_words(entrypoint),
-        env=parse_env(env, env_file),
+        entrypoint=split_words(flags.entrypoint),
+        env=parse_env(flags.env, flags.env_file),
+        workdir=flags.workdir,
+        user=flags.user,
+        hostname=flags.hostname,
+        network=flags.network,
+        name=flags.name,
+        remove=flags.remove,
+        interactive=flags.interactive,
+        tty=flags.tty,
+        detach=flags.detach,
         publish=tuple(parse_publish(p) for p in publish),
-        volumes=tuple(parse_volume(v) for v in volume),
-        disks=tuple(parse_disk(d) for d in disk),
-        data=tuple(parse_data(d, size_of) for d in data),
-        secrets=tuple(parse_secret(s) for s in secret),
+        volumes=tuple(parse_volume(v) for v in flags.volume),
+        disks=tuple(parse_disk(d) for d in flags.disk),
+        data=tuple(parse_data(d, parse_size) for d in flags.data),
+        secrets=tuple(parse_secret(s) for s in flags.secret),
+        stop_signal=stop_signal,
+        stop_timeout=flags.stop_timeout,
         **rest,
     )
 
 
 def run_params(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`vmimg run`'s container-style options (docs/run.md maps them to docker run's)."""
+    """`vmimg run`'s container-style options (docs/run.md maps them to docker run's); the
+    command gets them as one `container` argument (a ContainerFlags)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        flags = ContainerFlags(**{name: kwargs.pop(name) for name in CONTAINER_FLAGS})
+        return f(*args, container=flags, **kwargs)
+
     for opt in reversed(
         [
             click.option("--entrypoint", default=None,
@@ -144,8 +180,11 @@ def run_params(f: Callable[..., Any]) -> Callable[..., Any]:
                          help="Seconds from the stop signal to SIGKILL [default: 10]."),
         ]
     ):  # fmt: skip
-        f = opt(f)
-    return f
+        command = opt(command)
+    return command
+
+
+CONTAINER_FLAGS = [f.name for f in fields(ContainerFlags)]
 
 
 # -- ps, logs, stop, exec, rm --------------------------------------------------------------
@@ -177,87 +216,88 @@ def _describe(state: vmstate.VmState) -> dict[str, Any] | None:
     }
 
 
-def register(main: click.Group) -> None:
-    """Add ps, logs, stop, exec and rm to `vmimg`."""
+@click.command("ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Also the VMs that have ended.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def ps(show_all: bool, as_json: bool) -> None:
+    """List the VMs `vmimg run` started (running ones; -a: all)."""
 
-    @main.command("ps")
-    @click.option("-a", "--all", "show_all", is_flag=True, help="Also the VMs that have ended.")
-    @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
-    def ps(show_all: bool, as_json: bool) -> None:
-        """List the VMs `vmimg run` started (running ones; -a: all)."""
+    def go() -> None:
+        rows = [d for s in vmstate.list_all() if (d := _describe(s))]
+        rows = [r for r in rows if show_all or r["state"] == "running"]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        click.echo(f"{'NAME':<16} {'STATE':<12} {'UPTIME':>7}  {'PORTS':<28} BUNDLE")
+        for r in rows:
+            status = r["state"]
+            if status == "exited":
+                code = r["exit_code"]
+                status = f"exited({'?' if code is None else code})"
+            up = _duration(r["uptime"]) if r["uptime"] is not None else "-"
+            ports = ",".join(r["ports"]) or "-"
+            click.echo(f"{r['name']:<16} {status:<12} {up:>7}  {ports:<28} {r['bundle']}")
 
-        def go() -> None:
-            rows = [d for s in vmstate.list_all() if (d := _describe(s))]
-            rows = [r for r in rows if show_all or r["state"] == "running"]
-            if as_json:
-                click.echo(json.dumps(rows, indent=2))
-                return
-            click.echo(f"{'NAME':<16} {'STATE':<12} {'UPTIME':>7}  {'PORTS':<28} BUNDLE")
-            for r in rows:
-                status = r["state"]
-                if status == "exited":
-                    code = r["exit_code"]
-                    status = f"exited({'?' if code is None else code})"
-                up = _duration(r["uptime"]) if r["uptime"] is not None else "-"
-                ports = ",".join(r["ports"]) or "-"
-                click.echo(f"{r['name']:<16} {status:<12} {up:>7}  {ports:<28} {r['bundle']}")
+    run(as_json, go)
 
-        run(as_json, go)
 
-    @main.command("logs")
-    @click.argument("name")
-    @click.option("-f", "--follow", is_flag=True, help="Keep printing until the VM ends.")
-    def logs(name: str, follow: bool) -> None:
-        """Print a VM's console (kernel, agent markers, the workload's output)."""
-        run(False, lambda: copy_logs(vmstate.get(name), sys.stdout.buffer, follow))
+@click.command("logs")
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the VM ends.")
+def logs(name: str, follow: bool) -> None:
+    """Print a VM's console (kernel, agent markers, the workload's output)."""
+    run(False, lambda: copy_logs(vmstate.get(name), sys.stdout.buffer, follow))
 
-    @main.command("stop")
-    @click.argument("names", nargs=-1, required=True)
-    @click.option("-t", "--time", "timeout", type=click.FloatRange(0), default=10.0,
-                  show_default=True,
-                  help="Seconds between the power button and a kill.")  # fmt: skip
-    def stop(names: tuple[str, ...], timeout: float) -> None:
-        """Stop VMs: the power button (the workload gets its stop signal), then a kill."""
 
-        def go() -> None:
-            for name in names:
-                stop_vm(vmstate.get(name), timeout)
-                click.echo(name)
+@click.command("stop")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-t", "--time", "timeout", type=click.FloatRange(0), default=10.0,
+              show_default=True,
+              help="Seconds between the power button and a kill.")  # fmt: skip
+def stop(names: tuple[str, ...], timeout: float) -> None:
+    """Stop VMs: the power button (the workload gets its stop signal), then a kill."""
 
-        run(False, go)
+    def go() -> None:
+        for name in names:
+            stop_vm(vmstate.get(name), timeout)
+            click.echo(name)
 
-    @main.command("rm")
-    @click.argument("names", nargs=-1, required=True)
-    @click.option("-f", "--force", is_flag=True, help="Kill a running VM first.")
-    def rm(names: tuple[str, ...], force: bool) -> None:
-        """Forget ended VMs: their state and console logs (data disks stay)."""
+    run(False, go)
 
-        def go() -> None:
-            for name in names:
-                remove_vm(vmstate.get(name), force)
-                click.echo(name)
 
-        run(False, go)
+@click.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Kill a running VM first.")
+def rm(names: tuple[str, ...], force: bool) -> None:
+    """Forget ended VMs: their state and console logs (data disks stay)."""
 
-    @main.command("exec", context_settings={"allow_interspersed_args": False})
-    @click.argument("name")
-    @click.argument("command", nargs=-1, required=True)
-    @click.option("-i", "--interactive", is_flag=True, help="Send stdin to the process.")
-    @click.option("-t", "--tty", is_flag=True, help="Run the process on a terminal (a pty).")
-    @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set a variable.")
-    @click.option("-u", "--user", default=None, help="Run as USER[:GROUP].")
-    @click.option("-w", "--workdir", default=None, help="The process's directory.")
-    def exec_cmd(name: str, command: tuple[str, ...], interactive: bool, tty: bool,
-                 env: tuple[str, ...], user: str | None, workdir: str | None) -> None:  # fmt: skip
-        """Run COMMAND in the running VM NAME; exit with its exit code.
+    def go() -> None:
+        for name in names:
+            remove_vm(vmstate.get(name), force)
+            click.echo(name)
 
-        The process gets the workload's environment, user and directory unless told
-        otherwise. Options go before NAME; everything after NAME is the command.
-        """
+    run(False, go)
 
-        def go() -> int:
-            opts = ExecOptions(argv=command, env=parse_env(env, ()), user=user,
-                               workdir=workdir, interactive=interactive, tty=tty)  # fmt: skip
-            return exec_in_vm(vmstate.get(name), opts)
 
-        sys.exit(run(False, go))
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True)
+@click.option("-i", "--interactive", is_flag=True, help="Send stdin to the process.")
+@click.option("-t", "--tty", is_flag=True, help="Run the process on a terminal (a pty).")
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="Set a variable.")
+@click.option("-u", "--user", default=None, help="Run as USER[:GROUP].")
+@click.option("-w", "--workdir", default=None, help="The process's directory.")
+def exec_cmd(name: str, command: tuple[str, ...], interactive: bool, tty: bool,
+             env: tuple[str, ...], user: str | None, workdir: str | None) -> None:  # fmt: skip
+    """Run COMMAND in the running VM NAME; exit with its exit code.
+
+    The process gets the workload's environment, user and directory unless told
+    otherwise. Options go before NAME; everything after NAME is the command.
+    """
+
+    def go() -> int:
+        opts = ExecOptions(argv=command, env=parse_env(env, ()), user=user,
+                           workdir=workdir, interactive=interactive, tty=tty)  # fmt: skip
+        return exec_in_vm(vmstate.get(name), opts)
+
+    sys.exit(run(False, go))

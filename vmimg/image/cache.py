@@ -317,8 +317,11 @@ def remove_unused(path: str) -> Freed:
             return freed
         for name in sorted(os.listdir(path)):
             freed += remove_unused(os.path.join(path, name))
-        with contextlib.suppress(OSError):  # not empty: something in it is in use
+        try:
             os.rmdir(path)
+        except OSError:  # not empty: something in it is in use
+            return freed
+        freed.entries = 1  # a directory gone whole is one entry, however many files it held
         return freed
     finally:
         os.close(fd)
@@ -425,6 +428,19 @@ class Cache:
         path, fd = self._new_temp(prefix, "", directory=True)
         self._held[path] = fd
         return path
+
+    def unpin(self, path: str | os.PathLike[str]) -> None:
+        fd = self._pins.pop(os.fspath(path), None)
+        if fd is not None:
+            os.close(fd)
+
+    def discard(self, path: str) -> None:
+        """Take the entry at `path` out of the cache at once (a rename into tmp/), then remove
+        it; processes that pinned it keep what they opened."""
+        with self.temp_dir("discarded-") as aside:
+            with contextlib.suppress(FileNotFoundError):  # another process discarded it
+                os.rename(path, os.path.join(aside, "entry"))
+            self.unpin(path)
 
     def remove_temp(self, path: str | os.PathLike[str]) -> None:
         path = os.fspath(path)

@@ -46,10 +46,9 @@ def fetch_layers(
     def one(i: int) -> LayerFile:
         desc = image.layers[i]
         diff_id = image.diff_ids[i]
-        path = unpack_layer_to_cache(
+        return unpack_layer_to_cache(
             cache, desc, diff_id, lambda: image.open_blob(desc), report, budget, space
         )
-        return LayerFile(path, desc.digest or diff_id)
 
     workers = jobs or min(len(image.layers), os.cpu_count() or 1) or 1
     if workers == 1:

@@ -23,7 +23,16 @@ import tarfile
 
 from vmimg.errors import LayerError, TreeError
 from vmimg.image.layers import Entry, LayerFile, load_entries
-from vmimg.rootfs.tree import PATH_MAX, SYMLINK_MODE, Content, Node, NodeType, Tree, split_path
+from vmimg.rootfs.tree import (
+    PATH_MAX,
+    SYMLINK_MODE,
+    Content,
+    Node,
+    NodeType,
+    Tree,
+    split_path,
+    without_cycle_collection,
+)
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -32,6 +41,9 @@ IMPLICIT_DIR_MODE = 0o755
 NAME_MAX = 255  # bytes in one name: Linux's limit, and ext4's and erofs's
 SYMLINK_MAX = 4095  # bytes in a symlink target: PATH_MAX less its NUL
 SHOWN_NAME_MAX = 300  # bytes of an entry name an error message quotes (NAME_MAX fits)
+# The xattrs of every node that has none: one dict, not one per node. Nodes' xattrs are
+# replaced, never changed in place (the Tree contract), so sharing it is safe.
+_NO_XATTRS: dict[bytes, bytes] = {}
 
 _NODE_TYPE = {
     tarfile.REGTYPE: NodeType.FILE,
@@ -54,6 +66,14 @@ class _Flattener:
         # depth x entries. Valid until an entry is replaced or removed (it may have been
         # a directory or symlink such a resolution went through): then it is emptied.
         self._parents: dict[bytes, tuple[Node, int]] = {}
+        # One int object per distinct mtime (most entries of a layer share a few): a
+        # nanosecond time is a 32-byte object of its own otherwise, per node.
+        self._times: dict[int, int] = {}
+        # Entry names split before, by their directory part as written: that part's
+        # components joined and its longest component. Pure functions of the bytes, so
+        # never stale: an entry whose directory part is here is not split again (a path
+        # may have 2048 components, and most entries share their directory).
+        self._heads: dict[bytes, tuple[bytes, int]] = {}
 
     def _put(self, directory: Node, name: bytes, node: Node) -> None:
         assert directory.children is not None
@@ -113,9 +133,28 @@ class _Flattener:
 
     # -- whiteouts -------------------------------------------------------------
 
+    def _split(self, name: bytes) -> tuple[bytes, bytes, int] | None:
+        """(directory part joined, last component, longest component) of an entry name
+        whose directory part was split before and whose last component is a plain name;
+        None for any other (split_path is the judge of those)."""
+        head, _, last = name.rpartition(b"/")
+        known = self._heads.get(head)
+        if known is None or last in (b"", b".", b".."):
+            return None
+        return known[0], last, max(known[1], len(last))
+
+    def _split_slowly(self, name: bytes) -> list[bytes]:
+        parts = split_path(name)
+        head, _, last = name.rpartition(b"/")
+        if parts and last == parts[-1] and last not in (b".", b".."):
+            self._heads[head] = (b"/".join(parts[:-1]), max(map(len, parts[:-1]), default=0))
+        return parts
+
     def apply_whiteout(self, e: Entry) -> None:
         """Apply `e` if it is a whiteout (to what the lower layers made)."""
-        parts = split_path(e.name)
+        if WHITEOUT_PREFIX not in e.name:
+            return  # most entries: no need to split the path
+        parts = self._split_slowly(e.name)
         if not parts or not parts[-1].startswith(WHITEOUT_PREFIX):
             return
         name = parts[-1]
@@ -138,26 +177,28 @@ class _Flattener:
     # -- entries ---------------------------------------------------------------
 
     def apply_entry(self, e: Entry, layer: LayerFile) -> None:
-        parts = split_path(e.name)
-        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+        split = self._split(e.name)
+        if split is None:
+            parts = self._split_slowly(e.name)
+            if not parts:
+                if e.type == tarfile.DIRTYPE:
+                    self._set_attrs(self.tree.root, e)
+                return
+            split = b"/".join(parts[:-1]), parts[-1], max(map(len, parts))
+        written, name, longest = split
+        if name.startswith(WHITEOUT_PREFIX):
             return  # handled in apply_whiteouts
-        if parts and max(map(len, parts)) > NAME_MAX:
+        if longest > NAME_MAX:
             raise TreeError(f"a name longer than {NAME_MAX} bytes")
         # Checked before anything is made: the path as written, then (below) where it lands.
-        written = b"/".join(parts[:-1])
-        _check_path_length(_joined_length(len(written), parts[-1]) if parts else 0)
-        if not parts:
-            if e.type == tarfile.DIRTYPE:
-                self._set_attrs(self.tree.root, e)
-            return
+        _check_path_length(_joined_length(len(written), name))
         found = self._parents.get(written)
         if found is None:
-            found = self._resolve_dir(parts[:-1], create_mtime=e.mtime_ns)
+            found = self._resolve_dir(split_path(written), create_mtime=e.mtime_ns)
             assert found is not None
             self._parents[written] = found
         parent, parent_length = found
         assert parent.children is not None
-        name = parts[-1]
         _check_path_length(_joined_length(parent_length, name))
         if e.type == tarfile.LNKTYPE:
             self._put(parent, name, self._hardlink_target(e))
@@ -169,13 +210,15 @@ class _Flattener:
         if kind is NodeType.DIR and existing is not None and existing.is_dir:
             self._set_attrs(existing, e)
             return
-        node = Node(kind)
-        self._set_attrs(node, e)
+        mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
+        xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
         if kind is NodeType.FILE:
-            node.content = Content(
-                size=e.size, path=layer.tar_path, offset=e.offset, extents=e.sparse
-            )
-        elif kind is NodeType.SYMLINK:
+            content = Content(e.size, layer.tar_path, e.offset, None, e.sparse)
+            node = Node(kind, e.mode & 0o7777, e.uid, e.gid, mtime_ns, xattrs, content=content)
+            self._put(parent, name, node)
+            return
+        node = Node(kind, e.mode & 0o7777, e.uid, e.gid, mtime_ns, xattrs)
+        if kind is NodeType.SYMLINK:
             if not e.linkname:
                 raise TreeError("symlink with an empty target")
             if len(e.linkname) > SYMLINK_MAX:
@@ -198,13 +241,12 @@ class _Flattener:
             raise TreeError(f"hardlink to directory {os.fsdecode(e.linkname)!r}")
         return target
 
-    @staticmethod
-    def _set_attrs(node: Node, e: Entry) -> None:
+    def _set_attrs(self, node: Node, e: Entry) -> None:
         node.mode = SYMLINK_MODE if node.type is NodeType.SYMLINK else e.mode & 0o7777
         node.uid = e.uid
         node.gid = e.gid
-        node.mtime_ns = e.mtime_ns
-        node.xattrs = dict(e.xattrs)
+        node.mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
+        node.xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
 
 
 def _joined_length(parent_length: int, name: bytes) -> int:
@@ -224,20 +266,25 @@ def shown_name(name: bytes) -> str:
     return f"{os.fsdecode(name[:SHOWN_NAME_MAX])!r}... ({len(name)} bytes)"
 
 
+@without_cycle_collection
 def flatten(layers: list[LayerFile]) -> Tree:
     """Flatten layer tars, lowest first, into one Tree."""
     f = _Flattener()
     for layer in layers:
-        entries = load_entries(layer.tar_path, f"layer {layer.name}")
-        for whiteouts_pass in (True, False):
+        entries = layer.entries
+        layer.entries = None  # handed over: let go below as applied (a later flatten reparses)
+        if entries is None:
+            entries = load_entries(layer.tar_path, f"layer {layer.name}")
+        try:
             for e in entries:
-                try:
-                    if whiteouts_pass:
-                        f.apply_whiteout(e)
-                    else:
-                        f.apply_entry(e, layer)
-                except TreeError as err:
-                    raise LayerError(
-                        f"layer {layer.name}: entry {shown_name(e.name)}: {err}"
-                    ) from None
+                f.apply_whiteout(e)
+            # Each entry is let go once applied: the tree grows into the memory the
+            # layer's entries held, rather than beside it.
+            entries.reverse()
+            while entries:
+                e = entries.pop()
+                f.apply_entry(e, layer)
+        except TreeError as err:
+            raise LayerError(f"layer {layer.name}: entry {shown_name(e.name)}: {err}") from None
+        del entries
     return f.tree

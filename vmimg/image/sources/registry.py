@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from typing import BinaryIO
 
 from vmimg.digest import digest_bytes
 from vmimg.errors import DigestError, ImageRefError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
-from vmimg.image.oci import ACCEPT_MANIFESTS, Descriptor
+from vmimg.image.oci import ACCEPT_MANIFESTS, INDEX_TYPES, MANIFEST_TYPES, Descriptor
 from vmimg.image.reference import RegistryRef
 from vmimg.image.registry import RegistryClient, api_host, quiet_insecure_warnings
 from vmimg.image.sources.base import resolve_image
@@ -93,6 +94,11 @@ def _image(
     options: SourceOptions,
 ) -> Image:
     def open_blob(desc: Descriptor) -> BinaryIO:
+        if desc.media_type in MANIFEST_TYPES + INDEX_TYPES:
+            # An index's entries are manifests: registries serve them only from the
+            # manifests endpoint, never as blobs. resolve_image checks digest and size.
+            data, _ = get_manifest(client, ref.repository, desc.digest, ACCEPT_MANIFESTS)
+            return io.BytesIO(data)
         return client.open_blob(ref.repository, desc.digest)  # type: ignore[return-value]
 
     return resolve_image(str(ref), root, media_type, open_blob, options.platform, cache, ref.digest)

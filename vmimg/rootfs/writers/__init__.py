@@ -35,7 +35,7 @@ Writer = Callable[[Tree, ContentReader, int, Any], list[str]]
 # The version of each writer's output: part of the conversion cache key, so a cached image
 # is never reused once the same tree and options would give other bytes. Bump on change.
 # 2: symlinks 0777, times clamped per format; erofs: zero chunks share pclusters.
-WRITER_VERSIONS = {"tar": 2, "initramfs": 2, "ext4": 2, "erofs": 2}
+WRITER_VERSIONS = {"tar": 2, "initramfs": 3, "ext4": 2, "erofs": 2}
 # Compressed initramfs names say their compression (docs/bundle.md).
 INITRAMFS_SUFFIX = {"gzip": ".gz", "zstd": ".zst", "none": ""}
 

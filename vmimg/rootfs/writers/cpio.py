@@ -105,6 +105,8 @@ def write_cpio(tree: Tree, reader: ContentReader, out_fd: int, options: CpioOpti
     inos: dict[int, int] = {}
     for path, node in tree.walk():
         name = b"." if path == b"/" else path.lstrip(b"/")
+        if name == TRAILER:
+            name = b"./" + name  # the bare name ends the archive for the kernel and cpio
         seen = id(node) in inos
         if not seen:
             inos[id(node)] = len(inos) + 1

@@ -124,6 +124,7 @@ _MAP_HEADER = struct.Struct("<HHHBB")
 _LCLUSTER_HEAD = struct.Struct("<HHI")
 _LCLUSTER_NONHEAD = struct.Struct("<HHHH")
 
+DIRENT = _DIRENT  # for packing a directory block's dirents in place
 SUPERBLOCK_SIZE = _SUPERBLOCK.size
 LZ4_CFGS_SIZE = _LZ4_CFGS.size
 SUPERBLOCK_CHECKSUM_OFFSET = 4  # within the superblock
@@ -249,6 +250,64 @@ class InodeExtended:
             self.mtime_nsec,
             self.nlink,
         )
+
+
+def pack_compact_into(
+    buf: bytearray,
+    offset: int,
+    common: tuple[int, int, int, int, int, int],
+    ids: tuple[int, int, int],
+) -> None:
+    """What InodeCompact(...).pack() gives, packed in place (the writer's per-inode path).
+
+    common: (datalayout, xattr_icount, mode, nlink, size, i_u); ids: (ino, uid, gid)."""
+    datalayout, icount, mode, nlink, size, i_u = common
+    ino, uid, gid = ids
+    _INODE_COMPACT.pack_into(
+        buf,
+        offset,
+        i_format(INODE_LAYOUT_COMPACT, datalayout),
+        icount,
+        mode,
+        nlink,
+        size,
+        0,
+        i_u,
+        ino,
+        uid,
+        gid,
+        0,
+    )
+
+
+def pack_extended_into(
+    buf: bytearray,
+    offset: int,
+    common: tuple[int, int, int, int, int, int],
+    rest: tuple[int, int, int, int, int],
+) -> None:
+    """What InodeExtended(...).pack() gives, packed in place.
+
+    common: (datalayout, xattr_icount, mode, nlink, size, i_u);
+    rest: (ino, uid, gid, mtime, mtime_nsec)."""
+    datalayout, icount, mode, nlink, size, i_u = common
+    ino, uid, gid, mtime, mtime_nsec = rest
+    _INODE_EXTENDED.pack_into(
+        buf,
+        offset,
+        i_format(INODE_LAYOUT_EXTENDED, datalayout),
+        icount,
+        mode,
+        0,
+        size,
+        i_u,
+        ino,
+        uid,
+        gid,
+        mtime,
+        mtime_nsec,
+        nlink,
+    )
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import os
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import crc32c
 
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree, without_cycle_collection
 from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.erofs import format as fmt
 from vmimg.rootfs.writers.erofs.compress import (
@@ -64,6 +66,15 @@ ZERO_CHUNK = 1 << 20
 MAX_COMPRESSED_FILE_SIZE = 32 << 30
 
 
+def _no_list() -> list[Any]:
+    """What a file's `entries` and `block_starts` hold: one shared empty list, never
+    changed (a directory gets lists of its own)."""
+    return _NO_LIST
+
+
+_NO_LIST: list[Any] = []
+
+
 @dataclass(frozen=True)
 class ErofsOptions:
     compress: str = "none"  # "none" | "lz4" | "lz4hc"
@@ -72,7 +83,7 @@ class ErofsOptions:
     label: str = ""  # volume name, at most 15 bytes
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Inode:
     """One inode being laid out: the node plus everything decided about it."""
 
@@ -90,8 +101,8 @@ class _Inode:
     compressed: CompressedFile | None = None
     # directories only: sorted (name, inode) including "." and "..", and the
     # index of the first entry of each directory block
-    entries: list[tuple[bytes, _Inode]] = field(default_factory=list)
-    block_starts: list[int] = field(default_factory=list)
+    entries: list[tuple[bytes, _Inode]] = field(default_factory=_no_list)
+    block_starts: list[int] = field(default_factory=_no_list)
     nid: int = 0
 
     @property
@@ -124,6 +135,7 @@ class _Inode:
         return tail > 0 and self.head_size + tail <= BLOCK
 
 
+@without_cycle_collection
 def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOptions) -> None:
     """Write `tree` as an EROFS image to the fresh, empty file `out_fd`."""
     compress = make_compressor(options.compress, options.compress_level)
@@ -208,34 +220,44 @@ def _build_meta_area(inodes: list[_Inode], reader: ContentReader, data: _DataAre
 
 def _collect_inodes(tree: Tree) -> list[_Inode]:
     """One _Inode per distinct node: the root, then each directory's children
-    together, then the subdirectories in name order, depth first."""
-    counts = tree.link_counts()
-    root = _Inode(tree.root, b"/", None, ino=1, nlink=counts[id(tree.root)])
+    together, then the subdirectories in name order, depth first. Link counts are
+    counted on the way: names for a file; ".", ".." and each subdirectory's ".." for a
+    directory."""
+    root = _Inode(tree.root, b"/", None, ino=1)
     by_node: dict[int, _Inode] = {id(tree.root): root}
     order = [root]
-    parents: dict[int, _Inode] = {id(tree.root): root}
-    stack = [root]
+    dir_type = NodeType.DIR
+    stack = [(root, root)]  # (directory, its parent)
     while stack:
-        directory = stack.pop()
+        directory, parent = stack.pop()
         entries: list[tuple[bytes, _Inode]] = []
-        subdirs: list[_Inode] = []
+        subdirs: list[tuple[_Inode, _Inode]] = []
+        child_dirs = 0
         for name, child in directory.node.sorted_children():
-            _check_name(name, directory)
+            if not 0 < len(name) <= fmt.NAME_LEN_MAX or b"/" in name or b"\0" in name:
+                _check_name(name, directory)
+            is_dir = child.type is dir_type
+            child_dirs += is_dir
             inode = by_node.get(id(child))
             if inode is None:
-                inode = _Inode(child, name, directory, ino=len(order) + 1, nlink=counts[id(child)])
+                inode = _Inode(child, name, directory, ino=len(order) + 1)
                 by_node[id(child)] = inode
                 order.append(inode)
-                if child.is_dir:
-                    parents[id(child)] = directory
-                    subdirs.append(inode)
+                if is_dir:
+                    subdirs.append((inode, directory))
+            else:
+                inode.nlink += 1
             entries.append((name, inode))
-        parent = parents[id(directory.node)]
         entries += [(b".", directory), (b"..", parent)]
-        entries.sort(key=lambda e: e[0])
+        entries.sort(key=_entry_name)
         directory.entries = entries
+        directory.nlink += 1 + child_dirs
         stack.extend(reversed(subdirs))
     return order
+
+
+def _entry_name(entry: tuple[bytes, _Inode]) -> bytes:
+    return entry[0]
 
 
 def _check_name(name: bytes, parent: _Inode) -> None:
@@ -311,7 +333,11 @@ def _assign_xattrs(inodes: list[_Inode]) -> bytes:
     An xattr (name and value) that two or more inodes carry is stored once in
     the shared area and referenced by its id (offset / 4 from xattr_blkaddr).
     """
-    keys = {id(i): [_xattr_key(i, n, v) for n, v in i.node.xattrs.items()] for i in inodes}
+    keys = {
+        id(i): [_xattr_key(i, n, v) for n, v in i.node.xattrs.items()]
+        for i in inodes
+        if i.node.xattrs
+    }
     usage = collections.Counter(k for ks in keys.values() for k in ks)
     table = bytearray()
     shared_id: dict[_XattrKey, int] = {}
@@ -319,6 +345,8 @@ def _assign_xattrs(inodes: list[_Inode]) -> bytes:
         shared_id[key] = len(table) // fmt.XATTR_ALIGN
         table += fmt.XattrEntry(*key).pack()
     for inode in inodes:
+        if id(inode) not in keys:
+            continue
         own = sorted(keys[id(inode)])
         if not own:
             continue
@@ -368,11 +396,16 @@ def _dir_block(inode: _Inode, block: int) -> bytes:
     start, end = _dir_block_range(inode, block)
     chunk = inode.entries[start:end]
     nameoff = fmt.DIRENT_SIZE * len(chunk)
-    dirents = []
+    out = bytearray(nameoff)
+    pack = fmt.DIRENT.pack_into
+    file_type = _FILE_TYPE
+    pos = 0
     for name, child in chunk:
-        dirents.append(fmt.Dirent(child.nid, nameoff, _FILE_TYPE[child.node.type]).pack())
+        pack(out, pos, child.nid, nameoff, file_type[child.node.type], 0)
+        pos += fmt.DIRENT_SIZE
         nameoff += len(name)
-    return b"".join(dirents) + b"".join(name for name, _ in chunk)
+    out += b"".join([name for name, _ in chunk])
+    return bytes(out)
 
 
 # --- the data area --------------------------------------------------------------
@@ -605,27 +638,36 @@ def _assign_nids(inodes: list[_Inode]) -> int:
     starts a new block. Slot 0 stays unused so that no inode has nid 0 (an
     inode number 0 means "no inode" to much of userspace).
     """
-    open_blocks: collections.OrderedDict[int, int] = collections.OrderedDict({0: 32})
+    # The open blocks in the order they were opened, and the free bytes of each: two
+    # short lists, so that finding the first that fits runs in C (map, compress), not a
+    # Python loop per open block per inode.
+    blocks = [0]
+    free = [BLOCK - fmt.INODE_SLOT_SIZE]
     end = BLOCK  # first byte of never-used space
+    slot = fmt.INODE_SLOT_SIZE
     for inode in inodes:
-        size = _align(inode.meta_size, fmt.INODE_SLOT_SIZE)
-        offset = None
+        size = -(-inode.meta_size // slot) * slot
+        offset = -1
         if size <= BLOCK:
-            for block, used in open_blocks.items():
-                if used + size <= BLOCK:
-                    offset = block * BLOCK + used
-                    break
-        if offset is None:
+            fit = next(itertools.compress(itertools.count(), map(size.__le__, free)), None)
+            if fit is not None:
+                offset = (blocks[fit] + 1) * BLOCK - free[fit]
+        if offset < 0:
             offset = end
             end += _align(size, BLOCK)
-            if len(open_blocks) >= META_OPEN_BLOCKS:
-                open_blocks.popitem(last=False)
-        inode.nid = offset // fmt.INODE_SLOT_SIZE
+            if len(blocks) >= META_OPEN_BLOCKS:
+                del blocks[0], free[0]
+        inode.nid = offset // slot
         last_block, used = divmod(offset + size, BLOCK)
         if used == 0:
-            open_blocks.pop(last_block - 1, None)
+            if last_block - 1 in blocks:
+                at = blocks.index(last_block - 1)
+                del blocks[at], free[at]
+        elif last_block in blocks:
+            free[blocks.index(last_block)] = BLOCK - used
         else:
-            open_blocks[last_block] = used
+            blocks.append(last_block)
+            free.append(BLOCK - used)
     if inodes[0].nid > fmt.ROOT_NID_MAX:
         raise WriterError("the root directory's inode does not fit in a 16-bit nid")
     return end
@@ -633,44 +675,34 @@ def _assign_nids(inodes: list[_Inode]) -> int:
 
 def _write_inode(meta: bytearray, inode: _Inode, reader: ContentReader, data: _DataArea) -> None:
     node = inode.node
-    mtime_s, mtime_ns = divmod(node.mtime_ns, 1_000_000_000)
-    icount = fmt.xattr_icount(len(inode.xattr_ibody))
-    raw: fmt.InodeCompact | fmt.InodeExtended
+    offset = inode.nid * fmt.INODE_SLOT_SIZE
+    icount = fmt.xattr_icount(len(inode.xattr_ibody)) if inode.xattr_ibody else 0
     if inode.extended:
-        raw = fmt.InodeExtended(
-            inode.datalayout,
-            icount,
-            node.st_mode,
-            inode.nlink,
-            inode.size,
-            inode.i_u,
-            inode.ino,
-            node.uid,
-            node.gid,
-            mtime_s,
-            mtime_ns,
+        mtime_s, mtime_ns = divmod(node.mtime_ns, 1_000_000_000)
+        fmt.pack_extended_into(
+            meta,
+            offset,
+            (inode.datalayout, icount, node.st_mode, inode.nlink, inode.size, inode.i_u),
+            (inode.ino, node.uid, node.gid, mtime_s, mtime_ns),
         )
+        at = offset + fmt.EXTENDED_INODE_SIZE
     else:
-        raw = fmt.InodeCompact(
-            inode.datalayout,
-            icount,
-            node.st_mode,
-            inode.nlink,
-            inode.size,
-            inode.i_u,
-            inode.ino,
-            node.uid,
-            node.gid,
+        fmt.pack_compact_into(
+            meta,
+            offset,
+            (inode.datalayout, icount, node.st_mode, inode.nlink, inode.size, inode.i_u),
+            (inode.ino, node.uid, node.gid),
         )
-    body = raw.pack() + inode.xattr_ibody
+        at = offset + fmt.COMPACT_INODE_SIZE
+    body = inode.xattr_ibody
+
     if inode.compressed is not None:
-        body += inode.compressed.metadata(len(body))
+        body += inode.compressed.metadata(inode.head_size)
     elif node.is_dir:
         body += data.write_directory(inode)
     elif inode.inline_len:
         body += _tail(inode, reader)
-    offset = inode.nid * fmt.INODE_SLOT_SIZE
-    meta[offset : offset + len(body)] = body
+    meta[at : at + len(body)] = body
 
 
 def _tail(inode: _Inode, reader: ContentReader) -> bytes:

@@ -161,9 +161,13 @@ def fs_checksum_seed(uuid: bytes) -> int:
     return crc32c_raw(0xFFFFFFFF, uuid)
 
 
+_INO_GENERATION = struct.Struct("<II")
+
+
 def inode_checksum_seed(fs_seed: int, ino: int, generation: int) -> int:
-    """Per-inode seed, also used for the inode's extent, directory blocks."""
-    return crc32c_raw(crc32c_raw(fs_seed, struct.pack("<I", ino)), struct.pack("<I", generation))
+    """Per-inode seed, also used for the inode's extent, directory blocks: crc32c of the
+    inode number, then of the generation (one call over both)."""
+    return crc32c_raw(fs_seed, _INO_GENERATION.pack(ino, generation))
 
 
 # --- Generic little helper for fixed layouts --------------------------------------------
@@ -453,6 +457,7 @@ assert INODE.offset("i_projid") + 4 == XATTR_IBODY_OFFSET
 _INODE_STRUCT = struct.Struct("<" + "HHIIIIIHHIII60sIIIIHHHHHHHHIIIIIII")
 _CSUM_LO = INODE.offset("l_i_checksum_lo")
 _CSUM_HI = INODE.offset("i_checksum_hi")
+_U16 = struct.Struct("<H")
 
 
 def encode_time(ns: int) -> tuple[int, int]:
@@ -487,49 +492,78 @@ class Inode:
     def pack_into(self, buf: bytearray, offset: int, ino: int, fs_seed: int) -> None:
         """Write the 256-byte inode at buf[offset:] with its checksum."""
         sec, extra = encode_time(self.mtime_ns)
-        _INODE_STRUCT.pack_into(
+        pack_inode_into(
             buf,
             offset,
-            self.mode,
-            self.uid & 0xFFFF,
-            self.size & 0xFFFFFFFF,
-            sec,  # i_atime
-            sec,  # i_ctime
-            sec,  # i_mtime
-            0,  # i_dtime
-            self.gid & 0xFFFF,
-            self.links,
-            self.blocks_512 & 0xFFFFFFFF,
-            self.flags,
-            0,  # l_i_version
+            inode_checksum_seed(fs_seed, ino, 0),
+            (self.mode, self.uid, self.gid, self.size, self.links, self.blocks_512, self.flags),
             self.i_block,
-            0,  # i_generation
-            self.file_acl & 0xFFFFFFFF,
-            self.size >> 32,
-            0,  # i_obso_faddr
-            self.blocks_512 >> 32,
-            self.file_acl >> 32,
-            self.uid >> 16,
-            self.gid >> 16,
-            0,  # l_i_checksum_lo, set below
-            0,
-            EXTRA_ISIZE,
-            0,  # i_checksum_hi, set below
-            extra,  # i_ctime_extra
-            extra,  # i_mtime_extra
-            extra,  # i_atime_extra
-            sec,  # i_crtime
-            extra,  # i_crtime_extra
-            0,
-            0,
+            sec,
+            extra,
+            self.file_acl,
+            self.xattr_ibody,
         )
-        if self.xattr_ibody:
-            start = offset + XATTR_IBODY_OFFSET
-            buf[start : start + len(self.xattr_ibody)] = self.xattr_ibody
-        seed = inode_checksum_seed(fs_seed, ino, 0)
-        crc = crc32c_raw(seed, memoryview(buf)[offset : offset + INODE_SIZE])
-        struct.pack_into("<H", buf, offset + _CSUM_LO, crc & 0xFFFF)
-        struct.pack_into("<H", buf, offset + _CSUM_HI, crc >> 16)
+
+
+def pack_inode_into(
+    buf: bytearray,
+    offset: int,
+    inode_seed: int,
+    fields: tuple[int, int, int, int, int, int, int],
+    i_block: bytes,
+    sec: int,
+    extra: int,
+    file_acl: int,
+    xattr_ibody: bytes,
+) -> None:
+    """Write one 256-byte inode at buf[offset:] (zeros there) with its checksum: the
+    writer's per-inode path, so plain values rather than an `Inode` object.
+
+    fields: (mode, uid, gid, size, links, blocks_512, flags); `sec`, `extra`: the time as
+    encode_time gives it (atime = ctime = mtime = crtime)."""
+    mode, uid, gid, size, links, blocks_512, flags = fields
+    _INODE_STRUCT.pack_into(
+        buf,
+        offset,
+        mode,
+        uid & 0xFFFF,
+        size & 0xFFFFFFFF,
+        sec,  # i_atime
+        sec,  # i_ctime
+        sec,  # i_mtime
+        0,  # i_dtime
+        gid & 0xFFFF,
+        links,
+        blocks_512 & 0xFFFFFFFF,
+        flags,
+        0,  # l_i_version
+        i_block,
+        0,  # i_generation
+        file_acl & 0xFFFFFFFF,
+        size >> 32,
+        0,  # i_obso_faddr
+        blocks_512 >> 32,
+        file_acl >> 32,
+        uid >> 16,
+        gid >> 16,
+        0,  # l_i_checksum_lo, set below
+        0,
+        EXTRA_ISIZE,
+        0,  # i_checksum_hi, set below
+        extra,  # i_ctime_extra
+        extra,  # i_mtime_extra
+        extra,  # i_atime_extra
+        sec,  # i_crtime
+        extra,  # i_crtime_extra
+        0,
+        0,
+    )
+    if xattr_ibody:
+        start = offset + XATTR_IBODY_OFFSET
+        buf[start : start + len(xattr_ibody)] = xattr_ibody
+    crc = crc32c_raw(inode_seed, memoryview(buf)[offset : offset + INODE_SIZE])
+    _U16.pack_into(buf, offset + _CSUM_LO, crc & 0xFFFF)
+    _U16.pack_into(buf, offset + _CSUM_HI, crc >> 16)
 
 
 # --- Extents ---------------------------------------------------------------------------------
@@ -565,6 +599,26 @@ class ExtentIdx:
 
     def pack(self) -> bytes:
         return EXTENT_IDX.pack(self.logical, self.leaf & 0xFFFFFFFF, self.leaf >> 32, 0)
+
+
+# An extent root of one leaf extent, padded to i_block's 60 bytes: the common case, packed
+# in one call.
+_ONE_EXTENT_ROOT = struct.Struct("<HHHHIIHHI36x")
+
+
+def one_extent_root(logical: int, length: int, physical: int) -> bytes:
+    """i_block holding an extent tree of one extent (what extent_node packs, faster)."""
+    return _ONE_EXTENT_ROOT.pack(
+        EXTENT_MAGIC,
+        1,
+        EXTENTS_IN_INODE,
+        0,
+        0,
+        logical,
+        length,
+        physical >> 32,
+        physical & 0xFFFFFFFF,
+    )
 
 
 def extent_node(entries: list[bytes], depth: int, capacity: int) -> bytearray:

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
-from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree
+from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree, without_cycle_collection
 from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.dirent import FT_DIR
 from vmimg.rootfs.writers.ext4 import format as fmt
+from vmimg.rootfs.writers.gather import GatherWriter
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
 
 MiB = 1 << 20
@@ -44,6 +45,8 @@ MAX_UID = 0xFFFFFFFF
 MAX_MAJOR = 0xFFF
 MAX_MINOR = 0xFFFFF
 MAX_INODES = 0xFFFFFFFF
+SMALL_FILE_MAX = 256 * 1024  # files up to this size are written from memory, not copied
+ITABLE_CHUNK_INODES = 4096  # inode table held in memory at once: 1 MiB
 # Inode times ext4 stores with 256-byte inodes: signed 32-bit seconds plus two epoch
 # bits, 1901-12-13 to 2446-05-10 (the kernel's EXT4_TIMESTAMP_MIN / EXTRA_TIMESTAMP_MAX).
 MIN_TIME_NS = -(1 << 31) * NS_PER_S
@@ -120,7 +123,7 @@ class _Plan:
 
     inodes: list[_Ino]  # sorted by ino
     max_ino: int
-    ino_of: dict[int, int]  # id(node) -> inode number
+    entry_of: dict[int, _Ino]  # id(node) -> its inode
     lost_found: Node | None  # the one made for the image when the tree has none
     uuid: bytes
     hash_seed: bytes
@@ -288,6 +291,10 @@ def _journal_blocks(data_blocks: int) -> int:
     return min(blocks, JOURNAL_MAX_BLOCKS)
 
 
+# Types _check_node checks only the owner of: most entries, checked inline.
+_UNCHECKED = frozenset({NodeType.FILE, NodeType.DIR, NodeType.FIFO, NodeType.SOCKET})
+
+
 def _check_node(node: Node, entry: _Ino | None) -> None:
     problem = None
     if node.uid > MAX_UID or node.gid > MAX_UID or node.uid < 0 or node.gid < 0:
@@ -311,70 +318,82 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
     hash_seed = _derive(seed, b"hash seed")
     fs_seed = fmt.fs_checksum_seed(uuid)
     hash_words: tuple[int, int, int, int] = struct.unpack("<4I", hash_seed)
-    links = tree.link_counts()
     root = tree.root
     assert root.children is not None
 
     inodes: list[_Ino] = []
-    ino_of: dict[int, int] = {}
-    time_ns = 0
+    # id(node) -> its inode: what a hardlink finds, and what directory entries name
+    entry_of: dict[int, _Ino] = {}
     next_ino = fmt.FIRST_INO
 
-    def add(node: Node, name: bytes, up: _Ino | None, ino: int, parent: int, nlink: int) -> _Ino:
-        entry = _Ino(ino=ino, node=node, links=nlink, name=name, up=up, parent=parent)
-        inodes.append(entry)
-        ino_of[id(node)] = ino
-        return entry
-
     _check_node(root, None)
-    root_links = links[id(root)]
     lost_found: Node | None = None
     if b"lost+found" not in root.children:
         lost_found = Node(NodeType.DIR, mode=0o700, mtime_ns=root.mtime_ns, children={})
-        root_links += 1
-    root_entry = add(root, b"/", None, fmt.ROOT_INO, fmt.ROOT_INO, root_links)
+    root_entry = _Ino(ino=fmt.ROOT_INO, node=root, links=0, name=b"/", up=None)
+    root_entry.parent = fmt.ROOT_INO
+    inodes.append(root_entry)
+    entry_of[id(root)] = root_entry
     lost_found_entry = None
     if lost_found is not None:
-        lost_found_entry = add(
-            lost_found, b"lost+found", root_entry, fmt.LOST_FOUND_INO, fmt.ROOT_INO, 2
+        lost_found_entry = _Ino(
+            ino=fmt.LOST_FOUND_INO, node=lost_found, links=2, name=b"lost+found", up=root_entry
         )
+        lost_found_entry.parent = fmt.ROOT_INO
+        inodes.append(lost_found_entry)
+        entry_of[id(lost_found)] = lost_found_entry
         next_ino += 1
+    time_ns = max(0, root.mtime_ns)
 
-    # Number the tree's inodes in walk order (depth first, names sorted). Only names are
-    # held, never whole paths: memory follows the number of entries, not their depth.
+    # Number the tree's inodes: each directory's children together, names sorted, then
+    # its subdirectories depth first. Only names are held, never whole paths: memory
+    # follows the number of entries, not their depth. Link counts are counted here too:
+    # names for a file, "." and ".." and each subdirectory's ".." for a directory.
+    dir_type = NodeType.DIR
     stack: list[_Ino] = [root_entry]
     while stack:
         directory = stack.pop()
         node = directory.node
-        time_ns = max(time_ns, node.mtime_ns)
-        if not node.is_dir:
-            continue
         children = node.sorted_children()
-        pending = []
+        subdirs = []
         for name, child in children:
             if not name or b"/" in name or name in (b".", b".."):
                 raise WriterError(f"bad name {name!r} in {os.fsdecode(directory.path)}")
             if len(name) > fmt.NAME_MAX:
                 raise WriterError(f"name longer than 255 bytes in {os.fsdecode(directory.path)}")
-            known = ino_of.get(id(child))
+            known = entry_of.get(id(child))
             if known is not None:
-                if child.is_dir:
+                if child.type is dir_type:
                     shown = os.fsdecode(directory.path.rstrip(b"/") + b"/" + name)
                     raise WriterError(f"{shown}: directory linked twice")
+                known.links += 1
                 continue
-            entry = add(child, name, directory, next_ino, directory.ino, links[id(child)])
-            _check_node(child, entry)
-            if entry.links > fmt.LINK_MAX and not child.is_dir:
-                raise WriterError(f"{os.fsdecode(entry.path)}: more than {fmt.LINK_MAX} links")
-            pending.append(entry)
+            entry = _Ino(ino=next_ino, node=child, links=1, name=name, up=directory)
+            entry.parent = directory.ino
+            inodes.append(entry)
+            entry_of[id(child)] = entry
+            if child.type not in _UNCHECKED or not (
+                0 <= child.uid <= MAX_UID and 0 <= child.gid <= MAX_UID
+            ):
+                _check_node(child, entry)
+            if child.mtime_ns > time_ns:
+                time_ns = child.mtime_ns
+            if child.type is dir_type:
+                entry.links = 2
+                subdirs.append(entry)
             next_ino += 1
-        stack.extend(reversed(pending))
+        directory.links = 2 + len(subdirs)
+        stack.extend(reversed(subdirs))
+    if lost_found is not None:
+        root_entry.links += 1
     max_ino = next_ino - 1
 
     xattr_blocks: dict[tuple[bytes, int], _XattrBlock] = {}
     xattr_users: dict[bytes, int] = {}
     for entry in inodes:
-        _plan_inode(entry, ino_of, lost_found, hash_words)
+        if entry.links > fmt.LINK_MAX and entry.node.type is not dir_type:
+            raise WriterError(f"{os.fsdecode(entry.path)}: more than {fmt.LINK_MAX} links")
+        _plan_inode(entry, entry_of, lost_found, hash_words)
         if entry is lost_found_entry:
             entry.data_blocks = LOST_FOUND_BLOCKS
         _plan_xattrs(entry, xattr_blocks, xattr_users)
@@ -382,7 +401,7 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
     plan = _Plan(
         inodes=inodes,
         max_ino=max_ino,
-        ino_of=ino_of,
+        entry_of=entry_of,
         lost_found=lost_found,
         uuid=uuid,
         hash_seed=hash_seed,
@@ -398,18 +417,33 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
 
 def _plan_inode(
     entry: _Ino,
-    ino_of: dict[int, int],
+    entry_of: dict[int, _Ino],
     lost_found: Node | None,
     hash_words: tuple[int, int, int, int],
 ) -> None:
     node = entry.node
-    if node.type is NodeType.DIR:
+    kind = node.type
+    if kind is NodeType.FILE:
+        content = node.content
+        assert content is not None
+        if content.extents is None:  # one run from 0: the common case, without Extents
+            count = -(-content.size // fmt.BLOCK_SIZE)
+            entry.ranges = ((0, count),) if count else ()
+            entry.data_blocks = count
+            if count > fmt.EXTENTS_IN_INODE * fmt.EXTENT_MAX_LEN:
+                entry.tree_blocks = _extent_tree_blocks(_extent_count(entry.ranges))
+        else:
+            entry.ranges = _data_ranges(content, entry)
+            entry.data_blocks = sum(n for _, n in entry.ranges)
+            entry.tree_blocks = _extent_tree_blocks(_extent_count(entry.ranges))
+        entry.flags |= fmt.INODE_FLAG_EXTENTS
+    elif kind is NodeType.DIR:
         # Only the number of blocks is worked out here; the blocks themselves are
         # built and written one directory at a time (_dir_blocks), never all held.
-        names = _dir_entries(entry, ino_of, lost_found)
-        if _is_linear(names):
-            count = len(_linear_breaks(names)) + 1
+        if _linear_size(entry, lost_found) <= _LEAF_SPACE:
+            count = 1
         else:  # more than one block: hash-indexed, as the kernel would make it
+            names = _dir_entries(entry, entry_of, lost_found)
             count = _htree_shape(entry, _htree_order(names, hash_words)).blocks
             entry.flags |= fmt.INODE_FLAG_INDEX
         entry.metadata = True
@@ -417,13 +451,7 @@ def _plan_inode(
         entry.flags |= fmt.INODE_FLAG_EXTENTS
         if entry.links > fmt.LINK_MAX:
             entry.links = 1  # dir_nlink: "more than the field can count"
-    elif node.type is NodeType.FILE:
-        assert node.content is not None
-        entry.ranges = _data_ranges(node.content, entry)
-        entry.data_blocks = sum(n for _, n in entry.ranges)
-        entry.tree_blocks = _extent_tree_blocks(_extent_count(entry.ranges))
-        entry.flags |= fmt.INODE_FLAG_EXTENTS
-    elif node.type is NodeType.SYMLINK:
+    elif kind is NodeType.SYMLINK:
         assert node.target is not None
         if len(node.target) > fmt.MAX_FAST_SYMLINK:  # a slow symlink: its target in a block
             entry.metadata = True
@@ -510,32 +538,64 @@ def _greedy_breaks(sizes: list[int], can_break: list[bool] | None = None) -> lis
     return breaks
 
 
-def _dir_entries(
-    entry: _Ino, ino_of: dict[int, int], lost_found: Node | None
-) -> list[fmt.DirEntry2]:
+def _children(entry: _Ino, lost_found: Node | None) -> list[tuple[bytes, Node]]:
     """A directory's entries by name (sorted again when written: nothing is kept)."""
     children = entry.node.sorted_children()
     if entry.ino == fmt.ROOT_INO and lost_found is not None:
         children = sorted([*children, (b"lost+found", lost_found)])
+    return children
+
+
+def _dir_entries(
+    entry: _Ino, entry_of: dict[int, _Ino], lost_found: Node | None
+) -> list[fmt.DirEntry2]:
     return [
-        fmt.DirEntry2(ino_of[id(child)], name, _FILE_TYPE[child.type]) for name, child in children
+        fmt.DirEntry2(entry_of[id(child)].ino, name, _FILE_TYPE[child.type])
+        for name, child in _children(entry, lost_found)
     ]
 
 
-def _dots(entry: _Ino) -> list[fmt.DirEntry2]:
-    return [
-        fmt.DirEntry2(entry.ino, b".", FT_DIR),
-        fmt.DirEntry2(entry.parent, b"..", FT_DIR),
-    ]
+_DOTS_SIZE = fmt.dirent_size(1) + fmt.dirent_size(2)
 
 
-def _is_linear(names: list[fmt.DirEntry2]) -> bool:
-    """Whether the entries (with "." and "..") fit one block: else the directory is hashed."""
-    return fmt.dirent_size(1) + fmt.dirent_size(2) + sum(e.size for e in names) <= _LEAF_SPACE
+def _linear_size(entry: _Ino, lost_found: Node | None) -> int:
+    """Bytes of a linear directory's entries, "." and ".." included."""
+    children = entry.node.children
+    assert children is not None
+    # dirent_size, inline: this runs once per directory entry of the image
+    size = _DOTS_SIZE + sum([(fmt.DIRENT_HEADER + 3 + len(name)) & ~3 for name in children])
+    if entry.ino == fmt.ROOT_INO and lost_found is not None:
+        size += fmt.dirent_size(len(b"lost+found"))
+    return size
 
 
-def _linear_breaks(names: list[fmt.DirEntry2]) -> list[int]:
-    return _greedy_breaks([fmt.dirent_size(1), fmt.dirent_size(2), *(e.size for e in names)])
+def _linear_block(entry: _Ino, plan: _Plan, seed: int) -> bytearray:
+    """The one leaf block of a linear directory: what _pack_leaves makes of ".", ".." and
+    the entries, without an object per entry."""
+    block = bytearray(fmt.BLOCK_SIZE)
+    pack = fmt.DIRENT.pack_into
+    entry_of = plan.entry_of
+    file_type = _FILE_TYPE
+    pack(block, 0, entry.ino, fmt.dirent_size(1), 1, FT_DIR)
+    block[fmt.DIRENT_HEADER] = _DOT
+    last = fmt.dirent_size(1)
+    pack(block, last, entry.parent, fmt.dirent_size(2), 2, FT_DIR)
+    block[last + fmt.DIRENT_HEADER : last + fmt.DIRENT_HEADER + 2] = b".."
+    pos = _DOTS_SIZE
+    for name, child in _children(entry, plan.lost_found):
+        length = len(name)
+        size = (fmt.DIRENT_HEADER + 3 + length) & ~3
+        pack(block, pos, entry_of[id(child)].ino, size, length, file_type[child.type])
+        block[pos + fmt.DIRENT_HEADER : pos + fmt.DIRENT_HEADER + length] = name
+        last = pos
+        pos += size
+    _REC_LEN.pack_into(block, last + 4, _LEAF_SPACE - last)
+    fmt.seal_dir_leaf(block, seed)
+    return block
+
+
+_DOT = ord(".")
+_REC_LEN = struct.Struct("<H")
 
 
 @dataclass(frozen=True)
@@ -586,13 +646,12 @@ def _htree_shape(entry: _Ino, order: _HtreeOrder) -> _HtreeShape:
 
 def _dir_blocks(entry: _Ino, plan: _Plan, seed: int) -> list[bytearray]:
     """The blocks of one directory, as _plan_inode counted them."""
-    names = _dir_entries(entry, plan.ino_of, plan.lost_found)
     if entry.flags & fmt.INODE_FLAG_INDEX:
+        names = _dir_entries(entry, plan.entry_of, plan.lost_found)
         hash_words: tuple[int, int, int, int] = struct.unpack("<4I", plan.hash_seed)
         blocks = _htree_dir(entry, _htree_order(names, hash_words), seed)
     else:
-        entries = [*_dots(entry), *names]
-        blocks = _pack_leaves(entries, seed, _greedy_breaks([e.size for e in entries]))
+        blocks = [_linear_block(entry, plan, seed)]
     # lost+found is pre-sized with empty leaves, as mke2fs does
     blocks += [_pack_leaves([], seed, [])[0] for _ in range(entry.data_blocks - len(blocks))]
     assert len(blocks) == entry.data_blocks
@@ -783,10 +842,17 @@ def _pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
         offset += n
 
 
-def _copy_file_data(reader: ContentReader, entry: _Ino, out_fd: int) -> None:
-    """Each data run to its block: ranges are contiguous on disk from data_start."""
+def _copy_file_data(reader: ContentReader, entry: _Ino, out: GatherWriter) -> None:
+    """Each data run to its block: ranges are contiguous on disk from data_start. A small
+    file's bytes go through memory (gathered with its neighbours' into one write), a
+    large one's are copied by the kernel."""
     content = entry.node.content
     assert content is not None
+    if content.extents is None and content.size <= SMALL_FILE_MAX:
+        if content.size:
+            out.put(entry.data_start * fmt.BLOCK_SIZE, reader.read(content))
+        return
+    out.flush()
     ranges = entry.ranges
     r = 0
     phys = entry.data_start
@@ -798,7 +864,7 @@ def _copy_file_data(reader: ContentReader, entry: _Ino, out_fd: int) -> None:
             phys += ranges[r][1]
             r += 1
         at = phys * fmt.BLOCK_SIZE + ext.offset - ranges[r][0] * fmt.BLOCK_SIZE
-        reader.copy(content, stored, ext.length, out_fd, at)
+        reader.copy(content, stored, ext.length, out.fd, at)
         stored += ext.length
 
 
@@ -833,53 +899,114 @@ def clamp_time(ns: int) -> int:
     return min(max(ns, MIN_TIME_NS), MAX_TIME_NS)
 
 
-def _write_inodes(plan: _Plan, itable: bytearray, out_fd: int, reader: ContentReader) -> list[str]:
+class _InodeTable:
+    """The inode table (inodes 1..count, contiguous from `start`: the groups' tables
+    follow each other), held a chunk at a time: inodes are packed in number order, and
+    each chunk is written once the next one is asked for."""
+
+    def __init__(self, fd: int, start: int, count: int) -> None:
+        self.fd = fd
+        self.start = start
+        self.count = count
+        self.first = 1  # the inode at chunk[0]
+        self.chunk = bytearray(min(count, ITABLE_CHUNK_INODES) * fmt.INODE_SIZE)
+
+    def at(self, ino: int) -> int:
+        """The offset of inode `ino` in `chunk`, moving on to its chunk if need be."""
+        index = ino - self.first
+        if index >= ITABLE_CHUNK_INODES:
+            self.flush()
+            index = (ino - 1) % ITABLE_CHUNK_INODES
+            self.first = ino - index
+            size = min(ITABLE_CHUNK_INODES, self.count - self.first + 1)
+            self.chunk = bytearray(size * fmt.INODE_SIZE)
+        assert index >= 0, "inodes packed out of order"
+        return index * fmt.INODE_SIZE
+
+    def flush(self) -> None:
+        if self.chunk:
+            _pwrite(self.fd, self.chunk, self.start + (self.first - 1) * fmt.INODE_SIZE)
+            self.chunk = bytearray()
+
+
+def _write_inodes(
+    plan: _Plan, itable: _InodeTable, out_fd: int, reader: ContentReader
+) -> list[str]:
     """Fill the inode table, and write each inode's blocks (data, dirs, extents).
     Returns warnings: the paths whose times were clamped."""
     bs = fmt.BLOCK_SIZE
     clamped = PathWarnings("mtime outside what ext4 stores (1901..2446); clamped")
+    out = GatherWriter(out_fd)
+    fs_seed = plan.fs_seed
+    times: dict[int, tuple[int, int, int]] = {}  # mtime -> clamped, (sec, extra): few differ
+    file_type = NodeType.FILE
+    dir_type = NodeType.DIR
+    extents_flag = fmt.INODE_FLAG_EXTENTS
+    sectors_per_block = bs // fmt.SECTOR
     for entry in plan.inodes:
         node = entry.node
-        seed = fmt.inode_checksum_seed(plan.fs_seed, entry.ino, 0)
-        if entry.flags & fmt.INODE_FLAG_EXTENTS:
-            i_block, tree = _extent_tree(
-                _extents(_block_ranges(entry), entry.data_start), entry.tree_start, seed
-            )
-            for blk, data in tree:
-                _pwrite(out_fd, data, blk * bs)
+        kind = node.type
+        seed = fmt.inode_checksum_seed(fs_seed, entry.ino, 0)
+        if entry.metadata:
+            out.put(entry.data_start * bs, b"".join(_metadata_blocks(entry, plan, seed)))
+        elif kind is file_type:
+            _copy_file_data(reader, entry, out)
+        if entry.flags & extents_flag:
+            ranges = _block_ranges(entry)
+            if len(ranges) == 1 and ranges[0][1] <= fmt.EXTENT_MAX_LEN:
+                i_block = fmt.one_extent_root(ranges[0][0], ranges[0][1], entry.data_start)
+            else:
+                i_block, tree = _extent_tree(
+                    _extents(ranges, entry.data_start), entry.tree_start, seed
+                )
+                for blk, data in tree:
+                    out.put(blk * bs, data)
         else:
             i_block = _i_block_special(node)
-        if entry.metadata:
-            blocks = _metadata_blocks(entry, plan, seed)
-            _pwrite(out_fd, b"".join(blocks), entry.data_start * bs)
-        elif node.type is NodeType.FILE:
-            _copy_file_data(reader, entry, out_fd)
         file_acl = 0
         used = entry.data_blocks + entry.tree_blocks
         if entry.xattr_key is not None:
             file_acl = plan.xattr_blocks[entry.xattr_key].block
             used += 1
-        size = entry.data_blocks * bs if node.type is NodeType.DIR else node.size
-        inode = fmt.Inode(
-            mode=node.st_mode,
-            uid=node.uid,
-            gid=node.gid,
-            size=size,
-            links=entry.links,
-            blocks_512=used * (bs // fmt.SECTOR),
-            flags=entry.flags,
-            i_block=i_block,
-            mtime_ns=clamp_time(node.mtime_ns),
-            file_acl=file_acl,
-            xattr_ibody=entry.xattr_ibody,
+        if kind is dir_type:
+            size = entry.data_blocks * bs
+        elif kind is file_type:
+            assert node.content is not None
+            size = node.content.size
+        else:
+            size = node.size
+        mtime_ns = node.mtime_ns
+        time = times.get(mtime_ns)
+        if time is None:
+            clamped_ns = clamp_time(mtime_ns)
+            time = times[mtime_ns] = (clamped_ns, *fmt.encode_time(clamped_ns))
+        offset = itable.at(entry.ino)
+        fmt.pack_inode_into(
+            itable.chunk,
+            offset,
+            seed,
+            (
+                node.st_mode,
+                node.uid,
+                node.gid,
+                size,
+                entry.links,
+                used * sectors_per_block,
+                entry.flags,
+            ),
+            i_block,
+            time[1],
+            time[2],
+            file_acl,
+            entry.xattr_ibody,
         )
-        inode.pack_into(itable, (entry.ino - 1) * fmt.INODE_SIZE, entry.ino, plan.fs_seed)
-        if inode.mtime_ns != node.mtime_ns:
+        if time[0] != mtime_ns:
             clamped.add(entry.path)
+    out.flush()
     return clamped.lines()
 
 
-def _write_journal(plan: _Plan, start: int, itable: bytearray, out_fd: int) -> bytes:
+def _write_journal(plan: _Plan, start: int, itable: _InodeTable, out_fd: int) -> bytes:
     """The journal inode and superblock; returns s_jnl_blocks (the inode's backup)."""
     blocks = plan.journal_blocks
     seed = fmt.inode_checksum_seed(plan.fs_seed, fmt.JOURNAL_INO, 0)
@@ -897,7 +1024,7 @@ def _write_journal(plan: _Plan, start: int, itable: bytearray, out_fd: int) -> b
         i_block=i_block,
         mtime_ns=clamp_time(plan.time_ns),
     )
-    inode.pack_into(itable, (fmt.JOURNAL_INO - 1) * fmt.INODE_SIZE, fmt.JOURNAL_INO, plan.fs_seed)
+    inode.pack_into(itable.chunk, itable.at(fmt.JOURNAL_INO), fmt.JOURNAL_INO, plan.fs_seed)
     _pwrite(out_fd, fmt.JournalSuperblock(blocks, plan.uuid).pack(), start * fmt.BLOCK_SIZE)
     return i_block + struct.pack("<II", size >> 32, size & 0xFFFFFFFF)
 
@@ -1035,6 +1162,7 @@ def _superblock(
     return sb
 
 
+@without_cycle_collection
 def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Options) -> list[str]:
     """Write `tree` as an ext4 image to the fresh file `out_fd`. Returns warnings."""
     label = options.label.encode()
@@ -1049,16 +1177,16 @@ def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Opti
     # Nothing is written before this point: a too-small --size fails cleanly.
     image_size = options.size if options.size is not None else geo.blocks * fmt.BLOCK_SIZE
     os.ftruncate(out_fd, image_size)
-    itable = bytearray(plan.max_ino * fmt.INODE_SIZE)
+    itable = _InodeTable(out_fd, geo.inode_tables * fmt.BLOCK_SIZE, plan.max_ino)
+    jnl_blocks = b""
+    if options.journal:  # inode 8: packed first, as the table is written in inode order
+        jnl_blocks = _write_journal(plan, journal_start, itable, out_fd)
     warnings = _write_inodes(plan, itable, out_fd, reader)
+    itable.flush()
     for xb in plan.xattr_blocks.values():
         block = fmt.xattr_block_body(xb.entries, xb.refcount)
         fmt.seal_xattr_block(block, xb.block, plan.fs_seed)
         _pwrite(out_fd, block, xb.block * fmt.BLOCK_SIZE)
-    jnl_blocks = b""
-    if options.journal:
-        jnl_blocks = _write_journal(plan, journal_start, itable, out_fd)
-    _pwrite(out_fd, itable, geo.inode_tables * fmt.BLOCK_SIZE)
     free = _write_groups(plan, geo, used_end, out_fd)
     sb = _superblock(plan, geo, options, free, jnl_blocks)
     _pwrite(out_fd, sb, fmt.SUPERBLOCK_OFFSET)

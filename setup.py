@@ -1,0 +1,13 @@
+"""The compiled parts of vmimg (everything else is in pyproject.toml)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "vmimg.image._tarscan",
+            sources=["vmimg/image/_tarscan.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+        ),
+    ],
+)

@@ -1,0 +1,386 @@
+"""The streaming tar parser (vmimg/image/tarparse.py) and its C fast path (_tarscan.c).
+
+Three oracles: the C scanner must agree with its pure-Python reference (tests/tarscan_ref.py)
+on any bytes; the whole parser must give the same entries with and without the C scanner,
+however the stream is cut into chunks; and it must read what vmimg's tarfile-based reader
+read before (tests/tarfile_oracle.py), entries and errors alike.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests import layerkit as L
+from tests import tarfile_oracle, tarscan_ref
+from vmimg.digest import digest_bytes
+from vmimg.errors import LayerError
+from vmimg.image import _tarscan, tarparse
+from vmimg.image.cache import Cache
+from vmimg.image.layers import ahead, iter_entries, unpack_layer_to_cache
+from vmimg.image.oci import Descriptor
+from vmimg.image.tarparse import Entry, parse_layer
+from vmimg.rootfs.flatten import flatten
+
+SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# Refusals the streaming parser adds where tarfile read on (or recursed until it crashed):
+# the oracle cannot agree with these, and need not.
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = OCI_LAYER_TAR + "+gzip"
+NEW_REFUSALS = ("extended header of -", "extended headers", "sparse map of", "refers back")
+
+# -- the C scanner against its reference ---------------------------------------------
+
+
+def octal(n: int, width: int) -> st.SearchStrategy[bytes]:
+    digits = f"{n:o}".encode()
+    return st.sampled_from(
+        [
+            digits.rjust(width - 1, b"0") + b"\0",
+            digits.rjust(width - 1, b" ") + b" ",
+            b" " + digits + b"\0",
+            digits + b"\0" * (width - len(digits)),
+            b"\x1c" + digits + b"\t",
+            b"+" + digits,
+            b"0o" + digits,
+            digits[:1] + b"_" + digits[1:],
+            b"-" + digits,
+            digits + b"9",
+            b"\0" * width,
+            b" " * width,
+        ]
+    ).map(lambda f: f[:width].ljust(width, b"\0"))
+
+
+def base256(n: int, width: int, negative: bool) -> bytes:
+    lead = b"\xff" if negative else b"\x80"
+    return lead + (n % (1 << (8 * (width - 1)))).to_bytes(width - 1, "big")
+
+
+def number_field(width: int) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.integers(0, 8 ** (width - 1) - 1).flatmap(lambda n: octal(n, width)),
+        st.builds(base256, st.integers(0, 1 << (8 * (width - 1))), st.just(width), st.booleans()),
+        st.binary(min_size=width, max_size=width),
+    )
+
+
+@st.composite
+def header_block(draw: st.DrawFn) -> bytes:
+    b = bytearray(512)
+    b[0:100] = draw(st.binary(max_size=100)).ljust(100, b"\0")
+    for off, width in ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), (337, 8)):
+        b[off : off + width] = draw(number_field(width))
+    b[156:157] = draw(st.sampled_from([*map(bytes, [[c] for c in b"0\x001234567LKSxgXVM"])]))
+    b[157:257] = draw(st.binary(max_size=100)).ljust(100, b"\0")
+    b[257:265] = b"ustar\x0000"
+    b[345:500] = draw(st.one_of(st.just(b""), st.binary(max_size=155))).ljust(155, b"\0")
+    if draw(st.booleans()):  # small sizes mostly, so that members follow in the buffer
+        b[124:136] = f"{draw(st.integers(0, 3000)):011o}\0".encode()
+    b[148:156] = b" " * 8
+    unsigned = sum(b)
+    signed = sum(c - 256 if c >= 0x80 else c for c in b)
+    chk = draw(st.sampled_from([unsigned, signed, unsigned + 1]))
+    if chk >= 0:
+        b[148:156] = draw(octal(chk, 8))
+    return bytes(b)
+
+
+@SETTINGS
+@given(
+    st.lists(st.tuples(header_block(), st.binary(max_size=1200)), min_size=1, max_size=6),
+    st.integers(0, 4000),
+    st.integers(0, 1 << 40),
+    st.integers(0, 600),
+)
+def test_c_scanner_agrees_with_its_reference(
+    parts: list[tuple[bytes, bytes]], cut: int, base: int, pos: int
+) -> None:
+    buf = b"".join(h + d for h, d in parts)
+    buf = buf[: max(0, len(buf) - cut)] if cut % 3 == 0 else buf
+    pos = pos if pos < len(buf) and pos % 7 == 0 else 0
+    assert _tarscan.scan(buf, pos, base) == tarscan_ref.scan(buf, pos, base)
+
+
+@SETTINGS
+@given(st.binary(max_size=3000), st.integers(0, 3000))
+def test_c_scanner_on_arbitrary_bytes(buf: bytes, pos: int) -> None:
+    assert _tarscan.scan(buf, pos, 0) == tarscan_ref.scan(buf, pos, 0)
+
+
+def test_c_scanner_refuses_nonsense_positions() -> None:
+    with pytest.raises(ValueError):
+        _tarscan.scan(b"", -1, 0)
+    with pytest.raises(ValueError):
+        _tarscan.scan(b"", 0, -5)
+    # past the end, or on a buffer shorter than a block: nothing taken, nothing read
+    assert _tarscan.scan(bytes(100), 5000, 0) == ([], 5000)
+    assert _tarscan.scan(b"\x01" * 511, 0, 0) == ([], 0)
+
+
+def test_c_scanner_reads_a_real_layer_as_its_reference() -> None:
+    data = L.layer(
+        L.dir("etc/"),
+        L.file("etc/passwd", b"root:x:0:0\n", uid=1000, gid=(1 << 32) - 1),
+        L.symlink("lib", "usr/lib"),
+        L.hardlink("etc/hard", "etc/passwd"),
+        L.chardev("dev/null", 1, 3),
+        L.fifo("run/p"),
+        fmt=tarfile.GNU_FORMAT,  # the gid in base-256
+    )
+    members, pos = _tarscan.scan(data, 0, 0)
+    assert (members, pos) == tarscan_ref.scan(data, 0, 0)
+    assert [m[0] for m in members] == [b"etc", b"etc/passwd", b"lib", b"etc/hard", b"dev/null",
+                                       b"run/p"]  # fmt: skip
+    assert members[1][3:5] == (1000, (1 << 32) - 1)
+    assert members[4][8:10] == (1, 3)
+    assert data[pos:].count(0) == len(data) - pos  # stopped at the end-of-archive blocks
+    ustar = L.layer(L.file("p/" * 60 + "f", b"prefix and name"), fmt=tarfile.USTAR_FORMAT)
+    members, pos = _tarscan.scan(ustar, 0, 1 << 30)
+    assert members == tarscan_ref.scan(ustar, 0, 1 << 30)[0]
+    assert members[0][0] == b"p/" * 60 + b"f" and members[0][10] == (1 << 30) + 512
+
+
+# -- the whole parser: with and without C, in any chunks, against tarfile -----------------
+
+
+def chunked(data: bytes, cuts: list[int]) -> Iterator[bytes]:
+    last = 0
+    for c in sorted({min(c, len(data)) for c in cuts}):
+        if c > last:
+            yield data[last:c]
+            last = c
+    if last < len(data):
+        yield data[last:]
+
+
+def outcome(parse: object) -> list[Entry] | str:
+    try:
+        return parse()  # type: ignore[operator,no-any-return]
+    except LayerError as e:
+        return str(e)
+
+
+def streamed(data: bytes, cuts: list[int], fast: bool, monkeypatch: pytest.MonkeyPatch) -> object:
+    with monkeypatch.context() as m:
+        if not fast:
+            m.setattr(tarparse, "_scan", None)
+        return outcome(lambda: parse_layer(chunked(data, cuts), "layer t"))
+
+
+def with_tarfile(data: bytes, tmp: Path) -> list[Entry] | str:
+    path = tmp / "layer.tar"
+    path.write_bytes(data)
+    try:
+        return outcome(lambda: list(tarfile_oracle.iter_entries(str(path), "layer t")))
+    except RecursionError:
+        return "recursion"
+
+
+names = st.text(st.sampled_from("abé/._\udcff-"), min_size=1, max_size=160).filter(
+    lambda s: s.strip("/")
+)
+SPARSE_01 = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.map": "0,2,100,2",
+             "GNU.sparse.name": "sparse", "GNU.sparse.size": "200"}  # fmt: skip
+PAX_KEYS = ["SCHILY.xattr.user.a", "SCHILY.xattr.", "mtime", "uid", "size", "path", "linkpath",
+            "comment", "GNU.sparse.size"]  # fmt: skip
+entries = st.one_of(
+    st.builds(
+        L.file,
+        names,
+        st.binary(max_size=700),
+        uid=st.integers(0, 1 << 33),
+        mtime=st.one_of(st.integers(0, 1 << 34), st.floats(0, 1e10)),
+    ),
+    st.builds(L.dir, names),
+    st.builds(L.symlink, names, names),
+    st.builds(L.chardev, names, st.integers(0, 1 << 22), st.integers(0, 1 << 22)),
+    st.builds(
+        L.file,
+        names,
+        st.binary(max_size=8),
+        pax=st.dictionaries(
+            st.sampled_from(PAX_KEYS),
+            st.text(st.sampled_from("0123456789.-x é"), max_size=12),
+            max_size=3,
+        ),
+    ),
+    st.just(L.file("s", b"abcd", pax=SPARSE_01)),
+)
+
+
+@st.composite
+def layer_bytes(draw: st.DrawFn) -> bytes:
+    fmt = draw(st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]))
+    try:
+        data = L.layer(*draw(st.lists(entries, max_size=8)), fmt=fmt)
+    except (ValueError, UnicodeError):  # what tarfile cannot write in that format
+        data = L.layer(L.file("fallback", b"x"))
+    ba = bytearray(data)
+    for _ in range(draw(st.integers(0, 3))):  # damage: bytes overwritten
+        if ba:
+            at = draw(st.integers(0, len(ba) - 1))
+            ba[at : at + 1] = draw(st.binary(min_size=1, max_size=1))
+    cut = draw(st.integers(0, len(ba)))
+    return bytes(ba[: cut if draw(st.booleans()) else len(ba)])
+
+
+@SETTINGS
+@given(layer_bytes(), st.lists(st.integers(0, 20000), max_size=8))
+def test_parser_reads_what_tarfile_read(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, cuts: list[int]
+) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        fast = streamed(data, cuts, True, mp)
+        slow = streamed(data, [], False, mp)
+    assert fast == slow
+    old = with_tarfile(data, tmp_path_factory.mktemp("t"))
+    if isinstance(fast, str) and any(s in fast for s in NEW_REFUSALS):
+        return
+    if old == "recursion":
+        assert isinstance(fast, str)
+        return
+    assert fast == old
+
+
+def test_parser_reads_every_seed_in_one_byte_chunks() -> None:
+    data = L.layer(
+        L.file("etc/passwd", b"root\n", pax={"SCHILY.xattr.user.k": "v"}),
+        L.file("a/" + "n" * 200 + "/long", b"x", mtime=1.5, pax={"mtime": "1.5"}),
+        L.file("sparse", b"abcd", pax=SPARSE_01),
+        L.dir("d"),
+    )
+    whole = parse_layer(iter([data]), "layer t")
+    assert parse_layer(iter([data[i : i + 1] for i in range(len(data))]), "layer t") == whole
+    assert whole[0].xattrs == {b"user.k": b"v"}
+    assert whole[1].name == b"a/" + b"n" * 200 + b"/long" and whole[1].mtime_ns == 1_500_000_000
+    assert whole[2].name == b"sparse" and whole[2].size == 200
+
+
+# -- hostile headers the new parser refuses --------------------------------------------
+
+
+def pax_header(records: bytes, kind: bytes = tarfile.XHDTYPE) -> bytes:
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = kind
+    info.size = len(records)
+    pad = -len(records) % 512
+    return info.tobuf(tarfile.USTAR_FORMAT) + records + bytes(pad)
+
+
+def test_a_chain_of_extended_headers_is_refused_not_recursed() -> None:
+    """tarfile recursed once per extended header: a layer of thousands of them crashed the
+    reader with RecursionError (not a LayerError)."""
+    data = pax_header(b"11 a=bcdef\n") * 5000 + L.layer(L.file("f", b"x"))
+    with pytest.raises(LayerError, match="layer t: invalid tar: more than 64 extended headers"):
+        parse_layer(iter([data]), "layer t")
+
+
+def test_a_sparse_map_count_in_any_form_is_bounded() -> None:
+    """PAX sparse 1.0's run count was bounded only when it was plain digits: "+9999999999"
+    read the whole layer as numbers."""
+    sparse10 = b"22 GNU.sparse.major=1\n22 GNU.sparse.minor=0\n30 GNU.sparse.realsize=9999\n"
+    info = tarfile.TarInfo("s")
+    info.size = 1 << 20
+    body = b"+99999999999\n" + b"0\n" * ((1 << 20) // 2 - 7)
+    data = pax_header(sparse10) + info.tobuf(tarfile.USTAR_FORMAT) + body.ljust(1 << 20, b"\n")
+    with pytest.raises(LayerError, match="sparse map of 99999999999 runs"):
+        parse_layer(iter([data]), "layer t")
+
+
+def test_a_negative_extended_header_size_is_refused() -> None:
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT)[:512])
+    block[124:136] = b"\xff" * 12  # -1 in base-256
+    block[148:156] = b" " * 8
+    block[148:156] = f"{sum(block):06o}\0 ".encode()
+    with pytest.raises(LayerError, match="extended header of -1 bytes"):
+        parse_layer(iter([bytes(block) + bytes(1024)]), "layer t")
+
+
+def test_the_c_scanner_is_built() -> None:
+    """pip builds it with vmimg: without it every header goes through Python, slowly."""
+    assert tarparse._scan is _tarscan.scan
+
+
+def test_random_layers_split_anywhere(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    files = (L.file(f"d{i % 7}/f{i}", rng.randbytes(rng.randrange(2000))) for i in range(300))
+    data = L.layer(*files)
+    whole = parse_layer(iter([data]), "layer t")
+    for _ in range(20):
+        cuts = sorted(rng.randrange(len(data)) for _ in range(rng.randrange(1, 40)))
+        assert parse_layer(chunked(data, cuts), "layer t") == whole
+    path = tmp_path / "l.tar"
+    path.write_bytes(data)
+    assert whole == list(tarfile_oracle.iter_entries(str(path), "layer t"))
+    assert len(whole) == 300
+
+
+# -- one pass: the cold unpack ---------------------------------------------------------
+
+
+def test_a_cold_unpack_parses_the_layer_on_the_way(cache: Cache) -> None:
+    """The entries come from the chunks being written: equal to a parse of the cached tar,
+    with nothing written beside it."""
+    tar = L.layer(*(L.file(f"d/f{i}", b"x" * i) for i in range(50)), L.symlink("l", "d"))
+    blob = gzip.compress(tar)
+    desc = Descriptor(OCI_LAYER_GZIP, digest_bytes(blob), len(blob))
+    layer = unpack_layer_to_cache(cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob))
+    assert layer.entries is not None and len(layer.entries) == 51
+    assert layer.entries == list(iter_entries(layer.tar_path, "again"))
+    assert os.listdir(os.path.dirname(layer.tar_path)) == [os.path.basename(layer.tar_path)]
+
+
+def test_a_malformed_layer_is_kept_and_reported_by_flatten(cache: Cache) -> None:
+    """The tar's own faults wait for flatten, after the digests (as before: the layer is
+    whole and verified; what is wrong is inside it)."""
+    tar = L.layer(L.file("a", b"a"))[:1024] + b"\xff" * 512 + bytes(1024)
+    desc = Descriptor(OCI_LAYER_TAR, digest_bytes(tar), len(tar))
+    layer = unpack_layer_to_cache(cache, desc, digest_bytes(tar), lambda: io.BytesIO(tar))
+    assert layer.entries is None and os.path.exists(layer.tar_path)
+    with pytest.raises(LayerError, match=r"^layer sha256:\w+: invalid tar header at offset 1024$"):
+        flatten([layer])
+
+
+def test_chunks_made_ahead_stop_with_their_reader() -> None:
+    made = []
+
+    def endless() -> Iterator[bytes]:
+        n = 0
+        while True:
+            n += 1
+            made.append(n)
+            yield b"%d" % n
+
+    chunks = ahead(endless(), depth=2)
+    assert [next(chunks), next(chunks)] == [b"1", b"2"]
+    chunks.close()
+    assert not any(t.name == "layer-chunks" for t in threading.enumerate())
+    assert len(made) <= 6  # the thread stopped a few chunks ahead, not at the end
+
+
+def test_chunks_made_ahead_pass_their_errors_on() -> None:
+    def failing() -> Iterator[bytes]:
+        yield b"one"
+        raise LayerError("layer x: corrupt gzip data")
+
+    chunks = ahead(failing())
+    assert next(chunks) == b"one"
+    with pytest.raises(LayerError, match="corrupt gzip"):
+        next(chunks)
