@@ -15,12 +15,10 @@ import glob
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
-import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.hostile.test_bundles import make_bundle, write_vm
-from vmimg.boot.launch import firecracker_config, qemu_accel_args
+from vmimg.boot.launch import firecracker_config, qemu_kernel_command, qmp_args
+from vmimg.boot.vm import VM, BootResult, qmp_command
 from vmimg.bundle.format import read_vm_json
+from vmimg.errors import VmimgError
 from vmimg.guest import agent
 from vmimg.guest.agent import (
     AgentBinaryMissing,
@@ -43,6 +43,7 @@ from vmimg.guest.agent import (
     inject_agent,
     resolve_config,
 )
+from vmimg.guest.kernel import find_kernel
 from vmimg.guest.protocol import (
     BootOptions,
     Marker,
@@ -82,6 +83,7 @@ GROUP = (
 # --- C side ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_c_unit_tests() -> None:
     """The agent's C parser, escaping, manifest and sha256 tests on the host."""
     if shutil.which("cc") is None:
@@ -506,10 +508,8 @@ def test_parse_markers() -> None:
 def _tuned_kernel() -> str | None:
     """vmimg.guest.kernel's newest cached kernel image (built by `vmimg kernel build`), if any."""
     try:
-        from vmimg.guest import kernel
-
-        found = kernel.find_kernel()
-    except Exception:  # no module yet, no cache, nothing built: all mean "none"
+        found = find_kernel()
+    except VmimgError:  # no cache, nothing built: both mean "none"
         return None
     return str(found.image) if found.image.is_file() else None
 
@@ -584,83 +584,75 @@ def busybox_tree(script: bytes | None = None) -> Tree:
     return tree
 
 
+GUEST_MEMORY_MIB = 256
+POLL_SECONDS = 0.1
+
+
 @dataclass
 class Boot:
-    console: str
-    markers: list[Marker]
-    returncode: int | None
-    seconds: float
+    """A finished boot (vmimg.boot.vm's result) whose markers the tests insist on."""
+
+    result: BootResult
+
+    @property
+    def console(self) -> str:
+        return self.result.console
+
+    @property
+    def markers(self) -> list[Marker]:
+        return [timed.marker for timed in self.result.markers]
+
+    @property
+    def returncode(self) -> int | None:
+        return self.result.returncode
 
     def last(self, event: str) -> Marker:
-        found = [m for m in self.markers if m.event == event]
+        found = self.result.last(event)
         assert found, f"no {event} marker in console output:\n{self.console[-4000:]}"
-        return found[-1]
+        return found.marker
+
+
+def run_qemu(
+    argv: list[str],
+    while_running: Callable[[VM], None] | None = None,
+    timeout: float = BOOT_TIMEOUT,
+) -> Boot:
+    """Boot with vmimg's own VM runner until QEMU exits (a failure when it is still running
+    after `timeout`); `while_running` is called every POLL_SECONDS until then."""
+    vm = VM(argv)
+    vm.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while while_running is not None and vm.running and time.monotonic() < deadline:
+            while_running(vm)
+            time.sleep(POLL_SECONDS)
+    finally:
+        result = vm.wait(timeout)
+    if result.timed_out:
+        pytest.fail(f"VM did not power off in {timeout}s:\n{result.console[-4000:]}")
+    return Boot(result)
 
 
 @dataclass
-class VM:
-    """QEMU with the console on stdout and the monitor on a unix socket."""
+class TreeBoot:
+    """A kernel and an initramfs made from a Tree; QMP on a unix socket when `qmp` is set."""
 
     kernel: str
     initrd: Path
     cmdline: list[str]
     machine: str = "q35"
-    monitor: Path | None = None
-    output: list[str] = field(default_factory=list)
+    qmp: Path | None = None
 
     def command(self) -> list[str]:
-        cmd = [
-            "qemu-system-x86_64", "-M", self.machine, *qemu_accel_args("x86_64", "tcg"),
-            "-m", "256",
-            "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
-            "-kernel", self.kernel, "-initrd", str(self.initrd),
-            "-append", " ".join(["console=ttyS0", "panic=-1", "quiet", *self.cmdline]),
-        ]  # fmt: skip
-        if self.monitor is not None:
-            cmd += ["-monitor", f"unix:{self.monitor},server,nowait"]
-        return cmd
+        append = " ".join(["console=ttyS0", "panic=-1", "quiet", *self.cmdline])
+        extra = tuple(qmp_args(str(self.qmp))) if self.qmp is not None else ()
+        return qemu_kernel_command(
+            self.kernel, append, initrd=str(self.initrd), machine=self.machine,
+            memory_mib=GUEST_MEMORY_MIB, extra=extra,
+        )  # fmt: skip
 
-    def run(self, on_output: object = None, timeout: float = BOOT_TIMEOUT) -> Boot:
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            self.command(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        assert proc.stdout is not None
-        stream = proc.stdout
-
-        def pump() -> None:
-            for raw in iter(stream.readline, b""):
-                self.output.append(raw.decode("utf-8", "replace"))
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            while proc.poll() is None and time.monotonic() - start < timeout:
-                if callable(on_output):
-                    on_output(self)
-                time.sleep(0.1)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-                reader.join(5)
-                pytest.fail(f"VM did not power off in {timeout}s:\n{''.join(self.output)[-4000:]}")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        reader.join(5)
-        console = "".join(self.output)
-        return Boot(console, parse_markers(console), proc.returncode, time.monotonic() - start)
-
-    def send_monitor(self, command: str) -> None:
-        assert self.monitor is not None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(str(self.monitor))
-            s.sendall(command.encode() + b"\n")
-            time.sleep(0.5)
+    def run(self, while_running: Callable[[VM], None] | None = None) -> Boot:
+        return run_qemu(self.command(), while_running)
 
 
 def boot_tree(
@@ -671,14 +663,14 @@ def boot_tree(
     cfg: AgentConfig,
     options: BootOptions | None = None,
     manifest: Manifest | None = None,
-) -> VM:
+) -> TreeBoot:
     with ContentReader() as reader:
         if manifest is None:
             manifest = build_manifest(tree, reader)
         inject_agent(tree, cfg, manifest, agent_binary)
         initrd = tmp_path / "initrd.cpio"
         write_newc(tree, reader, initrd)
-    return VM(kernel, initrd, kernel_args(initramfs=True, options=options))
+    return TreeBoot(kernel, initrd, kernel_args(initramfs=True, options=options))
 
 
 def _config(tree: Tree, image: Mapping[str, Any], **over: Any) -> AgentConfig:
@@ -830,16 +822,16 @@ while true; do sleep 1; done
     tree = busybox_tree(script)
     cfg = _config(tree, {"Cmd": ["/entry.sh"]})
     vm = boot_tree(tmp_path, cad_kernel, agent_binary, tree, cfg)
-    vm.monitor = tmp_path / "monitor.sock"
+    vm.qmp = tmp_path / "qmp.sock"
     sent: list[float] = []
 
-    def press_cad(v: VM) -> None:
+    def press_cad(running: VM) -> None:
         # press again every few seconds: TCG may still be busy when the first arrives
-        if "WAITING" in "".join(v.output) and (not sent or time.monotonic() - sent[-1] > 5):
-            v.send_monitor("sendkey ctrl-alt-delete")
+        if "WAITING" in running.console and (not sent or time.monotonic() - sent[-1] > 5):
+            qmp_command(str(vm.qmp), "send-key", {"keys": CTRL_ALT_DELETE})
             sent.append(time.monotonic())
 
-    boot = vm.run(on_output=press_cad)
+    boot = vm.run(while_running=press_cad)
     assert sent
     assert "GOT-TERM" in boot.console
     signal_marker = boot.last("signal")
@@ -920,6 +912,8 @@ def test_boot_bad_group_fails_cleanly(tmp_path: Path, kernel: str, agent_binary:
     assert boot.last("exit").fields == {"code": "125"}
 
 
+# QMP's send-key for the PC keyboard's three-finger salute.
+CTRL_ALT_DELETE = [{"type": "qcode", "data": key} for key in ("ctrl", "alt", "delete")]
 # QEMU's microvm without ACPI stands in for Firecracker: no power-off method in the guest.
 NO_ACPI_MACHINE = "microvm,acpi=off"
 
@@ -1005,18 +999,13 @@ def _boot_erofs(
     subprocess.run(["mkfs.erofs", "--quiet", str(image), str(stage)], check=True)
     drive = str(image) if bad_file is None else _failing_reads(tmp_path, image, bad_file[1])
     append = ["console=ttyS0", "panic=-1", "quiet", "root=/dev/vda", "rootfstype=erofs", "ro"]
-    cmd = [
-        "qemu-system-x86_64", "-M", "microvm", *qemu_accel_args("x86_64", "tcg"),
-        "-m", "256", "-nographic",
-        "-nodefaults", "-serial", "stdio", "-no-reboot", "-kernel", tuned,
+    disk = (
         "-drive", f"file={drive},format=raw,if=none,id=root,readonly=on",
         "-device", "virtio-blk-device,drive=root",
-        "-append", " ".join(append + kernel_args(options=options)),
-    ]  # fmt: skip
-    start = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, timeout=BOOT_TIMEOUT, stdin=subprocess.DEVNULL)
-    console = out.stdout.decode("utf-8", "replace")
-    return Boot(console, parse_markers(console), out.returncode, time.monotonic() - start)
+    )  # fmt: skip
+    append += kernel_args(options=options)
+    argv = qemu_kernel_command(tuned, " ".join(append), memory_mib=GUEST_MEMORY_MIB, extra=disk)
+    return run_qemu(argv)
 
 
 @pytest.mark.boot

@@ -71,6 +71,7 @@ def _layer_tars(cache: Path) -> list[Path]:
 # -- --max-unpacked-size --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_max_unpacked_size_bounds_the_sum_of_the_layers(three_layers: str, tmp_path: Path) -> None:
     """Each layer fits the limit; the three together do not."""
     out = tmp_path / "root.tar"
@@ -205,6 +206,7 @@ def _prune(work: Path, *args: str) -> str:
     return r.stdout
 
 
+@pytest.mark.slow
 def test_prune_never_takes_a_live_writers_work_and_the_next_run_reclaims_a_dead_ones(
     one_layer: str, tmp_path: Path
 ) -> None:

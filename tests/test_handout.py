@@ -14,6 +14,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import need
 from tests.hostile.cli import run_vmimg
 from tests.test_cache import mounted_tmpfs
@@ -70,6 +72,7 @@ def test_a_warm_erofs_conversion_is_a_hardlink_to_the_read_only_entry(
     assert human.stdout.rstrip().endswith("from cache (hardlink)"), human.stdout
 
 
+@pytest.mark.slow
 def test_a_warm_ext4_conversion_is_a_copy_the_user_may_write(
     sample_ref: str, tmp_path: Path
 ) -> None:
@@ -126,6 +129,7 @@ def test_a_warm_erofs_build_links_its_big_files_and_still_loads(
             assert (warm / path.relative_to(cold)).read_bytes() == path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_a_write_to_a_warm_ext4_bundle_leaves_the_cache_intact(
     sample_ref: str, tmp_path: Path
 ) -> None:
@@ -174,6 +178,7 @@ def mounted_xfs(work: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+@pytest.mark.slow
 def test_where_the_file_system_clones_files_a_warm_hit_is_a_reflink(
     sample_ref: str, tmp_path: Path
 ) -> None:

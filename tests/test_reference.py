@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vmimg.arch import Arch, oci_architecture
 from vmimg.errors import ImageRefError, PlatformError
 from vmimg.image.oci import Platform, parse_platform
 from vmimg.image.reference import BUNDLE, parse_reference
@@ -51,8 +52,31 @@ def test_platform_normalisation() -> None:
     assert parse_platform("linux/aarch64") == Platform("linux", "arm64")
     assert parse_platform("linux/arm64/v8") == Platform("linux", "arm64")
     assert parse_platform("linux/arm") == Platform("linux", "arm", "v7")
+    assert parse_platform("linux/ARMHF") == Platform("linux", "arm", "v7")
+    assert parse_platform("linux/x86-64") == Platform("linux", "amd64")
     with pytest.raises(PlatformError):
         parse_platform("a/b/c/d")
+
+
+@pytest.mark.parametrize(
+    ("arch", "names", "elf", "image", "qemu"),
+    [
+        (Arch.X86_64, ("x86_64", "amd64", "x86-64", "X86_64"), 62, "bzImage", "qemu-system-x86_64"),
+        (Arch.ARM64, ("arm64", "aarch64", "ARM64"), 183, "Image", "qemu-system-aarch64"),
+    ],
+)
+def test_one_arch_vocabulary(
+    arch: Arch, names: tuple[str, ...], elf: int, image: str, qemu: str
+) -> None:
+    """Every spelling of an architecture, and what each outside vocabulary calls it."""
+    assert all(Arch.parse(name) is arch for name in names)
+    assert Arch.from_kernel(arch.value) is arch and Arch.from_oci(arch.oci) is arch
+    assert Arch.from_kernel(arch.oci if arch is Arch.X86_64 else arch.gnu) is None
+    assert Arch.from_elf_machine(elf) is arch and arch.elf_machine == elf
+    assert (arch.kernel_image, arch.qemu) == (image, qemu)
+    assert arch.cross_prefix == f"{arch.gnu}-linux-gnu-"
+    assert oci_architecture(arch.gnu) == arch.oci
+    assert Arch.parse("riscv64") is None and oci_architecture("RISCV64") == "riscv64"
 
 
 def test_local_paths_are_local_and_a_missing_one_says_so(

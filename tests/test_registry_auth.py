@@ -108,6 +108,7 @@ def push(sample_ref: str, host: str, cert: str) -> str:
     return dest
 
 
+@pytest.mark.slow
 def test_basic_auth_over_tls_with_docker_config(
     sample_ref: str,
     secure_registry: tuple[str, str],
@@ -209,7 +210,10 @@ AUTH_SOURCES = ["--authfile", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONF
                 "~/.config", "DOCKER_CONFIG"]  # fmt: skip
 
 
-@pytest.mark.parametrize("source", AUTH_SOURCES)
+@pytest.mark.parametrize(
+    "source",  # each place once in the slow tier; the first one in the fast tier too
+    [AUTH_SOURCES[0], *(pytest.param(s, marks=pytest.mark.slow) for s in AUTH_SOURCES[1:])],
+)
 def test_credentials_are_found_where_podman_and_skopeo_look(
     pushed_ref: str, secure_registry: tuple[str, str], tmp_path: Path, source: str
 ) -> None:
@@ -242,6 +246,7 @@ def test_credentials_are_found_where_podman_and_skopeo_look(
         assert r.returncode == 4 and "requires credentials" in r.stdout
 
 
+@pytest.mark.slow
 def test_the_first_file_with_an_entry_wins(
     pushed_ref: str, secure_registry: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -265,6 +270,7 @@ def test_the_first_file_with_an_entry_wins(
     assert inspect_cli(work, pushed_ref, cert, env=env).returncode == 0
 
 
+@pytest.mark.slow
 def test_creds_option(pushed_ref: str, secure_registry: tuple[str, str], tmp_path: Path) -> None:
     _host, cert = secure_registry
     work = tmp_path / "w"

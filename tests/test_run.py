@@ -375,6 +375,7 @@ def test_unreadable_state_is_skipped_and_named(runtime_dir: Path) -> None:
     assert "the state of VM torn is unreadable" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_ps_lists_and_json(runtime_dir: Path) -> None:
     state = vmstate.create("old")
     state.save(vmstate.VmRecord("old", "/x/b", True, False, 1.0, ports=["127.0.0.1:1->2/tcp"],

@@ -100,6 +100,7 @@ def header_block(draw: st.DrawFn) -> bytes:
     return bytes(b)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     st.lists(st.tuples(header_block(), st.binary(max_size=1200)), min_size=1, max_size=6),

@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import skopeo_copy
 from tests.hostile.cli import confined_command, confined_env, run_vmimg
+from tests.hostile.evil_registry import evil_server, load_layout, serve_registry
 from tests.hostile.test_bundles import make_bundle
 from tests.test_registry_auth import (  # noqa: F401 (a fixture)
     PASSWORD,
@@ -35,9 +36,11 @@ from tests.test_registry_auth import (  # noqa: F401 (a fixture)
 )
 from vmimg.boot.run import ConsoleFilter
 from vmimg.cli.progress import Progress
+from vmimg.image.sample import write_sample
 
 DEBIAN_KERNELS = sorted(glob.glob("/boot/vmlinuz-*"), reverse=True)
 NO_QEMU = {"PATH": "/nonexistent"}
+INSPECT_REPO = "ux/inspected"
 FAST = 10.0  # seconds: an answer "at once", with room for a loaded machine
 EXIT_USAGE, EXIT_REF, EXIT_BOOT = 2, 3, 10
 
@@ -79,6 +82,7 @@ def test_unknown_or_empty_transports_fail_at_once(tmp_path: Path, source: str) -
         assert "docker://HOST/REPO:TAG" in line and "dir:DIR" in line
 
 
+@pytest.mark.slow
 def test_dir_and_named_docker_archive_sources(sample_ref: str, tmp_path: Path) -> None:
     skopeo_copy(sample_ref, f"dir:{tmp_path / 'copied'}")
     skopeo_copy(sample_ref, f"docker-archive:{tmp_path / 'saved.tar'}:vmimg/app:v1")
@@ -202,6 +206,7 @@ def test_inspect_a_bundle_directory(tmp_path: Path) -> None:
     assert r.stdout == (tmp_path / "b" / "vm.json").read_text()
 
 
+@pytest.mark.slow
 def test_inspect_a_pushed_bundle(registry: str, sample_ref: str, tmp_path: Path) -> None:
     make_bundle(tmp_path / "b")
     ref = f"{registry}/ux/bundle:v1"
@@ -222,6 +227,30 @@ def test_inspect_a_pushed_bundle(registry: str, sample_ref: str, tmp_path: Path)
     pinned_image = f"127.0.0.1:9/ux/image@{json.loads(r.stdout)['digest']}"
     r = run_vmimg(tmp_path, "inspect", pinned_image, env={"VMIMG_REGISTRY_RETRIES": "0"})
     assert r.returncode == 0 and r.stdout.startswith("Image:"), r.stderr
+
+
+def test_inspect_fetches_the_manifest_once(tmp_path: Path) -> None:
+    """`vmimg inspect HOST/REPO:TAG` tells a bundle from an image by the manifest it fetched:
+    one GET of the tag for an image and for a pushed bundle (it used to be two: a probe
+    for a bundle, then the image or the artifact read again)."""
+    write_sample(str(tmp_path / "layout"))
+    store = load_layout(tmp_path / "layout", "latest")
+    make_bundle(tmp_path / "b")
+    with evil_server() as evil:
+        serve_registry(evil, INSPECT_REPO, store)
+        ref = f"{evil.address}/{INSPECT_REPO}"
+        r = run_vmimg(tmp_path, "push", str(tmp_path / "b"), f"{ref}:bundle")
+        assert r.returncode == 0, r.stderr
+        for tag, shown in (("latest", "Image:"), ("bundle", "Bundle:")):
+            before = len(evil.requests())
+            r = run_vmimg(tmp_path, "inspect", f"{ref}:{tag}")
+            assert r.returncode == 0 and r.stdout.startswith(shown), r.stderr
+            gets = [
+                seen
+                for seen in evil.requests()[before:]
+                if seen.method == "GET" and seen.path == f"/v2/{INSPECT_REPO}/manifests/{tag}"
+            ]
+            assert len(gets) == 1, (tag, [(s.method, s.path) for s in evil.requests()[before:]])
 
 
 # -- 5. progress ------------------------------------------------------------------------------
@@ -334,6 +363,7 @@ def test_quiet_leaves_only_the_result(sample_ref: str, tmp_path: Path, debian_ke
     assert r.returncode == 0 and r.stderr == ""
 
 
+@pytest.mark.slow
 def test_verbose_logs_requests_but_never_credentials(
     sample_ref: str,
     secure_registry: tuple[str, str],  # noqa: F811 (the fixture imported above)
@@ -419,7 +449,7 @@ def build_with_umask(
     return modes(work / "cwd" / out)
 
 
-@pytest.mark.parametrize("umask", [0o077, 0o002])
+@pytest.mark.parametrize("umask", [0o077, pytest.param(0o002, marks=pytest.mark.slow)])
 def test_bundle_modes_follow_the_umask_built_or_cached(
     sample_ref: str, tmp_path: Path, debian_kernel: str, umask: int
 ) -> None:

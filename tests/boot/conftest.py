@@ -29,6 +29,24 @@ def kernel_file(guest_kernel: KernelInfo) -> str:
     return str(guest_kernel.vmlinux)
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vmimg cache for one test module's builds and boots."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where one test module's bundles are built."""
+    return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="module")
+def erofs_bundle(sample_ref: str, kernel_file: str, cache_dir: Path, bundle_dir: Path) -> Path:
+    """The busybox sample built with the defaults (an erofs root under dm-verity)."""
+    return build(sample_ref, bundle_dir / "erofs", cache_dir, kernel_file)
+
+
 def vmimg(
     *args: str, cache: Path, timeout: float = 600, **kw: object
 ) -> subprocess.CompletedProcess[str]:

@@ -44,11 +44,6 @@ def arm64_kernel() -> KernelInfo:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def two_platform_ref(tmp_path_factory: pytest.TempPathFactory) -> str:
     """oci:DIR:latest naming an index of the busybox sample for linux/amd64 and linux/arm64."""
     return write_sample(str(tmp_path_factory.mktemp("multi") / "layout"), PLATFORMS)

@@ -25,20 +25,14 @@ EXIT_VERIFY_FAILED = 12
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def bundles(
-    sample_ref: str, kernel_file: str, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    erofs_bundle: Path, sample_ref: str, kernel_file: str, cache_dir: Path, bundle_dir: Path
 ) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bundles")
     return {
-        "erofs": build(sample_ref, root / "erofs", cache_dir, kernel_file),
-        "ext4": build(sample_ref, root / "ext4", cache_dir, kernel_file, "--fs", "ext4",
+        "erofs": erofs_bundle,
+        "ext4": build(sample_ref, bundle_dir / "ext4", cache_dir, kernel_file, "--fs", "ext4",
                       "--verity"),
-        "rw": build(sample_ref, root / "rw", cache_dir, kernel_file, "--writable-root"),
+        "rw": build(sample_ref, bundle_dir / "rw", cache_dir, kernel_file, "--writable-root"),
     }  # fmt: skip
 
 

@@ -568,6 +568,7 @@ def outside() -> str:
     return address
 
 
+@pytest.mark.slow
 def test_plain_http_registry_spoken_to_over_https_gets_a_hint(
     store: Store, outside: str, tmp_path: Path
 ) -> None:
@@ -586,6 +587,7 @@ def test_plain_http_registry_spoken_to_over_https_gets_a_hint(
             assert r.returncode == 0, (flag, r.stderr)
 
 
+@pytest.mark.slow
 def test_tls_verify_false_accepts_an_unknown_certificate(
     store: Store, outside: str, tmp_path: Path
 ) -> None:

@@ -25,8 +25,20 @@ HOST_FILES = ("/etc/shadow", "/etc/passwd", "/etc/hosts")
 HOST_DIRS = ("/", "/tmp", "/etc", "/root", "/var/tmp")
 MIN_CASES = 40
 
+# Cases whose every run takes seconds (hundreds of layers, a decompression bomb): slow tier.
+SLOW_CASES = frozenset({"500-layers", "zstd-bomb"})
+
+
+def _marks(case: Case, index: int, fmt: str) -> tuple[pytest.MarkDecorator, ...]:
+    """The fast tier runs each case once, in one format (rotating, so every writer meets
+    hostile trees there); the other formats, and the slow cases, run in the slow tier."""
+    formats = list(case.outcomes(index))
+    fast = formats[index % len(formats)]
+    return () if fmt == fast and case.name not in SLOW_CASES else (pytest.mark.slow,)
+
+
 RUNS = [
-    pytest.param(case, fmt, outcome, id=f"{case.name}-{fmt}")
+    pytest.param(case, fmt, outcome, id=f"{case.name}-{fmt}", marks=_marks(case, i, fmt))
     for i, case in enumerate(CASES)
     for fmt, outcome in case.outcomes(i).items()
 ]

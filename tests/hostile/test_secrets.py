@@ -43,6 +43,7 @@ def test_wrong_password_never_printed(
     _assert_hidden([r.stdout, r.stderr], _secrets(USER, WRONG))
 
 
+@pytest.mark.slow
 def test_right_password_never_printed(
     sample_ref: str, secure_registry: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -66,8 +67,15 @@ def test_right_password_never_printed(
     assert codes == [0, 0, 3, 3]  # a missing tag or repository is the reference's fault
 
 
-@pytest.mark.parametrize("password", [WRONG, "right"])
-@pytest.mark.parametrize("how", ["docker-config", "creds"])
+@pytest.mark.parametrize(
+    ("how", "password"),
+    [
+        pytest.param("docker-config", WRONG, marks=pytest.mark.slow),
+        pytest.param("docker-config", "right", marks=pytest.mark.slow),
+        ("creds", WRONG),
+        pytest.param("creds", "right", marks=pytest.mark.slow),
+    ],
+)
 def test_verbose_log_never_shows_credentials(
     sample_ref: str, secure_registry: tuple[str, str], tmp_path: Path, how: str, password: str
 ) -> None:

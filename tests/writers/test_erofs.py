@@ -321,6 +321,7 @@ def _rchar() -> int:
         return int(next(line.split()[1] for line in f if line.startswith("rchar:")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compress", ["lz4", "lz4hc"])
 def test_zeros_and_holes_cost_no_data_blocks(tmp_path: Path, compress: str) -> None:
     """Holes are not read and zeros are not stored: every 64 KiB of zeros points at one
@@ -359,6 +360,7 @@ def test_output_is_reproducible_and_seeded(tmp_path: Path) -> None:
     assert uuid_a and uuid_c and uuid_a.group(1) != uuid_c.group(1)
 
 
+@pytest.mark.slow
 def test_large_directory(tmp_path: Path) -> None:
     tree = Tree(Node(NodeType.DIR, mtime_ns=T0))
     big = Node(NodeType.DIR, mtime_ns=T0)

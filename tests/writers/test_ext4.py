@@ -427,6 +427,7 @@ def test_layered_tree_with_hardlinks_xattrs_and_special_bits(tmp_path: Path) -> 
     assert xattr_block(stats[b"/usr/bin/ping"]) == 0, "small xattrs stay in the inode"
 
 
+@pytest.mark.slow
 def test_100k_entry_directory_uses_htree(tmp_path: Path) -> None:
     tree = Tree(Node(NodeType.DIR, mtime_ns=T0))
     big = Node(NodeType.DIR, mtime_ns=T0)
@@ -446,6 +447,7 @@ def test_100k_entry_directory_uses_htree(tmp_path: Path) -> None:
     assert stats[b"/big"].flags & 0x1000  # EXT4_INDEX_FL
 
 
+@pytest.mark.slow
 def test_255_byte_names_two_level_htree(tmp_path: Path) -> None:
     tree = Tree(Node(NodeType.DIR, mtime_ns=T0))
     d = Node(NodeType.DIR, mtime_ns=T0)

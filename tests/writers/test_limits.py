@@ -106,7 +106,7 @@ def test_walk_holds_one_path_per_level_not_one_per_entry() -> None:
     assert peak < 12 * MiB, peak
 
 
-@pytest.mark.parametrize("fmt", ["ext4", "erofs"])
+@pytest.mark.parametrize("fmt", [pytest.param("ext4", marks=pytest.mark.slow), "erofs"])
 def test_writers_hold_names_not_paths(fmt: str, tmp_path: Path) -> None:
     # 5,000 inodes whose paths are 4 KiB: a writer keeping each inode's path holds 20 MB
     # more than one keeping names (what both did for error messages).
@@ -321,6 +321,7 @@ def test_initramfs_refuses_a_file_of_4_gib_naming_it(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_initramfs_streams_a_large_sparse_file(tmp_path: Path) -> None:
     """A 300 MiB sparse file (over what the writer used to read whole) is written in
     bounded chunks: the archive holds its size and its data at the right place."""
@@ -370,6 +371,7 @@ print(next(line.split()[1] for line in open("/proc/self/status") if line.startsw
 """
 
 
+@pytest.mark.slow
 def test_ext4_many_subdirectories_in_bounded_memory(tmp_path: Path) -> None:
     """Directory blocks are written as they are built: 65,000 subdirectories (one block
     each, 254 MiB if all were held) peak under 120 MiB, tree and interpreter included."""

@@ -286,7 +286,14 @@ def digest_of(tree: Tree, which: str, out: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("tree_name", sorted(TREES))
+# Trees whose four images take more than a few seconds: the slow tier pins them.
+SLOW_TREES = frozenset({"wide"})
+
+
+@pytest.mark.parametrize(
+    "tree_name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TREES else n for n in sorted(TREES)],
+)
 def test_writers_give_the_pinned_bytes(tree_name: str, tmp_path: Path) -> None:
     tree = TREES[tree_name](tmp_path)
     got = {which: digest_of(tree, which, tmp_path / f"{which}.img") for which in OPTIONS}

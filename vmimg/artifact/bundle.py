@@ -68,7 +68,6 @@ from vmimg.image.oci import (
 )
 from vmimg.image.registry import digest_of
 from vmimg.image.sources import SourceOptions
-from vmimg.image.sources.registry import get_manifest
 
 BUNDLE_ARTIFACT = "application/vnd.vmimg.bundle.v1"
 
@@ -383,19 +382,19 @@ def resolve_bundle_argument(
     return pull_bundle_to_cache(arg, cache, options, phases=phases)
 
 
-def read_bundle_artifact(ref: str, options: SourceOptions) -> tuple[str, bytes, bytes] | None:
-    """(HOST/REPO@DIGEST, manifest, vm.json) of the bundle artifact at `ref` (a bundle index
-    gives the entry for options.platform), or None when `ref` names anything else."""
-    target = target_for(ref, options)
-    data, _ctype = get_manifest(
-        target.client, target.repo, target.ref.reference, f"{OCI_MANIFEST}, {ACCEPT_MANIFESTS}"
-    )
-    obj = load_json(data, f"manifest {target.ref}")
-    config = obj.get("config")
+def is_bundle_manifest(doc: object) -> bool:
+    """Whether a manifest (or index) document is a bundle artifact's."""
+    if not isinstance(doc, dict):
+        return False
+    config = doc.get("config")
     config_type = config.get("mediaType") if isinstance(config, dict) else None
-    if obj.get("artifactType") != BUNDLE_ARTIFACT and config_type != BUNDLE_CONFIG:
-        return None
-    artifact = get_artifact(target, BUNDLE_ARTIFACT, BUNDLE_CONFIG)
+    return doc.get("artifactType") == BUNDLE_ARTIFACT or config_type == BUNDLE_CONFIG
+
+
+def read_bundle_artifact(target: Target, fetched: tuple[bytes, str]) -> tuple[str, bytes, bytes]:
+    """(HOST/REPO@DIGEST, manifest, vm.json) of the bundle artifact whose manifest (a bundle
+    index: the entry for the target's platform) fetch_manifest returned as `fetched`."""
+    artifact = get_artifact(target, BUNDLE_ARTIFACT, BUNDLE_CONFIG, fetched)
     where = target.pinned(artifact.digest)
     vm_json = read_config(target, artifact.config, f"{where} config")
     manifest = json.dumps(artifact.raw, indent=2).encode() + b"\n"

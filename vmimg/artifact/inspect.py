@@ -12,12 +12,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from vmimg.artifact.bundle import BUNDLE_ARTIFACT, BUNDLE_CONFIG, read_bundle_artifact
+from vmimg.artifact.bundle import is_bundle_manifest, read_bundle_artifact
+from vmimg.artifact.transfer import fetch_manifest, target_for
 from vmimg.bundle.format import VM_JSON, VmSpec, parse_vm_json, read_vm_json
 from vmimg.digest import digest_bytes
 from vmimg.image.cache import Cache
+from vmimg.image.image import Image
+from vmimg.image.oci import load_json
 from vmimg.image.reference import BUNDLE, parse_reference
-from vmimg.image.sources import SourceOptions
+from vmimg.image.sources import SourceOptions, open_image
+from vmimg.image.sources.registry import image_from_manifest
 
 
 @dataclass(frozen=True)
@@ -28,20 +32,22 @@ class BundleInfo:
     raw: bytes  # what --raw prints: vm.json for a directory, the manifest for a reference
 
 
-def read_bundle(source: str, options: SourceOptions, cache: Cache) -> BundleInfo | None:
-    """The bundle `source` names, or None when it names an image."""
+def open_source(source: str, options: SourceOptions, cache: Cache) -> BundleInfo | Image:
+    """The bundle `source` names, or else the image it names (open: the caller closes it).
+    A registry reference's manifest is fetched once and judged by what it is."""
     ref = parse_reference(source)
     if ref.transport == BUNDLE:
         assert ref.path is not None
         return _read_dir(ref.path)
-    if ref.registry is None:
-        return None
-    if ref.registry.digest and _cached_image_manifest(cache, ref.registry.digest):
-        return None  # an image pinned by digest and cached: asking the registry is not needed
-    found = read_bundle_artifact(source, options)
-    if found is None:
-        return None
-    where, manifest, vm_json = found
+    pinned = ref.registry.digest if ref.registry is not None else None
+    if ref.registry is None or (pinned and _cached_image_manifest(cache, pinned)):
+        # Not in a registry, or an image pinned by digest and cached: no request needed.
+        return open_image(ref, cache, options)
+    target = target_for(source, options)
+    fetched = fetch_manifest(target)
+    if not is_bundle_manifest(load_json(fetched[0], f"manifest {target.ref}")):
+        return image_from_manifest(target.client, target.ref, *fetched, cache, options)
+    where, manifest, vm_json = read_bundle_artifact(target, fetched)
     vm = parse_vm_json(vm_json, f"{where} vm.json")
     return BundleInfo(where, where.rsplit("@", 1)[1], vm, manifest)
 
@@ -55,11 +61,7 @@ def _cached_image_manifest(cache: Cache, digest: str) -> bool:
         doc = json.loads(data)
     except ValueError:
         return False
-    if not isinstance(doc, dict):
-        return False
-    config = doc.get("config")
-    config_type = config.get("mediaType") if isinstance(config, dict) else None
-    return doc.get("artifactType") != BUNDLE_ARTIFACT and config_type != BUNDLE_CONFIG
+    return isinstance(doc, dict) and not is_bundle_manifest(doc)
 
 
 def _read_dir(path: str) -> BundleInfo:

@@ -431,12 +431,23 @@ class Artifact:
     raw: dict[str, Any]
 
 
-def get_artifact(target: Target, expected_type: str, config_type: str) -> Artifact:
-    """The artifact manifest at the target reference, checked to be of `expected_type`."""
-    where = str(target.ref)
-    data, ctype = get_manifest(
+def fetch_manifest(target: Target) -> tuple[bytes, str]:
+    """The bytes and declared media type of the manifest (or index) at the target reference."""
+    return get_manifest(
         target.client, target.repo, target.ref.reference, f"{OCI_MANIFEST}, {ACCEPT_MANIFESTS}"
     )
+
+
+def get_artifact(
+    target: Target,
+    expected_type: str,
+    config_type: str,
+    fetched: tuple[bytes, str] | None = None,
+) -> Artifact:
+    """The artifact manifest at the target reference, checked to be of `expected_type`;
+    `fetched`: that manifest as fetch_manifest returned it already."""
+    where = str(target.ref)
+    data, ctype = fetched or fetch_manifest(target)
     digest = digest_of(data)
     if target.ref.digest and digest != target.ref.digest:
         raise DigestError(f"manifest {where}: registry sent {digest}")

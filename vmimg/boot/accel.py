@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 
 from vmimg.arch import Arch
-from vmimg.boot.launch import QEMU_MACHINES, qemu_accel_args, qemu_binary
+from vmimg.boot.launch import qemu_binary, qemu_kernel_command
 from vmimg.boot.vm import VM
 from vmimg.errors import BootError, KernelError
 from vmimg.guest import agent as agentlib
@@ -60,11 +60,10 @@ def _probe_initramfs(path: str, arch: Arch) -> None:
 
 def _qemu_version(arch: Arch = Arch.X86_64) -> str:
     qemu = qemu_binary(arch)
-    package = "qemu-system-arm" if arch == "arm64" else "qemu-system-x86"
     try:
         out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        raise BootError(f"{qemu} not found: install {package}") from None
+        raise BootError(f"{qemu} not found: install {arch.qemu_package}") from None
     return out.splitlines()[0] if out else ""
 
 
@@ -87,13 +86,10 @@ def _probe_kvm(kernel: str, cache: Cache, arch: Arch = Arch.X86_64) -> Accel:
     with cache.temp_dir() as tmp:
         initrd = os.path.join(tmp, "probe.cpio")
         _probe_initramfs(initrd, arch)
-        argv = [
-            qemu_binary(arch), "-M", QEMU_MACHINES[arch], *qemu_accel_args(arch, "kvm"),
-            "-m", str(PROBE_MEMORY_MIB), "-smp", "1", "-nodefaults", "-no-user-config",
-            "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", kernel,
-            "-initrd", initrd, "-append",
-            bundle_cmdline("initramfs", "agent", arch, ("vmimg.mode=verify",)),
-        ]  # fmt: skip
+        append = bundle_cmdline("initramfs", "agent", arch, ("vmimg.mode=verify",))
+        argv = qemu_kernel_command(
+            kernel, append, initrd=initrd, arch=arch, accel="kvm", memory_mib=PROBE_MEMORY_MIB
+        )
         vm = VM(argv)
         vm.start()
         result = vm.wait(PROBE_TIMEOUT)

@@ -13,13 +13,10 @@ from typing import Any
 from vmimg.arch import Arch
 from vmimg.bundle.format import VmSpec
 
-QEMU_X86 = "qemu-system-x86_64"
-QEMU_AARCH64 = "qemu-system-aarch64"
-# Per guest arch (vm.json's "arch"): the QEMU binary and the machine it boots on. x86_64 uses
+# Per guest arch (vm.json's "arch"): the machine QEMU boots it on. x86_64 uses
 # microvm; arm64 uses virt, which boots `Image` with a device tree describing a PL011
 # (ttyAMA0), 32 virtio-mmio slots, PSCI for power-off and a PL061 GPIO power key.
 # gic-version=max: GICv3 under TCG (more than 8 vCPUs), whatever the host has under KVM.
-QEMU_BINARIES = {Arch.X86_64: QEMU_X86, Arch.ARM64: QEMU_AARCH64}
 QEMU_MACHINES = {Arch.X86_64: "microvm", Arch.ARM64: "virt,gic-version=max"}
 # Machines whose virtio-mmio devices the guest finds in reverse command-line order.
 VIRTIO_MMIO_REVERSED = frozenset({Arch.ARM64})
@@ -44,6 +41,8 @@ TAP_GUEST_MAC = "06:00:ac:10:00:02"  # locally administered, unicast
 TAP_NET_ARGS = ("vmimg.ip=172.16.0.2/24", "vmimg.gw=172.16.0.1")
 # Cloud Hypervisor's --rng takes its options as a value (`--rng` alone is refused).
 CH_RNG = "src=/dev/urandom"
+# A guest booted from a kernel alone (qemu_kernel_command): the agent and a small tree.
+BARE_MEMORY_MIB = 256
 # Seccomp sandbox: no new privileges, no spawning, no obsolete syscalls.
 QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -104,14 +103,14 @@ def cmdline(vm: VmSpec, opts: LaunchOptions, pci: bool = True) -> str:
 
 def qemu_binary(arch: Arch) -> str:
     """The qemu-system-* program for a guest arch."""
-    return QEMU_BINARIES[arch]
+    return arch.qemu
 
 
 def qemu_accel_args(arch: Arch, accel: str) -> list[str]:
     """-accel and -cpu (and their companions) for a guest arch under "kvm" or "tcg"."""
     if accel == "kvm":
         return ["-accel", "kvm", "-cpu", "host"]
-    if arch == "arm64":
+    if arch is Arch.ARM64:
         # The arm64 generic timer runs off QEMU's virtual clock: no calibration to go
         # wrong, so no -icount (which would also give up multi-threaded TCG).
         return ["-accel", "tcg", "-cpu", ARM64_TCG_CPU]
@@ -136,7 +135,7 @@ def qemu_command(
         "-sandbox", QEMU_SANDBOX,
         "-kernel", _path(bundle_dir, vm.kernel.file),
         # microvm has no PCI bus; virt has one (unused), and arm64 has no pci=off.
-        "-append", cmdline(vm, o, pci=arch != "x86_64"),
+        "-append", cmdline(vm, o, pci=arch is not Arch.X86_64),
         "-serial", o.serial,
         "-device", "virtio-rng-device",
     ]  # fmt: skip
@@ -161,8 +160,37 @@ def qemu_command(
             netdev += f",hostfwd={forward.hostfwd()}"
         cmd += ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     if o.qmp_socket:
-        cmd += ["-qmp", f"unix:{qemu_opt(o.qmp_socket)},server=on,wait=off"]
+        cmd += qmp_args(o.qmp_socket)
     return cmd if root_last else cmd + list(o.extra)
+
+
+def qmp_args(socket_path: str) -> list[str]:
+    """A QMP server on a unix socket (vm.qmp_command talks to it)."""
+    return ["-qmp", f"unix:{qemu_opt(socket_path)},server=on,wait=off"]
+
+
+def qemu_kernel_command(
+    kernel: str,
+    append: str,
+    *,
+    initrd: str | None = None,
+    arch: Arch = Arch.X86_64,
+    accel: str = "tcg",
+    memory_mib: int = BARE_MEMORY_MIB,
+    machine: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """QEMU booting a kernel with no bundle: an initramfs (or the disks `extra` adds), the
+    console on stdio, no other devices. The KVM probe's tiny guest and the agent's boot
+    tests; `machine` other than the arch's (q35 has the PC keyboard ctrl-alt-del needs)."""
+    cmd = [
+        qemu_binary(arch), "-M", machine or QEMU_MACHINES[arch], *qemu_accel_args(arch, accel),
+        "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-no-user-config",
+        "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", kernel,
+    ]  # fmt: skip
+    if initrd is not None:
+        cmd += ["-initrd", initrd]
+    return [*cmd, "-append", append, *extra]
 
 
 def ch_value(value: str) -> str:

@@ -36,13 +36,13 @@ else
 fi
 """
 # A foreign-arch bundle defaults to TCG unless the script runs on a host of its arch.
-_QEMU_DEFAULT_ACCEL = {"x86_64": "kvm", "arm64": "$default"}
+_QEMU_DEFAULT_ACCEL = {Arch.X86_64: "kvm", Arch.ARM64: "$default"}
 _QEMU_HOST_CHECK = {
-    "arm64": 'case "$(uname -m)" in aarch64 | arm64) default=kvm ;; *) default=tcg ;; esac\n'
+    Arch.ARM64: 'case "$(uname -m)" in aarch64 | arm64) default=kvm ;; *) default=tcg ;; esac\n'
 }
 _QEMU_NOTES = {
-    "x86_64": "QEMU (KVM; ACCEL=tcg for software emulation)",
-    "arm64": "QEMU (KVM on an arm64 host, else TCG; ACCEL=kvm|tcg to choose)",
+    Arch.X86_64: "QEMU (KVM; ACCEL=tcg for software emulation)",
+    Arch.ARM64: "QEMU (KVM on an arm64 host, else TCG; ACCEL=kvm|tcg to choose)",
 }
 
 

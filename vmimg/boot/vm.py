@@ -137,6 +137,11 @@ class VM:
         return list(self._markers)
 
     @property
+    def console(self) -> str:
+        """What the console printed so far."""
+        return b"".join(self._chunks).decode("utf-8", "replace")
+
+    @property
     def pid(self) -> int:
         assert self._proc is not None
         return self._proc.pid
@@ -187,15 +192,20 @@ class VM:
         return self._proc is not None and self._proc.poll() is None
 
 
-def qmp_command(socket_path: str, command: str) -> dict[str, object]:
+def qmp_command(
+    socket_path: str, command: str, arguments: dict[str, object] | None = None
+) -> dict[str, object]:
     """Send one QMP command (after the capabilities handshake); return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(QMP_TIMEOUT)
         s.connect(socket_path)
         f = s.makefile("rwb")
         f.readline()  # greeting
-        for cmd in ("qmp_capabilities", command):
-            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+        for cmd, args in (("qmp_capabilities", None), (command, arguments)):
+            request: dict[str, object] = {"execute": cmd}
+            if args is not None:
+                request["arguments"] = args
+            f.write(json.dumps(request).encode() + b"\n")
             f.flush()
             while True:
                 reply: dict[str, object] = json.loads(f.readline())

@@ -233,7 +233,7 @@ def boot_kernel_file(kernel: KernelInfo) -> Path:
     """The kernel file a bundle ships: x86_64's vmlinux (PVH, what every x86 VMM boots);
     for arm64 the `Image` (QEMU virt, Firecracker and Cloud Hypervisor boot it; an arm64
     vmlinux ELF would be loaded as a bare-metal program, without the Linux boot protocol)."""
-    if kernel.arch == "x86_64" and kernel.vmlinux is not None:
+    if kernel.arch == Arch.X86_64 and kernel.vmlinux is not None:
         return kernel.vmlinux
     return kernel.image
 

@@ -316,7 +316,7 @@ def parse_vm_json(data: bytes, where: str) -> VmSpec:
     r = _Reader(doc, where, "")
     if doc.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{where}: bundle format {doc.get('format')!r} is not {BUNDLE_FORMAT}")
-    arch = Arch.parse(r.string("arch", "x86_64"))
+    arch = Arch.parse(r.string("arch", Arch.X86_64))
     if arch is None:
         raise r.fail("arch", f"must be one of {', '.join(Arch)}")
     rootfs = _parse_rootfs(r.sub("rootfs"))

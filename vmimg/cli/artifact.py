@@ -28,6 +28,7 @@ from vmimg.cli.options import (
 from vmimg.cli.options import registry_params as reach_registry
 from vmimg.cli.progress import add_verbosity_options, progress
 from vmimg.image.cache import Cache
+from vmimg.image.oci import DEFAULT_PLATFORM
 
 MIB = 1 << 20
 
@@ -83,7 +84,7 @@ def push(
     """
 
     def go() -> None:
-        opts = source_options("linux/amd64", registry, [ref])
+        opts = source_options(DEFAULT_PLATFORM, registry, [ref])
         with progress() as shown:
             result = push_bundle(bundle, ref, Cache.open(cache_dir), opts, build_key, shown.phase)
         _echo_push(result, as_json)
@@ -107,7 +108,7 @@ def push(
 )
 @click.option(
     "--platform",
-    default="linux/amd64",
+    default=DEFAULT_PLATFORM,
     show_default=True,
     callback=check_platform,
     help="With --from-image: the platform to pick from an image index.",
@@ -163,7 +164,7 @@ def kernel_push(
     """Push the cached kernel KEY (or a prefix of it) to REF as an OCI artifact."""
 
     def go() -> None:
-        opts = source_options("linux/amd64", registry, [ref])
+        opts = source_options(DEFAULT_PLATFORM, registry, [ref])
         with progress() as shown:
             result = push_kernel(key, ref, Cache.open(cache_dir), opts, shown.phase)
         _echo_push(result, as_json)
@@ -181,7 +182,7 @@ def kernel_pull(ref: str, as_json: bool, registry: RegistryFlags, cache_dir: str
     def go() -> None:
         with progress() as shown:
             info = pull_kernel(
-                ref, Cache.open(cache_dir), source_options("linux/amd64", registry, [ref]),
+                ref, Cache.open(cache_dir), source_options(DEFAULT_PLATFORM, registry, [ref]),
                 shown.phase,
             )  # fmt: skip
         boot_file = boot_kernel_file(info)  # the file a bundle boots: what --kernel takes

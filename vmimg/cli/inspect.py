@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from vmimg.artifact.inspect import describe_bundle, read_bundle
+from vmimg.artifact.inspect import BundleInfo, describe_bundle, open_source
 from vmimg.cli.options import RegistryFlags, cache_param, run, source_options, source_params
 from vmimg.image.cache import Cache
 from vmimg.image.inspect import describe, raw_manifest
@@ -38,19 +38,20 @@ def inspect(
     def go() -> None:
         sopts = source_options(platform, registry, [source])
         cache = Cache.open(cache_dir)
-        bundle = read_bundle(source, sopts, cache)
-        if bundle is not None:
+        found = open_source(source, sopts, cache)
+        if isinstance(found, BundleInfo):
             if raw:
-                click.echo(bundle.raw.decode("utf-8", "replace"), nl=False)
+                click.echo(found.raw.decode("utf-8", "replace"), nl=False)
             elif as_json:
-                click.echo(json.dumps(describe_bundle(bundle), indent=2))
+                click.echo(json.dumps(describe_bundle(found), indent=2))
             else:
-                click.echo(render_bundle(describe_bundle(bundle)))
+                click.echo(render_bundle(describe_bundle(found)))
             return
-        if raw:
-            click.echo(raw_manifest(source, cache, sopts).decode("utf-8", "replace"), nl=False)
-            return
-        info = describe(source, cache, sopts)
+        with found as image:
+            if raw:
+                click.echo(raw_manifest(image).decode("utf-8", "replace"), nl=False)
+                return
+            info = describe(image)
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return

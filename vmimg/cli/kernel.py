@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from vmimg.arch import ARCHES, Arch
 from vmimg.cli.artifact import kernel_pull, kernel_push
 from vmimg.cli.options import cache_param, os_error_message
 from vmimg.cli.progress import add_verbosity_options, progress
@@ -68,7 +69,10 @@ def kernel() -> None:
     default=None,
     help="Kernel source tarball or directory (default: the one kernels/kernel.toml pins).",
 )
-@click.option("--arch", type=click.Choice(sorted(klib.ARCHES)), default="x86_64", show_default=True)
+@click.option(
+    "--arch", type=click.Choice(sorted(a.value for a in ARCHES)), default=Arch.X86_64.value,
+    show_default=True,
+)  # fmt: skip
 @click.option("--debug", is_flag=True, help="Add kernels/debug.config (symbols, SysRq).")
 @click.option(
     "--jobs", "-j", type=click.IntRange(min=1), default=None, help="make -j (default: CPUs)."

@@ -22,7 +22,7 @@ import click
 from vmimg.arch import ARCHES, OCI_ARCHITECTURES, Arch
 from vmimg.errors import ImageRefError, PlatformError, UsageError, VmimgError
 from vmimg.image.cache import DEFAULT_MAX_UNPACKED_SIZE, format_size
-from vmimg.image.oci import parse_platform
+from vmimg.image.oci import DEFAULT_PLATFORM, parse_platform
 from vmimg.image.reference import parse_reference
 from vmimg.image.registry import Credentials, api_host
 from vmimg.image.sources import SourceOptions
@@ -268,7 +268,7 @@ def source_params(f: Callable[..., Any]) -> Callable[..., Any]:
     f = registry_params(f)
     f = click.option(
         "--platform",
-        default="linux/amd64",
+        default=DEFAULT_PLATFORM,
         show_default=True,
         callback=check_platform,
         help="Platform to pick from an image index.",

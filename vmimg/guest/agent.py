@@ -99,28 +99,27 @@ def check_id(value: int, what: str) -> int:
 
 # What the Makefile cross-compiles with, for the hint when the binary is missing.
 _AGENT_TOOLCHAIN_HINT = {
-    "x86_64": "needs musl-gcc: apt-get install musl-tools",
-    "aarch64": "needs aarch64-linux-musl-gcc: dpkg --add-architecture arm64 && apt-get update "
+    Arch.X86_64: "needs musl-gcc: apt-get install musl-tools",
+    Arch.ARM64: "needs aarch64-linux-musl-gcc: dpkg --add-architecture arm64 && apt-get update "
     "&& apt-get install gcc-aarch64-linux-gnu musl-dev:arm64",
 }
 
 
-# ELF e_machine of each agent arch: an x86_64 agent in an arm64 image would only
-# show up as a kernel panic at boot, so a mismatch is caught at build time.
+# ELF e_machine of each agent arch (vmimg/arch.py): an x86_64 agent in an arm64 image would
+# only show up as a kernel panic at boot, so a mismatch is caught at build time.
 _ELF_MAGIC = b"\x7fELF"
 _ELF_MACHINE_OFFSET = 18
-_ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 
 
 def _check_binary_arch(path: str, arch: str) -> None:
     """AgentBinaryMissing if `path` is an ELF file for another machine than `arch`."""
     with open(path, "rb") as f:
         head = f.read(_ELF_MACHINE_OFFSET + 2)
-    want = _ELF_MACHINES.get(arch)
-    if want is None or not head.startswith(_ELF_MAGIC):
+    known = Arch.parse(arch)
+    if known is None or not head.startswith(_ELF_MAGIC):
         return  # not an ELF file (a test stand-in) or an arch we have no number for
     machine = int.from_bytes(head[_ELF_MACHINE_OFFSET:], "little")
-    if machine != want:
+    if machine != known.elf_machine:
         raise AgentBinaryMissing(f"agent binary {path} is for ELF machine {machine}, not {arch}")
 
 
@@ -130,7 +129,7 @@ def agent_arch(arch: str) -> str:
     return known.gnu if known is not None else arch
 
 
-def find_agent_binary(arch: str = "x86_64") -> str:
+def find_agent_binary(arch: str = Arch.X86_64.gnu) -> str:
     """The agent binary for `arch`: $VMIMG_AGENT_BINARY, the source tree's
     agent/build/<arch>/init, or a copy packaged as vmimg/_agent/<arch>/init.
 
@@ -150,8 +149,13 @@ def find_agent_binary(arch: str = "x86_64") -> str:
     raise AgentBinaryMissing(
         f"no agent binary for {arch} (looked at {', '.join(map(str, candidates))}); "
         f"build it with `make -C agent ARCH={arch}` "
-        f"({_AGENT_TOOLCHAIN_HINT.get(arch, 'needs a static C cross compiler')})"
+        f"({_toolchain_hint(arch)})"
     )
+
+
+def _toolchain_hint(arch: str) -> str:
+    known = Arch.parse(arch)
+    return _AGENT_TOOLCHAIN_HINT[known] if known else "needs a static C cross compiler"
 
 
 def host_arch() -> str:

@@ -26,7 +26,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import stat
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from vmimg.arch import ARCHES, Arch
 from vmimg.digest import is_sha256_hex, sha256_file, split_digest
 from vmimg.errors import KernelError
 from vmimg.image.cache import Cache, commit
@@ -59,27 +59,6 @@ LOG_TAIL_LINES = 40
 _SET_RE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET_RE = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
 UNSET = "n"  # how a "# ... is not set" line is represented in a parsed config
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How to build for one architecture."""
-
-    name: str  # vmimg's name, also the fragment file's stem
-    kernel_arch: str  # make ARCH=
-    boot_image: str  # the image under arch/<dir>/boot/ that boot loaders take
-    boot_dir: str  # arch/<boot_dir>/boot
-    cross_prefix: str  # CROSS_COMPILE= when the host is another arch
-    host_machines: tuple[str, ...]  # platform.machine() values that need no cross compiler
-    elf_machine: int  # e_machine of its vmlinux
-
-
-ARCHES: dict[str, ArchSpec] = {
-    "x86_64": ArchSpec("x86_64", "x86_64", "bzImage", "x86", "x86_64-linux-gnu-", ("x86_64",), 62),
-    "arm64": ArchSpec(
-        "arm64", "arm64", "Image", "arm64", "aarch64-linux-gnu-", ("aarch64", "arm64"), 183
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -192,7 +171,7 @@ def require_config(requested: dict[str, str], final: dict[str, str], what: str) 
 
 
 def fragment_names(arch: str, debug: bool) -> list[str]:
-    names = ["common.config", f"{arch_spec(arch).name}.config"]
+    names = ["common.config", f"{arch_spec(arch).value}.config"]
     if debug:
         names.append("debug.config")
     return names
@@ -224,11 +203,12 @@ def read_pin(directory: Path = FRAGMENTS_DIR) -> KernelPin:
         raise KernelError(f"cannot read kernel pin file {path}: {e}") from e
 
 
-def arch_spec(arch: str) -> ArchSpec:
-    try:
-        return ARCHES[arch]
-    except KeyError:
-        raise KernelError(f"unsupported kernel arch {arch!r} (have {', '.join(ARCHES)})") from None
+def arch_spec(arch: str) -> Arch:
+    """The Arch of a kernel-vocabulary name (x86_64, arm64); KernelError for any other."""
+    known = Arch.from_kernel(arch)
+    if known is None:
+        raise KernelError(f"unsupported kernel arch {arch!r} (have {', '.join(ARCHES)})")
+    return known
 
 
 # -- sources -------------------------------------------------------------------
@@ -346,14 +326,14 @@ def kernels_dir(cache: Cache) -> Path:
     return Path(cache.root) / "kernels"
 
 
-def _cross_prefix(spec: ArchSpec) -> str:
-    return "" if platform.machine() in spec.host_machines else spec.cross_prefix
+def _cross_prefix(spec: Arch) -> str:
+    return "" if Arch.host() is spec else spec.cross_prefix
 
 
 def _make_command(
-    srctree: Path, objtree: Path, spec: ArchSpec, jobs: int, niceness: int, cross: bool = True
+    srctree: Path, objtree: Path, spec: Arch, jobs: int, niceness: int, cross: bool = True
 ) -> list[str]:
-    cmd = ["make", "-C", str(srctree), f"O={objtree}", f"ARCH={spec.kernel_arch}", f"-j{jobs}"]
+    cmd = ["make", "-C", str(srctree), f"O={objtree}", f"ARCH={spec.value}", f"-j{jobs}"]
     prefix = _cross_prefix(spec) if cross else ""
     if prefix:
         cmd.append(f"CROSS_COMPILE={prefix}")
@@ -409,7 +389,7 @@ def _default_jobs() -> int:
 def build_kernel(
     *,
     source: str | Path | None = None,
-    arch: str = "x86_64",
+    arch: str = Arch.X86_64,
     debug: bool = False,
     jobs: int | None = None,
     cache_dir: str | None = None,
@@ -470,7 +450,7 @@ class _Make:
 
     srctree: Path
     objtree: Path
-    spec: ArchSpec
+    spec: Arch
     jobs: int
     niceness: int
     env: dict[str, str]
@@ -505,7 +485,7 @@ def _build_locked(
     source: Path,
     source_id: str,
     fragments: list[tuple[str, str]],
-    spec: ArchSpec,
+    spec: Arch,
     debug: bool,
     pin: KernelPin,
     key: str,
@@ -533,15 +513,15 @@ def _build_locked(
             make = _Make(srctree, objtree, spec, jobs, niceness, env, log, progress)
             make("allnoconfig")
             make("olddefconfig")
-            require_config(requested, make.final_config(), f"the .config for {spec.name}")
-            make("vmlinux", spec.boot_image)
+            require_config(requested, make.final_config(), f"the .config for {spec}")
+            make("vmlinux", spec.kernel_image)
             # The build re-runs syncconfig (another compiler can drop options): check again.
             final_config = make.final_config()
-            require_config(requested, final_config, f"the built .config for {spec.name}")
+            require_config(requested, final_config, f"the built .config for {spec}")
             seconds = time.monotonic() - make.start
-        boot_image = objtree / "arch" / spec.boot_dir / "boot" / spec.boot_image
+        boot_image = objtree / "arch" / spec.kernel_dir / "boot" / spec.kernel_image
         shutil.copyfile(objtree / "vmlinux", out / "vmlinux")
-        shutil.copyfile(boot_image, out / spec.boot_image)
+        shutil.copyfile(boot_image, out / spec.kernel_image)
         shutil.copyfile(objtree / ".config", out / "config")
         shutil.copyfile(log_path, out / "build.log")
         release = (objtree / "include" / "config" / "kernel.release").read_text().strip()
@@ -551,13 +531,13 @@ def _build_locked(
             "kernel_version": kernel_version_of(srctree),
             "kernel_release": release,
             "config_version": pin.config_version,
-            "arch": spec.name,
+            "arch": spec.value,
             "debug": debug,
-            "boot_image": spec.boot_image,
+            "boot_image": spec.kernel_image,
             "source": {"path": str(source), "sha256": source_id, "is_dir": source.is_dir()},
             "fragments": {n: hashlib.sha256(t.encode()).hexdigest() for n, t in fragments},
             "files": {
-                name: _file_entry(out / name) for name in ("vmlinux", spec.boot_image, "config")
+                name: _file_entry(out / name) for name in ("vmlinux", spec.kernel_image, "config")
             },
             "compiler": final_config.get("CONFIG_CC_VERSION_TEXT", "").strip('"'),
             "build_seconds": round(seconds, 1),
@@ -599,12 +579,13 @@ def check_metadata(meta: object, where: str) -> dict[str, Any]:
     key, arch = meta.get("key"), meta.get("arch")
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise KernelError(f"{where}: kernel.json has no valid key")
-    if not isinstance(arch, str) or arch not in ARCHES:
+    known = Arch.from_kernel(arch)
+    if known is None:
         raise KernelError(f"{where}: kernel.json names an unknown arch {str(arch)[:20]!r}")
-    if meta.get("boot_image") != ARCHES[arch].boot_image:
-        raise KernelError(f"{where}: kernel.json's boot_image is not {ARCHES[arch].boot_image}")
+    if meta.get("boot_image") != known.kernel_image:
+        raise KernelError(f"{where}: kernel.json's boot_image is not {known.kernel_image}")
     files = meta.get("files")
-    if not isinstance(files, dict) or not {"vmlinux", ARCHES[arch].boot_image} <= set(files):
+    if not isinstance(files, dict) or not {"vmlinux", known.kernel_image} <= set(files):
         raise KernelError(f"{where}: kernel.json does not list vmlinux and its boot image")
     for name, entry in files.items():
         if name not in KERNEL_FILES:
@@ -683,10 +664,7 @@ def list_kernels(cache_dir: str | None = None, pulled: bool = False) -> list[Ker
 
 def host_kernel_arch() -> str:
     """The kernel arch this machine runs natively (x86_64 when it is not one we build)."""
-    for spec in ARCHES.values():
-        if platform.machine() in spec.host_machines:
-            return spec.name
-    return "x86_64"
+    return (Arch.host() or Arch.X86_64).value
 
 
 def find_kernel(
@@ -697,7 +675,7 @@ def find_kernel(
     x86_64 host boots by default)."""
     kernels = list_kernels(cache_dir)
     if key is None:
-        want = arch_spec(arch or host_kernel_arch()).name
+        want = arch_spec(arch or host_kernel_arch()).value
         kernels = [k for k in kernels if k.arch == want]
         if not kernels:
             raise KernelError(f"no {want} kernel in the cache; run 'vmimg kernel build'")
@@ -709,7 +687,7 @@ def find_kernel(
 
 
 def check_fragments(
-    arch: str = "x86_64",
+    arch: str = Arch.X86_64,
     *,
     debug: bool = False,
     source: str | Path | None = None,
@@ -753,7 +731,7 @@ def check_fragments(
 
 
 def find_or_build_kernel(
-    arch: str = "x86_64",
+    arch: str = Arch.X86_64,
     *,
     debug: bool = False,
     source: str | Path | None = None,
@@ -793,7 +771,7 @@ def kernel_from_path(path: str | Path, arch: str | None = None) -> KernelInfo:
     except OSError as e:
         raise KernelError(f"cannot read kernel {p}: {e.strerror}") from e
     kind, detected_arch, version = _identify_kernel(data, p)
-    if arch is not None and arch_spec(arch).name != detected_arch:
+    if arch is not None and arch_spec(arch) != detected_arch:
         raise KernelError(f"kernel {p} is for {detected_arch}, not {arch}")
     digest = hashlib.sha256(data).hexdigest()
     return KernelInfo(
@@ -819,15 +797,15 @@ def _identify_kernel(data: bytes, path: Path) -> tuple[str, str, str]:
     """(kind, arch, version) of a kernel image's bytes."""
     if data.startswith(ELF_MAGIC):
         machine = int.from_bytes(data[ELF_MACHINE_OFFSET : ELF_MACHINE_OFFSET + 2], "little")
-        for spec in ARCHES.values():
-            if spec.elf_machine == machine:
-                return "vmlinux", spec.name, _banner_version(data)
+        known = Arch.from_elf_machine(machine)
+        if known is not None:
+            return "vmlinux", known.value, _banner_version(data)
         raise KernelError(f"kernel {path} is an ELF file for machine {machine}, not a known arch")
     magic = data[BZ_HEADER_MAGIC_OFFSET : BZ_HEADER_MAGIC_OFFSET + len(BZ_HEADER_MAGIC)]
     if magic == BZ_HEADER_MAGIC:
-        return "bzImage", "x86_64", _bzimage_version(data)
+        return Arch.X86_64.kernel_image, Arch.X86_64.value, _bzimage_version(data)
     if data[ARM64_MAGIC_OFFSET : ARM64_MAGIC_OFFSET + len(ARM64_MAGIC)] == ARM64_MAGIC:
-        return "Image", "arm64", _banner_version(data)
+        return Arch.ARM64.kernel_image, Arch.ARM64.value, _banner_version(data)
     raise KernelError(f"{path} is not a kernel image (no ELF, bzImage or arm64 Image header)")
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmimg.arch import Arch, oci_architecture
 from vmimg.errors import PlatformError, SourceError
 
 # Manifests, indexes and configs are small: refuse bigger ones (containerd's limit too).
@@ -53,10 +54,15 @@ def layer_compression(media_type: str) -> str:
         raise SourceError(f"unsupported layer media type {media_type!r}") from None
 
 
+# What a platform that names no architecture is taken for.
+DEFAULT_ARCHITECTURE = Arch.X86_64.oci
+DEFAULT_PLATFORM = f"linux/{DEFAULT_ARCHITECTURE}"  # what --platform picks by default
+
+
 @dataclass(frozen=True)
 class Platform:
     os: str = "linux"
-    architecture: str = "amd64"
+    architecture: str = DEFAULT_ARCHITECTURE
     variant: str = ""
 
     def __str__(self) -> str:
@@ -64,23 +70,16 @@ class Platform:
         return f"{s}/{self.variant}" if self.variant else s
 
 
-# Normalisation as containerd's platforms package does it.
-_ARCH_ALIASES = {
-    "x86_64": "amd64",
-    "x86-64": "amd64",
-    "aarch64": "arm64",
-    "armhf": "arm",
-    "armel": "arm",
-}
+# Normalisation as containerd's platforms package does it (the names: vmimg/arch.py).
 _DEFAULT_VARIANT = {"arm": "v7"}
 
 
 def normalize_platform(p: Platform) -> Platform:
-    arch = _ARCH_ALIASES.get(p.architecture.lower(), p.architecture.lower())
+    arch = oci_architecture(p.architecture)
     variant = p.variant.lower()
     if p.architecture.lower() == "armel" and not variant:
         variant = "v6"
-    if arch == "arm64" and variant == "v8":
+    if arch == Arch.ARM64.oci and variant == "v8":
         variant = ""  # arm64 and arm64/v8 are the same platform
     variant = variant or _DEFAULT_VARIANT.get(arch, "")
     return Platform(p.os.lower(), arch, variant)
@@ -330,7 +329,7 @@ class ImageConfig:
             if raw.get(name) is not None and not isinstance(raw[name], str):
                 raise SourceError(f"{what}: {name} must be a string, not {_type_name(raw[name])}")
         check_run_config(raw.get("config"), what)
-        plat = Platform(raw.get("os") or "linux", raw.get("architecture") or "amd64",
+        plat = Platform(raw.get("os") or "linux", raw.get("architecture") or DEFAULT_ARCHITECTURE,
                         raw.get("variant") or "")  # fmt: skip
         return cls(raw, list(diff_ids), plat)
 

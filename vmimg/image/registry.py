@@ -75,6 +75,7 @@ READ_CHUNK = 64 << 10
 HTTP_BAD_REQUEST = 400
 HTTP_UNAUTHORIZED = 401
 HTTP_FORBIDDEN = 403
+HTTP_NOT_FOUND = 404
 GO_TLS_ANSWER = b"Client sent an HTTP request to an HTTPS server"
 # What OpenSSL says when the other end answers a TLS hello in plain http.
 PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure",
@@ -453,10 +454,7 @@ class RegistryClient:
             raise AuthError(f"{what}: {parts.netloc} refused {who} ({resp.status_code})")
         if resp.status_code != 200:
             raise SourceError(f"{what}: {parts.netloc} answered {resp.status_code} {resp.reason}")
-        try:
-            answer = json.loads(resp.content)
-        except (ValueError, UnicodeDecodeError):
-            answer = None
+        answer = _json_answer(resp)
         if not isinstance(answer, dict):
             raise AuthError(f"{what}: {parts.netloc} sent an answer that is not a JSON object")
         token = answer.get("token") or answer.get("access_token")
@@ -559,10 +557,9 @@ class RegistryClient:
     ) -> requests.Response:
         """`send` again after transient failures and 429/5xx answers, with backoff; the
         last answer once retries run out."""
-        delay = BACKOFF_START
-        attempt = 0
+        backoff = _Backoff()
         while True:
-            attempt += 1
+            attempt = backoff.next_attempt()
             resp: requests.Response | None = None
             try:
                 resp = send()
@@ -582,14 +579,13 @@ class RegistryClient:
                     return resp
                 resp.close()
                 reason = f"{resp.status_code} {resp.reason}"
-            pause = delay if resp is None else _retry_after(resp, delay)
+            pause = backoff.delay if resp is None else _retry_after(resp, backoff.delay)
             self._log(
                 logging.WARNING,
                 "%s: %s; retry %d of %d in %g s",
                 what, reason, attempt, self.retries, pause,
             )  # fmt: skip
-            time.sleep(pause)
-            delay = min(delay * 2, BACKOFF_CAP)
+            backoff.sleep(pause)
 
     def _send(
         self,
@@ -741,33 +737,38 @@ class RegistryClient:
 
     # -- API helpers ----------------------------------------------------------
 
+    def _find(
+        self, method: str, path: str, what: str, accept: str | None = None
+    ) -> requests.Response | None:
+        """A GET or HEAD of something the registry may not have: its answer, None on 404."""
+        headers = {"Accept": accept} if accept is not None else None
+        resp = self.request(method, path, headers, ok=(200, HTTP_NOT_FOUND), what=what)
+        return None if resp.status_code == HTTP_NOT_FOUND else resp
+
+    def _manifest_what(self, repo: str, reference: str) -> str:
+        return f"manifest {self.host}/{repo}:{reference}"
+
     def get_manifest(self, repo: str, reference: str, accept: str) -> tuple[bytes, str]:
         """Manifest bytes (at most 4 MiB) and the Content-Type the registry declared."""
         resp = self.request(
             "GET",
-            f"/v2/{repo}/manifests/{reference}",
+            _manifest_path(repo, reference),
             headers={"Accept": accept},
-            what=f"manifest {self.host}/{repo}:{reference}",
+            what=self._manifest_what(repo, reference),
             ok=(200,),
         )
-        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
-        return resp.content, ctype
+        return resp.content, _content_type(resp)
 
     def open_blob(self, repo: str, digest: str) -> BlobStream:
         return BlobStream(self, f"/v2/{repo}/blobs/{digest}", f"blob {digest}")
 
     def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestHead | None:
         """What the registry has under a tag or digest (media type, digest, size), or None."""
-        resp = self.request(
-            "HEAD",
-            f"/v2/{repo}/manifests/{reference}",
-            headers={"Accept": accept},
-            ok=(200, 404),
-            what=f"manifest {self.host}/{repo}:{reference}",
-        )
-        if resp.status_code == 404:
+        what = self._manifest_what(repo, reference)
+        resp = self._find("HEAD", _manifest_path(repo, reference), what, accept)
+        if resp is None:
             return None
-        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        ctype = _content_type(resp)
         digest = resp.headers.get("Docker-Content-Digest", "")
         size = resp.headers.get("Content-Length", "")
         if not digest or not size.isdigit():
@@ -786,13 +787,10 @@ class RegistryClient:
             pages += 1
             if pages > MAX_TAG_PAGES:
                 raise SourceError(f"{what}: more than {MAX_TAG_PAGES} pages")
-            resp = self.request("GET", url, what=what, ok=(200, 404))
-            if resp.status_code == 404:
+            resp = self._find("GET", url, what)
+            if resp is None:
                 return []
-            try:
-                answer = json.loads(resp.content)
-            except (ValueError, UnicodeDecodeError):
-                answer = None
+            answer = _json_answer(resp)
             page = answer.get("tags") if isinstance(answer, dict) else None
             if page is None and isinstance(answer, dict):
                 page = []  # a repository without tags says null
@@ -807,14 +805,9 @@ class RegistryClient:
 
     def read_index(self, repo: str, reference: str) -> dict[str, Any] | None:
         """The OCI index at `reference` (a tag such as a fallback tag), or None if absent."""
-        resp = self.request(
-            "GET",
-            f"/v2/{repo}/manifests/{reference}",
-            headers={"Accept": OCI_INDEX},
-            ok=(200, 404),
-            what=f"referrers index {self.host}/{repo}:{reference}",
-        )
-        if resp.status_code == 404:
+        what = f"referrers index {self.host}/{repo}:{reference}"
+        resp = self._find("GET", _manifest_path(repo, reference), what, OCI_INDEX)
+        if resp is None:
             return None
         return load_json(resp.content, f"referrers index {reference}")
 
@@ -842,15 +835,10 @@ class RegistryClient:
         """The manifests whose subject is `digest`: the referrers API, or the fallback tag
         where the registry has no API (it answers 404, as the spec says it must)."""
         query = f"?artifactType={urllib.parse.quote(artifact_type)}" if artifact_type else ""
-        resp = self.request(
-            "GET",
-            f"/v2/{repo}/referrers/{digest}{query}",
-            headers={"Accept": OCI_INDEX},
-            ok=(200, 404),
-            what=f"referrers of {self.host}/{repo}@{digest}",
-        )
+        what = f"referrers of {self.host}/{repo}@{digest}"
+        resp = self._find("GET", f"/v2/{repo}/referrers/{digest}{query}", what, OCI_INDEX)
         index: dict[str, Any] | None = None
-        if resp.status_code == 200:
+        if resp is not None:
             with contextlib.suppress(SourceError):
                 index = load_json(resp.content, "referrers")
         if index is None or not isinstance(index.get("manifests"), list):
@@ -865,13 +853,8 @@ class RegistryClient:
     # -- pushing --------------------------------------------------------------
 
     def blob_exists(self, repo: str, digest: str) -> bool:
-        resp = self.request(
-            "HEAD",
-            f"/v2/{repo}/blobs/{digest}",
-            ok=(200, 404),
-            what=f"blob {digest} in {self.host}/{repo}",
-        )
-        return resp.status_code == 200
+        what = f"blob {digest} in {self.host}/{repo}"
+        return self._find("HEAD", f"/v2/{repo}/blobs/{digest}", what) is not None
 
     def upload_blob(self, repo: str, path: str, digest: str, size: int) -> bool:
         """Upload the file at `path` (whose digest and size the caller computed) unless the
@@ -880,10 +863,9 @@ class RegistryClient:
             return False
         what = f"blob {digest} to {self.host}/{repo}"
         chunk = upload_chunk_size()
-        delay = BACKOFF_START
-        attempt = 0
+        backoff = _Backoff()
         while True:
-            attempt += 1
+            attempt = backoff.next_attempt()
             try:
                 location = self._start_upload(repo, what)
                 if size <= chunk:
@@ -894,9 +876,10 @@ class RegistryClient:
             except UploadInterrupted as e:
                 if attempt > self.retries:
                     raise SourceError(f"{e} (gave up after {attempt} attempts)") from None
-                log.warning("%s; upload %d of %d in %g s", e, attempt + 1, self.retries + 1, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, BACKOFF_CAP)
+                log.warning(
+                    "%s; upload %d of %d in %g s", e, attempt + 1, self.retries + 1, backoff.delay
+                )
+                backoff.sleep(backoff.delay)
 
     def _start_upload(self, repo: str, what: str) -> str:
         resp = self.request(
@@ -958,11 +941,11 @@ class RegistryClient:
         """PUT a manifest or index under a tag or digest."""
         resp = self.request(
             "PUT",
-            f"/v2/{repo}/manifests/{reference}",
+            _manifest_path(repo, reference),
             headers={"Content-Type": media_type},
             data=data,
             ok=(201,),
-            what=f"manifest {self.host}/{repo}:{reference}",
+            what=self._manifest_what(repo, reference),
         )
         digest = digest_of(data)
         sent = resp.headers.get("Docker-Content-Digest")
@@ -988,6 +971,39 @@ class ManifestHead:
 class ManifestPut:
     digest: str
     subject: str | None  # the OCI-Subject header: set when the registry indexed the referrer
+
+
+class _Backoff:
+    """Pauses between attempts: BACKOFF_START, doubling up to BACKOFF_CAP."""
+
+    def __init__(self) -> None:
+        self.delay = BACKOFF_START
+        self.attempt = 0
+
+    def next_attempt(self) -> int:
+        self.attempt += 1
+        return self.attempt
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+        self.delay = min(self.delay * 2, BACKOFF_CAP)
+
+
+def _manifest_path(repo: str, reference: str) -> str:
+    return f"/v2/{repo}/manifests/{reference}"
+
+
+def _content_type(resp: requests.Response) -> str:
+    """The media type of an answer, without parameters."""
+    return resp.headers.get("Content-Type", "").split(";")[0].strip()
+
+
+def _json_answer(resp: requests.Response) -> Any:
+    """The JSON of an answer's (read, capped) body, or None if it is not JSON."""
+    try:
+        return json.loads(resp.content)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def digest_of(data: bytes) -> str:

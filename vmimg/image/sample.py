@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tarfile
 
+from vmimg.arch import Arch
 from vmimg.errors import VmimgError
 from vmimg.image.cache import Cache, commit
 from vmimg.image.oci import Platform, host_platform, parse_platform
@@ -63,9 +64,6 @@ PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexiste
 GROUP = b"root:x:0:\nnogroup:x:65534:\n"
 
 
-# OCI architecture -> Debian architecture, and the ELF machine its binaries carry.
-DEBIAN_ARCHES = {"amd64": "amd64", "arm64": "arm64"}
-ELF_MACHINES = {"amd64": 62, "arm64": 183}
 _ELF_MAGIC = b"\x7fELF"
 _ELF_MACHINE_OFFSET = 18
 BUSYBOX_PACKAGE = "busybox-static"
@@ -130,9 +128,10 @@ def foreign_busybox(architecture: str, cache: Cache | None = None) -> str:
     busybox-static of that architecture: `apt-get download` into the cache, unpacked with
     `dpkg-deb -x`, once per machine. apt must know the architecture
     (`dpkg --add-architecture arm64 && apt-get update`)."""
-    deb_arch = DEBIAN_ARCHES.get(architecture)
-    if deb_arch is None:
+    arch = Arch.from_oci(architecture)
+    if arch is None:
         raise VmimgError(f"no sample busybox for architecture {architecture!r}")
+    deb_arch = arch.oci  # Debian spells both architectures as OCI does
     cache = cache or Cache.open()
     home = os.path.join(cache.root, SAMPLE_CACHE_DIR, f"{BUSYBOX_PACKAGE}-{deb_arch}")
     binary = os.path.join(home, "bin", "busybox")
@@ -150,7 +149,7 @@ def foreign_busybox(architecture: str, cache: Cache | None = None) -> str:
         found = [p for p in BUSYBOX_PATHS if os.path.isfile(unpacked + p)]
         if not found:
             raise VmimgError(f"{os.path.basename(debs[0])} holds no busybox binary")
-        if elf_machine(unpacked + found[0]) != ELF_MACHINES[architecture]:
+        if elf_machine(unpacked + found[0]) != arch.elf_machine:
             raise VmimgError(f"{os.path.basename(debs[0])}: busybox is not an {deb_arch} binary")
         staged = os.path.join(tmp, "staged")
         os.makedirs(os.path.join(staged, "bin"))

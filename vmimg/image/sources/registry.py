@@ -60,16 +60,39 @@ def registry_client(host: str, options: SourceOptions) -> RegistryClient:
 def open_registry_image(ref: RegistryRef, cache: Cache | None, options: SourceOptions) -> Image:
     client = registry_client(ref.registry, options)
     root = cache.read_blob(ref.digest) if (cache is not None and ref.digest) else None
-    media_type = None
-    if root is None:
-        root, media_type = get_manifest(client, ref.repository, ref.reference, ACCEPT_MANIFESTS)
-        got = digest_bytes(root, ref.digest.split(":", 1)[0] if ref.digest else "sha256")
-        if ref.digest and got != ref.digest:
-            raise DigestError(f"manifest {ref}: registry sent {got}")
-        if cache is not None:
-            # Kept so that a later pull by digest needs no request at all.
-            cache.put_blob_bytes(got, root, "manifest")
+    if root is not None:
+        return _image(client, ref, root, None, cache, options)
+    root, media_type = get_manifest(client, ref.repository, ref.reference, ACCEPT_MANIFESTS)
+    return image_from_manifest(client, ref, root, media_type, cache, options)
 
+
+def image_from_manifest(
+    client: RegistryClient,
+    ref: RegistryRef,
+    root: bytes,
+    media_type: str,
+    cache: Cache | None,
+    options: SourceOptions,
+) -> Image:
+    """The image whose manifest or index `root` was just fetched for `ref` with `client`:
+    checked against the digest `ref` pins, and kept in the cache."""
+    got = digest_bytes(root, ref.digest.split(":", 1)[0] if ref.digest else "sha256")
+    if ref.digest and got != ref.digest:
+        raise DigestError(f"manifest {ref}: registry sent {got}")
+    if cache is not None:
+        # Kept so that a later pull by digest needs no request at all.
+        cache.put_blob_bytes(got, root, "manifest")
+    return _image(client, ref, root, media_type, cache, options)
+
+
+def _image(
+    client: RegistryClient,
+    ref: RegistryRef,
+    root: bytes,
+    media_type: str | None,
+    cache: Cache | None,
+    options: SourceOptions,
+) -> Image:
     def open_blob(desc: Descriptor) -> BinaryIO:
         if desc.media_type in MANIFEST_TYPES + INDEX_TYPES:
             # An index's entries are manifests: registries serve them only from the

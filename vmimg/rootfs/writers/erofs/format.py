@@ -60,15 +60,7 @@ COMPACT_SIZE_MAX = 0xFFFFFFFF
 
 DIRENT_SIZE = 12
 
-# file_type in a dirent: the generic FT_* values
-FT_UNKNOWN = 0
-FT_REG_FILE = 1
-FT_DIR = 2
-FT_CHRDEV = 3
-FT_BLKDEV = 4
-FT_FIFO = 5
-FT_SOCK = 6
-FT_SYMLINK = 7
+# A dirent's file_type: the generic FT_* values of vmimg/rootfs/writers/dirent.py
 
 # --- xattrs -----------------------------------------------------------------
 

@@ -41,6 +41,7 @@ import crc32c
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Content, Node, NodeType, Tree, without_cycle_collection
+from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.erofs import format as fmt
 from vmimg.rootfs.writers.erofs.compress import (
     CHUNK_SIZE,
@@ -63,16 +64,6 @@ ZERO_CHUNK = 1 << 20
 # (64 MiB of indexes, held in memory until the meta area is written) a file is stored
 # plain, where holes cost nothing. A sparse file can claim a terabyte.
 MAX_COMPRESSED_FILE_SIZE = 32 << 30
-
-_FILE_TYPE = {
-    NodeType.FILE: fmt.FT_REG_FILE,
-    NodeType.DIR: fmt.FT_DIR,
-    NodeType.SYMLINK: fmt.FT_SYMLINK,
-    NodeType.CHAR: fmt.FT_CHRDEV,
-    NodeType.BLOCK: fmt.FT_BLKDEV,
-    NodeType.FIFO: fmt.FT_FIFO,
-    NodeType.SOCKET: fmt.FT_SOCK,
-}
 
 
 def _no_list() -> list[Any]:

@@ -90,14 +90,7 @@ EXTENTS_PER_BLOCK = (BLOCK_SIZE - EXTENT_ENTRY_SIZE - EXTENT_TAIL_SIZE) // EXTEN
 
 # --- Directories --------------------------------------------------------------------
 
-FT_UNKNOWN = 0
-FT_REG_FILE = 1
-FT_DIR = 2
-FT_CHRDEV = 3
-FT_BLKDEV = 4
-FT_FIFO = 5
-FT_SOCK = 6
-FT_SYMLINK = 7
+# A dirent's file_type: vmimg/rootfs/writers/dirent.py
 DIRENT_HEADER = 8  # inode, rec_len, name_len, file_type
 DIR_TAIL_SIZE = 12  # ext4_dir_entry_tail, holds the leaf block's checksum
 DIR_TAIL_FT = 0xDE

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree, without_cycle_collection
+from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
+from vmimg.rootfs.writers.dirent import FT_DIR
 from vmimg.rootfs.writers.ext4 import format as fmt
 from vmimg.rootfs.writers.gather import GatherWriter
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
@@ -49,16 +51,6 @@ ITABLE_CHUNK_INODES = 4096  # inode table held in memory at once: 1 MiB
 # bits, 1901-12-13 to 2446-05-10 (the kernel's EXT4_TIMESTAMP_MIN / EXTRA_TIMESTAMP_MAX).
 MIN_TIME_NS = -(1 << 31) * NS_PER_S
 MAX_TIME_NS = ((1 << 34) - 1 - (1 << 31)) * NS_PER_S + NS_PER_S - 1
-
-_FILE_TYPE = {
-    NodeType.FILE: fmt.FT_REG_FILE,
-    NodeType.DIR: fmt.FT_DIR,
-    NodeType.SYMLINK: fmt.FT_SYMLINK,
-    NodeType.CHAR: fmt.FT_CHRDEV,
-    NodeType.BLOCK: fmt.FT_BLKDEV,
-    NodeType.FIFO: fmt.FT_FIFO,
-    NodeType.SOCKET: fmt.FT_SOCK,
-}
 
 
 @dataclass(frozen=True)
@@ -584,10 +576,10 @@ def _linear_block(entry: _Ino, plan: _Plan, seed: int) -> bytearray:
     pack = fmt.DIRENT.pack_into
     entry_of = plan.entry_of
     file_type = _FILE_TYPE
-    pack(block, 0, entry.ino, fmt.dirent_size(1), 1, fmt.FT_DIR)
+    pack(block, 0, entry.ino, fmt.dirent_size(1), 1, FT_DIR)
     block[fmt.DIRENT_HEADER] = _DOT
     last = fmt.dirent_size(1)
-    pack(block, last, entry.parent, fmt.dirent_size(2), 2, fmt.FT_DIR)
+    pack(block, last, entry.parent, fmt.dirent_size(2), 2, FT_DIR)
     block[last + fmt.DIRENT_HEADER : last + fmt.DIRENT_HEADER + 2] = b".."
     pos = _DOTS_SIZE
     for name, child in _children(entry, plan.lost_found):
@@ -702,8 +694,8 @@ def _put_dx_entries(
 
 def _dx_root(entry: _Ino, levels: int, entries: list[tuple[int, int]], seed: int) -> bytearray:
     block = bytearray(fmt.BLOCK_SIZE)
-    dot = fmt.DirEntry2(entry.ino, b".", fmt.FT_DIR)
-    dotdot = fmt.DirEntry2(entry.parent, b"..", fmt.FT_DIR)
+    dot = fmt.DirEntry2(entry.ino, b".", FT_DIR)
+    dotdot = fmt.DirEntry2(entry.parent, b"..", FT_DIR)
     dot.pack_into(block, 0, dot.size)
     dotdot.pack_into(block, dot.size, fmt.BLOCK_SIZE - dot.size)
     fmt.DX_ROOT_INFO.pack_into(
