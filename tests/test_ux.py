@@ -35,6 +35,7 @@ from tests.test_registry_auth import (  # noqa: F401 (a fixture)
     secure_registry,
 )
 from vmimg.boot.run import ConsoleFilter
+from vmimg.boot.vm import qemu_missing
 from vmimg.cli.progress import Progress
 from vmimg.image.sample import write_sample
 
@@ -470,3 +471,11 @@ def test_bundle_modes_follow_the_umask_built_or_cached(
             if name in read_only:
                 want &= 0o555
             assert mode == want, (name, oct(mode))
+
+
+@pytest.mark.parametrize(
+    ("program", "package"),
+    [("qemu-system-x86_64", "qemu-system-x86"), ("/usr/bin/qemu-system-aarch64", "qemu-system-arm")],
+)
+def test_a_missing_qemu_names_the_package_for_its_arch(program: str, package: str) -> None:
+    assert str(qemu_missing(program)) == f"{program} not found: install {package}"

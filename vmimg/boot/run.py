@@ -59,7 +59,7 @@ from vmimg.boot.state import (
     create,
     process_start,
 )
-from vmimg.boot.vm import VM, BootResult, TimedMarker, qmp_command
+from vmimg.boot.vm import VM, BootResult, TimedMarker, qemu_missing, qmp_command
 from vmimg.bundle.format import Bundle, load_bundle, record_rootfs_change
 from vmimg.errors import AgentError, BootError, UsageError
 from vmimg.guest.protocol import MARKER_PREFIX, RUN_CONFIG_PROTOCOL, BootOptions, kernel_args
@@ -549,7 +549,7 @@ def _detached(bundle: Bundle, opts: RunOptions, accel: str, state: VmState, dev:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=err, env=env, start_new_session=True)  # fmt: skip
     except FileNotFoundError:
-        raise BootError(f"{argv[0]} not found: install qemu-system-x86") from None
+        raise qemu_missing(argv[0]) from None
     try:
         record.pid = proc.pid
         record.pid_start = process_start(proc.pid) or 0

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmimg.arch import Arch
 from vmimg.errors import BootError
 from vmimg.guest.protocol import Marker, parse_markers
 
@@ -27,6 +28,13 @@ PR_SET_PDEATHSIG = 1
 READ_CHUNK = 65536
 KILL_GRACE_SECONDS = 2.0
 QMP_TIMEOUT = 5.0
+
+
+def qemu_missing(program: str) -> BootError:
+    """The error for a QEMU program that is not installed, naming the package to install."""
+    name = os.path.basename(program)
+    package = next((a.qemu_package for a in Arch if a.qemu == name), "QEMU")
+    return BootError(f"{program} not found: install {package}")
 
 
 @dataclass
@@ -90,7 +98,7 @@ class VM:
                 preexec_fn=_die_with_parent,
             )
         except FileNotFoundError:
-            raise BootError(f"{self.argv[0]} not found: install qemu-system-x86") from None
+            raise qemu_missing(self.argv[0]) from None
         self._stderr: list[bytes] = []
         self._threads = [
             threading.Thread(target=self._read_console, daemon=True),
