@@ -475,7 +475,10 @@ def test_bundle_modes_follow_the_umask_built_or_cached(
 
 @pytest.mark.parametrize(
     ("program", "package"),
-    [("qemu-system-x86_64", "qemu-system-x86"), ("/usr/bin/qemu-system-aarch64", "qemu-system-arm")],
+    [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("/usr/bin/qemu-system-aarch64", "qemu-system-arm"),
+    ],
 )
 def test_a_missing_qemu_names_the_package_for_its_arch(program: str, package: str) -> None:
     assert str(qemu_missing(program)) == f"{program} not found: install {package}"
