@@ -310,7 +310,7 @@ def test_installed_package_finds_the_agent_and_the_kernel_fragments(
             shutil.copy2(src, target)
     source = tmp_path / "src"  # pip builds in its source tree: keep the checkout clean
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):  # as the python stage copies
         shutil.copy2(ROOT / name, source / name)
     shutil.copytree(ROOT / "vmimg", source / "vmimg", ignore=shutil.ignore_patterns("__pycache__"))
     site = tmp_path / "site-packages"
