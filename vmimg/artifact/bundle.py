@@ -68,6 +68,7 @@ from vmimg.image.oci import (
 )
 from vmimg.image.registry import digest_of
 from vmimg.image.sources import SourceOptions
+from vmimg.rootfs.convert import seal_entry
 
 BUNDLE_ARTIFACT = "application/vnd.vmimg.bundle.v1"
 
@@ -348,6 +349,7 @@ def pull_into_cache(
             work = os.path.join(tmp, "bundle")
             os.mkdir(work)
             _pull_bundle_into(target, artifact, work, phases)
+            seal_entry(tmp)  # an entry like a local build's: read-only, its seal recorded
             if os.path.isdir(final):  # an incomplete leftover: nothing else has it locked
                 shutil.rmtree(final)
             commit(tmp, final)
