@@ -103,6 +103,7 @@ def test_dropped_blob_resumes_with_range(images: Images, tmp_path: Path) -> None
     assert len(starts) == 2 and 0 < starts[0] < starts[1] < BASE_BYTES + 4096
 
 
+@pytest.mark.slow  # seconds of retries and timeouts: full run only
 def test_5xx_and_429_with_retry_after_are_retried(images: Images, tmp_path: Path) -> None:
     rules = [
         Rule("GET .*/manifests/", 500, times=2),
@@ -120,6 +121,7 @@ def test_5xx_and_429_with_retry_after_are_retried(images: Images, tmp_path: Path
     assert elapsed >= 1.0  # Retry-After was honoured
 
 
+@pytest.mark.slow  # seconds of retries and timeouts: full run only
 def test_persistent_500_is_a_clear_error_in_bounded_time(images: Images, tmp_path: Path) -> None:
     with fault_proxy(images.registry, [Rule("GET .*/manifests/", 500, times=100)]) as proxy:
         start = time.monotonic()
@@ -153,6 +155,7 @@ def test_stall_resumes_after_the_read_timeout(images: Images, tmp_path: Path) ->
     assert elapsed < 15 and gets[-1].range is not None
 
 
+@pytest.mark.slow  # seconds of retries and timeouts: full run only
 def test_endless_stall_fails_in_bounded_time(images: Images, tmp_path: Path) -> None:
     rules = [Rule(f"GET .*/blobs/{images.base_blob}", "stall", times=100, stall=20)]
     env = {"VMIMG_REGISTRY_TIMEOUT": "1", "VMIMG_REGISTRY_RETRIES": "2"}

@@ -153,6 +153,7 @@ def test_no_credentials_and_untrusted_certificate(
         open_image(f"docker://{host}/auth/sample:v1", cache, SourceOptions(Platform()))
 
 
+@pytest.mark.slow  # seconds of retries and timeouts: full run only
 def test_credential_helper(
     sample_ref: str,
     secure_registry: tuple[str, str],

@@ -326,6 +326,7 @@ def test_plain_http_realm_on_a_remote_host_is_refused(
 # -- timeouts ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds of retries and timeouts: full run only
 def test_silent_token_realm_fails_in_bounded_time(
     hostile: EvilServer, other: EvilServer, store: Store, tmp_path: Path
 ) -> None:
@@ -340,6 +341,7 @@ def test_silent_token_realm_fails_in_bounded_time(
     assert elapsed < BOUNDED
 
 
+@pytest.mark.slow  # seconds of retries and timeouts: full run only
 def test_silent_registry_fails_in_bounded_time(hostile: EvilServer, tmp_path: Path) -> None:
     hostile.on("GET", rf"/v2/{REPO}/manifests/.*", silent())
     env = {"VMIMG_REGISTRY_TIMEOUT": TIMEOUT}
@@ -544,6 +546,7 @@ def flaky(times: int, then: Reply) -> Reply:
     return reply
 
 
+@pytest.mark.slow  # seconds of retries and timeouts: full run only
 def test_transient_errors_are_retried_with_a_line_each(store: Store, tmp_path: Path) -> None:
     with evil_server() as evil:
         serve_registry(evil, REPO, store, lambda reply: flaky(2, reply))
