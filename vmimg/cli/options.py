@@ -1,7 +1,7 @@
 """Pieces every `vmimg` command module shares: common options, error rendering, sizes.
 
-vmimg.cli.main, vmimg.cli.kernel and vmimg.cli.artifact all import from here (and not
-from each other), so that any of them can be imported first.
+Every command module imports from here; vmimg.cli.main imports only this, progress and
+its COMMANDS table, so that `vmimg X` loads X's module and what it needs, nothing more.
 """
 
 from __future__ import annotations
