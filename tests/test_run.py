@@ -30,8 +30,8 @@ from vmimg.boot.devices import (
 from vmimg.boot.launch import LaunchOptions, PortForward, qemu_command
 from vmimg.boot.run import RunOptions, run_bundle
 from vmimg.bundle.format import read_vm_json
-from vmimg.cli.options import parse_size
-from vmimg.cli.vms import parse_env, split_words
+from vmimg.cli.options import parse_size, split_words
+from vmimg.cli.vms import parse_env
 from vmimg.errors import AgentError, BootError, UsageError
 from vmimg.guest import channel
 from vmimg.guest.runconfig import (
@@ -207,10 +207,10 @@ def test_parse_env_files_and_host_values(tmp_path: Path, monkeypatch: pytest.Mon
         parse_env((), (str(env_file),))
     with pytest.raises(UsageError):
         parse_env(("=x",), ())
-    assert split_words("") == ()
-    assert split_words('["/bin/sh", "-c"]') == ("/bin/sh", "-c")
+    assert split_words("", "--entrypoint") == ()
+    assert split_words('["/bin/sh", "-c"]', "--entrypoint") == ("/bin/sh", "-c")
     with pytest.raises(UsageError):
-        split_words("[1, 2]")
+        split_words("[1, 2]", "--entrypoint")
 
 
 # --- devices ---------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -21,6 +20,7 @@ from vmimg.cli.options import (
     run,
     source_options,
     source_params,
+    split_words,
     unpack_param,
 )
 from vmimg.cli.progress import progress
@@ -66,20 +66,10 @@ def check_output_dir(path: str) -> None:
         raise UsageError(f"-o {path} is not writable")
 
 
-def split_command(text: str | None) -> list[str] | None:
-    """--entrypoint/--cmd: a JSON list, or words split the way a shell would."""
-    if text is None:
-        return None
-    if text.lstrip().startswith("["):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            raise click.BadParameter(f"not a JSON list: {text}") from None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise click.BadParameter(f"not a JSON list of strings: {text}")
-        return value
-
-    return shlex.split(text)
+def split_command(text: str | None, option: str) -> list[str] | None:
+    """--entrypoint/--cmd as the list vm.json's overrides hold."""
+    words = split_words(text, option)
+    return None if words is None else list(words)
 
 
 def check_env(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
@@ -191,7 +181,8 @@ def build(
             writer_options=writer_options(fmt, writer),
             init=init_mode,
             overrides=ConfigOverrides(
-                entrypoint=split_command(entrypoint), cmd=split_command(cmd), env=list(env),
+                entrypoint=split_command(entrypoint, "--entrypoint"),
+                cmd=split_command(cmd, "--cmd"), env=list(env),
                 workdir=workdir, user=user, hostname=hostname,
             ),
             kernel_path=kernel_path,

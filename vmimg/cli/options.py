@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -327,3 +328,19 @@ bundle_output = click.option(
     type=click.Path(file_okay=False),
     help="Bundle directory to write (replaced if it is a bundle).",
 )
+
+
+def split_words(text: str | None, option: str) -> tuple[str, ...] | None:
+    """--entrypoint/--cmd: a JSON list, or words split the way a shell would ("" empties
+    it); None when the option was not given."""
+    if text is None:
+        return None
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise UsageError(f"{option}: not a JSON list: {text}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{option}: not a JSON list of strings: {text}")
+        return tuple(value)
+    return tuple(shlex.split(text))

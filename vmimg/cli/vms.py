@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -19,26 +18,11 @@ from vmimg.boot import state as vmstate
 from vmimg.boot.control import ExecOptions, copy_logs, exec_in_vm, remove_vm, stop_vm
 from vmimg.boot.devices import parse_data, parse_disk, parse_publish, parse_secret, parse_volume
 from vmimg.boot.run import RunOptions
-from vmimg.cli.options import parse_size, run
+from vmimg.cli.options import parse_size, run, split_words
 from vmimg.errors import AgentError, UsageError
 from vmimg.guest.agent import parse_signal
 
 SECONDS_PER = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
-
-
-def split_words(text: str | None) -> tuple[str, ...] | None:
-    """--entrypoint: a JSON list, or words split the way a shell would ("" empties it)."""
-    if text is None:
-        return None
-    if text.lstrip().startswith("["):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            raise UsageError(f"--entrypoint: not a JSON list: {text}") from None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UsageError(f"--entrypoint: not a JSON list of strings: {text}")
-        return tuple(value)
-    return tuple(shlex.split(text))
 
 
 def _env_item(item: str, where: str) -> str | None:
@@ -106,7 +90,7 @@ def run_options(
         raise UsageError(f"--stop-signal: {flags.stop_signal!r} is not a signal") from None
     return RunOptions(
         command=command or None,
-        entrypoint=split_words(flags.entrypoint),
+        entrypoint=split_words(flags.entrypoint, "--entrypoint"),
         env=parse_env(flags.env, flags.env_file),
         workdir=flags.workdir,
         user=flags.user,
