@@ -157,14 +157,17 @@ class Podman:
             self("tag", BASE_TAGS[0], tag)
         return self("image", "inspect", "--format", "{{.Id}}", BASE_TAGS[0]).strip()
 
-    def build(self, context: Path, tag: str, *extra: str) -> str:
+    def build(self, context: Path, tag: str, *extra: str, layers: bool = True) -> str:
         """`podman build` the way it works without a registry or `podman run`; returns the ID.
 
-        Layers are cached in the storage, so building again after a change is quick.
+        With `layers`, each step is cached in the storage, so building again after a change is
+        quick. vfs stores every step as a whole copy of the file system, so a big image is
+        built without them (`layers=False`): one working copy per stage instead of one per step.
         """
         self(
             "build",
-            "--isolation", "chroot", "--network", "host", "--pull=never", "--layers",
+            "--isolation", "chroot", "--network", "host", "--pull=never",
+            f"--layers={str(layers).lower()}",
             "--quiet", "-t", tag, *extra, str(context),
             timeout=PODMAN_BUILD_TIMEOUT,
         )  # fmt: skip

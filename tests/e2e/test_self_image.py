@@ -52,7 +52,7 @@ def _on_path(root: Path, name: str, path_var: str) -> str:
 def test_vmimg_image_holds_a_working_vmimg(examples: Examples, tmp_path: Path) -> None:
     if not (REPO / "Dockerfile").exists():
         pytest.fail("the repository has no Dockerfile")
-    examples.podman.build(REPO, SELF_REF, *BUILD_ARGS)
+    examples.podman.build(REPO, SELF_REF, *BUILD_ARGS, layers=False)
 
     r = examples.vmimg("inspect", f"docker-daemon:{SELF_REF}", "--json")
     assert r.returncode == 0, r.stderr
