@@ -42,14 +42,15 @@ import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-import requests
-import urllib3.exceptions
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from vmimg.digest import split_digest
 from vmimg.errors import AuthError, SourceError, VmimgError
 from vmimg.image.oci import MAX_DOCUMENT_BYTES, OCI_INDEX, Descriptor, load_json
+
+if TYPE_CHECKING:
+    import requests
 
 FALLBACK_TAG_MAX = 128  # tag length limit of the distribution spec
 
@@ -94,11 +95,25 @@ HELPER_NOT_FOUND = b"credentials not found"  # docker-credential-helpers' "no en
 DEFAULT_UPLOAD_CHUNK = 64 << 20
 OCTET_STREAM = "application/octet-stream"
 
-# urllib3 2 says NameResolutionError; older versions leave the gaierror as the cause.
-DNS_FAILURES = (
-    socket.gaierror,
-    getattr(urllib3.exceptions, "NameResolutionError", socket.gaierror),
-)
+
+def _requests() -> ModuleType:
+    """requests (with urllib3), imported when a registry is first spoken to: about a third
+    of vmimg's start-up, which commands that never reach a registry should not pay."""
+    import requests
+
+    return requests
+
+
+def _urllib3_errors() -> ModuleType:
+    import urllib3.exceptions
+
+    return urllib3.exceptions
+
+
+def _dns_failures() -> tuple[type[BaseException], ...]:
+    # urllib3 2 says NameResolutionError; older versions leave the gaierror as the cause.
+    return (socket.gaierror, getattr(_urllib3_errors(), "NameResolutionError", socket.gaierror))
+
 
 Origin = tuple[str, str, int]
 Auth = tuple[Origin, dict[str, str]]  # an Authorization header and the only origin it may go to
@@ -390,7 +405,7 @@ class RegistryClient:
         self._may_fall_back_to_http = not tls_verify and not plain_first
         self.retries = retries if retries is not None else retries_allowed()
         self.timeout = read_timeout()
-        self.session = requests.Session()
+        self.session: requests.Session = _requests().Session()
         self.verify: bool | str = (ca_cert or True) if tls_verify else False
         self._authfile = authfile
         self._credentials = credentials
@@ -613,7 +628,7 @@ class RegistryClient:
                 )  # fmt: skip
                 if not stream and method != "HEAD":  # a HEAD's Content-Length has no body
                     _read_capped(resp, MAX_DOCUMENT_BYTES, what, self.timeout)
-            except requests.exceptions.RequestException as e:
+            except _requests().exceptions.RequestException as e:
                 raise self._failure(e, url, what) from None
             self._log(logging.DEBUG, "%s %s: %d", method, shown(url), resp.status_code)
             if not (resp.is_redirect and method in ("GET", "HEAD")):
@@ -648,7 +663,7 @@ class RegistryClient:
         """Our error for a failed request: fail at once, or _Transient to retry."""
         netloc = urllib.parse.urlsplit(url).netloc
         cause = _root_cause(e)
-        if isinstance(e, requests.exceptions.SSLError):
+        if isinstance(e, _requests().exceptions.SSLError):
             text = str(cause)
             if any(sign in text for sign in PLAIN_HTTP_SIGNS):
                 if self._may_fall_back_to_http and origin_of(url) == self.origin:
@@ -664,20 +679,20 @@ class RegistryClient:
                     f"pass its CA with --ca-cert FILE, or --tls-verify=false"
                 )
             return SourceError(f"{what}: TLS error talking to {netloc}: {_short(cause)}")
-        if isinstance(e, requests.exceptions.ConnectTimeout):
+        if isinstance(e, _requests().exceptions.ConnectTimeout):
             return SourceError(
                 f"{what}: {netloc} did not accept a connection within {CONNECT_TIMEOUT:g} s"
             )
-        if isinstance(e, requests.exceptions.ReadTimeout) or isinstance(cause, TimeoutError):
+        if isinstance(e, _requests().exceptions.ReadTimeout) or isinstance(cause, TimeoutError):
             return self._timed_out(netloc, what)
-        if isinstance(cause, DNS_FAILURES):
+        if isinstance(cause, _dns_failures()):
             host = urllib.parse.urlsplit(url).hostname or netloc
             return SourceError(f"{what}: cannot resolve {host}")
         if isinstance(cause, ConnectionRefusedError):
             return SourceError(f"{what}: {netloc} refused the connection")
         if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
             return SourceError(f"{what}: cannot reach {netloc}: {os.strerror(cause.errno)}")
-        if isinstance(e, requests.exceptions.InvalidURL | requests.exceptions.InvalidHeader):
+        if isinstance(e, _requests().exceptions.InvalidURL | _requests().exceptions.InvalidHeader):
             return SourceError(f"{what}: invalid URL or header from the registry")
         return _Transient(f"connection to {netloc} lost ({type(cause).__name__})")
 
@@ -719,7 +734,7 @@ class RegistryClient:
                 for e in errors[:5]
                 if isinstance(e, dict)
             )
-        except (ValueError, AttributeError, TypeError, OSError, urllib3.exceptions.HTTPError):
+        except (ValueError, AttributeError, TypeError, OSError, _urllib3_errors().HTTPError):
             pass
         finally:
             resp.close()
@@ -1045,7 +1060,7 @@ def _body_head(resp: requests.Response, limit: int) -> bytes:
     if not isinstance(resp._content, bytes):  # not read yet (requests marks that with False)
         try:
             resp._content = resp.raw.read(limit, decode_content=True) or b""
-        except (OSError, urllib3.exceptions.HTTPError):
+        except (OSError, _urllib3_errors().HTTPError):
             resp._content = b""
     return resp._content or b""
 
@@ -1177,8 +1192,8 @@ class BlobStream:
 def _is_connection_error(e: BaseException) -> bool:
     return isinstance(
         e,
-        requests.exceptions.RequestException
-        | urllib3.exceptions.HTTPError
+        _requests().exceptions.RequestException
+        | _urllib3_errors().HTTPError
         | ConnectionError
         | TimeoutError,
     )
@@ -1186,4 +1201,4 @@ def _is_connection_error(e: BaseException) -> bool:
 
 def quiet_insecure_warnings() -> None:
     """--tls-verify=false is the user's choice: no urllib3 warning on every request."""
-    warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+    warnings.simplefilter("ignore", _urllib3_errors().InsecureRequestWarning)
