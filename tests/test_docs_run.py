@@ -706,8 +706,14 @@ def finish_background(shell: Shell, after: DocCommand | None) -> list[str]:
     return failures
 
 
-def scratch_for(world: World, doc: str) -> Path:
+def doc_dirs(world: World, doc: str) -> tuple[Path, Path]:
+    """Where a page's commands run (its scratch), and its cache and logs (its state)."""
     scratch = world.root / doc.replace("/", "_")
+    return scratch, scratch.with_name(scratch.name + ".state")
+
+
+def scratch_for(world: World, doc: str) -> Path:
+    scratch = doc_dirs(world, doc)[0]
     shutil.copytree(world.files, scratch, symlinks=True)
     if not any("-o app.vm" in c.text for c in doc_commands(ROOT / doc)):
         shutil.copytree(world.app_bundle, scratch / "app.vm", symlinks=True)
@@ -719,7 +725,7 @@ CHECKOUT_COMMAND = re.compile(r"^(\S+=\S+ )*(\./scripts/|\.venv/bin/)")
 
 def run_doc(world: World, doc: str) -> tuple[list[str], int]:
     scratch = scratch_for(world, doc)
-    state = world.root / f"{doc.replace('/', '_')}.state"
+    state = doc_dirs(world, doc)[1]
     state.mkdir()
     cache = state / "cache"
     kernel_cache(cache)
@@ -817,3 +823,6 @@ def test_doc_commands_run(world: World, doc: str) -> None:
     failures, ran = run_doc(world, doc)
     print(f"{doc}: {ran} commands run")
     assert not failures, "\n\n".join(failures)
+    # A page that passed leaves nothing to look at: its images go (one page alone makes 2 GB).
+    for d in doc_dirs(world, doc):
+        shutil.rmtree(d)
