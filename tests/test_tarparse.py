@@ -100,21 +100,205 @@ def header_block(draw: st.DrawFn) -> bytes:
     return bytes(b)
 
 
+def with_checksum(b: bytearray) -> bytes:
+    b[148:156] = b" " * 8
+    b[148:156] = f"{sum(b):06o}\0 ".encode()
+    return bytes(b)
+
+
+@st.composite
+def plain_header(draw: st.DrawFn, good: bool = False) -> bytes:
+    """A header tarfile writes: one the C scanner takes if `good`, else mostly."""
+    if not good and draw(st.integers(0, 15)) == 0:
+        return bytes(512)
+    info = tarfile.TarInfo(draw(st.text(st.sampled_from("ab/é.\udcff"), max_size=40)))
+    types = b"0\x001234567" if good else b"0\x0012345677SLg"
+    info.type = draw(st.sampled_from([*map(bytes, [[c] for c in types])]))
+    info.size = draw(st.integers(0, 3000))
+    info.uid = draw(st.integers(0, (1 << 21) - 1))
+    info.mtime = draw(st.integers(0, 8**11 - 1))
+    info.linkname = draw(st.text(st.sampled_from("ab/"), max_size=99))
+    if draw(st.booleans()):
+        return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")[:512]
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")[:512]
+
+
+PAX_KEYWORDS = [b"path", b"linkpath", b"size", b"uid", b"gid", b"mtime", b"atime", b"comment",
+                b"uname", b"hdrcharset", b"GNU.sparse.size", b"GNU.sparse.name", b"GNU.sparse",
+                b"SCHILY.xattr.user.a", b"SCHILY.xattr", b"pat", b"path ", b"a\nb"]  # fmt: skip
+PAX_NUMBERS = [b"0", b"12", b"700", b"4294967295", b"4294967296", b"-1", b"+5", b"", b"0x10",
+               b"1_0", b" 7", b"7 ", b"1" * 18, b"1" * 19, b"0" * 18 + b"5", b"0" * 17 + b"5",
+               b"1152921504606846975", b"1152921504606846976", b"\xd9\xa1"]  # fmt: skip
+PAX_TIMES = [b"1700000000.123456", b"-1.5", b"1.", b".5", b"-.5", b"+1", b"1e3", b"-", b"",
+             b"-0", b"0", b"00001.5", b"1.2.3", b" 1", b"1_0", b"\xd9\xa1", b"9" * 30,
+             b"-0.000000001", b"1.1234567891234", b"0" * 19 + b"1", b"0" * 17 + b"1",
+             b"9223372036.854775807", b"9223372036.854775808", b"9223372036.999999999",
+             b"9223372037", b"-9223372036.854775807", b"-9223372036.854775808", b"1.5x",
+             b"nan", b"inf"]  # fmt: skip
+
+
+GOOD_PAX_KEYWORDS = [b"path", b"linkpath", b"size", b"uid", b"gid", b"mtime", b"atime",
+                     b"comment"]  # fmt: skip
+
+
+def pax_value(keyword: bytes, good: bool) -> st.SearchStrategy[bytes]:
+    """A value for `keyword`: one the C scanner takes if `good`, else anything."""
+    if keyword in (b"size", b"uid", b"gid"):
+        number = st.integers(0, 3000).map(lambda n: b"%d" % n)
+        return number if good else st.one_of(st.sampled_from(PAX_NUMBERS), number)
+    if keyword in (b"mtime", b"atime"):
+        fraction = st.binary(max_size=12).map(lambda b: bytes(48 + c % 10 for c in b))
+        time = st.builds(lambda s, f: b"%d.%s" % (s, f), st.integers(-(10**12), 10**12), fraction)
+        return time if good else st.one_of(st.sampled_from(PAX_TIMES), time)
+    name = st.text(st.sampled_from("ab/é\udcff"), max_size=150).map(
+        lambda t: t.encode("utf-8", "surrogateescape")
+    )
+    return name if good else st.one_of(name, st.binary(max_size=40))  # NUL, "=", "\n"...
+
+
+def record_length(rest: int) -> int:
+    """The LEN of a record whose bytes after LEN number `rest`."""
+    length = rest + 1
+    while length != rest + len(str(length)):
+        length = rest + len(str(length))
+    return length
+
+
+@st.composite
+def pax_record(draw: st.DrawFn, good: bool) -> tuple[bytes, bytes, bytes]:
+    """One record, (keyword, value, bytes): one the C scanner takes if `good`, else right
+    or subtly wrong."""
+    keyword = draw(st.sampled_from(GOOD_PAX_KEYWORDS if good else PAX_KEYWORDS))
+    value = draw(pax_value(keyword, good))
+    body = b" " + keyword + b"=" + value + b"\n"
+    length = record_length(len(body))
+    how = "ok" if good else draw(st.sampled_from(["ok"] * 8 + ["long", "short", "zero", "plus",
+                                 "lead0", "no-nl", "no-space", "no-eq", "junk"]))  # fmt: skip
+    if how == "long":
+        return keyword, value, b"%d" % (length + 1) + body
+    if how == "short":
+        return keyword, value, b"%d" % (length - 1) + body
+    if how == "zero":
+        return keyword, value, b"0" + body
+    if how == "plus":
+        return keyword, value, b"+%d" % (length - 1) + body
+    if how == "lead0":  # leading zeros are still the right length
+        return keyword, value, b"0%d" % record_length(len(body) + 1) + body
+    if how == "no-nl":
+        return keyword, value, b"%d" % length + body[:-1] + b"x"
+    if how == "no-space":
+        return keyword, value, b"%d" % length + body[1:]
+    if how == "no-eq":
+        return keyword, value, b"%d" % length + body.replace(b"=", b"", 1)
+    if how == "junk":
+        return keyword, value, draw(st.binary(max_size=20))
+    return keyword, value, b"%d" % length + body
+
+
+@st.composite
+def pax_part(draw: st.DrawFn) -> bytes:
+    """A local PAX header (records right or subtly wrong, its padding sometimes digits or
+    records), then a member header and that member's data (its size as the records say, if
+    they say a plain one)."""
+    good = draw(st.booleans())  # half of them well-formed: the C scanner takes those
+    records = draw(st.lists(pax_record(good), max_size=6))
+    text = b"".join(r for _, _, r in records)
+    size = len(text)
+    if not good:
+        size = draw(st.sampled_from([size] * 6 + [size + 1, max(size - 1, 0), 70000, 0]))
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = tarfile.XHDTYPE
+    info.size = size
+    head = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    how = "ok" if good else draw(st.sampled_from(["ok", "bad sum", "plus mode", "base-256 size"]))
+    if how == "bad sum":
+        head[148:156] = b"0000000\0"
+    elif how == "plus mode":
+        head[100:108] = b"+000644\0"
+        head = bytearray(with_checksum(head))
+    elif how == "base-256 size":
+        head[124:136] = base256(size, 12, False)
+        head = bytearray(with_checksum(head))
+    pads = [b"", b"x"] if good else [b"", b"7", b"12 a=b\n", b"x hdrcharset=y", b" hdrcharset="]
+    padded = text + draw(st.sampled_from(pads))
+    padded += bytes(-len(padded) % 512)
+    member = draw(plain_header(good) if good else st.one_of(plain_header(good), header_block()))
+    sizes = [int(v) for k, v, _ in records if k == b"size" and v.isdigit() and len(v) < 6]
+    try:
+        data_size = tarparse.nti(member[124:136])
+    except tarparse._InvalidHeader:
+        data_size = 0
+    by_records = draw(st.booleans())
+    if sizes and by_records:
+        data_size = sizes[-1]
+    n = tarparse._block(min(max(data_size, 0), 4000))
+    data = draw(st.binary(max_size=64)).ljust(n, b"\0")[:n]
+    return bytes(head) + padded + member + data
+
+
+member_parts = st.one_of(
+    st.tuples(header_block(), st.binary(max_size=1200)).map(b"".join),
+    st.tuples(plain_header(), st.binary(max_size=1200)).map(b"".join),
+    pax_part(),
+)
+
+
 @pytest.mark.slow
 @SETTINGS
 @given(
-    st.lists(st.tuples(header_block(), st.binary(max_size=1200)), min_size=1, max_size=6),
+    st.lists(member_parts, min_size=1, max_size=6),
     st.integers(0, 4000),
     st.integers(0, 1 << 40),
     st.integers(0, 600),
 )
 def test_c_scanner_agrees_with_its_reference(
-    parts: list[tuple[bytes, bytes]], cut: int, base: int, pos: int
+    parts: list[bytes], cut: int, base: int, pos: int
 ) -> None:
-    buf = b"".join(h + d for h, d in parts)
+    buf = b"".join(parts)
     buf = buf[: max(0, len(buf) - cut)] if cut % 3 == 0 else buf
     pos = pos if pos < len(buf) and pos % 7 == 0 else 0
     assert _tarscan.scan(buf, pos, base) == tarscan_ref.scan(buf, pos, base)
+
+
+@SETTINGS
+@given(st.lists(member_parts, min_size=1, max_size=5), st.lists(st.integers(0, 9000), max_size=6))
+def test_the_parser_reads_pax_headers_alike_with_and_without_c(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    """Where the C scanner takes a local PAX header, it reads it as the Python code does;
+    where it does not, the Python code reads it (in any chunks: one header's records may
+    not have arrived yet)."""
+    data = b"".join(parts) + bytes(1024)
+    with pytest.MonkeyPatch.context() as mp:
+        assert streamed(data, cuts, True, mp) == streamed(data, [], False, mp)
+
+
+def test_a_pax_layer_is_read_by_the_c_scanner_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tarfile's PAX format puts a local PAX header before every member with a float
+    mtime, a long name or link, or a number too large for its field: one scan takes them
+    all, as the reference does."""
+    data = L.layer(
+        L.dir("etc/", mtime=1700000000.123456),
+        L.file("etc/passwd", b"root:x:0:0\n", uid=1 << 30, mtime=1.5),
+        L.file("d/" * 60 + "long", b"x" * 700, mtime=-1.25),
+        L.symlink("lib", "usr/" * 40 + "lib", mtime=2.0),
+        L.hardlink("h/" * 60, "etc/passwd", mtime=3.000000001),
+        L.file("plain", b"no PAX header"),
+        L.file("c", b"", pax={"comment": "ignored", "atime": "1.5", "gid": "7"}),
+    )
+    members, pos = _tarscan.scan(data, 0, 0)
+    assert (members, pos) == tarscan_ref.scan(data, 0, 0)
+    assert data[pos:].count(0) == len(data) - pos  # stopped at the end-of-archive blocks
+    monkeypatch.setattr(tarparse, "_scan", None)
+    assert [Entry(*m) for m in members] == parse_layer(iter([data]), "layer t")
+    assert tarscan_ref.scan(b"?" + data, 1, 1 << 40) == _tarscan.scan(b"?" + data, 1, 1 << 40)
+    assert [m[0] for m in members] == [b"etc", b"etc/passwd", b"d/" * 60 + b"long", b"lib",
+                                       b"h/" * 59 + b"h", b"plain", b"c"]  # fmt: skip
+    assert [m[5] for m in members] == [1700000000123456000, 1_500_000_000, -1_250_000_000,
+                                       2 * 10**9, 3_000_000_001, L.DEFAULT_MTIME * 10**9,
+                                       L.DEFAULT_MTIME * 10**9]  # fmt: skip
+    assert members[1][3] == 1 << 30 and members[6][4] == 7
+    assert members[3][7] == b"usr/" * 40 + b"lib"
 
 
 @SETTINGS
@@ -197,18 +381,20 @@ names = st.text(st.sampled_from("abé/._\udcff-"), min_size=1, max_size=160).fil
 )
 SPARSE_01 = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.map": "0,2,100,2",
              "GNU.sparse.name": "sparse", "GNU.sparse.size": "200"}  # fmt: skip
-PAX_KEYS = ["SCHILY.xattr.user.a", "SCHILY.xattr.", "mtime", "uid", "size", "path", "linkpath",
-            "comment", "GNU.sparse.size"]  # fmt: skip
+PAX_KEYS = ["SCHILY.xattr.user.a", "SCHILY.xattr.", "mtime", "uid", "gid", "size", "path",
+            "linkpath", "comment", "atime", "GNU.sparse.size"]  # fmt: skip
+# a float mtime, or one outside the header's field, is a PAX record in the PAX format
+mtimes = st.one_of(st.integers(0, 1 << 34), st.floats(-1e10, 1e10))
 entries = st.one_of(
     st.builds(
         L.file,
         names,
         st.binary(max_size=700),
         uid=st.integers(0, 1 << 33),
-        mtime=st.one_of(st.integers(0, 1 << 34), st.floats(0, 1e10)),
+        mtime=mtimes,
     ),
-    st.builds(L.dir, names),
-    st.builds(L.symlink, names, names),
+    st.builds(L.dir, names, mtime=mtimes),
+    st.builds(L.symlink, names, names, mtime=mtimes),
     st.builds(L.chardev, names, st.integers(0, 1 << 22), st.integers(0, 1 << 22)),
     st.builds(
         L.file,

@@ -1,18 +1,31 @@
 /* The fast path of vmimg's layer tar parser (vmimg/image/tarparse.py).
  *
- * scan(buf, pos, base) reads consecutive plain tar headers (ustar, GNU or v7; no PAX,
- * no GNU long names, no sparse files) from `buf` starting at `pos`, and returns
- * (members, pos): one tuple per member, as Python's tarfile would have read it, and the
- * position of the first header it left alone. It stops, without consuming it, at any
- * header it does not take whole: one that does not fit in `buf`, an all-zero block, a bad
- * checksum, a number field in any but the plain forms (octal between blanks, base-256 that
- * fits), a member the Python parser must refuse or treat specially (meta types, negative
- * sizes, ids past 32 bits, times past 64-bit nanoseconds). The Python parser then reads
- * that header itself, so every decision about an odd header is made in one place.
+ * scan(buf, pos, base) reads consecutive plain tar headers (ustar, GNU or v7; no GNU long
+ * names, no sparse files, no global PAX headers), each alone or after a local PAX header
+ * ('x') of the plain kind, from `buf` starting at `pos`, and returns (members, pos): one
+ * tuple per member, as Python's tarfile would have read it, and the position of the first
+ * header it left alone. It stops, without consuming it, at any header it does not take
+ * whole: one that does not fit in `buf`, an all-zero block, a bad checksum, a number field
+ * in any but the plain forms (octal between blanks, base-256 that fits), a member the
+ * Python parser must refuse or treat specially (meta types, negative sizes, ids past 32
+ * bits, times past 64-bit nanoseconds). The Python parser then reads that header itself,
+ * so every decision about an odd header is made in one place.
+ *
+ * A local PAX header is taken with the member after it (both, and the records between,
+ * inside `buf`) only when its records are at most 64 KiB in the strict form
+ * "LEN KEYWORD=VALUE\n" that tiles them exactly (tarfile's regex loop reads the same
+ * records there), none is hdrcharset, GNU.sparse* or SCHILY.xattr.*, and the values that
+ * count (the last of each keyword) are ones tarparse.py reads the same way: path and
+ * linkpath without NUL bytes, size, uid and gid in plain decimal digits within range, mtime
+ * as _pax_time_ns reads it ("-"? digits ("." digits*)?) within 64-bit nanoseconds. Other
+ * keywords (atime, uname, comment...) are ignored, as tarfile.py ignores them. The member
+ * after it must be one the scanner takes alone; the records then replace its name (path,
+ * trailing slashes stripped), link name, size (and so where the next header is), ids and
+ * mtime.
  *
  * `base` is the absolute offset of buf[0] in the layer: member offsets are absolute.
- * Nothing in a header is trusted: every read is inside the 512-byte block, which is
- * inside `buf`.
+ * Nothing in a header is trusted: every read is inside the 512-byte block, or the PAX
+ * records, which are inside `buf`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,6 +40,12 @@
 #define MAX_BASE256_BITS 62
 /* the largest offset of a buffer in its layer: offsets plus sizes stay below 2^63 */
 #define MAX_BASE ((int64_t)1 << 60)
+/* local PAX headers of more data than this go to the Python parser */
+#define MAX_PAX_HEADER (64 << 10)
+/* PAX numbers and record lengths of more digits than this go to the Python parser */
+#define MAX_PAX_DIGITS 18
+/* PAX sizes at or past this go to the Python parser */
+#define MAX_PAX_SIZE (((int64_t)1 << 60) - 1)
 
 /* field offsets and lengths in a ustar header block */
 #define NAME_OFF 0
@@ -117,21 +136,45 @@ static int is_meta(unsigned char t) {
     return t == 'L' || t == 'K' || t == 'S' || t == 'x' || t == 'g' || t == 'X';
 }
 
-/* One member from the header at b (absolute offset hdr), or NULL with no error set: the
- * Python parser takes this header. NULL with an error set: out of memory. */
-static PyObject *member(const unsigned char *b, int64_t hdr, int64_t *next) {
-    int64_t chk, mode, uid, gid, size, mtime, major, minor;
+/* The checks every header the scanner takes must pass, as tarfile's frombuf makes them:
+ * checksum right, and every number field in the plain forms. 0 and the fields set, or -1. */
+struct fields {
+    int64_t mode, uid, gid, size, mtime, major, minor;
+};
+
+static int header_ok(const unsigned char *b, struct fields *f) {
+    int64_t chk;
+    if (number(b + CHKSUM_OFF, 8, &chk) || !checksum_ok(b, chk))
+        return -1;
+    if (number(b + MODE_OFF, ID_LEN, &f->mode) || number(b + UID_OFF, ID_LEN, &f->uid) ||
+        number(b + GID_OFF, ID_LEN, &f->gid) || number(b + SIZE_OFF, NUM12_LEN, &f->size) ||
+        number(b + MTIME_OFF, NUM12_LEN, &f->mtime) ||
+        number(b + DEVMAJOR_OFF, ID_LEN, &f->major) ||
+        number(b + DEVMINOR_OFF, ID_LEN, &f->minor))
+        return -1;
+    return 0;
+}
+
+/* What a local PAX header changes in the member after it (only the records that matter). */
+struct pax {
+    const unsigned char *path, *linkpath; /* NULL: no such record */
+    size_t path_len, linkpath_len;
+    int has_size, has_uid, has_gid, has_mtime;
+    int64_t size, uid, gid, mtime_ns;
+};
+
+/* One member from the header at b (absolute offset hdr), its fields replaced by `pax` if
+ * not NULL; or NULL with no error set: the Python parser takes this header. NULL with an
+ * error set: out of memory. */
+static PyObject *member(const unsigned char *b, int64_t hdr, const struct pax *pax,
+                        int64_t *next) {
+    struct fields f;
     unsigned char type = b[TYPE_OFF];
     if (is_meta(type))
         return NULL;
-    if (number(b + CHKSUM_OFF, 8, &chk) || !checksum_ok(b, chk))
+    if (header_ok(b, &f))
         return NULL;
-    if (number(b + MODE_OFF, ID_LEN, &mode) || number(b + UID_OFF, ID_LEN, &uid) ||
-        number(b + GID_OFF, ID_LEN, &gid) || number(b + SIZE_OFF, NUM12_LEN, &size) ||
-        number(b + MTIME_OFF, NUM12_LEN, &mtime) || number(b + DEVMAJOR_OFF, ID_LEN, &major) ||
-        number(b + DEVMINOR_OFF, ID_LEN, &minor))
-        return NULL;
-    if (uid > MAX_ID || gid > MAX_ID || mtime > MAX_MTIME_S)
+    if (f.uid > MAX_ID || f.gid > MAX_ID || f.mtime > MAX_MTIME_S)
         return NULL;
     size_t name_len = field_len(b + NAME_OFF, NAME_LEN);
     size_t link_len = field_len(b + LINK_OFF, LINK_LEN);
@@ -154,14 +197,197 @@ static PyObject *member(const unsigned char *b, int64_t hdr, int64_t *next) {
     if (type == '5') /* and again once the prefix is on (tarfile's _proc_builtin) */
         while (n > 0 && name[n - 1] == '/')
             n--;
+    const unsigned char *name_p = name, *link_p = b + LINK_OFF;
+    int64_t mtime_ns = f.mtime * NS_PER_S;
+    if (pax) { /* tarfile's _apply_pax_info */
+        if (pax->path) { /* a PAX path loses its trailing slashes, whatever the type */
+            name_p = pax->path;
+            n = pax->path_len;
+            while (n > 0 && name_p[n - 1] == '/')
+                n--;
+        }
+        if (pax->linkpath) {
+            link_p = pax->linkpath;
+            link_len = pax->linkpath_len;
+        }
+        if (pax->has_size)
+            f.size = pax->size;
+        if (pax->has_uid)
+            f.uid = pax->uid;
+        if (pax->has_gid)
+            f.gid = pax->gid;
+        if (pax->has_mtime)
+            mtime_ns = pax->mtime_ns;
+    }
     int64_t data = hdr + BLOCK;
-    *next = skips_data(type) ? data + ((size + BLOCK - 1) & ~(int64_t)(BLOCK - 1)) : data;
+    *next = skips_data(type) ? data + ((f.size + BLOCK - 1) & ~(int64_t)(BLOCK - 1)) : data;
     char type_byte = (char)type;
-    return Py_BuildValue("(y#y#LLLLLy#LLL)", (const char *)name, (Py_ssize_t)n, &type_byte,
-                         (Py_ssize_t)1, (long long)mode, (long long)uid, (long long)gid,
-                         (long long)(mtime * NS_PER_S), (long long)size,
-                         (const char *)(b + LINK_OFF), (Py_ssize_t)link_len, (long long)major,
-                         (long long)minor, (long long)data);
+    return Py_BuildValue("(y#y#LLLLLy#LLL)", (const char *)name_p, (Py_ssize_t)n, &type_byte,
+                         (Py_ssize_t)1, (long long)f.mode, (long long)f.uid, (long long)f.gid,
+                         (long long)mtime_ns, (long long)f.size, (const char *)link_p,
+                         (Py_ssize_t)link_len, (long long)f.major, (long long)f.minor,
+                         (long long)data);
+}
+
+static int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+
+static int starts_with(const unsigned char *s, size_t len, const char *prefix) {
+    size_t n = strlen(prefix);
+    return len >= n && memcmp(s, prefix, n) == 0;
+}
+
+static int equals(const unsigned char *s, size_t len, const char *word) {
+    return len == strlen(word) && memcmp(s, word, len) == 0;
+}
+
+/* A PAX size, uid or gid: plain ASCII digits only, at most `max`; 0 and *out set, or -1
+ * (int() reads other forms too, and the Python parser decides about those). */
+static int pax_number(const unsigned char *s, size_t len, int64_t max, int64_t *out) {
+    int64_t n = 0;
+    if (len == 0 || len > MAX_PAX_DIGITS)
+        return -1;
+    for (size_t i = 0; i < len; i++) {
+        if (!is_digit(s[i]))
+            return -1;
+        n = n * 10 + (s[i] - '0'); /* at most 18 digits: no overflow */
+    }
+    if (n > max)
+        return -1;
+    *out = n;
+    return 0;
+}
+
+/* A PAX mtime as tarfile.py's _pax_time_ns reads it: "-"? digits ("." digits*)?, the
+ * fraction cut or padded to nanoseconds; -1 for anything else, or for a time that does not
+ * fit 64-bit nanoseconds (the Python parser clamps those). */
+static int pax_time(const unsigned char *s, size_t len, int64_t *out) {
+    size_t i = 0, start;
+    int64_t sec = 0, ns = 0;
+    int negative = len > 0 && s[0] == '-';
+    if (negative)
+        i = 1;
+    start = i;
+    while (i < len && is_digit(s[i])) {
+        if (i - start >= MAX_PAX_DIGITS)
+            return -1;
+        sec = sec * 10 + (s[i] - '0');
+        i++;
+    }
+    if (i == start)
+        return -1;
+    if (i < len) {
+        if (s[i] != '.')
+            return -1;
+        for (size_t k = 0, j = i + 1; j < len; j++, k++) {
+            if (!is_digit(s[j]))
+                return -1;
+            if (k < 9)
+                ns = ns * 10 + (s[j] - '0');
+        }
+        for (size_t k = len - i - 1; k < 9; k++)
+            ns *= 10;
+    }
+    if (sec > MAX_MTIME_S || sec * NS_PER_S > INT64_MAX - ns)
+        return -1;
+    *out = negative ? -(sec * NS_PER_S + ns) : sec * NS_PER_S + ns;
+    return 0;
+}
+
+/* The records of a local PAX header, `data` its `size` bytes and the padding after them
+ * (`padded` bytes in all); 0 and *pax set, or -1 for anything the Python parser must read:
+ * a record not in the strict form "LEN KEYWORD=VALUE\n" that tiles the data exactly (where
+ * tarfile's regex loop reads the same records), records the Python code treats specially
+ * (hdrcharset, GNU sparse, xattrs), and values it refuses or reads leniently. */
+static int pax_records(const unsigned char *data, size_t size, size_t padded, struct pax *pax) {
+    static const char hdrcharset[] = " hdrcharset=";
+    const size_t hl = sizeof hdrcharset - 1;
+    const unsigned char *size_v = NULL, *uid_v = NULL, *gid_v = NULL, *mtime_v = NULL;
+    size_t size_l = 0, uid_l = 0, gid_l = 0, mtime_l = 0;
+    memset(pax, 0, sizeof *pax);
+    for (size_t i = 0; i + hl <= padded; i++)
+        if (data[i] == ' ' && memcmp(data + i, hdrcharset, hl) == 0)
+            return -1;
+    /* after the last record, the regex must find none in the padding */
+    if (size < padded && is_digit(data[size]))
+        return -1;
+    size_t p = 0;
+    while (p < size) {
+        size_t d = 0, len = 0;
+        while (p + d < size && is_digit(data[p + d])) {
+            if (d >= MAX_PAX_DIGITS)
+                return -1;
+            len = len * 10 + (data[p + d] - '0');
+            d++;
+        }
+        if (d == 0 || len == 0 || len > size - p)
+            return -1;
+        size_t end = p + len; /* the record is data[p:end] */
+        if (p + d >= end || data[p + d] != ' ' || data[end - 1] != '\n')
+            return -1;
+        const unsigned char *kw = data + p + d + 1;
+        const unsigned char *eq = memchr(kw, '=', end - 1 - (p + d + 1));
+        if (eq == NULL || eq == kw)
+            return -1;
+        size_t kw_len = (size_t)(eq - kw);
+        const unsigned char *value = eq + 1;
+        size_t value_len = (size_t)(data + end - 1 - value);
+        if (starts_with(kw, kw_len, "GNU.sparse") || starts_with(kw, kw_len, "SCHILY.xattr."))
+            return -1;
+        if (equals(kw, kw_len, "path")) {
+            pax->path = value;
+            pax->path_len = value_len;
+        } else if (equals(kw, kw_len, "linkpath")) {
+            pax->linkpath = value;
+            pax->linkpath_len = value_len;
+        } else if (equals(kw, kw_len, "size")) {
+            size_v = value;
+            size_l = value_len;
+        } else if (equals(kw, kw_len, "uid")) {
+            uid_v = value;
+            uid_l = value_len;
+        } else if (equals(kw, kw_len, "gid")) {
+            gid_v = value;
+            gid_l = value_len;
+        } else if (equals(kw, kw_len, "mtime")) {
+            mtime_v = value;
+            mtime_l = value_len;
+        }
+        p = end;
+    }
+    /* the last record of a keyword wins: only its value counts */
+    if ((pax->path && memchr(pax->path, 0, pax->path_len)) ||
+        (pax->linkpath && memchr(pax->linkpath, 0, pax->linkpath_len)))
+        return -1;
+    if ((pax->has_size = size_v != NULL) && pax_number(size_v, size_l, MAX_PAX_SIZE, &pax->size))
+        return -1;
+    if ((pax->has_uid = uid_v != NULL) && pax_number(uid_v, uid_l, MAX_ID, &pax->uid))
+        return -1;
+    if ((pax->has_gid = gid_v != NULL) && pax_number(gid_v, gid_l, MAX_ID, &pax->gid))
+        return -1;
+    if ((pax->has_mtime = mtime_v != NULL) && pax_time(mtime_v, mtime_l, &pax->mtime_ns))
+        return -1;
+    return 0;
+}
+
+/* A local PAX header at buf[pos] and the plain member after it, as one member; or NULL
+ * with no error set (the Python parser reads them), or NULL with an error (out of memory).
+ * Both headers and the records between them must lie inside buf. */
+static PyObject *pax_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos,
+                            int64_t base, int64_t *next) {
+    const unsigned char *b = buf + pos;
+    struct fields f;
+    struct pax pax;
+    if (header_ok(b, &f) || f.size > MAX_PAX_HEADER)
+        return NULL;
+    Py_ssize_t padded = (Py_ssize_t)((f.size + BLOCK - 1) & ~(int64_t)(BLOCK - 1));
+    Py_ssize_t hdr = pos + BLOCK + padded; /* the member's own header */
+    if (hdr > len - BLOCK)
+        return NULL;
+    if (pax_records(b + BLOCK, (size_t)f.size, (size_t)padded, &pax))
+        return NULL;
+    if (all_zero(buf + hdr))
+        return NULL;
+    return member(buf + hdr, base + hdr, &pax, next);
 }
 
 static PyObject *scan(PyObject *self, PyObject *args) {
@@ -185,7 +411,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         if (all_zero(b))
             break;
         int64_t next;
-        PyObject *m = member(b, (int64_t)base + pos, &next);
+        PyObject *m = b[TYPE_OFF] == 'x' ? pax_member(buf, len, pos, (int64_t)base, &next)
+                                          : member(b, (int64_t)base + pos, NULL, &next);
         if (m == NULL) {
             if (PyErr_Occurred())
                 goto fail;

@@ -13,8 +13,13 @@ records, long names, sparse maps) before reading it; and a member whose data run
 the end of the layer is found once the stream's length is known.
 
 Plain headers (most of any layer) are read by a C extension, `_tarscan`, built by pip
-with vmimg (`pip install -e .`, as scripts/setup does); it takes only what it can read
-exactly as this module would, and leaves every other header to the Python code here.
+with vmimg (`pip install -e .`, as scripts/setup does), and so are plain local PAX headers
+with the member after them (tarfile's PAX format writes one before every member with a
+float mtime or a long name): records in the strict "LEN KEYWORD=VALUE\\n" form, none of them
+hdrcharset, GNU sparse or SCHILY.xattr, and path, linkpath, size, uid, gid and mtime values
+this module reads the same way (see _tarscan.c); never while global PAX records apply. It
+takes only what it can read exactly as this module would, and leaves every other header to
+the Python code here.
 """
 
 from __future__ import annotations
