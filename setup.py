@@ -9,5 +9,10 @@ setup(
             sources=["vmimg/image/_tarscan.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
         ),
+        Extension(
+            "vmimg.rootfs.writers._crc32c",
+            sources=["vmimg/rootfs/writers/_crc32c.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+        ),
     ],
 )

@@ -16,6 +16,7 @@ Peers are found on PATH, or where VMIMG_BENCH_MKE2FS / VMIMG_BENCH_MKFS_EROFS po
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -465,6 +466,9 @@ def main() -> None:
     ap.add_argument("--json", default="bench/results/latest.json")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
+    # An installed vmimg has its bytecode (pip compiles it); a checkout run with
+    # PYTHONDONTWRITEBYTECODE would compile every changed module at every start instead.
+    compileall.compile_dir(os.path.join(REPO, "vmimg"), quiet=1)
     results: list[Result] = []
     for name in args.fixtures.split(","):
         results.extend(bench_fixture(name, args.runs, only))

@@ -36,11 +36,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c
-
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Content, Node, NodeType, Tree, without_cycle_collection
+from vmimg.rootfs.writers._crc32c import crc32c
 from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.erofs import format as fmt
 from vmimg.rootfs.writers.erofs.compress import (
@@ -721,8 +720,8 @@ def _superblock_block(sb: fmt.Superblock, compressed: bool) -> bytes:
     if compressed:
         tail += fmt.Lz4Config(fmt.LZ4_MAX_DISTANCE, MAX_PCLUSTER_BLOCKS).pack()
     block[fmt.SUPER_OFFSET : fmt.SUPER_OFFSET + len(tail)] = tail
-    # the kernel's crc32c(~0, ...) has no final inversion
-    checksum = crc32c.crc32c(bytes(block[fmt.SUPER_OFFSET :])) ^ 0xFFFFFFFF
+    # the kernel's crc32c(~0, ...), no final inversion
+    checksum = crc32c(0xFFFFFFFF, block[fmt.SUPER_OFFSET :])
     at = fmt.SUPER_OFFSET + fmt.SUPERBLOCK_CHECKSUM_OFFSET
     block[at : at + 4] = checksum.to_bytes(4, "little")
     return bytes(block)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import crc32c as _crc32c
+from vmimg.rootfs.writers import _crc32c
 
 # --- Geometry -----------------------------------------------------------------
 
@@ -147,13 +147,8 @@ JBD2_MIN_JOURNAL_BLOCKS = 1024
 # --- Checksums --------------------------------------------------------------------------
 
 
-def crc32c_raw(seed: int, data: bytes | bytearray | memoryview) -> int:
-    """The kernel's crc32c(seed, data): no inversion on input or output.
-
-    The `crc32c` package computes the standard CRC-32C, which inverts both;
-    inverting around it gives the raw update the ext4 code uses.
-    """
-    return ~_crc32c.crc32c(data, value=~seed & 0xFFFFFFFF) & 0xFFFFFFFF
+# crc32c_raw(seed, data): the kernel's crc32c, no inversion on input or output (C, _crc32c.c)
+crc32c_raw = _crc32c.crc32c
 
 
 def fs_checksum_seed(uuid: bytes) -> int:
