@@ -10,8 +10,8 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
         ),
         Extension(
-            "vmimg.rootfs.writers._crc32c",
-            sources=["vmimg/rootfs/writers/_crc32c.c"],
+            "vmimg.rootfs.writers._kernelhash",
+            sources=["vmimg/rootfs/writers/_kernelhash.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
         ),
     ],

@@ -39,7 +39,7 @@ from typing import Any
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Content, Node, NodeType, Tree, without_cycle_collection
-from vmimg.rootfs.writers._crc32c import crc32c
+from vmimg.rootfs.writers._kernelhash import crc32c
 from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.erofs import format as fmt
 from vmimg.rootfs.writers.erofs.compress import (

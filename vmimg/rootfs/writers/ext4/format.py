@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from vmimg.rootfs.writers import _crc32c
+from vmimg.rootfs.writers import _kernelhash
 
 # --- Geometry -----------------------------------------------------------------
 
@@ -147,8 +147,8 @@ JBD2_MIN_JOURNAL_BLOCKS = 1024
 # --- Checksums --------------------------------------------------------------------------
 
 
-# crc32c_raw(seed, data): the kernel's crc32c, no inversion on input or output (C, _crc32c.c)
-crc32c_raw = _crc32c.crc32c
+# crc32c_raw(seed, data): the kernel's crc32c, no inversion on input or output (C, _kernelhash.c)
+crc32c_raw = _kernelhash.crc32c
 
 
 def fs_checksum_seed(uuid: bytes) -> int:
@@ -689,76 +689,12 @@ def seal_dx_node(block: bytearray, entries_offset: int, limit: int, inode_seed: 
     struct.pack_into("<I", block, tail + 4, crc)
 
 
-_K2 = 0o13240474631
-_K3 = 0o15666365641
-_M32 = 0xFFFFFFFF
+# dx_hash_half_md4(name, seed) -> (major, minor): the htree hash of a name, half-MD4 with
+# name bytes unsigned (fs/ext4/hash.c); `seed` is s_hash_seed as four little-endian words,
+# all zero meaning MD4's initial values. C (_kernelhash.c): one call per directory entry.
+dx_hash_half_md4 = _kernelhash.half_md4
 
-
-def _half_md4_transform(buf: list[int], inp: list[int]) -> None:
-    """The kernel's half_md4_transform: three rounds of MD4 over 8 words.
-
-    Round functions: F(x,y,z) = z ^ (x & (y ^ z)), G(x,y,z) = (x & y) + ((x ^ y) & z),
-    H(x,y,z) = x ^ y ^ z; each step is a = rol32(a + f(b, c, d) + word, shift).
-    """
-    a, b, c, d = buf
-    m = _M32
-    for x, s in ((0, 3), (1, 7), (2, 11), (3, 19), (4, 3), (5, 7), (6, 11), (7, 19)):
-        t = (a + (d ^ (b & (c ^ d))) + inp[x]) & m
-        a, b, c, d = d, ((t << s) | (t >> (32 - s))) & m, b, c
-    for x, s in ((1, 3), (3, 5), (5, 9), (7, 13), (0, 3), (2, 5), (4, 9), (6, 13)):
-        t = (a + ((b & c) + ((b ^ c) & d)) + inp[x] + _K2) & m
-        a, b, c, d = d, ((t << s) | (t >> (32 - s))) & m, b, c
-    for x, s in ((3, 3), (7, 9), (2, 11), (6, 15), (1, 3), (5, 9), (0, 11), (4, 15)):
-        t = (a + (b ^ c ^ d) + inp[x] + _K3) & m
-        a, b, c, d = d, ((t << s) | (t >> (32 - s))) & m, b, c
-    buf[0] = (buf[0] + a) & m
-    buf[1] = (buf[1] + b) & m
-    buf[2] = (buf[2] + c) & m
-    buf[3] = (buf[3] + d) & m
-
-
-DX_HASH_EOF_32BIT = 0x7FFFFFFF
-
-
-def dx_hash_half_md4(name: bytes, seed: tuple[int, int, int, int]) -> tuple[int, int]:
-    """(major, minor) htree hash of a name: half-MD4, name bytes unsigned.
-
-    `seed` is s_hash_seed as four little-endian words (all zero means the
-    MD4 initial values).
-    """
-    buf = list(seed) if any(seed) else [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476]
-    pos = 0
-    remaining = len(name)
-    while True:
-        chunk = name[pos:]
-        words = _str2hashbuf_unsigned(chunk, remaining, 8)
-        _half_md4_transform(buf, words)
-        remaining -= 32
-        pos += 32
-        if remaining <= 0:
-            break
-    major = buf[1] & ~1
-    if major == DX_HASH_EOF_32BIT << 1:
-        major = (DX_HASH_EOF_32BIT - 1) << 1
-    return major, buf[2]
-
-
-def _str2hashbuf_unsigned(msg: bytes, length: int, num: int) -> list[int]:
-    """str2hashbuf with the *remaining* length (which the padding encodes)."""
-    pad = (length | (length << 8)) & _M32
-    pad = (pad | (pad << 16)) & _M32
-    out: list[int] = []
-    val = pad
-    for i, ch in enumerate(msg[: min(length, num * 4)]):
-        val = (ch + (val << 8)) & _M32
-        if i % 4 == 3:
-            out.append(val)
-            val = pad
-    if len(out) < num:
-        out.append(val)
-    while len(out) < num:
-        out.append(pad)
-    return out
+_M32 = 0xFFFFFFFF  # xattr hashes are 32-bit
 
 
 # --- Extended attributes ------------------------------------------------------------------------
