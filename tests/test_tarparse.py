@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 
 from tests import layerkit as L
 from tests import tarfile_oracle, tarscan_ref
-from vmimg.digest import digest_bytes
-from vmimg.errors import LayerError
+from vmimg.digest import Hasher, digest_bytes
+from vmimg.errors import DigestError, LayerError
 from vmimg.image import _tarscan, tarparse
-from vmimg.image.cache import Cache
-from vmimg.image.layers import ahead, iter_entries, unpack_layer_to_cache
+from vmimg.image.cache import Cache, SpaceGuard
+from vmimg.image.layers import WriteBehind, ahead, iter_entries, unpack_layer_to_cache
 from vmimg.image.oci import Descriptor
 from vmimg.image.tarparse import Entry, parse_layer
 from vmimg.rootfs.flatten import flatten
@@ -571,3 +571,51 @@ def test_chunks_made_ahead_pass_their_errors_on() -> None:
     assert next(chunks) == b"one"
     with pytest.raises(LayerError, match="corrupt gzip"):
         next(chunks)
+
+
+class _FailingFile(io.BytesIO):
+    """A cache file whose disk fills after `room` bytes."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self.tell() + len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        return super().write(data)
+
+
+def test_write_behind_writes_and_hashes_in_order(tmp_path: Path) -> None:
+    chunks = [os.urandom(1000 + i) for i in range(40)]
+    hasher, out = Hasher(), io.BytesIO()
+    behind = WriteBehind(hasher, out, SpaceGuard(str(tmp_path)), "layer x", depth=2)
+    for c in chunks:
+        behind.put(c)
+    behind.finish()
+    behind.finish()  # once finished, finishing again changes nothing
+    assert out.getvalue() == b"".join(chunks)
+    assert hasher.digest == digest_bytes(b"".join(chunks))
+    assert not any(t.name == "layer-write" for t in threading.enumerate())
+
+
+def test_write_behind_passes_the_disk_s_error_on(tmp_path: Path) -> None:
+    """A write that fails in the thread is raised by the next put or by finish, and the
+    thread takes (and drops) what follows, so that the reader never blocks."""
+    behind = WriteBehind(Hasher(), _FailingFile(5000), SpaceGuard(str(tmp_path)), "x", depth=1)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(100):
+            behind.put(bytes(1000))
+        behind.finish()
+    with pytest.raises(OSError, match="No space left"):
+        behind.finish()
+    assert not any(t.name == "layer-write" for t in threading.enumerate())
+
+
+def test_a_failed_unpack_leaves_no_thread_behind(cache: Cache) -> None:
+    tar = L.layer(*(L.file(f"f{i}", os.urandom(3000)) for i in range(30)))
+    blob = gzip.compress(tar)
+    desc = Descriptor(OCI_LAYER_GZIP, digest_bytes(blob), len(blob))
+    with pytest.raises(DigestError, match="uncompressed"):
+        unpack_layer_to_cache(cache, desc, digest_bytes(b"other"), lambda: io.BytesIO(blob))
+    assert not any(t.name == "layer-write" for t in threading.enumerate())
