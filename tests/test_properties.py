@@ -279,7 +279,15 @@ def _round_trip(tree: Tree, tmp: Path, fmt: str) -> list[str]:
         return compare_tree_with_dir(tree, reader, str(dest), checks)
 
 
-@settings(max_examples=WRITER_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Most random stacks are refused (hardlinks to what is missing or a directory, names that
+# climb out: about 65% of them) or flatten to almost nothing, and are filtered out here: the
+# model test covers those. Hypothesis's filter_too_much check then trips now and then (9 kept
+# against 50 filtered, once in a CI run), so it is off for this test.
+@settings(
+    max_examples=WRITER_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(STACKS)
 def test_images_from_random_stacks_check_and_read_back(stack: list[list[Op]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
