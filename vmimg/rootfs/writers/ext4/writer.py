@@ -32,7 +32,7 @@ from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree, without_c
 from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.dirent import FT_DIR
 from vmimg.rootfs.writers.ext4 import format as fmt
-from vmimg.rootfs.writers.gather import GatherWriter
+from vmimg.rootfs.writers.gather import GatherWriter, pwrite_all
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
 
 MiB = 1 << 20
@@ -834,14 +834,6 @@ def _extent_tree(
 # --- Writing ---------------------------------------------------------------------------------
 
 
-def _pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 def _copy_file_data(reader: ContentReader, entry: _Ino, out: GatherWriter) -> None:
     """Each data run to its block: ranges are contiguous on disk from data_start. A small
     file's bytes go through memory (gathered with its neighbours' into one write), a
@@ -925,7 +917,7 @@ class _InodeTable:
 
     def flush(self) -> None:
         if self.chunk:
-            _pwrite(self.fd, self.chunk, self.start + (self.first - 1) * fmt.INODE_SIZE)
+            pwrite_all(self.fd, self.chunk, self.start + (self.first - 1) * fmt.INODE_SIZE)
             self.chunk = bytearray()
 
 
@@ -1025,7 +1017,7 @@ def _write_journal(plan: _Plan, start: int, itable: _InodeTable, out_fd: int) ->
         mtime_ns=clamp_time(plan.time_ns),
     )
     inode.pack_into(itable.chunk, itable.at(fmt.JOURNAL_INO), fmt.JOURNAL_INO, plan.fs_seed)
-    _pwrite(out_fd, fmt.JournalSuperblock(blocks, plan.uuid).pack(), start * fmt.BLOCK_SIZE)
+    pwrite_all(out_fd, fmt.JournalSuperblock(blocks, plan.uuid).pack(), start * fmt.BLOCK_SIZE)
     return i_block + struct.pack("<II", size >> 32, size & 0xFFFFFFFF)
 
 
@@ -1064,8 +1056,8 @@ def _write_groups(plan: _Plan, geo: _Geometry, used_end: int, out_fd: int) -> tu
         used_inodes = min(max(plan.max_ino - g * ipg, 0), ipg)
         ibitmap = _bitmap(used_inodes, ipg, bs)
         if any(bbitmap):
-            _pwrite(out_fd, bbitmap, (geo.block_bitmaps + g) * bs)
-        _pwrite(out_fd, ibitmap, (geo.inode_bitmaps + g) * bs)
+            pwrite_all(out_fd, bbitmap, (geo.block_bitmaps + g) * bs)
+        pwrite_all(out_fd, ibitmap, (geo.inode_bitmaps + g) * bs)
         flags = fmt.BG_INODE_ZEROED
         if used_inodes == 0:
             flags |= fmt.BG_INODE_UNINIT
@@ -1086,7 +1078,7 @@ def _write_groups(plan: _Plan, geo: _Geometry, used_end: int, out_fd: int) -> tu
         gdt += desc.pack(g, plan.fs_seed)
         free_blocks_total += valid - used_blocks
         free_inodes_total += ipg - used_inodes
-    _pwrite(out_fd, gdt, bs)
+    pwrite_all(out_fd, gdt, bs)
     return free_blocks_total, free_inodes_total
 
 
@@ -1186,8 +1178,8 @@ def write_ext4(tree: Tree, reader: ContentReader, out_fd: int, options: Ext4Opti
     for xb in plan.xattr_blocks.values():
         block = fmt.xattr_block_body(xb.entries, xb.refcount)
         fmt.seal_xattr_block(block, xb.block, plan.fs_seed)
-        _pwrite(out_fd, block, xb.block * fmt.BLOCK_SIZE)
+        pwrite_all(out_fd, block, xb.block * fmt.BLOCK_SIZE)
     free = _write_groups(plan, geo, used_end, out_fd)
     sb = _superblock(plan, geo, options, free, jnl_blocks)
-    _pwrite(out_fd, sb, fmt.SUPERBLOCK_OFFSET)
+    pwrite_all(out_fd, sb, fmt.SUPERBLOCK_OFFSET)
     return warnings
