@@ -27,7 +27,7 @@ from vmimg.digest import Hasher, digest_bytes
 from vmimg.errors import DigestError, LayerError
 from vmimg.image import _tarscan, tarparse
 from vmimg.image.cache import Cache, SpaceGuard
-from vmimg.image.layers import WriteBehind, ahead, iter_entries, unpack_layer_to_cache
+from vmimg.image.layers import WriteBehind, iter_entries, unpack_layer_to_cache
 from vmimg.image.oci import Descriptor
 from vmimg.image.tarparse import Entry, parse_layer
 from vmimg.rootfs.flatten import flatten
@@ -543,34 +543,6 @@ def test_a_malformed_layer_is_kept_and_reported_by_flatten(cache: Cache) -> None
     assert layer.entries is None and os.path.exists(layer.tar_path)
     with pytest.raises(LayerError, match=r"^layer sha256:\w+: invalid tar header at offset 1024$"):
         flatten([layer])
-
-
-def test_chunks_made_ahead_stop_with_their_reader() -> None:
-    made = []
-
-    def endless() -> Iterator[bytes]:
-        n = 0
-        while True:
-            n += 1
-            made.append(n)
-            yield b"%d" % n
-
-    chunks = ahead(endless(), depth=2)
-    assert [next(chunks), next(chunks)] == [b"1", b"2"]
-    chunks.close()
-    assert not any(t.name == "layer-chunks" for t in threading.enumerate())
-    assert len(made) <= 6  # the thread stopped a few chunks ahead, not at the end
-
-
-def test_chunks_made_ahead_pass_their_errors_on() -> None:
-    def failing() -> Iterator[bytes]:
-        yield b"one"
-        raise LayerError("layer x: corrupt gzip data")
-
-    chunks = ahead(failing())
-    assert next(chunks) == b"one"
-    with pytest.raises(LayerError, match="corrupt gzip"):
-        next(chunks)
 
 
 class _FailingFile(io.BytesIO):

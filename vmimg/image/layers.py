@@ -11,7 +11,6 @@ out of it. Nothing is ever extracted.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
@@ -35,7 +34,6 @@ from vmimg.image.tarparse import Source, SourceFailed, file_chunks, parse_layer,
 from vmimg.testhook import pause_point
 
 CHUNK = 1 << 20
-PRODUCER_POLL = 0.05  # seconds between a producer's looks at whether its reader stopped
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _MAGIC = {"gzip": GZIP_MAGIC, "zstd": ZSTD_MAGIC}
@@ -201,54 +199,11 @@ class _HashingReader:
         return self.head
 
 
-# Decompression, hashing and the cache's writes can run in a thread of their own, a few
-# chunks ahead of the parser (isal, zstd, hashlib and file writes release the GIL). Off:
-# measured on 2 cores it cost more than it overlapped (minbase, two layers unpacked at once:
-# 1.41 s with it, 1.13 s without; 100k small files: 0.65 s against 0.62 s), since layers
-# already unpack in parallel and the hand-offs take the GIL per chunk.
-PRODUCER_THREAD = False
-CHUNKS_AHEAD = 4
-_END = object()
-
-
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-def ahead(chunks: Iterator[bytes], depth: int = CHUNKS_AHEAD) -> Generator[bytes, None, None]:
-    """`chunks`, made by a thread of their own up to `depth` chunks ahead of the reader.
-    What that thread raises, the reader gets; a reader that stops (an error, Ctrl-C, close)
-    stops the thread at its next chunk and waits for it."""
-    q: queue.Queue[object] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for chunk in chunks:
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        q.put(chunk, timeout=PRODUCER_POLL)
-                        break
-                if stop.is_set():
-                    return
-            q.put(_END)
-        except BaseException as e:  # handed to the reader, which raises it
-            q.put(_Failed(e))
-
-    thread = threading.Thread(target=produce, name="layer-chunks", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not _END:
-            if isinstance(item, _Failed):
-                raise item.error
-            yield cast(bytes, item)
-    finally:
-        stop.set()
-        while thread.is_alive():  # empty the queue so that a waiting put returns
-            with contextlib.suppress(queue.Empty):
-                q.get(timeout=PRODUCER_POLL)
-        thread.join()
+# The hash and the cache write of a layer's chunks run behind its decompression and parsing
+# (WriteBehind). Decompressing ahead of the parser in a thread of its own, the other way to
+# split the work, measured slower on 2 cores (minbase, two layers unpacked at once: 1.41 s with
+# it, 1.13 s without), since layers already unpack in parallel and the hand-offs take the GIL.
+WRITE_BEHIND_CHUNKS = 4
 
 
 class WriteBehind:
@@ -258,7 +213,12 @@ class WriteBehind:
     thread nothing (Debian minbase to ext4, cold, medians of 6: 0.97 s before, 0.76 s)."""
 
     def __init__(
-        self, hasher: Hasher, out: BinaryIO, space: SpaceGuard, what: str, depth: int = CHUNKS_AHEAD
+        self,
+        hasher: Hasher,
+        out: BinaryIO,
+        space: SpaceGuard,
+        what: str,
+        depth: int = WRITE_BEHIND_CHUNKS,
     ) -> None:
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -375,7 +335,7 @@ def _unpack(
                 yield chunk
 
         entries: list[Entry] | None
-        produced = ahead(chunks()) if PRODUCER_THREAD else chunks()
+        produced = chunks()
         try:
             entries = parse_source(Source(produced), what)  # reads the stream to its end
         except SourceFailed as e:
