@@ -389,7 +389,7 @@ def test_every_cache_entry_is_fsynced_before_its_rename_and_its_directory_after(
             renames.append((src, dst, len(synced)))
     into_cache = [x for x in renames if x[1].startswith(str(cache) + "/")]
     kinds = {re.sub(r"[0-9a-f]{64}", "H", dst[len(str(cache)) + 1 :]) for _s, dst, _i in into_cache}
-    assert kinds == {"blobs/sha256/H", "layers/sha256/H.tar", "outputs/H"}, kinds
+    assert kinds == {"blobs/sha256/H", "layers/sha256/H.tar", "outputs/H", "hits/H.json"}, kinds
     for src, dst, after in into_cache:
         assert src in synced[:after] or any(p.startswith(src + "/") for p in synced[:after]), src
         assert str(Path(dst).parent) in synced[after:], dst

@@ -26,9 +26,9 @@ from tests import layerkit as L
 from tests.conftest import skopeo_copy
 from tests.hostile.cli import confined_command, confined_env, paused_vmimg, run_vmimg
 from tests.hostile.faultproxy import Rule, fault_proxy
-from vmimg.image.cache import MIN_FREE_SHARE
+from vmimg.image.fsutil import MIN_FREE_SHARE
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
-from vmimg.rootfs.convert import SEAL_RECORD, entry_untouched
+from vmimg.rootfs.handout import SEAL_RECORD, entry_untouched
 
 TAGS = ("a", "b", "c", "d")
 BASE_BYTES = 3 << 20  # random, so its gzip blob is as large

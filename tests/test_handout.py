@@ -21,7 +21,7 @@ from tests.hostile.cli import run_vmimg
 from tests.test_cache import mounted_tmpfs
 from vmimg.bundle.format import KERNEL_FILE, MANIFEST_FILE, VM_JSON, load_bundle
 from vmimg.guest.kernel import BZ_HEADER_MAGIC, BZ_HEADER_MAGIC_OFFSET
-from vmimg.rootfs.convert import COPY, HARDLINK, REFLINK, hand_out
+from vmimg.rootfs.handout import COPY, HARDLINK, REFLINK, hand_out
 
 MIB = 1 << 20
 XFS_SIZE = "512M"  # above mkfs.xfs's minimum

@@ -1,3 +1,3 @@
-from vmimg.cli.main import entry
+from vmimg.cli.quick import entry
 
 entry()

@@ -6,6 +6,8 @@ a layer) so that the one line is enough to act on.
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report for a Ctrl-C
+
 
 class VmimgError(Exception):
     """Base of every error vmimg reports to the user."""

@@ -68,7 +68,7 @@ from vmimg.image.oci import (
 )
 from vmimg.image.registry import digest_of
 from vmimg.image.sources import SourceOptions
-from vmimg.rootfs.convert import seal_entry
+from vmimg.rootfs.handout import seal_entry
 
 BUNDLE_ARTIFACT = "application/vnd.vmimg.bundle.v1"
 

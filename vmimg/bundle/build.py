@@ -12,7 +12,7 @@
 The bundle is assembled in a temporary directory beside the destination and
 renamed into place, so a bundle directory is always whole. Finished bundles
 are cached by everything that determines their bytes. A cached bundle is handed
-out without copying its big files where it can (rootfs.convert.share_file): the
+out without copying its big files where it can (rootfs.handout.share_file): the
 kernel, the manifest and a read-only root (erofs, or any root with a dm-verity tree)
 may be hardlinks to the cache's read-only entries; a writable ext4 root is cloned
 or copied, since `vmimg run --persist` writes to it in place.
@@ -59,23 +59,21 @@ from vmimg.guest.kernel import (
     kernel_from_path,
 )
 from vmimg.guest.protocol import AGENT_PROTOCOL, INIT_PATH
-from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
+from vmimg.image.cache import Cache, commit
 from vmimg.image.fetch import BYTES, PhaseStart
+from vmimg.image.fsutil import disk_usage, space_shortfall
 from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.convert import (
-    HARDLINK,
     build_tree,
-    check_output_space,
     output_size_floor,
-    seal_entry,
-    share_file,
     source_date_epoch_ns,
     track_phase,
     usable_entry,
     writing_phase,
 )
+from vmimg.rootfs.handout import HARDLINK, check_output_space, seal_entry, share_file
 from vmimg.rootfs.tree import Node, NodeType, Tree
 from vmimg.rootfs.verity import VerityTree, append_hash_tree
 from vmimg.rootfs.writers import (

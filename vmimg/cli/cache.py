@@ -8,7 +8,8 @@ from dataclasses import asdict
 import click
 
 from vmimg.cli.options import cache_param, run
-from vmimg.image.cache import Cache, format_size
+from vmimg.image.cache import Cache
+from vmimg.image.fsutil import format_size
 from vmimg.image.prune import prune
 
 

@@ -13,9 +13,9 @@ import sys
 
 import click
 
-from vmimg.cli.options import EXIT_INTERRUPTED, os_error_message, setup_logging
+from vmimg.cli.options import os_error_message, setup_logging
 from vmimg.cli.progress import add_verbosity_options
-from vmimg.errors import VmimgError
+from vmimg.errors import EXIT_INTERRUPTED, VmimgError
 
 # Command name -> "module:attribute" of its click command.
 COMMANDS = {

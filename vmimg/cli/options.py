@@ -21,14 +21,14 @@ from typing import Any, NoReturn
 import click
 
 from vmimg.arch import ARCHES, OCI_ARCHITECTURES, Arch
-from vmimg.errors import ImageRefError, PlatformError, UsageError, VmimgError
-from vmimg.image.cache import DEFAULT_MAX_UNPACKED_SIZE, format_size
+from vmimg.errors import EXIT_INTERRUPTED, ImageRefError, PlatformError, UsageError, VmimgError
+from vmimg.image.cache import DEFAULT_MAX_UNPACKED_SIZE
+from vmimg.image.fsutil import format_size
 from vmimg.image.oci import DEFAULT_PLATFORM, parse_platform
 from vmimg.image.reference import parse_reference
 from vmimg.image.registry import Credentials, api_host
 from vmimg.image.sources import SourceOptions
 
-EXIT_INTERRUPTED = 130
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

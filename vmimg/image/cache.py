@@ -4,6 +4,7 @@
       blobs/sha256/<hex>                manifests, configs, any blob, verified
       layers/sha256/<hex>.tar           uncompressed layer tars, named by diff_id
       outputs/<key>/...                 finished conversions
+      hits/<key>.json                   command lines answered by an output (cli/quick)
       kernels/                          guest kernels and their sources (guest/kernel.py)
       tmp/vmimg-<pid>-...               work in progress (same file system: rename is atomic)
       locks/                            flock files
@@ -41,8 +42,19 @@ from typing import BinaryIO
 
 from vmimg.digest import Hasher, split_digest
 from vmimg.errors import CacheError, DigestError
+from vmimg.image.fsutil import (
+    HITS_AREA,
+    OPEN_ENTRY,
+    OUTPUTS_AREA,
+    default_cache_dir,
+    format_size,
+    free_space,
+    fsync_dir,
+    lock_shared,
+    same_file,
+)
 
-AREAS = ("blobs/sha256", "blobs/sha512", "layers/sha256", "outputs", "tmp", "locks")
+AREAS = ("blobs/sha256", "blobs/sha512", "layers/sha256", OUTPUTS_AREA, HITS_AREA, "tmp", "locks")
 # The sum of one image's uncompressed layers vmimg accepts (--max-unpacked-size).
 DEFAULT_MAX_UNPACKED_SIZE = 32 << 30
 TEMP_PREFIX = "vmimg-"  # tmp/vmimg-<pid>-...: entries that carry their writer's lock
@@ -50,44 +62,14 @@ _TEMP_NAME_RE = re.compile(r"^vmimg-\d+-")
 # Held shared while a temporary entry is created and locked, exclusive while tmp/ is
 # scanned for stale entries: so a scan never sees a new entry before its lock is taken.
 CREATE_LOCK = ".tmp-create"
-# Writes stop while a file system has less than this share of its size free, up to a cap:
-# a full disk fails everything else on it too.
-MIN_FREE_SHARE = 50
-MIN_FREE_CAP = 1 << 30
 # Trees with more files than this are flushed with one syncfs(2) instead of an fsync each
 # (an extracted kernel source has 80 000 files).
 FSYNC_FILES_MAX = 256
-_OPEN_ENTRY = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # A cache we may read but not write (read-only mount, another user's): nothing to reclaim.
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
-_UNITS = ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
-
-
-def default_cache_dir() -> str:
-    env = os.environ.get("VMIMG_CACHE")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "vmimg")
-
-
-def format_size(n: int) -> str:
-    """'256 MiB', '4.9 MiB', '512 bytes': exact when the size is a whole number of units."""
-    for unit, name in _UNITS:
-        if n >= unit:
-            return f"{n // unit} {name}" if n % unit == 0 else f"{n / unit:.1f} {name}"
-    return f"{n} bytes"
 
 
 # -- durability ------------------------------------------------------------------------
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_path(path: str) -> None:
@@ -142,25 +124,6 @@ def commit(tmp: str, final: str) -> None:
 # -- free space --------------------------------------------------------------------------
 
 
-def free_space(path: str) -> tuple[int, int]:
-    """(bytes available on the file system of `path`, bytes vmimg leaves free on it)."""
-    st = os.statvfs(path)
-    keep = min(st.f_blocks * st.f_frsize // MIN_FREE_SHARE, MIN_FREE_CAP)
-    return st.f_bavail * st.f_frsize, keep
-
-
-def space_shortfall(path: str, need: int) -> str | None:
-    """None if `need` bytes fit on the file system of `path` with its reserve to spare,
-    else why not (for an error message)."""
-    avail, keep = free_space(path)
-    if need + keep <= avail:
-        return None
-    return (
-        f"it needs at least {format_size(need)} and {path} has {format_size(avail)} free "
-        f"(vmimg leaves {format_size(keep)} unused)"
-    )
-
-
 class SpaceGuard:
     """Free space on one file system, for a stream of writes (shared by threads): statvfs is
     asked again only when its last answer no longer covers the next write."""
@@ -187,16 +150,6 @@ class SpaceGuard:
 # -- locks, temporary entries, pins ----------------------------------------------------
 
 
-def _same_file(fd: int, path: str) -> bool:
-    """Is `path` still the file `fd` has open (not removed or replaced meanwhile)?"""
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    fst = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
-
-
 @contextlib.contextmanager
 def _lock_file(path: str, mode: int) -> Iterator[None]:
     """flock(`mode`) on the lock file at `path`, created if missing. `prune` may remove a
@@ -207,7 +160,7 @@ def _lock_file(path: str, mode: int) -> Iterator[None]:
         fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, mode)
-            if _same_file(fd, path):
+            if same_file(fd, path):
                 yield
                 return
         finally:
@@ -218,7 +171,7 @@ def _try_claim(path: str) -> int | None:
     """An fd holding an exclusive lock on the entry at `path`, or None if a live process
     holds a lock on it (or it is gone). The caller closes the fd."""
     try:
-        fd = os.open(path, _OPEN_ENTRY)
+        fd = os.open(path, OPEN_ENTRY)
     except (FileNotFoundError, PermissionError):  # gone, or another user's to remove
         return None
     try:
@@ -226,7 +179,7 @@ def _try_claim(path: str) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
-    if not _same_file(fd, path):
+    if not same_file(fd, path):
         os.close(fd)
         return None
     return fd
@@ -245,19 +198,6 @@ class Freed:
         self.bytes += other.bytes
         self.kept += other.kept
         return self
-
-
-def disk_usage(path: str) -> int:
-    """Bytes of disk the file or tree at `path` occupies (what removing it frees; holes
-    take none)."""
-    st = os.lstat(path)
-    total = st.st_blocks * 512
-    if stat.S_ISDIR(st.st_mode):
-        for dirpath, dirs, names in os.walk(path):
-            for name in dirs + names:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
 
 
 def freed_by_removing(path: str) -> int:
@@ -380,7 +320,7 @@ class Cache:
         return os.path.join(self.root, "layers", "sha256", hexd + ".tar")
 
     def output_dir(self, key: str) -> str:
-        return os.path.join(self.root, "outputs", key)
+        return os.path.join(self.root, OUTPUTS_AREA, key)
 
     @property
     def tmp_dir(self) -> str:
@@ -462,19 +402,12 @@ class Cache:
         path = os.fspath(path)
         if path in self._pins:
             return True
-        try:
-            fd = os.open(path, _OPEN_ENTRY)
-        except (FileNotFoundError, NotADirectoryError):
+        fd = lock_shared(path)
+        if fd is None:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a prune is removing it
-            present = _same_file(fd, path)
-        except BaseException:
+        if self._pins.setdefault(path, fd) != fd:
             os.close(fd)
-            raise
-        if not present or self._pins.setdefault(path, fd) != fd:
-            os.close(fd)
-        return present
+        return True
 
     def reclaim_temp(self, foreign: bool = False) -> Freed:
         """Remove the entries of tmp/ whose writer is gone (nobody holds their lock). With

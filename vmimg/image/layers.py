@@ -23,7 +23,8 @@ from isal import isal_zlib
 
 from vmimg.digest import Hasher
 from vmimg.errors import CacheError, DigestError, LayerError
-from vmimg.image.cache import Cache, SpaceGuard, commit, format_size
+from vmimg.image.cache import Cache, SpaceGuard, commit
+from vmimg.image.fsutil import format_size
 from vmimg.image.oci import Descriptor, layer_compression
 from vmimg.image.tarparse import MAX_TIME_NS as MAX_TIME_NS
 from vmimg.image.tarparse import MIN_TIME_NS as MIN_TIME_NS

@@ -11,6 +11,7 @@ import os
 
 from vmimg.errors import CacheError
 from vmimg.image.cache import AREAS, Cache, Freed, remove_unused
+from vmimg.image.fsutil import HITS_AREA, OUTPUTS_AREA
 
 # Directories that stay (emptied) besides every top-level one: others rename into them.
 KEPT_DIRS = {"blobs/sha256", "blobs/sha512", "layers/sha256", "kernels/sources", "kernels/logs"}
@@ -19,7 +20,8 @@ KERNEL_LOG_SUFFIX = ".log"
 
 
 def prune(cache: Cache, everything: bool = False) -> dict[str, Freed]:
-    """Remove stale temporary entries and finished outputs; with `everything`, every
+    """Remove stale temporary entries, finished outputs and the hit records naming them
+    (cli/quick); with `everything`, every
     entry of every area (blobs, layers, kernels and their sources, logs, unheld locks).
     Returns what was freed per top-level area."""
     try:
@@ -32,7 +34,7 @@ def _prune(cache: Cache, everything: bool) -> dict[str, Freed]:
     freed: dict[str, Freed] = {}
     with cache.lock("prune"):
         freed["tmp"] = cache.reclaim_temp(foreign=True)
-        areas = sorted(os.listdir(cache.root)) if everything else ["outputs"]
+        areas = sorted(os.listdir(cache.root)) if everything else [OUTPUTS_AREA, HITS_AREA]
         for area in areas:
             path = os.path.join(cache.root, area)
             if area in ("tmp", "locks") or not os.path.isdir(path):

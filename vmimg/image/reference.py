@@ -41,6 +41,14 @@ BUNDLE = "bundle"
 BUNDLE_FILE = "vm.json"
 OCI_LAYOUT_FILES = ("index.json", "oci-layout")
 DIR_FORMAT_FILES = ("manifest.json", "version")
+# Per local transport: the files in its path (besides the path itself) that decide which
+# image a reference names; blobs are named by their digests, so they cannot change it.
+DECIDING_FILES = {
+    "oci": ("index.json",),
+    "oci-archive": (),
+    "docker-archive": (),
+    "dir": ("manifest.json",),
+}
 # "WORD:" that is not one of ours; a registry's HOST:PORT/ is not that.
 _TRANSPORT_RE = re.compile(r"^([a-z][a-z0-9-]*):(.*)$", re.S)
 _PORT_RE = re.compile(r"^\d+(/|$)")
@@ -84,6 +92,15 @@ class ImageRef:
 
     def __str__(self) -> str:
         return self.original or self.transport
+
+    def deciding_files(self) -> tuple[str, ...] | None:
+        """The local files whose state decides which image this names (DECIDING_FILES), or
+        None when something else decides (a registry, a daemon). While they are unchanged,
+        a past resolution still holds (cli/quick)."""
+        names = DECIDING_FILES.get(self.transport)
+        if names is None or self.path is None:
+            return None
+        return (self.path, *(os.path.join(self.path, n) for n in names))
 
 
 def parse_registry_ref(text: str) -> RegistryRef:

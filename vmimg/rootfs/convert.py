@@ -6,21 +6,16 @@ the temporary file is removed. Finished conversions are kept in the cache,
 keyed by everything that determines their bytes, so a repeat costs no conversion.
 
 A cache hit hands the cached file out without copying its bytes where it can
-(`share_file`): a reflink (copy-on-write clone) where the file system has them, else
-a hardlink to the cache entry for a format nobody writes in place (erofs), else a
-copy. Cache entries lose their write bits, so a hardlinked output is read-only too.
+(rootfs/handout.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import gc
 import hashlib
 import json
 import os
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,12 +23,20 @@ from dataclasses import dataclass, field
 
 from vmimg import __version__
 from vmimg.errors import VmimgError, WriterError
-from vmimg.image.cache import Cache, commit, disk_usage, space_shortfall
+from vmimg.image.cache import Cache, commit
 from vmimg.image.fetch import BYTES, PhaseStart, fetch_layers
+from vmimg.image.fsutil import disk_usage, space_shortfall
 from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
+from vmimg.rootfs.handout import (
+    check_output_space,
+    entry_untouched,
+    hand_out,
+    seal_entry,
+    share_file,
+)
 from vmimg.rootfs.tree import NodeType, Tree
 from vmimg.rootfs.writers import (
     WRITER_VERSIONS,
@@ -46,17 +49,6 @@ from vmimg.rootfs.writers import (
 from vmimg.testhook import pause_point
 
 NS_PER_S = 1_000_000_000
-COPY_CHUNK = 64 << 20
-READ_WRITE_CHUNK = 8 << 20  # where copy_file_range cannot: bytes read into memory at once
-# How a cached file reached its destination (`share_file`; "handed_out" in results).
-REFLINK = "reflink"  # a copy-on-write clone: its own inode, no bytes copied
-HARDLINK = "hardlink"  # another name of the cache entry itself: read-only files only
-COPY = "copy"
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int); Python's fcntl module lacks it
-WRITE_BITS = 0o222
-# copy_file_range(2) fails so between file systems (most kernels) and on some file systems.
-COPY_RANGE_UNSUPPORTED = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def source_date_epoch_ns() -> int | None:
@@ -81,6 +73,7 @@ class ConvertResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     handed_out: str | None = None  # a cache hit: REFLINK, HARDLINK or COPY
+    cache_entry: str | None = None  # the cached image this output came from or is kept as
 
 
 def conversion_key(image: Image, fmt: str, options: WriterOptions, epoch_ns: int | None) -> str:
@@ -112,15 +105,6 @@ def output_size_floor(fmt: str, tree: Tree, options: WriterOptions) -> int:
     return total
 
 
-def check_output_space(dest: str, need: int, directory: str | None = None) -> None:
-    """WriterError, before anything is written, if `need` bytes would fill the file
-    system `dest` goes to (beyond the reserve vmimg leaves free); `directory`: where on it
-    they go, if not beside `dest`."""
-    problem = space_shortfall(directory or os.path.dirname(os.path.abspath(dest)) or ".", need)
-    if problem is not None:
-        raise WriterError(f"cannot write {dest}: {problem}")
-
-
 @contextlib.contextmanager
 def atomic_output(dest: str, need: int = 0) -> Iterator[int]:
     """A file descriptor for a temporary file beside `dest`, renamed onto it on success.
@@ -146,138 +130,6 @@ def atomic_output(dest: str, need: int = 0) -> Iterator[int]:
         raise
 
 
-def copy_file(src: str, dst_fd: int) -> None:
-    """Copy `src` into the empty file `dst_fd`, leaving its holes holes.
-
-    Images are sparse (ext4 free space, a sparse file's holes): copying a hole
-    byte by byte could write terabytes of zeros that were never there.
-    """
-    with open(src, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
-                    raise
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            _copy_range(src, fd, dst_fd, start, end)
-            offset = end
-        os.ftruncate(dst_fd, size)
-
-
-def _copy_range(src: str, in_fd: int, out_fd: int, start: int, end: int) -> None:
-    while start < end:
-        try:
-            n = os.copy_file_range(in_fd, out_fd, min(COPY_CHUNK, end - start), start, start)
-        except OSError as e:
-            if e.errno not in COPY_RANGE_UNSUPPORTED:
-                raise
-            n = _read_write(in_fd, out_fd, min(READ_WRITE_CHUNK, end - start), start)
-        if n <= 0:
-            raise WriterError(f"copy from {src} stopped early")
-        start += n
-
-
-def _read_write(in_fd: int, out_fd: int, count: int, offset: int) -> int:
-    """copy_file_range by hand, for where the kernel refuses it (across file systems)."""
-    data = os.pread(in_fd, count, offset)
-    done = 0
-    while done < len(data):
-        done += os.pwrite(out_fd, data[done:], offset + done)
-    return done
-
-
-def reflink(src_fd: int, dst_fd: int) -> bool:
-    """Make the file `dst_fd` a copy-on-write clone of `src_fd`, if the file system can
-    (btrfs, XFS with reflink, bcachefs; not ext4 or tmpfs, nor across file systems)."""
-    try:
-        fcntl.ioctl(dst_fd, FICLONE, src_fd)
-    except OSError:  # EOPNOTSUPP, EXDEV, EINVAL, ENOTTY: not here, copy instead
-        return False
-    return True
-
-
-def seal(path: str) -> bool:
-    """Take the write bits off the cache entry at `path` (a hardlink to it must not invite
-    writes in place); False if they stay (another user's cache)."""
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & WRITE_BITS:
-        try:
-            os.chmod(path, mode & ~WRITE_BITS)
-        except OSError:
-            return False
-    return True
-
-
-# Beside a cache entry's files: the size and mtime of each as sealed. Hardlinked outputs
-# are other names of the entry's files, and root may write to them despite mode 0444; a write
-# moves the mtime, so a damaged entry is noticed before it is handed out again.
-SEAL_RECORD = ".sealed.json"
-
-
-def _stamps(entry_dir: str) -> dict[str, list[int]]:
-    stamps = {}
-    for dirpath, _dirs, names in os.walk(entry_dir):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, entry_dir)
-            if rel != SEAL_RECORD:
-                st = os.lstat(path)
-                stamps[rel] = [st.st_size, st.st_mtime_ns]
-    return stamps
-
-
-def seal_entry(entry_dir: str) -> None:
-    """Seal every file of a new cache entry (see `seal`) and record how each looks."""
-    for dirpath, _dirs, names in os.walk(entry_dir):
-        for name in names:
-            seal(os.path.join(dirpath, name))
-    with open(os.path.join(entry_dir, SEAL_RECORD), "w") as f:
-        json.dump(_stamps(entry_dir), f, sort_keys=True)
-
-
-def entry_untouched(entry_dir: str) -> bool:
-    """True if every file of the cache entry is as `seal_entry` left it."""
-    try:
-        with open(os.path.join(entry_dir, SEAL_RECORD)) as f:
-            recorded = json.load(f)
-        return bool(recorded == _stamps(entry_dir))
-    except (OSError, ValueError):
-        return False
-
-
-def share_file(src: str, dst: str, linkable: bool) -> str:
-    """Create `dst` (it must not exist) with the bytes of `src`, sharing them where possible:
-    REFLINK, else HARDLINK when `linkable` (nobody will write `dst` in place: `src` is
-    sealed first), else COPY. Returns which one; on an error `dst` may be left behind."""
-    with open(src, "rb") as s:
-        fd = os.open(dst, _NEW_FILE, 0o644)
-        try:
-            if reflink(s.fileno(), fd):
-                return REFLINK
-        finally:
-            os.close(fd)
-    os.unlink(dst)
-    if linkable and seal(src):
-        try:
-            os.link(src, dst)
-        except OSError:  # EXDEV, EMLINK, EPERM (protected_hardlinks): copy instead
-            pass
-        else:
-            return HARDLINK
-    fd = os.open(dst, _NEW_FILE, 0o644)
-    try:
-        check_output_space(dst, disk_usage(src))
-        copy_file(src, fd)
-    finally:
-        os.close(fd)
-    return COPY
-
-
 def usable_entry(cache: Cache, entry_dir: str) -> bool:
     """True if the cache entry may be handed out; a changed one is taken out of the cache
     (to be made again) instead."""
@@ -285,29 +137,6 @@ def usable_entry(cache: Cache, entry_dir: str) -> bool:
         return True
     cache.discard(entry_dir)
     return False
-
-
-def hand_out(cached: str, dest: str, linkable: bool) -> str:
-    """Put the cache entry `cached` at `dest` (replacing what is there, atomically) with
-    `share_file`; returns how. A copy or clone gets mode 0644, a hardlink keeps the
-    entry's read-only mode."""
-    directory = os.path.dirname(os.path.abspath(dest)) or "."
-    if not os.path.isdir(directory):
-        raise VmimgError(f"output directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)  # share_file creates it again, as a clone, a link or a copy
-    try:
-        how = share_file(cached, tmp, linkable)
-        if how != HARDLINK:
-            os.chmod(tmp, 0o644)
-        os.rename(tmp, dest)
-    finally:
-        # Left over on an error; or `dest` already was a link to the entry, and rename(2)
-        # between two names of one file does nothing.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return how
 
 
 FLATTEN_PHASE = "flattening layers"
@@ -420,6 +249,11 @@ def convert(
             seconds=time.monotonic() - start,
             warnings=warnings,
             handed_out=handed_out,
+            cache_entry=(
+                cached_path
+                if use_cache and transform is None and os.path.isfile(cached_path)
+                else None
+            ),
         )
 
 

@@ -1,0 +1,252 @@
+"""The console script, with a fast path for warm `vmimg rootfs` runs.
+
+A warm `vmimg rootfs` (its conversion already cached) is mostly start-up: click, the image
+sources and the writers take longer to import than handing out the cached file does. So
+every `vmimg rootfs` that ends well writes a hit record (`record_hit`) of what decided its
+result: the command line without its -o value, the working directory, the environment that
+matters, a fingerprint of vmimg's own code, and stamps (inode, size, times) of the local
+files its SOURCE resolved through. `entry` looks the record up before anything else is
+imported; when every part matches, the conversion is the cached entry the record names,
+and handing it out is the whole run.
+
+Anything else goes to the full command line (cli/main): another command, a source in a
+registry or a daemon (a tag there can move), a changed file, an entry pruned or touched,
+or any error at all here; the full command decides afresh and prints its own messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import vmimg
+from vmimg.errors import EXIT_INTERRUPTED
+from vmimg.image.fsutil import (
+    HITS_AREA,
+    OUTPUTS_AREA,
+    default_cache_dir,
+    fsync_dir,
+    lock_shared,
+)
+from vmimg.rootfs.handout import entry_untouched, hand_out
+
+FULL_CLI = "vmimg.cli.main"
+# What else decides a result: the cache's place, and reproducible builds' clock.
+KEY_ENVIRONMENT = ("VMIMG_CACHE", "XDG_CACHE_HOME", "HOME", "SOURCE_DATE_EPOCH")
+CODE_SUFFIXES = (".py", ".so")
+RECORD_VERSION = 1
+
+
+class HitRecord:
+    """What a finished run left for the fast path (written by `record_hit`). A plain class,
+    not a dataclass: importing dataclasses (and inspect with it) would cost a fifth of the
+    fast path."""
+
+    __slots__ = ("digest", "entry_dir", "file", "format", "image", "linkable", "platform", "stamps")
+
+    def __init__(
+        self,
+        entry_dir: str,  # the conversion's cache entry
+        file: str,  # the image's name in it
+        linkable: bool,  # nobody writes this format in place (a hardlink may be handed out)
+        stamps: dict[str, list[int]],  # SOURCE's deciding files -> `stamp`
+        format: str,
+        image: str,
+        digest: str,
+        platform: str,
+    ) -> None:
+        self.entry_dir = entry_dir
+        self.file = file
+        self.linkable = linkable
+        self.stamps = stamps
+        self.format = format
+        self.image = image
+        self.digest = digest
+        self.platform = platform
+
+    def to_json(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def split_output(args: Sequence[str]) -> tuple[list[str], str] | None:
+    """(the arguments without the output option, the output path), or None unless the
+    output is given exactly once in a form we can tell (-o P, -oP, --output P, --output=P)."""
+    rest: list[str] = []
+    outputs: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return None  # after it, "-o" is a name: leave such lines to click
+        if arg in ("-o", "--output"):
+            if i + 1 == len(args):
+                return None
+            outputs.append(args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--output="):
+            outputs.append(arg.removeprefix("--output="))
+        elif arg.startswith("-o") and not arg.startswith("--"):
+            outputs.append(arg[2:])
+        else:
+            rest.append(arg)
+        i += 1
+    if len(outputs) != 1 or not outputs[0]:
+        return None
+    return rest, outputs[0]
+
+
+def code_fingerprint() -> str:
+    """The name, size and mtime of every module of vmimg: a hit record is good only for the
+    code that wrote it (a checkout changes without a new version number)."""
+    root = os.path.dirname(os.path.abspath(vmimg.__file__))
+    h = hashlib.sha256(vmimg.__version__.encode())
+    for dirpath, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            if name.endswith(CODE_SUFFIXES):
+                st = os.stat(os.path.join(dirpath, name))
+                h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def hit_key(args: Sequence[str]) -> str:
+    """The key of a command line (its output option taken out) in this place and state."""
+    doc = {
+        "version": RECORD_VERSION,
+        "args": list(args),
+        "cwd": os.getcwd(),
+        "env": {name: os.environ.get(name) for name in KEY_ENVIRONMENT},
+        "machine": os.uname().machine,
+        "code": code_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def default_cache_root() -> str:
+    """The default cache ($VMIMG_CACHE or ~/.cache/vmimg): the only one with hit records
+    (`--cache DIR` on a command line: no record)."""
+    return os.path.abspath(default_cache_dir())
+
+
+def cache_area(name: str) -> str:
+    return os.path.join(default_cache_root(), name)
+
+
+def stamp(path: str) -> list[int]:
+    """What changes when a file is written, replaced or renamed over (ctime: every write)."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def result_line(output: str, size: int, record: HitRecord, state: str) -> str:
+    """The human result line of `vmimg rootfs` (cli/rootfs prints it too)."""
+    return (
+        f"{output}: {record.format}, {size} bytes, "
+        f"{record.image} ({record.digest[:19]}, {record.platform}) {state}"
+    )
+
+
+def record_path(args: Sequence[str]) -> str | None:
+    """Where the hit record of this command line lives, or None if it cannot have one."""
+    if not args or args[0] != "rootfs":
+        return None
+    split = split_output(args[1:])
+    if split is None:
+        return None
+    return os.path.join(
+        os.path.abspath(default_cache_dir()), HITS_AREA, hit_key(split[0]) + ".json"
+    )
+
+
+def record_hit(args: Sequence[str], output: str, record: HitRecord) -> None:
+    """Keep `record` for this command line (`args`: sys.argv[1:]), if it can have one and
+    its output is the one the command wrote. Best effort: a failure only costs speed."""
+    path = record_path(args)
+    split = split_output(args[1:]) if path else None
+    if path is None or split is None or split[1] != output:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(record.to_json(), f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())  # like every cache entry: whole before its name appears
+        os.rename(tmp, path)
+        fsync_dir(os.path.dirname(path))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def load_record(path: str) -> HitRecord | None:
+    """The record at `path`, or None if it is missing or not one `record_hit` could write."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or set(doc) != set(HitRecord.__slots__):
+        return None
+    strings = [doc[k] for k in HitRecord.__slots__ if k not in ("linkable", "stamps")]
+    stamps = doc["stamps"]
+    if not (
+        all(isinstance(v, str) for v in strings)
+        and isinstance(doc["linkable"], bool)
+        and isinstance(stamps, dict)
+        and all(isinstance(v, list) and all(type(n) is int for n in v) for v in stamps.values())
+        and _plain_name(doc["file"])
+    ):
+        return None
+    return HitRecord(**doc)
+
+
+def _plain_name(name: str) -> bool:
+    """A file name in one directory, and not the entry's seal record."""
+    return bool(name) and "/" not in name and not name.startswith(".")
+
+
+def try_hit(args: Sequence[str]) -> bool:
+    """Serve `vmimg ARGS` from its hit record; False (having changed nothing) if it cannot."""
+    path = record_path(args)
+    record = load_record(path) if path else None
+    split = split_output(args[1:])
+    if record is None or split is None:
+        return False
+    output = split[1]
+    if os.path.dirname(record.entry_dir) != cache_area(OUTPUTS_AREA):
+        return False  # a record names an entry of its own cache, nothing else
+    if any(stamp(p) != s for p, s in record.stamps.items()):
+        return False
+    pin = lock_shared(record.entry_dir)  # kept by `cache prune` while we hand it out
+    if pin is None:
+        return False
+    try:
+        cached = os.path.join(record.entry_dir, record.file)
+        if not os.path.isfile(cached) or not entry_untouched(record.entry_dir):
+            return False  # the full command line discards the entry and converts again
+        how = hand_out(cached, output, record.linkable)
+    finally:
+        os.close(pin)
+    line = result_line(output, os.path.getsize(output), record, f"from cache ({how})")
+    sys.stdout.write(line + "\n")
+    return True
+
+
+def entry() -> None:
+    """The `vmimg` console script."""
+    try:
+        served = try_hit(sys.argv[1:])
+    except KeyboardInterrupt:
+        sys.stderr.write("vmimg: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception:
+        served = False
+    if not served:
+        importlib.import_module(FULL_CLI).entry()  # loaded only when needed
