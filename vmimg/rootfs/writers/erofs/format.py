@@ -55,6 +55,7 @@ EXTENDED_INODE_SIZE = 64
 COMPACT_ID_MAX = 0xFFFF  # i_uid, i_gid are 16 bits
 COMPACT_NLINK_MAX = 0xFFFF
 COMPACT_SIZE_MAX = 0xFFFFFFFF
+EXTENDED_ID_MAX = 0xFFFFFFFF  # i_uid, i_gid of an extended inode are 32 bits
 
 # --- directories ------------------------------------------------------------
 
@@ -255,19 +256,23 @@ class InodeExtended:
 def pack_compact_into(
     buf: bytearray,
     offset: int,
-    common: tuple[int, int, int, int, int, int],
-    ids: tuple[int, int, int],
+    datalayout: int,
+    xattr_icount: int,
+    mode: int,
+    nlink: int,
+    size: int,
+    i_u: int,
+    ino: int,
+    uid: int,
+    gid: int,
 ) -> None:
-    """What InodeCompact(...).pack() gives, packed in place (the writer's per-inode path).
-
-    common: (datalayout, xattr_icount, mode, nlink, size, i_u); ids: (ino, uid, gid)."""
-    datalayout, icount, mode, nlink, size, i_u = common
-    ino, uid, gid = ids
+    """What InodeCompact(...).pack() gives, packed in place (the writer's per-inode path:
+    plain arguments, no tuples to build)."""
     _INODE_COMPACT.pack_into(
         buf,
         offset,
-        i_format(INODE_LAYOUT_COMPACT, datalayout),
-        icount,
+        (INODE_LAYOUT_COMPACT << I_VERSION_BIT) | (datalayout << I_DATALAYOUT_BIT),  # i_format()
+        xattr_icount,
         mode,
         nlink,
         size,
