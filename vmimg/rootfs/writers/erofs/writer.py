@@ -703,22 +703,34 @@ def _write_inodes(meta: bytearray, inodes: list[_Inode], nids: list[int]) -> Non
 def _write_tails(
     meta: bytearray, inodes: list[_Inode], nids: list[int], reader: ContentReader
 ) -> None:
-    """Each file's and symlink's inline tail, right after its inode and xattrs."""
-    dir_type = NodeType.DIR
+    """Each file's and symlink's inline tail, right after its inode and xattrs. Files'
+    tails are read together (ContentReader.read_many): the small files of a layer lie
+    close together in it, and one pread each was a fifth of the writer's time."""
     slot = fmt.INODE_SLOT_SIZE
+    dir_type, symlink_type = NodeType.DIR, NodeType.SYMLINK
+    places: list[int] = []  # where each range read goes
+    ranges: list[tuple[Content, int, int]] = []
     for inode, nid in zip(inodes, nids, strict=True):
-        if inode.inline_len and inode.node.type is not dir_type:
-            at = nid * slot + inode.head_size
-            meta[at : at + inode.inline_len] = _tail(inode, reader)
-
-
-def _tail(inode: _Inode, reader: ContentReader) -> bytes:
-    start = inode.size - inode.inline_len
-    if inode.node.type is NodeType.SYMLINK:
-        assert inode.node.target is not None
-        return inode.node.target[start:]
-    assert inode.node.content is not None
-    return read_logical(reader, inode.node.content, start, inode.inline_len)
+        inline = inode.inline_len
+        if not inline:
+            continue
+        node = inode.node
+        if node.type is dir_type:
+            continue
+        at = nid * slot + inode.head_size
+        start = inode.size - inline
+        if node.type is symlink_type:
+            assert node.target is not None
+            meta[at : at + inline] = node.target[start:]
+        else:
+            assert node.content is not None
+            if node.content.is_sparse:
+                meta[at : at + inline] = read_logical(reader, node.content, start, inline)
+            else:
+                places.append(at)
+                ranges.append((node.content, start, inline))
+    for at, tail in zip(places, reader.read_many(ranges), strict=True):
+        meta[at : at + len(tail)] = tail
 
 
 def _superblock_block(sb: fmt.Superblock, compressed: bool) -> bytes:
