@@ -95,9 +95,9 @@ class ContentReader:
                 raise ContentError(f"content file {content.path} is shorter than its index says")
             if self.on_bytes is not None:
                 self.on_bytes(sum([length for _, _, length in ranges[i:j]]))
-            for c, s, n in ranges[i:j]:
-                at = c.offset + s - first
-                out.append(data[at : at + n])
+            out += [
+                data[c.offset + s - first : c.offset + s - first + n] for c, s, n in ranges[i:j]
+            ]
             i = j
         return out
 
@@ -153,8 +153,9 @@ def _plain_range(content: Content, start: int, length: int) -> bool:
 
 def _span(ranges: list[tuple[Content, int, int]], i: int) -> tuple[int, int]:
     """The ranges from `i` (a plain one in a layer file) that one pread reads, as the end
-    of their run in `ranges` and their end in the file: plain, in the same file, each
-    after the last and at most READ_GAP_MAX beyond it, all within READ_SPAN_MAX."""
+    of their run in `ranges` and their end in the file: plain (as _plain_range, written
+    out: this runs once per small file), in the same file, each after the last and at
+    most READ_GAP_MAX beyond it, all within READ_SPAN_MAX."""
     content, start, length = ranges[i]
     path, first = content.path, content.offset + start
     end = first + length
@@ -164,7 +165,10 @@ def _span(ranges: list[tuple[Content, int, int]], i: int) -> tuple[int, int]:
         at = c.offset + s
         if (
             c.path != path
-            or not _plain_range(c, s, n)
+            or c.extents is not None
+            or s < 0
+            or n < 0
+            or s + n > c.size
             or not 0 <= at - end <= READ_GAP_MAX
             or at + n - first > READ_SPAN_MAX
         ):

@@ -116,7 +116,8 @@ LCLUSTER_INDEX_SIZE = 8
 
 _SUPERBLOCK = struct.Struct("<IIIBBHQQIIII16s16sIHHHB5xQ24x")
 _LZ4_CFGS = struct.Struct("<HHH10x")  # length prefix (14) + z_erofs_lz4_cfgs
-_INODE_COMPACT = struct.Struct("<HHHHIIIIHHI")
+# i_reserved and i_reserved2 are pad bytes: zeros, and no arguments to pass per inode
+_INODE_COMPACT = struct.Struct("<HHHHI4xIIHH4x")
 _INODE_EXTENDED = struct.Struct("<HHHHQIIIIqII16x")
 _DIRENT = struct.Struct("<QHBB")
 _XATTR_IBODY_HEADER = struct.Struct("<IB7x")
@@ -126,6 +127,9 @@ _LCLUSTER_HEAD = struct.Struct("<HHI")
 _LCLUSTER_NONHEAD = struct.Struct("<HHHH")
 
 DIRENT = _DIRENT  # for packing a directory block's dirents in place
+# For packing compact inodes in place, the writer's per-inode path: pack_into(buf, offset,
+# i_format, xattr_icount, mode, nlink, size, i_u, ino, uid, gid), as InodeCompact.pack().
+INODE_COMPACT = _INODE_COMPACT
 SUPERBLOCK_SIZE = _SUPERBLOCK.size
 LZ4_CFGS_SIZE = _LZ4_CFGS.size
 SUPERBLOCK_CHECKSUM_OFFSET = 4  # within the superblock
@@ -211,12 +215,10 @@ class InodeCompact:
             self.mode,
             self.nlink,
             self.size,
-            0,
             self.i_u,
             self.ino,
             self.uid,
             self.gid,
-            0,
         )
 
 
@@ -251,38 +253,6 @@ class InodeExtended:
             self.mtime_nsec,
             self.nlink,
         )
-
-
-def pack_compact_into(
-    buf: bytearray,
-    offset: int,
-    datalayout: int,
-    xattr_icount: int,
-    mode: int,
-    nlink: int,
-    size: int,
-    i_u: int,
-    ino: int,
-    uid: int,
-    gid: int,
-) -> None:
-    """What InodeCompact(...).pack() gives, packed in place (the writer's per-inode path:
-    plain arguments, no tuples to build)."""
-    _INODE_COMPACT.pack_into(
-        buf,
-        offset,
-        (INODE_LAYOUT_COMPACT << I_VERSION_BIT) | (datalayout << I_DATALAYOUT_BIT),  # i_format()
-        xattr_icount,
-        mode,
-        nlink,
-        size,
-        0,
-        i_u,
-        ino,
-        uid,
-        gid,
-        0,
-    )
 
 
 def pack_extended_into(

@@ -33,7 +33,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vmimg.errors import WriterError
@@ -66,13 +66,7 @@ ZERO_CHUNK = 1 << 20
 MAX_COMPRESSED_FILE_SIZE = 32 << 30
 
 
-def _no_list() -> list[Any]:
-    """What a file's `names`, `targets` and `block_starts` hold: one shared empty list,
-    never changed (a directory gets lists of its own)."""
-    return _NO_LIST
-
-
-_NO_LIST: list[Any] = []
+_NO_LIST: list[Any] = []  # a file's names, targets, block_starts: shared, never changed
 
 
 @dataclass(frozen=True)
@@ -83,7 +77,7 @@ class ErofsOptions:
     label: str = ""  # volume name, at most 15 bytes
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class _Inode:
     """One inode being laid out: the node plus everything decided about it."""
 
@@ -91,20 +85,33 @@ class _Inode:
     name: bytes  # the name of its first path (b"/" for the root) ...
     up: _Inode | None  # ... and the directory holding it: its path, for errors only
     ino: int
-    nlink: int = 1
-    extended: bool = False
-    xattr_ibody: bytes = b""
-    head_size: int = 0  # inode plus xattr ibody, once the version is decided
-    datalayout: int = fmt.INODE_FLAT_PLAIN
-    size: int = 0
-    i_u: int = 0  # raw_blkaddr, compressed_blocks or rdev
-    inline_len: int = 0  # tail bytes stored right after the inode and its xattrs
-    compressed: CompressedFile | None = None
+    nlink: int
+    extended: bool
+    xattr_ibody: bytes
+    head_size: int  # inode plus xattr ibody, once the version is decided
+    datalayout: int
+    size: int
+    i_u: int  # raw_blkaddr, compressed_blocks or rdev
+    inline_len: int  # tail bytes stored right after the inode and its xattrs
+    compressed: CompressedFile | None
     # directories only: the entry names in order, "." and ".." included; the index (in
     # the inode list) of the inode each names; the first entry of each directory block
-    names: list[bytes] = field(default_factory=_no_list)
-    targets: list[int] = field(default_factory=_no_list)
-    block_starts: list[int] = field(default_factory=_no_list)
+    names: list[bytes]
+    targets: list[int]
+    block_starts: list[int]
+
+    def __init__(self, node: Node, name: bytes, up: _Inode | None, ino: int) -> None:
+        # Written out, not generated: one is made per entry, and a generated __init__
+        # calls a factory for each list field.
+        self.node, self.name, self.up, self.ino = node, name, up, ino
+        self.nlink = 1
+        self.extended = False
+        self.xattr_ibody = b""
+        self.head_size = 0
+        self.datalayout = fmt.INODE_FLAT_PLAIN
+        self.size = self.i_u = self.inline_len = 0
+        self.compressed = None
+        self.names = self.targets = self.block_starts = _NO_LIST
 
     @property
     def path(self) -> bytes:
@@ -660,30 +667,37 @@ def _assign_nids(meta_sizes: list[int]) -> tuple[list[int], int]:
 
 
 def _write_inodes(meta: bytearray, inodes: list[_Inode], nids: list[int]) -> None:
-    """Pack every inode and its xattr ibody at its nid."""
+    """Pack every inode and its xattr ibody at its nid, and a compressed file's indexes."""
     slot = fmt.INODE_SLOT_SIZE
-    pack_compact, pack_extended = fmt.pack_compact_into, fmt.pack_extended_into
+    pack_compact = fmt.INODE_COMPACT.pack_into
+    compact_format = {d: fmt.i_format(fmt.INODE_LAYOUT_COMPACT, d) for d in _DATALAYOUTS}
     xattr_icount = fmt.xattr_icount
+    type_bits, symlink = _TYPE_BITS, NodeType.SYMLINK
     for inode, nid in zip(inodes, nids, strict=True):
         node = inode.node
         offset = nid * slot
         xattrs = inode.xattr_ibody
         icount = xattr_icount(len(xattrs)) if xattrs else 0
+        # Node.st_mode without its two calls per inode
+        if node.type is symlink:
+            mode = node.st_mode
+        else:
+            mode = type_bits[node.type] | (node.mode & _PERMISSION_BITS)
         if inode.extended:
             mtime_s, mtime_ns = divmod(node.mtime_ns, 1_000_000_000)
-            pack_extended(
+            fmt.pack_extended_into(
                 meta,
                 offset,
-                (inode.datalayout, icount, node.st_mode, inode.nlink, inode.size, inode.i_u),
+                (inode.datalayout, icount, mode, inode.nlink, inode.size, inode.i_u),
                 (inode.ino, node.uid, node.gid, mtime_s, mtime_ns),
             )
         else:
             pack_compact(
                 meta,
                 offset,
-                inode.datalayout,
+                compact_format[inode.datalayout],
                 icount,
-                node.st_mode,
+                mode,
                 inode.nlink,
                 inode.size,
                 inode.i_u,
@@ -698,6 +712,11 @@ def _write_inodes(meta: bytearray, inodes: list[_Inode], nids: list[int]) -> Non
             at = offset + inode.head_size
             body = inode.compressed.metadata(inode.head_size)
             meta[at : at + len(body)] = body
+
+
+_DATALAYOUTS = (fmt.INODE_FLAT_PLAIN, fmt.INODE_FLAT_INLINE, fmt.INODE_COMPRESSED_FULL)
+_TYPE_BITS = {t: t.st_ifmt for t in NodeType}
+_PERMISSION_BITS = 0o7777  # what Node.st_mode keeps of Node.mode: rwx, setuid, setgid, sticky
 
 
 def _write_tails(
