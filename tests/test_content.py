@@ -71,12 +71,13 @@ def test_read_many_reads_what_read_reads(layers: list[str], data: st.DataObject)
 def test_small_files_close_together_take_one_read(
     layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    files = [(Content(size=100, path=layers[0], offset=1024 * k), 0, 100) for k in range(500)]
+    count = READ_SPAN_MAX // 1024  # 100 bytes every KiB: all within one span
+    files = [(Content(size=100, path=layers[0], offset=1024 * k), 0, 100) for k in range(count)]
     preads = []
     real = os.pread
     monkeypatch.setattr(os, "pread", lambda *a: preads.append(a) or real(*a))
     with ContentReader() as reader:
-        assert len(reader.read_many(files)) == 500
+        assert len(reader.read_many(files)) == count
     assert len(preads) == 1
 
 

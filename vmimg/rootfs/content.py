@@ -20,7 +20,7 @@ COPY_CHUNK = 8 << 20  # bytes per copy_file_range / read call
 # gap between them read and dropped (the tar headers and padding between small files);
 # copying a few KiB from the page cache costs less than a system call.
 READ_GAP_MAX = 8 << 10
-READ_SPAN_MAX = 1 << 20  # bytes one such pread reads at most (unless one range is larger)
+READ_SPAN_MAX = 256 << 10  # bytes one such pread reads at most (unless one range is larger)
 
 
 class ContentReader:

@@ -243,19 +243,21 @@ def _collect_inodes(tree: Tree) -> tuple[list[_Inode], list[_Inode]]:
     stack = [(root, 0)]  # (directory, its parent's place in `inodes`)
     while stack:
         directory, parent = stack.pop()
-        items = directory.node.sorted_children()
-        names = [name for name, _ in items]
+        children = directory.node.children
+        assert children is not None
+        # sorted_children()'s order (names are unique), without its (name, node) tuples
+        names = sorted(children)
         _check_names(names, directory)
         targets = []
         subdirs = []
         child_dirs = 0
-        for name, child in items:
+        for name, child in zip(names, map(children.__getitem__, names), strict=True):
             is_dir = child.type is dir_type
             child_dirs += is_dir
-            at = index_of.get(id(child))
-            if at is None:
-                at = index_of[id(child)] = len(inodes)
-                inode = _Inode(child, name, directory, ino=at + 1)
+            fresh = len(inodes)
+            at = index_of.setdefault(id(child), fresh)
+            if at == fresh:  # not seen before: not a hardlink to an earlier name
+                inode = _Inode(child, name, directory, at + 1)
                 inodes.append(inode)
                 if is_dir:
                     directories.append(inode)
@@ -312,7 +314,7 @@ def _decide_inode_versions(inodes: list[_Inode], build_time_ns: int) -> None:
     """Size, compact or extended, and head size of every inode; device numbers.
 
     A directory's size is already planned (_plan_dirents)."""
-    dir_type = NodeType.DIR
+    dir_type, file_type = NodeType.DIR, NodeType.FILE
     devices = _DEVICE_TYPES
     id_max, compact_id_max = fmt.EXTENDED_ID_MAX, fmt.COMPACT_ID_MAX
     compact_nlink_max, compact_size_max = fmt.COMPACT_NLINK_MAX, fmt.COMPACT_SIZE_MAX
@@ -320,7 +322,10 @@ def _decide_inode_versions(inodes: list[_Inode], build_time_ns: int) -> None:
     for inode in inodes:
         node = inode.node
         node_type = node.type
-        if node_type is not dir_type:
+        if node_type is file_type:  # Node.size, without the call
+            assert node.content is not None
+            inode.size = node.content.size
+        elif node_type is not dir_type:
             inode.size = node.size
             if node_type in devices:
                 _place_device(inode)
@@ -726,7 +731,7 @@ def _write_tails(
     tails are read together (ContentReader.read_many): the small files of a layer lie
     close together in it, and one pread each was a fifth of the writer's time."""
     slot = fmt.INODE_SLOT_SIZE
-    dir_type, symlink_type = NodeType.DIR, NodeType.SYMLINK
+    file_type, symlink_type = NodeType.FILE, NodeType.SYMLINK
     places: list[int] = []  # where each range read goes
     ranges: list[tuple[Content, int, int]] = []
     for inode, nid in zip(inodes, nids, strict=True):
@@ -734,20 +739,19 @@ def _write_tails(
         if not inline:
             continue
         node = inode.node
-        if node.type is dir_type:
-            continue
         at = nid * slot + inode.head_size
         start = inode.size - inline
-        if node.type is symlink_type:
+        if node.type is file_type:
+            content = node.content
+            assert content is not None
+            if content.extents is None:  # not sparse
+                places.append(at)
+                ranges.append((content, start, inline))
+            else:
+                meta[at : at + inline] = read_logical(reader, content, start, inline)
+        elif node.type is symlink_type:
             assert node.target is not None
             meta[at : at + inline] = node.target[start:]
-        else:
-            assert node.content is not None
-            if node.content.is_sparse:
-                meta[at : at + inline] = read_logical(reader, node.content, start, inline)
-            else:
-                places.append(at)
-                ranges.append((node.content, start, inline))
     for at, tail in zip(places, reader.read_many(ranges), strict=True):
         meta[at : at + len(tail)] = tail
 
