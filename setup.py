@@ -14,5 +14,10 @@ setup(
             sources=["vmimg/rootfs/writers/_kernelhash.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
         ),
+        Extension(
+            "vmimg.rootfs.writers.erofs._erofsmeta",
+            sources=["vmimg/rootfs/writers/erofs/_erofsmeta.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+        ),
     ],
 )

@@ -456,6 +456,21 @@ def test_unrepresentable_trees_fail_with_writer_errors(tmp_path: Path) -> None:
         write_image(dev, tmp_path / "img")
     with pytest.raises(WriterError, match="label"):
         write_image(Tree(), tmp_path / "img", label="x" * 16)
+    owner = Tree()
+    owner.add(b"/o", Node(NodeType.FILE, uid=1 << 32))
+    with pytest.raises(WriterError, match=f"owner {1 << 32}:0 of '/o'"):
+        write_image(owner, tmp_path / "img")
+    # names a layer cannot spell, but a Tree can hold: each refused with its directory
+    for bad in (b"n" * 256, b"", b"a/b", b"a\0b"):
+        named = Tree()
+        named.add(b"/sub/ok", Node(NodeType.FILE), make_dirs=Node(NodeType.DIR))
+        sub = named.get(b"/sub")
+        assert sub is not None and sub.children is not None
+        sub.children[bad] = Node(NodeType.FILE)
+        with pytest.raises(
+            WriterError, match=f"cannot store the name {re.escape(repr(bad))} in '/sub'"
+        ):
+            write_image(named, tmp_path / "img")
     with pytest.raises(WriterError, match="lz4hc level"):
         write_image(Tree(), tmp_path / "img", compress="lz4hc", compress_level=99)
     with pytest.raises(WriterError, match="compression"):

@@ -55,6 +55,7 @@ EXTENDED_INODE_SIZE = 64
 COMPACT_ID_MAX = 0xFFFF  # i_uid, i_gid are 16 bits
 COMPACT_NLINK_MAX = 0xFFFF
 COMPACT_SIZE_MAX = 0xFFFFFFFF
+EXTENDED_ID_MAX = 0xFFFFFFFF  # i_uid, i_gid of an extended inode are 32 bits
 
 # --- directories ------------------------------------------------------------
 
@@ -115,7 +116,8 @@ LCLUSTER_INDEX_SIZE = 8
 
 _SUPERBLOCK = struct.Struct("<IIIBBHQQIIII16s16sIHHHB5xQ24x")
 _LZ4_CFGS = struct.Struct("<HHH10x")  # length prefix (14) + z_erofs_lz4_cfgs
-_INODE_COMPACT = struct.Struct("<HHHHIIIIHHI")
+# i_reserved and i_reserved2 are pad bytes: zeros, and no arguments to pass per inode
+_INODE_COMPACT = struct.Struct("<HHHHI4xIIHH4x")
 _INODE_EXTENDED = struct.Struct("<HHHHQIIIIqII16x")
 _DIRENT = struct.Struct("<QHBB")
 _XATTR_IBODY_HEADER = struct.Struct("<IB7x")
@@ -125,6 +127,9 @@ _LCLUSTER_HEAD = struct.Struct("<HHI")
 _LCLUSTER_NONHEAD = struct.Struct("<HHHH")
 
 DIRENT = _DIRENT  # for packing a directory block's dirents in place
+# For packing compact inodes in place, the writer's per-inode path: pack_into(buf, offset,
+# i_format, xattr_icount, mode, nlink, size, i_u, ino, uid, gid), as InodeCompact.pack().
+INODE_COMPACT = _INODE_COMPACT
 SUPERBLOCK_SIZE = _SUPERBLOCK.size
 LZ4_CFGS_SIZE = _LZ4_CFGS.size
 SUPERBLOCK_CHECKSUM_OFFSET = 4  # within the superblock
@@ -210,12 +215,10 @@ class InodeCompact:
             self.mode,
             self.nlink,
             self.size,
-            0,
             self.i_u,
             self.ino,
             self.uid,
             self.gid,
-            0,
         )
 
 
@@ -250,34 +253,6 @@ class InodeExtended:
             self.mtime_nsec,
             self.nlink,
         )
-
-
-def pack_compact_into(
-    buf: bytearray,
-    offset: int,
-    common: tuple[int, int, int, int, int, int],
-    ids: tuple[int, int, int],
-) -> None:
-    """What InodeCompact(...).pack() gives, packed in place (the writer's per-inode path).
-
-    common: (datalayout, xattr_icount, mode, nlink, size, i_u); ids: (ino, uid, gid)."""
-    datalayout, icount, mode, nlink, size, i_u = common
-    ino, uid, gid = ids
-    _INODE_COMPACT.pack_into(
-        buf,
-        offset,
-        i_format(INODE_LAYOUT_COMPACT, datalayout),
-        icount,
-        mode,
-        nlink,
-        size,
-        0,
-        i_u,
-        ino,
-        uid,
-        gid,
-        0,
-    )
 
 
 def pack_extended_into(

@@ -1,0 +1,114 @@
+"""The C loops of the erofs writer (vmimg/rootfs/writers/erofs/_erofsmeta.c) against their
+plain Python reference (tests/erofsmeta_ref.py): the same output for any input, and bad
+input refused with an exception, never read or written out of bounds."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import erofsmeta_ref
+from vmimg.rootfs.writers.erofs import _erofsmeta
+from vmimg.rootfs.writers.erofs import format as fmt
+
+BLOCK = fmt.BLOCK_SIZE
+SLOT = fmt.INODE_SLOT_SIZE
+
+# Meta sizes as inodes have them: mostly under a block (inode, xattrs, a tail), some
+# exactly a block or a slot short of one, a few bigger (compression indexes).
+meta_sizes = st.lists(
+    st.one_of(
+        st.integers(fmt.COMPACT_INODE_SIZE, BLOCK),
+        st.sampled_from([BLOCK - SLOT, BLOCK, BLOCK + 1, 2 * BLOCK]),
+        st.integers(0, 5 * BLOCK),
+    ),
+    max_size=400,
+)
+
+
+@given(meta_sizes, st.integers(1, 40))
+@settings(max_examples=300, deadline=None)
+def test_first_fit_matches_the_reference(sizes: list[int], open_blocks: int) -> None:
+    assert _erofsmeta.first_fit(sizes, BLOCK, SLOT, open_blocks) == erofsmeta_ref.first_fit(
+        sizes, BLOCK, SLOT, open_blocks
+    )
+
+
+@given(meta_sizes, st.sampled_from([(512, 32), (1024, 64), (4096, 4096)]))
+@settings(max_examples=100, deadline=None)
+def test_first_fit_other_geometries(sizes: list[int], geometry: tuple[int, int]) -> None:
+    block, slot = geometry
+    assert _erofsmeta.first_fit(sizes, block, slot, 3) == erofsmeta_ref.first_fit(
+        sizes, block, slot, 3
+    )
+
+
+def test_first_fit_refuses_bad_input() -> None:
+    with pytest.raises(ValueError):
+        _erofsmeta.first_fit([32], BLOCK, 100, 32)  # a block is no whole number of slots
+    with pytest.raises(ValueError):
+        _erofsmeta.first_fit([32], BLOCK, SLOT, 0)
+    with pytest.raises(OverflowError):
+        _erofsmeta.first_fit([-1], BLOCK, SLOT, 32)
+    with pytest.raises(OverflowError):
+        _erofsmeta.first_fit([1 << 60], BLOCK, SLOT, 32)
+    with pytest.raises(TypeError):
+        _erofsmeta.first_fit(["32"], BLOCK, SLOT, 32)  # type: ignore[list-item]
+    assert _erofsmeta.first_fit([], BLOCK, SLOT, 32) == ([], BLOCK)
+
+
+@st.composite
+def directories(draw: st.DrawFn) -> tuple[list[bytes], list[int], list[int], list[int], bytes]:
+    """Entries split into blocks the way the writer splits them, nids of every size."""
+    names = draw(st.lists(st.binary(min_size=1, max_size=fmt.NAME_LEN_MAX), min_size=1))
+    inodes = draw(st.integers(1, 50))
+    targets = [draw(st.integers(0, inodes - 1)) for _ in names]
+    nids = draw(st.lists(st.integers(0, (1 << 64) - 1), min_size=inodes, max_size=inodes))
+    file_types = draw(st.binary(min_size=inodes, max_size=inodes))
+    starts, used = [0], 0
+    for i, name in enumerate(names):
+        need = fmt.DIRENT_SIZE + len(name)
+        if used + need > BLOCK:
+            starts.append(i)
+            used = 0
+        used += need
+    return names, targets, starts, nids, file_types
+
+
+@given(directories())
+@settings(max_examples=200, deadline=None)
+def test_dir_blocks_match_the_reference(
+    directory: tuple[list[bytes], list[int], list[int], list[int], bytes],
+) -> None:
+    assert _erofsmeta.dir_blocks(*directory, BLOCK) == erofsmeta_ref.dir_blocks(*directory, BLOCK)
+
+
+def test_dirent_is_formats() -> None:
+    assert _erofsmeta.DIRENT_SIZE == fmt.DIRENT_SIZE == fmt.DIRENT.size
+    raw = _erofsmeta.dir_blocks([b"a", b"bc"], [1, 0], [0], [7, 1 << 40], b"\x02\x01", BLOCK)
+    assert raw == (fmt.Dirent(1 << 40, 24, 1).pack() + fmt.Dirent(7, 25, 2).pack() + b"abc")
+
+
+def test_dir_blocks_refuse_bad_input() -> None:
+    ok = ([b"a", b"b"], [0, 0], [0], [1], b"\x01")
+    assert _erofsmeta.dir_blocks(*ok, BLOCK)
+    bad: list[tuple[type[Exception], tuple[object, ...]]] = [
+        (IndexError, ([b"a"], [1], [0], [1], b"\x01", BLOCK)),  # no such inode
+        (IndexError, ([b"a"], [0], [0], [1], b"", BLOCK)),  # no file type for it
+        (IndexError, ([b"a"], [-1], [0], [1], b"\x01", BLOCK)),
+        (ValueError, ([b"a", b"b"], [0], [0], [1], b"\x01", BLOCK)),  # lists differ
+        (ValueError, ([], [], [0], [1], b"\x01", BLOCK)),
+        (ValueError, ([b"a"], [0], [], [1], b"\x01", BLOCK)),
+        (ValueError, ([b"a"], [0], [1], [1], b"\x01", BLOCK)),  # first block not at 0
+        (ValueError, ([b"a", b"b"], [0, 0], [0, 0], [1], b"\x01", BLOCK)),  # not rising
+        (ValueError, ([b"a", b"b"], [0, 0], [0, 2], [1], b"\x01", BLOCK)),  # past the end
+        (ValueError, ([b"x" * 100], [0], [0], [1], b"\x01", 64)),  # overflows its block
+        (ValueError, ([b"a"], [0], [0], [1], b"\x01", 0)),
+        (TypeError, (["a"], [0], [0], [1], b"\x01", BLOCK)),
+        (OverflowError, ([b"a"], [0], [0], [-1], b"\x01", BLOCK)),  # a nid below 0
+        (OverflowError, ([b"a"], [0], [0], [1 << 64], b"\x01", BLOCK)),
+    ]
+    for error, args in bad:
+        with pytest.raises(error):
+            _erofsmeta.dir_blocks(*args)  # type: ignore[arg-type]
