@@ -462,10 +462,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixtures", default="minbase,smallfiles,smallfiles400k")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated contender names (no warm runs)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="a contender's name, repeatable (names hold commas); no warm runs",
+    )
     ap.add_argument("--json", default="bench/results/latest.json")
     args = ap.parse_args()
-    only = set(args.only.split(",")) if args.only else None
+    only = set(args.only) if args.only else None
+    unknown = (only or set()) - {n for plan in PLAN.values() for n in plan}
+    if unknown:
+        ap.error(f"no contender is named {sorted(unknown)}")
     # An installed vmimg has its bytecode (pip compiles it); a checkout run with
     # PYTHONDONTWRITEBYTECODE would compile every changed module at every start instead.
     compileall.compile_dir(os.path.join(REPO, "vmimg"), quiet=1)
