@@ -96,7 +96,7 @@ class _Inodes:
     a node of the tree (0, 1, and 3 to 10: reserved, or written on their own like the
     journal) hold None and zeros.
 
-    Inodes are numbered in the order _plan_inodes walks the tree, each directory's new
+    Inodes are numbered in the order _number_inodes walks the tree, each directory's new
     entries one after another from `first_child`: a directory's blocks find an entry's
     inode by walking that run again, and look up in `linked` only the entries named
     before (hardlinks, and a lost+found made for the image).
