@@ -427,6 +427,35 @@ def test_layered_tree_with_hardlinks_xattrs_and_special_bits(tmp_path: Path) -> 
     assert xattr_block(stats[b"/usr/bin/ping"]) == 0, "small xattrs stay in the inode"
 
 
+def test_hardlinks_wherever_their_names_fall(tmp_path: Path) -> None:
+    """A directory's entries find their inodes by walking its run of new inodes again:
+    names of one node in the same directory, across directories in either order, in a
+    hashed directory and in the tree's own lost+found all name that node's one inode."""
+    tree = Tree(Node(NodeType.DIR, mtime_ns=T0))
+    shared = Node(NodeType.FILE, mtime_ns=T0, content=Content.from_bytes(b"shared\n"))
+    lone = Node(NodeType.FILE, mtime_ns=T0, content=Content.from_bytes(b"lone\n"))
+    dirs = Node(NodeType.DIR, mtime_ns=T0)
+    for path in (b"/a/x", b"/a/y", b"/b/first", b"/lost+found/kept", b"/z"):
+        tree.add(path, shared, make_dirs=dirs)
+    tree.add(b"/a/lone", lone)
+    for i in range(400):  # more than one block: hash-indexed
+        tree.add(b"/big/name-%04d" % i, shared if i % 100 == 0 else lone, make_dirs=dirs)
+    img = write_image(tree, tmp_path / "img", headroom=MiB)
+    stats = check_image(tree, img, tmp_path)
+    assert stats[b"/z"].links == 9
+    assert stats[b"/big/name-0001"].links == 397
+    assert stats[b"/big"].flags & 0x1000  # EXT4_INDEX_FL
+
+
+def test_error_names_the_first_path(tmp_path: Path) -> None:
+    tree = Tree()
+    bad = Node(NodeType.FILE, uid=1 << 32)
+    tree.add(b"/b/c/bad", bad, make_dirs=Node(NodeType.DIR))
+    tree.add(b"/a/later", bad, make_dirs=Node(NodeType.DIR))  # numbered first: /a is first
+    with pytest.raises(WriterError, match=r"^/a/later: uid/gid"):
+        write_image(tree, tmp_path / "img")
+
+
 @pytest.mark.slow
 def test_100k_entry_directory_uses_htree(tmp_path: Path) -> None:
     tree = Tree(Node(NodeType.DIR, mtime_ns=T0))

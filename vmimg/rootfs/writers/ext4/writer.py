@@ -23,8 +23,10 @@ import hashlib
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
@@ -76,38 +78,117 @@ class Ext4Options:
     label: str = ""
 
 
-@dataclass(slots=True)
-class _Ino:
-    """One inode to write: what it is, and the blocks it needs and gets."""
+def _zeros(typecode: str, count: int) -> array[int]:
+    return array(typecode, [0]) * count
 
-    ino: int
-    node: Node
-    links: int
-    name: bytes  # the name of its first path (b"/" for the root) ...
-    up: _Ino | None  # ... and the directory holding it: together, its path for errors
-    parent: int = 0  # directories: the inode of ".."
-    flags: int = 0
-    # Blocks built at write time (directories, slow symlinks): data_blocks from block 0.
-    metadata: bool = False
-    # Files: logical block ranges (start, count) holding data, mapped contiguously.
-    ranges: Sequence[tuple[int, int]] = ()
-    data_blocks: int = 0
-    tree_blocks: int = 0
-    xattr_ibody: bytes = b""
-    xattr_key: tuple[bytes, int] | None = None  # (xattr block body, share group)
-    # Filled in by _allocate.
-    data_start: int = 0
-    tree_start: int = 0
+
+# Says which inode an error is about: called only when one is raised, as the path is
+# looked up then (_Inodes.path), not kept for every inode.
+_Where = Callable[[], bytes]
+
+
+class _Inodes:
+    """The inodes to write, as parallel arrays indexed by inode number.
+
+    A tree of 100,000 entries would otherwise hold 100,000 objects of a dozen fields,
+    each field an int object, plus a dict from node to inode: some 40 MiB, a third of a
+    conversion's peak memory (issue #18). Here an inode costs 40 bytes. Numbers without
+    a node of the tree (0, 1, and 3 to 10: reserved, or written on their own like the
+    journal) hold None and zeros.
+
+    Inodes are numbered in the order _number_inodes walks the tree, each directory's new
+    entries one after another from `first_child`: a directory's blocks find an entry's
+    inode by walking that run again, and look up in `linked` only the entries named
+    before (hardlinks, and a lost+found made for the image).
+    """
+
+    __slots__ = (
+        "data_blocks",
+        "data_start",
+        "first_child",
+        "flags",
+        "linked",
+        "links",
+        "lost_found",
+        "nodes",
+        "ranges",
+        "tree_blocks",
+        "up",
+        "xattr_ibody",
+        "xattr_key",
+    )
+
+    def __init__(self, root: Node, lost_found: Node | None) -> None:
+        self.nodes: list[Node | None] = [None] * fmt.FIRST_INO
+        self.nodes[fmt.ROOT_INO] = root
+        # The directory holding an inode's first name (for a directory, its ".."):
+        # with `nodes`, its path for errors.
+        self.up = _zeros("I", fmt.FIRST_INO)
+        self.up[fmt.ROOT_INO] = fmt.ROOT_INO
+        self.links = _zeros("I", fmt.FIRST_INO)
+        self.first_child = _zeros("I", fmt.FIRST_INO)  # directories only
+        # Filled in by _plan_inode once every inode is numbered.
+        self.flags = array("I")
+        self.data_blocks = array("Q")  # from logical block 0 (the data ranges' sum)
+        # The rare cases, by inode: sparse files' data ranges (any other file's is
+        # one run from block 0), extent tree blocks, xattrs.
+        self.ranges: dict[int, list[tuple[int, int]]] = {}
+        self.tree_blocks: dict[int, int] = {}
+        self.xattr_ibody: dict[int, bytes] = {}
+        self.xattr_key: dict[int, tuple[bytes, int]] = {}  # (xattr block body, share group)
+        self.data_start = array("Q")  # filled in by _allocate; tree blocks follow the data
+        self.linked: dict[Node, int] = {}
+        self.lost_found = lost_found  # made for the image: no name in the tree
+        if lost_found is not None:
+            self.add(lost_found, fmt.ROOT_INO, 2)
+            self.linked[lost_found] = fmt.LOST_FOUND_INO
+
+    def add(self, node: Node, up: int, links: int) -> None:
+        """Number `node`, first named in directory `up`: the next inode."""
+        self.nodes.append(node)
+        self.up.append(up)
+        self.links.append(links)
+        self.first_child.append(0)
 
     @property
-    def path(self) -> bytes:
-        """The first path naming this inode, built on demand (error messages only)."""
+    def max_ino(self) -> int:
+        return len(self.nodes) - 1
+
+    def where(self, ino: int) -> _Where:
+        return lambda: self.path(ino)
+
+    def path(self, ino: int) -> bytes:
+        """The first path naming inode `ino`, looked up (error messages only)."""
         names = []
-        entry: _Ino | None = self
-        while entry is not None and entry.up is not None:
-            names.append(entry.name)
-            entry = entry.up
+        while ino != fmt.ROOT_INO:
+            names.append(self._name(ino))
+            ino = self.up[ino]
         return b"/" + b"/".join(reversed(names))
+
+    def _name(self, ino: int) -> bytes:
+        """The name `ino` was numbered under: its first in its directory's name order."""
+        node = self.nodes[ino]
+        if node is self.lost_found:
+            return b"lost+found"
+        directory = self.nodes[self.up[ino]]
+        assert directory is not None
+        return next(name for name, child in directory.sorted_children() if child is node)
+
+    def child_inos(self, ino: int, children: list[tuple[bytes, Node]]) -> list[int]:
+        """The inodes of directory `ino`'s entries (`children`, in name order)."""
+        nodes = self.nodes
+        linked = self.linked
+        last = len(nodes) - 1
+        nxt = self.first_child[ino]
+        out = []
+        for _name, child in children:
+            # Numbered here, in this order: the next of this directory's run.
+            if nxt <= last and nodes[nxt] is child:
+                out.append(nxt)
+                nxt += 1
+            else:
+                out.append(linked[child])
+        return out
 
 
 @dataclass(slots=True)
@@ -121,10 +202,7 @@ class _XattrBlock:
 class _Plan:
     """Everything known before the geometry: inodes, block needs, identity."""
 
-    inodes: list[_Ino]  # sorted by ino
-    max_ino: int
-    entry_of: dict[int, _Ino]  # id(node) -> its inode
-    lost_found: Node | None  # the one made for the image when the tree has none
+    inodes: _Inodes
     uuid: bytes
     hash_seed: bytes
     fs_seed: int
@@ -135,10 +213,13 @@ class _Plan:
     @property
     def payload_blocks(self) -> int:
         """Blocks of everything except the fixed metadata (sb, GDT, bitmaps, tables)."""
-        total = self.journal_blocks + len(self.xattr_blocks)
-        for i in self.inodes:
-            total += i.data_blocks + i.tree_blocks
-        return total
+        inodes = self.inodes
+        fixed = self.journal_blocks + len(self.xattr_blocks)
+        return fixed + sum(inodes.data_blocks) + sum(inodes.tree_blocks.values())
+
+    @property
+    def max_ino(self) -> int:
+        return self.inodes.max_ino
 
 
 @dataclass(frozen=True)
@@ -211,34 +292,34 @@ def _xattr_prefix(name: bytes) -> tuple[bytes, int] | None:
     return None
 
 
-def _xattr_entries(node: Node, where: _Ino) -> list[fmt.XattrEntry]:
+def _xattr_entries(node: Node, where: _Where) -> list[fmt.XattrEntry]:
     entries = []
     for name, value in node.xattrs.items():
         known = _xattr_prefix(name)
         if known is None:
-            raise WriterError(f"xattr {name!r} on {os.fsdecode(where.path)}: unsupported namespace")
+            raise WriterError(f"xattr {name!r} on {os.fsdecode(where())}: unsupported namespace")
         prefix, index = known
         suffix = name[len(prefix) :]
         if index in (fmt.XATTR_INDEX_ACL_ACCESS, fmt.XATTR_INDEX_ACL_DEFAULT):
             if suffix:
                 raise WriterError(
-                    f"xattr {name!r} on {os.fsdecode(where.path)}: unsupported namespace"
+                    f"xattr {name!r} on {os.fsdecode(where())}: unsupported namespace"
                 )
             value = _acl_to_disk(value, where)
         if len(suffix) > fmt.NAME_MAX:
-            raise WriterError(f"xattr {name!r} on {os.fsdecode(where.path)}: name too long")
+            raise WriterError(f"xattr {name!r} on {os.fsdecode(where())}: name too long")
         entries.append(fmt.XattrEntry(index, suffix, value))
     entries.sort(key=fmt.XattrEntry.sort_key)
     return entries
 
 
-def _acl_to_disk(value: bytes, where: _Ino) -> bytes:
+def _acl_to_disk(value: bytes, where: _Where) -> bytes:
     """A POSIX ACL from its xattr form (version 2) to ext4's compact form (version 1)."""
     if len(value) < 4 or (len(value) - 4) % 8:
-        raise WriterError(f"malformed POSIX ACL on {os.fsdecode(where.path)}")
+        raise WriterError(f"malformed POSIX ACL on {os.fsdecode(where())}")
     (version,) = struct.unpack_from("<I", value)
     if version != fmt.POSIX_ACL_XATTR_VERSION:
-        raise WriterError(f"POSIX ACL version {version} on {os.fsdecode(where.path)}")
+        raise WriterError(f"POSIX ACL version {version} on {os.fsdecode(where())}")
     out = bytearray(struct.pack("<I", fmt.EXT4_ACL_VERSION))
     for tag, perm, ident in struct.iter_unpack("<HHI", value[4:]):
         if tag in (fmt.ACL_USER, fmt.ACL_GROUP):
@@ -248,7 +329,7 @@ def _acl_to_disk(value: bytes, where: _Ino) -> bytes:
     return bytes(out)
 
 
-def _data_ranges(content: Content, where: _Ino) -> list[tuple[int, int]]:
+def _data_ranges(content: Content, where: _Where) -> list[tuple[int, int]]:
     """Logical block ranges holding data; holes between them stay unallocated."""
     ranges: list[tuple[int, int]] = []
     end_prev = 0
@@ -257,7 +338,7 @@ def _data_ranges(content: Content, where: _Ino) -> list[tuple[int, int]]:
             continue
         if ext.offset < end_prev or ext.offset + ext.length > content.size:
             raise WriterError(
-                f"sparse extents of {os.fsdecode(where.path)} overlap or exceed its size"
+                f"sparse extents of {os.fsdecode(where())} overlap or exceed its size"
             )
         end_prev = ext.offset + ext.length
         b0 = ext.offset // fmt.BLOCK_SIZE
@@ -295,7 +376,7 @@ def _journal_blocks(data_blocks: int) -> int:
 _UNCHECKED = frozenset({NodeType.FILE, NodeType.DIR, NodeType.FIFO, NodeType.SOCKET})
 
 
-def _check_node(node: Node, entry: _Ino | None) -> None:
+def _check_node(node: Node, where: _Where) -> None:
     problem = None
     if node.uid > MAX_UID or node.gid > MAX_UID or node.uid < 0 or node.gid < 0:
         problem = f"uid/gid {node.uid}:{node.gid} does not fit in 32 bits"
@@ -308,104 +389,36 @@ def _check_node(node: Node, entry: _Ino | None) -> None:
         if not target or len(target) >= fmt.BLOCK_SIZE:
             problem = f"symlink target must be 1..{fmt.BLOCK_SIZE - 1} bytes"
     if problem is not None:
-        shown = os.fsdecode(entry.path) if entry is not None else "/"
-        raise WriterError(f"{shown}: {problem}")
+        raise WriterError(f"{os.fsdecode(where())}: {problem}")
 
 
 def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
     seed = options.seed or _tree_digest(tree)
     uuid = _make_uuid(seed)
     hash_seed = _derive(seed, b"hash seed")
-    fs_seed = fmt.fs_checksum_seed(uuid)
     hash_words: tuple[int, int, int, int] = struct.unpack("<4I", hash_seed)
-    root = tree.root
-    assert root.children is not None
+    inodes, time_ns = _number_inodes(tree)
 
-    inodes: list[_Ino] = []
-    # id(node) -> its inode: what a hardlink finds, and what directory entries name
-    entry_of: dict[int, _Ino] = {}
-    next_ino = fmt.FIRST_INO
-
-    _check_node(root, None)
-    lost_found: Node | None = None
-    if b"lost+found" not in root.children:
-        lost_found = Node(NodeType.DIR, mode=0o700, mtime_ns=root.mtime_ns, children={})
-    root_entry = _Ino(ino=fmt.ROOT_INO, node=root, links=0, name=b"/", up=None)
-    root_entry.parent = fmt.ROOT_INO
-    inodes.append(root_entry)
-    entry_of[id(root)] = root_entry
-    lost_found_entry = None
-    if lost_found is not None:
-        lost_found_entry = _Ino(
-            ino=fmt.LOST_FOUND_INO, node=lost_found, links=2, name=b"lost+found", up=root_entry
-        )
-        lost_found_entry.parent = fmt.ROOT_INO
-        inodes.append(lost_found_entry)
-        entry_of[id(lost_found)] = lost_found_entry
-        next_ino += 1
-    time_ns = max(0, root.mtime_ns)
-
-    # Number the tree's inodes: each directory's children together, names sorted, then
-    # its subdirectories depth first. Only names are held, never whole paths: memory
-    # follows the number of entries, not their depth. Link counts are counted here too:
-    # names for a file, "." and ".." and each subdirectory's ".." for a directory.
-    dir_type = NodeType.DIR
-    stack: list[_Ino] = [root_entry]
-    while stack:
-        directory = stack.pop()
-        node = directory.node
-        children = node.sorted_children()
-        subdirs = []
-        for name, child in children:
-            if not name or b"/" in name or name in (b".", b".."):
-                raise WriterError(f"bad name {name!r} in {os.fsdecode(directory.path)}")
-            if len(name) > fmt.NAME_MAX:
-                raise WriterError(f"name longer than 255 bytes in {os.fsdecode(directory.path)}")
-            known = entry_of.get(id(child))
-            if known is not None:
-                if child.type is dir_type:
-                    shown = os.fsdecode(directory.path.rstrip(b"/") + b"/" + name)
-                    raise WriterError(f"{shown}: directory linked twice")
-                known.links += 1
-                continue
-            entry = _Ino(ino=next_ino, node=child, links=1, name=name, up=directory)
-            entry.parent = directory.ino
-            inodes.append(entry)
-            entry_of[id(child)] = entry
-            if child.type not in _UNCHECKED or not (
-                0 <= child.uid <= MAX_UID and 0 <= child.gid <= MAX_UID
-            ):
-                _check_node(child, entry)
-            if child.mtime_ns > time_ns:
-                time_ns = child.mtime_ns
-            if child.type is dir_type:
-                entry.links = 2
-                subdirs.append(entry)
-            next_ino += 1
-        directory.links = 2 + len(subdirs)
-        stack.extend(reversed(subdirs))
-    if lost_found is not None:
-        root_entry.links += 1
-    max_ino = next_ino - 1
-
+    inodes.flags = _zeros("I", len(inodes.nodes))
+    inodes.data_blocks = _zeros("Q", len(inodes.nodes))
     xattr_blocks: dict[tuple[bytes, int], _XattrBlock] = {}
     xattr_users: dict[bytes, int] = {}
-    for entry in inodes:
-        if entry.links > fmt.LINK_MAX and entry.node.type is not dir_type:
-            raise WriterError(f"{os.fsdecode(entry.path)}: more than {fmt.LINK_MAX} links")
-        _plan_inode(entry, entry_of, lost_found, hash_words)
-        if entry is lost_found_entry:
-            entry.data_blocks = LOST_FOUND_BLOCKS
-        _plan_xattrs(entry, xattr_blocks, xattr_users)
+    dir_type = NodeType.DIR
+    for ino, node in enumerate(inodes.nodes):
+        if node is None:
+            continue
+        if inodes.links[ino] > fmt.LINK_MAX and node.type is not dir_type:
+            where = inodes.path(ino)
+            raise WriterError(f"{os.fsdecode(where)}: more than {fmt.LINK_MAX} links")
+        _plan_inode(inodes, ino, hash_words)
+        if node.xattrs:
+            _plan_xattrs(inodes, ino, xattr_blocks, xattr_users)
 
     plan = _Plan(
         inodes=inodes,
-        max_ino=max_ino,
-        entry_of=entry_of,
-        lost_found=lost_found,
         uuid=uuid,
         hash_seed=hash_seed,
-        fs_seed=fs_seed,
+        fs_seed=fmt.fs_checksum_seed(uuid),
         time_ns=time_ns,
         journal_blocks=0,
         xattr_blocks=xattr_blocks,
@@ -415,63 +428,147 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
     return plan
 
 
-def _plan_inode(
-    entry: _Ino,
-    entry_of: dict[int, _Ino],
-    lost_found: Node | None,
-    hash_words: tuple[int, int, int, int],
-) -> None:
-    node = entry.node
+def _number_inodes(tree: Tree) -> tuple[_Inodes, int]:
+    """Number the inodes: root 2, lost+found 11 when the image makes one, then the tree.
+    Returns them with the latest mtime (the file system's own times)."""
+    root = tree.root
+    assert root.children is not None
+    _check_node(root, lambda: b"/")
+    lost_found: Node | None = None
+    if b"lost+found" not in root.children:
+        lost_found = Node(NodeType.DIR, mode=0o700, mtime_ns=root.mtime_ns, children={})
+    inodes = _Inodes(root, lost_found)
+    nodes = inodes.nodes
+    links = inodes.links
+    time_ns = max(0, root.mtime_ns)
+
+    # Number the tree's inodes: each directory's children together, names sorted, then
+    # its subdirectories depth first. Only names are held, never whole paths: memory
+    # follows the number of entries, not their depth. Link counts are counted here too:
+    # names for a file, "." and ".." and each subdirectory's ".." for a directory.
+    # `seen` finds a node named again: a hardlink (or a directory linked twice, refused).
+    # It is dropped on return; `again` keeps those nodes, one per extra name.
+    seen: set[Node] = {root}
+    again: list[Node] = []
+    dir_type = NodeType.DIR
+    stack = [fmt.ROOT_INO]
+    while stack:
+        directory = stack.pop()
+        node = nodes[directory]
+        assert node is not None
+        inodes.first_child[directory] = len(nodes)
+        subdirs = []
+        for name, child in node.sorted_children():
+            if not name or b"/" in name or name in (b".", b".."):
+                shown = os.fsdecode(inodes.path(directory))
+                raise WriterError(f"bad name {name!r} in {shown}")
+            if len(name) > fmt.NAME_MAX:
+                shown = os.fsdecode(inodes.path(directory))
+                raise WriterError(f"name longer than 255 bytes in {shown}")
+            if child in seen:
+                if child.type is dir_type:
+                    shown = os.fsdecode(inodes.path(directory).rstrip(b"/") + b"/" + name)
+                    raise WriterError(f"{shown}: directory linked twice")
+                again.append(child)
+                continue
+            seen.add(child)
+            ino = len(nodes)
+            if child.type is dir_type:
+                inodes.add(child, directory, 2)
+                subdirs.append(ino)
+            else:
+                inodes.add(child, directory, 1)
+            if child.type not in _UNCHECKED or not (
+                0 <= child.uid <= MAX_UID and 0 <= child.gid <= MAX_UID
+            ):
+                _check_node(child, inodes.where(ino))
+            if child.mtime_ns > time_ns:
+                time_ns = child.mtime_ns
+        links[directory] = 2 + len(subdirs)
+        stack.extend(reversed(subdirs))
+    if lost_found is not None:
+        links[fmt.ROOT_INO] += 1
+    _count_hardlinks(inodes, again)
+    return inodes, time_ns
+
+
+def _count_hardlinks(inodes: _Inodes, again: list[Node]) -> None:
+    """Each extra name of a node adds a link, and the node joins `inodes.linked`, where
+    the directories naming it find its inode."""
+    if not again:
+        return
+    linked = dict.fromkeys(again, 0)
+    for ino, node in enumerate(inodes.nodes):
+        if node in linked:
+            linked[node] = ino
+    for node in again:
+        inodes.links[linked[node]] += 1
+    inodes.linked.update(linked)
+
+
+def _plan_inode(inodes: _Inodes, ino: int, hash_words: tuple[int, int, int, int]) -> None:
+    """An inode's flags and the blocks it needs."""
+    node = inodes.nodes[ino]
+    assert node is not None
     kind = node.type
     if kind is NodeType.FILE:
         content = node.content
         assert content is not None
         if content.extents is None:  # one run from 0: the common case, without Extents
             count = -(-content.size // fmt.BLOCK_SIZE)
-            entry.ranges = ((0, count),) if count else ()
-            entry.data_blocks = count
+            inodes.data_blocks[ino] = count
             if count > fmt.EXTENTS_IN_INODE * fmt.EXTENT_MAX_LEN:
-                entry.tree_blocks = _extent_tree_blocks(_extent_count(entry.ranges))
+                inodes.tree_blocks[ino] = _extent_tree_blocks(_extent_count(((0, count),)))
         else:
-            entry.ranges = _data_ranges(content, entry)
-            entry.data_blocks = sum(n for _, n in entry.ranges)
-            entry.tree_blocks = _extent_tree_blocks(_extent_count(entry.ranges))
-        entry.flags |= fmt.INODE_FLAG_EXTENTS
+            ranges = _data_ranges(content, inodes.where(ino))
+            inodes.ranges[ino] = ranges
+            inodes.data_blocks[ino] = sum(n for _, n in ranges)
+            tree_blocks = _extent_tree_blocks(_extent_count(ranges))
+            if tree_blocks:
+                inodes.tree_blocks[ino] = tree_blocks
+        inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
     elif kind is NodeType.DIR:
-        # Only the number of blocks is worked out here; the blocks themselves are
-        # built and written one directory at a time (_dir_blocks), never all held.
-        if _linear_size(entry, lost_found) <= _LEAF_SPACE:
-            count = 1
-        else:  # more than one block: hash-indexed, as the kernel would make it
-            names = _dir_entries(entry, entry_of, lost_found)
-            count = _htree_shape(entry, _htree_order(names, hash_words)).blocks
-            entry.flags |= fmt.INODE_FLAG_INDEX
-        entry.metadata = True
-        entry.data_blocks = count
-        entry.flags |= fmt.INODE_FLAG_EXTENTS
-        if entry.links > fmt.LINK_MAX:
-            entry.links = 1  # dir_nlink: "more than the field can count"
+        inodes.data_blocks[ino] = _plan_dir(inodes, ino, hash_words)
+        if inodes.links[ino] > fmt.LINK_MAX:
+            inodes.links[ino] = 1  # dir_nlink: "more than the field can count"
     elif kind is NodeType.SYMLINK:
         assert node.target is not None
         if len(node.target) > fmt.MAX_FAST_SYMLINK:  # a slow symlink: its target in a block
-            entry.metadata = True
-            entry.data_blocks = 1
-            entry.flags |= fmt.INODE_FLAG_EXTENTS
+            inodes.data_blocks[ino] = 1
+            inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
+
+
+def _plan_dir(inodes: _Inodes, ino: int, hash_words: tuple[int, int, int, int]) -> int:
+    """A directory's flags, and the number of its blocks. Only the number is worked out
+    here; the blocks themselves are built and written one directory at a time
+    (_dir_blocks), never all held."""
+    node = inodes.nodes[ino]
+    inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
+    if node is inodes.lost_found:
+        return LOST_FOUND_BLOCKS  # pre-sized, as mke2fs does
+    if _linear_size(inodes, ino) <= _LEAF_SPACE:
+        return 1
+    # More than one block: hash-indexed, as the kernel would make it.
+    inodes.flags[ino] |= fmt.INODE_FLAG_INDEX
+    names = _dir_entries(inodes, ino)
+    return _htree_shape(inodes.where(ino), _htree_order(names, hash_words)).blocks
 
 
 def _plan_xattrs(
-    entry: _Ino,
+    inodes: _Inodes,
+    ino: int,
     xattr_blocks: dict[tuple[bytes, int], _XattrBlock],
     xattr_users: dict[bytes, int],
 ) -> None:
-    if not entry.node.xattrs:
-        return
-    entries = _xattr_entries(entry.node, entry)
+    node = inodes.nodes[ino]
+    assert node is not None
+    where = inodes.where(ino)
+    entries = _xattr_entries(node, where)
     if fmt.xattrs_space(entries) <= fmt.XATTR_IBODY_SPACE - 4:
-        entry.xattr_ibody = fmt.xattr_ibody(entries)
+        inodes.xattr_ibody[ino] = fmt.xattr_ibody(entries)
         return
     if fmt.XATTR_BLOCK_HEADER_SIZE + fmt.xattrs_space(entries) > fmt.BLOCK_SIZE:
-        raise WriterError(f"{os.fsdecode(entry.path)}: xattrs do not fit in one 4 KiB block")
+        raise WriterError(f"{os.fsdecode(where())}: xattrs do not fit in one 4 KiB block")
     # Identical xattr sets share one block (as the kernel does), up to its refcount limit.
     body = bytes(fmt.xattr_block_body(entries, 0))
     users = xattr_users.get(body, 0)
@@ -479,7 +576,7 @@ def _plan_xattrs(
     key = (body, users // fmt.XATTR_REFCOUNT_MAX)
     block = xattr_blocks.setdefault(key, _XattrBlock(entries))
     block.refcount += 1
-    entry.xattr_key = key
+    inodes.xattr_key[ino] = key
 
 
 # --- Directories ------------------------------------------------------------------------------
@@ -538,54 +635,55 @@ def _greedy_breaks(sizes: list[int], can_break: list[bool] | None = None) -> lis
     return breaks
 
 
-def _children(entry: _Ino, lost_found: Node | None) -> list[tuple[bytes, Node]]:
+def _children(inodes: _Inodes, ino: int) -> list[tuple[bytes, Node]]:
     """A directory's entries by name (sorted again when written: nothing is kept)."""
-    children = entry.node.sorted_children()
-    if entry.ino == fmt.ROOT_INO and lost_found is not None:
-        children = sorted([*children, (b"lost+found", lost_found)])
+    node = inodes.nodes[ino]
+    assert node is not None
+    children = node.sorted_children()
+    if ino == fmt.ROOT_INO and inodes.lost_found is not None:
+        children = sorted([*children, (b"lost+found", inodes.lost_found)])
     return children
 
 
-def _dir_entries(
-    entry: _Ino, entry_of: dict[int, _Ino], lost_found: Node | None
-) -> list[fmt.DirEntry2]:
+def _dir_entries(inodes: _Inodes, ino: int) -> list[fmt.DirEntry2]:
+    children = _children(inodes, ino)
     return [
-        fmt.DirEntry2(entry_of[id(child)].ino, name, _FILE_TYPE[child.type])
-        for name, child in _children(entry, lost_found)
+        fmt.DirEntry2(child_ino, name, _FILE_TYPE[child.type])
+        for (name, child), child_ino in zip(children, inodes.child_inos(ino, children), strict=True)
     ]
 
 
 _DOTS_SIZE = fmt.dirent_size(1) + fmt.dirent_size(2)
 
 
-def _linear_size(entry: _Ino, lost_found: Node | None) -> int:
+def _linear_size(inodes: _Inodes, ino: int) -> int:
     """Bytes of a linear directory's entries, "." and ".." included."""
-    children = entry.node.children
-    assert children is not None
+    node = inodes.nodes[ino]
+    assert node is not None and node.children is not None
     # dirent_size, inline: this runs once per directory entry of the image
-    size = _DOTS_SIZE + sum([(fmt.DIRENT_HEADER + 3 + len(name)) & ~3 for name in children])
-    if entry.ino == fmt.ROOT_INO and lost_found is not None:
+    size = _DOTS_SIZE + sum([(fmt.DIRENT_HEADER + 3 + len(name)) & ~3 for name in node.children])
+    if ino == fmt.ROOT_INO and inodes.lost_found is not None:
         size += fmt.dirent_size(len(b"lost+found"))
     return size
 
 
-def _linear_block(entry: _Ino, plan: _Plan, seed: int) -> bytearray:
+def _linear_block(inodes: _Inodes, ino: int, seed: int) -> bytearray:
     """The one leaf block of a linear directory: what _pack_leaves makes of ".", ".." and
     the entries, without an object per entry."""
     block = bytearray(fmt.BLOCK_SIZE)
     pack = fmt.DIRENT.pack_into
-    entry_of = plan.entry_of
     file_type = _FILE_TYPE
-    pack(block, 0, entry.ino, fmt.dirent_size(1), 1, FT_DIR)
+    pack(block, 0, ino, fmt.dirent_size(1), 1, FT_DIR)
     block[fmt.DIRENT_HEADER] = _DOT
     last = fmt.dirent_size(1)
-    pack(block, last, entry.parent, fmt.dirent_size(2), 2, FT_DIR)
+    pack(block, last, inodes.up[ino], fmt.dirent_size(2), 2, FT_DIR)
     block[last + fmt.DIRENT_HEADER : last + fmt.DIRENT_HEADER + 2] = b".."
     pos = _DOTS_SIZE
-    for name, child in _children(entry, plan.lost_found):
+    children = _children(inodes, ino)
+    for (name, child), child_ino in zip(children, inodes.child_inos(ino, children), strict=True):
         length = len(name)
         size = (fmt.DIRENT_HEADER + 3 + length) & ~3
-        pack(block, pos, entry_of[id(child)].ino, size, length, file_type[child.type])
+        pack(block, pos, child_ino, size, length, file_type[child.type])
         block[pos + fmt.DIRENT_HEADER : pos + fmt.DIRENT_HEADER + length] = name
         last = pos
         pos += size
@@ -635,30 +733,32 @@ def _htree_order(names: list[fmt.DirEntry2], hash_words: tuple[int, int, int, in
     return _HtreeOrder(ordered, hashes, _greedy_breaks([e.size for e in ordered], can_break))
 
 
-def _htree_shape(entry: _Ino, order: _HtreeOrder) -> _HtreeShape:
+def _htree_shape(where: _Where, order: _HtreeOrder) -> _HtreeShape:
     if order.leaves <= fmt.DX_ROOT_LIMIT:
         return _HtreeShape(order.leaves, 0)
     n_nodes = _ceil_div(order.leaves, fmt.DX_NODE_LIMIT)
     if n_nodes > fmt.DX_ROOT_LIMIT:
-        raise WriterError(f"{os.fsdecode(entry.path)}: directory too large for a 2-level htree")
+        raise WriterError(f"{os.fsdecode(where())}: directory too large for a 2-level htree")
     return _HtreeShape(order.leaves, n_nodes)
 
 
-def _dir_blocks(entry: _Ino, plan: _Plan, seed: int) -> list[bytearray]:
-    """The blocks of one directory, as _plan_inode counted them."""
-    if entry.flags & fmt.INODE_FLAG_INDEX:
-        names = _dir_entries(entry, plan.entry_of, plan.lost_found)
+def _dir_blocks(plan: _Plan, ino: int, seed: int) -> list[bytearray]:
+    """The blocks of one directory, as _plan_dir counted them."""
+    inodes = plan.inodes
+    if inodes.flags[ino] & fmt.INODE_FLAG_INDEX:
+        names = _dir_entries(inodes, ino)
         hash_words: tuple[int, int, int, int] = struct.unpack("<4I", plan.hash_seed)
-        blocks = _htree_dir(entry, _htree_order(names, hash_words), seed)
+        blocks = _htree_dir(inodes, ino, _htree_order(names, hash_words), seed)
     else:
-        blocks = [_linear_block(entry, plan, seed)]
+        blocks = [_linear_block(inodes, ino, seed)]
     # lost+found is pre-sized with empty leaves, as mke2fs does
-    blocks += [_pack_leaves([], seed, [])[0] for _ in range(entry.data_blocks - len(blocks))]
-    assert len(blocks) == entry.data_blocks
+    count = inodes.data_blocks[ino]
+    blocks += [_pack_leaves([], seed, [])[0] for _ in range(count - len(blocks))]
+    assert len(blocks) == count
     return blocks
 
 
-def _htree_dir(entry: _Ino, order: _HtreeOrder, seed: int) -> list[bytearray]:
+def _htree_dir(inodes: _Inodes, ino: int, order: _HtreeOrder, seed: int) -> list[bytearray]:
     """A hashed (dir_index) directory: dx_root, maybe one level of dx_nodes, leaves."""
     leaves = _pack_leaves(order.ordered, seed, order.breaks)
     hashes = order.hashes
@@ -666,9 +766,10 @@ def _htree_dir(entry: _Ino, order: _HtreeOrder, seed: int) -> list[bytearray]:
     for k, s in enumerate([0, *order.breaks]):
         continued = k > 0 and hashes[s] == hashes[s - 1]
         leaf_hashes.append(hashes[s] | (1 if continued else 0))
-    shape = _htree_shape(entry, order)
+    shape = _htree_shape(inodes.where(ino), order)
+    dots = (ino, inodes.up[ino])
     if shape.nodes == 0:
-        root = _dx_root(entry, 0, [(h, 1 + k) for k, h in enumerate(leaf_hashes)], seed)
+        root = _dx_root(dots, 0, [(h, 1 + k) for k, h in enumerate(leaf_hashes)], seed)
         return [root, *leaves]
     first_leaf = 1 + shape.nodes
     nodes = []
@@ -678,7 +779,7 @@ def _htree_dir(entry: _Ino, order: _HtreeOrder, seed: int) -> list[bytearray]:
         node_entries = [(leaf_hashes[k], first_leaf + k) for k in chunk]
         nodes.append(_dx_node(node_entries, seed))
         root_entries.append((node_entries[0][0], 1 + j))
-    return [_dx_root(entry, 1, root_entries, seed), *nodes, *leaves]
+    return [_dx_root(dots, 1, root_entries, seed), *nodes, *leaves]
 
 
 def _put_dx_entries(
@@ -692,10 +793,13 @@ def _put_dx_entries(
     fmt.seal_dx_node(block, offset, limit, seed)
 
 
-def _dx_root(entry: _Ino, levels: int, entries: list[tuple[int, int]], seed: int) -> bytearray:
+def _dx_root(
+    dots: tuple[int, int], levels: int, entries: list[tuple[int, int]], seed: int
+) -> bytearray:
+    """The first block: "." and ".." (the inodes `dots`), then the root of the index."""
     block = bytearray(fmt.BLOCK_SIZE)
-    dot = fmt.DirEntry2(entry.ino, b".", FT_DIR)
-    dotdot = fmt.DirEntry2(entry.parent, b"..", FT_DIR)
+    dot = fmt.DirEntry2(dots[0], b".", FT_DIR)
+    dotdot = fmt.DirEntry2(dots[1], b"..", FT_DIR)
     dot.pack_into(block, 0, dot.size)
     dotdot.pack_into(block, dot.size, fmt.BLOCK_SIZE - dot.size)
     fmt.DX_ROOT_INFO.pack_into(
@@ -772,27 +876,37 @@ def _geometry(plan: _Plan, options: Ext4Options) -> _Geometry:
 
 
 def _allocate(plan: _Plan, geo: _Geometry) -> tuple[int, int]:
-    """Assign blocks front to back; return (journal start, first unused block)."""
-    nxt = geo.inode_tables + geo.groups * geo.itable_blocks
-    journal_start = nxt
-    nxt += plan.journal_blocks
-    for entry in plan.inodes:
-        entry.data_start = nxt
-        nxt += entry.data_blocks
-        entry.tree_start = nxt
-        nxt += entry.tree_blocks
-        if entry.xattr_key is not None:
-            xb = plan.xattr_blocks[entry.xattr_key]
-            if xb.block == 0:
-                xb.block = nxt
-                nxt += 1
-    assert nxt <= geo.blocks
-    return journal_start, nxt
+    """Assign blocks front to back; return (journal start, first unused block).
+
+    The journal, then each inode in inode order: its data, its extent tree blocks, and
+    the xattr block it shares if it is the first to use it."""
+    inodes = plan.inodes
+    journal_start = geo.inode_tables + geo.groups * geo.itable_blocks
+    sizes = array("Q", inodes.data_blocks)
+    for ino, count in inodes.tree_blocks.items():
+        sizes[ino] += count
+    first_user: dict[tuple[bytes, int], int] = {}
+    for ino, key in inodes.xattr_key.items():  # filled in inode order
+        if key not in first_user:
+            first_user[key] = ino
+            sizes[ino] += 1
+    starts = array("Q", accumulate(sizes, initial=journal_start + plan.journal_blocks))
+    used_end = starts.pop()
+    inodes.data_start = starts
+    for key, ino in first_user.items():
+        plan.xattr_blocks[key].block = starts[ino] + sizes[ino] - 1  # the inode's last
+    assert used_end <= geo.blocks
+    return journal_start, used_end
 
 
-def _block_ranges(entry: _Ino) -> Sequence[tuple[int, int]]:
-    """Logical block ranges of an inode's blocks: metadata ones are one run from 0."""
-    return ((0, entry.data_blocks),) if entry.metadata else entry.ranges
+def _block_ranges(inodes: _Inodes, ino: int, metadata: bool) -> Sequence[tuple[int, int]]:
+    """Logical block ranges of an inode's blocks: one run from 0 unless a sparse file."""
+    if not metadata:
+        ranges = inodes.ranges.get(ino)
+        if ranges is not None:
+            return ranges
+    count = inodes.data_blocks[ino]
+    return ((0, count),) if count else ()
 
 
 def _extents(ranges: Sequence[tuple[int, int]], physical: int) -> list[fmt.Extent]:
@@ -834,20 +948,20 @@ def _extent_tree(
 # --- Writing ---------------------------------------------------------------------------------
 
 
-def _copy_file_data(reader: ContentReader, entry: _Ino, out: GatherWriter) -> None:
+def _copy_file_data(
+    reader: ContentReader, content: Content, inodes: _Inodes, ino: int, out: GatherWriter
+) -> None:
     """Each data run to its block: ranges are contiguous on disk from data_start. A small
     file's bytes go through memory (gathered with its neighbours' into one write), a
     large one's are copied by the kernel."""
-    content = entry.node.content
-    assert content is not None
     if content.extents is None and content.size <= SMALL_FILE_MAX:
         if content.size:
-            out.put(entry.data_start * fmt.BLOCK_SIZE, reader.read(content))
+            out.put(inodes.data_start[ino] * fmt.BLOCK_SIZE, reader.read(content))
         return
     out.flush()
-    ranges = entry.ranges
+    ranges = _block_ranges(inodes, ino, False)
     r = 0
-    phys = entry.data_start
+    phys = inodes.data_start[ino]
     stored = 0
     for ext in content.data_extents():
         if ext.length == 0:
@@ -875,11 +989,10 @@ def _i_block_special(node: Node) -> bytes:
     return bytes(fmt.N_BLOCKS_BYTES)
 
 
-def _metadata_blocks(entry: _Ino, plan: _Plan, seed: int) -> list[bytearray]:
+def _metadata_blocks(node: Node, plan: _Plan, ino: int, seed: int) -> list[bytearray]:
     """The blocks of a directory or slow symlink, built when they are written."""
-    node = entry.node
     if node.is_dir:
-        return _dir_blocks(entry, plan, seed)
+        return _dir_blocks(plan, ino, seed)
     assert node.type is NodeType.SYMLINK and node.target is not None
     block = bytearray(fmt.BLOCK_SIZE)
     block[: len(node.target)] = node.target
@@ -935,33 +1048,47 @@ def _write_inodes(
     dir_type = NodeType.DIR
     extents_flag = fmt.INODE_FLAG_EXTENTS
     sectors_per_block = bs // fmt.SECTOR
-    for entry in plan.inodes:
-        node = entry.node
+    inodes = plan.inodes
+    links = inodes.links
+    flags = inodes.flags
+    data_blocks = inodes.data_blocks
+    data_start = inodes.data_start
+    tree_blocks = inodes.tree_blocks
+    xattr_ibody = inodes.xattr_ibody
+    xattr_key = inodes.xattr_key
+    for ino, node in enumerate(inodes.nodes):
+        if node is None:
+            continue
         kind = node.type
-        seed = fmt.inode_checksum_seed(fs_seed, entry.ino, 0)
-        if entry.metadata:
-            out.put(entry.data_start * bs, b"".join(_metadata_blocks(entry, plan, seed)))
+        seed = fmt.inode_checksum_seed(fs_seed, ino, 0)
+        start = data_start[ino]
+        count = data_blocks[ino]
+        # Blocks of anything but a file are metadata (a directory's, a slow symlink's).
+        metadata = count > 0 and kind is not file_type
+        if metadata:
+            out.put(start * bs, b"".join(_metadata_blocks(node, plan, ino, seed)))
         elif kind is file_type:
-            _copy_file_data(reader, entry, out)
-        if entry.flags & extents_flag:
-            ranges = _block_ranges(entry)
+            assert node.content is not None
+            _copy_file_data(reader, node.content, inodes, ino, out)
+        extra = tree_blocks.get(ino, 0) if tree_blocks else 0
+        if flags[ino] & extents_flag:
+            ranges = _block_ranges(inodes, ino, metadata)
             if len(ranges) == 1 and ranges[0][1] <= fmt.EXTENT_MAX_LEN:
-                i_block = fmt.one_extent_root(ranges[0][0], ranges[0][1], entry.data_start)
+                i_block = fmt.one_extent_root(ranges[0][0], ranges[0][1], start)
             else:
-                i_block, tree = _extent_tree(
-                    _extents(ranges, entry.data_start), entry.tree_start, seed
-                )
+                i_block, tree = _extent_tree(_extents(ranges, start), start + count, seed)
                 for blk, data in tree:
                     out.put(blk * bs, data)
         else:
             i_block = _i_block_special(node)
         file_acl = 0
-        used = entry.data_blocks + entry.tree_blocks
-        if entry.xattr_key is not None:
-            file_acl = plan.xattr_blocks[entry.xattr_key].block
+        used = count + extra
+        key = xattr_key.get(ino) if xattr_key else None
+        if key is not None:
+            file_acl = plan.xattr_blocks[key].block
             used += 1
         if kind is dir_type:
-            size = entry.data_blocks * bs
+            size = count * bs
         elif kind is file_type:
             assert node.content is not None
             size = node.content.size
@@ -972,7 +1099,7 @@ def _write_inodes(
         if time is None:
             clamped_ns = clamp_time(mtime_ns)
             time = times[mtime_ns] = (clamped_ns, *fmt.encode_time(clamped_ns))
-        offset = itable.at(entry.ino)
+        offset = itable.at(ino)
         fmt.pack_inode_into(
             itable.chunk,
             offset,
@@ -982,18 +1109,18 @@ def _write_inodes(
                 node.uid,
                 node.gid,
                 size,
-                entry.links,
+                links[ino],
                 used * sectors_per_block,
-                entry.flags,
+                flags[ino],
             ),
             i_block,
             time[1],
             time[2],
             file_acl,
-            entry.xattr_ibody,
+            xattr_ibody.get(ino, b"") if xattr_ibody else b"",
         )
         if time[0] != mtime_ns:
-            clamped.add(entry.path)
+            clamped.add(inodes.path(ino))
     out.flush()
     return clamped.lines()
 
@@ -1042,9 +1169,10 @@ def _write_groups(plan: _Plan, geo: _Geometry, used_end: int, out_fd: int) -> tu
     bs = fmt.BLOCK_SIZE
     ipg = geo.inodes_per_group
     dirs_per_group = [0] * geo.groups
-    for entry in plan.inodes:
-        if entry.node.is_dir:
-            dirs_per_group[(entry.ino - 1) // ipg] += 1
+    dir_type = NodeType.DIR
+    for ino, node in enumerate(plan.inodes.nodes):
+        if node is not None and node.type is dir_type:
+            dirs_per_group[(ino - 1) // ipg] += 1
     gdt = bytearray()
     free_blocks_total = 0
     free_inodes_total = 0
