@@ -67,3 +67,14 @@ def dir_blocks(
         last = block == len(block_starts) - 1
         out += raw if last else raw.ljust(block_size, b"\0")
     return out
+
+
+def scatter(dest: bytearray, places: list[int], pieces: list[bytes]) -> None:
+    """Each piece copied into `dest` at its place; nothing copied if any falls outside."""
+    if len(places) != len(pieces):
+        raise ValueError("one place per piece")
+    for at, piece in zip(places, pieces, strict=True):
+        if at < 0 or at + len(piece) > len(dest):
+            raise IndexError("a piece falls outside the buffer")
+    for at, piece in zip(places, pieces, strict=True):
+        dest[at : at + len(piece)] = piece

@@ -112,3 +112,39 @@ def test_dir_blocks_refuse_bad_input() -> None:
     for error, args in bad:
         with pytest.raises(error):
             _erofsmeta.dir_blocks(*args)  # type: ignore[arg-type]
+
+
+@given(
+    st.integers(0, 300),
+    st.lists(st.tuples(st.integers(-10, 310), st.binary(max_size=40)), max_size=30),
+)
+@settings(max_examples=300, deadline=None)
+def test_scatter_matches_the_reference(size: int, pieces: list[tuple[int, bytes]]) -> None:
+    """Pieces overlap, fall outside or are empty: the C copy and the reference agree on
+    the bytes, or both refuse and leave the buffer as it was."""
+    places, data = [at for at, _ in pieces], [piece for _, piece in pieces]
+    ours, theirs = bytearray(b"\x5a" * size), bytearray(b"\x5a" * size)
+    try:
+        erofsmeta_ref.scatter(theirs, places, data)
+    except IndexError:
+        with pytest.raises(IndexError):
+            _erofsmeta.scatter(ours, places, data)
+    else:
+        _erofsmeta.scatter(ours, places, data)
+    assert ours == theirs
+
+
+def test_scatter_refuses_bad_input() -> None:
+    dest = bytearray(8)
+    bad: list[tuple[type[Exception], tuple[object, ...]]] = [
+        (ValueError, (dest, [0, 1], [b"a"])),  # lists differ
+        (TypeError, (dest, [0], ["a"])),
+        (TypeError, (bytes(8), [0], [b"a"])),  # not writable
+        (OverflowError, (dest, [1 << 70], [b"a"])),
+        (IndexError, (dest, [-1], [b"a"])),
+        (IndexError, (dest, [7], [b"ab"])),
+    ]
+    for error, args in bad:
+        with pytest.raises(error):
+            _erofsmeta.scatter(*args)  # type: ignore[arg-type]
+    assert dest == bytearray(8)

@@ -15,6 +15,11 @@
  *     whose dirent file type is file_types[targets[i]]; block_starts[b] is the first
  *     entry of block b.
  *
+ * scatter(dest, places, pieces) -> None
+ *     Copies each of `pieces` (bytes) into the writable buffer `dest` at the offset
+ *     places[i]: the inline tails of files, symlinks and directories, each right after
+ *     its inode in the meta area.
+ *
  * Every index, size and offset is checked before it is used: bad input raises
  * ValueError, IndexError, TypeError or OverflowError, never writes out of bounds.
  */
@@ -282,11 +287,60 @@ done:
     return out;
 }
 
+/* scatter: every place is checked against `dest` before anything is copied, so bad
+ * input leaves `dest` as it was. */
+static int scatter_checked(const Py_buffer *dest, PyObject *places, PyObject *pieces,
+                           Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *piece = PyList_GET_ITEM(pieces, i);
+        if (!PyBytes_Check(piece)) {
+            PyErr_SetString(PyExc_TypeError, "pieces must be bytes");
+            return -1;
+        }
+        Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(places, i));
+        if (at == -1 && PyErr_Occurred())
+            return -1;
+        if (at < 0 || PyBytes_GET_SIZE(piece) > dest->len - at) {
+            PyErr_SetString(PyExc_IndexError, "a piece falls outside the buffer");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *scatter(PyObject *self, PyObject *args) {
+    Py_buffer dest;
+    PyObject *places, *pieces;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*O!O!", &dest, &PyList_Type, &places, &PyList_Type, &pieces))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(pieces);
+    if (PyList_GET_SIZE(places) != n) {
+        PyErr_SetString(PyExc_ValueError, "one place per piece");
+        PyBuffer_Release(&dest);
+        return NULL;
+    }
+    if (scatter_checked(&dest, places, pieces, n) < 0) {
+        PyBuffer_Release(&dest);
+        return NULL;
+    }
+    /* The lists cannot change in between: no Python code runs, the GIL is held. */
+    unsigned char *base = (unsigned char *)dest.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *piece = PyList_GET_ITEM(pieces, i);
+        Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(places, i));
+        memcpy(base + at, PyBytes_AS_STRING(piece), (size_t)PyBytes_GET_SIZE(piece));
+    }
+    PyBuffer_Release(&dest);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"first_fit", first_fit, METH_VARARGS,
      "first_fit(meta_sizes, block_size, slot_size, open_blocks) -> (nids, end)"},
     {"dir_blocks", dir_blocks, METH_VARARGS,
      "dir_blocks(names, targets, block_starts, nids, file_types, block_size) -> bytes"},
+    {"scatter", scatter, METH_VARARGS, "scatter(dest, places, pieces) -> None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,3 +15,6 @@ def dir_blocks(
     block_size: int,
     /,
 ) -> bytes: ...
+
+# dest: a writable buffer (the meta area, a bytearray)
+def scatter(dest: bytearray, places: list[int], pieces: list[bytes], /) -> None: ...
