@@ -80,6 +80,12 @@ class NodeType(enum.Enum):
         return _IFMT[self]
 
 
+_DIR = NodeType.DIR
+_FILE = NodeType.FILE
+_SYMLINK = NodeType.SYMLINK
+# Sets a field of a frozen dataclass (what its generated __init__ does), bound once.
+_set_frozen = object.__setattr__
+
 _IFMT = {
     NodeType.FILE: stat.S_IFREG,
     NodeType.DIR: stat.S_IFDIR,
@@ -91,7 +97,7 @@ _IFMT = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Content:
     """Where a regular file's bytes are.
 
@@ -109,6 +115,23 @@ class Content:
     offset: int = 0
     data: bytes | None = None
     extents: tuple[Extent, ...] | None = None
+
+    # By hand, not dataclass's: a frozen dataclass's __init__ looks object.__setattr__ up
+    # again for each field, and so costs twice this; one Content is made per file of every
+    # layer. Same parameters.
+    def __init__(
+        self,
+        size: int,
+        path: str | None = None,
+        offset: int = 0,
+        data: bytes | None = None,
+        extents: tuple[Extent, ...] | None = None,
+    ) -> None:
+        _set_frozen(self, "size", size)
+        _set_frozen(self, "path", path)
+        _set_frozen(self, "offset", offset)
+        _set_frozen(self, "data", data)
+        _set_frozen(self, "extents", extents)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Content:
@@ -131,7 +154,7 @@ class Content:
         return (Extent(0, self.size),) if self.size else ()
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class Node:
     """One inode: a file, directory, symlink, device, fifo or socket.
 
@@ -158,17 +181,37 @@ class Node:
     rdev: tuple[int, int] = (0, 0)
     content: Content | None = None
 
-    def __post_init__(self) -> None:
-        if self.type is NodeType.DIR and self.children is None:
-            self.children = {}
-        if self.type is NodeType.FILE and self.content is None:
-            self.content = Content(size=0)
-        if self.type is NodeType.SYMLINK:
-            self.mode = SYMLINK_MODE
+    # By hand, not dataclass's: one Node is made per entry of every layer, and the
+    # generated __init__ with its default factory and __post_init__ cost twice this.
+    # Same parameters; a directory gets its children dict, a file empty content, a
+    # symlink SYMLINK_MODE.
+    def __init__(
+        self,
+        type: NodeType,
+        mode: int = 0o755,
+        uid: int = 0,
+        gid: int = 0,
+        mtime_ns: int = 0,
+        xattrs: dict[bytes, bytes] | None = None,
+        children: dict[bytes, Node] | None = None,
+        target: bytes | None = None,
+        rdev: tuple[int, int] = (0, 0),
+        content: Content | None = None,
+    ) -> None:
+        self.type = type
+        self.mode = SYMLINK_MODE if type is _SYMLINK else mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.xattrs = {} if xattrs is None else xattrs
+        self.children = {} if children is None and type is _DIR else children
+        self.target = target
+        self.rdev = rdev
+        self.content = Content(size=0) if content is None and type is _FILE else content
 
     @property
     def is_dir(self) -> bool:
-        return self.type is NodeType.DIR
+        return self.type is _DIR
 
     @property
     def size(self) -> int:
@@ -184,9 +227,10 @@ class Node:
     @property
     def st_mode(self) -> int:
         """Full st_mode: type bits plus permission bits (always 0777 for a symlink)."""
-        if self.type is NodeType.SYMLINK:
+        kind = self.type
+        if kind is _SYMLINK:
             return stat.S_IFLNK | SYMLINK_MODE
-        return self.type.st_ifmt | (self.mode & 0o7777)
+        return _IFMT[kind] | (self.mode & 0o7777)  # the table, not st_ifmt: once per inode
 
     @property
     def permissions(self) -> int:
@@ -299,15 +343,15 @@ class Tree:
         ]
         while stack:
             prefix, children = stack[-1]
-            step = next(children, None)
-            if step is None:
+            # A for loop, left to descend and resumed after: cheaper per entry than next().
+            for name, child in children:
+                path = prefix + b"/" + name
+                yield path, child
+                if child.children:
+                    stack.append((path, iter(child.sorted_children())))
+                    break
+            else:
                 stack.pop()
-                continue
-            name, child = step
-            path = prefix + b"/" + name
-            yield path, child
-            if child.children:
-                stack.append((path, iter(child.sorted_children())))
 
     def link_counts(self) -> dict[int, int]:
         """Link count per node id: entries naming it, plus for a directory its
