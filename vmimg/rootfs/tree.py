@@ -353,6 +353,28 @@ class Tree:
             else:
                 stack.pop()
 
+    def content_bytes(self) -> int:
+        """The stored bytes of every file, each hardlinked one once: what writing the
+        tree reads, and what an uncompressed output holds at least."""
+        # Not walk(): a sum needs neither paths nor sorted children, and this runs on
+        # every conversion.
+        files: set[Node] = set()  # by identity (eq=False): hardlinks count once
+        dirs = [self.root]
+        while dirs:
+            directory = dirs.pop()
+            assert directory.children is not None
+            for child in directory.children.values():
+                if child.children:
+                    dirs.append(child)
+                elif child.type is _FILE and child.content is not None:
+                    files.add(child)
+        total = 0
+        for node in files:
+            content = node.content
+            assert content is not None
+            total += content.size if content.extents is None else content.stored_size
+        return total
+
     def link_counts(self) -> dict[int, int]:
         """Link count per node id: entries naming it, plus for a directory its
         "." and each subdirectory's "..", as a file system counts them."""
