@@ -45,11 +45,15 @@ SHOWN_NAME_MAX = 300  # bytes of an entry name an error message quotes (NAME_MAX
 # replaced, never changed in place (the Tree contract), so sharing it is safe.
 _NO_XATTRS: dict[bytes, bytes] = {}
 
+# Enum members looked up once: NodeType.FILE is a slow metaclass lookup, once per entry.
+_FILE = NodeType.FILE
+_DIR = NodeType.DIR
+_SYMLINK = NodeType.SYMLINK
 # The last component of an entry name that is not the name of a new entry in the
 # directory before it ("a/b/", "a/b/.", "a/b/.."): split_path decides what those mean.
 _NOT_NAMES = (b"", b".", b"..")
 # Types a path resolution goes through: replacing one may make a remembered one wrong.
-_ROUTING_TYPES = frozenset((NodeType.DIR, NodeType.SYMLINK))
+_ROUTING_TYPES = frozenset((_DIR, _SYMLINK))
 
 _NODE_TYPE = {
     tarfile.REGTYPE: NodeType.FILE,
@@ -66,7 +70,7 @@ _NODE_TYPE = {
 
 class _Flattener:
     def __init__(self) -> None:
-        self.tree = Tree(Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE))
+        self.tree = Tree(Node(_DIR, mode=IMPLICIT_DIR_MODE))
         # Parent directories already resolved, by the directory part of entry names as
         # written (all before the last "/"): the directory, and the longest its path and
         # that part as written may be before a name (what PATH_MAX bounds). Entries of a
@@ -115,7 +119,7 @@ class _Flattener:
             node = stack[-1]
             assert node.children is not None
             child = node.children.get(name)
-            if child is not None and child.type is NodeType.SYMLINK:
+            if child is not None and child.type is _SYMLINK:
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
                     raise TreeError("too many levels of symbolic links")
@@ -126,11 +130,11 @@ class _Flattener:
                 pending.extend(reversed(child.target.split(b"/")))
                 continue
             length = _joined_length(lengths[-1], name)
-            if child is None or child.type is not NodeType.DIR:
+            if child is None or child.type is not _DIR:
                 if create_mtime is None:
                     return None
                 _check_path_length(length)
-                child = Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=create_mtime)
+                child = Node(_DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=create_mtime)
                 self._put(node, name, child)
             stack.append(child)
             lengths.append(length)
@@ -180,7 +184,7 @@ class _Flattener:
                 raise TreeError(f"a name longer than {NAME_MAX} bytes")
             _check_path_length(bound + len(name))
         kind = _NODE_TYPE.get(e.type)
-        if kind is NodeType.FILE:
+        if kind is _FILE:
             node = Node(
                 kind,
                 e.mode & 0o7777,
@@ -236,13 +240,13 @@ class _Flattener:
             raise TreeError(f"unsupported tar entry type {e.type!r}")
         assert parent.children is not None
         existing = parent.children.get(name)
-        if kind is NodeType.DIR and existing is not None and existing.type is NodeType.DIR:
+        if kind is _DIR and existing is not None and existing.type is _DIR:
             self._set_attrs(existing, e)
             return None
         mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
         xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
         node = Node(kind, e.mode & 0o7777, e.uid, e.gid, mtime_ns, xattrs)
-        if kind is NodeType.SYMLINK:
+        if kind is _SYMLINK:
             if not e.linkname:
                 raise TreeError("symlink with an empty target")
             if len(e.linkname) > SYMLINK_MAX:
@@ -261,12 +265,12 @@ class _Flattener:
             target = directory.children.get(target_parts[-1])
         if target is None:
             raise TreeError(f"hardlink to missing {os.fsdecode(e.linkname)!r}")
-        if target.type is NodeType.DIR:
+        if target.type is _DIR:
             raise TreeError(f"hardlink to directory {os.fsdecode(e.linkname)!r}")
         return target
 
     def _set_attrs(self, node: Node, e: Entry) -> None:
-        node.mode = SYMLINK_MODE if node.type is NodeType.SYMLINK else e.mode & 0o7777
+        node.mode = SYMLINK_MODE if node.type is _SYMLINK else e.mode & 0o7777
         node.uid = e.uid
         node.gid = e.gid
         node.mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
