@@ -26,10 +26,10 @@ from vmimg.image.layers import Entry, LayerFile, load_entries
 from vmimg.rootfs.tree import (
     PATH_MAX,
     SYMLINK_MODE,
-    Content,
     Node,
     NodeType,
     Tree,
+    file_node,
     split_path,
     without_cycle_collection,
 )
@@ -185,14 +185,16 @@ class _Flattener:
             _check_path_length(bound + len(name))
         kind = _NODE_TYPE.get(e.type)
         if kind is _FILE:
-            node = Node(
-                kind,
+            node = file_node(
                 e.mode & 0o7777,
                 e.uid,
                 e.gid,
                 self._times.setdefault(e.mtime_ns, e.mtime_ns),
                 dict(e.xattrs) if e.xattrs else _NO_XATTRS,
-                content=Content(e.size, tar_path, e.offset, None, e.sparse),
+                e.size,
+                tar_path,
+                e.offset,
+                e.sparse,
             )
         else:
             other = self._other_node(e, kind, parent, name)
