@@ -10,6 +10,11 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
         ),
         Extension(
+            "vmimg.rootfs._slots",
+            sources=["vmimg/rootfs/_slots.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+        ),
+        Extension(
             "vmimg.rootfs.writers._kernelhash",
             sources=["vmimg/rootfs/writers/_kernelhash.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import tarfile
@@ -18,10 +19,11 @@ from vmimg.image.layers import LayerFile
 from vmimg.image.oci import Platform
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 from vmimg.image.sources import SourceOptions, open_image
+from vmimg.rootfs import tree as tree_module
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.convert import build_tree
 from vmimg.rootfs.flatten import flatten
-from vmimg.rootfs.tree import NodeType, Tree
+from vmimg.rootfs.tree import Content, Node, NodeType, Tree
 
 CAP = "\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 LONG = "n" * 200
@@ -93,6 +95,32 @@ def matrix_layout(tmp_path_factory: pytest.TempPathFactory) -> str:
 def matrix_tree(matrix_layout: str, cache: Cache) -> Tree:
     image = open_image(f"oci:{matrix_layout}:v1", cache, SourceOptions(Platform()))
     return build_tree(image, cache)
+
+
+def _fields(tree: Tree) -> list[tuple[bytes, list[object]]]:
+    """Every entry with every field of its node (a directory's children by name)."""
+    out = []
+    for path, node in tree.walk():
+        values = [getattr(node, f.name) for f in dataclasses.fields(node)]
+        values[[f.name for f in dataclasses.fields(node)].index("children")] = (
+            None if node.children is None else sorted(node.children)
+        )
+        out.append((path, values))
+    return out
+
+
+def test_nodes_made_in_c_are_those_init_makes(
+    matrix_layout: str, matrix_tree: Tree, cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tree_module, "_new_slotted", None)
+    image = open_image(f"oci:{matrix_layout}:v1", cache, SourceOptions(Platform()))
+    by_init = build_tree(image, cache)
+    assert _fields(by_init) == _fields(matrix_tree)
+    file = matrix_tree.get(b"/etc/motd")
+    assert file is not None and file.content is not None
+    assert type(file) is Node and type(file.content) is Content
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        file.content.size = 0  # type: ignore[misc]
 
 
 def names(tree: Tree, path: bytes) -> list[bytes]:

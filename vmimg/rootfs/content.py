@@ -59,7 +59,8 @@ class ContentReader:
     def read(self, content: Content, start: int = 0, length: int | None = None) -> bytes:
         """Stored bytes [start, start+length) of `content` (for a sparse file,
         offsets into the concatenated data runs)."""
-        stored = content.stored_size
+        # Called once per small file by the writers: the common cases without calls.
+        stored = content.size if content.extents is None else content.stored_size
         if length is None:
             length = stored - start
         if start < 0 or length < 0 or start + length > stored:
@@ -71,7 +72,10 @@ class ContentReader:
         if length == 0:
             return b""
         assert content.path is not None
-        data = os.pread(self._fd(content.path), length, content.offset + start)
+        fd = self._fds.get(content.path)
+        if fd is None:
+            fd = self._fd(content.path)
+        data = os.pread(fd, length, content.offset + start)
         if len(data) != length:
             raise ContentError(f"content file {content.path} is shorter than its index says")
         return data

@@ -37,7 +37,7 @@ from vmimg.rootfs.handout import (
     seal_entry,
     share_file,
 )
-from vmimg.rootfs.tree import NodeType, Tree
+from vmimg.rootfs.tree import Tree
 from vmimg.rootfs.writers import (
     WRITER_VERSIONS,
     WriterOptions,
@@ -93,16 +93,13 @@ def conversion_key(image: Image, fmt: str, options: WriterOptions, epoch_ns: int
 def output_size_floor(fmt: str, tree: Tree, options: WriterOptions) -> int:
     """The fewest bytes writing `tree` as `fmt` takes: its file data, once per inode. Zero
     when the writer compresses (no floor is known then)."""
+    return 0 if compresses(options) else tree.content_bytes()
+
+
+def compresses(options: WriterOptions) -> bool:
+    """Does the writer compress file data (so no output size floor is known)?"""
     compressed = {getattr(options, "compression", "none"), getattr(options, "compress", "none")}
-    if compressed != {"none"}:
-        return 0
-    seen: set[int] = set()
-    total = 0
-    for _path, node in tree.walk():
-        if node.type is NodeType.FILE and node.content is not None and id(node) not in seen:
-            seen.add(id(node))
-            total += node.content.stored_size
-    return total
+    return compressed != {"none"}
 
 
 @contextlib.contextmanager
@@ -171,13 +168,7 @@ def build_tree(image: Image, cache: Cache, phases: PhaseStart | None = None) -> 
 def content_bytes(tree: Tree) -> int:
     """The stored bytes of every file in the tree, each hardlinked file once: what a
     writer reads, the total its progress counts towards."""
-    seen: set[int] = set()
-    total = 0
-    for _path, node in tree.walk():
-        if node.type is NodeType.FILE and node.content is not None and id(node) not in seen:
-            seen.add(id(node))
-            total += node.content.stored_size
-    return total
+    return tree.content_bytes()
 
 
 def track_phase(reader: ContentReader, phases: PhaseStart | None, name: str, tree: Tree) -> None:
@@ -225,11 +216,12 @@ def convert(
             if tree is None:
                 handed_out = hand_out(cached_path, dest, get_format(fmt).read_only)
             else:
-                with (
-                    atomic_output(dest, output_size_floor(fmt, tree, options)) as fd,
-                    ContentReader() as reader,
-                ):
-                    track_phase(reader, phases, writing_phase(fmt), tree)
+                # One pass over the tree for both: the floor is the bytes read, uncompressed.
+                stored = tree.content_bytes()
+                floor = 0 if compresses(options) else stored
+                with atomic_output(dest, floor) as fd, ContentReader() as reader:
+                    if phases is not None:
+                        reader.on_bytes = phases(writing_phase(fmt), stored, BYTES)
                     warnings = write_image(fmt, tree, reader, fd, options)
         except OSError as e:
             # A full disk, a quota, a read-only directory: the temporary file is gone.

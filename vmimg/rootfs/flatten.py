@@ -26,10 +26,10 @@ from vmimg.image.layers import Entry, LayerFile, load_entries
 from vmimg.rootfs.tree import (
     PATH_MAX,
     SYMLINK_MODE,
-    Content,
     Node,
     NodeType,
     Tree,
+    file_node,
     split_path,
     without_cycle_collection,
 )
@@ -44,6 +44,16 @@ SHOWN_NAME_MAX = 300  # bytes of an entry name an error message quotes (NAME_MAX
 # The xattrs of every node that has none: one dict, not one per node. Nodes' xattrs are
 # replaced, never changed in place (the Tree contract), so sharing it is safe.
 _NO_XATTRS: dict[bytes, bytes] = {}
+
+# Enum members looked up once: NodeType.FILE is a slow metaclass lookup, once per entry.
+_FILE = NodeType.FILE
+_DIR = NodeType.DIR
+_SYMLINK = NodeType.SYMLINK
+# The last component of an entry name that is not the name of a new entry in the
+# directory before it ("a/b/", "a/b/.", "a/b/.."): split_path decides what those mean.
+_NOT_NAMES = (b"", b".", b"..")
+# Types a path resolution goes through: replacing one may make a remembered one wrong.
+_ROUTING_TYPES = frozenset((_DIR, _SYMLINK))
 
 _NODE_TYPE = {
     tarfile.REGTYPE: NodeType.FILE,
@@ -60,24 +70,23 @@ _NODE_TYPE = {
 
 class _Flattener:
     def __init__(self) -> None:
-        self.tree = Tree(Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE))
-        # Parent directories already resolved, by their path as written: entries of a
+        self.tree = Tree(Node(_DIR, mode=IMPLICIT_DIR_MODE))
+        # Parent directories already resolved, by the directory part of entry names as
+        # written (all before the last "/"): the directory, and the longest its path and
+        # that part as written may be before a name (what PATH_MAX bounds). Entries of a
         # layer share parents, and resolving a 2000-level path per entry would cost
-        # depth x entries. Valid until an entry is replaced or removed (it may have been
-        # a directory or symlink such a resolution went through): then it is emptied.
+        # depth x entries; an entry whose parent is here is not even split. Valid until a
+        # directory or symlink (what a resolution goes through) is replaced or removed:
+        # then it is emptied.
         self._parents: dict[bytes, tuple[Node, int]] = {}
         # One int object per distinct mtime (most entries of a layer share a few): a
         # nanosecond time is a 32-byte object of its own otherwise, per node.
         self._times: dict[int, int] = {}
-        # Entry names split before, by their directory part as written: that part's
-        # components joined and its longest component. Pure functions of the bytes, so
-        # never stale: an entry whose directory part is here is not split again (a path
-        # may have 2048 components, and most entries share their directory).
-        self._heads: dict[bytes, tuple[bytes, int]] = {}
 
     def _put(self, directory: Node, name: bytes, node: Node) -> None:
         assert directory.children is not None
-        if directory.children.get(name) is not None:
+        old = directory.children.get(name)
+        if old is not None and old.type in _ROUTING_TYPES:
             self._parents.clear()
         directory.children[name] = node
 
@@ -110,7 +119,7 @@ class _Flattener:
             node = stack[-1]
             assert node.children is not None
             child = node.children.get(name)
-            if child is not None and child.type is NodeType.SYMLINK:
+            if child is not None and child.type is _SYMLINK:
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
                     raise TreeError("too many levels of symbolic links")
@@ -121,11 +130,11 @@ class _Flattener:
                 pending.extend(reversed(child.target.split(b"/")))
                 continue
             length = _joined_length(lengths[-1], name)
-            if child is None or not child.is_dir:
+            if child is None or child.type is not _DIR:
                 if create_mtime is None:
                     return None
                 _check_path_length(length)
-                child = Node(NodeType.DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=create_mtime)
+                child = Node(_DIR, mode=IMPLICIT_DIR_MODE, mtime_ns=create_mtime)
                 self._put(node, name, child)
             stack.append(child)
             lengths.append(length)
@@ -133,28 +142,9 @@ class _Flattener:
 
     # -- whiteouts -------------------------------------------------------------
 
-    def _split(self, name: bytes) -> tuple[bytes, bytes, int] | None:
-        """(directory part joined, last component, longest component) of an entry name
-        whose directory part was split before and whose last component is a plain name;
-        None for any other (split_path is the judge of those)."""
-        head, _, last = name.rpartition(b"/")
-        known = self._heads.get(head)
-        if known is None or last in (b"", b".", b".."):
-            return None
-        return known[0], last, max(known[1], len(last))
-
-    def _split_slowly(self, name: bytes) -> list[bytes]:
-        parts = split_path(name)
-        head, _, last = name.rpartition(b"/")
-        if parts and last == parts[-1] and last not in (b".", b".."):
-            self._heads[head] = (b"/".join(parts[:-1]), max(map(len, parts[:-1]), default=0))
-        return parts
-
     def apply_whiteout(self, e: Entry) -> None:
         """Apply `e` if it is a whiteout (to what the lower layers made)."""
-        if WHITEOUT_PREFIX not in e.name:
-            return  # most entries: no need to split the path
-        parts = self._split_slowly(e.name)
+        parts = split_path(e.name)
         if not parts or not parts[-1].startswith(WHITEOUT_PREFIX):
             return
         name = parts[-1]
@@ -176,49 +166,89 @@ class _Flattener:
 
     # -- entries ---------------------------------------------------------------
 
-    def apply_entry(self, e: Entry, layer: LayerFile) -> None:
-        split = self._split(e.name)
-        if split is None:
-            parts = self._split_slowly(e.name)
-            if not parts:
-                if e.type == tarfile.DIRTYPE:
-                    self._set_attrs(self.tree.root, e)
+    def apply_entry(self, e: Entry, tar_path: str) -> None:
+        """Apply the non-whiteout entry `e` of the layer tar `tar_path`."""
+        # The common case first, checked as _place does: the parent is known.
+        head, _, name = e.name.rpartition(b"/")
+        known = self._parents.get(head)
+        if known is None or name in _NOT_NAMES:
+            placed = self._place(e)
+            if placed is None:
                 return
-            split = b"/".join(parts[:-1]), parts[-1], max(map(len, parts))
-        written, name, longest = split
-        if name.startswith(WHITEOUT_PREFIX):
-            return  # handled in apply_whiteouts
-        if longest > NAME_MAX:
-            raise TreeError(f"a name longer than {NAME_MAX} bytes")
-        # Checked before anything is made: the path as written, then (below) where it lands.
-        _check_path_length(_joined_length(len(written), name))
-        found = self._parents.get(written)
-        if found is None:
-            found = self._resolve_dir(split_path(written), create_mtime=e.mtime_ns)
-            assert found is not None
-            self._parents[written] = found
-        parent, parent_length = found
-        assert parent.children is not None
-        _check_path_length(_joined_length(parent_length, name))
-        if e.type == tarfile.LNKTYPE:
-            self._put(parent, name, self._hardlink_target(e))
-            return
+            parent, name = placed
+        else:
+            parent, bound = known
+            if name.startswith(WHITEOUT_PREFIX):
+                return  # applied before (apply_whiteout)
+            if len(name) > NAME_MAX:
+                raise TreeError(f"a name longer than {NAME_MAX} bytes")
+            _check_path_length(bound + len(name))
         kind = _NODE_TYPE.get(e.type)
+        if kind is _FILE:
+            node = file_node(
+                e.mode & 0o7777,
+                e.uid,
+                e.gid,
+                self._times.setdefault(e.mtime_ns, e.mtime_ns),
+                dict(e.xattrs) if e.xattrs else _NO_XATTRS,
+                e.size,
+                tar_path,
+                e.offset,
+                e.sparse,
+            )
+        else:
+            other = self._other_node(e, kind, parent, name)
+            if other is None:
+                return
+            node = other
+        self._put(parent, name, node)
+
+    def _place(self, e: Entry) -> tuple[Node, bytes] | None:
+        """Where the entry `e` goes: its parent directory, made if missing, and its name;
+        None if it goes nowhere (a whiteout, or the root's own attributes, set here).
+        Its parent is remembered for the entries that follow."""
+        parts = split_path(e.name)
+        if not parts:
+            if e.type == tarfile.DIRTYPE:
+                self._set_attrs(self.tree.root, e)
+            return None
+        name = parts[-1]
+        if name.startswith(WHITEOUT_PREFIX):
+            return None  # applied before (apply_whiteout)
+        if max(map(len, parts)) > NAME_MAX:
+            raise TreeError(f"a name longer than {NAME_MAX} bytes")
+        dirs = parts[:-1]
+        # Checked before anything is made: the path as written, then where it lands.
+        written = sum(map(len, dirs)) + len(dirs)  # its directory part and a "/"
+        _check_path_length(written + len(name))
+        found = self._resolve_dir(dirs, create_mtime=e.mtime_ns)
+        assert found is not None
+        parent, parent_length = found
+        bound = max(written, _joined_length(parent_length, b""))
+        _check_path_length(bound + len(name))
+        head, _, last = e.name.rpartition(b"/")
+        if last == name:  # `head` split is `dirs`: entries with this head go where e went
+            self._parents[head] = (parent, bound)
+        return parent, name
+
+    def _other_node(
+        self, e: Entry, kind: NodeType | None, parent: Node, name: bytes
+    ) -> Node | None:
+        """The node for `e`, anything but a regular file (`kind`: its type, None for a
+        hardlink or an unsupported type); None if it only changes the directory there."""
+        if e.type == tarfile.LNKTYPE:
+            return self._hardlink_target(e)
         if kind is None:
             raise TreeError(f"unsupported tar entry type {e.type!r}")
+        assert parent.children is not None
         existing = parent.children.get(name)
-        if kind is NodeType.DIR and existing is not None and existing.is_dir:
+        if kind is _DIR and existing is not None and existing.type is _DIR:
             self._set_attrs(existing, e)
-            return
+            return None
         mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
         xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
-        if kind is NodeType.FILE:
-            content = Content(e.size, layer.tar_path, e.offset, None, e.sparse)
-            node = Node(kind, e.mode & 0o7777, e.uid, e.gid, mtime_ns, xattrs, content=content)
-            self._put(parent, name, node)
-            return
         node = Node(kind, e.mode & 0o7777, e.uid, e.gid, mtime_ns, xattrs)
-        if kind is NodeType.SYMLINK:
+        if kind is _SYMLINK:
             if not e.linkname:
                 raise TreeError("symlink with an empty target")
             if len(e.linkname) > SYMLINK_MAX:
@@ -226,7 +256,7 @@ class _Flattener:
             node.target = e.linkname
         elif kind in (NodeType.CHAR, NodeType.BLOCK):
             node.rdev = (e.devmajor, e.devminor)
-        self._put(parent, name, node)
+        return node
 
     def _hardlink_target(self, e: Entry) -> Node:
         target_parts = split_path(e.linkname)
@@ -237,12 +267,12 @@ class _Flattener:
             target = directory.children.get(target_parts[-1])
         if target is None:
             raise TreeError(f"hardlink to missing {os.fsdecode(e.linkname)!r}")
-        if target.is_dir:
+        if target.type is _DIR:
             raise TreeError(f"hardlink to directory {os.fsdecode(e.linkname)!r}")
         return target
 
     def _set_attrs(self, node: Node, e: Entry) -> None:
-        node.mode = SYMLINK_MODE if node.type is NodeType.SYMLINK else e.mode & 0o7777
+        node.mode = SYMLINK_MODE if node.type is _SYMLINK else e.mode & 0o7777
         node.uid = e.uid
         node.gid = e.gid
         node.mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
@@ -276,14 +306,15 @@ def flatten(layers: list[LayerFile]) -> Tree:
         if entries is None:
             entries = load_entries(layer.tar_path, f"layer {layer.name}")
         try:
-            for e in entries:
+            for e in [e for e in entries if WHITEOUT_PREFIX in e.name]:
                 f.apply_whiteout(e)
             # Each entry is let go once applied: the tree grows into the memory the
             # layer's entries held, rather than beside it.
             entries.reverse()
+            tar_path = layer.tar_path
             while entries:
                 e = entries.pop()
-                f.apply_entry(e, layer)
+                f.apply_entry(e, tar_path)
         except TreeError as err:
             raise LayerError(f"layer {layer.name}: entry {shown_name(e.name)}: {err}") from None
         del entries

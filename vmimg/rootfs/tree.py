@@ -21,14 +21,19 @@ import gc
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import ParamSpec, TypeVar, cast
 
 from vmimg.errors import TreeError
 from vmimg.image.layers import MAX_TIME_NS as MAX_TIME_NS
 from vmimg.image.layers import MIN_TIME_NS as MIN_TIME_NS
 from vmimg.image.layers import NS_PER_S as NS_PER_S
 from vmimg.image.layers import Extent
+from vmimg.rootfs._slots import new as _c_new
+
+# Builds slotted objects without __init__ (file_node). None: the classes' __init__ does,
+# the way the tests check both make the same nodes.
+_new_slotted: Callable[..., object] | None = _c_new
 
 PATH_MAX = 4096  # bytes in a path below the root (Linux's PATH_MAX): deeper trees are refused
 SYMLINK_MODE = 0o777  # Linux gives every symlink these permissions, whatever a layer says
@@ -80,6 +85,13 @@ class NodeType(enum.Enum):
         return _IFMT[self]
 
 
+# Module constants: NodeType.FILE is a slow metaclass lookup (80 ns), and these are per inode.
+_DIR = NodeType.DIR
+_FILE = NodeType.FILE
+_SYMLINK = NodeType.SYMLINK
+# Sets a field of a frozen dataclass (what its generated __init__ does), bound once.
+_set_frozen = object.__setattr__
+
 _IFMT = {
     NodeType.FILE: stat.S_IFREG,
     NodeType.DIR: stat.S_IFDIR,
@@ -91,7 +103,7 @@ _IFMT = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Content:
     """Where a regular file's bytes are.
 
@@ -109,6 +121,23 @@ class Content:
     offset: int = 0
     data: bytes | None = None
     extents: tuple[Extent, ...] | None = None
+
+    # By hand, not dataclass's: a frozen dataclass's __init__ looks object.__setattr__ up
+    # again for each field, and so costs twice this; one Content is made per file of every
+    # layer. Same parameters.
+    def __init__(
+        self,
+        size: int,
+        path: str | None = None,
+        offset: int = 0,
+        data: bytes | None = None,
+        extents: tuple[Extent, ...] | None = None,
+    ) -> None:
+        _set_frozen(self, "size", size)
+        _set_frozen(self, "path", path)
+        _set_frozen(self, "offset", offset)
+        _set_frozen(self, "data", data)
+        _set_frozen(self, "extents", extents)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Content:
@@ -131,7 +160,7 @@ class Content:
         return (Extent(0, self.size),) if self.size else ()
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class Node:
     """One inode: a file, directory, symlink, device, fifo or socket.
 
@@ -158,25 +187,46 @@ class Node:
     rdev: tuple[int, int] = (0, 0)
     content: Content | None = None
 
-    def __post_init__(self) -> None:
-        if self.type is NodeType.DIR and self.children is None:
-            self.children = {}
-        if self.type is NodeType.FILE and self.content is None:
-            self.content = Content(size=0)
-        if self.type is NodeType.SYMLINK:
-            self.mode = SYMLINK_MODE
+    # By hand, not dataclass's: one Node is made per entry of every layer, and the
+    # generated __init__ with its default factory and __post_init__ cost twice this.
+    # Same parameters; a directory gets its children dict, a file empty content, a
+    # symlink SYMLINK_MODE.
+    def __init__(
+        self,
+        type: NodeType,
+        mode: int = 0o755,
+        uid: int = 0,
+        gid: int = 0,
+        mtime_ns: int = 0,
+        xattrs: dict[bytes, bytes] | None = None,
+        children: dict[bytes, Node] | None = None,
+        target: bytes | None = None,
+        rdev: tuple[int, int] = (0, 0),
+        content: Content | None = None,
+    ) -> None:
+        self.type = type
+        self.mode = SYMLINK_MODE if type is _SYMLINK else mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.xattrs = {} if xattrs is None else xattrs
+        self.children = {} if children is None and type is _DIR else children
+        self.target = target
+        self.rdev = rdev
+        self.content = Content(size=0) if content is None and type is _FILE else content
 
     @property
     def is_dir(self) -> bool:
-        return self.type is NodeType.DIR
+        return self.type is _DIR
 
     @property
     def size(self) -> int:
         """The byte size a stat() would report for a file or symlink."""
-        if self.type is NodeType.FILE:
+        kind = self.type
+        if kind is _FILE:
             assert self.content is not None
             return self.content.size
-        if self.type is NodeType.SYMLINK:
+        if kind is _SYMLINK:
             assert self.target is not None
             return len(self.target)
         return 0
@@ -184,9 +234,10 @@ class Node:
     @property
     def st_mode(self) -> int:
         """Full st_mode: type bits plus permission bits (always 0777 for a symlink)."""
-        if self.type is NodeType.SYMLINK:
+        kind = self.type
+        if kind is _SYMLINK:
             return stat.S_IFLNK | SYMLINK_MODE
-        return self.type.st_ifmt | (self.mode & 0o7777)
+        return _IFMT[kind] | (self.mode & 0o7777)  # the table, not st_ifmt: once per inode
 
     @property
     def permissions(self) -> int:
@@ -197,6 +248,48 @@ class Node:
         """Children ordered by name bytes, the order every writer uses."""
         assert self.children is not None
         return sorted(self.children.items())
+
+
+def file_node(
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+    xattrs: dict[bytes, bytes],
+    size: int,
+    path: str | None,
+    offset: int,
+    extents: tuple[Extent, ...] | None,
+) -> Node:
+    """Node(FILE, mode, uid, gid, mtime_ns, xattrs, content=Content(size, path, offset,
+    None, extents)), the same objects, made without running __init__ (by _slots.new, with
+    the values __init__ would store): a flatten makes one per file, and the two __init__s
+    were most of what a small file cost."""
+    if _new_slotted is None:
+        return Node(
+            _FILE,
+            mode,
+            uid,
+            gid,
+            mtime_ns,
+            xattrs,
+            content=Content(size, path, offset, None, extents),
+        )
+    content = _new_slotted(Content, _CONTENT_SLOTS, size, path, offset, None, extents)
+    node = _new_slotted(
+        Node, _NODE_SLOTS, _FILE, mode, uid, gid, mtime_ns, xattrs, None, None, _NO_RDEV, content
+    )
+    return cast(Node, node)
+
+
+def _slot_descriptors(cls: type) -> tuple[object, ...]:
+    """The slot descriptors of a slotted dataclass, in field order (its __init__'s)."""
+    return tuple(vars(cls)[f.name] for f in fields(cls))
+
+
+_CONTENT_SLOTS = _slot_descriptors(Content)
+_NODE_SLOTS = _slot_descriptors(Node)
+_NO_RDEV = (0, 0)
 
 
 def split_path(path: bytes) -> list[bytes]:
@@ -299,15 +392,37 @@ class Tree:
         ]
         while stack:
             prefix, children = stack[-1]
-            step = next(children, None)
-            if step is None:
+            # A for loop, left to descend and resumed after: cheaper per entry than next().
+            for name, child in children:
+                path = prefix + b"/" + name
+                yield path, child
+                if child.children:
+                    stack.append((path, iter(child.sorted_children())))
+                    break
+            else:
                 stack.pop()
-                continue
-            name, child = step
-            path = prefix + b"/" + name
-            yield path, child
-            if child.children:
-                stack.append((path, iter(child.sorted_children())))
+
+    def content_bytes(self) -> int:
+        """The stored bytes of every file, each hardlinked one once: what writing the
+        tree reads, and what an uncompressed output holds at least."""
+        # Not walk(): a sum needs neither paths nor sorted children, and this runs on
+        # every conversion.
+        files: set[Node] = set()  # by identity (eq=False): hardlinks count once
+        dirs = [self.root]
+        while dirs:
+            directory = dirs.pop()
+            assert directory.children is not None
+            for child in directory.children.values():
+                if child.children:
+                    dirs.append(child)
+                elif child.type is _FILE and child.content is not None:
+                    files.add(child)
+        total = 0
+        for node in files:
+            content = node.content
+            assert content is not None
+            total += content.size if content.extents is None else content.stored_size
+        return total
 
     def link_counts(self) -> dict[int, int]:
         """Link count per node id: entries naming it, plus for a directory its
@@ -315,9 +430,9 @@ class Tree:
         counts: dict[int, int] = {}
         for _path, node in self.walk():
             counts[id(node)] = counts.get(id(node), 0) + 1
-            if node.is_dir:
+            if node.type is _DIR:
                 assert node.children is not None
-                counts[id(node)] += 1 + sum(1 for c in node.children.values() if c.is_dir)
+                counts[id(node)] += 1 + sum(1 for c in node.children.values() if c.type is _DIR)
         return counts
 
     def clamp_mtimes(self, epoch_ns: int) -> None:
