@@ -265,10 +265,12 @@ def _leave(status: int | str | None) -> None:
     """Exit with `status` (never returns), skipping the interpreter's teardown when nothing
     else runs: after a conversion it frees every module and object one by one (20-25 ms of a
     cold run), which the kernel does at once. Anything still running (a thread) gets the
-    ordinary exit. (No thread was started if threading was never loaded.)"""
+    ordinary exit, and so does a run under a profiler or tracer (cProfile, coverage), which
+    writes its results at exit. (No thread was started if threading was never loaded.)"""
     threading = sys.modules.get("threading")
     alone = threading is None or threading.active_count() == 1
-    if isinstance(status, int) and alone:
+    watched = sys.getprofile() is not None or sys.gettrace() is not None
+    if isinstance(status, int) and alone and not watched:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):  # a reader gone: nothing to add
                 stream.flush()
