@@ -15,15 +15,15 @@ an environment lookup. The points:
 
 from __future__ import annotations
 
+import _thread  # threading's own lock, without loading threading (cli/quick imports this)
 import os
-import threading
 import time
 
 PAUSE_AT_ENV = "VMIMG_TEST_PAUSE_AT"
 PAUSE_FILE_ENV = "VMIMG_TEST_PAUSE_FILE"
 POLL_SECONDS = 0.01
 
-_fired = threading.Lock()  # taken by the first thread to reach the point, never released
+_fired = _thread.allocate_lock()  # taken by the first thread to reach the point, never released
 
 
 def pause_point(point: str) -> None:
