@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 
 import vmimg
-from vmimg.errors import EXIT_INTERRUPTED
+from vmimg.errors import EXIT_INTERRUPTED, VmimgError
 from vmimg.image.fsutil import (
     HITS_AREA,
     OUTPUTS_AREA,
@@ -41,6 +41,7 @@ FULL_CLI = "vmimg.cli.main"
 KEY_ENVIRONMENT = ("VMIMG_CACHE", "XDG_CACHE_HOME", "HOME", "SOURCE_DATE_EPOCH")
 CODE_SUFFIXES = (".py", ".so")
 RECORD_VERSION = 1
+VMIMG_ERROR = VmimgError.exit_code
 
 
 class HitRecord:
@@ -160,9 +161,7 @@ def record_path(args: Sequence[str]) -> str | None:
     split = split_output(args[1:])
     if split is None:
         return None
-    return os.path.join(
-        os.path.abspath(default_cache_dir()), HITS_AREA, hit_key(split[0]) + ".json"
-    )
+    return os.path.join(cache_area(HITS_AREA), hit_key(split[0]) + ".json")
 
 
 def record_hit(args: Sequence[str], output: str, record: HitRecord) -> None:
@@ -213,46 +212,60 @@ def _plain_name(name: str) -> bool:
     return bool(name) and "/" not in name and not name.startswith(".")
 
 
-def try_hit(args: Sequence[str]) -> bool:
-    """Serve `vmimg ARGS` from its hit record; False (having changed nothing) if it cannot."""
+def _unchanged(stamps: dict[str, list[int]]) -> bool:
+    try:
+        return all(stamp(path) == recorded for path, recorded in stamps.items())
+    except OSError:  # gone, or unreadable now
+        return False
+
+
+def try_hit(args: Sequence[str]) -> str | None:
+    """Serve `vmimg ARGS` from its hit record: the output handed out, and the line to print;
+    None (having changed nothing) if it cannot."""
     if os.environ.get(PAUSE_AT_ENV):
-        return False  # the fault tests stop runs at points of the full command line
+        return None  # the fault tests stop runs at points of the full command line
     path = record_path(args)
     record = load_record(path) if path else None
     split = split_output(args[1:])
     if record is None or split is None:
-        return False
+        return None
     output = split[1]
     if os.path.dirname(record.entry_dir) != cache_area(OUTPUTS_AREA):
-        return False  # a record names an entry of its own cache, nothing else
-    if any(stamp(p) != s for p, s in record.stamps.items()):
-        return False
+        return None  # a record names an entry of its own cache, nothing else
+    if not _unchanged(record.stamps):
+        return None
     pin = lock_shared(record.entry_dir)  # kept by `cache prune` while we hand it out
     if pin is None:
-        return False
+        return None
     try:
         cached = os.path.join(record.entry_dir, record.file)
         if not os.path.isfile(cached) or not entry_untouched(record.entry_dir):
-            return False  # the full command line discards the entry and converts again
-        how = hand_out(cached, output, record.linkable)
+            return None  # the full command line discards the entry and converts again
+        how = hand_out(cached, output, record.linkable)  # atomic: all of it, or nothing
     finally:
         os.close(pin)
-    line = result_line(output, os.path.getsize(output), record, f"from cache ({how})")
-    sys.stdout.write(line + "\n")
-    return True
+    return result_line(output, os.path.getsize(output), record, f"from cache ({how})")
 
 
 def entry() -> None:
     """The `vmimg` console script."""
     try:
-        served = try_hit(sys.argv[1:])
+        line = try_hit(sys.argv[1:])
     except KeyboardInterrupt:
         sys.stderr.write("vmimg: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
-    except Exception:
-        served = False
-    if not served:
-        _leave(_run_full_command_line())
+    except Exception:  # any trouble here: the full command line decides
+        line = None
+    _leave(_run_full_command_line() if line is None else _print_result(line))
+
+
+def _print_result(line: str) -> int:
+    try:
+        sys.stdout.write(line + "\n")
+    except OSError as e:  # as the full command line reports a closed stdout
+        sys.stderr.write(f"vmimg: error: cannot write the result: {e.strerror}\n")
+        return VMIMG_ERROR
+    return 0
 
 
 def _run_full_command_line() -> int | str | None:
