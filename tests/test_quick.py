@@ -8,11 +8,12 @@ import json
 import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.hostile.cli import run_vmimg
+from tests.hostile.cli import TIME_LIMIT, confined_command, confined_env, run_vmimg
 from vmimg.cli.quick import HitRecord, split_output
 from vmimg.image.reference import parse_reference
 
@@ -257,3 +258,28 @@ def test_an_ext4_hit_is_a_writable_copy(layout: str, tmp_path: Path) -> None:
 def test_hit_record_round_trips() -> None:
     record = HitRecord("/c/outputs/k", "rootfs.erofs", True, {"/l": [1, 2]}, "erofs", "i", "d", "p")
     assert HitRecord(**record.to_json()).to_json() == record.to_json()  # type: ignore[arg-type]
+
+
+def test_a_closed_stdout_is_one_error_line_on_either_path(layout: str, tmp_path: Path) -> None:
+    """The result line cannot be written (the reader went away): exit 1 and one line on
+    stderr, whether the fast path or the full command line answered."""
+    _rootfs(tmp_path, layout, tmp_path / "a.erofs")  # records the hit
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        for extra in ([], ["--no-cache"]):  # fast path, then the full command line
+            cmd = confined_command("rootfs", layout, "--format", "erofs", "-o", "b.erofs", *extra)
+            r = subprocess.run(
+                cmd,
+                cwd=tmp_path / "cwd",
+                env=confined_env(tmp_path),
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=TIME_LIMIT,
+            )
+            assert r.returncode == 1, (extra, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            assert lines[-1].startswith("vmimg: error:") and "Traceback" not in r.stderr, r.stderr
+    finally:
+        os.close(write_end)

@@ -262,6 +262,7 @@ def entry() -> None:
 def _print_result(line: str) -> int:
     try:
         sys.stdout.write(line + "\n")
+        sys.stdout.flush()
     except OSError as e:  # as the full command line reports a closed stdout
         sys.stderr.write(f"vmimg: error: cannot write the result: {e.strerror}\n")
         return VMIMG_ERROR
