@@ -547,16 +547,15 @@ static int walk_child(walk *w, PyObject *children, PyObject *name, PyObject *dir
             PyErr_SetString(PyExc_RuntimeError, "collect: a directory changed while walked");
         return -1;
     }
+    Py_INCREF(child); /* held while attribute lookups could run code */
     PyObject *type = PyObject_GetAttr(child, str_type);
-    if (type == NULL)
-        return -1;
-    int is_dir = type == w->dir_type;
-    Py_DECREF(type);
-    *child_dirs += is_dir;
-    int fresh;
-    Py_ssize_t at = place_of(w, child, name, directory, &fresh);
+    int is_dir = type != NULL && type == w->dir_type, fresh = 0;
+    Py_XDECREF(type);
+    Py_ssize_t at = type == NULL ? -1 : place_of(w, child, name, directory, &fresh);
+    Py_DECREF(child);
     if (at < 0)
         return -1;
+    *child_dirs += is_dir;
     if (fresh && is_dir &&
         (PyList_Append(w->dirs, PyList_GET_ITEM(w->inodes, at)) < 0 || push(w, at, here) < 0))
         return -1;
