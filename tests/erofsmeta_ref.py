@@ -5,7 +5,10 @@ writer's loops as they were in Python), as the oracle the C code is checked agai
 
 from __future__ import annotations
 
+import bisect
 import itertools
+from collections.abc import Callable
+from typing import Any
 
 from vmimg.rootfs.writers.erofs import format as fmt
 
@@ -78,3 +81,65 @@ def scatter(dest: bytearray, places: list[int], pieces: list[bytes]) -> None:
             raise IndexError("a piece falls outside the buffer")
     for at, piece in zip(places, pieces, strict=True):
         dest[at : at + len(piece)] = piece
+
+
+def collect(
+    root: Any,
+    fields: tuple[Any, ...],
+    defaults: tuple[Any, ...],
+    dir_type: Any,
+    name_len_max: int,
+    bad_name: Callable[[bytes, Any], object],
+) -> tuple[list[Any], list[Any]]:
+    """The inodes of the tree under root's node, in inode order, and the directories
+    among them: the writer's _collect_inodes as it was in Python. `fields`: the inode
+    class's slot descriptors, node, name, up, ino, nlink, names, targets first."""
+    node_f, _, _, ino_f, nlink_f, names_f, targets_f = fields[:7]
+    cls = type(root)
+
+    def new_inode(node: Any, name: bytes, up: Any, ino: int) -> Any:
+        inode = cls.__new__(cls)
+        for field, value in zip(fields[:4], (node, name, up, ino), strict=True):
+            field.__set__(inode, value)
+        for field, value in zip(fields[5:], defaults, strict=True):
+            field.__set__(inode, value)
+        nlink_f.__set__(inode, 1)
+        return inode
+
+    nlink_f.__set__(root, 1)
+    index_of = {id(node_f.__get__(root)): 0}
+    inodes, directories = [root], [root]
+    stack = [(root, 0)]
+    while stack:
+        directory, parent = stack.pop()
+        children = node_f.__get__(directory).children
+        names = sorted(children)
+        for name in names:
+            if not 0 < len(name) <= name_len_max or b"/" in name or b"\0" in name:
+                bad_name(name, directory)
+                raise ValueError("bad_name did not raise")
+        targets, subdirs, child_dirs = [], [], 0
+        for name in names:
+            child = children[name]
+            is_dir = child.type is dir_type
+            child_dirs += is_dir
+            at = index_of.setdefault(id(child), len(inodes))
+            if at == len(inodes):
+                inode = new_inode(child, name, directory, at + 1)
+                inodes.append(inode)
+                if is_dir:
+                    directories.append(inode)
+                    subdirs.append(inode)
+            else:
+                nlink_f.__set__(inodes[at], nlink_f.__get__(inodes[at]) + 1)
+            targets.append(at)
+        here = ino_f.__get__(directory) - 1
+        for name, target in ((b".", here), (b"..", parent)):
+            at = bisect.bisect_right(names, name)
+            names.insert(at, name)
+            targets.insert(at, target)
+        names_f.__set__(directory, names)
+        targets_f.__set__(directory, targets)
+        nlink_f.__set__(directory, nlink_f.__get__(directory) + 1 + child_dirs)
+        stack.extend([(subdir, here) for subdir in reversed(subdirs)])
+    return inodes, directories

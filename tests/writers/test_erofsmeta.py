@@ -4,12 +4,16 @@ input refused with an exception, never read or written out of bounds."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import erofsmeta_ref
-from vmimg.rootfs.writers.erofs import _erofsmeta
+from vmimg.errors import WriterError
+from vmimg.rootfs.tree import Node, NodeType
+from vmimg.rootfs.writers.erofs import _erofsmeta, writer
 from vmimg.rootfs.writers.erofs import format as fmt
 
 BLOCK = fmt.BLOCK_SIZE
@@ -148,3 +152,90 @@ def test_scatter_refuses_bad_input() -> None:
         with pytest.raises(error):
             _erofsmeta.scatter(*args)  # type: ignore[arg-type]
     assert dest == bytearray(8)
+
+
+# Names that sort around "." and "..", and a few longer ones.
+entry_names = st.sampled_from([b"-", b"+", b".a", b"...", b"a", b"b", b"ab", b"\xff", b"z" * 40])
+
+
+@st.composite
+def trees(draw: st.DrawFn) -> Node:
+    """A small tree whose files may be hardlinked from several directories."""
+    shared = [Node(NodeType.FILE) for _ in range(draw(st.integers(0, 3)))]
+
+    def directory(depth: int) -> Node:
+        node = Node(NodeType.DIR)
+        assert node.children is not None
+        for name in draw(st.lists(entry_names, max_size=6, unique=True)):
+            kind = draw(st.sampled_from(["file", "link", "symlink", "dir"]))
+            if kind == "dir" and depth < 3:
+                node.children[name] = directory(depth + 1)
+            elif kind == "link" and shared:
+                node.children[name] = draw(st.sampled_from(shared))
+            elif kind == "symlink":
+                node.children[name] = Node(NodeType.SYMLINK, target=b"t")
+            else:
+                node.children[name] = Node(NodeType.FILE)
+        return node
+
+    return directory(0)
+
+
+def _collected(collect: Any, root_node: Node) -> list[tuple[object, ...]]:
+    """What collect made, every slot of every inode, with objects named by their place."""
+    root = writer._Inode(root_node, b"/", None, ino=1)
+    fields = tuple(getattr(writer._Inode, f) for f in writer._COLLECT_FIELDS)
+    defaults = tuple(
+        getattr(root, f) for f in writer._COLLECT_FIELDS[writer._COLLECT_DEFAULTS_FROM :]
+    )
+    inodes, dirs = collect(root, fields, defaults, NodeType.DIR, fmt.NAME_LEN_MAX, _refuse)
+    place = {id(inode): i for i, inode in enumerate(inodes)}
+    rows = [(id(i.node), i.up and place[id(i.up)]) for i in inodes]
+    rows += [tuple(getattr(i, f) for f in writer._COLLECT_FIELDS[3:]) for i in inodes]
+    return [*rows, tuple(place[id(d)] for d in dirs)]
+
+
+def _refuse(name: bytes, directory: Any) -> None:
+    raise WriterError(f"refused {name!r} in {directory.path!r}")
+
+
+@given(trees())
+@settings(max_examples=200, deadline=None)
+def test_collect_matches_the_reference(root: Node) -> None:
+    assert _collected(_erofsmeta.collect, root) == _collected(erofsmeta_ref.collect, root)
+
+
+@pytest.mark.parametrize("bad", [b"", b"a/b", b"a\0", b"x" * (fmt.NAME_LEN_MAX + 1)])
+def test_collect_hands_bad_names_over(bad: bytes) -> None:
+    sub = Node(NodeType.DIR, children={bad: Node(NodeType.FILE), b"\x01": Node(NodeType.FILE)})
+    root = Node(NodeType.DIR, children={b"sub": sub})
+    for collect in (_erofsmeta.collect, erofsmeta_ref.collect):
+        with pytest.raises(WriterError, match=r"in b'/sub'"):
+            _collected(collect, root)
+
+
+def test_collect_refuses_bad_input() -> None:
+    root_node = Node(NodeType.DIR, children={b"a": Node(NodeType.FILE)})
+    root = writer._Inode(root_node, b"/", None, ino=1)
+    fields = tuple(getattr(writer._Inode, f) for f in writer._COLLECT_FIELDS)
+    defaults = tuple(
+        getattr(root, f) for f in writer._COLLECT_FIELDS[writer._COLLECT_DEFAULTS_FROM :]
+    )
+    args = (NodeType.DIR, fmt.NAME_LEN_MAX, _refuse)
+    bad: list[tuple[type[Exception], tuple[object, ...]]] = [
+        (ValueError, (root, fields, defaults[1:], *args)),  # a default short
+        (ValueError, (root, fields[:3], (), *args)),
+        (TypeError, (root, (*fields[:-1], Node.mode), defaults, *args)),  # another class's
+        (TypeError, (root_node, fields, defaults, *args)),  # root not an inode
+        (ValueError, (root, fields, defaults, NodeType.DIR, 0, lambda n, d: None)),  # no raise
+    ]
+    for error, call_args in bad:
+        with pytest.raises(error):
+            _erofsmeta.collect(*call_args)  # type: ignore[arg-type]
+    not_bytes = Node(NodeType.DIR, children={"a": Node(NodeType.FILE)})  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        _erofsmeta.collect(writer._Inode(not_bytes, b"/", None, 1), fields, defaults, *args)
+    no_children = Node(NodeType.DIR)
+    no_children.children = None
+    with pytest.raises(TypeError):
+        _erofsmeta.collect(writer._Inode(no_children, b"/", None, 1), fields, defaults, *args)

@@ -20,6 +20,19 @@
  *     places[i]: the inline tails of files, symlinks and directories, each right after
  *     its inode in the meta area.
  *
+ * collect(root, fields, defaults, dir_type, name_len_max, bad_name) -> (inodes, directories)
+ *     The inodes of a tree in inode order: `root` (an inode of the writer's _Inode class
+ *     for the root node), then each directory's children together, then its
+ *     subdirectories in name order, depth first; one inode per distinct node (a node met
+ *     again is a hardlink: one more link). `fields` are the class's slot descriptors,
+ *     node, name, up, ino, nlink, names, targets first; a new inode gets the slots from
+ *     names on from `defaults`. A directory gets its sorted entry names with "." and ".."
+ *     and the place of the inode each names; link counts are counted: names for a file,
+ *     ".", ".." and each subdirectory's ".." for a directory. A name erofs cannot store
+ *     (empty, over name_len_max bytes, '/' or NUL) is handed to bad_name(name,
+ *     directory), which raises the writer's error. Nodes are read through their `type`
+ *     and `children` attributes; a directory is a node whose type is `dir_type`.
+ *
  * Every index, size and offset is checked before it is used: bad input raises
  * ValueError, IndexError, TypeError or OverflowError, never writes out of bounds.
  */
@@ -335,12 +348,342 @@ static PyObject *scatter(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* --- collect: the inodes of a tree, in inode order ---------------------------------- */
+
+/* The first slots of `fields` (writer.py's _COLLECT_FIELDS), the ones the walk fills;
+ * every slot after them starts at its value in `defaults`. */
+enum { F_NODE, F_NAME, F_UP, F_INO, F_NLINK, F_NAMES, F_TARGETS, F_WALKED };
+
+typedef struct {
+    PyObject *fields;   /* tuple of the inode class's slot descriptors */
+    PyObject *defaults; /* tuple: values of fields[F_NAMES:] */
+    PyObject *dir_type; /* NodeType.DIR, compared by identity */
+    Py_ssize_t name_len_max;
+    PyObject *bad_name;  /* bad_name(name, directory) raises the writer's error */
+    PyObject *inodes;    /* list, in inode order */
+    PyObject *dirs;      /* list: the directories among them, in the same order */
+    PyObject *index_of;  /* dict: id(node) -> its place in inodes (hardlinks) */
+    Py_ssize_t *nlinks;  /* link count of each inode, written to them at the end */
+    Py_ssize_t nlinks_cap;
+    Py_ssize_t *stack;   /* pairs (directory's place, its parent's place) still to walk */
+    Py_ssize_t stack_len, stack_cap;
+} walk;
+
+static PyObject *str_children, *str_type; /* interned attribute names */
+
+static int set_field(const walk *w, PyObject *obj, int field, PyObject *value) {
+    PyObject *descr = PyTuple_GET_ITEM(w->fields, field);
+    return Py_TYPE(descr)->tp_descr_set(descr, obj, value);
+}
+
+/* Grows a C array of Py_ssize_t to hold `need` items. */
+static int grow(Py_ssize_t **items, Py_ssize_t *cap, Py_ssize_t need) {
+    if (need <= *cap)
+        return 0;
+    Py_ssize_t cap2 = *cap ? *cap : 64;
+    while (cap2 < need) {
+        if (cap2 > PY_SSIZE_T_MAX / 2 / (Py_ssize_t)sizeof(Py_ssize_t)) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        cap2 *= 2;
+    }
+    Py_ssize_t *grown = PyMem_Realloc(*items, (size_t)cap2 * sizeof(Py_ssize_t));
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *items = grown;
+    *cap = cap2;
+    return 0;
+}
+
+/* A new inode for `node`, appended to the inodes; returns a borrowed reference. */
+static PyObject *add_inode(walk *w, PyObject *node, PyObject *name, PyObject *up) {
+    Py_ssize_t at = PyList_GET_SIZE(w->inodes);
+    if (grow(&w->nlinks, &w->nlinks_cap, at + 1) < 0)
+        return NULL;
+    PyObject *descr = PyTuple_GET_ITEM(w->fields, F_NODE);
+    PyTypeObject *cls = PyDescr_TYPE(descr);
+    PyObject *inode = cls->tp_alloc(cls, 0);
+    if (inode == NULL)
+        return NULL;
+    PyObject *ino = PyLong_FromSsize_t(at + 1);
+    int failed = ino == NULL || set_field(w, inode, F_NODE, node) < 0 ||
+                 set_field(w, inode, F_NAME, name) < 0 || set_field(w, inode, F_UP, up) < 0 ||
+                 set_field(w, inode, F_INO, ino) < 0;
+    Py_XDECREF(ino);
+    for (Py_ssize_t f = F_NAMES; !failed && f < PyTuple_GET_SIZE(w->fields); f++)
+        failed = set_field(w, inode, (int)f, PyTuple_GET_ITEM(w->defaults, f - F_NAMES)) < 0;
+    if (failed || PyList_Append(w->inodes, inode) < 0) {
+        Py_DECREF(inode);
+        return NULL;
+    }
+    Py_DECREF(inode); /* the list holds it */
+    w->nlinks[at] = 1;
+    return inode;
+}
+
+/* Whether erofs can store `name`: 1 to 255 bytes, neither '/' nor NUL. */
+static int name_ok(const walk *w, PyObject *name) {
+    Py_ssize_t len = PyBytes_GET_SIZE(name);
+    const char *s = PyBytes_AS_STRING(name);
+    return len > 0 && len <= w->name_len_max && memchr(s, '/', (size_t)len) == NULL &&
+           memchr(s, '\0', (size_t)len) == NULL;
+}
+
+/* The sorted names of a directory's children, each checked. New reference. */
+static PyObject *sorted_names(const walk *w, PyObject *children, PyObject *directory) {
+    PyObject *names = PyDict_Keys(children);
+    if (names == NULL)
+        return NULL;
+    /* sorted first: the first bad name in name order is the one named, as in Python */
+    if (PyList_Sort(names) < 0)
+        goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(names); i++) {
+        PyObject *name = PyList_GET_ITEM(names, i);
+        if (!PyBytes_Check(name)) {
+            PyErr_SetString(PyExc_TypeError, "collect: names must be bytes");
+            goto fail;
+        }
+        if (!name_ok(w, name)) {
+            PyObject *r = PyObject_CallFunctionObjArgs(w->bad_name, name, directory, NULL);
+            if (r != NULL) {
+                Py_DECREF(r);
+                PyErr_SetString(PyExc_ValueError, "collect: bad_name did not raise");
+            }
+            goto fail;
+        }
+    }
+    return names;
+fail:
+    Py_DECREF(names);
+    return NULL;
+}
+
+/* Inserts `name` naming `target` where it sorts among the sorted names, after any equal
+ * one (bisect.insort_right): a name may sort before "." (b"-", b"+"). */
+static int insert_sorted(PyObject *names, PyObject *targets, const char *name, Py_ssize_t target) {
+    PyObject *key = PyBytes_FromString(name), *index = PyLong_FromSsize_t(target);
+    int rc = -1;
+    if (key == NULL || index == NULL)
+        goto done;
+    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(names);
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        int lt = PyObject_RichCompareBool(key, PyList_GET_ITEM(names, mid), Py_LT);
+        if (lt < 0)
+            goto done;
+        if (lt)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    if (PyList_Insert(names, lo, key) == 0 && PyList_Insert(targets, lo, index) == 0)
+        rc = 0;
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(index);
+    return rc;
+}
+
+/* The place of `child` among the inodes, a new one for it if it has none yet (else it is
+ * a hardlink: one more link). Sets *fresh when new. -1 on error. */
+static Py_ssize_t place_of(walk *w, PyObject *child, PyObject *name, PyObject *directory,
+                           int *fresh) {
+    PyObject *key = PyLong_FromVoidPtr(child);
+    if (key == NULL)
+        return -1;
+    Py_ssize_t at = -1;
+    PyObject *known = PyDict_GetItemWithError(w->index_of, key); /* borrowed */
+    *fresh = known == NULL;
+    if (known != NULL) {
+        at = PyLong_AsSsize_t(known);
+        if (at >= 0) /* always inside: the dict holds only places of inodes made */
+            w->nlinks[at]++;
+    } else if (!PyErr_Occurred()) {
+        PyObject *value = PyLong_FromSsize_t(PyList_GET_SIZE(w->inodes));
+        if (value != NULL && PyDict_SetItem(w->index_of, key, value) == 0 &&
+            add_inode(w, child, name, directory) != NULL)
+            at = PyList_GET_SIZE(w->inodes) - 1;
+        Py_XDECREF(value);
+    }
+    Py_DECREF(key);
+    return at;
+}
+
+static PyObject *get_field(const walk *w, PyObject *obj, int field) {
+    PyObject *descr = PyTuple_GET_ITEM(w->fields, field);
+    return Py_TYPE(descr)->tp_descr_get(descr, obj, (PyObject *)Py_TYPE(obj));
+}
+
+/* Pushes (directory, parent) onto the stack of directories still to walk. */
+static int push(walk *w, Py_ssize_t directory, Py_ssize_t parent) {
+    if (grow(&w->stack, &w->stack_cap, w->stack_len + 2) < 0)
+        return -1;
+    w->stack[w->stack_len++] = directory;
+    w->stack[w->stack_len++] = parent;
+    return 0;
+}
+
+/* Reverses the pairs pushed since `from`: the first subdirectory is walked first. */
+static void reverse_pushed(walk *w, Py_ssize_t from) {
+    for (Py_ssize_t lo = from, hi = w->stack_len - 2; lo < hi; lo += 2, hi -= 2) {
+        Py_ssize_t d = w->stack[lo], p = w->stack[lo + 1];
+        w->stack[lo] = w->stack[hi];
+        w->stack[lo + 1] = w->stack[hi + 1];
+        w->stack[hi] = d;
+        w->stack[hi + 1] = p;
+    }
+}
+
+/* One child of a directory: its inode (new, or one more link to a known one), its place
+ * in `targets`; a new subdirectory is pushed. Counts subdirectories in *child_dirs. */
+static int walk_child(walk *w, PyObject *children, PyObject *name, PyObject *directory,
+                      Py_ssize_t here, PyObject *targets, Py_ssize_t *child_dirs) {
+    PyObject *child = PyDict_GetItemWithError(children, name); /* borrowed */
+    if (child == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "collect: a directory changed while walked");
+        return -1;
+    }
+    Py_INCREF(child); /* held while attribute lookups could run code */
+    PyObject *type = PyObject_GetAttr(child, str_type);
+    int is_dir = type != NULL && type == w->dir_type, fresh = 0;
+    Py_XDECREF(type);
+    Py_ssize_t at = type == NULL ? -1 : place_of(w, child, name, directory, &fresh);
+    Py_DECREF(child);
+    if (at < 0)
+        return -1;
+    *child_dirs += is_dir;
+    if (fresh && is_dir &&
+        (PyList_Append(w->dirs, PyList_GET_ITEM(w->inodes, at)) < 0 || push(w, at, here) < 0))
+        return -1;
+    PyObject *index = PyLong_FromSsize_t(at);
+    int rc = index == NULL ? -1 : PyList_Append(targets, index);
+    Py_XDECREF(index);
+    return rc;
+}
+
+/* Walks one directory: an inode for each new child, its entries (with "." and "..") and
+ * link count; pushes its subdirectories so that the first is walked next. */
+static int walk_directory(walk *w, Py_ssize_t here, Py_ssize_t parent) {
+    PyObject *directory = PyList_GET_ITEM(w->inodes, here); /* borrowed: the list keeps it */
+    PyObject *node = NULL, *children = NULL, *names = NULL, *targets = NULL;
+    Py_ssize_t pushed_from = w->stack_len, child_dirs = 0;
+    int rc = -1;
+    if ((node = get_field(w, directory, F_NODE)) == NULL ||
+        (children = PyObject_GetAttr(node, str_children)) == NULL)
+        goto done;
+    if (!PyDict_Check(children)) {
+        PyErr_SetString(PyExc_TypeError, "collect: a directory's children must be a dict");
+        goto done;
+    }
+    if ((names = sorted_names(w, children, directory)) == NULL ||
+        (targets = PyList_New(0)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(names); i++)
+        if (walk_child(w, children, PyList_GET_ITEM(names, i), directory, here, targets,
+                       &child_dirs) < 0)
+            goto done;
+    reverse_pushed(w, pushed_from);
+    if (insert_sorted(names, targets, ".", here) < 0 ||
+        insert_sorted(names, targets, "..", parent) < 0 ||
+        set_field(w, directory, F_NAMES, names) < 0 ||
+        set_field(w, directory, F_TARGETS, targets) < 0)
+        goto done;
+    w->nlinks[here] += 1 + child_dirs;
+    rc = 0;
+done:
+    Py_XDECREF(node);
+    Py_XDECREF(children);
+    Py_XDECREF(names);
+    Py_XDECREF(targets);
+    return rc;
+}
+
+/* Writes each inode's link count, counted during the walk. */
+static int store_nlinks(const walk *w) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(w->inodes); i++) {
+        PyObject *nlink = PyLong_FromSsize_t(w->nlinks[i]);
+        int rc = nlink == NULL ? -1 : set_field(w, PyList_GET_ITEM(w->inodes, i), F_NLINK, nlink);
+        Py_XDECREF(nlink);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Checks collect's arguments: descriptors of one class, one default per slot after
+ * F_NAMES, the root an instance of that class. */
+static int check_collect_args(PyObject *root, PyObject *fields, PyObject *defaults) {
+    Py_ssize_t n = PyTuple_GET_SIZE(fields);
+    if (n < F_WALKED || PyTuple_GET_SIZE(defaults) != n - F_NAMES) {
+        PyErr_SetString(PyExc_ValueError, "collect: one default per field from names on");
+        return -1;
+    }
+    PyTypeObject *cls = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        if (!Py_IS_TYPE(field, &PyMemberDescr_Type) ||
+            (cls != NULL && PyDescr_TYPE(field) != cls)) {
+            PyErr_SetString(PyExc_TypeError, "collect: fields must be slots of one class");
+            return -1;
+        }
+        cls = PyDescr_TYPE(field);
+    }
+    if (!Py_IS_TYPE(root, cls)) {
+        PyErr_SetString(PyExc_TypeError, "collect: root must be of the fields' class");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *collect(PyObject *self, PyObject *args) {
+    PyObject *root;
+    walk w = {0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO!O!OnO", &root, &PyTuple_Type, &w.fields, &PyTuple_Type,
+                          &w.defaults, &w.dir_type, &w.name_len_max, &w.bad_name))
+        return NULL;
+    if (check_collect_args(root, w.fields, w.defaults) < 0)
+        return NULL;
+    PyObject *result = NULL, *root_node = NULL, *root_key = NULL, *zero = NULL;
+    if ((w.inodes = PyList_New(0)) == NULL || (w.dirs = PyList_New(0)) == NULL ||
+        (w.index_of = PyDict_New()) == NULL || (root_node = get_field(&w, root, F_NODE)) == NULL ||
+        (root_key = PyLong_FromVoidPtr(root_node)) == NULL || (zero = PyLong_FromLong(0)) == NULL ||
+        PyDict_SetItem(w.index_of, root_key, zero) < 0 || PyList_Append(w.inodes, root) < 0 ||
+        PyList_Append(w.dirs, root) < 0 || grow(&w.nlinks, &w.nlinks_cap, 1) < 0 ||
+        push(&w, 0, 0) < 0)
+        goto done;
+    w.nlinks[0] = 1;
+    while (w.stack_len > 0) {
+        w.stack_len -= 2;
+        if (walk_directory(&w, w.stack[w.stack_len], w.stack[w.stack_len + 1]) < 0)
+            goto done;
+    }
+    if (store_nlinks(&w) == 0)
+        result = PyTuple_Pack(2, w.inodes, w.dirs);
+done:
+    Py_XDECREF(root_node);
+    Py_XDECREF(root_key);
+    Py_XDECREF(zero);
+    Py_XDECREF(w.inodes);
+    Py_XDECREF(w.dirs);
+    Py_XDECREF(w.index_of);
+    PyMem_Free(w.nlinks);
+    PyMem_Free(w.stack);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"first_fit", first_fit, METH_VARARGS,
      "first_fit(meta_sizes, block_size, slot_size, open_blocks) -> (nids, end)"},
     {"dir_blocks", dir_blocks, METH_VARARGS,
      "dir_blocks(names, targets, block_starts, nids, file_types, block_size) -> bytes"},
     {"scatter", scatter, METH_VARARGS, "scatter(dest, places, pieces) -> None"},
+    {"collect", collect, METH_VARARGS,
+     "collect(root, fields, defaults, dir_type, name_len_max, bad_name) -> (inodes, directories)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -350,6 +693,10 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__erofsmeta(void) {
+    str_children = PyUnicode_InternFromString("children");
+    str_type = PyUnicode_InternFromString("type");
+    if (str_children == NULL || str_type == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "DIRENT_SIZE", DIRENT_SIZE) < 0)
         Py_CLEAR(m);

@@ -1,4 +1,9 @@
 # The erofs writer's per-inode and per-entry loops (see _erofsmeta.c for the contracts).
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_InodeT = TypeVar("_InodeT")
+
 DIRENT_SIZE: int
 
 def first_fit(
@@ -18,3 +23,15 @@ def dir_blocks(
 
 # dest: a writable buffer (the meta area, a bytearray)
 def scatter(dest: bytearray, places: list[int], pieces: list[bytes], /) -> None: ...
+
+# root: the writer's _Inode for the root node; fields: _Inode's slot descriptors (see
+# writer._COLLECT_FIELDS), defaults: the values of fields[5:] for a new inode
+def collect(
+    root: _InodeT,
+    fields: tuple[Any, ...],
+    defaults: tuple[Any, ...],
+    dir_type: object,
+    name_len_max: int,
+    bad_name: Callable[[bytes, _InodeT], object],
+    /,
+) -> tuple[list[_InodeT], list[_InodeT]]: ...
