@@ -33,6 +33,7 @@ from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree, without_cycle_collection
 from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.dirent import FT_DIR
+from vmimg.rootfs.writers.ext4 import _ext4meta
 from vmimg.rootfs.writers.ext4 import format as fmt
 from vmimg.rootfs.writers.gather import GatherWriter, pwrite_all
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
@@ -1046,73 +1047,75 @@ def _write_inodes(
     times: dict[int, tuple[int, int, int]] = {}  # mtime -> clamped, (sec, extra): few differ
     file_type = NodeType.FILE
     dir_type = NodeType.DIR
+    symlink_type = NodeType.SYMLINK
+    ifmt = {kind: kind.st_ifmt for kind in NodeType}
     extents_flag = fmt.INODE_FLAG_EXTENTS
     sectors_per_block = bs // fmt.SECTOR
+    pack_inode = _ext4meta.pack_inode
+    one_extent_root = fmt.one_extent_root
     inodes = plan.inodes
     links = inodes.links
     flags = inodes.flags
     data_blocks = inodes.data_blocks
     data_start = inodes.data_start
     tree_blocks = inodes.tree_blocks
+    ranges = inodes.ranges
     xattr_ibody = inodes.xattr_ibody
     xattr_key = inodes.xattr_key
     for ino, node in enumerate(inodes.nodes):
         if node is None:
             continue
         kind = node.type
-        seed = fmt.inode_checksum_seed(fs_seed, ino, 0)
         start = data_start[ino]
         count = data_blocks[ino]
-        # Blocks of anything but a file are metadata (a directory's, a slow symlink's).
-        metadata = count > 0 and kind is not file_type
-        if metadata:
-            out.put(start * bs, b"".join(_metadata_blocks(node, plan, ino, seed)))
-        elif kind is file_type:
-            assert node.content is not None
-            _copy_file_data(reader, node.content, inodes, ino, out)
-        extra = tree_blocks.get(ino, 0) if tree_blocks else 0
-        if flags[ino] & extents_flag:
-            ranges = _block_ranges(inodes, ino, metadata)
-            if len(ranges) == 1 and ranges[0][1] <= fmt.EXTENT_MAX_LEN:
-                i_block = fmt.one_extent_root(ranges[0][0], ranges[0][1], start)
-            else:
-                i_block, tree = _extent_tree(_extents(ranges, start), start + count, seed)
-                for blk, data in tree:
-                    out.put(blk * bs, data)
+        if kind is file_type:
+            content = node.content
+            assert content is not None
+            _copy_file_data(reader, content, inodes, ino, out)
+            size = content.size
         else:
+            size = count * bs if kind is dir_type else node.size
+            if count:  # the blocks of a directory or slow symlink: metadata
+                seed = fmt.inode_checksum_seed(fs_seed, ino, 0)
+                out.put(start * bs, b"".join(_metadata_blocks(node, plan, ino, seed)))
+        inode_flags = flags[ino]
+        if not inode_flags & extents_flag:
             i_block = _i_block_special(node)
+        elif 0 < count <= fmt.EXTENT_MAX_LEN and ino not in ranges:  # one extent: most
+            i_block = one_extent_root(0, count, start)
+        else:
+            seed = fmt.inode_checksum_seed(fs_seed, ino, 0)
+            metadata = kind is not file_type
+            extents = _extents(_block_ranges(inodes, ino, metadata), start)
+            i_block, tree = _extent_tree(extents, start + count, seed)
+            for blk, data in tree:
+                out.put(blk * bs, data)
+        used = count + (tree_blocks.get(ino, 0) if tree_blocks else 0)
         file_acl = 0
-        used = count + extra
         key = xattr_key.get(ino) if xattr_key else None
         if key is not None:
             file_acl = plan.xattr_blocks[key].block
             used += 1
-        if kind is dir_type:
-            size = count * bs
-        elif kind is file_type:
-            assert node.content is not None
-            size = node.content.size
-        else:
-            size = node.size
         mtime_ns = node.mtime_ns
         time = times.get(mtime_ns)
         if time is None:
             clamped_ns = clamp_time(mtime_ns)
             time = times[mtime_ns] = (clamped_ns, *fmt.encode_time(clamped_ns))
-        offset = itable.at(ino)
-        fmt.pack_inode_into(
+        # node.st_mode, without its property call for most inodes (a symlink's is 0777)
+        mode = node.st_mode if kind is symlink_type else ifmt[kind] | (node.mode & 0o7777)
+        offset = itable.at(ino)  # before itable.chunk: it may move on to the next chunk
+        pack_inode(
             itable.chunk,
             offset,
-            seed,
-            (
-                node.st_mode,
-                node.uid,
-                node.gid,
-                size,
-                links[ino],
-                used * sectors_per_block,
-                flags[ino],
-            ),
+            fs_seed,
+            ino,
+            mode,
+            node.uid,
+            node.gid,
+            size,
+            links[ino],
+            used * sectors_per_block,
+            inode_flags,
             i_block,
             time[1],
             time[2],
