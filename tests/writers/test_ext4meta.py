@@ -1,6 +1,7 @@
-"""The C body of the ext4 writer's inode loop (vmimg/rootfs/writers/ext4/_ext4meta.c)
-against its plain Python reference (format.py's pack_inode_into): the same bytes for any
-input, and bad input refused with an exception, never written out of bounds."""
+"""The C loop bodies of the ext4 writer (vmimg/rootfs/writers/ext4/_ext4meta.c) against
+their plain Python references (format.py's pack_inode_into, tests/ext4meta_ref.py): the
+same bytes for any input, and bad input refused with an exception, never written out of
+bounds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import ext4meta_ref
 from vmimg.rootfs.writers.ext4 import _ext4meta
 from vmimg.rootfs.writers.ext4 import format as fmt
 
@@ -112,3 +114,68 @@ def test_pack_inode_stays_inside_the_table() -> None:
     with pytest.raises(TypeError):
         _ext4meta.pack_inode(bytearray(fmt.INODE_SIZE), 0)  # type: ignore[call-arg]
     call(bytearray(2 * fmt.INODE_SIZE), fmt.INODE_SIZE)
+
+
+# Entries as directories have them: short names mostly, some of the longest allowed.
+dir_entries = st.lists(
+    st.tuples(
+        st.integers(0, 0xFFFFFFFF),
+        st.one_of(st.binary(min_size=1, max_size=20), st.binary(min_size=250, max_size=255)),
+        st.integers(0, 7),
+    ),
+    max_size=60,
+)
+
+
+@given(dir_entries, U32)
+@settings(max_examples=300, deadline=None)
+def test_dir_leaf_matches_the_reference(entries: list[tuple[int, bytes, int]], seed: int) -> None:
+    inos = [ino for ino, _, _ in entries]
+    names = [name for _, name, _ in entries]
+    types = bytes([t for _, _, t in entries])
+    try:
+        expected = ext4meta_ref.dir_leaf(inos, names, types, seed)
+    except ValueError:  # more than a block holds
+        with pytest.raises(ValueError):
+            _ext4meta.dir_leaf(inos, names, types, seed)
+        return
+    assert _ext4meta.dir_leaf(inos, names, types, seed) == expected
+
+
+def test_dir_leaf_fills_a_block_exactly() -> None:
+    # 4084 bytes before the tail; a 255-byte name's entry takes 264
+    names = [b"n" * 255] * 15 + [b"x" * 120]  # 15 * 264 + 128 = 4088: 4 bytes too many
+    with pytest.raises(ValueError):
+        _ext4meta.dir_leaf(list(range(16)), names, bytes(16), 0)
+    names = [b"n" * 255] * 15 + [b"x" * 116]  # 15 * 264 + 124 = 4084: exactly full
+    leaf = _ext4meta.dir_leaf(list(range(16)), names, bytes(16), 0)
+    assert leaf == ext4meta_ref.dir_leaf(list(range(16)), names, bytes(16), 0)
+
+
+@pytest.mark.parametrize(
+    ("inos", "names", "types", "error"),
+    [
+        ([1], [b""], b"\x01", ValueError),  # an empty name
+        ([1], [b"n" * 256], b"\x01", ValueError),
+        ([1], ["n"], b"\x01", TypeError),
+        ([1 << 32], [b"n"], b"\x01", ValueError),
+        ([-1], [b"n"], b"\x01", OverflowError),
+        (["1"], [b"n"], b"\x01", TypeError),
+        ([1, 2], [b"n"], b"\x01", ValueError),  # lengths differ
+        ([1], [b"n"], b"", ValueError),
+    ],
+)
+def test_dir_leaf_refuses_bad_entries(
+    inos: list[object], names: list[object], types: bytes, error: type
+) -> None:
+    with pytest.raises(error):
+        _ext4meta.dir_leaf(inos, names, types, 0)  # type: ignore[arg-type]
+
+
+def test_dir_leaf_refuses_a_bad_seed() -> None:
+    with pytest.raises(ValueError):
+        _ext4meta.dir_leaf([], [], b"", 1 << 32)
+    with pytest.raises(OverflowError):
+        _ext4meta.dir_leaf([], [], b"", -1)
+    with pytest.raises(TypeError):
+        _ext4meta.dir_leaf((), [], b"", 0)  # type: ignore[arg-type]

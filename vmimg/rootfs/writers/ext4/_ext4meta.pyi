@@ -1,4 +1,4 @@
-# The ext4 writer's per-inode loop body (see _ext4meta.c for the contract).
+# The ext4 writer's per-inode and per-directory loop bodies (see _ext4meta.c for the contracts).
 
 # table: a writable buffer (bytearray); all 256 bytes at offset are written
 def pack_inode(
@@ -20,3 +20,8 @@ def pack_inode(
     xattr_ibody: bytes,
     /,
 ) -> None: ...
+
+# file_types: anything with the buffer protocol, one byte per entry
+def dir_leaf(
+    inos: list[int], names: list[bytes], file_types: bytes | bytearray, inode_seed: int, /
+) -> bytes: ...

@@ -586,25 +586,15 @@ def _plan_xattrs(
 _LEAF_SPACE = fmt.BLOCK_SIZE - fmt.DIR_TAIL_SIZE
 
 
-def _pack_leaves(entries: list[fmt.DirEntry2], seed: int, breaks: list[int]) -> list[bytearray]:
+def _pack_leaves(entries: list[fmt.DirEntry2], seed: int, breaks: list[int]) -> list[bytes]:
     """Directory leaf blocks holding entries, a new block at each index in `breaks`."""
-    blocks: list[bytearray] = []
-    bounds = [*breaks, len(entries)]
+    blocks = []
     start = 0
-    for stop in bounds:
-        block = bytearray(fmt.BLOCK_SIZE)
-        pos = 0
-        last = 0
-        for e in entries[start:stop]:
-            e.pack_into(block, pos, e.size)
-            last = pos
-            pos += e.size
-        if stop == start:  # an empty leaf: one unused entry spanning the block
-            fmt.DIRENT.pack_into(block, 0, 0, _LEAF_SPACE, 0, 0)
-        else:
-            struct.pack_into("<H", block, last + 4, _LEAF_SPACE - last)
-        fmt.seal_dir_leaf(block, seed)
-        blocks.append(block)
+    for stop in [*breaks, len(entries)]:
+        leaf = entries[start:stop]
+        inos = [e.inode for e in leaf]
+        types = bytes([e.file_type for e in leaf])
+        blocks.append(_ext4meta.dir_leaf(inos, [e.name for e in leaf], types, seed))
         start = stop
     return blocks
 
@@ -669,33 +659,15 @@ def _linear_size(inodes: _Inodes, ino: int) -> int:
     return size
 
 
-def _linear_block(inodes: _Inodes, ino: int, seed: int) -> bytearray:
-    """The one leaf block of a linear directory: what _pack_leaves makes of ".", ".." and
-    the entries, without an object per entry."""
-    block = bytearray(fmt.BLOCK_SIZE)
-    pack = fmt.DIRENT.pack_into
-    file_type = _FILE_TYPE
-    pack(block, 0, ino, fmt.dirent_size(1), 1, FT_DIR)
-    block[fmt.DIRENT_HEADER] = _DOT
-    last = fmt.dirent_size(1)
-    pack(block, last, inodes.up[ino], fmt.dirent_size(2), 2, FT_DIR)
-    block[last + fmt.DIRENT_HEADER : last + fmt.DIRENT_HEADER + 2] = b".."
-    pos = _DOTS_SIZE
+def _linear_block(inodes: _Inodes, ino: int, seed: int) -> bytes:
+    """The one leaf block of a linear directory: ".", ".." and the entries, as
+    _pack_leaves would make it, without an object per entry."""
     children = _children(inodes, ino)
-    for (name, child), child_ino in zip(children, inodes.child_inos(ino, children), strict=True):
-        length = len(name)
-        size = (fmt.DIRENT_HEADER + 3 + length) & ~3
-        pack(block, pos, child_ino, size, length, file_type[child.type])
-        block[pos + fmt.DIRENT_HEADER : pos + fmt.DIRENT_HEADER + length] = name
-        last = pos
-        pos += size
-    _REC_LEN.pack_into(block, last + 4, _LEAF_SPACE - last)
-    fmt.seal_dir_leaf(block, seed)
-    return block
-
-
-_DOT = ord(".")
-_REC_LEN = struct.Struct("<H")
+    inos = [ino, inodes.up[ino], *inodes.child_inos(ino, children)]
+    names = [b".", b"..", *[name for name, _ in children]]
+    file_type = _FILE_TYPE
+    types = bytes([FT_DIR, FT_DIR, *[file_type[child.type] for _, child in children]])
+    return _ext4meta.dir_leaf(inos, names, types, seed)
 
 
 @dataclass(frozen=True)
@@ -744,7 +716,7 @@ def _htree_shape(where: _Where, order: _HtreeOrder) -> _HtreeShape:
     return _HtreeShape(order.leaves, n_nodes)
 
 
-def _dir_blocks(plan: _Plan, ino: int, seed: int) -> list[bytearray]:
+def _dir_blocks(plan: _Plan, ino: int, seed: int) -> list[bytes | bytearray]:
     """The blocks of one directory, as _plan_dir counted them."""
     inodes = plan.inodes
     if inodes.flags[ino] & fmt.INODE_FLAG_INDEX:
@@ -760,7 +732,7 @@ def _dir_blocks(plan: _Plan, ino: int, seed: int) -> list[bytearray]:
     return blocks
 
 
-def _htree_dir(inodes: _Inodes, ino: int, order: _HtreeOrder, seed: int) -> list[bytearray]:
+def _htree_dir(inodes: _Inodes, ino: int, order: _HtreeOrder, seed: int) -> list[bytes | bytearray]:
     """A hashed (dir_index) directory: dx_root, maybe one level of dx_nodes, leaves."""
     leaves = _pack_leaves(order.ordered, seed, order.breaks)
     hashes = order.hashes
@@ -1034,7 +1006,7 @@ def _i_block_special(node: Node) -> bytes:
     return bytes(fmt.N_BLOCKS_BYTES)
 
 
-def _metadata_blocks(node: Node, plan: _Plan, ino: int, seed: int) -> list[bytearray]:
+def _metadata_blocks(node: Node, plan: _Plan, ino: int, seed: int) -> list[bytes | bytearray]:
     """The blocks of a directory or slow symlink, built when they are written."""
     if node.is_dir:
         return _dir_blocks(plan, ino, seed)
