@@ -948,17 +948,14 @@ def _is_small(content: Content) -> bool:
     return content.extents is None and content.size <= SMALL_FILE_MAX
 
 
-_ZERO_BLOCK = bytes(fmt.BLOCK_SIZE)
-
-
 class _BlockRun:
     """Blocks that follow each other on disk, gathered a run at a time: small files'
     bytes (read together by ContentReader.read_many: files close together in a layer tar
-    are one pread) and directory blocks, put as one write, each file padded with zeros
-    to its last block's end.
+    are one pread) and directory blocks, written at once into a buffer of zeros (a
+    file's last block is padded with them).
 
     100,000 tiny files would otherwise be 100,000 reads and as many puts. Anything else
-    put to `out` flushes the run first, so that writes still rise."""
+    written to `out` flushes the run first, so that writes still rise."""
 
     def __init__(self, reader: ContentReader, out: GatherWriter) -> None:
         self.reader = reader
@@ -966,6 +963,7 @@ class _BlockRun:
         self.start = 0  # output offset of the run
         self.end = 0  # and of the end of its last blocks
         self.items: list[Content | bytes] = []  # a file's content, or blocks' bytes
+        self.offsets: list[int] = []  # where each item goes in the run
 
     def add(self, offset: int, length: int, item: Content | bytes) -> None:
         """A small file's content or ready blocks, taking `length` bytes at `offset`."""
@@ -974,21 +972,21 @@ class _BlockRun:
         if not self.items:
             self.start = offset
         self.items.append(item)
+        self.offsets.append(offset - self.start)
         self.end = offset + length
 
     def flush(self) -> None:
         if not self.items:
             return
-        bs = fmt.BLOCK_SIZE
         reads = [(item, 0, item.size) for item in self.items if type(item) is Content]
         datas = iter(self.reader.read_many(reads))
-        pieces = []
-        for item in self.items:
+        run = bytearray(self.end - self.start)
+        for at, item in zip(self.offsets, self.items, strict=True):
             data = item if type(item) is bytes else next(datas)
-            pieces.append(data)
-            pieces.append(_ZERO_BLOCK[: -len(data) % bs])
-        self.out.put(self.start, b"".join(pieces))
+            run[at : at + len(data)] = data
+        self.out.write(self.start, run)
         self.items = []
+        self.offsets = []
 
 
 def _i_block_special(node: Node) -> bytes:
