@@ -406,13 +406,20 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
     xattr_blocks: dict[tuple[bytes, int], _XattrBlock] = {}
     xattr_users: dict[bytes, int] = {}
     dir_type = NodeType.DIR
+    file_type = NodeType.FILE
+    links = inodes.links
     for ino, node in enumerate(inodes.nodes):
         if node is None:
             continue
-        if inodes.links[ino] > fmt.LINK_MAX and node.type is not dir_type:
+        kind = node.type
+        if links[ino] > fmt.LINK_MAX and kind is not dir_type:
             where = inodes.path(ino)
             raise WriterError(f"{os.fsdecode(where)}: more than {fmt.LINK_MAX} links")
-        _plan_inode(inodes, ino, hash_words)
+        content = node.content
+        if kind is file_type and content is not None and content.extents is None:
+            _plan_plain_file(inodes, ino, content.size)  # most inodes, without _plan_inode
+        else:
+            _plan_inode(inodes, ino, hash_words)
         if node.xattrs:
             _plan_xattrs(inodes, ino, xattr_blocks, xattr_users)
 
@@ -453,6 +460,9 @@ def _number_inodes(tree: Tree) -> tuple[_Inodes, int]:
     seen: set[Node] = {root}
     again: list[Node] = []
     dir_type = NodeType.DIR
+    # _Inodes.add, inline: this runs once per entry of the image
+    up = inodes.up
+    first_child = inodes.first_child
     stack = [fmt.ROOT_INO]
     while stack:
         directory = stack.pop()
@@ -475,11 +485,14 @@ def _number_inodes(tree: Tree) -> tuple[_Inodes, int]:
                 continue
             seen.add(child)
             ino = len(nodes)
+            nodes.append(child)
+            up.append(directory)
+            first_child.append(0)
             if child.type is dir_type:
-                inodes.add(child, directory, 2)
+                links.append(2)
                 subdirs.append(ino)
             else:
-                inodes.add(child, directory, 1)
+                links.append(1)
             if child.type not in _UNCHECKED or not (
                 0 <= child.uid <= MAX_UID and 0 <= child.gid <= MAX_UID
             ):
@@ -516,18 +529,15 @@ def _plan_inode(inodes: _Inodes, ino: int, hash_words: tuple[int, int, int, int]
     if kind is NodeType.FILE:
         content = node.content
         assert content is not None
-        if content.extents is None:  # one run from 0: the common case, without Extents
-            count = -(-content.size // fmt.BLOCK_SIZE)
-            inodes.data_blocks[ino] = count
-            if count > fmt.EXTENTS_IN_INODE * fmt.EXTENT_MAX_LEN:
-                inodes.tree_blocks[ino] = _extent_tree_blocks(_extent_count(((0, count),)))
-        else:
-            ranges = _data_ranges(content, inodes.where(ino))
-            inodes.ranges[ino] = ranges
-            inodes.data_blocks[ino] = sum(n for _, n in ranges)
-            tree_blocks = _extent_tree_blocks(_extent_count(ranges))
-            if tree_blocks:
-                inodes.tree_blocks[ino] = tree_blocks
+        if content.extents is None:
+            _plan_plain_file(inodes, ino, content.size)
+            return
+        ranges = _data_ranges(content, inodes.where(ino))  # sparse: its data runs
+        inodes.ranges[ino] = ranges
+        inodes.data_blocks[ino] = sum(n for _, n in ranges)
+        tree_blocks = _extent_tree_blocks(_extent_count(ranges))
+        if tree_blocks:
+            inodes.tree_blocks[ino] = tree_blocks
         inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
     elif kind is NodeType.DIR:
         inodes.data_blocks[ino] = _plan_dir(inodes, ino, hash_words)
@@ -538,6 +548,15 @@ def _plan_inode(inodes: _Inodes, ino: int, hash_words: tuple[int, int, int, int]
         if len(node.target) > fmt.MAX_FAST_SYMLINK:  # a slow symlink: its target in a block
             inodes.data_blocks[ino] = 1
             inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
+
+
+def _plan_plain_file(inodes: _Inodes, ino: int, size: int) -> None:
+    """A file of one data run from block 0 (not sparse): most inodes of an image."""
+    count = -(-size // fmt.BLOCK_SIZE)
+    inodes.data_blocks[ino] = count
+    if count > fmt.EXTENTS_IN_INODE * fmt.EXTENT_MAX_LEN:
+        inodes.tree_blocks[ino] = _extent_tree_blocks(_extent_count(((0, count),)))
+    inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
 
 
 def _plan_dir(inodes: _Inodes, ino: int, hash_words: tuple[int, int, int, int]) -> int:
@@ -943,11 +962,6 @@ def _copy_file_data(
         stored += ext.length
 
 
-def _is_small(content: Content) -> bool:
-    """Written from memory (_BlockRun), not copied by the kernel: one run, small."""
-    return content.extents is None and content.size <= SMALL_FILE_MAX
-
-
 class _BlockRun:
     """Blocks that follow each other on disk, gathered a run at a time: small files'
     bytes (read together by ContentReader.read_many: files close together in a layer tar
@@ -1058,6 +1072,7 @@ def _write_inodes(
     clamped = PathWarnings("mtime outside what ext4 stores (1901..2446); clamped")
     out = GatherWriter(out_fd)
     run = _BlockRun(reader, out)
+    run_add = run.add
     fs_seed = plan.fs_seed
     times: dict[int, tuple[int, int, int]] = {}  # mtime -> clamped, (sec, extra): few differ
     file_type = NodeType.FILE
@@ -1086,18 +1101,18 @@ def _write_inodes(
         if kind is file_type:
             content = node.content
             assert content is not None
-            if not _is_small(content):
+            if content.extents is not None or content.size > SMALL_FILE_MAX:
                 run.flush()
                 _copy_file_data(reader, content, inodes, ino, out)
-            elif count:
-                run.add(start * bs, count * bs, content)
+            elif count:  # small: written from memory with its neighbours
+                run_add(start * bs, count * bs, content)
             size = content.size
         else:
             size = count * bs if kind is dir_type else node.size
             if count:  # the blocks of a directory or slow symlink: metadata
                 seed = fmt.inode_checksum_seed(fs_seed, ino, 0)
                 blocks = b"".join(_metadata_blocks(node, plan, ino, seed))
-                run.add(start * bs, count * bs, blocks)
+                run_add(start * bs, count * bs, blocks)
         inode_flags = flags[ino]
         if not inode_flags & extents_flag:
             i_block = _i_block_special(node)
