@@ -11,8 +11,11 @@ The image is planned completely before anything is written:
    descriptors, all bitmaps, all inode tables, journal, then each inode's
    blocks in inode order. Every used block is below `used_end`, so the
    bitmaps are "all ones up to N".
-4. `write_ext4` puts file data in place with kernel-side copies, then the
-   metadata with pwrite. Blocks nobody writes are holes of the fresh file.
+4. `write_ext4` writes each inode's blocks in inode order: large files by
+   kernel-side copies, small files and directory blocks gathered into runs of
+   neighbouring blocks (`_BlockRun`), the inode table a chunk at a time (each inode
+   packed by the C extension `_ext4meta`), then the rest of the metadata. Blocks
+   nobody writes are holes of the fresh file.
 
 See docs/ext4.md for the resulting layout and its limits.
 """
