@@ -55,3 +55,19 @@ def test_a_full_buffer_is_written_and_started_afresh(tmp_path: Path) -> None:
         assert os.pread(fd, count * BLOCK, 0) == chunk * count
     finally:
         os.close(fd)
+
+
+def test_write_goes_out_at_once_after_what_is_held(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out = GatherWriter(fd)
+        out.put(0, b"a" * 10)
+        out.write(BLOCK, bytearray(b"b" * 20))
+        assert not out.buf  # held bytes went first
+        out.put(0, b"c")  # later puts may overwrite, as writes in that order do
+        out.flush()
+        data = os.pread(fd, 2 * BLOCK, 0)
+        assert data == b"c" + b"a" * 9 + bytes(BLOCK - 10) + b"b" * 20
+    finally:
+        os.close(fd)

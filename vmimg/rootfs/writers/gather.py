@@ -47,6 +47,13 @@ class GatherWriter:
             buf += _ZEROS[:gap]
         buf += data
 
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """`data`, already gathered by the caller, written at once (after what is held):
+        put would copy it into the buffer first."""
+        self.flush()
+        pause_point("output-write-midway")
+        pwrite_all(self.fd, data, offset)
+
     def flush(self) -> None:
         if self.buf:
             pause_point("output-write-midway")

@@ -511,8 +511,10 @@ def pack_inode_into(
     file_acl: int,
     xattr_ibody: bytes,
 ) -> None:
-    """Write one 256-byte inode at buf[offset:] (zeros there) with its checksum: the
-    writer's per-inode path, so plain values rather than an `Inode` object.
+    """Write one 256-byte inode at buf[offset:] (zeros there) with its checksum, from
+    plain values rather than an `Inode` object. The writer's inode loop packs with the C
+    extension's `_ext4meta.pack_inode`, which this is the reference for
+    (tests/writers/test_ext4meta.py).
 
     fields: (mode, uid, gid, size, links, blocks_512, flags); `sec`, `extra`: the time as
     encode_time gives it (atime = ctime = mtime = crtime)."""

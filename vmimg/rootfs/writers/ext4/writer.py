@@ -11,8 +11,11 @@ The image is planned completely before anything is written:
    descriptors, all bitmaps, all inode tables, journal, then each inode's
    blocks in inode order. Every used block is below `used_end`, so the
    bitmaps are "all ones up to N".
-4. `write_ext4` puts file data in place with kernel-side copies, then the
-   metadata with pwrite. Blocks nobody writes are holes of the fresh file.
+4. `write_ext4` writes each inode's blocks in inode order: large files by
+   kernel-side copies, small files and directory blocks gathered into runs of
+   neighbouring blocks (`_BlockRun`), the inode table a chunk at a time (each inode
+   packed by the C extension `_ext4meta`), then the rest of the metadata. Blocks
+   nobody writes are holes of the fresh file.
 
 See docs/ext4.md for the resulting layout and its limits.
 """
@@ -33,6 +36,7 @@ from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree, without_cycle_collection
 from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.dirent import FT_DIR
+from vmimg.rootfs.writers.ext4 import _ext4meta
 from vmimg.rootfs.writers.ext4 import format as fmt
 from vmimg.rootfs.writers.gather import GatherWriter, pwrite_all
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
@@ -48,6 +52,7 @@ MAX_MAJOR = 0xFFF
 MAX_MINOR = 0xFFFFF
 MAX_INODES = 0xFFFFFFFF
 SMALL_FILE_MAX = 256 * 1024  # files up to this size are written from memory, not copied
+BLOCK_RUN_BYTES = 1 << 20  # small files' and directories' blocks read and put at once
 ITABLE_CHUNK_INODES = 4096  # inode table held in memory at once: 1 MiB
 # Inode times ext4 stores with 256-byte inodes: signed 32-bit seconds plus two epoch
 # bits, 1901-12-13 to 2446-05-10 (the kernel's EXT4_TIMESTAMP_MIN / EXTRA_TIMESTAMP_MAX).
@@ -404,13 +409,20 @@ def _plan_inodes(tree: Tree, options: Ext4Options) -> _Plan:
     xattr_blocks: dict[tuple[bytes, int], _XattrBlock] = {}
     xattr_users: dict[bytes, int] = {}
     dir_type = NodeType.DIR
+    file_type = NodeType.FILE
+    links = inodes.links
     for ino, node in enumerate(inodes.nodes):
         if node is None:
             continue
-        if inodes.links[ino] > fmt.LINK_MAX and node.type is not dir_type:
+        kind = node.type
+        if links[ino] > fmt.LINK_MAX and kind is not dir_type:
             where = inodes.path(ino)
             raise WriterError(f"{os.fsdecode(where)}: more than {fmt.LINK_MAX} links")
-        _plan_inode(inodes, ino, hash_words)
+        content = node.content
+        if kind is file_type and content is not None and content.extents is None:
+            _plan_plain_file(inodes, ino, content.size)  # most inodes, without _plan_inode
+        else:
+            _plan_inode(inodes, ino, hash_words)
         if node.xattrs:
             _plan_xattrs(inodes, ino, xattr_blocks, xattr_users)
 
@@ -451,6 +463,9 @@ def _number_inodes(tree: Tree) -> tuple[_Inodes, int]:
     seen: set[Node] = {root}
     again: list[Node] = []
     dir_type = NodeType.DIR
+    # _Inodes.add, inline: this runs once per entry of the image
+    up = inodes.up
+    first_child = inodes.first_child
     stack = [fmt.ROOT_INO]
     while stack:
         directory = stack.pop()
@@ -473,11 +488,14 @@ def _number_inodes(tree: Tree) -> tuple[_Inodes, int]:
                 continue
             seen.add(child)
             ino = len(nodes)
+            nodes.append(child)
+            up.append(directory)
+            first_child.append(0)
             if child.type is dir_type:
-                inodes.add(child, directory, 2)
+                links.append(2)
                 subdirs.append(ino)
             else:
-                inodes.add(child, directory, 1)
+                links.append(1)
             if child.type not in _UNCHECKED or not (
                 0 <= child.uid <= MAX_UID and 0 <= child.gid <= MAX_UID
             ):
@@ -514,18 +532,15 @@ def _plan_inode(inodes: _Inodes, ino: int, hash_words: tuple[int, int, int, int]
     if kind is NodeType.FILE:
         content = node.content
         assert content is not None
-        if content.extents is None:  # one run from 0: the common case, without Extents
-            count = -(-content.size // fmt.BLOCK_SIZE)
-            inodes.data_blocks[ino] = count
-            if count > fmt.EXTENTS_IN_INODE * fmt.EXTENT_MAX_LEN:
-                inodes.tree_blocks[ino] = _extent_tree_blocks(_extent_count(((0, count),)))
-        else:
-            ranges = _data_ranges(content, inodes.where(ino))
-            inodes.ranges[ino] = ranges
-            inodes.data_blocks[ino] = sum(n for _, n in ranges)
-            tree_blocks = _extent_tree_blocks(_extent_count(ranges))
-            if tree_blocks:
-                inodes.tree_blocks[ino] = tree_blocks
+        if content.extents is None:
+            _plan_plain_file(inodes, ino, content.size)
+            return
+        ranges = _data_ranges(content, inodes.where(ino))  # sparse: its data runs
+        inodes.ranges[ino] = ranges
+        inodes.data_blocks[ino] = sum(n for _, n in ranges)
+        tree_blocks = _extent_tree_blocks(_extent_count(ranges))
+        if tree_blocks:
+            inodes.tree_blocks[ino] = tree_blocks
         inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
     elif kind is NodeType.DIR:
         inodes.data_blocks[ino] = _plan_dir(inodes, ino, hash_words)
@@ -536,6 +551,15 @@ def _plan_inode(inodes: _Inodes, ino: int, hash_words: tuple[int, int, int, int]
         if len(node.target) > fmt.MAX_FAST_SYMLINK:  # a slow symlink: its target in a block
             inodes.data_blocks[ino] = 1
             inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
+
+
+def _plan_plain_file(inodes: _Inodes, ino: int, size: int) -> None:
+    """A file of one data run from block 0 (not sparse): most inodes of an image."""
+    count = -(-size // fmt.BLOCK_SIZE)
+    inodes.data_blocks[ino] = count
+    if count > fmt.EXTENTS_IN_INODE * fmt.EXTENT_MAX_LEN:
+        inodes.tree_blocks[ino] = _extent_tree_blocks(_extent_count(((0, count),)))
+    inodes.flags[ino] = fmt.INODE_FLAG_EXTENTS
 
 
 def _plan_dir(inodes: _Inodes, ino: int, hash_words: tuple[int, int, int, int]) -> int:
@@ -584,25 +608,15 @@ def _plan_xattrs(
 _LEAF_SPACE = fmt.BLOCK_SIZE - fmt.DIR_TAIL_SIZE
 
 
-def _pack_leaves(entries: list[fmt.DirEntry2], seed: int, breaks: list[int]) -> list[bytearray]:
+def _pack_leaves(entries: list[fmt.DirEntry2], seed: int, breaks: list[int]) -> list[bytes]:
     """Directory leaf blocks holding entries, a new block at each index in `breaks`."""
-    blocks: list[bytearray] = []
-    bounds = [*breaks, len(entries)]
+    blocks = []
     start = 0
-    for stop in bounds:
-        block = bytearray(fmt.BLOCK_SIZE)
-        pos = 0
-        last = 0
-        for e in entries[start:stop]:
-            e.pack_into(block, pos, e.size)
-            last = pos
-            pos += e.size
-        if stop == start:  # an empty leaf: one unused entry spanning the block
-            fmt.DIRENT.pack_into(block, 0, 0, _LEAF_SPACE, 0, 0)
-        else:
-            struct.pack_into("<H", block, last + 4, _LEAF_SPACE - last)
-        fmt.seal_dir_leaf(block, seed)
-        blocks.append(block)
+    for stop in [*breaks, len(entries)]:
+        leaf = entries[start:stop]
+        inos = [e.inode for e in leaf]
+        types = bytes([e.file_type for e in leaf])
+        blocks.append(_ext4meta.dir_leaf(inos, [e.name for e in leaf], types, seed))
         start = stop
     return blocks
 
@@ -667,33 +681,15 @@ def _linear_size(inodes: _Inodes, ino: int) -> int:
     return size
 
 
-def _linear_block(inodes: _Inodes, ino: int, seed: int) -> bytearray:
-    """The one leaf block of a linear directory: what _pack_leaves makes of ".", ".." and
-    the entries, without an object per entry."""
-    block = bytearray(fmt.BLOCK_SIZE)
-    pack = fmt.DIRENT.pack_into
-    file_type = _FILE_TYPE
-    pack(block, 0, ino, fmt.dirent_size(1), 1, FT_DIR)
-    block[fmt.DIRENT_HEADER] = _DOT
-    last = fmt.dirent_size(1)
-    pack(block, last, inodes.up[ino], fmt.dirent_size(2), 2, FT_DIR)
-    block[last + fmt.DIRENT_HEADER : last + fmt.DIRENT_HEADER + 2] = b".."
-    pos = _DOTS_SIZE
+def _linear_block(inodes: _Inodes, ino: int, seed: int) -> bytes:
+    """The one leaf block of a linear directory: ".", ".." and the entries, as
+    _pack_leaves would make it, without an object per entry."""
     children = _children(inodes, ino)
-    for (name, child), child_ino in zip(children, inodes.child_inos(ino, children), strict=True):
-        length = len(name)
-        size = (fmt.DIRENT_HEADER + 3 + length) & ~3
-        pack(block, pos, child_ino, size, length, file_type[child.type])
-        block[pos + fmt.DIRENT_HEADER : pos + fmt.DIRENT_HEADER + length] = name
-        last = pos
-        pos += size
-    _REC_LEN.pack_into(block, last + 4, _LEAF_SPACE - last)
-    fmt.seal_dir_leaf(block, seed)
-    return block
-
-
-_DOT = ord(".")
-_REC_LEN = struct.Struct("<H")
+    inos = [ino, inodes.up[ino], *inodes.child_inos(ino, children)]
+    names = [b".", b"..", *[name for name, _ in children]]
+    file_type = _FILE_TYPE
+    types = bytes([FT_DIR, FT_DIR, *[file_type[child.type] for _, child in children]])
+    return _ext4meta.dir_leaf(inos, names, types, seed)
 
 
 @dataclass(frozen=True)
@@ -742,7 +738,7 @@ def _htree_shape(where: _Where, order: _HtreeOrder) -> _HtreeShape:
     return _HtreeShape(order.leaves, n_nodes)
 
 
-def _dir_blocks(plan: _Plan, ino: int, seed: int) -> list[bytearray]:
+def _dir_blocks(plan: _Plan, ino: int, seed: int) -> list[bytes | bytearray]:
     """The blocks of one directory, as _plan_dir counted them."""
     inodes = plan.inodes
     if inodes.flags[ino] & fmt.INODE_FLAG_INDEX:
@@ -758,7 +754,7 @@ def _dir_blocks(plan: _Plan, ino: int, seed: int) -> list[bytearray]:
     return blocks
 
 
-def _htree_dir(inodes: _Inodes, ino: int, order: _HtreeOrder, seed: int) -> list[bytearray]:
+def _htree_dir(inodes: _Inodes, ino: int, order: _HtreeOrder, seed: int) -> list[bytes | bytearray]:
     """A hashed (dir_index) directory: dx_root, maybe one level of dx_nodes, leaves."""
     leaves = _pack_leaves(order.ordered, seed, order.breaks)
     hashes = order.hashes
@@ -951,13 +947,8 @@ def _extent_tree(
 def _copy_file_data(
     reader: ContentReader, content: Content, inodes: _Inodes, ino: int, out: GatherWriter
 ) -> None:
-    """Each data run to its block: ranges are contiguous on disk from data_start. A small
-    file's bytes go through memory (gathered with its neighbours' into one write), a
-    large one's are copied by the kernel."""
-    if content.extents is None and content.size <= SMALL_FILE_MAX:
-        if content.size:
-            out.put(inodes.data_start[ino] * fmt.BLOCK_SIZE, reader.read(content))
-        return
+    """A large or sparse file's data runs, each to its blocks (contiguous on disk from
+    data_start), copied by the kernel."""
     out.flush()
     ranges = _block_ranges(inodes, ino, False)
     r = 0
@@ -972,6 +963,47 @@ def _copy_file_data(
         at = phys * fmt.BLOCK_SIZE + ext.offset - ranges[r][0] * fmt.BLOCK_SIZE
         reader.copy(content, stored, ext.length, out.fd, at)
         stored += ext.length
+
+
+class _BlockRun:
+    """Blocks that follow each other on disk, gathered a run at a time: small files'
+    bytes (read together by ContentReader.read_many: files close together in a layer tar
+    are one pread) and directory blocks, written at once into a buffer of zeros (a
+    file's last block is padded with them).
+
+    100,000 tiny files would otherwise be 100,000 reads and as many puts. Anything else
+    written to `out` flushes the run first, so that writes still rise."""
+
+    def __init__(self, reader: ContentReader, out: GatherWriter) -> None:
+        self.reader = reader
+        self.out = out
+        self.start = 0  # output offset of the run
+        self.end = 0  # and of the end of its last blocks
+        self.items: list[Content | bytes] = []  # a file's content, or blocks' bytes
+        self.offsets: list[int] = []  # where each item goes in the run
+
+    def add(self, offset: int, length: int, item: Content | bytes) -> None:
+        """A small file's content or ready blocks, taking `length` bytes at `offset`."""
+        if self.items and (offset != self.end or self.end - self.start >= BLOCK_RUN_BYTES):
+            self.flush()
+        if not self.items:
+            self.start = offset
+        self.items.append(item)
+        self.offsets.append(offset - self.start)
+        self.end = offset + length
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        reads = [(item, 0, item.size) for item in self.items if type(item) is Content]
+        datas = iter(self.reader.read_many(reads))
+        run = bytearray(self.end - self.start)
+        for at, item in zip(self.offsets, self.items, strict=True):
+            data = item if type(item) is bytes else next(datas)
+            run[at : at + len(data)] = data
+        self.out.write(self.start, run)
+        self.items = []
+        self.offsets = []
 
 
 def _i_block_special(node: Node) -> bytes:
@@ -989,7 +1021,7 @@ def _i_block_special(node: Node) -> bytes:
     return bytes(fmt.N_BLOCKS_BYTES)
 
 
-def _metadata_blocks(node: Node, plan: _Plan, ino: int, seed: int) -> list[bytearray]:
+def _metadata_blocks(node: Node, plan: _Plan, ino: int, seed: int) -> list[bytes | bytearray]:
     """The blocks of a directory or slow symlink, built when they are written."""
     if node.is_dir:
         return _dir_blocks(plan, ino, seed)
@@ -1042,77 +1074,88 @@ def _write_inodes(
     bs = fmt.BLOCK_SIZE
     clamped = PathWarnings("mtime outside what ext4 stores (1901..2446); clamped")
     out = GatherWriter(out_fd)
+    run = _BlockRun(reader, out)
+    run_add = run.add
     fs_seed = plan.fs_seed
     times: dict[int, tuple[int, int, int]] = {}  # mtime -> clamped, (sec, extra): few differ
     file_type = NodeType.FILE
     dir_type = NodeType.DIR
+    symlink_type = NodeType.SYMLINK
+    ifmt = {kind: kind.st_ifmt for kind in NodeType}
     extents_flag = fmt.INODE_FLAG_EXTENTS
     sectors_per_block = bs // fmt.SECTOR
+    pack_inode = _ext4meta.pack_inode
+    one_extent_root = fmt.one_extent_root
     inodes = plan.inodes
     links = inodes.links
     flags = inodes.flags
     data_blocks = inodes.data_blocks
     data_start = inodes.data_start
     tree_blocks = inodes.tree_blocks
+    ranges = inodes.ranges
     xattr_ibody = inodes.xattr_ibody
     xattr_key = inodes.xattr_key
     for ino, node in enumerate(inodes.nodes):
         if node is None:
             continue
         kind = node.type
-        seed = fmt.inode_checksum_seed(fs_seed, ino, 0)
         start = data_start[ino]
         count = data_blocks[ino]
-        # Blocks of anything but a file are metadata (a directory's, a slow symlink's).
-        metadata = count > 0 and kind is not file_type
-        if metadata:
-            out.put(start * bs, b"".join(_metadata_blocks(node, plan, ino, seed)))
-        elif kind is file_type:
-            assert node.content is not None
-            _copy_file_data(reader, node.content, inodes, ino, out)
-        extra = tree_blocks.get(ino, 0) if tree_blocks else 0
-        if flags[ino] & extents_flag:
-            ranges = _block_ranges(inodes, ino, metadata)
-            if len(ranges) == 1 and ranges[0][1] <= fmt.EXTENT_MAX_LEN:
-                i_block = fmt.one_extent_root(ranges[0][0], ranges[0][1], start)
-            else:
-                i_block, tree = _extent_tree(_extents(ranges, start), start + count, seed)
-                for blk, data in tree:
-                    out.put(blk * bs, data)
+        if kind is file_type:
+            content = node.content
+            assert content is not None
+            if content.extents is not None or content.size > SMALL_FILE_MAX:
+                run.flush()
+                _copy_file_data(reader, content, inodes, ino, out)
+            elif count:  # small: written from memory with its neighbours
+                run_add(start * bs, count * bs, content)
+            size = content.size
         else:
+            size = count * bs if kind is dir_type else node.size
+            if count:  # the blocks of a directory or slow symlink: metadata
+                seed = fmt.inode_checksum_seed(fs_seed, ino, 0)
+                blocks = b"".join(_metadata_blocks(node, plan, ino, seed))
+                run_add(start * bs, count * bs, blocks)
+        inode_flags = flags[ino]
+        if not inode_flags & extents_flag:
             i_block = _i_block_special(node)
+        elif 0 < count <= fmt.EXTENT_MAX_LEN and ino not in ranges:  # one extent: most
+            i_block = one_extent_root(0, count, start)
+        else:
+            seed = fmt.inode_checksum_seed(fs_seed, ino, 0)
+            metadata = kind is not file_type
+            extents = _extents(_block_ranges(inodes, ino, metadata), start)
+            i_block, tree = _extent_tree(extents, start + count, seed)
+            if tree:
+                run.flush()
+            for blk, data in tree:
+                out.put(blk * bs, data)
+        used = count + (tree_blocks.get(ino, 0) if tree_blocks else 0)
         file_acl = 0
-        used = count + extra
         key = xattr_key.get(ino) if xattr_key else None
         if key is not None:
             file_acl = plan.xattr_blocks[key].block
             used += 1
-        if kind is dir_type:
-            size = count * bs
-        elif kind is file_type:
-            assert node.content is not None
-            size = node.content.size
-        else:
-            size = node.size
         mtime_ns = node.mtime_ns
         time = times.get(mtime_ns)
         if time is None:
             clamped_ns = clamp_time(mtime_ns)
             time = times[mtime_ns] = (clamped_ns, *fmt.encode_time(clamped_ns))
-        offset = itable.at(ino)
-        fmt.pack_inode_into(
+        # node.st_mode, without its property call for most inodes (a symlink's is 0777)
+        mode = node.st_mode if kind is symlink_type else ifmt[kind] | (node.mode & 0o7777)
+        offset = itable.at(ino)  # before itable.chunk: it may move on to the next chunk
+        pack_inode(
             itable.chunk,
             offset,
-            seed,
-            (
-                node.st_mode,
-                node.uid,
-                node.gid,
-                size,
-                links[ino],
-                used * sectors_per_block,
-                flags[ino],
-            ),
+            fs_seed,
+            ino,
+            mode,
+            node.uid,
+            node.gid,
+            size,
+            links[ino],
+            used * sectors_per_block,
+            inode_flags,
             i_block,
             time[1],
             time[2],
@@ -1121,6 +1164,7 @@ def _write_inodes(
         )
         if time[0] != mtime_ns:
             clamped.add(inodes.path(ino))
+    run.flush()
     out.flush()
     return clamped.lines()
 
