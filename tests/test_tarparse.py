@@ -311,7 +311,7 @@ def entries_scanned(buf: bytes, pos: int, base: int, data_end: int) -> tuple[lis
     """What _tarscan.scan_entries makes of buf[pos:], after an entry already there."""
     entries = [Entry(b"before", b"5", 0, 0, 0, 0, 0, b"", 0, 0, 0)]
     pos, data_end = _tarscan.scan_entries(
-        buf, pos, base, entries, Entry, tarparse._ENTRY_SLOTS, data_end
+        buf, pos, base, entries, Entry, tarparse.ENTRY_SLOTS, data_end
     )
     return entries[1:], pos, data_end
 
@@ -368,7 +368,7 @@ def test_c_entries_of_a_real_layer() -> None:
 
 def test_c_entries_refuse_other_classes() -> None:
     """Only slot descriptors of the class itself, thirteen of them: nothing that runs code."""
-    slots = tarparse._ENTRY_SLOTS
+    slots = tarparse.ENTRY_SLOTS
     for cls, fields in ((Entry, slots[:-1]), (Entry, (property(),) * 13), (int, slots)):
         with pytest.raises(TypeError):
             _tarscan.scan_entries(b"", 0, 0, [], cls, fields, 0)

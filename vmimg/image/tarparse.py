@@ -115,7 +115,7 @@ class Entry:
 
 
 # Entry's slot descriptors in field order: what the C scanner sets each new Entry through
-_ENTRY_SLOTS = tuple(vars(Entry)[f.name] for f in dataclass_fields(Entry))
+ENTRY_SLOTS = tuple(vars(Entry)[f.name] for f in dataclass_fields(Entry))
 
 
 # -- the stream ------------------------------------------------------------------
@@ -508,7 +508,7 @@ class _Parser:
         # It appends Entry objects itself (made as _slots.c makes nodes, without __init__)
         # and raises data_end past the regular files among them (what _add does)
         pos, self.data_end = _scan(
-            src.buf, self.offset - src.base, src.base, entries, Entry, _ENTRY_SLOTS, self.data_end
+            src.buf, self.offset - src.base, src.base, entries, Entry, ENTRY_SLOTS, self.data_end
         )
         if len(entries) == taken:
             return False
