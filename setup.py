@@ -15,6 +15,11 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
         ),
         Extension(
+            "vmimg.rootfs._flatten",
+            sources=["vmimg/rootfs/_flatten.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+        ),
+        Extension(
             "vmimg.rootfs.writers._kernelhash",
             sources=["vmimg/rootfs/writers/_kernelhash.c"],
             depends=["vmimg/rootfs/writers/crc32c.h"],

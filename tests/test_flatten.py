@@ -8,17 +8,20 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from tests import layerkit as L
 from tests.conftest import need
 from tests.treecheck import Checks, compare_tree_with_dir
-from vmimg.errors import LayerError
+from vmimg.errors import LayerError, TreeError
 from vmimg.image.cache import Cache
-from vmimg.image.layers import LayerFile
+from vmimg.image.layers import Entry, Extent, LayerFile
 from vmimg.image.oci import Platform
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 from vmimg.image.sources import SourceOptions, open_image
+from vmimg.rootfs import flatten as flatten_module
 from vmimg.rootfs import tree as tree_module
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.convert import build_tree
@@ -253,3 +256,121 @@ def test_invalid_utf8_names_survive(tmp_path: Path) -> None:
         ),
     )
     assert tree.get(b"/bad\xff") is not None
+
+
+# -- the C fast path (_flatten.apply_files) against apply_entry -----------------------------
+
+# Entry names: mostly plain files in a few directories (what the C path takes), among
+# directories, links, whiteouts and names that climb, fail NAME_MAX or PATH_MAX, or go
+# through a symlink ("s") or a file ("a/f" as a directory).
+DEEP = b"/".join([b"d" * 250] * 16)  # 4015 bytes: a name of 100 more is past PATH_MAX
+# Each hostile choice is rarer than the plain ones, and half the layers have none, so that
+# many stacks flatten (and the C path has long runs to take).
+PLAIN_HEADS = (b"", b"a", b"a/b", b"./a", b"/a/b", b"a//b", b"a/./b", b"s", b"s/b", b"e")
+HEADS = (*PLAIN_HEADS * 6, b"a/f", b"a/b/", DEEP, b"a/..", b"../a")
+PLAIN_LEAVES = (b"f", b"g", b"h", b"b", b"s")
+LEAVES = (*PLAIN_LEAVES * 12, b".wh.f", b".wh..wh..opq", b".wh.", b".", b"", b"\xff",
+          b"n" * 100, b"..", b"n" * 256)  # fmt: skip
+PLAIN_TYPES = (*[b"0"] * 12, b"\0", b"7", b"S", b"5", b"5", b"5", b"2", b"2", b"3", b"6")
+FLAT_TYPES = (*PLAIN_TYPES, b"1", b"1", b"9")
+LINK_TARGETS = (b"a", b"a/b", b"a/f", b"/a/b/g", b"a/b/f", b"s", b"e", b"../a", b"missing", b"")
+
+
+def _name(head: bytes, leaf: bytes) -> bytes:
+    return head + b"/" + leaf if head else leaf
+
+
+@st.composite
+def _entries(draw: st.DrawFn) -> list[Entry]:
+    out = []
+    hostile = draw(st.booleans())
+    heads = st.sampled_from(HEADS if hostile else PLAIN_HEADS)
+    leaves = st.sampled_from(LEAVES if hostile else PLAIN_LEAVES)
+    types = st.sampled_from(FLAT_TYPES if hostile else PLAIN_TYPES)
+    for i in range(draw(st.integers(1, 30))):
+        kind = draw(types)
+        link = draw(st.sampled_from(LINK_TARGETS)) if kind in (b"1", b"2") else b""
+        out.append(
+            Entry(
+                _name(draw(heads), draw(leaves)),
+                kind,
+                draw(st.sampled_from((0o644, 0o644, 0o104755, -1, 1 << 70))),
+                draw(st.sampled_from((0, 1000))),
+                0,
+                draw(st.sampled_from((0, 10**18, -(10**9)))),
+                draw(st.sampled_from((0, 5))),
+                link,
+                1,
+                3,
+                512 * (i + 1),
+                draw(st.sampled_from(({}, {}, {}, {b"user.a": b"1"}))),
+                (Extent(0, 5),) if kind == b"S" else None,
+            )
+        )
+    return out
+
+
+def _tree_dump(tree: Tree) -> list[tuple[bytes, int, list[object]]]:
+    """_fields, and which earlier path holds the same node (hardlinks are shared nodes)."""
+    first: dict[int, int] = {}
+    dump = []
+    for i, ((path, node), (_, values)) in enumerate(zip(tree.walk(), _fields(tree), strict=True)):
+        dump.append((path, first.setdefault(id(node), i), values))
+    return dump
+
+
+def _flattened(stack: list[list[Entry]]) -> object:
+    """The tree flatten makes of the layers' entries (copies: flatten consumes its lists),
+    or the error it raises."""
+    layers = [LayerFile(f"/layer{i}.tar", f"l{i}", list(es)) for i, es in enumerate(stack)]
+    try:
+        return _tree_dump(flatten(layers))
+    except LayerError as e:
+        return str(e)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_entries(), min_size=1, max_size=3))
+def test_c_fast_path_makes_the_tree_and_errors_apply_entry_makes(
+    stack: list[list[Entry]],
+) -> None:
+    with_c = _flattened(stack)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flatten_module, "_apply_files", None)
+        assert _flattened(stack) == with_c
+
+
+def test_c_fast_path_takes_plain_files_and_hands_back_the_rest() -> None:
+    def file(name: bytes, **kw: object) -> Entry:
+        return dataclasses.replace(Entry(name, b"0", 0o100644, 0, 0, 7, 1, b"", 0, 0, 512), **kw)
+
+    def applied(*in_order: Entry) -> list[bytes]:
+        """What apply_files applies of `in_order`: the names it leaves, in order."""
+        entries = list(reversed(in_order))
+        taken = flatten_module._apply_files(
+            entries, f.parents, f.times, "t", flatten_module._SHAPES
+        )
+        assert taken == len(in_order) - len(entries)
+        return [e.name for e in reversed(entries)]
+
+    f = flatten_module._Flattener()
+    f.apply_entry(file(b"d/first"), "t")  # Python: the parent is made and remembered
+    f.apply_entry(file(DEEP + b"/f"), "t")
+    rest = [file(b"d/.wh.x"), file(b"d/h", type=b"1", linkname=b"d/first"), file(b"d/y")]
+    assert applied(file(b"d/second"), file(b"d/first", mode=0o4755), *rest) == [
+        b"d/.wh.x", b"d/h", b"d/y"]  # fmt: skip
+    handed_back = [file(b"d/x", xattrs={b"user.a": b""}), file(b"e/x"), file(b"d/.."),
+                   file(b"d/" + b"n" * 256), file(b"d/s", type=b"2"),
+                   file(b"d/", type=b"5"), file(DEEP + b"/" + b"n" * 100)]  # fmt: skip
+    for e in handed_back:
+        assert applied(e) == [e.name]
+    with pytest.raises(TreeError, match="path longer than 4096 bytes"):
+        f.apply_entry(handed_back[-1], "t")  # Python raises what C handed back
+    d = f.tree.get(b"/d")
+    assert d is not None and d.children is not None and sorted(d.children) == [b"first", b"second"]
+    node = d.children[b"first"]
+    assert node.mode == 0o4755 and node.content == Content(1, "t", 512)
+    assert node.xattrs is flatten_module._NO_XATTRS and node.rdev is tree_module.NO_RDEV
+    for bad in ((), flatten_module._SHAPES[:-1], (int, *flatten_module._SHAPES[1:])):
+        with pytest.raises(TypeError):
+            flatten_module._apply_files([], {}, {}, "t", bad)

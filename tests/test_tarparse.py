@@ -307,6 +307,75 @@ def test_c_scanner_on_arbitrary_bytes(buf: bytes, pos: int) -> None:
     assert _tarscan.scan(buf, pos, 0) == tarscan_ref.scan(buf, pos, 0)
 
 
+def entries_scanned(buf: bytes, pos: int, base: int, data_end: int) -> tuple[list[Entry], int, int]:
+    """What _tarscan.scan_entries makes of buf[pos:], after an entry already there."""
+    entries = [Entry(b"before", b"5", 0, 0, 0, 0, 0, b"", 0, 0, 0)]
+    pos, data_end = _tarscan.scan_entries(
+        buf, pos, base, entries, Entry, tarparse.ENTRY_SLOTS, data_end
+    )
+    return entries[1:], pos, data_end
+
+
+def entries_of_scan(buf: bytes, pos: int, base: int, data_end: int) -> tuple[list[Entry], int, int]:
+    """The same made from _tarscan.scan's tuples, as tarparse made them before."""
+    members, pos = _tarscan.scan(buf, pos, base)
+    for t in members:
+        if t[1] in tarparse.FILE_TYPES:
+            data_end = max(data_end, t[10] + t[6])
+    return [Entry(*t) for t in members], pos, data_end
+
+
+@pytest.mark.slow
+@SETTINGS
+@given(
+    st.lists(member_parts, min_size=1, max_size=6),
+    st.integers(0, 4000),
+    st.integers(0, 1 << 40),
+    st.integers(0, 1 << 41),
+)
+def test_c_entries_are_the_entries_of_c_tuples(
+    parts: list[bytes], cut: int, base: int, data_end: int
+) -> None:
+    """scan_entries makes the Entry objects Entry(*member) makes of scan's tuples (each
+    with its own xattrs dict), and the data end tarparse computed from them."""
+    buf = b"".join(parts)
+    buf = buf[: max(0, len(buf) - cut)] if cut % 3 == 0 else buf
+    got = entries_scanned(buf, 0, base, data_end)
+    assert got == entries_of_scan(buf, 0, base, data_end)
+    assert len({id(e.xattrs) for e in got[0]}) == len(got[0])
+
+
+@SETTINGS
+@given(st.binary(max_size=3000), st.integers(0, 3000))
+def test_c_entries_on_arbitrary_bytes(buf: bytes, pos: int) -> None:
+    assert entries_scanned(buf, pos, 0, 0) == entries_of_scan(buf, pos, 0, 0)
+
+
+def test_c_entries_of_a_real_layer() -> None:
+    data = L.layer(
+        L.dir("etc/"),
+        L.file("etc/passwd", b"root:x:0:0\n", uid=1000, gid=(1 << 32) - 1, mtime=1.5),
+        L.symlink("lib", "usr/lib"),
+        L.hardlink("etc/hard", "etc/passwd"),
+        L.chardev("dev/null", 1, 3),
+        L.file("big", b"y" * 3000),
+        L.fifo("run/p"),
+    )
+    got = entries_scanned(data, 0, 1 << 30, 7)
+    assert got == entries_of_scan(data, 0, 1 << 30, 7)
+    assert len(got[0]) == 7 and got[2] == got[0][5].offset + 3000  # "big" reaches furthest
+
+
+def test_c_entries_refuse_other_classes() -> None:
+    """Only slot descriptors of the class itself, thirteen of them: nothing that runs code."""
+    slots = tarparse.ENTRY_SLOTS
+    for cls, fields in ((Entry, slots[:-1]), (Entry, (property(),) * 13), (int, slots)):
+        with pytest.raises(TypeError):
+            _tarscan.scan_entries(b"", 0, 0, [], cls, fields, 0)
+    with pytest.raises(ValueError):
+        _tarscan.scan_entries(b"", -1, 0, [], Entry, slots, 0)
+
+
 def test_c_scanner_refuses_nonsense_positions() -> None:
     with pytest.raises(ValueError):
         _tarscan.scan(b"", -1, 0)
@@ -502,7 +571,7 @@ def test_a_negative_extended_header_size_is_refused() -> None:
 
 def test_the_c_scanner_is_built() -> None:
     """pip builds it with vmimg: without it every header goes through Python, slowly."""
-    assert tarparse._scan is _tarscan.scan
+    assert tarparse._scan is _tarscan.scan_entries
 
 
 def test_random_layers_split_anywhere(tmp_path: Path) -> None:

@@ -23,6 +23,12 @@
  * trailing slashes stripped), link name, size (and so where the next header is), ids and
  * mtime.
  *
+ * scan_entries(buf, pos, base, entries, cls, fields, data_end) reads the same members but
+ * appends them to `entries` as tarparse.Entry objects (cls, set through its slot
+ * descriptors `fields`, as Entry(*member) would make them) and returns (pos, data_end):
+ * data_end raised to where the furthest regular file's data among them ends. tarparse
+ * uses it; scan's tuples are what tests/tarscan_ref.py checks the reading against.
+ *
  * `base` is the absolute offset of buf[0] in the layer: member offsets are absolute.
  * Nothing in a header is trusted: every read is inside the 512-byte block, or the PAX
  * records, which are inside `buf`.
@@ -163,19 +169,29 @@ struct pax {
     int64_t size, uid, gid, mtime_ns;
 };
 
-/* One member from the header at b (absolute offset hdr), its fields replaced by `pax` if
- * not NULL; or NULL with no error set: the Python parser takes this header. NULL with an
- * error set: out of memory. */
-static PyObject *member(const unsigned char *b, int64_t hdr, const struct pax *pax,
-                        int64_t *next) {
+/* A member as the scanner read it: what a tuple or an Entry is made of. */
+struct member {
+    unsigned char name_buf[PREFIX_LEN + 1 + NAME_LEN]; /* prefix "/" name, when not PAX's */
+    const unsigned char *name, *link;
+    size_t name_len, link_len;
+    unsigned char type;
+    int64_t mode, uid, gid, mtime_ns, size, major, minor;
+    int64_t data; /* absolute offset of its data */
+    int64_t next; /* absolute offset of the next header */
+};
+
+/* Read the member from the header at b (absolute offset hdr) into *m, its fields replaced
+ * by `pax` if not NULL: 1, or 0 if the Python parser takes this header. */
+static int read_member(const unsigned char *b, int64_t hdr, const struct pax *pax,
+                       struct member *m) {
     struct fields f;
     unsigned char type = b[TYPE_OFF];
     if (is_meta(type))
-        return NULL;
+        return 0;
     if (header_ok(b, &f))
-        return NULL;
+        return 0;
     if (f.uid > MAX_ID || f.gid > MAX_ID || f.mtime > MAX_MTIME_S)
-        return NULL;
+        return 0;
     size_t name_len = field_len(b + NAME_OFF, NAME_LEN);
     size_t link_len = field_len(b + LINK_OFF, LINK_LEN);
     size_t prefix_len = field_len(b + PREFIX_OFF, PREFIX_LEN);
@@ -185,7 +201,7 @@ static PyObject *member(const unsigned char *b, int64_t hdr, const struct pax *p
     if (type == '5')
         while (name_len > 0 && b[NAME_OFF + name_len - 1] == '/')
             name_len--;
-    unsigned char name[PREFIX_LEN + 1 + NAME_LEN];
+    unsigned char *name = m->name_buf;
     size_t n = 0;
     if (prefix_len) {
         memcpy(name, b + PREFIX_OFF, prefix_len);
@@ -219,14 +235,22 @@ static PyObject *member(const unsigned char *b, int64_t hdr, const struct pax *p
         if (pax->has_mtime)
             mtime_ns = pax->mtime_ns;
     }
-    int64_t data = hdr + BLOCK;
-    *next = skips_data(type) ? data + ((f.size + BLOCK - 1) & ~(int64_t)(BLOCK - 1)) : data;
-    char type_byte = (char)type;
-    return Py_BuildValue("(y#y#LLLLLy#LLL)", (const char *)name_p, (Py_ssize_t)n, &type_byte,
-                         (Py_ssize_t)1, (long long)f.mode, (long long)f.uid, (long long)f.gid,
-                         (long long)mtime_ns, (long long)f.size, (const char *)link_p,
-                         (Py_ssize_t)link_len, (long long)f.major, (long long)f.minor,
-                         (long long)data);
+    m->name = name_p;
+    m->name_len = n;
+    m->link = link_p;
+    m->link_len = link_len;
+    m->type = type;
+    m->mode = f.mode;
+    m->uid = f.uid;
+    m->gid = f.gid;
+    m->mtime_ns = mtime_ns;
+    m->size = f.size;
+    m->major = f.major;
+    m->minor = f.minor;
+    m->data = hdr + BLOCK;
+    m->next = skips_data(type) ? m->data + ((f.size + BLOCK - 1) & ~(int64_t)(BLOCK - 1))
+                               : m->data;
+    return 1;
 }
 
 static int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
@@ -369,75 +393,185 @@ static int pax_records(const unsigned char *data, size_t size, size_t padded, st
     return 0;
 }
 
-/* A local PAX header at buf[pos] and the plain member after it, as one member; or NULL
- * with no error set (the Python parser reads them), or NULL with an error (out of memory).
- * Both headers and the records between them must lie inside buf. */
-static PyObject *pax_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos,
-                            int64_t base, int64_t *next) {
+/* A local PAX header at buf[pos] and the plain member after it, as one member: 1 and *m
+ * set, or 0 (the Python parser reads them). Both headers and the records between them must
+ * lie inside buf. */
+static int read_pax_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos,
+                           int64_t base, struct member *m) {
     const unsigned char *b = buf + pos;
     struct fields f;
     struct pax pax;
     if (header_ok(b, &f) || f.size > MAX_PAX_HEADER)
-        return NULL;
+        return 0;
     Py_ssize_t padded = (Py_ssize_t)((f.size + BLOCK - 1) & ~(int64_t)(BLOCK - 1));
     Py_ssize_t hdr = pos + BLOCK + padded; /* the member's own header */
     if (hdr > len - BLOCK)
-        return NULL;
+        return 0;
     if (pax_records(b + BLOCK, (size_t)f.size, (size_t)padded, &pax))
-        return NULL;
+        return 0;
     if (all_zero(buf + hdr))
-        return NULL;
-    return member(buf + hdr, base + hdr, &pax, next);
+        return 0;
+    return read_member(buf + hdr, base + hdr, &pax, m);
+}
+
+/* The member as a tuple (scan's form, the one tests/tarscan_ref.py makes). */
+static PyObject *member_tuple(const struct member *m) {
+    char type_byte = (char)m->type;
+    return Py_BuildValue("(y#y#LLLLLy#LLL)", (const char *)m->name, (Py_ssize_t)m->name_len,
+                         &type_byte, (Py_ssize_t)1, (long long)m->mode, (long long)m->uid,
+                         (long long)m->gid, (long long)m->mtime_ns, (long long)m->size,
+                         (const char *)m->link, (Py_ssize_t)m->link_len, (long long)m->major,
+                         (long long)m->minor, (long long)m->data);
+}
+
+/* tarparse.Entry's fields, in order; the last two (xattrs, sparse) are not in a tuple */
+#define ENTRY_FIELDS 13
+
+/* The member as an instance of `cls` (tarparse.Entry), each slot of `fields` set through its
+ * descriptor to what Entry(*member_tuple(m)) stores: the tuple's values, a new empty dict
+ * for xattrs (Entry's default factory) and None for sparse. Made without __init__ for the
+ * reason _slots.c gives: a layer of small files is a hundred thousand of them. */
+static PyObject *member_entry(const struct member *m, PyTypeObject *cls, PyObject *fields) {
+    char type_byte = (char)m->type;
+    PyObject *values[ENTRY_FIELDS] = {
+        PyBytes_FromStringAndSize((const char *)m->name, (Py_ssize_t)m->name_len),
+        PyBytes_FromStringAndSize(&type_byte, 1),
+        PyLong_FromLongLong(m->mode),
+        PyLong_FromLongLong(m->uid),
+        PyLong_FromLongLong(m->gid),
+        PyLong_FromLongLong(m->mtime_ns),
+        PyLong_FromLongLong(m->size),
+        PyBytes_FromStringAndSize((const char *)m->link, (Py_ssize_t)m->link_len),
+        PyLong_FromLongLong(m->major),
+        PyLong_FromLongLong(m->minor),
+        PyLong_FromLongLong(m->data),
+        PyDict_New(),
+        Py_NewRef(Py_None),
+    };
+    PyObject *obj = NULL;
+    for (int i = 0; i < ENTRY_FIELDS; i++)
+        if (values[i] == NULL)
+            goto done;
+    obj = cls->tp_alloc(cls, 0);
+    if (obj == NULL)
+        goto done;
+    for (int i = 0; i < ENTRY_FIELDS; i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        if (Py_TYPE(field)->tp_descr_set(field, obj, values[i]) < 0) {
+            Py_CLEAR(obj);
+            goto done;
+        }
+    }
+done:
+    for (int i = 0; i < ENTRY_FIELDS; i++)
+        Py_XDECREF(values[i]);
+    return obj;
+}
+
+/* What scan and scan_entries share: the members at buf[*pos:] appended to `out` (as
+ * member_entry makes them if `cls` is not NULL, else as tuples), *pos moved past them and
+ * *data_end raised to where the data of the furthest regular file among them ends. 0, or
+ * -1 with an error set. */
+static int scan_into(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *pos, int64_t base,
+                     PyObject *out, PyTypeObject *cls, PyObject *fields, int64_t *data_end) {
+    struct member m;
+    while (*pos <= len - BLOCK) {
+        const unsigned char *b = buf + *pos;
+        if (all_zero(b))
+            break;
+        int taken = b[TYPE_OFF] == 'x' ? read_pax_member(buf, len, *pos, base, &m)
+                                       : read_member(b, base + *pos, NULL, &m);
+        if (!taken)
+            break;
+        PyObject *o = cls ? member_entry(&m, cls, fields) : member_tuple(&m);
+        if (o == NULL)
+            return -1;
+        int err = PyList_Append(out, o);
+        Py_DECREF(o);
+        if (err)
+            return -1;
+        /* tarparse's FILE_TYPES that reach here (GNU sparse never does): their data is
+         * checked against the layer's length once it is known */
+        if ((m.type == '0' || m.type == 0 || m.type == '7') && m.data + m.size > *data_end)
+            *data_end = m.data + m.size;
+        *pos = (Py_ssize_t)(m.next - base);
+        if (m.next - base > len)
+            break;
+    }
+    return 0;
+}
+
+static int check_position(Py_ssize_t pos, long long base) {
+    if (pos < 0 || base < 0 || base > MAX_BASE) {
+        PyErr_SetString(PyExc_ValueError, "scan: negative position or base");
+        return -1;
+    }
+    return 0;
 }
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t pos;
     long long base;
+    int64_t data_end = 0;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nL", &view, &pos, &base))
         return NULL;
     PyObject *out = PyList_New(0);
-    if (out == NULL)
-        goto fail;
-    if (pos < 0 || base < 0 || base > MAX_BASE) {
-        PyErr_SetString(PyExc_ValueError, "scan: negative position or base");
-        goto fail;
+    if (out == NULL || check_position(pos, base) ||
+        scan_into(view.buf, view.len, &pos, (int64_t)base, out, NULL, NULL, &data_end)) {
+        Py_XDECREF(out);
+        PyBuffer_Release(&view);
+        return NULL;
     }
-    const unsigned char *buf = view.buf;
-    Py_ssize_t len = view.len;
-    while (pos <= len - BLOCK) {
-        const unsigned char *b = buf + pos;
-        if (all_zero(b))
-            break;
-        int64_t next;
-        PyObject *m = b[TYPE_OFF] == 'x' ? pax_member(buf, len, pos, (int64_t)base, &next)
-                                          : member(b, (int64_t)base + pos, NULL, &next);
-        if (m == NULL) {
-            if (PyErr_Occurred())
-                goto fail;
-            break;
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(Nn)", out, pos);
+}
+
+/* `fields` must be ENTRY_FIELDS slot descriptors of `cls` itself (nothing that runs code). */
+static int check_entry_class(PyObject *cls, PyObject *fields) {
+    if (!PyType_Check(cls) || !PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) != ENTRY_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "scan_entries: cls must be a type, fields a 13-tuple");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < ENTRY_FIELDS; i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        if (!Py_IS_TYPE(field, &PyMemberDescr_Type) ||
+            PyDescr_TYPE(field) != (PyTypeObject *)cls) {
+            PyErr_SetString(PyExc_TypeError,
+                            "scan_entries: fields must be slot descriptors of cls");
+            return -1;
         }
-        int err = PyList_Append(out, m);
-        Py_DECREF(m);
-        if (err)
-            goto fail;
-        pos = (Py_ssize_t)(next - base);
-        if (next - base > len)
-            break;
+    }
+    return 0;
+}
+
+static PyObject *scan_entries(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t pos;
+    long long base, data_end;
+    PyObject *out, *cls, *fields;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nLO!OOL", &view, &pos, &base, &PyList_Type, &out, &cls,
+                          &fields, &data_end))
+        return NULL;
+    int64_t end = (int64_t)data_end;
+    if (check_position(pos, base) || check_entry_class(cls, fields) ||
+        scan_into(view.buf, view.len, &pos, (int64_t)base, out, (PyTypeObject *)cls, fields,
+                  &end)) {
+        PyBuffer_Release(&view);
+        return NULL;
     }
     PyBuffer_Release(&view);
-    PyObject *result = Py_BuildValue("(Nn)", out, pos);
-    return result;
-fail:
-    Py_XDECREF(out);
-    PyBuffer_Release(&view);
-    return NULL;
+    return Py_BuildValue("(nL)", pos, (long long)end);
 }
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(buf, pos, base) -> (members, pos): the plain tar headers at buf[pos:]."},
+    {"scan_entries", scan_entries, METH_VARARGS,
+     "scan_entries(buf, pos, base, entries, cls, fields, data_end) -> (pos, data_end): the "
+     "plain tar headers at buf[pos:] appended to entries as instances of cls."},
     {NULL, NULL, 0, NULL},
 };
 

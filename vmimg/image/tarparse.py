@@ -19,7 +19,7 @@ float mtime or a long name): records in the strict "LEN KEYWORD=VALUE\\n" form, 
 hdrcharset, GNU sparse or SCHILY.xattr, and path, linkpath, size, uid, gid and mtime values
 this module reads the same way (see _tarscan.c); never while global PAX records apply. It
 takes only what it can read exactly as this module would, and leaves every other header to
-the Python code here.
+the Python code here. It makes the `Entry` objects itself, without running __init__.
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from vmimg.errors import LayerError
-from vmimg.image._tarscan import scan as _c_scan
+from vmimg.image._tarscan import scan_entries as _c_scan
 
-ScanFunction = Callable[[bytes, int, int], tuple[list[Any], int]]
+# (buf, pos, base, entries, cls, fields, data_end) -> (pos, data_end), as _tarscan's
+ScanFunction = Callable[[bytes, int, int, list[Any], type, tuple[Any, ...], int], tuple[int, int]]
 # The C scanner (None: the Python code reads every header; the tests compare the two)
 _scan: ScanFunction | None = _c_scan
 
@@ -110,6 +112,10 @@ class Entry:
     offset: int  # where the member's bytes start in the layer tar
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     sparse: tuple[Extent, ...] | None = None
+
+
+# Entry's slot descriptors in field order: what the C scanner sets each new Entry through
+ENTRY_SLOTS = tuple(vars(Entry)[f.name] for f in dataclass_fields(Entry))
 
 
 # -- the stream ------------------------------------------------------------------
@@ -497,18 +503,17 @@ class _Parser:
         assert _scan is not None
         src = self.src
         src.fill(self.offset + BLOCKSIZE)
-        members, pos = _scan(src.buf, self.offset - src.base, src.base)
-        if not members:
-            return False
         entries = self.entries
-        data_end = self.data_end
-        for t in members:
-            entries.append(Entry(*t))
-            if t[1] in FILE_TYPES and t[10] + t[6] > data_end:
-                data_end = t[10] + t[6]
-        self.data_end = data_end
+        taken = len(entries)
+        # It appends Entry objects itself (made as _slots.c makes nodes, without __init__)
+        # and raises data_end past the regular files among them (what _add does)
+        pos, self.data_end = _scan(
+            src.buf, self.offset - src.base, src.base, entries, Entry, ENTRY_SLOTS, self.data_end
+        )
+        if len(entries) == taken:
+            return False
         self.offset = src.base + pos
-        self.last = members[-1][0]
+        self.last = entries[-1].name
         return True
 
     def _next_member(self) -> _Member | None:

@@ -20,12 +20,20 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections.abc import Callable
+from typing import Any
 
 from vmimg.errors import LayerError, TreeError
 from vmimg.image.layers import Entry, LayerFile, load_entries
+from vmimg.image.tarparse import ENTRY_SLOTS
+from vmimg.rootfs._flatten import apply_files as _c_apply_files
 from vmimg.rootfs.tree import (
+    CONTENT_SLOTS,
+    NO_RDEV,
+    NODE_SLOTS,
     PATH_MAX,
     SYMLINK_MODE,
+    Content,
     Node,
     NodeType,
     Tree,
@@ -55,6 +63,12 @@ _NOT_NAMES = (b"", b".", b"..")
 # Types a path resolution goes through: replacing one may make a remembered one wrong.
 _ROUTING_TYPES = frozenset((_DIR, _SYMLINK))
 
+# Applies the plain regular files in known directories at the end of a layer's reversed
+# entries, as apply_entry would (_flatten.c). None: apply_entry applies every entry, the way
+# the tests check both make the same trees and errors.
+_apply_files: Callable[[list[Entry], dict[bytes, tuple[Node, int]], dict[int, int], str,
+                        tuple[Any, ...]], int] | None = _c_apply_files  # fmt: skip
+
 _NODE_TYPE = {
     tarfile.REGTYPE: NodeType.FILE,
     tarfile.AREGTYPE: NodeType.FILE,
@@ -78,16 +92,16 @@ class _Flattener:
         # depth x entries; an entry whose parent is here is not even split. Valid until a
         # directory or symlink (what a resolution goes through) is replaced or removed:
         # then it is emptied.
-        self._parents: dict[bytes, tuple[Node, int]] = {}
+        self.parents: dict[bytes, tuple[Node, int]] = {}
         # One int object per distinct mtime (most entries of a layer share a few): a
         # nanosecond time is a 32-byte object of its own otherwise, per node.
-        self._times: dict[int, int] = {}
+        self.times: dict[int, int] = {}
 
     def _put(self, directory: Node, name: bytes, node: Node) -> None:
         assert directory.children is not None
         old = directory.children.get(name)
         if old is not None and old.type in _ROUTING_TYPES:
-            self._parents.clear()
+            self.parents.clear()
         directory.children[name] = node
 
     # -- path resolution inside the tree --------------------------------------
@@ -158,7 +172,7 @@ class _Flattener:
         assert directory.children is not None
         if name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX) and name != OPAQUE_MARKER:
             return  # other aufs metadata (.wh..wh.plnk ...): not content
-        self._parents.clear()
+        self.parents.clear()
         if name == OPAQUE_MARKER:
             directory.children.clear()
         else:
@@ -170,7 +184,7 @@ class _Flattener:
         """Apply the non-whiteout entry `e` of the layer tar `tar_path`."""
         # The common case first, checked as _place does: the parent is known.
         head, _, name = e.name.rpartition(b"/")
-        known = self._parents.get(head)
+        known = self.parents.get(head)
         if known is None or name in _NOT_NAMES:
             placed = self._place(e)
             if placed is None:
@@ -189,7 +203,7 @@ class _Flattener:
                 e.mode & 0o7777,
                 e.uid,
                 e.gid,
-                self._times.setdefault(e.mtime_ns, e.mtime_ns),
+                self.times.setdefault(e.mtime_ns, e.mtime_ns),
                 dict(e.xattrs) if e.xattrs else _NO_XATTRS,
                 e.size,
                 tar_path,
@@ -228,7 +242,7 @@ class _Flattener:
         _check_path_length(bound + len(name))
         head, _, last = e.name.rpartition(b"/")
         if last == name:  # `head` split is `dirs`: entries with this head go where e went
-            self._parents[head] = (parent, bound)
+            self.parents[head] = (parent, bound)
         return parent, name
 
     def _other_node(
@@ -245,7 +259,7 @@ class _Flattener:
         if kind is _DIR and existing is not None and existing.type is _DIR:
             self._set_attrs(existing, e)
             return None
-        mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
+        mtime_ns = self.times.setdefault(e.mtime_ns, e.mtime_ns)
         xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
         node = Node(kind, e.mode & 0o7777, e.uid, e.gid, mtime_ns, xattrs)
         if kind is _SYMLINK:
@@ -275,8 +289,13 @@ class _Flattener:
         node.mode = SYMLINK_MODE if node.type is _SYMLINK else e.mode & 0o7777
         node.uid = e.uid
         node.gid = e.gid
-        node.mtime_ns = self._times.setdefault(e.mtime_ns, e.mtime_ns)
+        node.mtime_ns = self.times.setdefault(e.mtime_ns, e.mtime_ns)
         node.xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
+
+
+# What _flatten.apply_files makes nodes of, and the limits it checks (see _flatten.c)
+_SHAPES = (Entry, ENTRY_SLOTS, Node, NODE_SLOTS, Content, CONTENT_SLOTS, _FILE, _NO_XATTRS,
+           NO_RDEV, NAME_MAX, PATH_MAX)  # fmt: skip
 
 
 def _joined_length(parent_length: int, name: bytes) -> int:
@@ -313,6 +332,13 @@ def flatten(layers: list[LayerFile]) -> Tree:
             entries.reverse()
             tar_path = layer.tar_path
             while entries:
+                # Most entries are plain files in directories met before: C applies those,
+                # and hands back the first that is anything else (a whiteout, a name that
+                # climbs or fails a limit, a new directory, a link...)
+                if _apply_files is not None:
+                    _apply_files(entries, f.parents, f.times, tar_path, _SHAPES)
+                    if not entries:
+                        break
                 e = entries.pop()
                 f.apply_entry(e, tar_path)
         except TreeError as err:
