@@ -205,6 +205,39 @@ def test_collect_matches_the_reference(root: Node) -> None:
     assert _collected(_erofsmeta.collect, root) == _collected(erofsmeta_ref.collect, root)
 
 
+def _linked_tree(keep: list[Node]) -> Node:
+    """/a/{s,h,p} and /b/s2, where s2 is s (a hardlink) and h is also in `keep`; no other
+    reference to any node is left once this returns."""
+    shared, held = Node(NodeType.FILE), Node(NodeType.FILE)
+    keep.append(held)  # a reference from outside the tree: not a second name
+    a = Node(NodeType.DIR, children={b"s": shared, b"h": held, b"p": Node(NodeType.FILE)})
+    b = Node(NodeType.DIR, children={b"s2": shared})
+    return Node(NodeType.DIR, children={b"a": a, b"b": b})
+
+
+def test_collect_tells_hardlinks_from_nodes_held_elsewhere() -> None:
+    """collect looks a child up among the nodes it placed only when something besides its
+    directory holds it: a hardlink (another directory), or anything else (here a list).
+    Either way the inodes are the reference's: one per node, links counted."""
+    keep: list[Node] = []
+    root = _linked_tree(keep)
+    inodes, _dirs = _erofsmeta.collect(*_collect_args(root))
+    links = {i.name: i.nlink for i in inodes}
+    assert len(inodes) == 6  # /, a, b, s (also named s2), h, p
+    assert links[b"s"] == 2 and links[b"h"] == 1 and links[b"p"] == 1 and b"s2" not in links
+    del inodes, _dirs
+    assert _collected(_erofsmeta.collect, root) == _collected(erofsmeta_ref.collect, root)
+
+
+def _collect_args(root_node: Node) -> tuple[object, ...]:
+    root = writer._Inode(root_node, b"/", None, ino=1)
+    fields = tuple(getattr(writer._Inode, f) for f in writer._COLLECT_FIELDS)
+    defaults = tuple(
+        getattr(root, f) for f in writer._COLLECT_FIELDS[writer._COLLECT_DEFAULTS_FROM :]
+    )
+    return (root, fields, defaults, NodeType.DIR, fmt.NAME_LEN_MAX, _refuse)
+
+
 @pytest.mark.parametrize("bad", [b"", b"a/b", b"a\0", b"x" * (fmt.NAME_LEN_MAX + 1)])
 def test_collect_hands_bad_names_over(bad: bytes) -> None:
     sub = Node(NodeType.DIR, children={bad: Node(NodeType.FILE), b"\x01": Node(NodeType.FILE)})

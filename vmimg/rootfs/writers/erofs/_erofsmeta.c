@@ -363,6 +363,7 @@ typedef struct {
     PyObject *inodes;    /* list, in inode order */
     PyObject *dirs;      /* list: the directories among them, in the same order */
     PyObject *index_of;  /* dict: id(node) -> its place in inodes (hardlinks) */
+    PyObject *numbers;   /* list: numbers[k] is k, made once (see number) */
     Py_ssize_t *nlinks;  /* link count of each inode, written to them at the end */
     Py_ssize_t nlinks_cap;
     Py_ssize_t *stack;   /* pairs (directory's place, its parent's place) still to walk */
@@ -398,6 +399,20 @@ static int grow(Py_ssize_t **items, Py_ssize_t *cap, Py_ssize_t need) {
     return 0;
 }
 
+/* The int k, borrowed from w->numbers. An inode's ino (its place + 1) and the targets
+ * naming it (its place) are the same few ints: one object each instead of one per use
+ * (100,000 small files: 3.5 MiB less). */
+static PyObject *number(walk *w, Py_ssize_t k) {
+    while (PyList_GET_SIZE(w->numbers) <= k) {
+        PyObject *next = PyLong_FromSsize_t(PyList_GET_SIZE(w->numbers));
+        int rc = next == NULL ? -1 : PyList_Append(w->numbers, next);
+        Py_XDECREF(next);
+        if (rc < 0)
+            return NULL;
+    }
+    return PyList_GET_ITEM(w->numbers, k);
+}
+
 /* A new inode for `node`, appended to the inodes; returns a borrowed reference. */
 static PyObject *add_inode(walk *w, PyObject *node, PyObject *name, PyObject *up) {
     Py_ssize_t at = PyList_GET_SIZE(w->inodes);
@@ -408,11 +423,10 @@ static PyObject *add_inode(walk *w, PyObject *node, PyObject *name, PyObject *up
     PyObject *inode = cls->tp_alloc(cls, 0);
     if (inode == NULL)
         return NULL;
-    PyObject *ino = PyLong_FromSsize_t(at + 1);
+    PyObject *ino = number(w, at + 1); /* borrowed */
     int failed = ino == NULL || set_field(w, inode, F_NODE, node) < 0 ||
                  set_field(w, inode, F_NAME, name) < 0 || set_field(w, inode, F_UP, up) < 0 ||
                  set_field(w, inode, F_INO, ino) < 0;
-    Py_XDECREF(ino);
     for (Py_ssize_t f = F_NAMES; !failed && f < PyTuple_GET_SIZE(w->fields); f++)
         failed = set_field(w, inode, (int)f, PyTuple_GET_ITEM(w->defaults, f - F_NAMES)) < 0;
     if (failed || PyList_Append(w->inodes, inode) < 0) {
@@ -487,10 +501,25 @@ done:
     return rc;
 }
 
+/* References to a child that one name alone accounts for: its directory's children dict,
+ * and the one walk_child holds while it places the child. A node with no more than these
+ * is named nowhere else, so it can be no hardlink: it gets its inode without an entry in
+ * index_of. Every other name would be another dict's reference, and a node already placed
+ * is held by its inode, so a hardlink always has more; a reference held for some other
+ * reason only sends a node through index_of as well (100,000 small files: 11 MiB less at
+ * the writer's peak). */
+#define REFS_OF_ONE_NAME 2
+
 /* The place of `child` among the inodes, a new one for it if it has none yet (else it is
- * a hardlink: one more link). Sets *fresh when new. -1 on error. */
+ * a hardlink: one more link). Sets *fresh when new. -1 on error. The caller holds a
+ * reference to `child` (REFS_OF_ONE_NAME). */
 static Py_ssize_t place_of(walk *w, PyObject *child, PyObject *name, PyObject *directory,
                            int *fresh) {
+    if (Py_REFCNT(child) <= REFS_OF_ONE_NAME) {
+        *fresh = 1;
+        return add_inode(w, child, name, directory) == NULL ? -1
+                                                            : PyList_GET_SIZE(w->inodes) - 1;
+    }
     PyObject *key = PyLong_FromVoidPtr(child);
     if (key == NULL)
         return -1;
@@ -559,10 +588,8 @@ static int walk_child(walk *w, PyObject *children, PyObject *name, PyObject *dir
     if (fresh && is_dir &&
         (PyList_Append(w->dirs, PyList_GET_ITEM(w->inodes, at)) < 0 || push(w, at, here) < 0))
         return -1;
-    PyObject *index = PyLong_FromSsize_t(at);
-    int rc = index == NULL ? -1 : PyList_Append(targets, index);
-    Py_XDECREF(index);
-    return rc;
+    PyObject *index = number(w, at); /* borrowed */
+    return index == NULL ? -1 : PyList_Append(targets, index);
 }
 
 /* Walks one directory: an inode for each new child, its entries (with "." and "..") and
@@ -650,7 +677,8 @@ static PyObject *collect(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL, *root_node = NULL, *root_key = NULL, *zero = NULL;
     if ((w.inodes = PyList_New(0)) == NULL || (w.dirs = PyList_New(0)) == NULL ||
-        (w.index_of = PyDict_New()) == NULL || (root_node = get_field(&w, root, F_NODE)) == NULL ||
+        (w.index_of = PyDict_New()) == NULL || (w.numbers = PyList_New(0)) == NULL ||
+        (root_node = get_field(&w, root, F_NODE)) == NULL ||
         (root_key = PyLong_FromVoidPtr(root_node)) == NULL || (zero = PyLong_FromLong(0)) == NULL ||
         PyDict_SetItem(w.index_of, root_key, zero) < 0 || PyList_Append(w.inodes, root) < 0 ||
         PyList_Append(w.dirs, root) < 0 || grow(&w.nlinks, &w.nlinks_cap, 1) < 0 ||
@@ -671,6 +699,7 @@ done:
     Py_XDECREF(w.inodes);
     Py_XDECREF(w.dirs);
     Py_XDECREF(w.index_of);
+    Py_XDECREF(w.numbers);
     PyMem_Free(w.nlinks);
     PyMem_Free(w.stack);
     return result;

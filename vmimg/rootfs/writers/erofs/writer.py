@@ -681,14 +681,20 @@ _TYPE_BITS = {t: t.st_ifmt for t in NodeType}
 _PERMISSION_BITS = 0o7777  # what Node.st_mode keeps of Node.mode: rwx, setuid, setgid, sticky
 
 
+# Tails read and copied into the meta area at once: enough for one pread to cover a long
+# run of neighbours in a layer, few enough that 100,000 small files do not hold every tail
+# (and its range) in memory together (that was 17 MiB of the peak).
+TAIL_BATCH = 4096
+
+
 def _write_tails(
     meta: bytearray, inodes: list[_Inode], nids: list[int], reader: ContentReader
 ) -> None:
     """Each file's and symlink's inline tail, right after its inode and xattrs. Files'
     tails are read together (ContentReader.read_many): the small files of a layer lie
     close together in it, and one pread each was a fifth of the writer's time. They are
-    copied into place in one call (_erofsmeta.scatter): a Python loop over them was
-    another tenth."""
+    copied into place a batch at a time by one call (_erofsmeta.scatter): a Python loop over
+    them was another tenth."""
     slot = fmt.INODE_SLOT_SIZE
     file_type, symlink_type = NodeType.FILE, NodeType.SYMLINK
     places: list[int] = []  # where each tail goes: those read from layers last
@@ -708,6 +714,8 @@ def _write_tails(
             if content.extents is None:  # not sparse
                 read_places.append(at)
                 ranges.append((content, start, inline))
+                if len(ranges) == TAIL_BATCH:
+                    _place_tails(meta, reader, places, pieces, read_places, ranges)
             else:
                 places.append(at)
                 pieces.append(read_logical(reader, content, start, inline))
@@ -715,9 +723,22 @@ def _write_tails(
             assert node.target is not None
             places.append(at)
             pieces.append(node.target[start:])
-    places += read_places
-    pieces += reader.read_many(ranges)
-    scatter(meta, places, pieces)
+    _place_tails(meta, reader, places, pieces, read_places, ranges)
+
+
+def _place_tails(
+    meta: bytearray,
+    reader: ContentReader,
+    places: list[int],
+    pieces: list[bytes],
+    read_places: list[int],
+    ranges: list[tuple[Content, int, int]],
+) -> None:
+    """Copy the tails gathered so far into `meta` (each has its own place: the order of
+    batches changes no byte), and empty the lists for the next batch."""
+    scatter(meta, places + read_places, pieces + reader.read_many(ranges))
+    for gathered in (places, pieces, read_places, ranges):
+        gathered.clear()
 
 
 def _superblock_block(sb: fmt.Superblock, compressed: bool) -> bytes:
