@@ -200,6 +200,7 @@ def _forge(work: Path, change: dict[str, object] | None, raw: bytes | None = Non
         {"change": {"stamps": "everything"}},
         {"change": {"file": "../../../../etc/passwd"}},
         {"change": {"linkable": "maybe", "extra": 1}},
+        {"change": {"key": "{}"}},  # another command line's record in the same place
     ],
 )
 def test_a_damaged_record_sends_the_run_the_full_way(

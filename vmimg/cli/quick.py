@@ -17,11 +17,11 @@ or any error at all here; the full command decides afresh and prints its own mes
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import os
 import sys
+import zlib
 from collections.abc import Sequence
 
 import vmimg
@@ -40,7 +40,7 @@ FULL_CLI = "vmimg.cli.main"
 # What else decides a result: the cache's place, and reproducible builds' clock.
 KEY_ENVIRONMENT = ("VMIMG_CACHE", "XDG_CACHE_HOME", "HOME", "SOURCE_DATE_EPOCH")
 CODE_SUFFIXES = (".py", ".so")
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 VMIMG_ERROR = VmimgError.exit_code
 
 
@@ -49,7 +49,17 @@ class HitRecord:
     not a dataclass: importing dataclasses (and inspect with it) would cost a fifth of the
     fast path."""
 
-    __slots__ = ("digest", "entry_dir", "file", "format", "image", "linkable", "platform", "stamps")
+    __slots__ = (
+        "digest",
+        "entry_dir",
+        "file",
+        "format",
+        "image",
+        "key",
+        "linkable",
+        "platform",
+        "stamps",
+    )
 
     def __init__(
         self,
@@ -61,6 +71,7 @@ class HitRecord:
         image: str,
         digest: str,
         platform: str,
+        key: str = "",  # hit_key of the command line it answers (set by record_hit)
     ) -> None:
         self.entry_dir = entry_dir
         self.file = file
@@ -70,6 +81,7 @@ class HitRecord:
         self.image = image
         self.digest = digest
         self.platform = platform
+        self.key = key
 
     def to_json(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -103,31 +115,34 @@ def split_output(args: Sequence[str]) -> tuple[list[str], str] | None:
     return rest, outputs[0]
 
 
-def code_fingerprint() -> str:
-    """The name, size and mtime of every module of vmimg: a hit record is good only for the
+def code_listing() -> list[str]:
+    """The path, size and mtime of every module of vmimg: a hit record is good only for the
     code that wrote it (a checkout changes without a new version number)."""
     root = os.path.dirname(os.path.abspath(vmimg.__file__))
-    h = hashlib.sha256(vmimg.__version__.encode())
+    listing = [f"{root} {vmimg.__version__}"]
     for dirpath, dirs, names in os.walk(root):
         dirs.sort()
         for name in sorted(names):
             if name.endswith(CODE_SUFFIXES):
                 st = os.stat(os.path.join(dirpath, name))
-                h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()
+                listing.append(f"{dirpath}/{name} {st.st_size} {st.st_mtime_ns}")
+    return listing
 
 
 def hit_key(args: Sequence[str]) -> str:
-    """The key of a command line (its output option taken out) in this place and state."""
+    """The key of a command line (its output option taken out) in this place and state:
+    all of it, as text. A record keeps its key whole and is used only if it matches
+    exactly; the record's file name is just a checksum of it (no cryptographic hash:
+    hashlib's OpenSSL load was a tenth of the fast path)."""
     doc = {
         "version": RECORD_VERSION,
         "args": list(args),
         "cwd": os.getcwd(),
         "env": {name: os.environ.get(name) for name in KEY_ENVIRONMENT},
         "machine": os.uname().machine,
-        "code": code_fingerprint(),
+        "code": code_listing(),
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return json.dumps(doc, sort_keys=True)
 
 
 def default_cache_root() -> str:
@@ -154,23 +169,28 @@ def result_line(output: str, size: int, record: HitRecord, state: str) -> str:
     )
 
 
-def record_path(args: Sequence[str]) -> str | None:
-    """Where the hit record of this command line lives, or None if it cannot have one."""
+def record_place(args: Sequence[str]) -> tuple[str, str] | None:
+    """Where the hit record of this command line lives, and its key; None if it cannot
+    have one. Two keys may share a place: the later record replaces the earlier."""
     if not args or args[0] != "rootfs":
         return None
     split = split_output(args[1:])
     if split is None:
         return None
-    return os.path.join(cache_area(HITS_AREA), hit_key(split[0]) + ".json")
+    key = hit_key(split[0])
+    name = f"{zlib.crc32(key.encode()):08x}.json"
+    return os.path.join(cache_area(HITS_AREA), name), key
 
 
 def record_hit(args: Sequence[str], output: str, record: HitRecord) -> None:
     """Keep `record` for this command line (`args`: sys.argv[1:]), if it can have one and
     its output is the one the command wrote. Best effort: a failure only costs speed."""
-    path = record_path(args)
-    split = split_output(args[1:]) if path else None
-    if path is None or split is None or split[1] != output:
+    place = record_place(args)
+    split = split_output(args[1:])
+    if place is None or split is None or split[1] != output:
         return
+    path, key = place
+    record.key = key
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -185,14 +205,17 @@ def record_hit(args: Sequence[str], output: str, record: HitRecord) -> None:
             os.unlink(tmp)
 
 
-def load_record(path: str) -> HitRecord | None:
-    """The record at `path`, or None if it is missing or not one `record_hit` could write."""
+def load_record(path: str, key: str) -> HitRecord | None:
+    """The record of `key` at `path`, or None if it is missing, another key's, or not one
+    `record_hit` could write."""
     try:
         with open(path) as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or set(doc) != set(HitRecord.__slots__):
+        return None
+    if doc["key"] != key:
         return None
     strings = [doc[k] for k in HitRecord.__slots__ if k not in ("linkable", "stamps")]
     stamps = doc["stamps"]
@@ -224,8 +247,8 @@ def try_hit(args: Sequence[str]) -> str | None:
     None (having changed nothing) if it cannot."""
     if os.environ.get(PAUSE_AT_ENV):
         return None  # the fault tests stop runs at points of the full command line
-    path = record_path(args)
-    record = load_record(path) if path else None
+    place = record_place(args)
+    record = load_record(*place) if place else None
     split = split_output(args[1:])
     if record is None or split is None:
         return None
