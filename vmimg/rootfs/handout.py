@@ -20,7 +20,7 @@ import os
 import stat
 
 from vmimg.errors import VmimgError, WriterError
-from vmimg.image.fsutil import disk_usage, space_shortfall
+from vmimg.image.fsutil import disk_usage, pwrite_all, space_shortfall
 
 COPY_CHUNK = 64 << 20
 READ_WRITE_CHUNK = 8 << 20  # where copy_file_range cannot: bytes read into memory at once
@@ -84,10 +84,8 @@ def _copy_range(src: str, in_fd: int, out_fd: int, start: int, end: int) -> None
 def _read_write(in_fd: int, out_fd: int, count: int, offset: int) -> int:
     """copy_file_range by hand, for where the kernel refuses it (across file systems)."""
     data = os.pread(in_fd, count, offset)
-    done = 0
-    while done < len(data):
-        done += os.pwrite(out_fd, data[done:], offset + done)
-    return done
+    pwrite_all(out_fd, data, offset)
+    return len(data)
 
 
 def reflink(src_fd: int, dst_fd: int) -> bool:

@@ -33,6 +33,7 @@ from operator import methodcaller
 from pathlib import Path
 
 from vmimg.errors import VerityError
+from vmimg.image.fsutil import pwrite_all
 
 FORMAT_VERSION = 1
 ALGORITHM = "sha256"
@@ -353,20 +354,12 @@ class _BlockHasher:
         while done < src_blocks:
             n = min(CHUNK_BLOCKS, src_blocks - done)
             digests = self.digests(src_fd, src_start + done * BLOCK_SIZE, n)
-            _write_all(dst_fd, digests, written)
+            pwrite_all(dst_fd, digests, written)
             written += len(digests)
             done += n
 
 
 _DIGEST = methodcaller("digest")
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def check_root_hash(image: str | os.PathLike[str], tree: VerityTree) -> None:

@@ -7,8 +7,7 @@ time such a writer takes; gathered, they are a few hundred.
 
 from __future__ import annotations
 
-import os
-
+from vmimg.image.fsutil import pwrite_all
 from vmimg.testhook import pause_point
 
 GATHER_MAX = 4 << 20  # bytes held before they are written
@@ -16,14 +15,6 @@ GATHER_MAX = 4 << 20  # bytes held before they are written
 # either side of it touch, so the image allocates no block it would not have anyway.
 GAP_MAX = 4096
 _ZEROS = memoryview(bytes(GAP_MAX))
-
-
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 class GatherWriter:

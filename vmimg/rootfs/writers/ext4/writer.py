@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from vmimg.errors import WriterError
+from vmimg.image.fsutil import pwrite_all
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree, without_cycle_collection
 from vmimg.rootfs.writers.dirent import FILE_TYPES as _FILE_TYPE
 from vmimg.rootfs.writers.dirent import FT_DIR
 from vmimg.rootfs.writers.ext4 import _ext4meta
 from vmimg.rootfs.writers.ext4 import format as fmt
-from vmimg.rootfs.writers.gather import GatherWriter, pwrite_all
+from vmimg.rootfs.writers.gather import GatherWriter
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
 
 MiB = 1 << 20
