@@ -2,39 +2,25 @@
 
 from setuptools import Extension, setup
 
+COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+CRC32C_H = "vmimg/rootfs/writers/crc32c.h"  # the kernel's CRC-32C, shared by two extensions
+
+
+def c_extension(module: str, depends: tuple[str, ...] = ()) -> Extension:
+    """The extension `module` (vmimg.a.b._c), built from its own vmimg/a/b/_c.c."""
+    source = module.replace(".", "/") + ".c"
+    return Extension(
+        module, sources=[source], depends=list(depends), extra_compile_args=COMPILE_ARGS
+    )
+
+
 setup(
     ext_modules=[
-        Extension(
-            "vmimg.image._tarscan",
-            sources=["vmimg/image/_tarscan.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-        ),
-        Extension(
-            "vmimg.rootfs._slots",
-            sources=["vmimg/rootfs/_slots.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-        ),
-        Extension(
-            "vmimg.rootfs._flatten",
-            sources=["vmimg/rootfs/_flatten.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-        ),
-        Extension(
-            "vmimg.rootfs.writers._kernelhash",
-            sources=["vmimg/rootfs/writers/_kernelhash.c"],
-            depends=["vmimg/rootfs/writers/crc32c.h"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-        ),
-        Extension(
-            "vmimg.rootfs.writers.erofs._erofsmeta",
-            sources=["vmimg/rootfs/writers/erofs/_erofsmeta.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-        ),
-        Extension(
-            "vmimg.rootfs.writers.ext4._ext4meta",
-            sources=["vmimg/rootfs/writers/ext4/_ext4meta.c"],
-            depends=["vmimg/rootfs/writers/crc32c.h"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-        ),
+        c_extension("vmimg.image._tarscan"),
+        c_extension("vmimg.rootfs._slots"),
+        c_extension("vmimg.rootfs._flatten"),
+        c_extension("vmimg.rootfs.writers._kernelhash", depends=(CRC32C_H,)),
+        c_extension("vmimg.rootfs.writers.erofs._erofsmeta"),
+        c_extension("vmimg.rootfs.writers.ext4._ext4meta", depends=(CRC32C_H,)),
     ],
 )
