@@ -169,9 +169,10 @@ def result_line(output: str, size: int, record: HitRecord, state: str) -> str:
     )
 
 
-def record_place(args: Sequence[str]) -> tuple[str, str] | None:
-    """Where the hit record of this command line lives, and its key; None if it cannot
-    have one. Two keys may share a place: the later record replaces the earlier."""
+def record_place(args: Sequence[str]) -> tuple[str, str, str] | None:
+    """Where the hit record of this command line lives, its key, and the command's output;
+    None if it cannot have one. Two keys may share a place: the later record replaces the
+    earlier."""
     if not args or args[0] != "rootfs":
         return None
     split = split_output(args[1:])
@@ -179,17 +180,16 @@ def record_place(args: Sequence[str]) -> tuple[str, str] | None:
         return None
     key = hit_key(split[0])
     name = f"{zlib.crc32(key.encode()):08x}.json"
-    return os.path.join(cache_area(HITS_AREA), name), key
+    return os.path.join(cache_area(HITS_AREA), name), key, split[1]
 
 
 def record_hit(args: Sequence[str], output: str, record: HitRecord) -> None:
     """Keep `record` for this command line (`args`: sys.argv[1:]), if it can have one and
     its output is the one the command wrote. Best effort: a failure only costs speed."""
     place = record_place(args)
-    split = split_output(args[1:])
-    if place is None or split is None or split[1] != output:
+    if place is None or place[2] != output:
         return
-    path, key = place
+    path, key, _output = place
     record.key = key
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -248,11 +248,12 @@ def try_hit(args: Sequence[str]) -> str | None:
     if os.environ.get(PAUSE_AT_ENV):
         return None  # the fault tests stop runs at points of the full command line
     place = record_place(args)
-    record = load_record(*place) if place else None
-    split = split_output(args[1:])
-    if record is None or split is None:
+    if place is None:
         return None
-    output = split[1]
+    path, key, output = place
+    record = load_record(path, key)
+    if record is None:
+        return None
     if os.path.dirname(record.entry_dir) != cache_area(OUTPUTS_AREA):
         return None  # a record names an entry of its own cache, nothing else
     if not _unchanged(record.stamps):
