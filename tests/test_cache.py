@@ -22,7 +22,7 @@ from tests.conftest import need
 from tests.hostile.cli import PAUSE_POLL, PAUSE_TIMEOUT, paused_vmimg, run_vmimg
 from tests.hostile.corpus import ZERO_DIFF_ID, ZSTD_TYPE, bomb, image, raw_layer
 from vmimg.guest.kernel import BZ_HEADER_MAGIC, BZ_HEADER_MAGIC_OFFSET
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, Flusher
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 
 MIB = 1 << 20
@@ -239,7 +239,7 @@ def test_prune_never_takes_a_live_writers_work_and_the_next_run_reclaims_a_dead_
 
 HOLDER = """
 import sys
-from vmimg.image.cache import Cache
+from vmimg.image.cache import Cache, Flusher
 cache = Cache.open(sys.argv[1])
 assert all(cache.pin(p) for p in sys.argv[2:])
 with cache.lock("held-by-the-holder"):
@@ -395,3 +395,40 @@ def test_every_cache_entry_is_fsynced_before_its_rename_and_its_directory_after(
     for src, dst, after in into_cache:
         assert src in synced[:after] or any(p.startswith(src + "/") for p in synced[:after]), src
         assert str(Path(dst).parent) in synced[after:], dst
+
+
+def test_a_flusher_flushes_the_file_while_it_is_written_and_stops_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        flushed.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    fd = os.open(tmp_path / "entry", os.O_WRONLY | os.O_CREAT)
+    try:
+        with Flusher(fd, every=0.001):
+            os.write(fd, b"x" * (1 << 20))
+            deadline = time.monotonic() + 10
+            while not flushed and time.monotonic() < deadline:
+                time.sleep(0.001)
+        after = len(flushed)
+        time.sleep(0.02)
+    finally:
+        os.close(fd)
+    assert after > 0 and set(flushed) == {fd}
+    assert len(flushed) == after  # nothing once the block is left
+
+
+def test_a_flusher_on_a_file_that_cannot_be_flushed_ends_quietly() -> None:
+    r, w = os.pipe()  # fdatasync(2) on a pipe: EINVAL
+    try:
+        with Flusher(w, every=0.001) as flusher:
+            time.sleep(0.02)
+        assert not flusher._thread.is_alive()
+    finally:
+        os.close(r)
+        os.close(w)

@@ -72,6 +72,26 @@ def test_a_warm_erofs_conversion_is_a_hardlink_to_the_read_only_entry(
     assert human.stdout.rstrip().endswith("from cache (hardlink)"), human.stdout
 
 
+def test_a_cold_conversion_is_made_in_the_cache_and_handed_out_from_there(
+    sample_ref: str, tmp_path: Path
+) -> None:
+    ro, rw = tmp_path / "cold.erofs", tmp_path / "cold.ext4"
+    assert (
+        _json(tmp_path, "rootfs", sample_ref, "--format", "erofs", "-o", str(ro))["cached"] is False
+    )
+    [entry] = _entries(tmp_path, "rootfs.erofs")
+    assert ro.stat().st_ino == entry.stat().st_ino  # the entry itself, under a second name
+    _json(tmp_path, "rootfs", sample_ref, "--format", "ext4", "-o", str(rw))
+    [entry] = _entries(tmp_path, "rootfs.ext4")
+    assert rw.stat().st_ino != entry.stat().st_ino and rw.stat().st_mode & stat.S_IWUSR
+    assert _sha(rw) == _sha(entry)
+    assert os.listdir(tmp_path / "cache" / "tmp") == []
+    # Without the cache, straight to the destination: no entry, and the same bytes.
+    direct = tmp_path / "direct.ext4"
+    _json(tmp_path, "rootfs", sample_ref, "--format", "ext4", "-o", str(direct), "--no-cache")
+    assert _sha(direct) == _sha(rw) and len(_entries(tmp_path, "rootfs.ext4")) == 1
+
+
 @pytest.mark.slow
 def test_a_warm_ext4_conversion_is_a_copy_the_user_may_write(
     sample_ref: str, tmp_path: Path

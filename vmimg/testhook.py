@@ -9,8 +9,10 @@ an environment lookup. The points:
     layer-unpack-midway   a layer's first chunk is in its temporary file in the cache
     layer-committed       a layer tar was renamed into the cache
     output-write-midway   the writer has begun copying file bytes into the temporary output
-    output-renamed        the output is in place, before the conversion cache stores a copy
-    output-cache-store    that copy is in a temporary directory of the cache, not renamed
+                          (a new cache entry in tmp/, or beside the output with --no-cache)
+    output-cache-store    the image is written and sealed in tmp/, not yet renamed into the
+                          cache nor handed out at the destination
+    output-renamed        the output is in place
 """
 
 from __future__ import annotations

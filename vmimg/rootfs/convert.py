@@ -6,7 +6,8 @@ the temporary file is removed. Finished conversions are kept in the cache,
 keyed by everything that determines their bytes, so a repeat costs no conversion.
 
 A cache hit hands the cached file out without copying its bytes where it can
-(rootfs/handout.py).
+(rootfs/handout.py). A conversion that will be kept is written as its cache entry first
+(flushed as it is written, so making it durable costs little) and handed out the same way.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 
 from vmimg import __version__
 from vmimg.errors import VmimgError, WriterError
-from vmimg.image.cache import Cache, commit
+from vmimg.image.cache import Cache, Flusher, commit
 from vmimg.image.fetch import BYTES, PhaseStart, fetch_layers
-from vmimg.image.fsutil import disk_usage, space_shortfall
+from vmimg.image.fsutil import space_shortfall
 from vmimg.image.image import Image
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
@@ -35,7 +36,6 @@ from vmimg.rootfs.handout import (
     entry_untouched,
     hand_out,
     seal_entry,
-    share_file,
 )
 from vmimg.rootfs.tree import Tree
 from vmimg.rootfs.writers import (
@@ -102,14 +102,21 @@ def compresses(options: WriterOptions) -> bool:
     return compressed != {"none"}
 
 
-@contextlib.contextmanager
-def atomic_output(dest: str, need: int = 0) -> Iterator[int]:
-    """A file descriptor for a temporary file beside `dest`, renamed onto it on success.
-    `need`: the bytes it will take at least (checked against the free space first)."""
+def check_destination(dest: str, need: int) -> str:
+    """The directory `dest` goes to, once it is known to exist and to have room for `need`
+    bytes; a one-line error naming what is wrong otherwise."""
     directory = os.path.dirname(os.path.abspath(dest)) or "."
     if not os.path.isdir(directory):
         raise VmimgError(f"output directory {directory} does not exist")
     check_output_space(dest, need)
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str, need: int = 0) -> Iterator[int]:
+    """A file descriptor for a temporary file beside `dest`, renamed onto it on success.
+    `need`: the bytes it will take at least (checked against the free space first)."""
+    directory = check_destination(dest, need)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
     try:
         yield fd
@@ -222,17 +229,17 @@ def convert(
                 # One pass over the tree for both: the floor is the bytes read, uncompressed.
                 stored = tree.content_bytes()
                 floor = 0 if compresses(options) else stored
-                with atomic_output(dest, floor) as fd, ContentReader() as reader:
-                    if phases is not None:
-                        reader.on_bytes = phases(writing_phase(fmt), stored, BYTES)
-                    warnings = write_image(fmt, tree, reader, fd, options)
+                check_destination(dest, floor)
+                write = _Write(fmt, tree, options, stored, phases)
+                if use_cache and transform is None and _cache_has_room(cache, floor):
+                    warnings = _write_through_cache(cache, key, write, dest)
+                else:
+                    with atomic_output(dest, floor) as fd:
+                        warnings = write.to(fd)
         except OSError as e:
             # A full disk, a quota, a read-only directory: the temporary file is gone.
             raise WriterError(f"cannot write {dest}: {e.strerror or e}") from None
         pause_point("output-renamed")
-        if use_cache and transform is None and not hit:
-            with contextlib.suppress(OSError):  # keeping a copy is optional
-                _store_output(cache, key, dest, f"rootfs.{fmt}", get_format(fmt).read_only)
         return ConvertResult(
             output=dest,
             format=fmt,
@@ -252,17 +259,48 @@ def convert(
         )
 
 
-def _store_output(cache: Cache, key: str, src: str, name: str, linkable: bool) -> None:
-    final_dir = cache.output_dir(key)
-    if os.path.exists(os.path.join(final_dir, name)):
-        return
-    if space_shortfall(cache.tmp_dir, disk_usage(src)) is not None:
-        return  # a copy is worth less than the disk space everything else needs
-    with cache.temp_dir("output-") as tmp:
-        entry = os.path.join(tmp, name)
-        # The output itself becomes the entry when it can be shared (its write bits go).
-        share_file(src, entry, linkable)
+@dataclass
+class _Write:
+    """One image to write: the writer's inputs, and how its progress shows."""
+
+    fmt: str
+    tree: Tree
+    options: WriterOptions
+    stored: int  # the tree's file bytes: what the writing phase counts towards
+    phases: PhaseStart | None
+
+    def to(self, fd: int) -> list[str]:
+        """Write the image into the empty file `fd`; returns the writer's warnings."""
+        with ContentReader() as reader:
+            if self.phases is not None:
+                reader.on_bytes = self.phases(writing_phase(self.fmt), self.stored, BYTES)
+            return write_image(self.fmt, self.tree, reader, fd, self.options)
+
+
+def _cache_has_room(cache: Cache, need: int) -> bool:
+    """Is there room to keep the image in the cache? (Else it goes straight to its
+    destination: a kept copy is worth less than the disk everything else needs.)"""
+    return space_shortfall(cache.tmp_dir, need) is None
+
+
+def _write_through_cache(cache: Cache, key: str, write: _Write, dest: str) -> list[str]:
+    """Write the image as a new cache entry, then hand it out at `dest` as a hit would
+    (hardlink, reflink or copy). The entry is flushed as it is written, so committing it
+    durably costs little more than writing it; `dest`, like cp's output, is not fsynced."""
+    name = f"rootfs.{write.fmt}"
+    with cache.temp_dir("output-") as tmp:  # our lock on it guards it from prune until we end
+        built = os.path.join(tmp, name)
+        fd = os.open(built, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            with Flusher(fd):
+                warnings = write.to(fd)
+        finally:
+            os.close(fd)
         seal_entry(tmp)
         pause_point("output-cache-store")
-        with contextlib.suppress(OSError):  # another process stored it first
-            commit(tmp, final_dir)
+        with contextlib.suppress(OSError):  # another process stored it first: ours goes out
+            commit(tmp, cache.output_dir(key))
+        if not os.path.exists(built):
+            built = os.path.join(cache.output_dir(key), name)
+        hand_out(built, dest, get_format(write.fmt).read_only)
+    return warnings

@@ -147,10 +147,11 @@ def entry_untouched(entry_dir: str) -> bool:
         return False
 
 
-def share_file(src: str, dst: str, linkable: bool) -> str:
+def share_file(src: str, dst: str, linkable: bool, shown: str | None = None) -> str:
     """Create `dst` (it must not exist) with the bytes of `src`, sharing them where possible:
     REFLINK, else HARDLINK when `linkable` (nobody will write `dst` in place: `src` is
-    sealed first), else COPY. Returns which one; on an error `dst` may be left behind."""
+    sealed first), else COPY. Returns which one; on an error `dst` may be left behind.
+    `shown`: the name errors give `dst` (a temporary name means nothing to the user)."""
     with open(src, "rb") as s:
         fd = os.open(dst, _NEW_FILE, 0o644)
         try:
@@ -168,7 +169,7 @@ def share_file(src: str, dst: str, linkable: bool) -> str:
             return HARDLINK
     fd = os.open(dst, _NEW_FILE, 0o644)
     try:
-        check_output_space(dst, disk_usage(src))
+        check_output_space(shown or dst, disk_usage(src), os.path.dirname(dst) or ".")
         copy_file(src, fd)
     finally:
         os.close(fd)
@@ -187,7 +188,7 @@ def hand_out(cached: str, dest: str, linkable: bool) -> str:
         directory, f".{os.path.basename(dest)}.{os.urandom(TEMP_NAME_BYTES).hex()}.tmp"
     )
     try:
-        how = share_file(cached, tmp, linkable)
+        how = share_file(cached, tmp, linkable, shown=dest)
         if how != HARDLINK:
             os.chmod(tmp, 0o644)
         os.rename(tmp, dest)
