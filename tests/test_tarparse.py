@@ -629,14 +629,20 @@ class _FailingFile(io.BytesIO):
 
 def test_write_behind_writes_and_hashes_in_order(tmp_path: Path) -> None:
     chunks = [os.urandom(1000 + i) for i in range(40)]
-    hasher, out = Hasher(), io.BytesIO()
-    behind = WriteBehind(hasher, out, SpaceGuard(str(tmp_path)), "layer x", depth=2)
-    for c in chunks:
+    blob = [os.urandom(500 + i) for i in range(40)]
+    hasher, blob_hasher, out = Hasher(), Hasher("sha512"), io.BytesIO()
+    behind = WriteBehind(
+        hasher, out, SpaceGuard(str(tmp_path)), "layer x", depth=2, blob_hasher=blob_hasher
+    )
+    for c, b in zip(chunks, blob, strict=True):
         behind.put(c)
+        behind.put_blob(b)  # hashed only: never written
     behind.finish()
     behind.finish()  # once finished, finishing again changes nothing
     assert out.getvalue() == b"".join(chunks)
     assert hasher.digest == digest_bytes(b"".join(chunks))
+    assert blob_hasher.digest == digest_bytes(b"".join(blob), "sha512")
+    assert blob_hasher.size == sum(map(len, blob))
     assert not any(t.name == "layer-write" for t in threading.enumerate())
 
 
