@@ -214,7 +214,7 @@ class _BlobReader:
 # (WriteBehind). Decompressing ahead of the parser in a thread of its own, the other way to
 # split the work, measured slower on 2 cores (minbase, two layers unpacked at once: 1.41 s with
 # it, 1.13 s without), since layers already unpack in parallel and the hand-offs take the GIL.
-WRITE_BEHIND_CHUNKS = 8  # layer chunks and blob chunks, 1 MiB each at most
+WRITE_BEHIND_CHUNKS = 4  # layer chunks and blob chunks, 1 MiB each at most
 # The write-behind thread flushes the layer to disk every this many bytes: the fsync before
 # the layer's rename (cache.commit) then waits only for the last few. Debian minbase's big
 # layer: that fsync took 67 ms at the end of the critical path, with nothing else to do.
