@@ -40,6 +40,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # A zstd skippable frame: 4 bytes 0x184D2A50..0x184D2A5F (little-endian), a 4-byte length, then
 # that many bytes that decoders skip (RFC 8878 3.1.2; zstd -d skips them anywhere).
 ZSTD_SKIPPABLE_MAGIC = b"\x2a\x4d\x18"  # bytes 1..3; byte 0 is 0x50..0x5f
+MAGIC_LEN = 4  # zstd's (and more than gzip's 2)
 GZIP_WBITS = 31  # zlib's "gzip wrapper" window bits
 # isal's stubs type IsalError as an instance; it is the class zlib-style code raises.
 DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
@@ -152,7 +153,8 @@ def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> I
             yield data
         return
     dec = _new_decompressor(kind)
-    started = False
+    started = False  # dec has been given input
+    ended = False  # a member or frame has ended: what follows must start another
     data = b""  # input not yet given to the decompressor
     # The last call filled its CHUNK: the decompressor may hold more output without more input
     # (libzstd decodes a block of up to 128 KiB at a time; zlib may be inside a match).
@@ -163,6 +165,12 @@ def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> I
                 data = read(CHUNK)
                 if not data:
                     break
+            if ended and not started:
+                # judged by a whole magic number, however the reads cut it
+                while len(data) < MAGIC_LEN and (more := read(CHUNK)):
+                    data += more
+                if not _starts_frame(data, kind):
+                    raise LayerError(f"{what}: data after the end of the {kind} stream")
             started = True
             out = dec.decompress(data, CHUNK)
             data = dec.unconsumed_tail
@@ -171,10 +179,7 @@ def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> I
                 yield out
             if dec.eof:
                 data, full = dec.unused_data + data, False
-                if data and not _starts_frame(data, kind):
-                    raise LayerError(f"{what}: data after the end of the {kind} stream")
-                dec = _new_decompressor(kind)
-                started = False
+                dec, started, ended = _new_decompressor(kind), False, True
     except DECOMPRESS_ERRORS as e:
         raise LayerError(f"{what}: corrupt {kind} data: {e}") from None
     if started and not dec.eof:
