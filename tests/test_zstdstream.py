@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 
 import hypothesis.strategies as st
@@ -261,3 +262,24 @@ def test_wrong_arguments_are_type_and_value_errors() -> None:
     # after all that, it still decodes
     frame = zstandard.ZstdCompressor().compress(b"still fine")
     assert dec.decompress(frame, max_length=100) == b"still fine" and dec.eof
+
+
+def test_the_gil_is_released_and_one_object_serves_one_thread_at_a_time() -> None:
+    """While a thread decodes 128 MiB in one call, this one runs (the GIL is released) and
+    its calls on the same object are refused, not a race on libzstd's context."""
+    bomb = rle_bomb(1024)
+    dec = Decompressor()
+    result: list[bytes] = []
+    worker = threading.Thread(target=lambda: result.append(dec.decompress(bomb, 1 << 27)))
+    refused = 0
+    worker.start()
+    while worker.is_alive() and not refused:
+        try:
+            assert dec.decompress(b"", 1) == b""  # before the worker's call: nothing to give
+        except RuntimeError as e:
+            assert "two threads" in str(e)
+            refused += 1
+        except EOFError:  # after it
+            break
+    worker.join()
+    assert refused == 1 and len(result[0]) == 1 << 27 and dec.eof
