@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO, cast
 
 from isal import isal_zlib
 
@@ -97,26 +97,11 @@ class UnpackBudget:
             self._aborted = True
 
 
-class _Decompressor(Protocol):
+def _new_decompressor(kind: str) -> isal_zlib.Decompress | _zstdstream.Decompressor:
     """One gzip member (isal) or zstd frame (_zstdstream), zlib's way: at most `max_length`
     bytes out per call, the input not taken in `unconsumed_tail`."""
-
-    @property
-    def eof(self) -> bool: ...
-
-    @property
-    def unused_data(self) -> bytes: ...
-
-    @property
-    def unconsumed_tail(self) -> bytes: ...
-
-    def decompress(self, data: bytes, max_length: int, /) -> bytes: ...
-
-
-def _new_decompressor(kind: str) -> _Decompressor:
     if kind == "gzip":
-        d: _Decompressor = isal_zlib.decompressobj(GZIP_WBITS)
-        return d
+        return isal_zlib.decompressobj(GZIP_WBITS)
     return _zstdstream.Decompressor()
 
 
