@@ -37,6 +37,7 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       gcc \
       libc6-dev \
+      libzstd-dev \
       python3 \
       python3-dev \
       python3-venv \
@@ -57,10 +58,10 @@ LABEL org.opencontainers.image.title="vmimg" \
       org.opencontainers.image.description="Turn container images into VM-ready, boot-verified artifacts" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# What vmimg runs: python3 (itself), qemu-system-x86 (verify, run), busybox-static (sample),
-# ca-certificates (registries over TLS), e2fsprogs and erofs-utils (to inspect and check
-# its images by hand), and what `vmimg kernel build` needs: the pinned source
-# (linux-source-6.1) and its build tools.
+# What vmimg runs: python3 (itself), libzstd1 (its zstd layer decompressor links it),
+# qemu-system-x86 (verify, run), busybox-static (sample), ca-certificates (registries over
+# TLS), e2fsprogs and erofs-utils (to inspect and check its images by hand), and what
+# `vmimg kernel build` needs: the pinned source (linux-source-6.1) and its build tools.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -75,6 +76,7 @@ RUN apt-get update \
       libc6-dev \
       libelf-dev \
       libssl-dev \
+      libzstd1 \
       linux-source-6.1 \
       lz4 \
       make \

@@ -6,17 +6,25 @@ COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaratio
 CRC32C_H = "vmimg/rootfs/writers/crc32c.h"  # the kernel's CRC-32C, shared by two extensions
 
 
-def c_extension(module: str, depends: tuple[str, ...] = ()) -> Extension:
-    """The extension `module` (vmimg.a.b._c), built from its own vmimg/a/b/_c.c."""
+def c_extension(
+    module: str, depends: tuple[str, ...] = (), libraries: tuple[str, ...] = ()
+) -> Extension:
+    """The extension `module` (vmimg.a.b._c), built from its own vmimg/a/b/_c.c, linked with
+    the system `libraries` (their -dev packages are in scripts/debian-packages.txt)."""
     source = module.replace(".", "/") + ".c"
     return Extension(
-        module, sources=[source], depends=list(depends), extra_compile_args=COMPILE_ARGS
+        module,
+        sources=[source],
+        depends=list(depends),
+        libraries=list(libraries),
+        extra_compile_args=COMPILE_ARGS,
     )
 
 
 setup(
     ext_modules=[
         c_extension("vmimg.image._tarscan"),
+        c_extension("vmimg.image._zstdstream", libraries=("zstd",)),  # Debian's libzstd
         c_extension("vmimg.rootfs._slots"),
         c_extension("vmimg.rootfs._flatten"),
         c_extension("vmimg.rootfs.writers._kernelhash", depends=(CRC32C_H,)),

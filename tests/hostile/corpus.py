@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import layerkit as L
+from tests.zstdframes import block, frame_header, skippable
 from vmimg.image.ocilayout import LAYER_MEDIA_TYPES, ImageSpec, LayerSpec, compress, write_layout
 
 Builder = Callable[[Path], str]
@@ -41,6 +42,7 @@ TB = 1 << 40
 BOMB_MEMBER = 64 << 20  # zeros per compressed member of a bomb
 BOMB_MEMBERS = 64  # 4 GiB claimed in all
 BOMB_LIMIT = "256M"  # VMIMG_MAX_UNPACKED_SIZE for the bomb cases
+WIDE_WINDOW = "(the frame's window is over 128 MiB, the most vmimg accepts)"  # zstd's refusal
 
 _PLACEHOLDERS = {
     "{layer}": r"layer sha256:[0-9a-f]{64}",
@@ -219,6 +221,10 @@ def gzip_layer(tar: bytes, edit: Callable[[bytes], bytes]) -> Callable[[Path], N
 def zstd_layer(tar: bytes, edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
     return raw_layer(edit(compress(tar, "zstd")), ZSTD_TYPE, diff_id)
+
+
+def skipped_around(blob: bytes) -> bytes:
+    return skippable(b"before") + blob + skippable(b"", 15)
 
 
 def flip_middle(blob: bytes) -> bytes:
@@ -713,6 +719,29 @@ CASES: list[Case] = [
         "zstd-bad-frame-header",
         image(then=zstd_layer(L.layer(L.file("f", b"abc")), lambda b: b[:4] + b"\xff" + b[5:])),
         Fail(5, "{layer}: corrupt zstd data: {any}"),
+    ),
+    Case(
+        "zstd-trailing-garbage",
+        image(then=zstd_layer(L.layer(L.file("f", b"abc")), lambda b: b + b"garbage!")),
+        Fail(5, "{layer}: data after the end of the zstd stream"),
+    ),
+    Case(
+        "zstd-window-too-large",
+        # a frame that asks for a 256 MiB window (zstd --long=28 writes such frames)
+        image(
+            then=raw_layer(frame_header(28) + block(0, 1, b"x", last=True), ZSTD_TYPE, ZERO_DIFF_ID)
+        ),
+        Fail(
+            5,
+            "{layer}: corrupt zstd data: Frame requires too much memory for decoding "
+            + WIDE_WINDOW,
+        ),
+    ),
+    Case(
+        "zstd-skippable-frames",
+        # skippable frames before and after the frame: skipped, as zstd -d skips them
+        image(then=zstd_layer(L.layer(L.file("f", b"skipped around")), skipped_around)),
+        Ok({b"/f": b"skipped around"}),
     ),
     # -- digests, sizes and lying documents
     Case(

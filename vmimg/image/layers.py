@@ -2,11 +2,11 @@
 
 A layer blob (tar, tar+gzip or tar+zstd) is streamed once: its compressed
 bytes are hashed against the descriptor's digest, decompressed (isal for
-gzip, zstandard for zstd), hashed against the config's diff_id, written
-as a plain tar into the cache, and its tar headers parsed from the same
-chunks (tarparse.py) into entries (header fields plus the offset of their
-bytes). From then on the layer is that tar: writers copy file bytes straight
-out of it. Nothing is ever extracted.
+gzip, libzstd through our _zstdstream.c for zstd), hashed against the
+config's diff_id, written as a plain tar into the cache, and its tar headers
+parsed from the same chunks (tarparse.py) into entries (header fields plus
+the offset of their bytes). From then on the layer is that tar: writers copy
+file bytes straight out of it. Nothing is ever extracted.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO, cast
 
-import zstandard
 from isal import isal_zlib
 
 from vmimg.digest import Hasher
 from vmimg.errors import CacheError, DigestError, LayerError
+from vmimg.image import _zstdstream
 from vmimg.image.cache import Cache, SpaceGuard, commit
 from vmimg.image.fsutil import format_size
 from vmimg.image.oci import Descriptor, layer_compression
@@ -37,15 +37,15 @@ from vmimg.testhook import pause_point
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_MAGIC = {"gzip": GZIP_MAGIC, "zstd": ZSTD_MAGIC}
+# A zstd skippable frame: 4 bytes 0x184D2A50..0x184D2A5F (little-endian), a 4-byte length, then
+# that many bytes that decoders skip (RFC 8878 3.1.2; zstd -d skips them anywhere).
+ZSTD_SKIPPABLE_MAGIC = b"\x2a\x4d\x18"  # bytes 1..3; byte 0 is 0x50..0x5f
+MAGIC_LEN = 4  # zstd's (and more than gzip's 2)
 GZIP_WBITS = 31  # zlib's "gzip wrapper" window bits
-# zstd input fed per call: a run-length block of 128 KiB costs 4 bytes, so
-# 1 KiB of input yields at most 32 MiB.
-ZSTD_FEED = 1 << 10
 # isal's stubs type IsalError as an instance; it is the class zlib-style code raises.
 DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
     cast(type[BaseException], isal_zlib.IsalError),
-    zstandard.ZstdError,
+    _zstdstream.ZstdError,
 )
 
 
@@ -97,35 +97,36 @@ class UnpackBudget:
             self._aborted = True
 
 
-class _Decompressor(Protocol):
-    @property
-    def eof(self) -> bool: ...
-
-    @property
-    def unused_data(self) -> bytes: ...
-
-    def decompress(self, data: bytes) -> bytes: ...
-
-
-def _new_decompressor(kind: str) -> _Decompressor:
+def _new_decompressor(kind: str) -> isal_zlib.Decompress | _zstdstream.Decompressor:
+    """One gzip member (isal) or zstd frame (_zstdstream), zlib's way: at most `max_length`
+    bytes out per call, the input not taken in `unconsumed_tail`."""
     if kind == "gzip":
-        d: _Decompressor = isal_zlib.decompressobj(GZIP_WBITS)
-        return d
-    z: _Decompressor = zstandard.ZstdDecompressor().decompressobj()
-    return z
+        return isal_zlib.decompressobj(GZIP_WBITS)
+    return _zstdstream.Decompressor()
+
+
+def _starts_frame(data: bytes, kind: str) -> bool:
+    """Whether `data` (maybe only the first bytes of it so far) can start a gzip member, or a
+    zstd frame (skippable ones too)."""
+    if kind == "gzip":
+        return data[:2] == GZIP_MAGIC[: len(data)]
+    if data[:4] == ZSTD_MAGIC[: len(data)]:
+        return True
+    return (data[0] & 0xF0) == 0x50 and data[1:4] == ZSTD_SKIPPABLE_MAGIC[: len(data) - 1]
 
 
 def sniff_compression(head: bytes, declared: str) -> str:
     """Compression by magic bytes; the declared one only when the bytes say nothing."""
     if head.startswith(GZIP_MAGIC):
         return "gzip"
-    if head.startswith(ZSTD_MAGIC):
+    if len(head) >= 4 and _starts_frame(head[:4], "zstd"):
         return "zstd"
     return "none" if len(head) >= 4 or declared == "none" else declared
 
 
 def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> Iterator[bytes]:
-    """Decompress a stream of concatenated gzip members or zstd frames.
+    """Decompress a stream of concatenated gzip members or zstd frames (skippable zstd
+    frames are skipped wherever they are).
 
     Every chunk yielded is bounded, however well the input compresses: a few
     KiB of gzip or zstd can claim gigabytes, and one call that returned them
@@ -137,32 +138,33 @@ def decompressed_chunks(read: Callable[[int], bytes], kind: str, what: str) -> I
             yield data
         return
     dec = _new_decompressor(kind)
-    started = False
-    data, pos = b"", 0  # input not yet given to the decompressor: data[pos:]
+    started = False  # dec has been given input
+    ended = False  # a member or frame has ended: what follows must start another
+    data = b""  # input not yet given to the decompressor
+    # The last call filled its CHUNK: the decompressor may hold more output without more input
+    # (libzstd decodes a block of up to 128 KiB at a time; zlib may be inside a match).
+    full = False
     try:
         while True:
-            if pos >= len(data):
-                data, pos = read(CHUNK), 0
+            if not data and not full:
+                data = read(CHUNK)
                 if not data:
                     break
+            if ended and not started:
+                # judged by a whole magic number, however the reads cut it
+                while len(data) < MAGIC_LEN and (more := read(CHUNK)):
+                    data += more
+                if not _starts_frame(data, kind):
+                    raise LayerError(f"{what}: data after the end of the {kind} stream")
             started = True
-            if kind == "gzip":
-                out = dec.decompress(data[pos:] if pos else data, CHUNK)  # type: ignore[call-arg]
-                data, pos = dec.unconsumed_tail, 0  # type: ignore[attr-defined]
-            else:
-                # zstd has no output limit per call: feed it slices small enough
-                # that even run-length blocks cannot expand them past ~32 MiB.
-                out = dec.decompress(memoryview(data)[pos : pos + ZSTD_FEED])  # type: ignore[arg-type]
-                pos += ZSTD_FEED
+            out = dec.decompress(data, CHUNK)
+            data = dec.unconsumed_tail
+            full = len(out) == CHUNK
             if out:
                 yield out
             if dec.eof:
-                data, pos = dec.unused_data + data[pos:], 0
-                magic = _MAGIC[kind]
-                if data[: len(magic)] != magic[: len(data)]:
-                    raise LayerError(f"{what}: data after the end of the {kind} stream")
-                dec = _new_decompressor(kind)
-                started = False
+                data, full = dec.unused_data + data, False
+                dec, started, ended = _new_decompressor(kind), False, True
     except DECOMPRESS_ERRORS as e:
         raise LayerError(f"{what}: corrupt {kind} data: {e}") from None
     if started and not dec.eof:

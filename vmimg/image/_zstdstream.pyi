@@ -1,0 +1,16 @@
+from typing_extensions import Buffer
+
+WINDOW_LOG_MAX: int
+
+class ZstdError(ValueError): ...
+
+class Decompressor:
+    """One zstd frame (or skippable frame); at most max_length bytes of output per call."""
+
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
+    @property
+    def unconsumed_tail(self) -> bytes: ...
+    def decompress(self, data: Buffer, /, max_length: int) -> bytes: ...
