@@ -5,9 +5,13 @@ on the map."""
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+from vmimg.image.reference import TRANSPORTS
+from vmimg.image.sources import OPENERS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "vmimg"
@@ -92,16 +96,27 @@ def test_every_module_is_on_the_map() -> None:
     assert missing == []
 
 
-def test_only_the_command_table_loads_modules_by_name() -> None:
+def test_only_the_named_tables_load_modules_by_name() -> None:
     """cli/main.py loads each command's module when the command is used, and cli/quick.py
-    loads cli/main.py when its fast path cannot answer (start-up time); nothing else in vmimg
-    imports by name, so the import graph above stays the whole graph."""
+    loads cli/main.py when its fast path cannot answer (start-up time); the plug-in tables
+    (the sources' OPENERS) load their entries' modules on first use, each a module of the
+    table's own package. Nothing else in vmimg imports by name, so the import graph above
+    stays the whole graph."""
     users = sorted(
         _module_name(p)
         for p in _modules()
         if "importlib" in {n.split(".")[0] for n in _all_imported_names(p)}
     )
-    assert users == ["vmimg.cli.main", "vmimg.cli.quick"]
+    assert users == ["vmimg.cli.main", "vmimg.cli.quick", "vmimg.image.sources.__init__"]
+
+
+def test_the_plugin_tables_name_modules_of_their_own_package() -> None:
+    """A table's entries load modules of its own package (no stage is reached backwards),
+    one per transport, each with its entry point."""
+    assert set(OPENERS) == set(TRANSPORTS)
+    for module in OPENERS.values():
+        assert module.rpartition(".")[0] == "vmimg.image.sources", module
+        assert callable(importlib.import_module(module).open_ref), module
 
 
 def _all_imported_names(path: Path) -> set[str]:

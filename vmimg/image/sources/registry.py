@@ -11,7 +11,7 @@ from vmimg.image.cache import Cache
 from vmimg.image.credentials import api_host
 from vmimg.image.image import Image
 from vmimg.image.oci import ACCEPT_MANIFESTS, INDEX_TYPES, MANIFEST_TYPES, Descriptor
-from vmimg.image.reference import RegistryRef
+from vmimg.image.reference import ImageRef, RegistryRef
 from vmimg.image.registry import RegistryClient, quiet_insecure_warnings
 from vmimg.image.sources.base import resolve_image
 from vmimg.image.sources.options import SourceOptions
@@ -56,6 +56,12 @@ def registry_client(host: str, options: SourceOptions) -> RegistryClient:
         tls_verify=options.tls_verify,
         authfile=options.authfile,
     )
+
+
+def open_ref(ref: ImageRef, cache: Cache, options: SourceOptions) -> Image:
+    """A docker:// reference (the transport table's entry point)."""
+    assert ref.registry is not None
+    return open_registry_image(ref.registry, cache, options)
 
 
 def open_registry_image(ref: RegistryRef, cache: Cache | None, options: SourceOptions) -> Image:
