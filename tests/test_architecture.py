@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vmimg.image.reference import TRANSPORTS
 from vmimg.image.sources import OPENERS
+from vmimg.rootfs.writers import FORMATS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "vmimg"
@@ -99,24 +100,36 @@ def test_every_module_is_on_the_map() -> None:
 def test_only_the_named_tables_load_modules_by_name() -> None:
     """cli/main.py loads each command's module when the command is used, and cli/quick.py
     loads cli/main.py when its fast path cannot answer (start-up time); the plug-in tables
-    (the sources' OPENERS) load their entries' modules on first use, each a module of the
-    table's own package. Nothing else in vmimg imports by name, so the import graph above
-    stays the whole graph."""
+    (the sources' OPENERS, the writers' FORMATS) load their entries' modules on first use,
+    each a module of the table's own package. Nothing else in vmimg imports by name, so the
+    import graph above stays the whole graph."""
     users = sorted(
         _module_name(p)
         for p in _modules()
         if "importlib" in {n.split(".")[0] for n in _all_imported_names(p)}
     )
-    assert users == ["vmimg.cli.main", "vmimg.cli.quick", "vmimg.image.sources.__init__"]
+    assert users == [
+        "vmimg.cli.main",
+        "vmimg.cli.quick",
+        "vmimg.image.sources.__init__",
+        "vmimg.rootfs.writers.__init__",
+    ]
 
 
 def test_the_plugin_tables_name_modules_of_their_own_package() -> None:
-    """A table's entries load modules of its own package (no stage is reached backwards),
-    one per transport, each with its entry point."""
+    """Each table names modules of its own package by their names there (so no stage is
+    reached backwards), and every entry loads: a module per transport with its `open_ref`,
+    a writer per format."""
     assert set(OPENERS) == set(TRANSPORTS)
     for module in OPENERS.values():
-        assert module.rpartition(".")[0] == "vmimg.image.sources", module
-        assert callable(importlib.import_module(module).open_ref), module
+        assert "." not in module and (PACKAGE / "image" / "sources" / f"{module}.py").is_file()
+        assert callable(importlib.import_module(f"vmimg.image.sources.{module}").open_ref)
+    for fmt in FORMATS.values():
+        module, _, function = fmt.writer.partition(":")
+        assert (PACKAGE / "rootfs" / "writers" / f"{module.replace('.', '/')}.py").is_file()
+        assert callable(
+            getattr(importlib.import_module(f"vmimg.rootfs.writers.{module}"), function)
+        )
 
 
 def _all_imported_names(path: Path) -> set[str]:

@@ -30,10 +30,7 @@ from vmimg.image.reference import parse_reference
 from vmimg.image.sample import write_sample
 from vmimg.rootfs.convert import ConvertResult, convert
 from vmimg.rootfs.writers import WriterOptions, get_format
-from vmimg.rootfs.writers.cpio import CpioOptions
-from vmimg.rootfs.writers.erofs import ErofsOptions
-from vmimg.rootfs.writers.ext4 import Ext4Options
-from vmimg.rootfs.writers.tar import TarOptions
+from vmimg.rootfs.writers.options import CpioOptions, ErofsOptions, Ext4Options, TarOptions
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,15 @@ from vmimg.image.image import Image
 from vmimg.image.reference import BUNDLE, SUPPORTED_FORMS, ImageRef, parse_reference
 from vmimg.image.sources.options import SourceOptions
 
-# Transport -> the module of vmimg.image.sources whose `open_ref` opens its references,
-# imported on first use; the one place this stage loads modules by name (architecture.md).
+# Transport -> the module in this package whose `open_ref` opens its references, imported
+# on first use: one of the few tables that load modules by name (docs/architecture.md).
 OPENERS = {
-    "docker": "vmimg.image.sources.registry",
-    "oci": "vmimg.image.sources.layout",
-    "oci-archive": "vmimg.image.sources.layout",
-    "docker-archive": "vmimg.image.sources.docker_archive",
-    "docker-daemon": "vmimg.image.sources.docker_daemon",
-    "dir": "vmimg.image.sources.dirformat",
+    "docker": "registry",
+    "oci": "layout",
+    "oci-archive": "layout",
+    "docker-archive": "docker_archive",
+    "docker-daemon": "docker_daemon",
+    "dir": "dirformat",
 }
 Opener = Callable[[ImageRef, Cache, SourceOptions], Image]
 
@@ -37,7 +37,7 @@ def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Ima
     module = OPENERS.get(ref.transport)
     if module is None:
         raise ImageRefError(f"unknown transport in {str(ref)!r}; use {SUPPORTED_FORMS}")
-    opener: Opener = importlib.import_module(module).open_ref
+    opener: Opener = importlib.import_module(f"{__name__}.{module}").open_ref
     return opener(ref, cache, options)
 
 
