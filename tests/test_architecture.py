@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,35 @@ def test_a_rootfs_command_loads_no_later_stage() -> None:
     ).stdout.split()
     loaded = {_stage(m) for m in out if m.startswith("vmimg.")}
     assert loaded <= FOUNDATION | {"image", "rootfs", "cli"}, sorted(loaded)
+
+
+def test_a_conversion_loads_only_its_transport_and_its_writer(
+    sample_ref: str, tmp_path: Path
+) -> None:
+    """A cold `vmimg rootfs oci:... --format erofs` (start-up is much of a short run) loads
+    the layout reader and the erofs writer through the plug-in tables, and no other
+    transport (not the registry client) and no other writer."""
+    probe = (
+        "import sys\n"
+        "from vmimg.cli import main\n"
+        "try:\n"
+        "    main.main(sys.argv[1:], standalone_mode=False)\n"
+        "finally:\n"
+        "    print(' '.join(sorted(sys.modules)))\n"
+    )
+    args = ["rootfs", sample_ref, "--format", "erofs", "-o", str(tmp_path / "out.erofs")]
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *args],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+        env={**os.environ, "VMIMG_CACHE": str(tmp_path / "cache")},
+    ).stdout.splitlines()  # fmt: skip
+    assert out[0].startswith(str(tmp_path / "out.erofs") + ": erofs,"), out  # converted
+    loaded = set(out[-1].split())
+    used = {"vmimg.image.sources.layout", "vmimg.rootfs.writers.erofs.writer"}
+    assert used <= loaded, sorted(m for m in loaded if m.startswith("vmimg."))
+    unused = {"vmimg.image.registry"}  # the registry client
+    unused |= {f"vmimg.image.sources.{m}" for m in OPENERS.values() if m != OPENERS["oci"]}
+    for fmt in FORMATS.values():  # a writer's module, or the package holding it
+        if fmt.name != "erofs":
+            unused.add(f"vmimg.rootfs.writers.{fmt.writer.partition(':')[0].split('.')[0]}")
+    assert sorted(loaded & unused) == []
