@@ -5,9 +5,15 @@ on the map."""
 from __future__ import annotations
 
 import ast
+import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from vmimg.image.reference import TRANSPORTS
+from vmimg.image.sources import OPENERS
+from vmimg.rootfs.writers import FORMATS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "vmimg"
@@ -92,16 +98,39 @@ def test_every_module_is_on_the_map() -> None:
     assert missing == []
 
 
-def test_only_the_command_table_loads_modules_by_name() -> None:
+def test_only_the_named_tables_load_modules_by_name() -> None:
     """cli/main.py loads each command's module when the command is used, and cli/quick.py
-    loads cli/main.py when its fast path cannot answer (start-up time); nothing else in vmimg
-    imports by name, so the import graph above stays the whole graph."""
+    loads cli/main.py when its fast path cannot answer (start-up time); the plug-in tables
+    (the sources' OPENERS, the writers' FORMATS) load their entries' modules on first use,
+    each a module of the table's own package. Nothing else in vmimg imports by name, so the
+    import graph above stays the whole graph."""
     users = sorted(
         _module_name(p)
         for p in _modules()
         if "importlib" in {n.split(".")[0] for n in _all_imported_names(p)}
     )
-    assert users == ["vmimg.cli.main", "vmimg.cli.quick"]
+    assert users == [
+        "vmimg.cli.main",
+        "vmimg.cli.quick",
+        "vmimg.image.sources.__init__",
+        "vmimg.rootfs.writers.__init__",
+    ]
+
+
+def test_the_plugin_tables_name_modules_of_their_own_package() -> None:
+    """Each table names modules of its own package by their names there (so no stage is
+    reached backwards), and every entry loads: a module per transport with its `open_ref`,
+    a writer per format."""
+    assert set(OPENERS) == set(TRANSPORTS)
+    for module in OPENERS.values():
+        assert "." not in module and (PACKAGE / "image" / "sources" / f"{module}.py").is_file()
+        assert callable(importlib.import_module(f"vmimg.image.sources.{module}").open_ref)
+    for fmt in FORMATS.values():
+        module, _, function = fmt.writer.partition(":")
+        assert (PACKAGE / "rootfs" / "writers" / f"{module.replace('.', '/')}.py").is_file()
+        assert callable(
+            getattr(importlib.import_module(f"vmimg.rootfs.writers.{module}"), function)
+        )
 
 
 def _all_imported_names(path: Path) -> set[str]:
@@ -128,3 +157,35 @@ def test_a_rootfs_command_loads_no_later_stage() -> None:
     ).stdout.split()
     loaded = {_stage(m) for m in out if m.startswith("vmimg.")}
     assert loaded <= FOUNDATION | {"image", "rootfs", "cli"}, sorted(loaded)
+
+
+def test_a_conversion_loads_only_its_transport_and_its_writer(
+    sample_ref: str, tmp_path: Path
+) -> None:
+    """A cold `vmimg rootfs oci:... --format erofs` (start-up is much of a short run) loads
+    the layout reader and the erofs writer through the plug-in tables, and no other
+    transport (not the registry client), no other writer, nor `vmimg sample`'s builder."""
+    probe = (
+        "import sys\n"
+        "from vmimg.cli import main\n"
+        "try:\n"
+        "    main.main(sys.argv[1:], standalone_mode=False)\n"
+        "finally:\n"
+        "    print(' '.join(sorted(sys.modules)))\n"
+    )
+    args = ["rootfs", sample_ref, "--format", "erofs", "-o", str(tmp_path / "out.erofs")]
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *args],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+        env={**os.environ, "VMIMG_CACHE": str(tmp_path / "cache")},
+    ).stdout.splitlines()  # fmt: skip
+    assert out[0].startswith(str(tmp_path / "out.erofs") + ": erofs,"), out  # converted
+    loaded = set(out[-1].split())
+    used = {"vmimg.image.sources.layout", "vmimg.rootfs.writers.erofs.writer"}
+    assert used <= loaded, sorted(m for m in loaded if m.startswith("vmimg."))
+    unused = {"vmimg.image.registry", "vmimg.image.sample"}
+    unused |= {f"vmimg.image.sources.{m}" for m in OPENERS.values() if m != OPENERS["oci"]}
+    for fmt in FORMATS.values():  # a writer's module, or the package holding it
+        if fmt.name != "erofs":
+            unused.add(f"vmimg.rootfs.writers.{fmt.writer.partition(':')[0].split('.')[0]}")
+    assert sorted(loaded & unused) == []

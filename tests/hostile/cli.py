@@ -15,6 +15,9 @@ from pathlib import Path
 
 from vmimg.testhook import PAUSE_AT_ENV, PAUSE_FILE_ENV
 
+# The checkout under test: its vmimg runs, as pytest imports it (pythonpath = ["."]), even
+# where another copy is installed (a git worktree beside an editable install).
+CHECKOUT = Path(__file__).resolve().parents[2]
 MEMORY_LIMIT = 1 << 30  # address space of the vmimg process (RLIMIT_AS)
 TIME_LIMIT = 180.0
 VMIMG = [sys.executable, "-m", "vmimg"]
@@ -27,7 +30,8 @@ def confined_command(*args: str) -> list[str]:
 
 
 def confined_env(work: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """A minimal environment: HOME and the cache inside `work`, nothing else inherited."""
+    """A minimal environment: HOME and the cache inside `work`, this checkout's vmimg,
+    nothing else inherited."""
     for sub in ("home", "cwd"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     env = {
@@ -35,6 +39,7 @@ def confined_env(work: Path, extra: dict[str, str] | None = None) -> dict[str, s
         "HOME": str(work / "home"),
         "VMIMG_CACHE": str(work / "cache"),
         "LANG": "C.UTF-8",
+        "PYTHONPATH": str(CHECKOUT),
     }
     return {**env, **(extra or {})}
 

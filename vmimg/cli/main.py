@@ -31,7 +31,7 @@ COMMANDS = {
     "rm": "vmimg.cli.vms:rm",
     "rootfs": "vmimg.cli.rootfs:rootfs",
     "run": "vmimg.cli.boot:run_cmd",
-    "sample": "vmimg.cli.rootfs:sample",
+    "sample": "vmimg.cli.sample:sample",
     "stop": "vmimg.cli.vms:stop",
     "verify": "vmimg.cli.boot:verify",
 }

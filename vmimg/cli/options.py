@@ -23,10 +23,10 @@ import click
 from vmimg.arch import ARCHES, OCI_ARCHITECTURES, Arch
 from vmimg.errors import EXIT_INTERRUPTED, ImageRefError, PlatformError, UsageError, VmimgError
 from vmimg.image.cache import DEFAULT_MAX_UNPACKED_SIZE
+from vmimg.image.credentials import Credentials, api_host
 from vmimg.image.fsutil import format_size
 from vmimg.image.oci import DEFAULT_PLATFORM, parse_platform
 from vmimg.image.reference import parse_reference
-from vmimg.image.registry import Credentials, api_host
 from vmimg.image.sources import SourceOptions
 
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)

@@ -1,4 +1,4 @@
-"""`vmimg rootfs` (an image to one root file system image) and `vmimg sample`."""
+"""`vmimg rootfs`: an image to one root file system image."""
 
 from __future__ import annotations
 
@@ -27,13 +27,9 @@ from vmimg.cli.quick import HitRecord, default_cache_root, record_hit, result_li
 from vmimg.errors import VmimgError
 from vmimg.image.cache import Cache
 from vmimg.image.reference import parse_reference
-from vmimg.image.sample import write_sample
 from vmimg.rootfs.convert import ConvertResult, convert
 from vmimg.rootfs.writers import WriterOptions, get_format
-from vmimg.rootfs.writers.cpio import CpioOptions
-from vmimg.rootfs.writers.erofs import ErofsOptions
-from vmimg.rootfs.writers.ext4 import Ext4Options
-from vmimg.rootfs.writers.tar import TarOptions
+from vmimg.rootfs.writers.options import CpioOptions, ErofsOptions, Ext4Options, TarOptions
 
 
 @dataclass(frozen=True)
@@ -220,25 +216,3 @@ def writer_options(fmt: str, flags: WriterFlags) -> WriterOptions:
     return ErofsOptions(
         compress=flags.compress, compress_level=flags.compress_level, label=flags.label
     )
-
-
-@click.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.option(
-    "--platform",
-    "platforms",
-    default=None,
-    help="Comma-separated platforms for a multi-platform index (default: the host's).",
-)
-def sample(directory: str, platforms: str | None) -> None:
-    """Write the built-in sample image (busybox) as an OCI layout in DIRECTORY.
-
-    Prints its reference, ready for `vmimg rootfs` or `vmimg build`.
-    """
-
-    def go() -> str:
-        if platforms:
-            return write_sample(directory, tuple(p.strip() for p in platforms.split(",")))
-        return write_sample(directory)
-
-    click.echo(run(False, go))

@@ -41,12 +41,14 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from vmimg.digest import split_digest
 from vmimg.errors import AuthError, SourceError, VmimgError
+from vmimg.image.credentials import DOCKER_HUB_HOSTS, api_host
+from vmimg.image.credentials import Credentials as Credentials  # its old home
 from vmimg.image.oci import MAX_DOCUMENT_BYTES, OCI_INDEX, Descriptor, load_json
 
 if TYPE_CHECKING:
@@ -82,8 +84,6 @@ GO_TLS_ANSWER = b"Client sent an HTTP request to an HTTPS server"
 PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure",
                     "packet length too long", "http request")  # fmt: skip
 DEFAULT_PORTS = {"http": 80, "https": 443}
-DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io")
-DOCKER_HUB_API = "registry-1.docker.io"
 DOCKER_HUB_INDEX = "https://index.docker.io/v1/"
 MIN_DOMAIN_LABELS = 2  # a registry's parent domain must not be a bare top-level domain
 MIN_SECRET_LEN = 4  # shorter "secrets" are not hidden from messages (they would garble them)
@@ -157,11 +157,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def api_host(registry: str) -> str:
-    """Where the registry API of a reference's host name lives."""
-    return DOCKER_HUB_API if registry in DOCKER_HUB_HOSTS else registry
 
 
 def origin_of(url: str) -> Origin:
@@ -239,15 +234,6 @@ def auth_files(authfile: str | None = None) -> list[str]:
         os.path.expanduser("~"), ".config"
     )
     return [primary, os.path.join(config_home, "containers", "auth.json"), docker_config_path()]
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    secret: str = field(repr=False)
-
-    def basic(self) -> str:
-        return base64.b64encode(f"{self.username}:{self.secret}".encode()).decode()
 
 
 def _from_helper(helper: str, host: str) -> Credentials | None:

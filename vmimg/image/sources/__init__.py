@@ -1,53 +1,44 @@
-"""Image sources: every transport resolves a reference to the same `Image`."""
+"""Image sources: every transport resolves a reference to the same `Image`.
+
+Each transport's module is loaded when a reference first names it (OPENERS): an oci:
+source need not load the registry client, nor a registry source the archive readers.
+"""
 
 from __future__ import annotations
 
-import os
+import importlib
+from collections.abc import Callable
 
 from vmimg.errors import ImageRefError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
 from vmimg.image.reference import BUNDLE, SUPPORTED_FORMS, ImageRef, parse_reference
-from vmimg.image.sources.dirformat import open_dir_image
-from vmimg.image.sources.docker_archive import open_docker_archive
-from vmimg.image.sources.docker_daemon import open_daemon_image
-from vmimg.image.sources.layout import DirFiles, TarFiles, open_layout_image
 from vmimg.image.sources.options import SourceOptions
-from vmimg.image.sources.registry import open_registry_image
+
+# Transport -> the module in this package whose `open_ref` opens its references, imported
+# on first use: one of the few tables that load modules by name (docs/architecture.md).
+OPENERS = {
+    "docker": "registry",
+    "oci": "layout",
+    "oci-archive": "layout",
+    "docker-archive": "docker_archive",
+    "docker-daemon": "docker_daemon",
+    "dir": "dirformat",
+}
+Opener = Callable[[ImageRef, Cache, SourceOptions], Image]
 
 
 def open_image(ref: ImageRef | str, cache: Cache, options: SourceOptions) -> Image:
     """Resolve any reference to an `Image` (close it with image.close() when done)."""
     if isinstance(ref, str):
         ref = parse_reference(ref)
-    name = str(ref)
-    want = options.platform
-    if ref.transport == "docker":
-        assert ref.registry is not None
-        return open_registry_image(ref.registry, cache, options)
-    if ref.transport in ("oci", "oci-archive"):
-        assert ref.path is not None
-        if ref.transport == "oci":
-            files: DirFiles | TarFiles = DirFiles(ref.path)
-        else:
-            if not os.path.isfile(ref.path):
-                raise ImageRefError(f"no such file: {ref.path}")
-            files = TarFiles(ref.path)
-        return open_layout_image(files, name, ref.tag, want, cache)
-    if ref.transport == "docker-archive":
-        assert ref.path is not None
-        if not os.path.isfile(ref.path):
-            raise ImageRefError(f"no such file: {ref.path}")
-        return open_docker_archive(ref.path, name, ref.tag, want, cache)
-    if ref.transport == "docker-daemon":
-        assert ref.tag is not None
-        return open_daemon_image(ref.tag, name, want, cache)
-    if ref.transport == "dir":
-        assert ref.path is not None
-        return open_dir_image(ref.path, name, want, cache)
     if ref.transport == BUNDLE:
-        raise ImageRefError(f"{name} is a vmimg bundle directory, not an image")
-    raise ImageRefError(f"unknown transport in {name!r}; use {SUPPORTED_FORMS}")
+        raise ImageRefError(f"{ref} is a vmimg bundle directory, not an image")
+    module = OPENERS.get(ref.transport)
+    if module is None:
+        raise ImageRefError(f"unknown transport in {str(ref)!r}; use {SUPPORTED_FORMS}")
+    opener: Opener = importlib.import_module(f"{__name__}.{module}").open_ref
+    return opener(ref, cache, options)
 
 
 __all__ = ["Image", "SourceOptions", "open_image"]

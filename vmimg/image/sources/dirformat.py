@@ -16,8 +16,10 @@ from vmimg.errors import ImageRefError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
 from vmimg.image.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Platform
+from vmimg.image.reference import ImageRef
 from vmimg.image.sources.base import resolve_image
 from vmimg.image.sources.layout import DirFiles, read_small
+from vmimg.image.sources.options import SourceOptions
 
 VERSION_FILE = "version"
 VERSION_PREFIX = b"Directory Transport Version: 1."
@@ -32,6 +34,12 @@ def _blob_name(desc: Descriptor) -> str:
     if desc.media_type in INDEX_TYPES or desc.media_type in MANIFEST_TYPES:
         return hexd + INSTANCE_SUFFIX
     return hexd
+
+
+def open_ref(ref: ImageRef, cache: Cache, options: SourceOptions) -> Image:
+    """A dir: reference (the transport table's entry point)."""
+    assert ref.path is not None
+    return open_dir_image(ref.path, str(ref), options.platform, cache)
 
 
 def open_dir_image(path: str, name: str, platform: Platform, cache: Cache | None) -> Image:

@@ -22,8 +22,10 @@ from vmimg.image.oci import (
     Platform,
     normalize_platform,
 )
+from vmimg.image.reference import ImageRef
 from vmimg.image.sources.base import check_platform
-from vmimg.image.sources.layout import TarFiles, open_layout_image, read_small
+from vmimg.image.sources.layout import TarFiles, archive_file, open_layout_image, read_small
+from vmimg.image.sources.options import SourceOptions
 
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 BLOB_PREFIX = "blobs/sha256/"
@@ -42,6 +44,12 @@ def _pick_entry(entries: list[Any], name: str, tag: str | None) -> dict[str, Any
         tags = ", ".join(t for e in entries for t in (e.get("RepoTags") or []))
         raise ImageRefError(f"{name}: holds several images; name one ({tags})")
     return dict(entries[0])
+
+
+def open_ref(ref: ImageRef, cache: Cache, options: SourceOptions) -> Image:
+    """A docker-archive: reference (the transport table's entry point)."""
+    assert ref.path is not None
+    return open_docker_archive(archive_file(ref.path), str(ref), ref.tag, options.platform, cache)
 
 
 def open_docker_archive(

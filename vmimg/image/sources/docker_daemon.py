@@ -16,8 +16,10 @@ from vmimg.errors import ImageRefError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
 from vmimg.image.oci import Descriptor, ImageConfig, Platform, normalize_platform
+from vmimg.image.reference import ImageRef
 from vmimg.image.sources.base import check_platform
 from vmimg.image.sources.docker_archive import DOCKER_LAYER_TAR, open_docker_archive
+from vmimg.image.sources.options import SourceOptions
 
 SAVE_CHUNK = 4 << 20
 
@@ -48,6 +50,12 @@ def _cached_image(
         platform=normalize_platform(config.platform),
         open_blob=open_blob,
     )
+
+
+def open_ref(ref: ImageRef, cache: Cache, options: SourceOptions) -> Image:
+    """A docker-daemon: reference (the transport table's entry point)."""
+    assert ref.tag is not None
+    return open_daemon_image(ref.tag, str(ref), options.platform, cache)
 
 
 def open_daemon_image(image_name: str, name: str, platform: Platform, cache: Cache) -> Image:

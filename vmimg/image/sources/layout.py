@@ -16,7 +16,9 @@ from vmimg.errors import ImageRefError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
 from vmimg.image.oci import MAX_DOCUMENT_BYTES, Descriptor, Platform, load_json
+from vmimg.image.reference import ImageRef
 from vmimg.image.sources.base import read_document, resolve_image
+from vmimg.image.sources.options import SourceOptions
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
@@ -120,6 +122,22 @@ def read_small(files: Files, path: str) -> bytes:
     if len(data) > MAX_DOCUMENT_BYTES:
         raise SourceError(f"{path} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB; refusing it")
     return data
+
+
+def open_ref(ref: ImageRef, cache: Cache, options: SourceOptions) -> Image:
+    """An oci: or oci-archive: reference (the transport table's entry point)."""
+    assert ref.path is not None
+    files: Files = (
+        DirFiles(ref.path) if ref.transport == "oci" else TarFiles(archive_file(ref.path))
+    )
+    return open_layout_image(files, str(ref), ref.tag, options.platform, cache)
+
+
+def archive_file(path: str) -> str:
+    """`path`, if it is a file (an archive); else the error saying so."""
+    if not os.path.isfile(path):
+        raise ImageRefError(f"no such file: {path}")
+    return path
 
 
 def open_layout_image(

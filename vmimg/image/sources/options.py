@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vmimg.image.credentials import Credentials
 from vmimg.image.oci import Platform
-from vmimg.image.registry import Credentials
 
 
 @dataclass(frozen=True)

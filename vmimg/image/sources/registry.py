@@ -8,10 +8,11 @@ from typing import BinaryIO
 from vmimg.digest import digest_bytes
 from vmimg.errors import DigestError, ImageRefError
 from vmimg.image.cache import Cache
+from vmimg.image.credentials import api_host
 from vmimg.image.image import Image
 from vmimg.image.oci import ACCEPT_MANIFESTS, INDEX_TYPES, MANIFEST_TYPES, Descriptor
-from vmimg.image.reference import RegistryRef
-from vmimg.image.registry import RegistryClient, api_host, quiet_insecure_warnings
+from vmimg.image.reference import ImageRef, RegistryRef
+from vmimg.image.registry import RegistryClient, quiet_insecure_warnings
 from vmimg.image.sources.base import resolve_image
 from vmimg.image.sources.options import SourceOptions
 
@@ -55,6 +56,12 @@ def registry_client(host: str, options: SourceOptions) -> RegistryClient:
         tls_verify=options.tls_verify,
         authfile=options.authfile,
     )
+
+
+def open_ref(ref: ImageRef, cache: Cache, options: SourceOptions) -> Image:
+    """A docker:// reference (the transport table's entry point)."""
+    assert ref.registry is not None
+    return open_registry_image(ref.registry, cache, options)
 
 
 def open_registry_image(ref: RegistryRef, cache: Cache | None, options: SourceOptions) -> Image:

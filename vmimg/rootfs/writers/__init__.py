@@ -6,12 +6,15 @@ writer returns. Writers see only the Tree and the content it references.
 
 `FORMATS` is the one table of what vmimg can write: each format's options type, its
 writer, the file name a bundle gives it, and whether the kernel mounts it read-only.
-Everything else (the CLI's options, bundles, conversion keys) reads it from here.
+Everything else (the CLI's options, bundles, conversion keys) reads it from here. The
+options types are cheap (options.py); a writer's module is loaded when it first writes, so
+a conversion to erofs never loads the ext4 writer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -19,10 +22,7 @@ from typing import Any, ClassVar, Protocol
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Tree
-from vmimg.rootfs.writers.cpio import CpioOptions, write_cpio
-from vmimg.rootfs.writers.erofs import ErofsOptions, write_erofs
-from vmimg.rootfs.writers.ext4 import Ext4Options, write_ext4
-from vmimg.rootfs.writers.tar import TarOptions, write_tar
+from vmimg.rootfs.writers.options import CpioOptions, ErofsOptions, Ext4Options, TarOptions
 
 
 class WriterOptions(Protocol):
@@ -46,7 +46,7 @@ class Format:
 
     name: str
     options_type: type[Any]
-    write: Writer
+    writer: str  # "module:function" of its Writer, the module in this package, loaded when used
     read_only: bool  # the kernel mounts it read-only (erofs), or it is unpacked (initramfs)
     bootable: bool  # a bundle can carry it as its root
 
@@ -56,31 +56,20 @@ class Format:
             return "initramfs.cpio" + INITRAMFS_SUFFIX[options.compression]
         return f"rootfs.{self.name}"
 
-
-def _tar(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
-    return write_tar(tree, reader, fd, options)
-
-
-def _cpio(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
-    return write_cpio(tree, reader, fd, options)
-
-
-def _ext4(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
-    return write_ext4(tree, reader, fd, options)
-
-
-def _erofs(tree: Tree, reader: ContentReader, fd: int, options: Any) -> list[str]:
-    write_erofs(tree, reader, fd, options)
-    return []
+    def write(self, tree: Tree, reader: ContentReader, out_fd: int, options: Any) -> list[str]:
+        """Write `tree` with this format's writer (its module imported now if not yet)."""
+        module, _, function = self.writer.partition(":")
+        write: Writer = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+        return write(tree, reader, out_fd, options)
 
 
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("tar", TarOptions, _tar, read_only=False, bootable=False),
-        Format("initramfs", CpioOptions, _cpio, read_only=False, bootable=True),
-        Format("ext4", Ext4Options, _ext4, read_only=False, bootable=True),
-        Format("erofs", ErofsOptions, _erofs, read_only=True, bootable=True),
+        Format("tar", TarOptions, "tar:write_tar", read_only=False, bootable=False),
+        Format("initramfs", CpioOptions, "cpio:write_cpio", read_only=False, bootable=True),
+        Format("ext4", Ext4Options, "ext4.writer:write_ext4", read_only=False, bootable=True),
+        Format("erofs", ErofsOptions, "erofs.writer:write_erofs", read_only=True, bootable=True),
     )
 }
 BOOTABLE = tuple(name for name, f in FORMATS.items() if f.bootable)

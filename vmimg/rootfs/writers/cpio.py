@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zstandard
 from isal import isal_zlib
@@ -19,6 +18,7 @@ from isal import isal_zlib
 from vmimg.errors import WriterError
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import NS_PER_S, Content, Node, NodeType, Tree
+from vmimg.rootfs.writers.options import CpioOptions as CpioOptions  # also importable from here
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
 
 NEWC_MAGIC = b"070701"
@@ -31,12 +31,6 @@ DEFAULT_GZIP_LEVEL = 3  # isal levels run 0..3
 DEFAULT_ZSTD_LEVEL = 10
 FIELD_MAX = 0xFFFFFFFF  # every newc header field is 8 hex digits
 ZEROS = bytes(READ_CHUNK)
-
-
-@dataclass(frozen=True)
-class CpioOptions:
-    compression: str = "gzip"
-    level: int | None = None
 
 
 def _pad(n: int) -> bytes:

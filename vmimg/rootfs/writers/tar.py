@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import tarfile
-from dataclasses import dataclass
 
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import NS_PER_S, Node, NodeType, Tree
+from vmimg.rootfs.writers.options import TarOptions as TarOptions  # also importable from here
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = 2 * BLOCK
@@ -28,11 +28,6 @@ _TAR_TYPE = {
     NodeType.BLOCK: tarfile.BLKTYPE,
     NodeType.FIFO: tarfile.FIFOTYPE,
 }
-
-
-@dataclass(frozen=True)
-class TarOptions:
-    pass
 
 
 def _str(b: bytes) -> str:

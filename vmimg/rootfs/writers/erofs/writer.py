@@ -52,6 +52,7 @@ from vmimg.rootfs.writers.erofs.compress import (
     make_compressor,
     zero_pcluster,
 )
+from vmimg.rootfs.writers.options import ErofsOptions as ErofsOptions  # also importable from here
 
 BLOCK = fmt.BLOCK_SIZE
 VOLUME_NAME_MAX = 15  # 16 bytes on disk, NUL-terminated
@@ -66,14 +67,6 @@ MAX_COMPRESSED_FILE_SIZE = 32 << 30
 
 
 _NO_LIST: list[Any] = []  # a file's names, targets, block_starts: shared, never changed
-
-
-@dataclass(frozen=True)
-class ErofsOptions:
-    compress: str = "none"  # "none" | "lz4" | "lz4hc"
-    compress_level: int | None = None  # lz4hc level, 1..12 (default 9, as mkfs.erofs)
-    seed: bytes = b""  # the UUID derives from it and the image's metadata
-    label: str = ""  # volume name, at most 15 bytes
 
 
 @dataclass(eq=False, slots=True, init=False)
@@ -134,8 +127,9 @@ class _Inode:
 
 
 @without_cycle_collection
-def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOptions) -> None:
-    """Write `tree` as an EROFS image to the fresh, empty file `out_fd`."""
+def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOptions) -> list[str]:
+    """Write `tree` as an EROFS image to the fresh, empty file `out_fd`. Returns warnings
+    (none so far; every writer has this shape)."""
     compress = make_compressor(options.compress, options.compress_level)
     volume_name = _volume_name(options.label)
     inodes, directories = _collect_inodes(tree)
@@ -178,6 +172,7 @@ def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOp
     )
     os.pwrite(out_fd, _superblock_block(sb, compressed), 0)
     os.ftruncate(out_fd, total_blocks * BLOCK)
+    return []
 
 
 # big pclusters need the lz4 config (max_pclusterblks) that COMPR_CFGS places

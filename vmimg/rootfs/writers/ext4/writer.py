@@ -40,10 +40,10 @@ from vmimg.rootfs.writers.dirent import FT_DIR
 from vmimg.rootfs.writers.ext4 import _ext4meta
 from vmimg.rootfs.writers.ext4 import format as fmt
 from vmimg.rootfs.writers.gather import GatherWriter
+from vmimg.rootfs.writers.options import DEFAULT_HEADROOM as DEFAULT_HEADROOM
+from vmimg.rootfs.writers.options import Ext4Options as Ext4Options  # also importable from here
 from vmimg.rootfs.writers.pathwarnings import PathWarnings
 
-MiB = 1 << 20
-DEFAULT_HEADROOM = 256 * MiB  # free space an automatic size leaves for the guest
 HEADROOM_BYTES_PER_INODE = 64 * 1024  # spare inodes: one per this many free bytes
 LOST_FOUND_BLOCKS = 4  # pre-sized like mke2fs so e2fsck can use it without allocating
 JOURNAL_DATA_FRACTION = 16  # journal ~ 1/16 of the data, within the limits below
@@ -59,29 +59,6 @@ ITABLE_CHUNK_INODES = 4096  # inode table held in memory at once: 1 MiB
 # bits, 1901-12-13 to 2446-05-10 (the kernel's EXT4_TIMESTAMP_MIN / EXTRA_TIMESTAMP_MAX).
 MIN_TIME_NS = -(1 << 31) * NS_PER_S
 MAX_TIME_NS = ((1 << 34) - 1 - (1 << 31)) * NS_PER_S + NS_PER_S - 1
-
-
-@dataclass(frozen=True)
-class Ext4Options:
-    """How to build the image.
-
-    size: exact image size in bytes; None sizes it automatically as what the
-        tree needs plus `headroom`.
-    headroom: free bytes an automatic size adds (default 256 MiB). Spare
-        inodes are added too, one per 64 KiB of headroom.
-    extra_inodes: inodes to add beyond what the tree and headroom need.
-    journal: an internal jbd2 journal (inode 8); False for read-only images.
-    seed: bytes the UUID and directory hash seed derive from (the image
-        manifest digest, say); empty means derive them from the tree.
-    label: volume label, at most 16 bytes of UTF-8.
-    """
-
-    size: int | None = None
-    headroom: int = DEFAULT_HEADROOM
-    extra_inodes: int = 0
-    journal: bool = True
-    seed: bytes = b""
-    label: str = ""
 
 
 def _zeros(typecode: str, count: int) -> array[int]:
