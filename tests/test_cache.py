@@ -239,7 +239,7 @@ def test_prune_never_takes_a_live_writers_work_and_the_next_run_reclaims_a_dead_
 
 HOLDER = """
 import sys
-from vmimg.image.cache import Cache, Flusher
+from vmimg.image.cache import Cache
 cache = Cache.open(sys.argv[1])
 assert all(cache.pin(p) for p in sys.argv[2:])
 with cache.lock("held-by-the-holder"):

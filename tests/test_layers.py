@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import io
 import itertools
+import os
 import random
+import time
 from collections.abc import Callable
 
 import hypothesis.strategies as st
@@ -24,6 +26,7 @@ from tests import layerkit as L
 from tests.zstdframes import block, frame_header, rle_bomb, skippable, streams
 from vmimg.digest import digest_bytes
 from vmimg.errors import LayerError
+from vmimg.image import cache as cache_module
 from vmimg.image.cache import Cache
 from vmimg.image.layers import CHUNK, decompressed_chunks, sniff_compression, unpack_layer_to_cache
 from vmimg.image.oci import Descriptor
@@ -205,3 +208,34 @@ def test_a_zstd_layer_with_skippable_frames_unpacks(cache: Cache) -> None:
     assert layer.entries is not None and len(layer.entries) == 40
     with open(layer.tar_path, "rb") as f:
         assert f.read() == tar
+
+
+class _SlowBlob(io.BytesIO):
+    """A blob that arrives slowly, a chunk at a time, as from a network."""
+
+    def read(self, n: int | None = -1) -> bytes:
+        time.sleep(0.002)
+        return super().read(min(n if n is not None and n >= 0 else CHUNK, 64 << 10))
+
+
+def test_a_layer_goes_out_to_disk_while_it_is_unpacked(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its temporary file is flushed (the real fdatasync) before it is complete, so that
+    the fsync before its rename finds little left to write."""
+    monkeypatch.setattr(cache_module, "FLUSH_EVERY_S", 0.001)
+    flushed: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        real(fd)
+        flushed.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    tar = L.layer(*(L.file(f"f{i}", random.randbytes(64 << 10)) for i in range(64)))
+    blob = gzip.compress(tar, compresslevel=1)
+    desc = Descriptor(LAYER_MEDIA_TYPES["gzip"], digest_bytes(blob), len(blob))
+    layer = unpack_layer_to_cache(cache, desc, digest_bytes(tar), lambda: _SlowBlob(blob))
+    with open(layer.tar_path, "rb") as f:
+        assert f.read() == tar
+    assert any(0 < size < len(tar) for size in flushed), flushed

@@ -27,7 +27,7 @@ from vmimg.digest import Hasher, digest_bytes
 from vmimg.errors import DigestError, LayerError
 from vmimg.image import _tarscan, tarparse
 from vmimg.image.cache import Cache, SpaceGuard
-from vmimg.image.layers import SYNC_EVERY, WriteBehind, iter_entries, unpack_layer_to_cache
+from vmimg.image.layers import WriteBehind, iter_entries, unpack_layer_to_cache
 from vmimg.image.oci import Descriptor
 from vmimg.image.tarparse import Entry, parse_layer
 from vmimg.rootfs.flatten import flatten
@@ -644,30 +644,6 @@ def test_write_behind_writes_and_hashes_in_order(tmp_path: Path) -> None:
     assert blob_hasher.digest == digest_bytes(b"".join(blob), "sha512")
     assert blob_hasher.size == sum(map(len, blob))
     assert not any(t.name == "layer-write" for t in threading.enumerate())
-
-
-def test_write_behind_flushes_the_layer_to_disk_as_it_goes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every SYNC_EVERY bytes the thread writes the file out (fdatasync, the real one), so
-    that the fsync before the layer's rename has little left to wait for."""
-    synced: list[int] = []
-    real = os.fdatasync
-
-    def spy(fd: int) -> None:
-        real(fd)
-        synced.append(os.fstat(fd).st_size)
-
-    monkeypatch.setattr(os, "fdatasync", spy)
-    chunk = os.urandom(1 << 20)
-    count = 2 * SYNC_EVERY // len(chunk) + 3
-    with open(tmp_path / "layer.tar", "w+b") as out:
-        behind = WriteBehind(Hasher(), out, SpaceGuard(str(tmp_path)), "layer x")
-        for _ in range(count):
-            behind.put(chunk)
-        behind.finish()
-    assert synced == [SYNC_EVERY, 2 * SYNC_EVERY]  # flushed in full before each sync
-    assert (tmp_path / "layer.tar").stat().st_size == count * len(chunk)
 
 
 def test_write_behind_passes_the_disk_s_error_on(tmp_path: Path) -> None:
