@@ -243,7 +243,7 @@ def test_flatten_matches_the_naive_model(stack: list[list[Op]]) -> None:
 
 
 def _write(tree: Tree, out: Path, fmt: str) -> None:
-    with open(out, "wb") as f, ContentReader() as r:
+    with open(out, "w+b") as f, ContentReader() as r:
         if fmt == "tar":
             write_tar(tree, r, f.fileno(), TarOptions())
         elif fmt == "ext4":

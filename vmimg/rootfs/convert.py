@@ -290,7 +290,7 @@ def _write_through_cache(cache: Cache, key: str, write: _Write, dest: str) -> li
     name = f"rootfs.{write.fmt}"
     with cache.temp_dir("output-") as tmp:  # our lock on it guards it from prune until we end
         built = os.path.join(tmp, name)
-        fd = os.open(built, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(built, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             with Flusher(fd):
                 warnings = write.to(fd)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmimg.errors import WriterError
+from vmimg.image.fsutil import pwrite_all
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.tree import Content, Node, NodeType, Tree, without_cycle_collection
 from vmimg.rootfs.writers._kernelhash import crc32c
@@ -57,6 +58,10 @@ from vmimg.rootfs.writers.options import ErofsOptions as ErofsOptions  # also im
 BLOCK = fmt.BLOCK_SIZE
 VOLUME_NAME_MAX = 15  # 16 bytes on disk, NUL-terminated
 META_OPEN_BLOCKS = 32  # metadata blocks kept open for first-fit packing
+# Inodes whose meta-area bytes are rendered together (_write_meta_area): a window of a few
+# hundred KiB for small files; as many tails are read at once (ContentReader.read_many).
+META_GROUP = 4096
+HASH_READ = 1 << 20  # bytes of the written meta area read back at once to hash it
 COMPRESS_WORKERS = max(1, min(4, os.cpu_count() or 1))  # lz4 releases the GIL
 CHUNKS_IN_FLIGHT = 4 * COMPRESS_WORKERS
 ZERO_CHUNK = 1 << 20
@@ -143,17 +148,19 @@ def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOp
     _place_data(data, inodes, directories, compress)
 
     meta_blkaddr = data.next_block
-    meta, root_nid = _build_meta_area(inodes, directories, reader, data)
-    xattr_blkaddr = meta_blkaddr + len(meta) // BLOCK
+    nids, meta_length = _assign_nids([i.meta_size for i in inodes])
+    xattr_blkaddr = meta_blkaddr + meta_length // BLOCK
     total_blocks = xattr_blkaddr + blocks_for(len(shared_table))
     if total_blocks > fmt.BLOCKS_MAX:
         raise WriterError("the tree needs an erofs image over 16 TiB (32-bit block numbers)")
-    os.pwrite(out_fd, meta, meta_blkaddr * BLOCK)
+    meta_digest = _write_meta_area(out_fd, meta_blkaddr * BLOCK, meta_length, inodes, nids, data)
+    root_nid = nids[0]
+    del nids
     if shared_table:
         os.pwrite(out_fd, shared_table, xattr_blkaddr * BLOCK)
 
     digest = hashlib.sha256(b"vmimg-erofs\0" + options.seed)
-    digest.update(hashlib.sha256(meta).digest())
+    digest.update(meta_digest)
     digest.update(hashlib.sha256(shared_table).digest())
     compressed = any(i.compressed is not None for i in inodes)
     sb = fmt.Superblock(
@@ -201,24 +208,50 @@ def _place_data(
 _DATA_TYPES = frozenset((NodeType.FILE, NodeType.SYMLINK))  # what has data blocks
 
 
-def _build_meta_area(
-    inodes: list[_Inode], directories: list[_Inode], reader: ContentReader, data: _DataArea
-) -> tuple[bytearray, int]:
-    """Assign nids; render every inode into the meta area, a whole number of blocks, and
-    after each its inline tail or compression indexes (writing the directory blocks,
-    which need the nids, on the way). Return the area and the root's nid."""
-    nids, end = _assign_nids([i.meta_size for i in inodes])
-    meta = bytearray(blocks_for(end) * BLOCK)
-    _write_inodes(meta, inodes, nids)
+def _write_meta_area(
+    out_fd: int, at: int, length: int, inodes: list[_Inode], nids: list[int], data: _DataArea
+) -> bytes:
+    """Render every inode into the meta area (`length` bytes at `at` in the image), and
+    after each its inline tail or compression indexes (writing the directory blocks, which
+    need the nids, on the way); return the area's sha256 digest.
+
+    The area is rendered META_GROUP inodes at a time into a window of the blocks they
+    touch, read back from the image first: first-fit leaves a few blocks open for later
+    inodes, so a block may hold several groups' inodes. Rendering the whole area in memory
+    made it part of the peak (11.5 MiB for 100,000 small files; 46 MiB for 400,000)."""
+    os.ftruncate(out_fd, at + length)  # the area reads as zeros until written
     slot = fmt.INODE_SLOT_SIZE
     file_types = bytes([_FILE_TYPE[i.node.type] for i in inodes])
-    for directory in directories:
-        tail = data.write_directory(directory, nids, file_types)
-        if tail:
-            at = nids[directory.ino - 1] * slot + directory.head_size
-            meta[at : at + len(tail)] = tail
-    _write_tails(meta, inodes, nids, reader)
-    return meta, nids[0]
+    for start in range(0, len(inodes), META_GROUP):
+        group, group_nids = inodes[start : start + META_GROUP], nids[start : start + META_GROUP]
+        low = min(group_nids) * slot // BLOCK * BLOCK
+        high = max(nid * slot + i.meta_size for i, nid in zip(group, group_nids, strict=True))
+        window = bytearray(blocks_for(high - low) * BLOCK)
+        earlier = os.pread(out_fd, len(window), at + low)
+        window[: len(earlier)] = earlier
+        _write_inodes(window, group, group_nids, low)
+        for inode, nid in zip(group, group_nids, strict=True):
+            if inode.node.type is NodeType.DIR:
+                tail = data.write_directory(inode, nids, file_types)
+                if tail:
+                    place = nid * slot + inode.head_size - low
+                    window[place : place + len(tail)] = tail
+        _write_tails(window, group, group_nids, data.reader, low)
+        pwrite_all(out_fd, window, at + low)
+    return _digest_of_range(out_fd, at, length)
+
+
+def _digest_of_range(fd: int, at: int, length: int) -> bytes:
+    """sha256 of `length` bytes at `at` of the file (just written: read from the page cache)."""
+    digest = hashlib.sha256()
+    end = at + length
+    while at < end:
+        chunk = os.pread(fd, min(HASH_READ, end - at), at)
+        if not chunk:
+            raise WriterError("the image's meta area ends early")
+        digest.update(chunk)
+        at += len(chunk)
+    return digest.digest()
 
 
 # --- inodes -------------------------------------------------------------------
@@ -623,8 +656,9 @@ def _assign_nids(meta_sizes: list[int]) -> tuple[list[int], int]:
     return nids, end
 
 
-def _write_inodes(meta: bytearray, inodes: list[_Inode], nids: list[int]) -> None:
-    """Pack every inode and its xattr ibody at its nid, and a compressed file's indexes."""
+def _write_inodes(meta: bytearray, inodes: list[_Inode], nids: list[int], base: int) -> None:
+    """Pack every inode and its xattr ibody at its nid, and a compressed file's indexes;
+    `meta` holds the area from byte `base` on."""
     slot = fmt.INODE_SLOT_SIZE
     pack_compact = fmt.INODE_COMPACT.pack_into
     compact_format = {d: fmt.i_format(fmt.INODE_LAYOUT_COMPACT, d) for d in _DATALAYOUTS}
@@ -632,7 +666,7 @@ def _write_inodes(meta: bytearray, inodes: list[_Inode], nids: list[int]) -> Non
     type_bits, symlink = _TYPE_BITS, NodeType.SYMLINK
     for inode, nid in zip(inodes, nids, strict=True):
         node = inode.node
-        offset = nid * slot
+        offset = nid * slot - base
         xattrs = inode.xattr_ibody
         icount = xattr_icount(len(xattrs)) if xattrs else 0
         # Node.st_mode without its two calls per inode
@@ -683,9 +717,10 @@ TAIL_BATCH = 4096
 
 
 def _write_tails(
-    meta: bytearray, inodes: list[_Inode], nids: list[int], reader: ContentReader
+    meta: bytearray, inodes: list[_Inode], nids: list[int], reader: ContentReader, base: int
 ) -> None:
-    """Each file's and symlink's inline tail, right after its inode and xattrs. Files'
+    """Each file's and symlink's inline tail, right after its inode and xattrs (`meta` holds
+    the area from byte `base` on). Files'
     tails are read together (ContentReader.read_many): the small files of a layer lie
     close together in it, and one pread each was a fifth of the writer's time. They are
     copied into place a batch at a time by one call (_erofsmeta.scatter): a Python loop over
@@ -701,7 +736,7 @@ def _write_tails(
         if not inline:
             continue
         node = inode.node
-        at = nid * slot + inode.head_size
+        at = nid * slot + inode.head_size - base
         start = inode.size - inline
         if node.type is file_type:
             content = node.content
