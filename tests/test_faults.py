@@ -8,6 +8,7 @@ tests/hostile/faultproxy.py drops, stalls or refuses chosen requests.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -383,6 +384,27 @@ def test_full_disk_while_writing_the_image(
     r = run_vmimg(tmp_path, *gz)
     assert _refused_for_room(r, out, "3[0-9.]*"), r.stderr
     assert os.listdir(small_disk) == []
+
+
+def test_a_cache_with_room_for_the_layers_but_not_the_image_still_converts(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """A compressed image has no size known up front: when the cache's disk fills while the
+    image is written there, it is written at its destination instead (keeping a copy is
+    optional), and the cache keeps no part of it."""
+    layout = tmp_path / "layout"
+    layer = L.layer(L.file("random", random.Random(3).randbytes(3 << 20)))
+    write_layout(str(layout), {"r": ImageSpec([LayerSpec(layer, "gzip")])})
+    out, direct = tmp_path / "root.cpio.gz", tmp_path / "direct.cpio.gz"
+    args = ("rootfs", f"oci:{layout}:r", "--format", "initramfs", "-q")
+    r = run_vmimg(tmp_path, *args, "-o", str(out), env={"VMIMG_CACHE": str(small_disk)})
+    assert r.returncode == 0, r.stderr
+    assert len(gzip.decompress(out.read_bytes())) > 3 << 20
+    assert os.listdir(small_disk / "tmp") == []
+    assert os.listdir(small_disk / "outputs") == []
+    r = run_vmimg(tmp_path, *args, "-o", str(direct), "--no-cache")
+    assert r.returncode == 0, r.stderr
+    assert direct.read_bytes() == out.read_bytes()
 
 
 def test_full_disk_under_the_cache(busy_layout: str, small_disk: Path, tmp_path: Path) -> None:

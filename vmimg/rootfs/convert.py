@@ -231,11 +231,13 @@ def convert(
                 floor = 0 if compresses(options) else stored
                 check_destination(dest, floor)
                 write = _Write(fmt, tree, options, stored, phases)
+                written = None
                 if use_cache and transform is None and _cache_has_room(cache, floor):
-                    warnings = _write_through_cache(cache, key, write, dest)
-                else:
+                    written = _write_through_cache(cache, key, write, dest)
+                if written is None:  # not kept, or the cache could not take it
                     with atomic_output(dest, floor) as fd:
-                        warnings = write.to(fd)
+                        written = write.to(fd)
+                warnings = written
         except OSError as e:
             # A full disk, a quota, a read-only directory: the temporary file is gone.
             raise WriterError(f"cannot write {dest}: {e.strerror or e}") from None
@@ -283,20 +285,25 @@ def _cache_has_room(cache: Cache, need: int) -> bool:
     return space_shortfall(cache.tmp_dir, need) is None
 
 
-def _write_through_cache(cache: Cache, key: str, write: _Write, dest: str) -> list[str]:
+def _write_through_cache(cache: Cache, key: str, write: _Write, dest: str) -> list[str] | None:
     """Write the image as a new cache entry, then hand it out at `dest` as a hit would
-    (hardlink, reflink or copy). The entry is flushed as it is written, so committing it
-    durably costs little more than writing it; `dest`, like cp's output, is not fsynced."""
+    (hardlink, reflink or copy); its warnings. The entry is flushed as it is written, so
+    committing it durably costs little more than writing it; `dest`, like cp's output, is
+    not fsynced. None if the cache's disk failed it (full, say): keeping a copy is optional,
+    so the caller writes the image at `dest` instead."""
     name = f"rootfs.{write.fmt}"
     with cache.temp_dir("output-") as tmp:  # our lock on it guards it from prune until we end
         built = os.path.join(tmp, name)
-        fd = os.open(built, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            with Flusher(fd):
-                warnings = write.to(fd)
-        finally:
-            os.close(fd)
-        seal_entry(tmp)
+            fd = os.open(built, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                with Flusher(fd):
+                    warnings = write.to(fd)
+            finally:
+                os.close(fd)
+            seal_entry(tmp)
+        except OSError:
+            return None
         pause_point("output-cache-store")
         with contextlib.suppress(OSError):  # another process stored it first: ours goes out
             commit(tmp, cache.output_dir(key))
