@@ -26,7 +26,7 @@ from vmimg.rootfs import tree as tree_module
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.convert import build_tree
 from vmimg.rootfs.flatten import flatten
-from vmimg.rootfs.tree import Content, Node, NodeType, Tree
+from vmimg.rootfs.tree import PATH_MAX, Content, Node, NodeType, Tree
 
 CAP = "\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 LONG = "n" * 200
@@ -334,10 +334,38 @@ def _flattened(stack: list[list[Entry]]) -> object:
 def test_c_fast_path_makes_the_tree_and_errors_apply_entry_makes(
     stack: list[list[Entry]],
 ) -> None:
+    """The reference: apply_entry alone, each entry's parent found by _place, as before
+    directories were remembered for the entries inside them (_remember_dir)."""
     with_c = _flattened(stack)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(flatten_module, "_apply_files", None)
-        assert _flattened(stack) == with_c
+        remembering = _flattened(stack)
+        mp.setattr(flatten_module._Flattener, "_remember_dir", lambda *_: None)
+        assert _flattened(stack) == remembering == with_c
+
+
+@pytest.mark.parametrize("over", [0, 1])
+@pytest.mark.parametrize("head", [b"", b"./", b"s/"])
+def test_a_remembered_directory_bounds_paths_as_placing_its_entries_would(
+    over: int, head: bytes
+) -> None:
+    """Directory entries, then a file in the deepest whose path is PATH_MAX bytes long, or
+    one more: the same tree or the same error as the reference (every parent found by
+    _place), through a symlinked directory too ("s" -> "a")."""
+    parts = [b"d" * 250] * 16
+    dirs = [head + b"/".join(parts[: i + 1]) for i in range(len(parts))]
+    written = len(b"/".join(parts)) + 1  # the file's directory part and its "/"
+    leaf = b"n" * (PATH_MAX - written + over)
+    plain = (0o755, 0, 0, 0, 0, b"", 0, 0, 512, {}, None)
+    entries = [Entry(b"a", b"5", *plain), Entry(b"s", b"2", *plain[:5], b"a", *plain[6:])]
+    entries += [Entry(d, b"5", *plain) for d in dirs]
+    entries.append(Entry(dirs[-1] + b"/" + leaf, b"0", *plain))
+    result = _flattened([entries])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flatten_module, "_apply_files", None)
+        mp.setattr(flatten_module._Flattener, "_remember_dir", lambda *_: None)
+        assert _flattened([entries]) == result
+    assert isinstance(result, str) == (over > 0 or head == b"s/"), result
 
 
 def test_c_fast_path_takes_plain_files_and_hands_back_the_rest() -> None:

@@ -190,6 +190,7 @@ class _Flattener:
             if placed is None:
                 return
             parent, name = placed
+            known = self.parents.get(head)  # remembered by _place where `name` split plainly
         else:
             parent, bound = known
             if name.startswith(WHITEOUT_PREFIX):
@@ -212,10 +213,25 @@ class _Flattener:
             )
         else:
             other = self._other_node(e, kind, parent, name)
-            if other is None:
-                return
-            node = other
+            if other is not None:
+                self._put(parent, name, other)
+            if kind is _DIR:
+                self._remember_dir(e.name, parent, name, known)
+            return
         self._put(parent, name, node)
+
+    def _remember_dir(
+        self, path: bytes, parent: Node, name: bytes, known: tuple[Node, int] | None
+    ) -> None:
+        """After a directory entry: the entries inside it name it by `path` as their head,
+        so remember where it is (and its path's bound) for them, as _place would when the
+        first of them came; most then take C's way (apply_files) from their first on."""
+        if known is None or known[0] is not parent:
+            return  # its head did not split plainly (`a//b`, `./a`): _place will see
+        assert parent.children is not None
+        directory = parent.children.get(name)
+        if directory is not None and directory.type is _DIR:
+            self.parents[path] = (directory, known[1] + len(name) + 1)
 
     def _place(self, e: Entry) -> tuple[Node, bytes] | None:
         """Where the entry `e` goes: its parent directory, made if missing, and its name;
