@@ -27,6 +27,7 @@ setup(
         c_extension("vmimg.image._zstdstream", libraries=("zstd",)),  # Debian's libzstd
         c_extension("vmimg.rootfs._slots"),
         c_extension("vmimg.rootfs._flatten"),
+        c_extension("vmimg.rootfs._readplan"),
         c_extension("vmimg.rootfs.writers._kernelhash", depends=(CRC32C_H,)),
         c_extension("vmimg.rootfs.writers.erofs._erofsmeta"),
         c_extension("vmimg.rootfs.writers.ext4._ext4meta", depends=(CRC32C_H,)),

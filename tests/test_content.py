@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import readplan_ref
 from vmimg.errors import ContentError
 from vmimg.image.layers import Extent
-from vmimg.rootfs.content import READ_GAP_MAX, READ_SPAN_MAX, ContentReader
+from vmimg.rootfs import _readplan
+from vmimg.rootfs.content import _CONTENT_FIELDS, READ_GAP_MAX, READ_SPAN_MAX, ContentReader
 from vmimg.rootfs.tree import Content
 
 FILE_SIZE = 3 * READ_SPAN_MAX
@@ -87,3 +89,60 @@ def test_read_many_refuses_a_range_outside_its_content(layers: list[str]) -> Non
     short = Path(layers[0]).stat().st_size
     with ContentReader() as reader, pytest.raises(ContentError, match="shorter"):
         reader.read_many([(Content(size=10, path=layers[0], offset=short - 5), 0, 10)])
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_the_c_plan_and_cuts_are_the_reference_s(layers: list[str], data: st.DataObject) -> None:
+    wanted = data.draw(ranges(layers))
+    gap, span = data.draw(st.sampled_from([(READ_GAP_MAX, READ_SPAN_MAX), (0, 4096), (512, 0)]))
+    planned = _readplan.spans(wanted, gap, span, _CONTENT_FIELDS)
+    assert planned == readplan_ref.spans(wanted, gap, span)
+    blob = Path(layers[0]).read_bytes(), Path(layers[1]).read_bytes()
+    for i, j, first, end in planned:
+        if first >= 0:
+            read = blob[layers.index(str(wanted[i][0].path))][first:end]
+            got = _readplan.cut(read, wanted, i, j, first, _CONTENT_FIELDS)
+            assert got == readplan_ref.cut(read, wanted, i, j, first)
+
+
+HUGE = 1 << 70
+
+
+@pytest.mark.parametrize(
+    ("content", "start", "length"),
+    [
+        (Content(size=HUGE, path="p"), 0, 1),  # a size past 64 bits
+        (Content(size=10, path="p", offset=HUGE), 0, 1),
+        (Content(size=10, path="p", offset=(1 << 63) - 2), 0, 5),  # offset + length overflows
+        (Content(size=-5, path="p"), 0, 0),
+        (Content(size=10, path="p"), -1, 1),
+        (Content(size=10, path="p"), 0, HUGE),
+        (Content(size=10, path="p"), 2**63 - 1, 2),
+        (Content(size="10", path="p"), 0, 1),  # type: ignore[arg-type]  # not an int
+    ],
+)
+def test_values_no_file_has_are_read_alone_and_refused_there(
+    content: Content, start: int, length: int
+) -> None:
+    plain = (Content(size=10, path="p"), 0, 10)
+    assert _readplan.spans([plain, (content, start, length), plain], 8, 100, _CONTENT_FIELDS) == [
+        (0, 1, 0, 10),
+        (1, 2, -1, -1),
+        (2, 3, 0, 10),
+    ]
+
+
+def test_wrong_shapes_are_type_errors_and_bad_cuts_value_errors() -> None:
+    c = Content(size=10, path="p")
+    for bad in ([(c, 0)], [("not a content", 0, 1)], [[c, 0, 1]]):
+        with pytest.raises(TypeError):
+            _readplan.spans(bad, 8, 100, _CONTENT_FIELDS)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _readplan.spans([(c, 0, 1)], 8, 100, (Content.size,))
+    with pytest.raises(ValueError, match="outside"):
+        _readplan.cut(b"12345", [(c, 0, 10)], 0, 1, 0, _CONTENT_FIELDS)  # 5 bytes read, 10 asked
+    with pytest.raises(ValueError, match="outside"):
+        _readplan.cut(b"x" * 20, [(c, 0, 10)], 0, 1, 5, _CONTENT_FIELDS)  # before what was read
+    with pytest.raises(ValueError, match="run"):
+        _readplan.cut(b"x" * 20, [(c, 0, 10)], 0, 2, 0, _CONTENT_FIELDS)

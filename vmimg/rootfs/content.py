@@ -12,6 +12,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from vmimg.errors import ContentError
+from vmimg.rootfs._readplan import cut, spans
 from vmimg.rootfs.tree import Content
 from vmimg.testhook import pause_point
 
@@ -83,26 +84,21 @@ class ContentReader:
     def read_many(self, ranges: list[tuple[Content, int, int]]) -> list[bytes]:
         """The stored bytes of each (content, start, length), as read() gives them, in
         order: ranges that follow each other closely in one layer file (the tails of
-        small files, in tree order) are read by one pread, not one each."""
+        small files, in tree order) are read by one pread, not one each. (Which ranges one
+        pread covers, and cutting them out of it, is C's: _readplan.)"""
         out: list[bytes] = []
-        i = 0
-        while i < len(ranges):
-            content, start, length = ranges[i]
-            if content.path is None or not _plain_range(content, start, length):
-                out.append(self.read(content, start, length))  # refuses a bad range
-                i += 1
+        for i, j, first, end in spans(ranges, READ_GAP_MAX, READ_SPAN_MAX, _CONTENT_FIELDS):
+            content = ranges[i][0]
+            if first < 0:  # read alone, and refused if bad
+                out.append(self.read(*ranges[i]))
                 continue
-            first = content.offset + start
-            j, end = _span(ranges, i)
+            assert content.path is not None
             data = os.pread(self._fd(content.path), end - first, first)
             if len(data) != end - first:
                 raise ContentError(f"content file {content.path} is shorter than its index says")
             if self.on_bytes is not None:
                 self.on_bytes(sum([length for _, _, length in ranges[i:j]]))
-            out += [
-                data[c.offset + s - first : c.offset + s - first + n] for c, s, n in ranges[i:j]
-            ]
-            i = j
+            out += cut(data, ranges, i, j, first, _CONTENT_FIELDS)
         return out
 
     def read_all(self, content: Content) -> bytes:
@@ -150,33 +146,5 @@ class ContentReader:
             pos += ext.length
 
 
-def _plain_range(content: Content, start: int, length: int) -> bool:
-    """A range inside a content that is not sparse: its stored bytes are its bytes."""
-    return content.extents is None and start >= 0 and length >= 0 and start + length <= content.size
-
-
-def _span(ranges: list[tuple[Content, int, int]], i: int) -> tuple[int, int]:
-    """The ranges from `i` (a plain one in a layer file) that one pread reads, as the end
-    of their run in `ranges` and their end in the file: plain (as _plain_range, written
-    out: this runs once per small file), in the same file, each after the last and at
-    most READ_GAP_MAX beyond it, all within READ_SPAN_MAX."""
-    content, start, length = ranges[i]
-    path, first = content.path, content.offset + start
-    end = first + length
-    j = i + 1
-    while j < len(ranges):
-        c, s, n = ranges[j]
-        at = c.offset + s
-        if (
-            c.path != path
-            or c.extents is not None
-            or s < 0
-            or n < 0
-            or s + n > c.size
-            or not 0 <= at - end <= READ_GAP_MAX
-            or at + n - first > READ_SPAN_MAX
-        ):
-            break
-        end = at + n
-        j += 1
-    return j, end
+# What _readplan reads of each range's Content, in its order
+_CONTENT_FIELDS = tuple(vars(Content)[name] for name in ("size", "path", "offset", "extents"))

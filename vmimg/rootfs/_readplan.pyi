@@ -1,0 +1,15 @@
+from typing import Any
+
+from vmimg.rootfs.tree import Content
+
+def spans(
+    ranges: list[tuple[Content, int, int]], gap_max: int, span_max: int, fields: tuple[Any, ...]
+) -> list[tuple[int, int, int, int]]: ...
+def cut(
+    data: bytes,
+    ranges: list[tuple[Content, int, int]],
+    i: int,
+    j: int,
+    first: int,
+    fields: tuple[Any, ...],
+) -> list[bytes]: ...
