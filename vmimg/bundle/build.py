@@ -325,9 +325,7 @@ def _assemble(
         kernel_bytes = os.path.getsize(boot_kernel_file(kernel))
         need = output_size_floor(options.fs, tree, writer_options) + kernel_bytes
         check_output_space(dest, need, os.path.dirname(os.path.abspath(work)))
-        fd = os.open(
-            os.path.join(work, rootfs_name), os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE
-        )
+        fd = os.open(os.path.join(work, rootfs_name), os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             warnings = write_image(options.fs, tree, reader, fd, writer_options)
         finally:

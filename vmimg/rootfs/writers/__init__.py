@@ -1,8 +1,9 @@
 """File system writers. Each turns a Tree into one image file, deterministically.
 
 Every writer has the same shape: `write_X(tree, reader, out_fd, options)`,
-where `out_fd` is a fresh, empty file, open for reading too (a writer may read back what it
-wrote), that the caller renames into place when the writer returns. Writers see only the Tree and the content it references.
+where `out_fd` is a fresh, empty file, open for reading too (a writer may read back
+what it wrote), that the caller renames into place when the writer returns. Writers see
+only the Tree and the content it references.
 
 `FORMATS` is the one table of what vmimg can write: each format's options type, its
 writer, the file name a bundle gives it, and whether the kernel mounts it read-only.
