@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
+from vmimg.errors import WriterError
+from vmimg.rootfs.tree import NodeType
 from vmimg.rootfs.writers.erofs import format as fmt
 
 
@@ -143,3 +146,58 @@ def collect(
         nlink_f.__set__(directory, nlink_f.__get__(directory) + 1 + child_dirs)
         stack.extend([(subdir, here) for subdir in reversed(subdirs)])
     return inodes, directories
+
+
+def decide_versions(inodes: list[Any], build_time_ns: int) -> None:
+    """Each inode's size, compact or extended, head size, and a device's number: the
+    writer's _decide_inode_versions as it was in Python (C's decide_versions, with the
+    inodes it hands back decided by the writer's _decide_version)."""
+    for inode in inodes:
+        node = inode.node
+        if node.type is NodeType.FILE:
+            assert node.content is not None
+            inode.size = node.content.size
+        elif node.type is not NodeType.DIR:
+            inode.size = node.size
+            if node.type in (NodeType.CHAR, NodeType.BLOCK):
+                major, minor = node.rdev
+                if not (0 <= major <= fmt.DEV_MAJOR_MAX and 0 <= minor <= fmt.DEV_MINOR_MAX):
+                    path = os.fsdecode(inode.path)
+                    raise WriterError(f"device number {major}:{minor} of {path!r}")
+                inode.i_u = fmt.encode_dev(major, minor)
+        uid, gid = node.uid, node.gid
+        if not (0 <= uid <= fmt.EXTENDED_ID_MAX and 0 <= gid <= fmt.EXTENDED_ID_MAX):
+            raise WriterError(f"owner {uid}:{gid} of {os.fsdecode(inode.path)!r} too large")
+        inode.extended = (
+            uid > fmt.COMPACT_ID_MAX
+            or gid > fmt.COMPACT_ID_MAX
+            or inode.nlink > fmt.COMPACT_NLINK_MAX
+            or inode.size > fmt.COMPACT_SIZE_MAX
+            or node.mtime_ns != build_time_ns
+        )
+        inode_size = fmt.EXTENDED_INODE_SIZE if inode.extended else fmt.COMPACT_INODE_SIZE
+        inode.head_size = inode_size + len(inode.xattr_ibody)
+
+
+def place_plain(
+    inodes: list[Any], next_block: int, block_size: int
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """Each file and symlink stored uncompressed from block `next_block` on: the writer's
+    _DataArea.place_plain over them as it was in Python. Returns the next free block and
+    the copies made, in order: (index, offset in the image, length from the data's start)."""
+    copies = []
+    for index, inode in enumerate(inodes):
+        if inode.node.type not in (NodeType.FILE, NodeType.SYMLINK):
+            continue
+        size = inode.size
+        full, tail = divmod(size, block_size)
+        inline = 0 < tail <= block_size - inode.head_size
+        nblocks = full if inline or not tail else full + 1
+        inode.datalayout = fmt.INODE_FLAT_INLINE if inline else fmt.INODE_FLAT_PLAIN
+        inode.inline_len = tail if inline else 0
+        inode.i_u = next_block if nblocks else 0
+        written = size if nblocks > full else full * block_size
+        if written:
+            copies.append((index, next_block * block_size, written))
+        next_block += nblocks
+    return next_block, copies

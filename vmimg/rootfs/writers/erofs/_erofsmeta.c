@@ -15,6 +15,32 @@
  *     whose dirent file type is file_types[targets[i]]; block_starts[b] is the first
  *     entry of block b.
  *
+ * decide_versions(inodes, start, build_time_ns, inode_fields, node_fields, content_fields,
+ *                 types, limits) -> stop
+ *     From inodes[start] on, each inode's size (a file's its content's, a symlink's its
+ *     target's length, a directory's as planned), whether it must be extended (an owner
+ *     over 16 bits, too many links, a size over 32 bits, an mtime other than the build
+ *     time) and its head size (inode and xattr ibody): writer.py's _decide_version, in C.
+ *     Stops at the first inode that is not the common case (a device, an owner out of
+ *     range, a value that is no plain 64-bit int, a slot unset) and returns its index, for
+ *     the writer to decide in Python; len(inodes) when all are done. inode_fields: the
+ *     inode class's slots node, nlink, xattr_ibody, size, extended, head_size;
+ *     node_fields: Node's type, uid, gid, mtime_ns, content, target; content_fields:
+ *     Content's size; types: the file, directory and symlink types, then those whose size
+ *     is 0 and need nothing more; limits: the largest id, compact id, compact nlink and
+ *     compact size, the compact and extended inode sizes.
+ *
+ * place_plain(inodes, start, next_block, block_size, inode_fields, node_fields, data_types,
+ *             layouts) -> (stop, next_block, copies)
+ *     From inodes[start] on, each file and symlink (a node whose type is one of
+ *     data_types) stored uncompressed from block next_block on: full blocks there, the
+ *     tail inline after the inode when it fits in its block, else in one more block;
+ *     writer.py's _DataArea.place_plain, in C, but for the copying: `copies` lists each
+ *     copy to make, in order, as (index, offset in the image, length from the data's
+ *     start). Stops, as decide_versions does, at an inode that is not the common case.
+ *     inode_fields: the inode class's slots node, size, head_size, datalayout, inline_len,
+ *     i_u; node_fields: Node's type; layouts: the plain and inline datalayout values.
+ *
  * scatter(dest, places, pieces) -> None
  *     Copies each of `pieces` (bytes) into the writable buffer `dest` at the offset
  *     places[i]: the inline tails of files, symlinks and directories, each right after
@@ -38,6 +64,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_OBJECT_EX, READONLY: slot descriptors */
 #include <stdint.h>
 #include <string.h>
 
@@ -298,6 +325,322 @@ done:
     PyMem_Free(bounds);
     PyBuffer_Release(&types);
     return out;
+}
+
+/* --- decide_versions, place_plain: per-inode slots read and written in place ---------- */
+
+/* Both walk the writer's _Inode objects (and their Node and Content) through the slot
+ * descriptors they are given, read and written at the descriptors' offsets: an attribute
+ * lookup per slot was most of what these loops cost. Every object is checked to be of
+ * exactly the descriptors' class before a slot of it is touched. An inode whose values
+ * are not the common case (an int that is no plain int or does not fit 64 bits, a slot
+ * unset, a device, an owner out of range, another class) stops the loop: its index is
+ * returned for the writer to decide in Python, which raises its errors naming the path;
+ * the writer then calls again from the next inode. */
+
+/* The offsets of `n` slots of one class, from their member descriptors; the class in
+ * *cls. -1 with an exception set if they are not `n` object slots of one class. */
+static int slot_offsets(PyObject *fields, Py_ssize_t n, const char *what, PyTypeObject **cls,
+                        Py_ssize_t *offsets) {
+    if (PyTuple_GET_SIZE(fields) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd slots expected", what, n);
+        return -1;
+    }
+    *cls = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        if (!Py_IS_TYPE(field, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)field)->d_member->type != T_OBJECT_EX ||
+            (((PyMemberDescrObject *)field)->d_member->flags & READONLY) ||
+            (*cls != NULL && PyDescr_TYPE(field) != *cls)) {
+            PyErr_Format(PyExc_TypeError, "%s: fields must be writable slots of one class", what);
+            return -1;
+        }
+        *cls = PyDescr_TYPE(field);
+        offsets[i] = ((PyMemberDescrObject *)field)->d_member->offset;
+    }
+    return 0;
+}
+
+/* A slot's value, borrowed; NULL if unset. `obj` is of the slot's class. */
+static PyObject *slot_get(PyObject *obj, Py_ssize_t offset) {
+    return *(PyObject **)((char *)obj + offset);
+}
+
+/* Sets a slot, stealing `value`. The old value's release may run code: the caller holds
+ * `obj` and reads nothing borrowed after. */
+static void slot_set(PyObject *obj, Py_ssize_t offset, PyObject *value) {
+    PyObject **at = (PyObject **)((char *)obj + offset);
+    PyObject *old = *at;
+    *at = value;
+    Py_XDECREF(old);
+}
+
+/* 1 and *out if `v` is a plain int that fits 64 bits; 0 (no exception) otherwise. */
+static int int64_of(PyObject *v, int64_t *out) {
+    if (v == NULL || !PyLong_CheckExact(v))
+        return 0;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || (x == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = (int64_t)x;
+    return 1;
+}
+
+/* Whether `type` is one of items[from:] of the tuple, by identity. */
+static int is_one_of(PyObject *type, PyObject *types, Py_ssize_t from) {
+    for (Py_ssize_t k = from; k < PyTuple_GET_SIZE(types); k++)
+        if (PyTuple_GET_ITEM(types, k) == type)
+            return 1;
+    return 0;
+}
+
+/* decide_versions's slots: of the inode class, of Node, of Content; its types and limits. */
+enum { V_NODE, V_NLINK, V_XATTRS, V_SIZE, V_EXTENDED, V_HEAD, V_FIELDS };
+enum { N_TYPE, N_UID, N_GID, N_MTIME, N_CONTENT, N_TARGET, N_FIELDS };
+enum { C_SIZE, C_FIELDS };
+/* types: these three, then from TYPE_SIZELESS on those of size 0 that need nothing more */
+enum { TYPE_FILE, TYPE_DIR, TYPE_SYMLINK, TYPE_SIZELESS };
+enum { L_ID_MAX, L_COMPACT_ID_MAX, L_COMPACT_NLINK_MAX, L_COMPACT_SIZE_MAX, L_COMPACT,
+       L_EXTENDED, L_COUNT };
+#define INODE_SIZE_MAX 4096 /* limits: an inode's own size, before its xattrs */
+
+typedef struct {
+    PyTypeObject *inode_cls, *node_cls, *content_cls;
+    Py_ssize_t inode[V_FIELDS], node[N_FIELDS], content[C_FIELDS];
+    PyObject *types;
+    int64_t limits[L_COUNT];
+    int64_t build_time;
+    int build_time_ok; /* 0: it does not fit 64 bits, every inode goes to the writer */
+} versions;
+
+static int check_versions_args(versions *v, PyObject *fields[3], PyObject *limits,
+                               PyObject *build_time) {
+    if (slot_offsets(fields[0], V_FIELDS, "decide_versions", &v->inode_cls, v->inode) < 0 ||
+        slot_offsets(fields[1], N_FIELDS, "decide_versions", &v->node_cls, v->node) < 0 ||
+        slot_offsets(fields[2], C_FIELDS, "decide_versions", &v->content_cls, v->content) < 0)
+        return -1;
+    if (PyTuple_GET_SIZE(v->types) < TYPE_SIZELESS || PyTuple_GET_SIZE(limits) != L_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "decide_versions: types or limits short");
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < L_COUNT; k++)
+        if (!int64_of(PyTuple_GET_ITEM(limits, k), &v->limits[k]) || v->limits[k] < 0) {
+            PyErr_SetString(PyExc_ValueError, "decide_versions: limits must be ints >= 0");
+            return -1;
+        }
+    if (v->limits[L_COMPACT] > INODE_SIZE_MAX || v->limits[L_EXTENDED] > INODE_SIZE_MAX) {
+        PyErr_SetString(PyExc_ValueError, "decide_versions: inode sizes out of range");
+        return -1;
+    }
+    if (!PyLong_Check(build_time)) {
+        PyErr_SetString(PyExc_TypeError, "decide_versions: build_time_ns must be an int");
+        return -1;
+    }
+    v->build_time_ok = int64_of(build_time, &v->build_time);
+    return 0;
+}
+
+/* One inode decided: size (a directory's stays), extended, head_size. 1 when done, 0 when
+ * it is the writer's to decide, -1 on error. */
+static int decide_one(const versions *v, PyObject *inode) {
+    if (!Py_IS_TYPE(inode, v->inode_cls))
+        return 0;
+    PyObject *node = slot_get(inode, v->inode[V_NODE]);
+    if (node == NULL || !Py_IS_TYPE(node, v->node_cls))
+        return 0;
+    PyObject *type = slot_get(node, v->node[N_TYPE]);
+    PyObject *size_obj = NULL; /* the size to store as it is (a file's, Python's object) */
+    int64_t size = 0, uid, gid, nlink, mtime;
+    int keep_size = 0; /* a directory's size is planned already */
+    if (type == NULL) {
+        return 0;
+    } else if (type == PyTuple_GET_ITEM(v->types, TYPE_FILE)) {
+        PyObject *content = slot_get(node, v->node[N_CONTENT]);
+        if (content == NULL || !Py_IS_TYPE(content, v->content_cls))
+            return 0;
+        size_obj = slot_get(content, v->content[C_SIZE]);
+        if (!int64_of(size_obj, &size))
+            return 0;
+    } else if (type == PyTuple_GET_ITEM(v->types, TYPE_DIR)) {
+        keep_size = 1;
+        if (!int64_of(slot_get(inode, v->inode[V_SIZE]), &size))
+            return 0;
+    } else if (type == PyTuple_GET_ITEM(v->types, TYPE_SYMLINK)) {
+        PyObject *target = slot_get(node, v->node[N_TARGET]);
+        if (target == NULL || !PyBytes_CheckExact(target))
+            return 0;
+        size = PyBytes_GET_SIZE(target);
+    } else if (!is_one_of(type, v->types, TYPE_SIZELESS)) {
+        return 0; /* a device: its number is the writer's to place */
+    }
+    PyObject *xattrs = slot_get(inode, v->inode[V_XATTRS]);
+    if (!v->build_time_ok || !int64_of(slot_get(node, v->node[N_UID]), &uid) ||
+        !int64_of(slot_get(node, v->node[N_GID]), &gid) ||
+        !int64_of(slot_get(inode, v->inode[V_NLINK]), &nlink) ||
+        !int64_of(slot_get(node, v->node[N_MTIME]), &mtime) || xattrs == NULL ||
+        !PyBytes_CheckExact(xattrs))
+        return 0;
+    const int64_t *lim = v->limits;
+    if (uid < 0 || uid > lim[L_ID_MAX] || gid < 0 || gid > lim[L_ID_MAX])
+        return 0; /* the writer's error names the path */
+    int extended = uid > lim[L_COMPACT_ID_MAX] || gid > lim[L_COMPACT_ID_MAX] ||
+                   nlink > lim[L_COMPACT_NLINK_MAX] || size > lim[L_COMPACT_SIZE_MAX] ||
+                   mtime != v->build_time;
+    /* xattrs: under PY_SSIZE_T_MAX bytes, the inode's size small: no overflow */
+    int64_t head = (extended ? lim[L_EXTENDED] : lim[L_COMPACT]) + PyBytes_GET_SIZE(xattrs);
+    PyObject *new_size = keep_size ? NULL
+                         : size_obj != NULL ? Py_NewRef(size_obj)
+                                            : PyLong_FromLongLong(size);
+    PyObject *new_head = PyLong_FromLongLong(head);
+    if ((!keep_size && new_size == NULL) || new_head == NULL) {
+        Py_XDECREF(new_size);
+        Py_XDECREF(new_head);
+        return -1;
+    }
+    Py_INCREF(inode); /* held while old values go */
+    if (!keep_size)
+        slot_set(inode, v->inode[V_SIZE], new_size);
+    slot_set(inode, v->inode[V_EXTENDED], Py_NewRef(extended ? Py_True : Py_False));
+    slot_set(inode, v->inode[V_HEAD], new_head);
+    Py_DECREF(inode);
+    return 1;
+}
+
+static PyObject *decide_versions(PyObject *self, PyObject *args) {
+    PyObject *inodes, *build_time, *fields[3], *limits;
+    Py_ssize_t start;
+    versions v;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nOO!O!O!O!O!", &PyList_Type, &inodes, &start, &build_time,
+                          &PyTuple_Type, &fields[0], &PyTuple_Type, &fields[1], &PyTuple_Type,
+                          &fields[2], &PyTuple_Type, &v.types, &PyTuple_Type, &limits))
+        return NULL;
+    if (check_versions_args(&v, fields, limits, build_time) < 0)
+        return NULL;
+    if (start < 0) {
+        PyErr_SetString(PyExc_IndexError, "decide_versions: start below 0");
+        return NULL;
+    }
+    Py_ssize_t i = start;
+    for (; i < PyList_GET_SIZE(inodes); i++) { /* the size read again: a release runs code */
+        int rc = decide_one(&v, PyList_GET_ITEM(inodes, i));
+        if (rc < 0)
+            return NULL;
+        if (rc == 0)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
+/* place_plain's slots of the inode class. */
+enum { P_NODE, P_SIZE, P_HEAD, P_LAYOUT, P_INLINE, P_IU, P_FIELDS };
+enum { LAYOUT_PLAIN, LAYOUT_INLINE, LAYOUTS };
+#define HEAD_SIZE_MAX (INT64_C(1) << 62) /* beyond it, or below minus it: the writer's */
+
+typedef struct {
+    PyTypeObject *inode_cls, *node_cls;
+    Py_ssize_t inode[P_FIELDS], node_type;
+    PyObject *data_types, *layouts;
+    int64_t block_size;
+    int64_t next_block; /* always within INT64_MAX / block_size */
+    PyObject *copies;   /* (index, offset, length) of each copy, in order */
+} plain;
+
+/* One inode placed (if a file or symlink). 1 when done, 0 when it is the writer's to
+ * place, -1 on error. */
+static int place_one(plain *p, PyObject *inode, Py_ssize_t index) {
+    if (!Py_IS_TYPE(inode, p->inode_cls))
+        return 0;
+    PyObject *node = slot_get(inode, p->inode[P_NODE]);
+    if (node == NULL || !Py_IS_TYPE(node, p->node_cls))
+        return 0;
+    PyObject *type = slot_get(node, p->node_type);
+    if (type == NULL)
+        return 0;
+    if (!is_one_of(type, p->data_types, 0))
+        return 1; /* no data */
+    int64_t size, head, bs = p->block_size;
+    if (!int64_of(slot_get(inode, p->inode[P_SIZE]), &size) || size < 0 ||
+        !int64_of(slot_get(inode, p->inode[P_HEAD]), &head) || head > HEAD_SIZE_MAX ||
+        head < -HEAD_SIZE_MAX)
+        return 0;
+    int64_t full = size / bs, tail = size % bs;
+    int inline_ = 0 < tail && tail <= bs - head;
+    int64_t nblocks = inline_ || !tail ? full : full + 1;
+    if (nblocks > INT64_MAX / bs - p->next_block)
+        return 0; /* the writer's: past 64-bit offsets */
+    int64_t written = nblocks > full ? size : full * bs;
+    PyObject *i_u = PyLong_FromLongLong(nblocks ? p->next_block : 0);
+    PyObject *inline_len = PyLong_FromLongLong(inline_ ? tail : 0);
+    if (i_u == NULL || inline_len == NULL)
+        goto fail;
+    if (written) {
+        PyObject *copy = Py_BuildValue("(nLL)", index, (long long)(p->next_block * bs),
+                                       (long long)written);
+        if (copy == NULL || PyList_Append(p->copies, copy) < 0) {
+            Py_XDECREF(copy);
+            goto fail;
+        }
+        Py_DECREF(copy);
+    }
+    p->next_block += nblocks;
+    PyObject *layout = PyTuple_GET_ITEM(p->layouts, inline_ ? LAYOUT_INLINE : LAYOUT_PLAIN);
+    Py_INCREF(inode); /* held while old values go */
+    slot_set(inode, p->inode[P_LAYOUT], Py_NewRef(layout));
+    slot_set(inode, p->inode[P_INLINE], inline_len);
+    slot_set(inode, p->inode[P_IU], i_u);
+    Py_DECREF(inode);
+    return 1;
+fail:
+    Py_XDECREF(i_u);
+    Py_XDECREF(inline_len);
+    return -1;
+}
+
+static PyObject *place_plain(PyObject *self, PyObject *args) {
+    PyObject *inodes, *next_block, *fields, *node_fields;
+    Py_ssize_t start, block_size;
+    plain p;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nOnO!O!O!O!", &PyList_Type, &inodes, &start, &next_block,
+                          &block_size, &PyTuple_Type, &fields, &PyTuple_Type, &node_fields,
+                          &PyTuple_Type, &p.data_types, &PyTuple_Type, &p.layouts))
+        return NULL;
+    if (slot_offsets(fields, P_FIELDS, "place_plain", &p.inode_cls, p.inode) < 0 ||
+        slot_offsets(node_fields, 1, "place_plain", &p.node_cls, &p.node_type) < 0)
+        return NULL;
+    if (block_size <= 0 || block_size > BLOCK_SIZE_MAX || PyTuple_GET_SIZE(p.layouts) != LAYOUTS ||
+        start < 0) {
+        PyErr_SetString(PyExc_ValueError, "place_plain: bad block size, layouts or start");
+        return NULL;
+    }
+    if (!PyLong_Check(next_block)) {
+        PyErr_SetString(PyExc_TypeError, "place_plain: next_block must be an int");
+        return NULL;
+    }
+    p.block_size = block_size;
+    if ((p.copies = PyList_New(0)) == NULL)
+        return NULL;
+    Py_ssize_t i = start;
+    /* a block number past 64-bit offsets: every inode is the writer's */
+    if (int64_of(next_block, &p.next_block) && p.next_block >= 0 &&
+        p.next_block <= INT64_MAX / p.block_size) {
+        for (; i < PyList_GET_SIZE(inodes); i++) { /* the size read again: see decide_versions */
+            int rc = place_one(&p, PyList_GET_ITEM(inodes, i), i);
+            if (rc < 0) {
+                Py_DECREF(p.copies);
+                return NULL;
+            }
+            if (rc == 0)
+                break;
+        }
+        return Py_BuildValue("(nLN)", i, (long long)p.next_block, p.copies);
+    }
+    return Py_BuildValue("(nON)", i, next_block, p.copies);
 }
 
 /* scatter: every place is checked against `dest` before anything is copied, so bad
@@ -710,6 +1053,12 @@ static PyMethodDef methods[] = {
      "first_fit(meta_sizes, block_size, slot_size, open_blocks) -> (nids, end)"},
     {"dir_blocks", dir_blocks, METH_VARARGS,
      "dir_blocks(names, targets, block_starts, nids, file_types, block_size) -> bytes"},
+    {"decide_versions", decide_versions, METH_VARARGS,
+     "decide_versions(inodes, start, build_time_ns, inode_fields, node_fields, content_fields, "
+     "types, limits) -> stop"},
+    {"place_plain", place_plain, METH_VARARGS,
+     "place_plain(inodes, start, next_block, block_size, inode_fields, node_fields, data_types, "
+     "layouts) -> (stop, next_block, copies)"},
     {"scatter", scatter, METH_VARARGS, "scatter(dest, places, pieces) -> None"},
     {"collect", collect, METH_VARARGS,
      "collect(root, fields, defaults, dir_type, name_len_max, bad_name) -> (inodes, directories)"},

@@ -21,6 +21,32 @@ def dir_blocks(
     /,
 ) -> bytes: ...
 
+# inodes: the writer's _Inode objects; the fields are slot descriptors (see writer._VERSION_ARGS)
+def decide_versions(
+    inodes: list[Any],
+    start: int,
+    build_time_ns: int,
+    inode_fields: tuple[Any, ...],
+    node_fields: tuple[Any, ...],
+    content_fields: tuple[Any, ...],
+    types: tuple[object, ...],
+    limits: tuple[int, ...],
+    /,
+) -> int: ...
+
+# the fields are slot descriptors (see writer._PLAIN_ARGS); copies: (index, offset, length)
+def place_plain(
+    inodes: list[Any],
+    start: int,
+    next_block: int,
+    block_size: int,
+    inode_fields: tuple[Any, ...],
+    node_fields: tuple[Any, ...],
+    data_types: tuple[object, ...],
+    layouts: tuple[int, int],
+    /,
+) -> tuple[int, int, list[tuple[int, int, int]]]: ...
+
 # dest: a writable buffer (the meta area, a bytearray)
 def scatter(dest: bytearray, places: list[int], pieces: list[bytes], /) -> None: ...
 
