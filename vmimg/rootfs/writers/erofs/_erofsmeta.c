@@ -33,6 +33,26 @@
  *     directory), which raises the writer's error. Nodes are read through their `type`
  *     and `children` attributes; a directory is a node whose type is `dir_type`.
  *
+ * pack_inodes(meta, inodes, nids, base, start, shapes) -> int
+ *     Packs inodes start, start+1, ... (writer.py's _Inode, at nid * 32 - base in the
+ *     writable buffer `meta`): the compact or extended inode as format.py's structs pack
+ *     it, its xattr ibody at the end of its head. Stops at the first inode it leaves to
+ *     the writer's Python (_pack_inode), having written nothing for it, and returns its
+ *     place (len(inodes) when none is left): a compressed file (its indexes), an object
+ *     of another class, an unset slot, a value that is no exact int or lies past a
+ *     field's limit, an inode or ibody outside `meta`. `shapes` (writer._META_SHAPES):
+ *     the slot descriptors it reads, by name, the S_IFMT bits of each node type, the
+ *     file and symlink types and a symlink's st_mode.
+ *
+ * gather_tails(inodes, nids, base, start, limit, shapes, places, pieces, read_places,
+ *              ranges) -> int
+ *     For inodes start, ... with an inline tail (inline_len > 0): where it goes in the
+ *     meta area (nid * 32 + head_size - base), appended with what to read to read_places
+ *     and ranges ((content, size - inline_len, inline_len)) for a file, or with its bytes
+ *     to places and pieces for a symlink. Returns the inode to go on from: one it leaves
+ *     to the writer's Python (_gather_tail: a sparse file, anything unusual as above),
+ *     the one after the tail that brought `ranges` to `limit`, or len(inodes).
+ *
  * Every index, size and offset is checked before it is used: bad input raises
  * ValueError, IndexError, TypeError or OverflowError, never writes out of bounds.
  */
