@@ -752,15 +752,13 @@ enum { S_INODE_FIELDS, S_NODE_FIELDS, S_CONTENT_FIELDS, S_TYPE_BITS, S_FILE, S_S
 #define I_FORMAT_AT 0
 #define I_XATTR_ICOUNT_AT 2
 #define I_MODE_AT 4
+#define I_I_U_AT 16 /* i_u and ino: the same place in both */
+#define I_INO_AT 20
 #define C_NLINK_AT 6
 #define C_SIZE_AT 8
-#define C_I_U_AT 16
-#define C_INO_AT 20
 #define C_UID_AT 24
 #define C_GID_AT 26
 #define E_SIZE_AT 8
-#define E_I_U_AT 16
-#define E_INO_AT 20
 #define E_UID_AT 24
 #define E_GID_AT 28
 #define E_MTIME_AT 32
@@ -956,10 +954,10 @@ static void put_inode(unsigned char *meta, const packed_inode *p) {
     put_le16(at + I_FORMAT_AT, (uint16_t)(p->extended | p->datalayout << 1));
     put_le16(at + I_XATTR_ICOUNT_AT, (uint16_t)p->icount);
     put_le16(at + I_MODE_AT, (uint16_t)p->mode);
+    put_le32(at + I_I_U_AT, (uint32_t)p->i_u);
+    put_le32(at + I_INO_AT, (uint32_t)p->ino);
     if (p->extended) {
         put_le64(at + E_SIZE_AT, (uint64_t)p->size);
-        put_le32(at + E_I_U_AT, (uint32_t)p->i_u);
-        put_le32(at + E_INO_AT, (uint32_t)p->ino);
         put_le32(at + E_UID_AT, (uint32_t)p->uid);
         put_le32(at + E_GID_AT, (uint32_t)p->gid);
         put_le64(at + E_MTIME_AT, (uint64_t)p->mtime);
@@ -968,8 +966,6 @@ static void put_inode(unsigned char *meta, const packed_inode *p) {
     } else {
         put_le16(at + C_NLINK_AT, (uint16_t)p->nlink);
         put_le32(at + C_SIZE_AT, (uint32_t)p->size);
-        put_le32(at + C_I_U_AT, (uint32_t)p->i_u);
-        put_le32(at + C_INO_AT, (uint32_t)p->ino);
         put_le16(at + C_UID_AT, (uint16_t)p->uid);
         put_le16(at + C_GID_AT, (uint16_t)p->gid);
     }
