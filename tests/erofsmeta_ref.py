@@ -201,3 +201,62 @@ def place_plain(
             copies.append((index, next_block * block_size, written))
         next_block += nblocks
     return next_block, copies
+
+
+def write_inodes(meta: bytearray, inodes: list[Any], nids: list[int], base: int) -> None:
+    """Each inode as format.py's dataclasses pack it, at nid * 32 - base in `meta`; its
+    xattr ibody at the end of its head; a compressed file's indexes after that: the
+    writer's _write_inodes as it was in Python."""
+    for inode, nid in zip(inodes, nids, strict=True):
+        node = inode.node
+        offset = nid * fmt.INODE_SLOT_SIZE - base
+        xattrs = inode.xattr_ibody
+        fields = {
+            "datalayout": inode.datalayout,
+            "xattr_icount": fmt.xattr_icount(len(xattrs)),
+            "mode": node.st_mode,
+            "nlink": inode.nlink,
+            "size": inode.size,
+            "i_u": inode.i_u,
+            "ino": inode.ino,
+            "uid": node.uid,
+            "gid": node.gid,
+        }
+        if inode.extended:
+            mtime, mtime_nsec = divmod(node.mtime_ns, 1_000_000_000)
+            raw = fmt.InodeExtended(**fields, mtime=mtime, mtime_nsec=mtime_nsec).pack()
+        else:
+            raw = fmt.InodeCompact(**fields).pack()
+        if not 0 <= offset <= len(meta) - len(raw):
+            raise IndexError("an inode falls outside the meta area")
+        meta[offset : offset + len(raw)] = raw
+        at = offset + inode.head_size
+        meta[at - len(xattrs) : at] = xattrs
+        if inode.compressed is not None:
+            body = inode.compressed.metadata(inode.head_size)
+            meta[at : at + len(body)] = body
+
+
+def write_tails(
+    meta: bytearray,
+    inodes: list[Any],
+    nids: list[int],
+    read_all: Callable[[Any], bytes],
+    base: int,
+    file_type: Any,
+    symlink_type: Any,
+) -> None:
+    """Each file's and symlink's inline tail (the last inline_len bytes of its logical
+    content, `read_all(content)`, or of its target) right after its inode and xattrs: the
+    writer's _write_tails as it was in Python, one tail at a time."""
+    for inode, nid in zip(inodes, nids, strict=True):
+        inline = inode.inline_len
+        node = inode.node
+        if not inline or node.type not in (file_type, symlink_type):
+            continue
+        data = read_all(node.content) if node.type is file_type else node.target
+        tail = data[inode.size - inline :]
+        at = nid * fmt.INODE_SLOT_SIZE + inode.head_size - base
+        if not 0 <= at <= len(meta) - len(tail):
+            raise IndexError("a tail falls outside the meta area")
+        meta[at : at + len(tail)] = tail

@@ -59,6 +59,26 @@
  *     directory), which raises the writer's error. Nodes are read through their `type`
  *     and `children` attributes; a directory is a node whose type is `dir_type`.
  *
+ * pack_inodes(meta, inodes, nids, base, start, shapes) -> int
+ *     Packs inodes start, start+1, ... (writer.py's _Inode, at nid * 32 - base in the
+ *     writable buffer `meta`): the compact or extended inode as format.py's structs pack
+ *     it, its xattr ibody at the end of its head. Stops at the first inode it leaves to
+ *     the writer's Python (_pack_inode), having written nothing for it, and returns its
+ *     place (len(inodes) when none is left): a compressed file (its indexes), an object
+ *     of another class, an unset slot, a value that is no exact int or lies past a
+ *     field's limit, an inode or ibody outside `meta`. `shapes` (writer._META_SHAPES):
+ *     the slot descriptors it reads, by name, the S_IFMT bits of each node type, the
+ *     file and symlink types and a symlink's st_mode.
+ *
+ * gather_tails(inodes, nids, base, start, limit, shapes, places, pieces, read_places,
+ *              ranges) -> int
+ *     For inodes start, ... with an inline tail (inline_len > 0): where it goes in the
+ *     meta area (nid * 32 + head_size - base), appended with what to read to read_places
+ *     and ranges ((content, size - inline_len, inline_len)) for a file, or with its bytes
+ *     to places and pieces for a symlink. Returns the inode to go on from: one it leaves
+ *     to the writer's Python (_gather_tail: a sparse file, anything unusual as above),
+ *     the one after the tail that brought `ranges` to `limit`, or len(inodes).
+ *
  * Every index, size and offset is checked before it is used: bad input raises
  * ValueError, IndexError, TypeError or OverflowError, never writes out of bounds.
  */
@@ -67,6 +87,7 @@
 #include <structmember.h> /* T_OBJECT_EX, READONLY: slot descriptors */
 #include <stdint.h>
 #include <string.h>
+#include "structmember.h" /* T_OBJECT_EX: what a __slots__ member descriptor is */
 
 /* struct erofs_dirent (format.py's DIRENT, "<QHBB"): 12 bytes, little endian. */
 #define DIRENT_SIZE 12
@@ -1048,6 +1069,380 @@ done:
     return result;
 }
 
+/* --- pack_inodes, gather_tails: the meta area's inodes and inline tails ------------- */
+
+/* The slots they read, as writer.py's _META_SHAPES passes them (checked by name). */
+static const char *const INODE_NAMES[] = {"node",       "ino",        "nlink", "extended",
+                                          "xattr_ibody", "head_size", "datalayout", "size",
+                                          "i_u",        "inline_len", "compressed"};
+enum { I_NODE, I_INO, I_NLINK, I_EXTENDED, I_XATTR_IBODY, I_HEAD_SIZE, I_DATALAYOUT, I_SIZE,
+       I_I_U, I_INLINE_LEN, I_COMPRESSED, INODE_FIELDS };
+static const char *const NODE_NAMES[] = {"type", "mode", "uid", "gid", "mtime_ns", "target",
+                                         "content"};
+enum { NODE_TYPE, NODE_MODE, NODE_UID, NODE_GID, NODE_MTIME_NS, NODE_TARGET, NODE_CONTENT,
+       NODE_FIELDS };
+static const char *const CONTENT_NAMES[] = {"extents"};
+enum { C_EXTENTS, CONTENT_FIELDS };
+/* shapes: (inode fields, node fields, content fields, ((type, S_IFMT bits), ...),
+ *          file type, symlink type, a symlink's st_mode) */
+enum { S_INODE_FIELDS, S_NODE_FIELDS, S_CONTENT_FIELDS, S_TYPE_BITS, S_FILE, S_SYMLINK,
+       S_SYMLINK_MODE, SHAPES };
+#define NODE_TYPES_MAX 16
+
+/* struct erofs_inode_compact ("<HHHHI4xIIHH4x") and erofs_inode_extended
+ * ("<HHHHQIIIIqII16x"): the offsets of their fields. */
+#define COMPACT_SIZE 32
+#define EXTENDED_SIZE 64
+#define I_FORMAT_AT 0
+#define I_XATTR_ICOUNT_AT 2
+#define I_MODE_AT 4
+#define I_I_U_AT 16 /* i_u and ino: the same place in both */
+#define I_INO_AT 20
+#define C_NLINK_AT 6
+#define C_SIZE_AT 8
+#define C_UID_AT 24
+#define C_GID_AT 26
+#define E_SIZE_AT 8
+#define E_UID_AT 24
+#define E_GID_AT 28
+#define E_MTIME_AT 32
+#define E_MTIME_NSEC_AT 40
+#define E_NLINK_AT 44
+#define XATTR_IBODY_HEADER 12 /* an ibody's header; its entries are 4-byte units after it */
+#define DATALAYOUT_MAX 2      /* FLAT_PLAIN, COMPRESSED_FULL, FLAT_INLINE: what writer.py uses */
+#define NID_MAX (UINT64_C(1) << 48)
+#define BASE_MAX (INT64_C(1) << 62)
+#define U16_MAX 0xFFFFLL
+#define U32_MAX 0xFFFFFFFFLL
+#define NS_PER_S 1000000000LL
+
+typedef struct {
+    PyTypeObject *inode, *node, *content;
+    PyObject *const *inode_f, *const *node_f, *const *content_f;
+    PyObject *types[NODE_TYPES_MAX]; /* each node type and its S_IFMT bits */
+    long long type_bits[NODE_TYPES_MAX];
+    Py_ssize_t ntypes;
+    PyObject *file, *symlink;
+    long long symlink_mode;
+} meta_shapes;
+
+/* `fields` is a tuple of the n slot descriptors named `names` of one class: *cls. */
+static int check_slots(PyObject *fields, const char *const *names, Py_ssize_t n,
+                       PyTypeObject **cls, PyObject *const **out) {
+    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) != n)
+        return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        if (!Py_IS_TYPE(field, &PyMemberDescr_Type) ||
+            PyDescr_TYPE(field) != PyDescr_TYPE(PyTuple_GET_ITEM(fields, 0)) ||
+            ((PyMemberDescrObject *)field)->d_member->type != T_OBJECT_EX ||
+            strcmp(((PyMemberDescrObject *)field)->d_member->name, names[i]) != 0)
+            return -1;
+    }
+    *cls = PyDescr_TYPE(PyTuple_GET_ITEM(fields, 0));
+    *out = &PyTuple_GET_ITEM(fields, 0);
+    return 0;
+}
+
+/* An exact int within [lo, hi] into *out: 1; anything else (no exception set): 0. */
+static int int_in(PyObject *v, long long lo, long long hi, long long *out) {
+    if (v == NULL || !PyLong_CheckExact(v))
+        return 0;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || (x == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (x < lo || x > hi)
+        return 0;
+    *out = x;
+    return 1;
+}
+
+static int read_meta_shapes(PyObject *t, meta_shapes *s) {
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != SHAPES ||
+        check_slots(PyTuple_GET_ITEM(t, S_INODE_FIELDS), INODE_NAMES, INODE_FIELDS, &s->inode,
+                    &s->inode_f) < 0 ||
+        check_slots(PyTuple_GET_ITEM(t, S_NODE_FIELDS), NODE_NAMES, NODE_FIELDS, &s->node,
+                    &s->node_f) < 0 ||
+        check_slots(PyTuple_GET_ITEM(t, S_CONTENT_FIELDS), CONTENT_NAMES, CONTENT_FIELDS,
+                    &s->content, &s->content_f) < 0)
+        goto bad;
+    PyObject *pairs = PyTuple_GET_ITEM(t, S_TYPE_BITS);
+    if (!PyTuple_Check(pairs) || PyTuple_GET_SIZE(pairs) > NODE_TYPES_MAX)
+        goto bad;
+    s->ntypes = PyTuple_GET_SIZE(pairs);
+    for (Py_ssize_t i = 0; i < s->ntypes; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !int_in(PyTuple_GET_ITEM(pair, 1), 0, U16_MAX, &s->type_bits[i]))
+            goto bad;
+        s->types[i] = PyTuple_GET_ITEM(pair, 0);
+    }
+    s->file = PyTuple_GET_ITEM(t, S_FILE);
+    s->symlink = PyTuple_GET_ITEM(t, S_SYMLINK);
+    if (!int_in(PyTuple_GET_ITEM(t, S_SYMLINK_MODE), 0, U16_MAX, &s->symlink_mode))
+        goto bad;
+    return 0;
+bad:
+    PyErr_SetString(PyExc_TypeError, "shapes are not writer.py's _META_SHAPES");
+    return -1;
+}
+
+/* A slot's value, borrowed (the object holds it); NULL if unset. */
+static PyObject *slot_of(PyObject *obj, PyObject *field) {
+    return *(PyObject **)((char *)obj + ((PyMemberDescrObject *)field)->d_member->offset);
+}
+
+/* The slots `names` of `obj` (of class `cls`) into v: 1, or 0 if obj is not of `cls` or a
+ * slot is unset. */
+static int slots_of(PyObject *obj, PyTypeObject *cls, PyObject *const *fields, const int *which,
+                    int n, PyObject **v) {
+    if (!Py_IS_TYPE(obj, cls))
+        return 0;
+    for (int i = 0; i < n; i++)
+        if ((v[which[i]] = slot_of(obj, fields[which[i]])) == NULL)
+            return 0;
+    return 1;
+}
+
+static void put_le32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* Node.st_mode as writer._pack_inode takes it: 1, or 0 if it is not the common case. */
+static int st_mode(const meta_shapes *s, PyObject *const *nv, long long *mode) {
+    PyObject *type = nv[NODE_TYPE];
+    if (type == s->symlink) {
+        *mode = s->symlink_mode;
+        return 1;
+    }
+    long long permissions;
+    for (Py_ssize_t i = 0; i < s->ntypes; i++)
+        if (s->types[i] == type) {
+            if (!int_in(nv[NODE_MODE], LLONG_MIN, LLONG_MAX, &permissions))
+                return 0;
+            /* Python's `mode & 0o7777`: the low bits of the two's complement */
+            *mode = s->type_bits[i] | (long long)((unsigned long long)permissions & 07777);
+            return *mode <= U16_MAX;
+        }
+    return 0;
+}
+
+/* The fields of one inode, each checked to be what struct would pack. */
+typedef struct {
+    int extended;
+    long long offset, xattr_at, icount, datalayout, mode, nlink, size, i_u, ino, uid, gid;
+    long long mtime, mtime_nsec;
+    PyObject *xattrs;
+} packed_inode;
+
+/* Reads and checks one inode for packing at nid*32 - base in a buffer of `len` bytes: 1,
+ * or 0 if it is one writer._pack_inode must pack (anything unusual, a compressed file). */
+static int read_inode(const meta_shapes *s, PyObject *inode, PyObject *nid_obj, long long base,
+                      Py_ssize_t len, packed_inode *p) {
+    static const int inode_slots[] = {I_NODE,       I_INO,  I_NLINK, I_EXTENDED,
+                                      I_XATTR_IBODY, I_HEAD_SIZE, I_DATALAYOUT, I_SIZE,
+                                      I_I_U,        I_COMPRESSED};
+    static const int node_slots[] = {NODE_TYPE, NODE_MODE, NODE_UID, NODE_GID, NODE_MTIME_NS};
+    PyObject *v[INODE_FIELDS], *nv[NODE_FIELDS];
+    long long nid, head_size;
+    if (!slots_of(inode, s->inode, s->inode_f, inode_slots, 10, v) ||
+        v[I_COMPRESSED] != Py_None ||
+        !slots_of(v[I_NODE], s->node, s->node_f, node_slots, 5, nv) ||
+        (v[I_EXTENDED] != Py_True && v[I_EXTENDED] != Py_False) ||
+        !PyBytes_CheckExact(v[I_XATTR_IBODY]) || !int_in(nid_obj, 0, NID_MAX, &nid) ||
+        !int_in(v[I_HEAD_SIZE], 0, NID_MAX, &head_size) ||
+        !int_in(v[I_DATALAYOUT], 0, DATALAYOUT_MAX, &p->datalayout) || !st_mode(s, nv, &p->mode))
+        return 0;
+    p->extended = v[I_EXTENDED] == Py_True;
+    long long id_max = p->extended ? U32_MAX : U16_MAX;
+    if (!int_in(v[I_NLINK], 0, p->extended ? U32_MAX : U16_MAX, &p->nlink) ||
+        !int_in(v[I_SIZE], 0, p->extended ? LLONG_MAX : U32_MAX, &p->size) ||
+        !int_in(v[I_I_U], 0, U32_MAX, &p->i_u) || !int_in(v[I_INO], 0, U32_MAX, &p->ino) ||
+        !int_in(nv[NODE_UID], 0, id_max, &p->uid) || !int_in(nv[NODE_GID], 0, id_max, &p->gid))
+        return 0;
+    if (p->extended) {
+        long long ns;
+        if (!int_in(nv[NODE_MTIME_NS], LLONG_MIN, LLONG_MAX, &ns))
+            return 0;
+        p->mtime = ns / NS_PER_S; /* floored, as divmod */
+        p->mtime_nsec = ns % NS_PER_S;
+        if (p->mtime_nsec < 0) {
+            p->mtime_nsec += NS_PER_S;
+            p->mtime--;
+        }
+    }
+    p->offset = nid * 32 - base; /* no overflow: nid <= 2^48, 0 <= base <= 2^62 */
+    if (p->offset < 0 || p->offset > len - (p->extended ? EXTENDED_SIZE : COMPACT_SIZE))
+        return 0;
+    p->xattrs = v[I_XATTR_IBODY];
+    Py_ssize_t xlen = PyBytes_GET_SIZE(p->xattrs);
+    p->icount = 0;
+    if (xlen) {
+        /* fmt.xattr_icount; a body shorter than its header is writer._pack_inode's */
+        p->icount = (xlen - XATTR_IBODY_HEADER) / 4 + 1;
+        p->xattr_at = head_size - xlen + p->offset;
+        if (xlen < XATTR_IBODY_HEADER || p->icount > U16_MAX || p->xattr_at < 0 ||
+            p->xattr_at > len - xlen)
+            return 0;
+    }
+    return 1;
+}
+
+static void put_inode(unsigned char *meta, const packed_inode *p) {
+    unsigned char *at = meta + p->offset;
+    memset(at, 0, p->extended ? EXTENDED_SIZE : COMPACT_SIZE);
+    put_le16(at + I_FORMAT_AT, (uint16_t)(p->extended | p->datalayout << 1));
+    put_le16(at + I_XATTR_ICOUNT_AT, (uint16_t)p->icount);
+    put_le16(at + I_MODE_AT, (uint16_t)p->mode);
+    put_le32(at + I_I_U_AT, (uint32_t)p->i_u);
+    put_le32(at + I_INO_AT, (uint32_t)p->ino);
+    if (p->extended) {
+        put_le64(at + E_SIZE_AT, (uint64_t)p->size);
+        put_le32(at + E_UID_AT, (uint32_t)p->uid);
+        put_le32(at + E_GID_AT, (uint32_t)p->gid);
+        put_le64(at + E_MTIME_AT, (uint64_t)p->mtime);
+        put_le32(at + E_MTIME_NSEC_AT, (uint32_t)p->mtime_nsec);
+        put_le32(at + E_NLINK_AT, (uint32_t)p->nlink);
+    } else {
+        put_le16(at + C_NLINK_AT, (uint16_t)p->nlink);
+        put_le32(at + C_SIZE_AT, (uint32_t)p->size);
+        put_le16(at + C_UID_AT, (uint16_t)p->uid);
+        put_le16(at + C_GID_AT, (uint16_t)p->gid);
+    }
+    Py_ssize_t xlen = PyBytes_GET_SIZE(p->xattrs);
+    if (xlen)
+        memcpy(meta + p->xattr_at, PyBytes_AS_STRING(p->xattrs), (size_t)xlen);
+}
+
+/* The arguments both take first: inodes, nids (one each), base, start. */
+static int check_group(PyObject *inodes, PyObject *nids, long long base, Py_ssize_t start) {
+    if (PyList_GET_SIZE(nids) != PyList_GET_SIZE(inodes)) {
+        PyErr_SetString(PyExc_ValueError, "one nid per inode");
+        return -1;
+    }
+    if (base < 0 || base > BASE_MAX || start < 0 || start > PyList_GET_SIZE(inodes)) {
+        PyErr_SetString(PyExc_ValueError, "base or start out of range");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *pack_inodes(PyObject *self, PyObject *args) {
+    Py_buffer meta;
+    PyObject *inodes, *nids, *shapes;
+    long long base;
+    Py_ssize_t start;
+    meta_shapes s;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*O!O!LnO", &meta, &PyList_Type, &inodes, &PyList_Type, &nids,
+                          &base, &start, &shapes))
+        return NULL;
+    if (check_group(inodes, nids, base, start) < 0 || read_meta_shapes(shapes, &s) < 0) {
+        PyBuffer_Release(&meta);
+        return NULL;
+    }
+    Py_ssize_t i = start;
+    for (; i < PyList_GET_SIZE(inodes); i++) {
+        packed_inode p;
+        if (!read_inode(&s, PyList_GET_ITEM(inodes, i), PyList_GET_ITEM(nids, i), base, meta.len,
+                        &p))
+            break;
+        put_inode((unsigned char *)meta.buf, &p);
+    }
+    PyBuffer_Release(&meta);
+    return PyLong_FromSsize_t(i);
+}
+
+/* Appends a new reference to `list`, giving it up: 0, or -1 with an exception set. */
+static int append_new(PyObject *list, PyObject *item) {
+    int rc = item == NULL ? -1 : PyList_Append(list, item);
+    Py_XDECREF(item);
+    return rc;
+}
+
+/* The lists gather_tails fills, as writer._write_tails keeps them. */
+typedef struct {
+    PyObject *places, *pieces, *read_places, *ranges;
+} tail_lists;
+
+/* One inode's inline tail gathered: 1; 0 if writer._gather_tail must (a sparse file,
+ * anything unusual); -1 with an exception set. */
+static int gather_one(const meta_shapes *s, PyObject *inode, PyObject *nid_obj, long long base,
+                      const tail_lists *out) {
+    static const int inode_slots[] = {I_NODE, I_HEAD_SIZE, I_SIZE, I_INLINE_LEN};
+    static const int node_slots[] = {NODE_TYPE, NODE_TARGET, NODE_CONTENT};
+    PyObject *v[INODE_FIELDS], *nv[NODE_FIELDS], *cv[CONTENT_FIELDS];
+    static const int content_slots[] = {C_EXTENTS};
+    long long inline_len, nid, head_size, size;
+    if (!slots_of(inode, s->inode, s->inode_f, inode_slots, 4, v) ||
+        !int_in(v[I_INLINE_LEN], 0, LLONG_MAX, &inline_len))
+        return 0;
+    if (inline_len == 0)
+        return 1; /* no tail */
+    if (!slots_of(v[I_NODE], s->node, s->node_f, node_slots, 3, nv) ||
+        !int_in(nid_obj, 0, NID_MAX, &nid) || !int_in(v[I_HEAD_SIZE], 0, NID_MAX, &head_size) ||
+        !int_in(v[I_SIZE], 0, LLONG_MAX, &size))
+        return 0;
+    long long at = nid * 32 + head_size - base, start = size - inline_len;
+    if (nv[NODE_TYPE] == s->file) {
+        if (!slots_of(nv[NODE_CONTENT], s->content, s->content_f, content_slots, 1, cv) ||
+            cv[C_EXTENTS] != Py_None)
+            return 0;
+        PyObject *start_obj = PyLong_FromLongLong(start);
+        PyObject *range = start_obj == NULL ? NULL
+                                            : PyTuple_Pack(3, nv[NODE_CONTENT], start_obj,
+                                                           v[I_INLINE_LEN]);
+        Py_XDECREF(start_obj);
+        if (append_new(out->read_places, PyLong_FromLongLong(at)) < 0 ||
+            append_new(out->ranges, range) < 0)
+            return -1;
+    } else if (nv[NODE_TYPE] == s->symlink) {
+        PyObject *target = nv[NODE_TARGET];
+        if (!PyBytes_CheckExact(target) || start < 0 || start > PyBytes_GET_SIZE(target))
+            return 0;
+        if (append_new(out->places, PyLong_FromLongLong(at)) < 0 ||
+            append_new(out->pieces,
+                       PyBytes_FromStringAndSize(PyBytes_AS_STRING(target) + start,
+                                                 PyBytes_GET_SIZE(target) - start)) < 0)
+            return -1;
+    }
+    return 1;
+}
+
+static PyObject *gather_tails(PyObject *self, PyObject *args) {
+    PyObject *inodes, *nids, *shapes;
+    long long base;
+    Py_ssize_t start, limit;
+    tail_lists out;
+    meta_shapes s;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!O!LnnOO!O!O!O!", &PyList_Type, &inodes, &PyList_Type, &nids,
+                          &base, &start, &limit, &shapes, &PyList_Type, &out.places,
+                          &PyList_Type, &out.pieces, &PyList_Type, &out.read_places,
+                          &PyList_Type, &out.ranges))
+        return NULL;
+    if (check_group(inodes, nids, base, start) < 0 || read_meta_shapes(shapes, &s) < 0)
+        return NULL;
+    if (limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "limit must be at least 1");
+        return NULL;
+    }
+    for (Py_ssize_t i = start; i < PyList_GET_SIZE(inodes); i++) {
+        int rc = gather_one(&s, PyList_GET_ITEM(inodes, i), PyList_GET_ITEM(nids, i), base, &out);
+        if (rc < 0)
+            return NULL;
+        if (rc == 0)
+            return PyLong_FromSsize_t(i);
+        if (PyList_GET_SIZE(out.ranges) >= limit)
+            return PyLong_FromSsize_t(i + 1);
+    }
+    return PyLong_FromSsize_t(PyList_GET_SIZE(inodes));
+}
+
 static PyMethodDef methods[] = {
     {"first_fit", first_fit, METH_VARARGS,
      "first_fit(meta_sizes, block_size, slot_size, open_blocks) -> (nids, end)"},
@@ -1062,6 +1457,11 @@ static PyMethodDef methods[] = {
     {"scatter", scatter, METH_VARARGS, "scatter(dest, places, pieces) -> None"},
     {"collect", collect, METH_VARARGS,
      "collect(root, fields, defaults, dir_type, name_len_max, bad_name) -> (inodes, directories)"},
+    {"pack_inodes", pack_inodes, METH_VARARGS,
+     "pack_inodes(meta, inodes, nids, base, start, shapes) -> the first inode not packed"},
+    {"gather_tails", gather_tails, METH_VARARGS,
+     "gather_tails(inodes, nids, base, start, limit, shapes, places, pieces, read_places, "
+     "ranges) -> the inode to go on from"},
     {NULL, NULL, 0, NULL},
 };
 

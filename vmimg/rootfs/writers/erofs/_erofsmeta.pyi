@@ -61,3 +61,31 @@ def collect(
     bad_name: Callable[[bytes, _InodeT], object],
     /,
 ) -> tuple[list[_InodeT], list[_InodeT]]: ...
+
+# meta: the meta area's window (a bytearray); shapes: writer._META_SHAPES. Returns the
+# first inode from `start` on that it did not pack (len(inodes) when it packed them all).
+def pack_inodes(
+    meta: bytearray,
+    inodes: list[Any],
+    nids: list[int],
+    base: int,
+    start: int,
+    shapes: tuple[Any, ...],
+    /,
+) -> int: ...
+
+# Appends to the four lists; returns the inode to go on from: one it left to the caller,
+# the one after the tail that filled `ranges` to `limit`, or len(inodes).
+def gather_tails(
+    inodes: list[Any],
+    nids: list[int],
+    base: int,
+    start: int,
+    limit: int,
+    shapes: tuple[Any, ...],
+    places: list[int],
+    pieces: list[bytes],
+    read_places: list[int],
+    ranges: list[tuple[Any, int, int]],
+    /,
+) -> int: ...
