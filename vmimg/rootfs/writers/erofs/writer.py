@@ -249,16 +249,20 @@ class _MetaArea:
     length: int
     nids: list[int]  # each inode's, in inode order
     sizes: list[int]  # the bytes each inode takes there (_Inode.meta_size)
+    written: int = 0  # the area's bytes below this may hold earlier windows' inodes
 
     def window(self, start: int, end: int) -> tuple[int, bytearray]:
-        """The blocks that inodes start..end-1 touch, as written so far: (offset, bytes)."""
+        """The blocks that inodes start..end-1 touch, as written so far: (offset, bytes).
+        Only where earlier windows reached is read back (a few open blocks, mostly)."""
         slot = fmt.INODE_SLOT_SIZE
         nids = self.nids[start:end]
         low = min(nids) * slot // BLOCK * BLOCK
         high = max(map(operator.add, map(operator.mul, nids, repeat(slot)), self.sizes[start:end]))
         window = bytearray(blocks_for(high - low) * BLOCK)
-        earlier = os.pread(self.fd, len(window), self.at + low)
-        window[: len(earlier)] = earlier
+        if self.written > low:
+            earlier = os.pread(self.fd, min(len(window), self.written - low), self.at + low)
+            window[: len(earlier)] = earlier
+        self.written = max(self.written, low + len(window))
         return low, window
 
 
