@@ -1146,15 +1146,8 @@ static int check_slots(PyObject *fields, const char *const *names, Py_ssize_t n,
 
 /* An exact int within [lo, hi] into *out: 1; anything else (no exception set): 0. */
 static int int_in(PyObject *v, long long lo, long long hi, long long *out) {
-    if (v == NULL || !PyLong_CheckExact(v))
-        return 0;
-    int overflow;
-    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-    if (overflow || (x == -1 && PyErr_Occurred())) {
-        PyErr_Clear();
-        return 0;
-    }
-    if (x < lo || x > hi)
+    int64_t x;
+    if (!int64_of(v, &x) || x < lo || x > hi)
         return 0;
     *out = x;
     return 1;
