@@ -229,10 +229,10 @@ def convert(
                 # One pass over the tree for both: the floor is the bytes read, uncompressed.
                 stored = tree.content_bytes()
                 floor = 0 if compresses(options) else stored
-                check_destination(dest, floor)
                 write = _Write(fmt, tree, options, stored, phases)
                 written = None
                 if use_cache and transform is None and _cache_has_room(cache, floor):
+                    check_destination(dest, floor)  # before the work, as atomic_output does
                     written = _write_through_cache(cache, key, write, dest)
                 if written is None:  # not kept, or the cache could not take it
                     with atomic_output(dest, floor) as fd:

@@ -819,17 +819,13 @@ _COMPACT_FORMAT = {d: fmt.i_format(fmt.INODE_LAYOUT_COMPACT, d) for d in _DATALA
 # The slots pack_inodes and gather_tails read (by name, in _erofsmeta.c's order), the type
 # bits of a mode and a symlink's whole st_mode (Node.st_mode's rule).
 _META_SHAPES = (
-    tuple(
-        getattr(_Inode, f)
-        for f in (
-            *("node", "ino", "nlink", "extended", "xattr_ibody", "head_size", "datalayout"),
-            *("size", "i_u", "inline_len", "compressed"),
-        )
+    _slots(
+        _Inode,
+        *("node", "ino", "nlink", "extended", "xattr_ibody", "head_size", "datalayout"),
+        *("size", "i_u", "inline_len", "compressed"),
     ),
-    tuple(
-        getattr(Node, f) for f in ("type", "mode", "uid", "gid", "mtime_ns", "target", "content")
-    ),
-    (vars(Content)["extents"],),
+    _slots(Node, "type", "mode", "uid", "gid", "mtime_ns", "target", "content"),
+    _slots(Content, "extents"),
     tuple(_TYPE_BITS.items()),
     NodeType.FILE,
     NodeType.SYMLINK,
