@@ -21,7 +21,9 @@ from tests import layerkit as L
 from tests.conftest import need
 from tests.hostile.cli import PAUSE_POLL, PAUSE_TIMEOUT, paused_vmimg, run_vmimg
 from tests.hostile.corpus import ZERO_DIFF_ID, ZSTD_TYPE, bomb, image, raw_layer
+from vmimg.errors import CacheError
 from vmimg.guest.kernel import BZ_HEADER_MAGIC, BZ_HEADER_MAGIC_OFFSET
+from vmimg.image import cache as cache_module
 from vmimg.image.cache import Cache, Flusher
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 
@@ -432,3 +434,19 @@ def test_a_flusher_on_a_file_that_cannot_be_flushed_ends_quietly() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_space_taken_but_not_yet_written_is_not_counted_free_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two layers stream at once: while one thread's write is in flight, statvfs does not
+    show it yet, so a fresh reading by the other must take it off (else both fit in the
+    same free space, and the disk fills past vmimg's reserve)."""
+    mib = 1 << 20
+    monkeypatch.setattr(cache_module, "free_space", lambda path: (10 * mib, mib))  # 9 usable
+    guard = cache_module.SpaceGuard(str(tmp_path))
+    guard.take(5 * mib, "layer a")  # in flight: the file system still says 10 MiB free
+    with pytest.raises(CacheError, match="nearly full"):
+        guard.take(4 * mib + 1, "layer b")
+    guard.landed(5 * mib)  # written; free_space (unchanged here) would now show it
+    guard.take(4 * mib, "layer b")

@@ -157,11 +157,14 @@ def commit(tmp: str, final: str) -> None:
 
 class SpaceGuard:
     """Free space on one file system, for a stream of writes (shared by threads): statvfs is
-    asked again only when its last answer no longer covers the next write."""
+    asked again only when its last answer no longer covers the next write. Bytes taken but
+    not yet written (`landed` not yet called: another thread's write in progress) are not in
+    statvfs's answer, so they are taken off it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._left = -1
+        self._in_flight = 0
         self._lock = threading.Lock()
 
     def take(self, n: int, what: str) -> None:
@@ -169,13 +172,19 @@ class SpaceGuard:
         with self._lock:
             if n > self._left:
                 avail, keep = free_space(self.path)
-                self._left = avail - keep
+                self._left = avail - keep - self._in_flight
                 if n > self._left:
                     raise CacheError(
                         f"{what}: the cache file system at {self.path} is nearly full "
                         f"({format_size(avail)} free; vmimg leaves {format_size(keep)} unused)"
                     )
             self._left -= n
+            self._in_flight += n
+
+    def landed(self, n: int) -> None:
+        """`n` bytes taken are written (in the file system's count of free space now)."""
+        with self._lock:
+            self._in_flight -= n
 
 
 # -- locks, temporary entries, pins ----------------------------------------------------

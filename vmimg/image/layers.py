@@ -265,6 +265,8 @@ class WriteBehind:
                 # must already count every earlier chunk
                 space.take(len(chunk), what)
                 out.write(chunk)
+                out.flush()  # in the file system, where the next statvfs counts it
+                space.landed(len(chunk))
             except BaseException as e:  # raised in the caller's thread by put or finish
                 self._error = e
 
