@@ -29,6 +29,7 @@ from vmimg.image.layers import MAX_TIME_NS as MAX_TIME_NS
 from vmimg.image.layers import MIN_TIME_NS as MIN_TIME_NS
 from vmimg.image.layers import NS_PER_S as NS_PER_S
 from vmimg.image.layers import Extent
+from vmimg.rootfs._slots import file_sizes
 from vmimg.rootfs._slots import new as _c_new
 
 # Builds slotted objects without __init__ (file_node). None: the classes' __init__ does,
@@ -291,6 +292,9 @@ def _slot_descriptors(cls: type) -> tuple[object, ...]:
 CONTENT_SLOTS = _slot_descriptors(Content)
 NODE_SLOTS = _slot_descriptors(Node)
 NO_RDEV = (0, 0)
+# What Tree.content_bytes reads through _slots.file_sizes, in its order
+_SIZED_NODE_SLOTS = (vars(Node)["children"], vars(Node)["type"], vars(Node)["content"])
+_SIZED_CONTENT_SLOTS = (vars(Content)["size"], vars(Content)["extents"])
 
 
 def split_path(path: bytes) -> list[bytes]:
@@ -406,20 +410,11 @@ class Tree:
     def content_bytes(self) -> int:
         """The stored bytes of every file, each hardlinked one once: what writing the
         tree reads, and what an uncompressed output holds at least."""
-        # Not walk(): a sum needs neither paths nor sorted children, and this runs on
-        # every conversion.
-        files: set[Node] = set()  # by identity (eq=False): hardlinks count once
-        dirs = [self.root]
-        while dirs:
-            directory = dirs.pop()
-            assert directory.children is not None
-            for child in directory.children.values():
-                if child.children:
-                    dirs.append(child)
-                elif child.type is _FILE and child.content is not None:
-                    files.add(child)
-        total = 0
-        for node in files:
+        # Not walk(): a sum needs neither paths nor sorted children, and this runs on every
+        # conversion. C sums the files named once (_slots.file_sizes; a Python loop over
+        # 100,000 small files took 33 ms); the rest (hardlinks, sparse files) are few.
+        total, others = file_sizes(self.root, _SIZED_NODE_SLOTS, _SIZED_CONTENT_SLOTS, _FILE)
+        for node in set(others):  # by identity (eq=False): hardlinks count once
             content = node.content
             assert content is not None
             total += content.size if content.extents is None else content.stored_size
