@@ -9,7 +9,8 @@ layers after the first). Every contender runs as its own process, several times,
 on the same machine in the same run; we record wall time (median and spread), peak RSS (from a
 small launcher, bench/peakrss.py) and the output size, and compute vmimg / peer per row. Also
 measured: the physical limit of the cold minbase ext4 conversion (bench/limit.py), a warm hit
-(conversion cached) against the cold conversion, and peak RSS at 100k and 400k entries.
+(conversion cached) against the cold conversion (also on a loop-mounted XFS with reflink, when
+run as root), and peak RSS at 100k and 400k entries.
 Peers are found on PATH, or where VMIMG_BENCH_MKE2FS / VMIMG_BENCH_MKFS_EROFS point.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import contextlib
 import json
 import os
 import platform
@@ -28,7 +30,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,6 +91,16 @@ PLAN = {
     "smallfiles400k": [COLD_EXT4, COLD_EROFS],
 }
 WARM_FIXTURES = ("minbase", "smallfiles")
+# Warm hits where the cache and the output share a file system with reflink (the machine's
+# own may have none: ext4 images are then copied). Sparse: only what is written takes room.
+WARM_ON_XFS = ", on XFS with reflink"
+XFS_IMAGE_BYTES = 8 << 30
+# (format, the cold contender a warm hit is a share of, which warm contender)
+WARM_KINDS = (
+    ("ext4", COLD_EXT4, ""),
+    ("erofs", COLD_EROFS, ""),
+    ("ext4", COLD_EXT4, WARM_ON_XFS),
+)
 LIMIT_FIXTURE, LIMIT_OF = "minbase", COLD_EXT4
 # Peak RSS at two sizes gives the growth per entry.
 RSS_FIXTURES = (
@@ -331,12 +343,18 @@ def _run_once(c: Contender, inp: Inputs, env: dict[str, str], r: Result) -> None
     os.unlink(out)
 
 
-def _warm(name: str, inp: Inputs, env: dict[str, str], fmt: str, runs: int) -> Result:
-    """The same conversion again, served from the conversion cache (filled first, untimed)."""
-    out = os.path.join(inp.work, "warm." + fmt)
+def _warm(
+    name: str, inp: Inputs, env: dict[str, str], fmt: str, runs: int, place: str = ""
+) -> Result:
+    """The same conversion again, served from the conversion cache (filled first, untimed).
+    `place`: a directory on another file system for the cache and the output (its
+    contender's name says which), else both go where the cold runs' do."""
+    out = os.path.join(place or inp.work, "warm." + fmt)
+    if place:
+        env = {**env, "VMIMG_CACHE": os.path.join(place, "cache")}
     cmd = [*VMIMG, "rootfs", inp.ref, "--format", fmt, "-o", out]
     run_timed([cmd], env)
-    warm = Result(name, f"vmimg {fmt} (warm)", fmt)
+    warm = Result(name, f"vmimg {fmt} (warm{WARM_ON_XFS if place else ''})", fmt)
     for _ in range(runs):
         os.unlink(out)
         secs, rss = run_timed([cmd], env)
@@ -345,9 +363,34 @@ def _warm(name: str, inp: Inputs, env: dict[str, str], fmt: str, runs: int) -> R
     st = os.stat(out)
     warm.output_bytes = st.st_size
     warm.allocated_bytes = st.st_blocks * 512
-    # A hardlinked hand-out shares the cache entry's inode; anything else was a copy or reflink.
-    warm.handout = "hardlink" if st.st_nlink > 1 else "copy or reflink"
+    os.unlink(out)  # once more, untimed, for vmimg to say how it handed the image out
+    said = subprocess.run([*cmd, "--json"], env=env, check=True, capture_output=True).stdout
+    warm.handout = str(json.loads(said)["handed_out"])
     return warm
+
+
+@contextlib.contextmanager
+def reflink_place(work: str) -> Iterator[str | None]:
+    """A directory on a loop-mounted XFS with reflink, unmounted after: where a warm hit
+    hands an ext4 image out as a clone. None where one cannot be mounted (not root, no
+    mkfs.xfs, no loop devices): the row is left out."""
+    image, mnt = os.path.join(work, "xfs.img"), os.path.join(work, "xfs")
+    mkfs = shutil.which("mkfs.xfs")
+    if os.geteuid() != 0 or mkfs is None:
+        yield None
+        return
+    with open(image, "wb") as f:
+        f.truncate(XFS_IMAGE_BYTES)  # sparse: only what is written takes room
+    os.mkdir(mnt)
+    made = subprocess.run([mkfs, "-q", "-m", "reflink=1", image], capture_output=True)
+    mounted = made.returncode == 0 and (
+        subprocess.run(["mount", "-o", "loop", image, mnt], capture_output=True).returncode == 0
+    )
+    try:
+        yield mnt if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", mnt], check=True)
 
 
 def bench_fixture(name: str, runs: int, only: set[str] | None) -> list[Result]:
@@ -363,6 +406,9 @@ def bench_fixture(name: str, runs: int, only: set[str] | None) -> list[Result]:
         results = list(res.values())
         if name in WARM_FIXTURES and only is None:
             results += [_warm(name, inp, env, fmt, runs) for fmt in ("ext4", "erofs")]
+            with reflink_place(work) as xfs:
+                if xfs is not None:
+                    results.append(_warm(name, inp, env, "ext4", runs, place=xfs))
     return results
 
 
@@ -421,15 +467,17 @@ def limit(results: list[Result]) -> dict[str, Any]:
 
 
 def warm(results: list[Result]) -> list[dict[str, Any]]:
+    """Each warm hit against the cold conversion of its fixture and format (made on the
+    machine's own file system, whichever file system the warm one used)."""
     by = {(r.fixture, r.name): r for r in results}
     out = []
     for fixture in WARM_FIXTURES:
-        for fmt, cold_name in (("ext4", COLD_EXT4), ("erofs", COLD_EROFS)):
-            w, c = by.get((fixture, f"vmimg {fmt} (warm)")), by.get((fixture, cold_name))
+        for fmt, cold_name, where in WARM_KINDS:
+            w, c = by.get((fixture, f"vmimg {fmt} (warm{where})")), by.get((fixture, cold_name))
             if w and c and c.median > 0:
                 out.append({"fixture": fixture, "fmt": fmt, "warm_s": w.median,
                             "cold_s": c.median, "percent": 100 * w.median / c.median,
-                            "handout": w.handout})  # fmt: skip
+                            "handout": w.handout, "place": where.removeprefix(", ")})  # fmt: skip
     return out
 
 
@@ -452,7 +500,8 @@ def ratios(results: list[Result]) -> list[str]:
         )
     for w in warm(results):
         lines.append(
-            f"{w['fixture']}: vmimg {w['fmt']} warm / cold = {w['percent']:.0f}% "
+            f"{w['fixture']}: vmimg {w['fmt']} warm{' ' + w['place'] if w['place'] else ''} "
+            f"/ cold = {w['percent']:.0f}% "
             f"({w['warm_s']:.2f} s / {w['cold_s']:.2f} s, {w['handout']})"
         )
     return lines

@@ -137,7 +137,8 @@ def findings(doc: dict[str, Any]) -> list[str]:
         )
     for w in doc.get("warm", []):
         out.append(
-            f"Warm hit (conversion cached), {w['fixture']} -> {w['fmt']}: "
+            f"Warm hit (conversion cached), {w['fixture']} -> {w['fmt']}"
+            f"{' ' + w['place'] if w.get('place') else ''}: "
             f"{float(w['warm_s']):.2f} s, {float(w['percent']):.0f}% of the cold "
             f"{float(w['cold_s']):.2f} s ({w['handout']})."
         )
