@@ -95,8 +95,8 @@ def header_block(draw: st.DrawFn) -> bytes:
     unsigned = sum(b)
     signed = sum(c - 256 if c >= 0x80 else c for c in b)
     chk = draw(st.sampled_from([unsigned, signed, unsigned + 1]))
-    if chk >= 0:
-        b[148:156] = draw(octal(chk, 8))
+    if chk >= 0:  # in octal, or base-256 (its lead byte has the top bit: signed sums differ)
+        b[148:156] = draw(st.one_of(octal(chk, 8), st.just(base256(chk, 8, False))))
     return bytes(b)
 
 
@@ -374,6 +374,24 @@ def test_c_entries_refuse_other_classes() -> None:
             _tarscan.scan_entries(b"", 0, 0, [], cls, fields, 0)
     with pytest.raises(ValueError):
         _tarscan.scan_entries(b"", -1, 0, [], Entry, slots, 0)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("encoding", ["octal", "base-256"])
+def test_c_scanner_takes_signed_and_unsigned_checksums(signed: bool, encoding: str) -> None:
+    """Old tars summed signed chars; a checksum field may be base-256 (its lead byte has the
+    top bit set, and is not part of the sum): the C scanner takes each, as its reference."""
+    info = tarfile.TarInfo("caf\u00e9/\u00fcber")  # bytes with the top bit in the sum
+    info.size = 3
+    head = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")[:512])
+    head[148:156] = b" " * 8
+    chk = sum(c - 256 if c >= 0x80 else c for c in head) if signed else sum(head)
+    assert chk != sum(head) or not signed
+    head[148:156] = base256(chk, 8, False) if encoding == "base-256" else f"{chk:06o}\0 ".encode()
+    data = bytes(head) + b"abc".ljust(512, b"\0") + bytes(1024)
+    members, pos = _tarscan.scan(data, 0, 0)
+    assert [m[0] for m in members] == ["caf\u00e9/\u00fcber".encode()]
+    assert (members, pos) == tarscan_ref.scan(data, 0, 0)
 
 
 def test_c_scanner_refuses_nonsense_positions() -> None:

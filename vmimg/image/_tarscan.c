@@ -121,14 +121,23 @@ static int all_zero(const unsigned char *b) {
     return 1;
 }
 
+/* The header's sum with its checksum field as 8 spaces, bytes taken unsigned or signed (old
+ * tars summed signed chars; tarfile accepts either). A signed byte is its unsigned value less
+ * 256 where the top bit is set, so one pass counts both: a loop the compiler vectorises (a
+ * branch per byte was a third of the scan's time per member). */
 static int checksum_ok(const unsigned char *b, int64_t stored) {
-    int64_t u = 0, s = 0;
+    uint32_t u = 0, high = 0;
     for (size_t i = 0; i < BLOCK; i++) {
-        unsigned char c = (i >= CHKSUM_OFF && i < CHKSUM_OFF + 8) ? ' ' : b[i];
-        u += c;
-        s += (signed char)c;
+        u += b[i];
+        high += b[i] >> 7;
     }
-    return stored == u || stored == s;
+    for (size_t i = CHKSUM_OFF; i < CHKSUM_OFF + 8; i++) {
+        u -= b[i];
+        high -= b[i] >> 7;
+    }
+    u += 8 * ' '; /* a space has no top bit */
+    int64_t s = (int64_t)u - 256 * (int64_t)high;
+    return stored == (int64_t)u || stored == s;
 }
 
 /* Types whose members tarfile skips the data of: regular files, and types it does not know.
