@@ -89,3 +89,16 @@ def gather_tails(
     ranges: list[tuple[Any, int, int]],
     /,
 ) -> int: ...
+
+# shapes: writer._SURVEY_SHAPES; counts, file_types (one byte per inode) and with_xattrs are
+# filled in. Returns the first inode from `start` on that it left to the caller
+# (len(inodes) when it surveyed them all).
+def survey(
+    inodes: list[Any],
+    start: int,
+    shapes: tuple[Any, ...],
+    counts: dict[int, int],
+    file_types: bytearray,
+    with_xattrs: list[int],
+    /,
+) -> int: ...

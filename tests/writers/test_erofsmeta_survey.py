@@ -1,0 +1,270 @@
+"""The erofs writer's survey of every inode in C (_erofsmeta.survey, with what it leaves
+handled by the writer's Python) against the writer's passes as they were in Python
+(tests/erofsmeta_ref.py): the same counts, file types, xattr ibodies and shared table,
+the same errors naming the same paths, for any inodes, hostile values included."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import erofsmeta_ref
+from vmimg.errors import WriterError
+from vmimg.rootfs.tree import Node, NodeType
+from vmimg.rootfs.writers.dirent import FILE_TYPES
+from vmimg.rootfs.writers.erofs import _erofsmeta, writer
+from vmimg.rootfs.writers.erofs import format as fmt
+
+BLOCK = fmt.BLOCK_SIZE
+NS = 1_000_000_000
+
+
+class _Int(int):
+    """An int of another class: C leaves it to Python."""
+
+
+class _Dict(dict[bytes, bytes]):
+    """A dict of another class: C lists its inode for _assign_xattrs to look at."""
+
+
+def _mostly(
+    common: st.SearchStrategy[Any], rare: list[Any], one_in: int = 25
+) -> st.SearchStrategy[Any]:
+    """Ordinary values, else (one time in `one_in`) a hostile one."""
+    return st.integers(1, one_in).flatmap(lambda k: st.sampled_from(rare) if k == 1 else common)
+
+
+def _outcome(call: Callable[[], object]) -> tuple[object, object]:
+    """What a call returns, or the type and message of what it raised."""
+    try:
+        return call(), None
+    except Exception as e:  # whatever it is, the other side must raise it too
+        return None, (type(e), str(e))
+
+
+def _typed(values: Any) -> list[tuple[type, Any]]:
+    """Values with their types: True and 1, 1.0 and 1 are equal but not the same."""
+    items = values.items() if isinstance(values, dict) else enumerate(values)
+    return [(type(k), k, type(v), v) for k, v in items]
+
+
+# --- survey ---------------------------------------------------------------------------
+
+# A few shared times (runs of equal ones, as in a layer), before 1970, past 64 bits.
+plain_mtimes = st.one_of(st.sampled_from([7, 7, 7, 1700000000 * NS, 0, 3, -1]), st.integers())
+mtimes = _mostly(
+    plain_mtimes,
+    [-1, -NS - 1, (1 << 63) - 1, 1 << 63, 1 << 64, 1 << 100, -(1 << 100), True, False,
+     1.0, 7.0, -0.5, float("nan"), _Int(7), _Int(-3)],
+)  # fmt: skip
+plain_types = st.sampled_from(list(NodeType))
+node_types = _mostly(plain_types, ["file", None], one_in=300)  # KeyError: rarely
+plain_xattrs = st.sampled_from([{}, {}, {}, {b"user.a": b"v"}])
+xattrs = _mostly(
+    plain_xattrs,
+    [None, [], [(b"user.a", b"v")], _Dict(), _Dict({b"user.a": b"v"}), "", 0, {b"user.b": b""}],
+)
+# The rest: an mtime nothing can compare, slots unset, inodes and nodes of other classes.
+# (Unset xattrs are _assign_xattrs's to find: test_xattrs_assigned_as_before.)
+odd = ["no mtime", "bad mtime", "no type", "other inode", "other node"]
+
+
+@st.composite
+def survey_inodes(draw: st.DrawFn, hostile: bool = True) -> list[Any]:
+    inodes: list[Any] = []
+    for ino in range(1, draw(st.integers(0, 30)) + 1):
+        node = Node(
+            draw(node_types if hostile else plain_types),
+            mtime_ns=draw(mtimes if hostile else plain_mtimes),
+            xattrs=draw(xattrs if hostile else plain_xattrs),
+        )
+        inode: Any = writer._Inode(node, b"n", None, ino)
+        kind = draw(st.integers(0, 200 * len(odd) - 1)) if hostile else -1
+        if kind == 0:
+            del node.mtime_ns
+        elif kind == 1:
+            node.mtime_ns = object()  # type: ignore[assignment]
+        elif kind == 2:
+            del node.type
+        elif kind == 3:
+            inode = types.SimpleNamespace(node=node)
+        elif kind == 4:
+            inode.node = types.SimpleNamespace(
+                type=node.type, mtime_ns=node.mtime_ns, xattrs=node.xattrs
+            )
+        inodes.append(inode)
+    return inodes
+
+
+def _ordinary(inodes: list[Any]) -> bool:
+    """Whether every inode is one C surveys itself."""
+    return _erofsmeta.survey(
+        inodes, 0, writer._SURVEY_SHAPES, {}, bytearray(len(inodes)), []
+    ) == len(inodes)
+
+
+@given(survey_inodes())
+@settings(max_examples=500, deadline=None)
+def test_survey_is_the_references(inodes: list[Any]) -> None:
+    ours, ours_error = _outcome(lambda: writer._survey(inodes))
+    ref, ref_error = _outcome(lambda: erofsmeta_ref.survey(inodes, FILE_TYPES))
+    assert ours_error == ref_error
+    if ref_error is not None:
+        return
+    assert isinstance(ours, tuple) and isinstance(ref, tuple)
+    (counts, file_types, with_xattrs), (ref_counts, ref_types, ref_with) = ours, ref
+    assert _typed(counts) == _typed(ref_counts)  # the same keys, in the same order
+    assert file_types == ref_types
+    # all the reference lists, and the inodes C leaves to Python (whatever their xattrs)
+    assert with_xattrs == sorted(set(with_xattrs)) and set(ref_with) <= set(with_xattrs)
+    if _ordinary(inodes):
+        assert with_xattrs == ref_with
+    build_time = writer._most_common_mtime(counts)
+    assert _typed([build_time]) == _typed([erofsmeta_ref.most_common_mtime(inodes)])
+
+
+@given(survey_inodes(hostile=False))
+@settings(max_examples=200, deadline=None)
+def test_survey_does_ordinary_inodes_in_c(inodes: list[Any]) -> None:
+    """Ints, NodeTypes and dicts: C surveys every inode itself, as the reference would."""
+    counts: dict[int, int] = {}
+    file_types, with_xattrs = bytearray(b"\xee" * len(inodes)), []
+    stop = _erofsmeta.survey(inodes, 0, writer._SURVEY_SHAPES, counts, file_types, with_xattrs)
+    assert stop == len(inodes)
+    ref = erofsmeta_ref.survey(inodes, FILE_TYPES)
+    assert (_typed(counts), bytes(file_types), with_xattrs) == (_typed(ref[0]), *ref[1:])
+
+
+def test_most_common_mtime_breaks_ties_to_the_smallest() -> None:
+    def nodes(*times: Any) -> list[Any]:
+        return [writer._Inode(Node(NodeType.FILE, mtime_ns=t), b"f", None, 1) for t in times]
+
+    for times, best in [
+        ((), 0),
+        ((-5, -5), 0),  # none after 1970: the superblock's time is unsigned
+        ((9, 9, 3, 3, 5), 3),  # tied: the smallest
+        ((1 << 70, 1 << 70, 2), 1 << 70),
+        ((7, True, 1, 7), 1),  # True counts as 1, its key the first given: True
+    ]:
+        inodes = nodes(*times)
+        ours = writer._most_common_mtime(writer._survey(inodes)[0])
+        assert ours == best and type(ours) is type(erofsmeta_ref.most_common_mtime(inodes))
+    ours = writer._most_common_mtime(writer._survey(nodes(True, 1, 1, 7))[0])
+    assert ours is True
+
+
+def test_survey_counts_keys_python_counted_first() -> None:
+    """A run C counts adds to a key the Python side counted (an int equal to a bool), and a
+    key whose __eq__ runs code is compared safely."""
+    counts: dict[Any, int] = {True: 2}
+    inodes = [writer._Inode(Node(NodeType.FILE, mtime_ns=1), b"f", None, 1) for _ in range(3)]
+    stop = _erofsmeta.survey(inodes, 0, writer._SURVEY_SHAPES, counts, bytearray(3), [])
+    assert stop == 3 and _typed(counts) == [(bool, True, int, 5)]
+
+    first = 10**12
+
+    class Rude:
+        def __hash__(self) -> int:
+            return hash(first)
+
+        def __eq__(self, other: object) -> bool:
+            rude.clear()  # the list shrinks under the loop, its inodes and mtimes go
+            return False
+
+    counts = {Rude(): 1}
+    times = (first, first + 1, first + 2)
+    rude = [writer._Inode(Node(NodeType.FILE, mtime_ns=t), b"f", None, 1) for t in times]
+    del times
+    stop = _erofsmeta.survey(rude, 0, writer._SURVEY_SHAPES, counts, bytearray(3), [])
+    # the run of `first` ends at the second inode: its flush empties the list
+    assert stop == 2 and sorted(c for c in counts if type(c) is int) == [first, first + 1]
+
+
+def test_survey_refuses_bad_input() -> None:
+    inodes = [writer._Inode(Node(NodeType.FILE), b"f", None, 1)]
+    shapes = writer._SURVEY_SHAPES
+    counts: dict[int, int] = {}
+    file_types, with_xattrs = bytearray(1), []
+    bad: list[tuple[type[Exception], tuple[object, ...]]] = [
+        (ValueError, (inodes, 0, shapes, counts, bytearray(2), with_xattrs)),  # one per inode
+        (ValueError, (inodes, -1, shapes, counts, file_types, with_xattrs)),
+        (ValueError, (inodes, 2, shapes, counts, file_types, with_xattrs)),
+        (TypeError, (inodes, 0, shapes, counts, bytes(1), with_xattrs)),  # not writable
+        (TypeError, (inodes, 0, shapes, [], file_types, with_xattrs)),
+        (TypeError, (inodes, 0, shapes[1:], counts, file_types, with_xattrs)),
+        (TypeError, (inodes, 0, (shapes[1], *shapes[1:]), counts, file_types, with_xattrs)),
+        (TypeError, (inodes, 0, (*shapes[:2], ((NodeType.FILE, 256),)), counts, file_types, [])),
+        (TypeError, (inodes, 0, (*shapes[:2], ((NodeType.FILE, True),)), counts, file_types, [])),
+        (TypeError, (tuple(inodes), 0, shapes, counts, file_types, with_xattrs)),
+    ]
+    for error, args in bad:
+        with pytest.raises(error):
+            _erofsmeta.survey(*args)  # type: ignore[arg-type]
+    assert (counts, file_types, with_xattrs) == ({}, bytearray(1), [])
+
+
+# --- xattrs ------------------------------------------------------------------------------
+
+xattr_names = _mostly(
+    st.sampled_from([b"user.a", b"user.b", b"trusted.t", b"security.selinux",
+                     b"system.posix_acl_access", b"user." + b"n" * 255, b"user."]),
+    [b"user." + b"n" * 256, b"bogus.x"],  # WriterError
+    one_in=60,
+)  # fmt: skip
+xattr_values = st.sampled_from([b"", b"v", b"w" * 100, b"x" * 1000])
+xattr_dicts = _mostly(
+    st.one_of(st.just({}), st.dictionaries(xattr_names, xattr_values, max_size=3)),
+    [None, [], [(b"user.a", b"v")], _Dict(), _Dict({b"user.a": b"v"}),
+     {b"user.%d" % i: b"v" * 200 for i in range(300)},  # an ibody too large
+     {b"user.a": b"x" * (fmt.XATTR_VALUE_SIZE_MAX + 1)}],
+    one_in=60,
+)  # fmt: skip
+
+
+@st.composite
+def xattr_inodes(draw: st.DrawFn) -> list[writer._Inode]:
+    """Inodes under one root, each named (its path names it in an error)."""
+    root = writer._Inode(Node(NodeType.DIR), b"/", None, 1)
+    inodes = [root]
+    for ino in range(2, draw(st.integers(1, 20)) + 2):
+        mtime = draw(_mostly(st.just(7), [True, 1.0]))  # now and then left to Python
+        node = Node(NodeType.FILE, mtime_ns=mtime, xattrs=draw(xattr_dicts))
+        if draw(st.integers(0, 199)) == 0:
+            del node.xattrs  # what was an AttributeError still is
+        inodes.append(writer._Inode(node, b"f%d" % ino, root, ino))
+    return inodes
+
+
+def _xattrs_outcome(assign: Callable[[], bytes], inodes: list[writer._Inode]) -> object:
+    table, error = _outcome(assign)
+    return table, error, [i.xattr_ibody for i in inodes]
+
+
+@given(xattr_inodes())
+@settings(max_examples=300, deadline=None)
+def test_xattrs_assigned_as_before(inodes: list[writer._Inode]) -> None:
+    """Only the inodes survey lists are looked at: the same ibodies and shared table, the
+    same error naming the same inode first, as when every inode was looked at."""
+    _counts, _types, with_xattrs = writer._survey(inodes)
+    ours = _xattrs_outcome(lambda: writer._assign_xattrs(inodes, with_xattrs), inodes)
+    for inode in inodes:
+        inode.xattr_ibody = b""
+    ref = _xattrs_outcome(lambda: erofsmeta_ref.assign_xattrs(inodes, writer._xattr_key), inodes)
+    assert ours == ref
+
+
+def test_xattr_errors_name_the_first_inode_in_order() -> None:
+    root = writer._Inode(Node(NodeType.DIR), b"/", None, 1)
+    inodes = [root]
+    for ino, x in enumerate([{}, {b"user.a": b"v"}, {b"bogus.1": b""}, {b"bogus.2": b""}], 2):
+        inodes.append(writer._Inode(Node(NodeType.FILE, xattrs=x), b"f%d" % ino, root, ino))
+    inodes[4].node.mtime_ns = True  # type: ignore[assignment]  # left to Python
+    _counts, _types, with_xattrs = writer._survey(inodes)
+    assert with_xattrs == [2, 3, 4]
+    with pytest.raises(WriterError, match=r"b'bogus.1' of '/f4'"):
+        writer._assign_xattrs(inodes, with_xattrs)
