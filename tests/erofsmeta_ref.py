@@ -323,3 +323,10 @@ def assign_xattrs(inodes: list[Any], xattr_key: Callable[[Any, bytes, bytes], An
             raise WriterError(f"xattrs of {os.fsdecode(inode.path)!r} too large for erofs")
         inode.xattr_ibody = body
     return bytes(table)
+
+
+def meta_sizes(inodes: list[Any]) -> tuple[list[int], bool]:
+    """Each inode's meta_size (a compressed file's from its indexes), and whether any inode
+    is compressed: the writer's two passes as they were."""
+    sizes = [i.meta_size for i in inodes]
+    return sizes, any(i.compressed is not None for i in inodes)

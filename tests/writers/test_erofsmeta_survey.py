@@ -1,7 +1,8 @@
-"""The erofs writer's survey of every inode in C (_erofsmeta.survey, with what it leaves
-handled by the writer's Python) against the writer's passes as they were in Python
-(tests/erofsmeta_ref.py): the same counts, file types, xattr ibodies and shared table,
-the same errors naming the same paths, for any inodes, hostile values included."""
+"""The erofs writer's other passes over every inode in C (_erofsmeta.survey, meta_sizes,
+with what they leave handled by the writer's Python) against the writer's passes as they
+were in Python (tests/erofsmeta_ref.py): the same counts, file types, xattr ibodies and
+shared table, meta sizes, the same errors naming the same paths, for any inodes, hostile
+values included."""
 
 from __future__ import annotations
 
@@ -268,3 +269,84 @@ def test_xattr_errors_name_the_first_inode_in_order() -> None:
     assert with_xattrs == [2, 3, 4]
     with pytest.raises(WriterError, match=r"b'bogus.1' of '/f4'"):
         writer._assign_xattrs(inodes, with_xattrs)
+
+
+# --- meta sizes -----------------------------------------------------------------------------
+
+parts = _mostly(
+    st.integers(0, 2 * BLOCK),
+    [-1, (1 << 62) - 1, 1 << 62, -(1 << 62) + 1, -(1 << 62), (1 << 63) - 1, 1 << 63, 1 << 70,
+     True, False, 1.5, _Int(3), None],
+    one_in=15,
+)  # fmt: skip
+
+
+class _FakeCompressed:
+    """What meta_size asks of a compressed file: the bytes of its indexes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def metadata_size(self, head_size: int) -> int:
+        return head_size + self.size
+
+
+@st.composite
+def sized_inodes(draw: st.DrawFn) -> list[Any]:
+    inodes: list[Any] = []
+    for ino in range(1, draw(st.integers(0, 30)) + 1):
+        inode: Any = writer._Inode(Node(NodeType.FILE), b"f", None, ino)
+        inode.head_size, inode.inline_len = draw(parts), draw(parts)
+        kind = draw(st.integers(0, 199))
+        if kind < 20:
+            inode.compressed = _FakeCompressed(draw(st.integers(0, 5 * BLOCK)))
+        elif kind == 4:
+            del inode.inline_len
+        elif kind == 5:
+            inode = types.SimpleNamespace(meta_size=draw(parts), compressed=None)
+        elif kind == 6:
+            inode.compressed = 0  # not None: meta_size asks it, and it cannot answer
+        inodes.append(inode)
+    return inodes
+
+
+@given(sized_inodes())
+@settings(max_examples=500, deadline=None)
+def test_meta_sizes_are_the_references(inodes: list[Any]) -> None:
+    ours, ours_error = _outcome(lambda: writer._meta_sizes(inodes))
+    ref, ref_error = _outcome(lambda: erofsmeta_ref.meta_sizes(inodes))
+    assert ours_error == ref_error
+    if ref_error is None:
+        assert isinstance(ours, tuple) and isinstance(ref, tuple)
+        assert _typed(ours[0]) == _typed(ref[0]) and ours[1] is ref[1]
+
+
+def test_meta_sizes_does_plain_inodes_in_c() -> None:
+    E = 1 << 62  # C sums head_size and inline_len below it in size
+    inodes = [writer._Inode(Node(NodeType.FILE), b"f", None, ino) for ino in range(4)]
+    for inode, (head, inline) in zip(
+        inodes, [(32, 0), (64, 4000), (E - 1, E - 1), (1 - E, 5)], strict=True
+    ):
+        inode.head_size, inode.inline_len = head, inline
+    sizes, left = _erofsmeta.meta_sizes(inodes, writer._META_SIZE_SLOTS)
+    assert sizes == [32, 4064, 2 * E - 2, 6 - E] and left == []
+    inodes[1].compressed = _FakeCompressed(8)  # type: ignore[assignment]
+    inodes[2].head_size = E  # with E - 1, past 64 bits: Python's
+    inodes[3].inline_len = E + 1
+    sizes, left = _erofsmeta.meta_sizes(inodes, writer._META_SIZE_SLOTS)
+    assert sizes == [32, None, None, None] and left == [1, 2, 3]
+    assert writer._meta_sizes(inodes) == ([32, 72, 2 * E - 1, 2], True)
+
+
+def test_meta_sizes_refuses_bad_input() -> None:
+    inodes = [writer._Inode(Node(NodeType.FILE), b"f", None, 1)]
+    for fields in [
+        writer._META_SIZE_SLOTS[:2],
+        writer._META_SIZE_SLOTS[::-1],
+        (writer._Inode.head_size, writer._Inode.inline_len, Node.mode),
+        _erofsmeta,
+    ]:
+        with pytest.raises(TypeError):
+            _erofsmeta.meta_sizes(inodes, fields)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _erofsmeta.meta_sizes(tuple(inodes), writer._META_SIZE_SLOTS)  # type: ignore[arg-type]

@@ -90,6 +90,14 @@
  *     (writer._SURVEY_SHAPES): the inode class's slot node, Node's type, mtime_ns and
  *     xattrs (by name), and ((type, file type), ...).
  *
+ * meta_sizes(inodes, fields) -> (sizes, left)
+ *     The bytes each inode takes in the meta area: head_size + inline_len for an
+ *     uncompressed one (compressed is None). `left` lists, in order, the places it leaves
+ *     to the writer's Python, None in `sizes`: a compressed file (the size of its indexes),
+ *     another class, an unset slot, a value that is no exact int or not below 2^62 in size.
+ *     fields (writer._META_SIZE_SLOTS): the inode class's slots head_size, inline_len,
+ *     compressed (by name).
+ *
  * Every index, size and offset is checked before it is used: bad input raises
  * ValueError, IndexError, TypeError or OverflowError, never writes out of bounds.
  */
@@ -1447,7 +1455,7 @@ static PyObject *gather_tails(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(PyList_GET_SIZE(inodes));
 }
 
-/* --- survey: the writer's other pass over every inode ------------------------------ */
+/* --- survey, meta_sizes: the writer's other passes over every inode ---------------- */
 
 /* survey's shapes (writer._SURVEY_SHAPES): the inode class's slot node; Node's type,
  * mtime_ns, xattrs (checked by name); each node type with its dirent file type. */
@@ -1626,6 +1634,64 @@ done:
     return result;
 }
 
+/* meta_sizes's slots of the inode class, by name. */
+static const char *const META_SIZE_NAMES[] = {"head_size", "inline_len", "compressed"};
+enum { MS_HEAD_SIZE, MS_INLINE_LEN, MS_COMPRESSED, MS_FIELDS };
+#define META_PART_MAX (INT64_C(1) << 62) /* head_size, inline_len below it in size: a sum fits */
+
+/* An uncompressed inode's head_size + inline_len into *size: 1; 0 if it is the writer's. */
+static int meta_size_of(PyTypeObject *cls, PyObject *const *f, PyObject *inode, int64_t *size) {
+    int64_t head, inline_len;
+    if (!Py_IS_TYPE(inode, cls))
+        return 0;
+    PyObject *compressed = slot_of(inode, f[MS_COMPRESSED]);
+    if (compressed != Py_None || !int64_of(slot_of(inode, f[MS_HEAD_SIZE]), &head) ||
+        !int64_of(slot_of(inode, f[MS_INLINE_LEN]), &inline_len) || head >= META_PART_MAX ||
+        head <= -META_PART_MAX || inline_len >= META_PART_MAX || inline_len <= -META_PART_MAX)
+        return 0;
+    *size = head + inline_len;
+    return 1;
+}
+
+static PyObject *meta_sizes(PyObject *self, PyObject *args) {
+    PyObject *inodes, *fields;
+    PyTypeObject *cls;
+    PyObject *const *f;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &inodes, &PyTuple_Type, &fields))
+        return NULL;
+    if (check_slots(fields, META_SIZE_NAMES, MS_FIELDS, &cls, &f) < 0) {
+        PyErr_SetString(PyExc_TypeError, "meta_sizes: fields are not writer.py's _META_SIZE_SLOTS");
+        return NULL;
+    }
+    /* no Python code runs below: the list keeps its length */
+    Py_ssize_t n = PyList_GET_SIZE(inodes);
+    PyObject *sizes = PyList_New(n), *left = PyList_New(0);
+    if (sizes == NULL || left == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t size;
+        PyObject *item;
+        if (meta_size_of(cls, f, PyList_GET_ITEM(inodes, i), &size)) {
+            item = PyLong_FromLongLong(size);
+        } else {
+            item = Py_NewRef(Py_None);
+            if (append_new(left, PyLong_FromSsize_t(i)) < 0) {
+                Py_DECREF(item);
+                goto fail;
+            }
+        }
+        if (item == NULL)
+            goto fail;
+        PyList_SET_ITEM(sizes, i, item);
+    }
+    return Py_BuildValue("(NN)", sizes, left);
+fail:
+    Py_XDECREF(sizes);
+    Py_XDECREF(left);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"first_fit", first_fit, METH_VARARGS,
      "first_fit(meta_sizes, block_size, slot_size, open_blocks) -> (nids, end)"},
@@ -1647,6 +1713,7 @@ static PyMethodDef methods[] = {
      "ranges) -> the inode to go on from"},
     {"survey", survey, METH_VARARGS,
      "survey(inodes, start, shapes, counts, file_types, with_xattrs) -> the inode to go on from"},
+    {"meta_sizes", meta_sizes, METH_VARARGS, "meta_sizes(inodes, fields) -> (sizes, left)"},
     {NULL, NULL, 0, NULL},
 };
 

