@@ -330,3 +330,22 @@ def meta_sizes(inodes: list[Any]) -> tuple[list[int], bool]:
     is compressed: the writer's two passes as they were."""
     sizes = [i.meta_size for i in inodes]
     return sizes, any(i.compressed is not None for i in inodes)
+
+
+def plan_dirents(directories: list[Any], dirent_size: int, block_size: int) -> None:
+    """Each directory's entries split into blocks (block_starts) and its size: the writer's
+    _plan_dirents as it was, over every directory in order."""
+    for inode in directories:
+        names = inode.names
+        used = dirent_size * len(names) + sum(map(len, names))
+        starts = [0]
+        if used > block_size:
+            used = 0
+            for i, name in enumerate(names):
+                need = dirent_size + len(name)
+                if used + need > block_size:
+                    starts.append(i)
+                    used = 0
+                used += need
+        inode.block_starts = starts
+        inode.size = (len(starts) - 1) * block_size + used

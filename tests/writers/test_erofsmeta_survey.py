@@ -1,8 +1,8 @@
 """The erofs writer's other passes over every inode in C (_erofsmeta.survey, meta_sizes,
-with what they leave handled by the writer's Python) against the writer's passes as they
-were in Python (tests/erofsmeta_ref.py): the same counts, file types, xattr ibodies and
-shared table, meta sizes, the same errors naming the same paths, for any inodes, hostile
-values included."""
+plan_dirents, with what they leave handled by the writer's Python) against the writer's
+passes as they were in Python (tests/erofsmeta_ref.py): the same counts, file types, xattr
+ibodies and shared table, meta sizes and directory plans, the same errors naming the same
+paths, for any inodes, hostile values included."""
 
 from __future__ import annotations
 
@@ -350,3 +350,88 @@ def test_meta_sizes_refuses_bad_input() -> None:
             _erofsmeta.meta_sizes(inodes, fields)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _erofsmeta.meta_sizes(tuple(inodes), writer._META_SIZE_SLOTS)  # type: ignore[arg-type]
+
+
+# --- directory plans ------------------------------------------------------------------------
+
+dir_names = st.one_of(
+    st.binary(min_size=1, max_size=fmt.NAME_LEN_MAX),
+    st.sampled_from([b".", b"..", b"x" * fmt.NAME_LEN_MAX, b"y" * (BLOCK - 11), b"z" * BLOCK]),
+)
+odd_names = st.sampled_from(["str", b"", bytearray(b"ba"), None])
+
+
+@st.composite
+def planned_directories(draw: st.DrawFn, hostile: bool = True) -> list[Any]:
+    """Directories of few to many entries (a block boundary anywhere), now and then a name
+    that is no bytes."""
+    directories: list[Any] = []
+    for ino in range(1, draw(st.integers(0, 8)) + 1):
+        inode: Any = writer._Inode(Node(NodeType.DIR), b"d", None, ino)
+        pool = draw(st.lists(dir_names, min_size=1, max_size=6))
+        count = draw(st.integers(0, draw(st.sampled_from([2, 5, 40, 300, 700]))))
+        seed = draw(st.integers(0, 99))
+        names: list[Any] = [pool[(k * k + seed) % len(pool)] for k in range(count)]
+        if hostile and names and draw(st.integers(0, 14)) == 0:
+            names[draw(st.integers(0, len(names) - 1))] = draw(odd_names)
+        inode.names = names
+        kind = draw(st.integers(0, 99)) if hostile else -1
+        if kind == 0:
+            inode.names = tuple(inode.names)
+        elif kind == 1:
+            del inode.names
+        elif kind == 2:
+            inode = types.SimpleNamespace(names=inode.names, block_starts=[], size=0)
+        directories.append(inode)
+    return directories
+
+
+def _plans(directories: list[Any]) -> list[object]:
+    return [
+        (_typed(getattr(d, "block_starts", [])), _typed([getattr(d, "size", None)]))
+        for d in directories
+    ]
+
+
+@given(planned_directories())
+@settings(max_examples=300, deadline=None)
+def test_directories_planned_as_the_reference_plans_them(directories: list[Any]) -> None:
+    ours = _outcome(lambda: writer._plan_directories(directories)), _plans(directories)
+    for d in directories:
+        d.block_starts, d.size = writer._NO_LIST, 0
+    ref = (
+        _outcome(lambda: erofsmeta_ref.plan_dirents(directories, fmt.DIRENT_SIZE, BLOCK)),
+        _plans(directories),
+    )
+    assert ours == ref
+
+
+@given(planned_directories(hostile=False), st.sampled_from([(12, 64), (12, 512), (16, 4096)]))
+@settings(max_examples=200, deadline=None)
+def test_plan_dirents_other_geometries(directories: list[Any], geometry: tuple[int, int]) -> None:
+    """Bytes names in lists: C plans every directory itself, as the reference does."""
+    dirent, block = geometry
+    stop = _erofsmeta.plan_dirents(directories, 0, writer._PLAN_SLOTS, dirent, block)
+    ours = _plans(directories)
+    erofsmeta_ref.plan_dirents(directories, dirent, block)
+    assert stop == len(directories) and ours == _plans(directories)
+
+
+def test_plan_dirents_refuses_bad_input() -> None:
+    directories = [writer._Inode(Node(NodeType.DIR), b"d", None, 1)]
+    slots = writer._PLAN_SLOTS
+    bad: list[tuple[type[Exception], tuple[object, ...]]] = [
+        (ValueError, (directories, 0, slots, 12, 0)),
+        (ValueError, (directories, 0, slots, 12, 1 << 17)),
+        (ValueError, (directories, 0, slots, 0, BLOCK)),
+        (ValueError, (directories, 0, slots, BLOCK + 1, BLOCK)),
+        (ValueError, (directories, -1, slots, 12, BLOCK)),
+        (ValueError, (directories, 2, slots, 12, BLOCK)),
+        (TypeError, (directories, 0, slots[:2], 12, BLOCK)),
+        (TypeError, (directories, 0, (slots[0], slots[2], slots[1]), 12, BLOCK)),
+        (TypeError, (tuple(directories), 0, slots, 12, BLOCK)),
+    ]
+    for error, args in bad:
+        with pytest.raises(error):
+            _erofsmeta.plan_dirents(*args)  # type: ignore[arg-type]
+    assert directories[0].block_starts is writer._NO_LIST

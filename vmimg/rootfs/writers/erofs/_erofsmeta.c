@@ -98,6 +98,16 @@
  *     fields (writer._META_SIZE_SLOTS): the inode class's slots head_size, inline_len,
  *     compressed (by name).
  *
+ * plan_dirents(directories, start, fields, dirent_size, block_size) -> int
+ *     For directories start, ...: splits its sorted entry names into blocks as
+ *     writer._plan_dirents does (an entry takes dirent_size plus its name's bytes; a block
+ *     starts where the next entry would overflow block_size) and sets its block_starts (the
+ *     first entry of each block) and size (full blocks, then what the last one uses).
+ *     Returns the first directory it leaves to the writer's Python, having set nothing for
+ *     it (names not a list of exact bytes, another class, an unset slot, over 2^40 bytes of
+ *     entries), or len(directories). fields (writer._PLAN_SLOTS): the inode class's slots
+ *     names, block_starts, size (by name).
+ *
  * Every index, size and offset is checked before it is used: bad input raises
  * ValueError, IndexError, TypeError or OverflowError, never writes out of bounds.
  */
@@ -1455,7 +1465,7 @@ static PyObject *gather_tails(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(PyList_GET_SIZE(inodes));
 }
 
-/* --- survey, meta_sizes: the writer's other passes over every inode ---------------- */
+/* --- survey, meta_sizes, plan_dirents: the writer's other passes over every inode ---- */
 
 /* survey's shapes (writer._SURVEY_SHAPES): the inode class's slot node; Node's type,
  * mtime_ns, xattrs (checked by name); each node type with its dirent file type. */
@@ -1692,6 +1702,90 @@ fail:
     return NULL;
 }
 
+/* plan_dirents's slots of the inode class, by name. */
+static const char *const PLAN_NAMES[] = {"names", "block_starts", "size"};
+enum { PD_NAMES, PD_BLOCK_STARTS, PD_SIZE, PD_FIELDS };
+#define DIR_BYTES_MAX (INT64_C(1) << 40) /* dirents and names: past it, the writer's */
+
+static Py_ssize_t offset_of(PyObject *field) {
+    return ((PyMemberDescrObject *)field)->d_member->offset;
+}
+
+/* One directory planned: its block_starts and size. 1; 0 if it is the writer's
+ * (_plan_dirents), nothing done for it; -1 with an exception set. */
+static int plan_one(PyTypeObject *cls, PyObject *const *f, PyObject *directory,
+                    int64_t dirent_size, int64_t block_size) {
+    if (!Py_IS_TYPE(directory, cls))
+        return 0;
+    PyObject *names = slot_of(directory, f[PD_NAMES]);
+    if (names == NULL || !PyList_CheckExact(names))
+        return 0;
+    Py_ssize_t n = PyList_GET_SIZE(names);
+    int64_t used = 0; /* all entries' bytes, or those of the last block */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *name = PyList_GET_ITEM(names, k);
+        if (!PyBytes_CheckExact(name) || PyBytes_GET_SIZE(name) > DIR_BYTES_MAX - dirent_size ||
+            used > DIR_BYTES_MAX - dirent_size - PyBytes_GET_SIZE(name))
+            return 0; /* a str, a bytes subclass (its own len), a directory past 1 TiB */
+        used += dirent_size + PyBytes_GET_SIZE(name);
+    }
+    PyObject *starts = PyList_New(0), *size = NULL;
+    if (starts == NULL || append_new(starts, PyLong_FromLong(0)) < 0)
+        goto fail;
+    if (used > block_size) { /* most directories fit in one block: no walk */
+        used = 0;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            int64_t need = dirent_size + PyBytes_GET_SIZE(PyList_GET_ITEM(names, k));
+            if (used + need > block_size) {
+                if (append_new(starts, PyLong_FromSsize_t(k)) < 0)
+                    goto fail;
+                used = 0;
+            }
+            used += need;
+        }
+    }
+    /* blocks <= n + 1 <= 2^40, block_size <= 2^16: no overflow */
+    if ((size = PyLong_FromLongLong((PyList_GET_SIZE(starts) - 1) * block_size + used)) == NULL)
+        goto fail;
+    Py_INCREF(directory); /* held while old values go */
+    slot_set(directory, offset_of(f[PD_BLOCK_STARTS]), starts);
+    slot_set(directory, offset_of(f[PD_SIZE]), size);
+    Py_DECREF(directory);
+    return 1;
+fail:
+    Py_XDECREF(starts);
+    return -1;
+}
+
+static PyObject *plan_dirents(PyObject *self, PyObject *args) {
+    PyObject *directories, *fields;
+    Py_ssize_t start, dirent_size, block_size;
+    PyTypeObject *cls;
+    PyObject *const *f;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nO!nn", &PyList_Type, &directories, &start, &PyTuple_Type,
+                          &fields, &dirent_size, &block_size))
+        return NULL;
+    if (check_slots(fields, PLAN_NAMES, PD_FIELDS, &cls, &f) < 0) {
+        PyErr_SetString(PyExc_TypeError, "plan_dirents: fields are not writer.py's _PLAN_SLOTS");
+        return NULL;
+    }
+    if (block_size <= 0 || block_size > BLOCK_SIZE_MAX || dirent_size <= 0 ||
+        dirent_size > block_size || start < 0 || start > PyList_GET_SIZE(directories)) {
+        PyErr_SetString(PyExc_ValueError, "plan_dirents: bad dirent size, block size or start");
+        return NULL;
+    }
+    Py_ssize_t i = start;
+    for (; i < PyList_GET_SIZE(directories); i++) { /* read again: a release runs code */
+        int rc = plan_one(cls, f, PyList_GET_ITEM(directories, i), dirent_size, block_size);
+        if (rc < 0)
+            return NULL;
+        if (rc == 0)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"first_fit", first_fit, METH_VARARGS,
      "first_fit(meta_sizes, block_size, slot_size, open_blocks) -> (nids, end)"},
@@ -1714,6 +1808,8 @@ static PyMethodDef methods[] = {
     {"survey", survey, METH_VARARGS,
      "survey(inodes, start, shapes, counts, file_types, with_xattrs) -> the inode to go on from"},
     {"meta_sizes", meta_sizes, METH_VARARGS, "meta_sizes(inodes, fields) -> (sizes, left)"},
+    {"plan_dirents", plan_dirents, METH_VARARGS,
+     "plan_dirents(directories, start, fields, dirent_size, block_size) -> the first not planned"},
     {NULL, NULL, 0, NULL},
 };
 

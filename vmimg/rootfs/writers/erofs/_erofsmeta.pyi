@@ -108,3 +108,14 @@ def survey(
 def meta_sizes(
     inodes: list[Any], fields: tuple[Any, ...], /
 ) -> tuple[list[int | None], list[int]]: ...
+
+# fields: writer._PLAN_SLOTS. Returns the first directory from `start` on that it did not
+# plan (len(directories) when it planned them all).
+def plan_dirents(
+    directories: list[Any],
+    start: int,
+    fields: tuple[Any, ...],
+    dirent_size: int,
+    block_size: int,
+    /,
+) -> int: ...
