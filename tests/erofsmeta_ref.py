@@ -6,6 +6,7 @@ writer's loops as they were in Python), as the oracle the C code is checked agai
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import os
 from collections.abc import Callable
@@ -260,3 +261,91 @@ def write_tails(
         if not 0 <= at <= len(meta) - len(tail):
             raise IndexError("a tail falls outside the meta area")
         meta[at : at + len(tail)] = tail
+
+
+def survey(
+    inodes: list[Any], file_type_of: dict[Any, int]
+) -> tuple[dict[Any, int], bytes, list[int]]:
+    """Per inode, in order: its mtime counted if not before 1970 (as collections.Counter
+    counts: the first key given stays), its dirent file type, and its place if its xattrs
+    are anything but an empty dict: the writer's _survey. (The writer also lists the places
+    of the inodes C leaves to its Python, whatever their xattrs: _assign_xattrs looks.)"""
+    counts: dict[Any, int] = {}
+    file_types = bytearray()
+    with_xattrs = []
+    for at, inode in enumerate(inodes):
+        node = inode.node
+        if node.mtime_ns >= 0:
+            counts[node.mtime_ns] = counts.get(node.mtime_ns, 0) + 1
+        file_types.append(file_type_of[node.type])
+        if type(node.xattrs) is not dict or node.xattrs:
+            with_xattrs.append(at)
+    return counts, bytes(file_types), with_xattrs
+
+
+def most_common_mtime(inodes: list[Any]) -> int:
+    """The most common mtime not before 1970, the smallest of those tied, 0 if none: the
+    writer's _most_common_mtime as it was, over the inodes."""
+    counts = collections.Counter(i.node.mtime_ns for i in inodes if i.node.mtime_ns >= 0)
+    if not counts:
+        return 0
+    best = max(counts.values())
+    return min(t for t, n in counts.items() if n == best)
+
+
+def assign_xattrs(inodes: list[Any], xattr_key: Callable[[Any, bytes, bytes], Any]) -> bytes:
+    """Each inode's xattr ibody, and the shared table: the writer's _assign_xattrs as it
+    was, looking at every inode (`xattr_key`: the writer's _xattr_key, unchanged)."""
+    keys = {
+        id(i): [xattr_key(i, n, v) for n, v in i.node.xattrs.items()]
+        for i in inodes
+        if i.node.xattrs
+    }
+    usage = collections.Counter(k for ks in keys.values() for k in ks)
+    table = bytearray()
+    shared_id: dict[Any, int] = {}
+    for key in sorted(k for k, n in usage.items() if n > 1):
+        shared_id[key] = len(table) // fmt.XATTR_ALIGN
+        table += fmt.XattrEntry(*key).pack()
+    for inode in inodes:
+        if id(inode) not in keys:
+            continue
+        own = sorted(keys[id(inode)])
+        if not own:
+            continue
+        ids = [shared_id[k] for k in own if k in shared_id][: fmt.XATTR_SHARED_COUNT_MAX]
+        taken = set(ids)
+        body = fmt.XattrIbodyHeader(tuple(ids)).pack()
+        body += b"".join(
+            fmt.XattrEntry(*k).pack() for k in own if shared_id.get(k, -1) not in taken
+        )
+        if fmt.xattr_icount(len(body)) > fmt.XATTR_ICOUNT_MAX:
+            raise WriterError(f"xattrs of {os.fsdecode(inode.path)!r} too large for erofs")
+        inode.xattr_ibody = body
+    return bytes(table)
+
+
+def meta_sizes(inodes: list[Any]) -> tuple[list[int], bool]:
+    """Each inode's meta_size (a compressed file's from its indexes), and whether any inode
+    is compressed: the writer's two passes as they were."""
+    sizes = [i.meta_size for i in inodes]
+    return sizes, any(i.compressed is not None for i in inodes)
+
+
+def plan_dirents(directories: list[Any], dirent_size: int, block_size: int) -> None:
+    """Each directory's entries split into blocks (block_starts) and its size: the writer's
+    _plan_dirents as it was, over every directory in order."""
+    for inode in directories:
+        names = inode.names
+        used = dirent_size * len(names) + sum(map(len, names))
+        starts = [0]
+        if used > block_size:
+            used = 0
+            for i, name in enumerate(names):
+                need = dirent_size + len(name)
+                if used + need > block_size:
+                    starts.append(i)
+                    used = 0
+                used += need
+        inode.block_starts = starts
+        inode.size = (len(starts) - 1) * block_size + used

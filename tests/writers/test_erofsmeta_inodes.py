@@ -109,9 +109,15 @@ def _outcome(write: Callable[[bytearray], None], meta: bytearray) -> tuple[objec
 
 
 def _python_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The writer as it was: C leaves every inode to its Python."""
+    """The writer as it was: C leaves every inode to its Python (and every directory's plan,
+    every inode's survey and meta size: tests/writers/test_erofsmeta_survey.py)."""
     monkeypatch.setattr(writer, "pack_inodes", lambda meta, inodes, nids, base, start, s: start)
     monkeypatch.setattr(writer, "gather_tails", lambda inodes, nids, base, start, *rest: start)
+    monkeypatch.setattr(writer, "survey", lambda inodes, start, *rest: start)
+    monkeypatch.setattr(
+        writer, "meta_sizes", lambda inodes, f: ([None] * len(inodes), list(range(len(inodes))))
+    )
+    monkeypatch.setattr(writer, "plan_dirents", lambda directories, start, *rest: start)
 
 
 @given(inode_lists(), st.integers(0, 3))

@@ -79,6 +79,35 @@
  *     to the writer's Python (_gather_tail: a sparse file, anything unusual as above),
  *     the one after the tail that brought `ranges` to `limit`, or len(inodes).
  *
+ * survey(inodes, start, shapes, counts, file_types, with_xattrs) -> int
+ *     For inodes start, ...: counts its node's mtime_ns in the dict `counts` (mtime ->
+ *     count, as collections.Counter counts: a key already there keeps its object) unless
+ *     it is below 0, writes its dirent file type to file_types[i] (a writable buffer of one
+ *     byte per inode), and appends i to with_xattrs unless its xattrs are an empty dict.
+ *     Returns the inode to go on from: the first it leaves to the writer's Python
+ *     (_survey_one), having done nothing for it (an mtime that is no exact int, a type with
+ *     no file type, another class, an unset slot), or len(inodes). `shapes`
+ *     (writer._SURVEY_SHAPES): the inode class's slot node, Node's type, mtime_ns and
+ *     xattrs (by name), and ((type, file type), ...).
+ *
+ * meta_sizes(inodes, fields) -> (sizes, left)
+ *     The bytes each inode takes in the meta area: head_size + inline_len for an
+ *     uncompressed one (compressed is None). `left` lists, in order, the places it leaves
+ *     to the writer's Python, None in `sizes`: a compressed file (the size of its indexes),
+ *     another class, an unset slot, a value that is no exact int or not below 2^62 in size.
+ *     fields (writer._META_SIZE_SLOTS): the inode class's slots head_size, inline_len,
+ *     compressed (by name).
+ *
+ * plan_dirents(directories, start, fields, dirent_size, block_size) -> int
+ *     For directories start, ...: splits its sorted entry names into blocks as
+ *     writer._plan_dirents does (an entry takes dirent_size plus its name's bytes; a block
+ *     starts where the next entry would overflow block_size) and sets its block_starts (the
+ *     first entry of each block) and size (full blocks, then what the last one uses).
+ *     Returns the first directory it leaves to the writer's Python, having set nothing for
+ *     it (names not a list of exact bytes, another class, an unset slot, over 2^40 bytes of
+ *     entries), or len(directories). fields (writer._PLAN_SLOTS): the inode class's slots
+ *     names, block_starts, size (by name).
+ *
  * Every index, size and offset is checked before it is used: bad input raises
  * ValueError, IndexError, TypeError or OverflowError, never writes out of bounds.
  */
@@ -1436,6 +1465,327 @@ static PyObject *gather_tails(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(PyList_GET_SIZE(inodes));
 }
 
+/* --- survey, meta_sizes, plan_dirents: the writer's other passes over every inode ---- */
+
+/* survey's shapes (writer._SURVEY_SHAPES): the inode class's slot node; Node's type,
+ * mtime_ns, xattrs (checked by name); each node type with its dirent file type. */
+static const char *const SURVEY_INODE_NAMES[] = {"node"};
+static const char *const SURVEY_NODE_NAMES[] = {"type", "mtime_ns", "xattrs"};
+enum { SV_TYPE, SV_MTIME_NS, SV_XATTRS, SV_NODE_FIELDS };
+enum { SV_SHAPE_INODE, SV_SHAPE_NODE, SV_SHAPE_FILE_TYPES, SV_SHAPES };
+#define FILE_TYPE_MAX 0xFF /* a dirent's file_type is one byte */
+
+typedef struct {
+    PyTypeObject *inode, *node;
+    PyObject *const *inode_f, *const *node_f;
+    PyObject *types[NODE_TYPES_MAX]; /* each node type and its dirent file type */
+    unsigned char file_types[NODE_TYPES_MAX];
+    Py_ssize_t ntypes;
+} survey_shapes;
+
+static int read_survey_shapes(PyObject *t, survey_shapes *s) {
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != SV_SHAPES ||
+        check_slots(PyTuple_GET_ITEM(t, SV_SHAPE_INODE), SURVEY_INODE_NAMES, 1, &s->inode,
+                    &s->inode_f) < 0 ||
+        check_slots(PyTuple_GET_ITEM(t, SV_SHAPE_NODE), SURVEY_NODE_NAMES, SV_NODE_FIELDS,
+                    &s->node, &s->node_f) < 0)
+        goto bad;
+    PyObject *pairs = PyTuple_GET_ITEM(t, SV_SHAPE_FILE_TYPES);
+    if (!PyTuple_Check(pairs) || PyTuple_GET_SIZE(pairs) > NODE_TYPES_MAX)
+        goto bad;
+    s->ntypes = PyTuple_GET_SIZE(pairs);
+    for (Py_ssize_t i = 0; i < s->ntypes; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+        long long file_type;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !int_in(PyTuple_GET_ITEM(pair, 1), 0, FILE_TYPE_MAX, &file_type))
+            goto bad;
+        s->types[i] = PyTuple_GET_ITEM(pair, 0);
+        s->file_types[i] = (unsigned char)file_type;
+    }
+    return 0;
+bad:
+    PyErr_SetString(PyExc_TypeError, "shapes are not writer.py's _SURVEY_SHAPES");
+    return -1;
+}
+
+/* The mtimes counted so far: consecutive equal ones (most inodes of a layer share one)
+ * are counted in C and added to the dict once, when another comes. */
+typedef struct {
+    PyObject *counts; /* dict: mtime -> count */
+    PyObject *key;    /* the current run's mtime, a reference held; NULL: no run */
+    int64_t value;    /* ... its value, when it fits 64 bits (fits) */
+    int fits;
+    Py_ssize_t count; /* ... and how many inodes have it */
+} mtime_runs;
+
+/* Adds the current run to the dict as Counter does (the key first given stays): 0, or -1
+ * with an exception set. A key already there (a Python-counted one) may run code. */
+static int flush_run(mtime_runs *r) {
+    PyObject *key = r->key, *count = NULL, *sum = NULL;
+    int rc = -1;
+    if (key == NULL)
+        return 0;
+    r->key = NULL;
+    if ((count = PyLong_FromSsize_t(r->count)) == NULL)
+        goto done;
+    PyObject *had = PyDict_GetItemWithError(r->counts, key); /* borrowed */
+    if (had == NULL && PyErr_Occurred())
+        goto done;
+    if (had == NULL) {
+        sum = Py_NewRef(count);
+    } else {
+        Py_INCREF(had); /* the addition may run code */
+        sum = PyNumber_Add(had, count);
+        Py_DECREF(had);
+    }
+    if (sum != NULL)
+        rc = PyDict_SetItem(r->counts, key, sum);
+done:
+    Py_DECREF(key);
+    Py_XDECREF(count);
+    Py_XDECREF(sum);
+    return rc;
+}
+
+/* Counts one mtime (an exact int) if it is not before 1970: 0, or -1 with an exception set. */
+static int count_mtime(mtime_runs *r, PyObject *mtime) {
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(mtime, &overflow);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow < 0 || (!overflow && value < 0))
+        return 0; /* before 1970: no build time (the superblock's is unsigned) */
+    if (r->key != NULL) {
+        int same = 0;
+        if (!overflow && r->fits)
+            same = value == r->value;
+        else if (overflow && !r->fits) /* both past 64 bits: exact ints, no code runs */
+            same = PyObject_RichCompareBool(mtime, r->key, Py_EQ);
+        if (same < 0)
+            return -1;
+        if (same) {
+            r->count++;
+            return 0;
+        }
+    }
+    Py_INCREF(mtime); /* the flush may run code that lets the node's go */
+    if (flush_run(r) < 0) {
+        Py_DECREF(mtime);
+        return -1;
+    }
+    r->key = mtime;
+    r->value = value;
+    r->fits = !overflow;
+    r->count = 1;
+    return 0;
+}
+
+/* One inode surveyed: its file type, its place in with_xattrs if its xattrs are anything
+ * but an empty dict, its mtime counted. 1; 0 if it is the writer's (_survey_one), nothing
+ * done for it; -1 with an exception set. */
+static int survey_one(const survey_shapes *s, PyObject *inode, Py_ssize_t i,
+                      unsigned char *file_types, PyObject *with_xattrs, mtime_runs *runs) {
+    if (!Py_IS_TYPE(inode, s->inode))
+        return 0;
+    PyObject *node = slot_of(inode, s->inode_f[0]);
+    if (node == NULL || !Py_IS_TYPE(node, s->node))
+        return 0;
+    PyObject *type = slot_of(node, s->node_f[SV_TYPE]);
+    PyObject *mtime = slot_of(node, s->node_f[SV_MTIME_NS]);
+    PyObject *xattrs = slot_of(node, s->node_f[SV_XATTRS]);
+    if (type == NULL || mtime == NULL || xattrs == NULL || !PyLong_CheckExact(mtime))
+        return 0; /* a bool, a float, an int subclass: Python compares and counts it */
+    Py_ssize_t t = 0;
+    while (t < s->ntypes && s->types[t] != type)
+        t++;
+    if (t == s->ntypes)
+        return 0; /* no file type: the writer's lookup raises */
+    file_types[i] = s->file_types[t];
+    if ((!PyDict_CheckExact(xattrs) || PyDict_GET_SIZE(xattrs) != 0) &&
+        append_new(with_xattrs, PyLong_FromSsize_t(i)) < 0)
+        return -1;
+    return count_mtime(runs, mtime) < 0 ? -1 : 1;
+}
+
+static PyObject *survey(PyObject *self, PyObject *args) {
+    PyObject *inodes, *shapes, *counts, *with_xattrs;
+    Py_ssize_t start;
+    Py_buffer file_types;
+    survey_shapes s;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nOO!w*O!", &PyList_Type, &inodes, &start, &shapes,
+                          &PyDict_Type, &counts, &file_types, &PyList_Type, &with_xattrs))
+        return NULL;
+    PyObject *result = NULL;
+    mtime_runs runs = {counts, NULL, 0, 0, 0};
+    if (read_survey_shapes(shapes, &s) < 0)
+        goto done;
+    if (file_types.len != PyList_GET_SIZE(inodes) || start < 0 ||
+        start > PyList_GET_SIZE(inodes)) {
+        PyErr_SetString(PyExc_ValueError, "survey: one file type per inode, start within them");
+        goto done;
+    }
+    Py_ssize_t i = start;
+    /* both bounds read again: a flush may run code (a Python-counted key's __eq__) */
+    for (; i < PyList_GET_SIZE(inodes) && i < file_types.len; i++) {
+        int rc = survey_one(&s, PyList_GET_ITEM(inodes, i), i, (unsigned char *)file_types.buf,
+                            with_xattrs, &runs);
+        if (rc < 0)
+            goto done;
+        if (rc == 0)
+            break;
+    }
+    if (flush_run(&runs) == 0)
+        result = PyLong_FromSsize_t(i);
+done:
+    Py_CLEAR(runs.key);
+    PyBuffer_Release(&file_types);
+    return result;
+}
+
+/* meta_sizes's slots of the inode class, by name. */
+static const char *const META_SIZE_NAMES[] = {"head_size", "inline_len", "compressed"};
+enum { MS_HEAD_SIZE, MS_INLINE_LEN, MS_COMPRESSED, MS_FIELDS };
+#define META_PART_MAX (INT64_C(1) << 62) /* head_size, inline_len below it in size: a sum fits */
+
+/* An uncompressed inode's head_size + inline_len into *size: 1; 0 if it is the writer's. */
+static int meta_size_of(PyTypeObject *cls, PyObject *const *f, PyObject *inode, int64_t *size) {
+    int64_t head, inline_len;
+    if (!Py_IS_TYPE(inode, cls))
+        return 0;
+    PyObject *compressed = slot_of(inode, f[MS_COMPRESSED]);
+    if (compressed != Py_None || !int64_of(slot_of(inode, f[MS_HEAD_SIZE]), &head) ||
+        !int64_of(slot_of(inode, f[MS_INLINE_LEN]), &inline_len) || head >= META_PART_MAX ||
+        head <= -META_PART_MAX || inline_len >= META_PART_MAX || inline_len <= -META_PART_MAX)
+        return 0;
+    *size = head + inline_len;
+    return 1;
+}
+
+static PyObject *meta_sizes(PyObject *self, PyObject *args) {
+    PyObject *inodes, *fields;
+    PyTypeObject *cls;
+    PyObject *const *f;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &inodes, &PyTuple_Type, &fields))
+        return NULL;
+    if (check_slots(fields, META_SIZE_NAMES, MS_FIELDS, &cls, &f) < 0) {
+        PyErr_SetString(PyExc_TypeError, "meta_sizes: fields are not writer.py's _META_SIZE_SLOTS");
+        return NULL;
+    }
+    /* no Python code runs below: the list keeps its length */
+    Py_ssize_t n = PyList_GET_SIZE(inodes);
+    PyObject *sizes = PyList_New(n), *left = PyList_New(0);
+    if (sizes == NULL || left == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t size;
+        PyObject *item;
+        if (meta_size_of(cls, f, PyList_GET_ITEM(inodes, i), &size)) {
+            item = PyLong_FromLongLong(size);
+        } else {
+            item = Py_NewRef(Py_None);
+            if (append_new(left, PyLong_FromSsize_t(i)) < 0) {
+                Py_DECREF(item);
+                goto fail;
+            }
+        }
+        if (item == NULL)
+            goto fail;
+        PyList_SET_ITEM(sizes, i, item);
+    }
+    return Py_BuildValue("(NN)", sizes, left);
+fail:
+    Py_XDECREF(sizes);
+    Py_XDECREF(left);
+    return NULL;
+}
+
+/* plan_dirents's slots of the inode class, by name. */
+static const char *const PLAN_NAMES[] = {"names", "block_starts", "size"};
+enum { PD_NAMES, PD_BLOCK_STARTS, PD_SIZE, PD_FIELDS };
+#define DIR_BYTES_MAX (INT64_C(1) << 40) /* dirents and names: past it, the writer's */
+
+static Py_ssize_t offset_of(PyObject *field) {
+    return ((PyMemberDescrObject *)field)->d_member->offset;
+}
+
+/* One directory planned: its block_starts and size. 1; 0 if it is the writer's
+ * (_plan_dirents), nothing done for it; -1 with an exception set. */
+static int plan_one(PyTypeObject *cls, PyObject *const *f, PyObject *directory,
+                    int64_t dirent_size, int64_t block_size) {
+    if (!Py_IS_TYPE(directory, cls))
+        return 0;
+    PyObject *names = slot_of(directory, f[PD_NAMES]);
+    if (names == NULL || !PyList_CheckExact(names))
+        return 0;
+    Py_ssize_t n = PyList_GET_SIZE(names);
+    int64_t used = 0; /* all entries' bytes, or those of the last block */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *name = PyList_GET_ITEM(names, k);
+        if (!PyBytes_CheckExact(name) || PyBytes_GET_SIZE(name) > DIR_BYTES_MAX - dirent_size ||
+            used > DIR_BYTES_MAX - dirent_size - PyBytes_GET_SIZE(name))
+            return 0; /* a str, a bytes subclass (its own len), a directory past 1 TiB */
+        used += dirent_size + PyBytes_GET_SIZE(name);
+    }
+    PyObject *starts = PyList_New(0), *size = NULL;
+    if (starts == NULL || append_new(starts, PyLong_FromLong(0)) < 0)
+        goto fail;
+    if (used > block_size) { /* most directories fit in one block: no walk */
+        used = 0;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            int64_t need = dirent_size + PyBytes_GET_SIZE(PyList_GET_ITEM(names, k));
+            if (used + need > block_size) {
+                if (append_new(starts, PyLong_FromSsize_t(k)) < 0)
+                    goto fail;
+                used = 0;
+            }
+            used += need;
+        }
+    }
+    /* blocks <= n + 1 <= 2^40, block_size <= 2^16: no overflow */
+    if ((size = PyLong_FromLongLong((PyList_GET_SIZE(starts) - 1) * block_size + used)) == NULL)
+        goto fail;
+    Py_INCREF(directory); /* held while old values go */
+    slot_set(directory, offset_of(f[PD_BLOCK_STARTS]), starts);
+    slot_set(directory, offset_of(f[PD_SIZE]), size);
+    Py_DECREF(directory);
+    return 1;
+fail:
+    Py_XDECREF(starts);
+    return -1;
+}
+
+static PyObject *plan_dirents(PyObject *self, PyObject *args) {
+    PyObject *directories, *fields;
+    Py_ssize_t start, dirent_size, block_size;
+    PyTypeObject *cls;
+    PyObject *const *f;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nO!nn", &PyList_Type, &directories, &start, &PyTuple_Type,
+                          &fields, &dirent_size, &block_size))
+        return NULL;
+    if (check_slots(fields, PLAN_NAMES, PD_FIELDS, &cls, &f) < 0) {
+        PyErr_SetString(PyExc_TypeError, "plan_dirents: fields are not writer.py's _PLAN_SLOTS");
+        return NULL;
+    }
+    if (block_size <= 0 || block_size > BLOCK_SIZE_MAX || dirent_size <= 0 ||
+        dirent_size > block_size || start < 0 || start > PyList_GET_SIZE(directories)) {
+        PyErr_SetString(PyExc_ValueError, "plan_dirents: bad dirent size, block size or start");
+        return NULL;
+    }
+    Py_ssize_t i = start;
+    for (; i < PyList_GET_SIZE(directories); i++) { /* read again: a release runs code */
+        int rc = plan_one(cls, f, PyList_GET_ITEM(directories, i), dirent_size, block_size);
+        if (rc < 0)
+            return NULL;
+        if (rc == 0)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"first_fit", first_fit, METH_VARARGS,
      "first_fit(meta_sizes, block_size, slot_size, open_blocks) -> (nids, end)"},
@@ -1455,6 +1805,11 @@ static PyMethodDef methods[] = {
     {"gather_tails", gather_tails, METH_VARARGS,
      "gather_tails(inodes, nids, base, start, limit, shapes, places, pieces, read_places, "
      "ranges) -> the inode to go on from"},
+    {"survey", survey, METH_VARARGS,
+     "survey(inodes, start, shapes, counts, file_types, with_xattrs) -> the inode to go on from"},
+    {"meta_sizes", meta_sizes, METH_VARARGS, "meta_sizes(inodes, fields) -> (sizes, left)"},
+    {"plan_dirents", plan_dirents, METH_VARARGS,
+     "plan_dirents(directories, start, fields, dirent_size, block_size) -> the first not planned"},
     {NULL, NULL, 0, NULL},
 };
 

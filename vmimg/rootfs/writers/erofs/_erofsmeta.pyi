@@ -89,3 +89,33 @@ def gather_tails(
     ranges: list[tuple[Any, int, int]],
     /,
 ) -> int: ...
+
+# shapes: writer._SURVEY_SHAPES; counts, file_types (one byte per inode) and with_xattrs are
+# filled in. Returns the first inode from `start` on that it left to the caller
+# (len(inodes) when it surveyed them all).
+def survey(
+    inodes: list[Any],
+    start: int,
+    shapes: tuple[Any, ...],
+    counts: dict[int, int],
+    file_types: bytearray,
+    with_xattrs: list[int],
+    /,
+) -> int: ...
+
+# fields: writer._META_SIZE_SLOTS. Returns the sizes, None at each place in `left` (the
+# inodes it left to the caller: compressed ones, anything unusual).
+def meta_sizes(
+    inodes: list[Any], fields: tuple[Any, ...], /
+) -> tuple[list[int | None], list[int]]: ...
+
+# fields: writer._PLAN_SLOTS. Returns the first directory from `start` on that it did not
+# plan (len(directories) when it planned them all).
+def plan_dirents(
+    directories: list[Any],
+    start: int,
+    fields: tuple[Any, ...],
+    dirent_size: int,
+    block_size: int,
+    /,
+) -> int: ...

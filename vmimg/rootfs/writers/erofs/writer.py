@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any
+from typing import Any, cast
 
 from vmimg.errors import WriterError
 from vmimg.image.fsutil import pwrite_all
@@ -57,9 +57,12 @@ from vmimg.rootfs.writers.erofs._erofsmeta import (
     dir_blocks,
     first_fit,
     gather_tails,
+    meta_sizes,
     pack_inodes,
     place_plain,
+    plan_dirents,
     scatter,
+    survey,
 )
 from vmimg.rootfs.writers.erofs.compress import (
     CHUNK_SIZE,
@@ -156,33 +159,32 @@ def write_erofs(tree: Tree, reader: ContentReader, out_fd: int, options: ErofsOp
     compress = make_compressor(options.compress, options.compress_level)
     volume_name = _volume_name(options.label)
     inodes, directories = _collect_inodes(tree)
-    build_time_ns = _most_common_mtime(inodes)
-    shared_table = _assign_xattrs(inodes)
-    for directory in directories:
-        _plan_dirents(directory)
+    mtime_counts, file_types, with_xattrs = _survey(inodes)
+    build_time_ns = _most_common_mtime(mtime_counts)
+    shared_table = _assign_xattrs(inodes, with_xattrs)
+    _plan_directories(directories)
     _decide_inode_versions(inodes, build_time_ns)
 
     data = _DataArea(out_fd, reader, first_block=1)
     _place_data(data, inodes, directories, compress)
 
     meta_blkaddr = data.next_block
-    meta_sizes = [i.meta_size for i in inodes]
-    nids, meta_length = _assign_nids(meta_sizes)
+    sizes, compressed = _meta_sizes(inodes)
+    nids, meta_length = _assign_nids(sizes)
     xattr_blkaddr = meta_blkaddr + meta_length // BLOCK
     total_blocks = xattr_blkaddr + blocks_for(len(shared_table))
     if total_blocks > fmt.BLOCKS_MAX:
         raise WriterError("the tree needs an erofs image over 16 TiB (32-bit block numbers)")
-    meta = _MetaArea(out_fd, meta_blkaddr * BLOCK, meta_length, nids, meta_sizes)
-    meta_digest = _write_meta_area(meta, inodes, directories, data)
+    meta = _MetaArea(out_fd, meta_blkaddr * BLOCK, meta_length, nids, sizes)
+    meta_digest = _write_meta_area(meta, inodes, directories, data, file_types)
     root_nid = nids[0]
-    del nids, meta_sizes, meta
+    del nids, sizes, meta
     if shared_table:
         os.pwrite(out_fd, shared_table, xattr_blkaddr * BLOCK)
 
     digest = hashlib.sha256(b"vmimg-erofs\0" + options.seed)
     digest.update(meta_digest)
     digest.update(hashlib.sha256(shared_table).digest())
-    compressed = any(i.compressed is not None for i in inodes)
     sb = fmt.Superblock(
         root_nid=root_nid,
         inos=len(inodes),
@@ -267,11 +269,15 @@ class _MetaArea:
 
 
 def _write_meta_area(
-    meta: _MetaArea, inodes: list[_Inode], directories: list[_Inode], data: _DataArea
+    meta: _MetaArea,
+    inodes: list[_Inode],
+    directories: list[_Inode],
+    data: _DataArea,
+    file_types: bytes,
 ) -> bytes:
     """Render every inode into the meta area, and after each its inline tail or compression
     indexes (writing the directory blocks, which need the nids, on the way); return the
-    area's sha256 digest.
+    area's sha256 digest. `file_types`: each inode's dirent file type (_survey).
 
     The area is rendered META_GROUP inodes at a time into a window of the blocks they
     touch, read back from the image first: first-fit leaves a few blocks open for later
@@ -279,7 +285,6 @@ def _write_meta_area(
     made it part of the peak (11.5 MiB for 100,000 small files; 46 MiB for 400,000)."""
     os.ftruncate(meta.fd, meta.at + meta.length)  # the area reads as zeros until written
     slot = fmt.INODE_SLOT_SIZE
-    file_types = bytes([_FILE_TYPE[i.node.type] for i in inodes])
     pending = iter(directories)  # in inode order, as the groups go
     directory = next(pending, None)
     for start in range(0, len(inodes), META_GROUP):
@@ -342,10 +347,52 @@ def _check_name(name: bytes, parent: _Inode) -> None:
         raise WriterError(f"erofs cannot store the name {name!r} in {os.fsdecode(parent.path)!r}")
 
 
-def _most_common_mtime(inodes: list[_Inode]) -> int:
+def _survey(inodes: list[_Inode]) -> tuple[dict[int, int], bytes, list[int]]:
+    """One pass over every inode for what the writer needs of all of them: how many have
+    each mtime (those before 1970 not counted; _most_common_mtime picks the build time),
+    each one's dirent file type, and the places of those whose xattrs _assign_xattrs must
+    look at (all but those with an empty dict). The loop is C's (_erofsmeta.survey; its
+    Python twin is in tests/erofsmeta_ref.py): it stops at any inode it leaves to
+    _survey_one (an mtime that is no plain int, anything unusual), to go on after it. The
+    three Python passes it replaces were a sixth of the writer's time for 100,000 small
+    files (55 ms; 4 ms now).
+
+    A node type with no file type (none in a Tree) raises KeyError here, before any data is
+    written, where the meta area's writing raised it before."""
+    counts: dict[int, int] = {}  # as collections.Counter counts: the first key given stays
+    file_types = bytearray(len(inodes))
+    with_xattrs: list[int] = []
+    at, count = 0, len(inodes)
+    while (at := survey(inodes, at, _SURVEY_SHAPES, counts, file_types, with_xattrs)) < count:
+        _survey_one(inodes[at], at, counts, file_types, with_xattrs)
+        at += 1
+    return counts, bytes(file_types), with_xattrs
+
+
+def _survey_one(
+    inode: _Inode, at: int, counts: dict[int, int], file_types: bytearray, with_xattrs: list[int]
+) -> None:
+    """One inode as _survey surveys it: what survey leaves to Python. Its xattrs are left to
+    _assign_xattrs to look at, whatever they are (it raises any error they bring, in order)."""
+    node = inode.node
+    mtime_ns = node.mtime_ns
+    if mtime_ns >= 0:
+        counts[mtime_ns] = counts.get(mtime_ns, 0) + 1
+    file_types[at] = _FILE_TYPE[node.type]
+    with_xattrs.append(at)
+
+
+# survey's shapes: the slots it reads (of _Inode, then Node), each type's dirent file type.
+_SURVEY_SHAPES = (
+    _slots(_Inode, "node"),
+    _slots(Node, "type", "mtime_ns", "xattrs"),
+    tuple(_FILE_TYPE.items()),
+)
+
+
+def _most_common_mtime(counts: dict[int, int]) -> int:
     """The build time: compact inodes carry no mtime and read this one instead,
-    so the most common mtime lets the most inodes stay compact."""
-    counts = collections.Counter(i.node.mtime_ns for i in inodes if i.node.mtime_ns >= 0)
+    so the most common mtime (of `counts`, _survey's) lets the most inodes stay compact."""
     if not counts:
         return 0  # the superblock's build time is unsigned
     best = max(counts.values())
@@ -447,15 +494,17 @@ def _xattr_key(inode: _Inode, name: bytes, value: bytes) -> _XattrKey:
     raise WriterError(f"{shown()}: erofs stores only user., trusted., security. and ACL xattrs")
 
 
-def _assign_xattrs(inodes: list[_Inode]) -> bytes:
-    """Fill each inode's xattr ibody; return the shared xattr table.
+def _assign_xattrs(inodes: list[_Inode], with_xattrs: list[int]) -> bytes:
+    """Fill each inode's xattr ibody; return the shared xattr table. Only the inodes at
+    `with_xattrs` (_survey's, in order) can have any: the others' are empty dicts.
 
     An xattr (name and value) that two or more inodes carry is stored once in
     the shared area and referenced by its id (offset / 4 from xattr_blkaddr).
     """
+    candidates = [inodes[at] for at in with_xattrs]
     keys = {
         id(i): [_xattr_key(i, n, v) for n, v in i.node.xattrs.items()]
-        for i in inodes
+        for i in candidates
         if i.node.xattrs
     }
     usage = collections.Counter(k for ks in keys.values() for k in ks)
@@ -464,7 +513,7 @@ def _assign_xattrs(inodes: list[_Inode]) -> bytes:
     for key in sorted(k for k, n in usage.items() if n > 1):
         shared_id[key] = len(table) // fmt.XATTR_ALIGN
         table += fmt.XattrEntry(*key).pack()
-    for inode in inodes:
+    for inode in candidates:
         if id(inode) not in keys:
             continue
         own = sorted(keys[id(inode)])
@@ -485,6 +534,17 @@ def _assign_xattrs(inodes: list[_Inode]) -> bytes:
 # --- directories ----------------------------------------------------------------
 
 
+def _plan_directories(directories: list[_Inode]) -> None:
+    """_plan_dirents for every directory. The loop is C's (_erofsmeta.plan_dirents; its
+    Python twin is in tests/erofsmeta_ref.py): it stops at any directory it leaves to
+    _plan_dirents (a name that is no plain bytes, anything unusual), to go on after it. The
+    Python loop took 16 ms for the 10,000 directories of 100,000 small files; this takes 3."""
+    at, count = 0, len(directories)
+    while (at := plan_dirents(directories, at, _PLAN_SLOTS, fmt.DIRENT_SIZE, BLOCK)) < count:
+        _plan_dirents(directories[at])
+        at += 1
+
+
 def _plan_dirents(inode: _Inode) -> None:
     """Split the sorted entries into blocks (dirents first, then their names) and so
     size the directory: full blocks, then what the last one uses."""
@@ -502,6 +562,9 @@ def _plan_dirents(inode: _Inode) -> None:
             used += need
     inode.block_starts = starts
     inode.size = (len(starts) - 1) * BLOCK + used
+
+
+_PLAN_SLOTS = _slots(_Inode, "names", "block_starts", "size")  # what plan_dirents reads, sets
 
 
 # --- the data area --------------------------------------------------------------
@@ -740,6 +803,21 @@ class _DataArea:
 
 
 # --- the meta area --------------------------------------------------------------
+
+
+def _meta_sizes(inodes: list[_Inode]) -> tuple[list[int], bool]:
+    """Each inode's meta_size, and whether any inode is compressed. The sizes of the
+    uncompressed ones are C's (_erofsmeta.meta_sizes; its Python twin is in
+    tests/erofsmeta_ref.py); it leaves the compressed ones (their indexes) and anything
+    unusual for Python to fill. The two Python passes took 22 ms for 100,000 small files;
+    this takes 3."""
+    sizes, left = meta_sizes(inodes, _META_SIZE_SLOTS)
+    for at in left:
+        sizes[at] = inodes[at].meta_size
+    return cast(list[int], sizes), any(inodes[at].compressed is not None for at in left)
+
+
+_META_SIZE_SLOTS = _slots(_Inode, "head_size", "inline_len", "compressed")  # what meta_sizes reads
 
 
 def _assign_nids(meta_sizes: list[int]) -> tuple[list[int], int]:
