@@ -402,3 +402,226 @@ def test_c_fast_path_takes_plain_files_and_hands_back_the_rest() -> None:
     for bad in ((), flatten_module._SHAPES[:-1], (int, *flatten_module._SHAPES[1:])):
         with pytest.raises(TypeError):
             flatten_module._apply_files([], {}, {}, "t", bad)
+
+
+# -- directories through the C path --------------------------------------------------------
+
+N255 = b"n" * flatten_module.NAME_MAX
+M40 = DEEP + b"/" + b"m" * 40  # 4056 bytes: a name of 39 more under it is at PATH_MAX
+# Directory entry names: nested short ones (some first met as a file, "f", or through a
+# symlink, "s" -> "a"), heads written in other ways ("./a", "a//b", "/a", "a/b/"), names at
+# NAME_MAX, and ones ending at PATH_MAX from the root; in hostile layers, one byte past.
+DIR_NAMES = (b"a", b"a/b", b"a/b/c", b"a/b/c/d", b"a/c", b"b", b"b/a", b"f", b"a/f", b"f/a",
+             b"s", b"s/b", b"s/b/c", b"./a/b", b"a//b/c", b"/a/b", b"a/./b", b"a/b/",
+             b"a/" + N255, b"a/" + N255 + b"/c", M40, M40 + b"/" + b"k" * 39,
+             DEEP + b"/" + b"x" * 80)  # fmt: skip
+PAST_LIMITS = (b"a/" + N255 + b"n", M40 + b"/" + b"k" * 40, DEEP + b"/" + b"x" * 81)
+# Whole chains of directory entries, each after its parent: the C path's deep runs.
+DIR_CHAINS = (M40 + b"/" + b"k" * 39, b"/".join([b"d"] * 40), b"a/b/c/d", b"s/b/c",
+              b"a/" + N255 + b"/c")  # fmt: skip
+# Mostly directories; files and symlinks over them (and hardlinks, in hostile layers);
+# whiteouts that clear parents.
+DIR_TYPES = (*[b"5"] * 10, b"0", b"0", b"2")
+DIR_WHITEOUTS = (b".wh.a", b"a/.wh.b", b"a/.wh..wh..opq", b"a/b/.wh.c")
+
+
+@st.composite
+def _dir_layer(draw: st.DrawFn) -> list[Entry]:
+    def entry(name: bytes, kind: bytes) -> Entry:
+        target = draw(st.sampled_from((b"a", b"a/b", b"b", b"f"))) if kind in (b"1", b"2") else b""
+        return Entry(
+            name,
+            kind,
+            draw(st.sampled_from((0o755, 0o40755, 0o1777, 0o700, -1, 1 << 70))),
+            draw(st.sampled_from((0, 1000, 1 << 40))),
+            draw(st.sampled_from((0, 7))),
+            # a new int object per entry, as the tar scanner makes: `times` shares them
+            int(str(draw(st.sampled_from((0, 10**18, 1_600_000_000_123_456_789))))),
+            0,
+            target,
+            0,
+            0,
+            512 * len(out),
+            draw(st.sampled_from(({}, {}, {}, {}, {b"user.a": b"1"}))),
+            None,
+        )
+
+    out: list[Entry] = []
+    # Half the layers stay within the limits (an error ends the flatten, and the comparison)
+    hostile = draw(st.booleans())
+    names = st.sampled_from(DIR_NAMES * 3 + PAST_LIMITS if hostile else DIR_NAMES)
+    types = st.sampled_from((*DIR_TYPES * 4, b"1") if hostile else DIR_TYPES)
+    for _ in range(draw(st.integers(1, 25))):
+        what = draw(st.integers(0, 9))
+        if what == 0:
+            chain = draw(st.sampled_from(DIR_CHAINS)).split(b"/")
+            out += [entry(b"/".join(chain[: i + 1]), b"5") for i in range(len(chain))]
+        elif what == 1:
+            out.append(entry(draw(st.sampled_from(DIR_WHITEOUTS)), b"0"))
+        else:
+            out.append(entry(draw(names), draw(types)))
+    return out
+
+
+def _flattened_state(stack: list[list[Entry]]) -> object:
+    """_flattened, with how the nodes share their mtime objects, the empty xattrs dict and
+    their children dicts, and what the flattener's `parents` ends up holding (each directory
+    by the first path that holds it, and its bound)."""
+    made: list[flatten_module._Flattener] = []
+
+    class Recording(flatten_module._Flattener):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    layers = [LayerFile(f"/layer{i}.tar", f"l{i}", list(es)) for i, es in enumerate(stack)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flatten_module, "_Flattener", Recording)
+        try:
+            tree = flatten(layers)
+        except LayerError as e:
+            return str(e)
+    paths: dict[int, bytes] = {}
+    firsts: dict[int, int] = {}
+    sharing = []
+    for i, (path, node) in enumerate(tree.walk()):
+        paths.setdefault(id(node), path)
+        sharing.append(
+            (
+                firsts.setdefault(id(node.mtime_ns), i),
+                node.xattrs is flatten_module._NO_XATTRS,
+                None if node.children is None else firsts.setdefault(id(node.children), i),
+            )
+        )
+    (f,) = made
+    parents = {head: (paths.get(id(node)), bound) for head, (node, bound) in f.parents.items()}
+    return _tree_dump(tree), sharing, parents
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_dir_layer(), min_size=1, max_size=3))
+def test_c_directories_make_the_tree_parents_and_errors_apply_entry_makes(
+    stack: list[list[Entry]],
+) -> None:
+    """Directory entries, new, over directories (in later layers and the same one), over
+    files and symlinks, with xattrs, at NAME_MAX and PATH_MAX and one past, in long chains
+    and under heads not met yet: with the C path, the same tree (every field, which nodes
+    share mtimes, the empty xattrs and children dicts), the same `parents` and the same
+    errors as apply_entry alone; and the same tree as the reference that remembers no
+    directory (every parent found by _place)."""
+    with_c = _flattened_state(stack)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flatten_module, "_apply_files", None)
+        assert _flattened_state(stack) == with_c
+        mp.setattr(flatten_module._Flattener, "_remember_dir", lambda *_: None)
+        reference = _flattened_state(stack)
+    if isinstance(with_c, str):
+        assert reference == with_c
+    else:
+        assert isinstance(reference, tuple) and reference[:2] == with_c[:2]
+
+
+def test_c_fast_path_applies_plain_directories_and_hands_back_the_rest() -> None:
+    def entry(name: bytes, **kw: object) -> Entry:
+        return dataclasses.replace(Entry(name, b"5", 0o40750, 5, 6, 7, 0, b"", 0, 0, 512), **kw)
+
+    def applied(*in_order: Entry) -> list[bytes]:
+        """What apply_files applies of `in_order`: the names it leaves, in order."""
+        entries = list(reversed(in_order))
+        taken = flatten_module._apply_files(
+            entries, f.parents, f.times, "t", flatten_module._SHAPES
+        )
+        assert taken == len(in_order) - len(entries)
+        return [e.name for e in reversed(entries)]
+
+    f = flatten_module._Flattener()
+    f.apply_entry(entry(b"d"), "t")  # Python: the root remembered by _place, d by _remember_dir
+    f.apply_entry(entry(b"d/file", type=b"0"), "t")
+    f.apply_entry(entry(b"d/link", type=b"2", linkname=b"x"), "t")
+    f.apply_entry(entry(DEEP), "t")
+    d = f.tree.get(b"/d")
+    assert d is not None and d.children is not None and f.parents[b"d"] == (d, 2)
+    first, second = int("1000000000000000001"), int("1000000000000000001")  # `times` shares
+    assert first is not second
+    rest = [entry(b"d/file"), entry(b"d/x", type=b"0")]
+    assert applied(entry(b"d/e", mtime_ns=first), entry(b"d/e/f", uid=1 << 40),
+                   entry(b"d/e", mode=0o104700, uid=8, gid=9, mtime_ns=second),
+                   entry(b"d/" + N255), entry(DEEP + b"/" + b"x" * 80), *rest) == [
+        b"d/file", b"d/x"]  # fmt: skip
+    e = d.children[b"e"]
+    assert type(e) is Node and e.type is NodeType.DIR and (e.mode, e.uid, e.gid) == (0o4700, 8, 9)
+    assert e.mtime_ns is f.times[first] is first  # the first one met, as setdefault keeps
+    assert e.xattrs is flatten_module._NO_XATTRS
+    assert (e.target, e.rdev, e.content) == (None, (0, 0), None)
+    assert e.children is not None and sorted(e.children) == [b"f"]  # kept over the second
+    ef = e.children[b"f"]
+    assert ef.uid == 1 << 40 and ef.children == {}
+    assert len({id(n.children) for n in (d, e, ef)}) == 3  # a dict of its own each
+    deep = f.tree.get(b"/" + DEEP)
+    assert deep is not None and f.parents[DEEP] == (deep, len(DEEP) + 1)
+    assert f.parents[b"d/e"] == (e, 4) and f.parents[b"d/e/f"] == (ef, 6)
+    assert f.parents[b"d/" + N255] == (d.children[N255], 2 + 255 + 1)
+    assert f.parents[DEEP + b"/" + b"x" * 80][1] == PATH_MAX + 1  # a name under it is past
+    # Handed back unchanged: over a file, a symlink; with xattrs; an unknown head; names not
+    # plain or past a limit; a mode past 64 bits; a type flag not one byte
+    handed_back = [entry(b"d/file"), entry(b"d/link"), entry(b"d/y", xattrs={b"user.a": b""}),
+                   entry(b"unknown/y"), entry(b"d/"), entry(b"d/."), entry(b"d/.."),
+                   entry(b"d/.wh.y"), entry(b"d/" + N255 + b"n"),
+                   entry(DEEP + b"/" + b"x" * 81), entry(b"d/y", mode=1 << 70)]  # fmt: skip
+    before = _tree_dump(f.tree), dict(f.parents), dict(f.times)
+    for h in handed_back:
+        assert applied(h) == [h.name]
+    assert applied(dataclasses.replace(entry(b"d/y"), type=b"5 ")) == [b"d/y"]
+    assert (_tree_dump(f.tree), f.parents, f.times) == before
+    # What Python makes of them all, applied one by one: the same tree and parents
+    g = flatten_module._Flattener()
+    for h in (entry(b"d"), entry(b"d/file", type=b"0"), entry(b"d/link", type=b"2", linkname=b"x"),
+              entry(DEEP), entry(b"d/e", mtime_ns=first), entry(b"d/e/f", uid=1 << 40),
+              entry(b"d/e", mode=0o104700, uid=8, gid=9, mtime_ns=second),
+              entry(b"d/" + N255), entry(DEEP + b"/" + b"x" * 80)):  # fmt: skip
+        g.apply_entry(h, "t")
+    assert _tree_dump(g.tree) == _tree_dump(f.tree)
+    assert {k: v[1] for k, v in g.parents.items()} == {k: v[1] for k, v in f.parents.items()}
+    shapes = flatten_module._SHAPES
+    dir_at = shapes.index(NodeType.DIR)
+    for bad in ((*shapes[:dir_at], NodeType.FILE, *shapes[dir_at + 1 :]), shapes[:dir_at]):
+        with pytest.raises(TypeError):
+            flatten_module._apply_files([], {}, {}, "t", bad)
+
+
+def test_directories_in_known_directories_take_the_c_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only what C hands back reaches apply_entry: the first entry (the root not yet
+    remembered), a directory with xattrs, one under a head written otherwise ("./a") and
+    one under that directory written plainly, and a directory over a file."""
+    seen: list[bytes] = []
+    apply_entry = flatten_module._Flattener.apply_entry
+
+    def counting(self: flatten_module._Flattener, e: Entry, tar_path: str) -> None:
+        seen.append(e.name)
+        apply_entry(self, e, tar_path)
+
+    monkeypatch.setattr(flatten_module._Flattener, "apply_entry", counting)
+    chain = [L.dir("/".join(["d"] * (i + 1))) for i in range(30)]
+    tree = _flatten_one(
+        tmp_path,
+        L.layer(
+            L.dir("a"),
+            *chain,
+            L.dir("a/b"),
+            L.dir("a/b/c"),
+            L.dir("a/b", mode=0o700),
+            L.dir("a/x", pax={"SCHILY.xattr.user.a": "1"}),
+            L.dir("./a/y"),
+            L.dir("a/y/z"),
+            L.file("a/f"),
+            L.dir("a/f"),
+            L.dir("a/f/g"),
+        ),
+    )
+    assert seen == [b"a", b"a/x", b"./a/y", b"a/y/z", b"a/f"]
+    b = tree.get(b"/a/b")
+    assert b is not None and b.mode == 0o700 and names(tree, b"/a/b") == [b"c"]
+    assert names(tree, b"/a") == [b"b", b"f", b"x", b"y"]
+    assert tree.get(b"/" + "/".join(["d"] * 30).encode()) is not None

@@ -64,9 +64,10 @@ _NOT_NAMES = (b"", b".", b"..")
 # Types a path resolution goes through: replacing one may make a remembered one wrong.
 _ROUTING_TYPES = frozenset((_DIR, _SYMLINK))
 
-# Applies the plain regular files in known directories at the end of a layer's reversed
-# entries, as apply_entry would (_flatten.c). None: apply_entry applies every entry, the way
-# the tests check both make the same trees and errors.
+# Applies the plain regular files and directories in known directories at the end of a
+# layer's reversed entries, as apply_entry would (_flatten.c), remembering each directory as
+# _remember_dir does. None: apply_entry applies every entry, the way the tests check both
+# make the same trees and errors.
 _apply_files: Callable[[list[Entry], dict[bytes, tuple[Node, int]], dict[int, int], str,
                         tuple[Any, ...]], int] | None = _c_apply_files  # fmt: skip
 
@@ -226,7 +227,8 @@ class _Flattener:
     ) -> None:
         """After a directory entry: the entries inside it name it by `path` as their head,
         so remember where it is (and its path's bound) for them, as _place would when the
-        first of them came; most then take C's way (apply_files) from their first on."""
+        first of them came; most then take C's way (apply_files) from their first on.
+        apply_files does the same for the directory entries it applies itself."""
         if known is None or known[0] is not parent:
             return  # its head did not split plainly (`a//b`, `./a`): _place will see
         assert parent.children is not None
@@ -311,8 +313,8 @@ class _Flattener:
 
 
 # What _flatten.apply_files makes nodes of, and the limits it checks (see _flatten.c)
-_SHAPES = (Entry, ENTRY_SLOTS, Node, NODE_SLOTS, Content, CONTENT_SLOTS, _FILE, _NO_XATTRS,
-           NO_RDEV, NAME_MAX, PATH_MAX)  # fmt: skip
+_SHAPES = (Entry, ENTRY_SLOTS, Node, NODE_SLOTS, Content, CONTENT_SLOTS, _FILE, _DIR,
+           _NO_XATTRS, NO_RDEV, NAME_MAX, PATH_MAX)  # fmt: skip
 
 
 def _joined_length(parent_length: int, name: bytes) -> int:
@@ -361,9 +363,10 @@ def flatten(layers: list[LayerFile]) -> Tree:
             entries.reverse()
             tar_path = layer.tar_path
             while entries:
-                # Most entries are plain files in directories met before: C applies those,
-                # and hands back the first that is anything else (a whiteout, a name that
-                # climbs or fails a limit, a new directory, a link...)
+                # Most entries are plain files and directories in directories met before:
+                # C applies those, and hands back the first that is anything else (a
+                # whiteout, a name that climbs or fails a limit, an unknown parent, a
+                # directory over a file, a link...)
                 if _apply_files is not None:
                     _apply_files(entries, f.parents, f.times, tar_path, _SHAPES)
                     if not entries:
