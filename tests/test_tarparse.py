@@ -367,9 +367,16 @@ def test_c_entries_of_a_real_layer() -> None:
 
 
 def test_c_entries_refuse_other_classes() -> None:
-    """Only slot descriptors of the class itself, thirteen of them: nothing that runs code."""
+    """Only slot descriptors of the class itself, thirteen different ones: nothing that runs
+    code, and each slot of a new entry set once (C stores into them directly)."""
     slots = tarparse.ENTRY_SLOTS
-    for cls, fields in ((Entry, slots[:-1]), (Entry, (property(),) * 13), (int, slots)):
+    twice = (*slots[:-1], slots[0])
+    for cls, fields in (
+        (Entry, slots[:-1]),
+        (Entry, (property(),) * 13),
+        (int, slots),
+        (Entry, twice),
+    ):
         with pytest.raises(TypeError):
             _tarscan.scan_entries(b"", 0, 0, [], cls, fields, 0)
     with pytest.raises(ValueError):

@@ -259,6 +259,7 @@ def test_collect_refuses_bad_input() -> None:
         (ValueError, (root, fields, defaults[1:], *args)),  # a default short
         (ValueError, (root, fields[:3], (), *args)),
         (TypeError, (root, (*fields[:-1], Node.mode), defaults, *args)),  # another class's
+        (TypeError, (root, (*fields[:-1], fields[0]), defaults, *args)),  # a slot twice
         (TypeError, (root_node, fields, defaults, *args)),  # root not an inode
         (ValueError, (root, fields, defaults, NodeType.DIR, 0, lambda n, d: None)),  # no raise
     ]

@@ -35,6 +35,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_OBJECT_EX, READONLY: slot descriptors */
 #include <stdint.h>
 #include <string.h>
 
@@ -464,12 +465,11 @@ static PyObject *member_entry(const struct member *m, PyTypeObject *cls, PyObjec
     obj = cls->tp_alloc(cls, 0);
     if (obj == NULL)
         goto done;
+    /* stored straight into the new object's (unset) slots, as their descriptors would:
+     * check_entry_class made sure each is a writable object slot of `cls`, named once */
     for (int i = 0; i < ENTRY_FIELDS; i++) {
-        PyObject *field = PyTuple_GET_ITEM(fields, i);
-        if (Py_TYPE(field)->tp_descr_set(field, obj, values[i]) < 0) {
-            Py_CLEAR(obj);
-            goto done;
-        }
+        PyMemberDef *m = ((PyMemberDescrObject *)PyTuple_GET_ITEM(fields, i))->d_member;
+        *(PyObject **)((char *)obj + m->offset) = Py_NewRef(values[i]);
     }
 done:
     for (int i = 0; i < ENTRY_FIELDS; i++)
@@ -545,8 +545,13 @@ static int check_entry_class(PyObject *cls, PyObject *fields) {
     }
     for (Py_ssize_t i = 0; i < ENTRY_FIELDS; i++) {
         PyObject *field = PyTuple_GET_ITEM(fields, i);
-        if (!Py_IS_TYPE(field, &PyMemberDescr_Type) ||
-            PyDescr_TYPE(field) != (PyTypeObject *)cls) {
+        int bad = !Py_IS_TYPE(field, &PyMemberDescr_Type) ||
+                  PyDescr_TYPE(field) != (PyTypeObject *)cls;
+        PyMemberDef *m = bad ? NULL : ((PyMemberDescrObject *)field)->d_member;
+        bad = bad || m->type != T_OBJECT_EX || (m->flags & READONLY);
+        for (Py_ssize_t j = 0; !bad && j < i; j++)
+            bad = PyTuple_GET_ITEM(fields, j) == field;
+        if (bad) {
             PyErr_SetString(PyExc_TypeError,
                             "scan_entries: fields must be slot descriptors of cls");
             return -1;
