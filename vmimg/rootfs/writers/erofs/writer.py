@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import operator
 import os
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, cast
 
 from vmimg.errors import WriterError
@@ -259,7 +257,10 @@ class _MetaArea:
         slot = fmt.INODE_SLOT_SIZE
         nids = self.nids[start:end]
         low = min(nids) * slot // BLOCK * BLOCK
-        high = max(map(operator.add, map(operator.mul, nids, repeat(slot)), self.sizes[start:end]))
+        # An upper bound of where the group's last byte is, not the exact end: the bytes
+        # between are rewritten as they are (read back, or zeros). The exact one, a product
+        # and a sum per inode, took 22 ms for 100,000 small files.
+        high = min(self.length, max(nids) * slot + max(self.sizes[start:end]))
         window = bytearray(blocks_for(high - low) * BLOCK)
         if self.written > low:
             earlier = os.pread(self.fd, min(len(window), self.written - low), self.at + low)
