@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from hypothesis import given, settings
@@ -70,16 +73,37 @@ def test_read_many_reads_what_read_reads(layers: list[str], data: st.DataObject)
     assert sum(counted) == 2 * sum(n for _, _, n in wanted)  # progress: what was asked for
 
 
-def test_small_files_close_together_take_one_read(
+def test_small_files_close_together_take_one_mapping(
     layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     count = READ_SPAN_MAX // 1024  # 100 bytes every KiB: all within one span
     files = [(Content(size=100, path=layers[0], offset=1024 * k), 0, 100) for k in range(count)]
-    preads = []
-    real = os.pread
-    monkeypatch.setattr(os, "pread", lambda *a: preads.append(a) or real(*a))
+    maps, preads = [], []
+    real_map, real_pread = mmap.mmap, os.pread
+    monkeypatch.setattr(mmap, "mmap", lambda *a, **k: maps.append(a) or real_map(*a, **k))
+    monkeypatch.setattr(os, "pread", lambda *a: preads.append(a) or real_pread(*a))
     with ContentReader() as reader:
-        assert len(reader.read_many(files)) == count
+        got = reader.read_many(files)
+        assert got == [reader.read(c, s, n) for c, s, n in files]
+    assert len(maps) == 1 and preads == [(ANY, 100, 1024 * k) for k in range(count)]
+
+
+def test_where_a_file_cannot_be_mapped_a_span_is_read_in_one(
+    layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [(Content(size=100, path=layers[0], offset=1024 * k), 0, 100) for k in range(50)]
+    with ContentReader() as reader:
+        expected = [reader.read(c, s, n) for c, s, n in files]
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENODEV, "no mmap here")
+
+    preads = []
+    real_pread = os.pread
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    monkeypatch.setattr(os, "pread", lambda *a: preads.append(a) or real_pread(*a))
+    with ContentReader() as reader:
+        assert reader.read_many(files) == expected
     assert len(preads) == 1
 
 

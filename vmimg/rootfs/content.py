@@ -7,6 +7,7 @@ kernel moves the bytes, Python never sees them) where the output is a file.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 from types import TracebackType
@@ -17,11 +18,12 @@ from vmimg.rootfs.tree import Content
 from vmimg.testhook import pause_point
 
 COPY_CHUNK = 8 << 20  # bytes per copy_file_range / read call
-# read_many: ranges of one layer file at most this far apart are read by one pread, the
-# gap between them read and dropped (the tar headers and padding between small files);
-# copying a few KiB from the page cache costs less than a system call.
+# read_many: ranges of one layer file at most this far apart are cut out of one mapping of
+# it (the tar headers and padding between small files are mapped, never copied).
 READ_GAP_MAX = 8 << 10
-READ_SPAN_MAX = 256 << 10  # bytes one such pread reads at most (unless one range is larger)
+# Bytes one mapping spans at most (unless one range is larger). Its pages count towards the
+# peak RSS while it is mapped; 256 KiB spans took 40 ms for 100,000 small files, 4 MiB 30.
+READ_SPAN_MAX = 4 << 20
 
 
 class ContentReader:
@@ -29,6 +31,7 @@ class ContentReader:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._sizes: dict[int, int] = {}  # each open file's size (layer files never change)
         self.on_bytes: Callable[[int], None] | None = None  # told each amount read or copied
 
     def __enter__(self) -> ContentReader:
@@ -55,6 +58,7 @@ class ContentReader:
             except OSError as e:
                 raise ContentError(f"cannot open content file {path}: {e.strerror}") from e
             self._fds[path] = fd
+            self._sizes[fd] = os.fstat(fd).st_size
         return fd
 
     def read(self, content: Content, start: int = 0, length: int | None = None) -> bytes:
@@ -93,13 +97,33 @@ class ContentReader:
                 out.append(self.read(*ranges[i]))
                 continue
             assert content.path is not None
-            data = os.pread(self._fd(content.path), end - first, first)
-            if len(data) != end - first:
+            fd = self._fd(content.path)
+            if end > self._sizes[fd]:
                 raise ContentError(f"content file {content.path} is shorter than its index says")
             if self.on_bytes is not None:
                 self.on_bytes(sum([length for _, _, length in ranges[i:j]]))
-            out += cut(data, ranges, i, j, first, _CONTENT_FIELDS)
+            out += self._cut_span(fd, ranges, i, j, first, end)
         return out
+
+    @staticmethod
+    def _cut_span(
+        fd: int, ranges: list[tuple[Content, int, int]], i: int, j: int, first: int, end: int
+    ) -> list[bytes]:
+        """Ranges i..j-1, which lie in bytes first..end of the file `fd`, cut out of it.
+
+        The span is mapped, not read: only the ranges are copied (by cut), never the tar
+        headers and padding between them, ten times the bytes of a small file's tail (100,000
+        small files: 30 ms, where reading spans took 40). A layer file never changes while it
+        is read (cache entries are written once, then renamed into place), so the mapping
+        cannot lose pages under us. Where a file cannot be mapped, it is read."""
+        start = first - first % mmap.ALLOCATIONGRANULARITY
+        if end > start:
+            try:
+                with mmap.mmap(fd, end - start, offset=start, access=mmap.ACCESS_READ) as view:
+                    return cut(view, ranges, i, j, start, _CONTENT_FIELDS)
+            except (OSError, ValueError):  # a file system without mmap: read it
+                pass
+        return cut(os.pread(fd, end - first, first), ranges, i, j, first, _CONTENT_FIELDS)
 
     def read_all(self, content: Content) -> bytes:
         """The file's logical bytes, holes filled with zeros. For small files."""
