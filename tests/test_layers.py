@@ -9,11 +9,13 @@ LayerErrors they were; skippable zstd frames are skipped wherever they are.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import itertools
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,8 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from tests import layerkit as L
 from tests.zstdframes import block, frame_header, rle_bomb, skippable, streams
 from vmimg.digest import digest_bytes
-from vmimg.errors import LayerError
+from vmimg.errors import CacheError, LayerError
 from vmimg.image import cache as cache_module
+from vmimg.image import layers as layers_module
 from vmimg.image.cache import Cache
 from vmimg.image.layers import CHUNK, decompressed_chunks, sniff_compression, unpack_layer_to_cache
 from vmimg.image.oci import Descriptor
@@ -239,3 +242,58 @@ def test_a_layer_goes_out_to_disk_while_it_is_unpacked(
     with open(layer.tar_path, "rb") as f:
         assert f.read() == tar
     assert any(0 < size < len(tar) for size in flushed), flushed
+
+
+def _gzip_layer(count: int) -> tuple[bytes, bytes, Descriptor]:
+    """A layer of `count` files: its tar, its gzip blob, the blob's descriptor."""
+    tar = L.layer(*(L.file(f"f{i}", bytes([i]) * 3000) for i in range(count)))
+    blob = gzip.compress(tar, compresslevel=1)
+    return tar, blob, Descriptor(LAYER_MEDIA_TYPES["gzip"], digest_bytes(blob), len(blob))
+
+
+def test_a_layer_committed_in_the_background_is_in_the_cache_once_settled(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its entries come back before its tar is durable and renamed (the commit waits here
+    until the test lets it go); settle() waits for it and pins it."""
+    tar, blob, desc = _gzip_layer(20)
+    go = threading.Event()
+    real_commit = layers_module.commit
+
+    def held_commit(tmp: str, final: str) -> None:
+        assert go.wait(30)
+        real_commit(tmp, final)
+
+    monkeypatch.setattr(layers_module, "commit", held_commit)
+    layer = unpack_layer_to_cache(
+        cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob), background=True
+    )
+    assert layer.entries is not None and len(layer.entries) == 20
+    assert not os.path.exists(layer.tar_path)  # not yet: its commit is held
+    assert len(os.listdir(cache.tmp_dir)) == 1
+    go.set()
+    layer.settle()
+    with open(layer.tar_path, "rb") as f:
+        assert f.read() == tar
+    assert os.listdir(cache.tmp_dir) == []
+    assert os.path.abspath(layer.tar_path) in cache._pins  # kept from prune while in use
+    with cache.lock(f"layer-{digest_bytes(tar)}"):  # released: this does not wait
+        pass
+
+
+def test_a_background_commit_that_fails_is_raised_when_settled(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tar, blob, desc = _gzip_layer(5)
+
+    def full(tmp: str, final: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(layers_module, "commit", full)
+    layer = unpack_layer_to_cache(
+        cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob), background=True
+    )
+    with pytest.raises(CacheError, match=r"cannot write to the cache .*: No space left"):
+        layer.settle()
+    assert not os.path.exists(layer.tar_path)
+    assert os.listdir(cache.tmp_dir) == []  # the temporary tar is gone

@@ -139,6 +139,10 @@ class Flusher:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop flushing (waiting for a flush under way); again does nothing."""
         self._stop.set()
         self._thread.join()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -9,7 +10,13 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from vmimg.image.cache import Cache, SpaceGuard
 from vmimg.image.image import Image
-from vmimg.image.layers import LayerFile, UnpackAborted, UnpackBudget, unpack_layer_to_cache
+from vmimg.image.layers import (
+    LayerFile,
+    UnpackAborted,
+    UnpackBudget,
+    settle_layers,
+    unpack_layer_to_cache,
+)
 
 Progress = Callable[[int], None]
 # Opens a phase of long work: (name, total or None, unit) -> the counter the work calls with
@@ -20,7 +27,11 @@ LAYERS_PHASE = "fetching layers"
 
 
 def fetch_layers(
-    image: Image, cache: Cache, phases: PhaseStart | None = None, jobs: int | None = None
+    image: Image,
+    cache: Cache,
+    phases: PhaseStart | None = None,
+    jobs: int | None = None,
+    background: bool = False,
 ) -> list[LayerFile]:
     """Every layer of `image` as an uncompressed, verified tar in the cache.
 
@@ -29,6 +40,10 @@ def fetch_layers(
     `cache.max_unpacked_size`; the first failure (that limit, a bad layer, a
     full disk, Ctrl-C) stops the other threads at their next chunk. Progress counts
     the blobs' bytes read, against the sizes of the layers not yet in the cache.
+
+    With `background`, layers unpacked now may still be committing (unpack_layer_to_cache):
+    the caller settles them (settle_layers) before reading their tars. On a failure, every
+    layer is settled before it is raised.
     """
     lock = threading.Lock()
     budget = UnpackBudget(cache.max_unpacked_size)
@@ -47,24 +62,49 @@ def fetch_layers(
         desc = image.layers[i]
         diff_id = image.diff_ids[i]
         return unpack_layer_to_cache(
-            cache, desc, diff_id, lambda: image.open_blob(desc), report, budget, space
-        )
+            cache, desc, diff_id, lambda: image.open_blob(desc), report, budget, space,
+            background,
+        )  # fmt: skip
 
     workers = jobs or min(len(image.layers), os.cpu_count() or 1) or 1
     if workers == 1:
-        return [one(i) for i in range(len(image.layers))]
+        done: list[LayerFile] = []
+        try:
+            for i in range(len(image.layers)):
+                done.append(one(i))
+        except BaseException:
+            _settle_quietly(done)
+            raise
+        return done
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(one, i) for i in range(len(image.layers))]
         try:
             _done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:  # Ctrl-C while waiting
             budget.abort()
+            wait(futures)
+            _settle_quietly(_results(futures))
             raise
         if pending:
             budget.abort()
             wait(pending)
-        _raise_first_failure(futures, budget)
+        try:
+            _raise_first_failure(futures, budget)
+        except BaseException:
+            _settle_quietly(_results(futures))
+            raise
         return [f.result() for f in futures]
+
+
+def _results(futures: list[Future[LayerFile]]) -> list[LayerFile]:
+    """The layers of the futures that finished well."""
+    return [f.result() for f in futures if f.done() and not f.cancelled() and not f.exception()]
+
+
+def _settle_quietly(layers: list[LayerFile]) -> None:
+    """Settle layers that came through, for a failure elsewhere: that failure is the news."""
+    with contextlib.suppress(Exception):
+        settle_layers(layers)
 
 
 def _raise_first_failure(futures: list[Future[LayerFile]], budget: UnpackBudget) -> None:

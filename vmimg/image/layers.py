@@ -6,11 +6,14 @@ gzip, libzstd through our _zstdstream.c for zstd), hashed against the
 config's diff_id, written as a plain tar into the cache, and its tar headers
 parsed from the same chunks (tarparse.py) into entries (header fields plus
 the offset of their bytes). From then on the layer is that tar: writers copy
-file bytes straight out of it. Nothing is ever extracted.
+file bytes straight out of it. Nothing is ever extracted. A conversion has the
+tar made durable and renamed into the cache by a thread while it flattens the
+entries (`background`, LayerFile.settle).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -58,6 +61,28 @@ class LayerFile:
     name: str  # the layer's digest, for error messages
     # Its entries, when they were parsed as it was unpacked (else: from its index or tar)
     entries: list[Entry] | None = field(default=None, compare=False, repr=False)
+    # A layer unpacked just now with `background`: its tar still being made durable and
+    # renamed to `tar_path` by a thread of its own (see settle)
+    pending: PendingCommit | None = field(default=None, compare=False, repr=False)
+
+    def settle(self) -> None:
+        """Wait until the tar is at `tar_path` (it is, unless still being committed); raise
+        what its commit met. Nothing may read `tar_path` before."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.wait()
+
+
+def settle_layers(layers: list[LayerFile]) -> None:
+    """settle() every layer, each whatever the others met; then raise the first failure."""
+    failure: BaseException | None = None
+    for layer in layers:
+        try:
+            layer.settle()
+        except BaseException as e:  # raised below, once all are settled
+            failure = failure or e
+    if failure is not None:
+        raise failure
 
 
 class UnpackAborted(LayerError):
@@ -300,6 +325,7 @@ def unpack_layer_to_cache(
     on_progress: Callable[[int], None] | None = None,
     budget: UnpackBudget | None = None,
     space: SpaceGuard | None = None,
+    background: bool = False,
 ) -> LayerFile:
     """Make sure the uncompressed tar of this layer is in the cache; return it, pinned in
     `cache` (so that `vmimg cache prune` leaves it while we read it), with its entries
@@ -308,6 +334,11 @@ def unpack_layer_to_cache(
     `desc.digest` may be empty (docker-archive layers have none); then only
     the diff_id is checked. The layer's bytes count against `budget` (default: a
     budget of its own), whether unpacked now or found in the cache.
+
+    With `background`, a layer unpacked now is returned as soon as it is verified, its
+    entries ready, while a thread of its own makes its tar durable and renames it into the
+    cache (its `pending` commit): what flattens the entries need not wait for the disk.
+    The caller must settle() it before anything reads `tar_path`.
     """
     what = f"layer {desc.digest or diff_id}"
     final = cache.layer_path(diff_id)
@@ -316,23 +347,87 @@ def unpack_layer_to_cache(
     unpacked = False
     entries = None
     while not cache.pin(final):  # not there, or pruned while we looked
-        with cache.lock(f"layer-{diff_id}"):
+        with contextlib.ExitStack() as held:
+            held.enter_context(cache.lock(f"layer-{diff_id}"))
             if os.path.exists(final):
                 continue
             try:
-                entries = _unpack(
+                entries, finish = _unpack(
                     cache, desc, diff_id, open_blob, on_progress, what, final, budget, space
                 )
             except OSError as e:
-                # Sources turn their own read errors into SourceError: this is the cache's disk.
-                raise CacheError(
-                    f"{what}: cannot write to the cache {cache.root}: {e.strerror}"
-                ) from e
+                raise _cache_error(what, cache, e) from e
             unpacked = True
-        pause_point("layer-committed")
+            pending = PendingCommit(finish, held.pop_all(), cache, final, what)
+        if background:
+            pending.start()
+            return LayerFile(final, desc.digest or diff_id, entries, pending)
+        pending.run()
     if not unpacked:
         budget.charge(os.path.getsize(final), what)
     return LayerFile(final, desc.digest or diff_id, entries)
+
+
+def _cache_error(what: str, cache: Cache, e: OSError) -> CacheError:
+    # Sources turn their own read errors into SourceError: this is the cache's disk.
+    return CacheError(f"{what}: cannot write to the cache {cache.root}: {e.strerror}")
+
+
+class PendingCommit:
+    """The end of a layer's unpacking: its tar made durable and renamed into the cache
+    (`finish`), then its lock released (`held`) and the layer pinned. Run in place, or by
+    a thread of its own (start, then wait)."""
+
+    def __init__(
+        self,
+        finish: Callable[[], None],
+        held: contextlib.ExitStack,
+        cache: Cache,
+        final: str,
+        what: str,
+    ) -> None:
+        self._finish = finish
+        self._held = held
+        self._cache = cache
+        self._final = final
+        self._what = what
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        """Commit now; raise what that met (the loop that called it pins the layer)."""
+        try:
+            with self._held:  # the layer's lock: released once it is in the cache, or not
+                try:
+                    self._finish()
+                except OSError as e:
+                    raise _cache_error(self._what, self._cache, e) from e
+        finally:
+            self._finish = _nothing  # what it held (the temporary file) is let go
+        pause_point("layer-committed")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="layer-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # raised in the caller's thread by wait
+            self._error = e
+
+    def wait(self) -> None:
+        """Wait for the thread's commit; raise what it met; pin the committed layer."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if not self._cache.pin(self._final):
+            raise CacheError(f"{self._what}: removed from the cache {self._cache.root} in use")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _unpack(
@@ -345,54 +440,83 @@ def _unpack(
     final: str,
     budget: UnpackBudget,
     space: SpaceGuard,
-) -> list[Entry] | None:
-    """Stream, verify and decompress one layer blob into the cache as `final`, parsing its
-    entries from the same chunks. None for a layer
+) -> tuple[list[Entry] | None, Callable[[], None]]:
+    """Stream, verify and decompress one layer blob into a temporary file in the cache,
+    parsing its entries from the same chunks; return them and what is left to do: `finish`
+    stops the flushing, makes the tar durable and renames it to `final`, and lets its
+    temporary file go (removed if not renamed away). The entries are None for a layer
     whose tar is malformed: it is kept all the same, and flatten reports what is wrong
     with it, where it reports every other fault of a layer's entries."""
     declared = layer_compression(desc.media_type)
-    algo = desc.digest.split(":", 1)[0] if desc.digest else "sha256"
-    with open_blob() as stream, cache.temp_file(".tar", "layer-") as (out, tmp):
-        reader = _BlobReader(stream, desc.size if desc.digest else None, what)
-        kind = sniff_compression(reader.peek(4), declared)  # peeked bytes are hashed when read
-        tar_hash = Hasher("sha256")
-        blob_hash = Hasher(algo)
-        behind = WriteBehind(tar_hash, out, space, what, blob_hasher=blob_hash)
-        if desc.digest:  # without one (docker-archive layers) only the diff_id is checked
-            reader.on_read = behind.put_blob
-
-        def chunks() -> Generator[bytes, None, None]:
-            reported = 0
-            for chunk in decompressed_chunks(reader.read, kind, what):
-                budget.charge(len(chunk), what)
-                behind.put(chunk)
-                if on_progress:  # the blob's bytes: what the layer's size in the manifest counts
-                    on_progress(reader.size - reported)
-                    reported = reader.size
-                pause_point("layer-unpack-midway")
-                yield chunk
-
-        entries: list[Entry] | None
-        produced = chunks()
+    with contextlib.ExitStack() as kept:
+        out, tmp = kept.enter_context(cache.temp_file(".tar", "layer-"))
         # The layer goes out to disk as it is written, by a thread of its own, so that the
         # fsync before its rename (commit) has little left to wait for. (Flushing in the
         # write-behind thread every 16 MiB held up its hashing: the decompressing thread
         # waited on it, 33 ms of Debian minbase's 0.33 s; this way the fetch takes 0.28 s.)
-        with Flusher(out.fileno()):
-            try:
-                entries = parse_source(Source(produced), what)  # reads the stream to its end
-            except SourceFailed as e:
-                raise e.error from None
-            except LayerError:
-                entries = None
-            finally:
-                produced.close()
-                behind.finish()  # every chunk hashed and written; what the thread met, raised
-        if desc.digest:
-            blob_hash.verify(desc.digest, desc.size, what)
-        tar_hash.verify(diff_id, None, f"{what} (uncompressed)")
-        out.flush()
-        commit(tmp, final)
+        flusher = kept.enter_context(Flusher(out.fileno()))
+        with open_blob() as stream:
+            entries = _stream_into(
+                stream, out, desc, diff_id, declared, on_progress, what, budget, space
+            )
+        left = kept.pop_all()  # the temporary file and its flusher: finish's now
+
+    def finish() -> None:
+        with left:
+            flusher.stop()
+            out.flush()
+            commit(tmp, final)
+
+    return entries, finish
+
+
+def _stream_into(
+    stream: BinaryIO,
+    out: BinaryIO,
+    desc: Descriptor,
+    diff_id: str,
+    declared: str,
+    on_progress: Callable[[int], None] | None,
+    what: str,
+    budget: UnpackBudget,
+    space: SpaceGuard,
+) -> list[Entry] | None:
+    """The blob `stream` decompressed into `out` and verified, its entries parsed on the way
+    (None for a malformed tar)."""
+    algo = desc.digest.split(":", 1)[0] if desc.digest else "sha256"
+    reader = _BlobReader(stream, desc.size if desc.digest else None, what)
+    kind = sniff_compression(reader.peek(4), declared)  # peeked bytes are hashed when read
+    tar_hash = Hasher("sha256")
+    blob_hash = Hasher(algo)
+    behind = WriteBehind(tar_hash, out, space, what, blob_hasher=blob_hash)
+    if desc.digest:  # without one (docker-archive layers) only the diff_id is checked
+        reader.on_read = behind.put_blob
+
+    def chunks() -> Generator[bytes, None, None]:
+        reported = 0
+        for chunk in decompressed_chunks(reader.read, kind, what):
+            budget.charge(len(chunk), what)
+            behind.put(chunk)
+            if on_progress:  # the blob's bytes: what the layer's size in the manifest counts
+                on_progress(reader.size - reported)
+                reported = reader.size
+            pause_point("layer-unpack-midway")
+            yield chunk
+
+    entries: list[Entry] | None
+    produced = chunks()
+    try:
+        entries = parse_source(Source(produced), what)  # reads the stream to its end
+    except SourceFailed as e:
+        raise e.error from None
+    except LayerError:
+        entries = None
+    finally:
+        produced.close()
+        behind.finish()  # every chunk hashed and written; what the thread met, raised
+    if desc.digest:
+        blob_hash.verify(desc.digest, desc.size, what)
+    tar_hash.verify(diff_id, None, f"{what} (uncompressed)")
     return entries
 
 

@@ -28,6 +28,7 @@ from vmimg.image.cache import Cache, Flusher, commit
 from vmimg.image.fetch import BYTES, PhaseStart, fetch_layers
 from vmimg.image.fsutil import space_shortfall
 from vmimg.image.image import Image
+from vmimg.image.layers import settle_layers
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
@@ -165,10 +166,19 @@ def gc_paused() -> Iterator[None]:
 
 def build_tree(image: Image, cache: Cache, phases: PhaseStart | None = None) -> Tree:
     with gc_paused():
-        layers = fetch_layers(image, cache, phases)
-        if phases is not None:
-            phases(FLATTEN_PHASE, None, BYTES)  # no count: its time shows
-        tree = flatten(layers)
+        # Layers unpacked now are made durable and renamed into the cache while they are
+        # flattened (flatten reads only their entries); settled before anything reads them.
+        # (Smallfiles' 107 MB layer: its fsync took 25-50 ms, now hidden behind flattening.)
+        layers = fetch_layers(image, cache, phases, background=True)
+        try:
+            if phases is not None:
+                phases(FLATTEN_PHASE, None, BYTES)  # no count: its time shows
+            tree = flatten(layers)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                settle_layers(layers)
+            raise
+        settle_layers(layers)
     epoch = source_date_epoch_ns()
     if epoch is not None:
         tree.clamp_mtimes(epoch)
