@@ -18,7 +18,9 @@
  * and whose size is a plain int from 0 up: `total`. Every other regular file, one list
  * item per name, is in `others`, for Tree.content_bytes to count each node once in Python.
  * `node_fields` are Node's slots (children, type, content), `content_fields` Content's (size,
- * extents). Its Python twin is tests/tree_ref.py's content_bytes.
+ * extents). A directory is walked once per name it has, and a tree gives each one name
+ * (flatten refuses hardlinks to directories). Its Python twin is tests/tree_ref.py's
+ * content_bytes.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
