@@ -265,10 +265,12 @@ def test_a_layer_committed_in_the_background_is_in_the_cache_once_settled(
         real_commit(tmp, final)
 
     monkeypatch.setattr(layers_module, "commit", held_commit)
+    slots = threading.BoundedSemaphore(1)
     layer = unpack_layer_to_cache(
-        cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob), background=True
+        cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob), background=slots
     )
     assert layer.entries is not None and len(layer.entries) == 20
+    assert not slots.acquire(False)  # taken by the commit under way
     assert not os.path.exists(layer.tar_path)  # not yet: its commit is held
     assert len(os.listdir(cache.tmp_dir)) == 1
     go.set()
@@ -279,6 +281,29 @@ def test_a_layer_committed_in_the_background_is_in_the_cache_once_settled(
     assert os.path.abspath(layer.tar_path) in cache._pins  # kept from prune while in use
     with cache.lock(f"layer-{digest_bytes(tar)}"):  # released: this does not wait
         pass
+    assert slots.acquire(False)  # given back when the commit ended
+
+
+def test_a_layer_is_committed_in_place_without_a_free_slot_or_with_a_malformed_tar(
+    cache: Cache,
+) -> None:
+    """Commits under way are bounded (500 layers would hold a thousand threads and files);
+    and flatten reads a malformed layer's tar to report it, so it must be there."""
+    tar, blob, desc = _gzip_layer(3)
+    none_free = threading.BoundedSemaphore(1)
+    assert none_free.acquire(False)
+    layer = unpack_layer_to_cache(
+        cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob), background=none_free
+    )
+    assert layer.pending is None and os.path.exists(layer.tar_path)
+    bad = b"x" * 512 + tar[512:]  # the first header's checksum fails
+    blob = gzip.compress(bad)
+    desc = Descriptor(LAYER_MEDIA_TYPES["gzip"], digest_bytes(blob), len(blob))
+    layer = unpack_layer_to_cache(
+        cache, desc, digest_bytes(bad), lambda: io.BytesIO(blob),
+        background=threading.BoundedSemaphore(1),
+    )  # fmt: skip
+    assert layer.entries is None and layer.pending is None and os.path.exists(layer.tar_path)
 
 
 def test_a_background_commit_that_fails_is_raised_when_settled(
@@ -290,10 +315,12 @@ def test_a_background_commit_that_fails_is_raised_when_settled(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(layers_module, "commit", full)
+    slots = threading.BoundedSemaphore(1)
     layer = unpack_layer_to_cache(
-        cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob), background=True
+        cache, desc, digest_bytes(tar), lambda: io.BytesIO(blob), background=slots
     )
     with pytest.raises(CacheError, match=r"cannot write to the cache .*: No space left"):
         layer.settle()
     assert not os.path.exists(layer.tar_path)
     assert os.listdir(cache.tmp_dir) == []  # the temporary tar is gone
+    assert slots.acquire(False)

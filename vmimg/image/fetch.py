@@ -24,6 +24,9 @@ Progress = Callable[[int], None]
 PhaseStart = Callable[[str, int | None, str], Progress]
 BYTES = "B"
 LAYERS_PHASE = "fetching layers"
+# Layers whose commits may run in the background at once (each holds a thread, a flushing
+# thread, its temporary file and its lock until it ends); the others are committed in place.
+COMMITS_UNDER_WAY = 4
 
 
 def fetch_layers(
@@ -41,11 +44,12 @@ def fetch_layers(
     full disk, Ctrl-C) stops the other threads at their next chunk. Progress counts
     the blobs' bytes read, against the sizes of the layers not yet in the cache.
 
-    With `background`, layers unpacked now may still be committing (unpack_layer_to_cache):
-    the caller settles them (settle_layers) before reading their tars. On a failure, every
-    layer is settled before it is raised.
+    With `background`, layers unpacked now may still be committing (unpack_layer_to_cache),
+    COMMITS_UNDER_WAY of them at most: the caller settles them (settle_layers) before reading
+    their tars. On a failure, every layer is settled before it is raised.
     """
     lock = threading.Lock()
+    commits = threading.BoundedSemaphore(COMMITS_UNDER_WAY) if background else None
     budget = UnpackBudget(cache.max_unpacked_size)
     space = SpaceGuard(cache.root)
     missing = [i for i, d in enumerate(image.diff_ids) if not os.path.exists(cache.layer_path(d))]
@@ -63,7 +67,7 @@ def fetch_layers(
         diff_id = image.diff_ids[i]
         return unpack_layer_to_cache(
             cache, desc, diff_id, lambda: image.open_blob(desc), report, budget, space,
-            background,
+            commits,
         )  # fmt: skip
 
     workers = jobs or min(len(image.layers), os.cpu_count() or 1) or 1

@@ -325,7 +325,7 @@ def unpack_layer_to_cache(
     on_progress: Callable[[int], None] | None = None,
     budget: UnpackBudget | None = None,
     space: SpaceGuard | None = None,
-    background: bool = False,
+    background: threading.Semaphore | None = None,
 ) -> LayerFile:
     """Make sure the uncompressed tar of this layer is in the cache; return it, pinned in
     `cache` (so that `vmimg cache prune` leaves it while we read it), with its entries
@@ -335,10 +335,13 @@ def unpack_layer_to_cache(
     the diff_id is checked. The layer's bytes count against `budget` (default: a
     budget of its own), whether unpacked now or found in the cache.
 
-    With `background`, a layer unpacked now is returned as soon as it is verified, its
-    entries ready, while a thread of its own makes its tar durable and renames it into the
-    cache (its `pending` commit): what flattens the entries need not wait for the disk.
-    The caller must settle() it before anything reads `tar_path`.
+    With `background` (a semaphore of the commits that may be under way at once), a layer
+    unpacked now is returned as soon as it is verified, its entries ready, while a thread of
+    its own makes its tar durable and renames it into the cache (its `pending` commit): what
+    flattens the entries need not wait for the disk. The caller must settle() it before
+    anything reads `tar_path`. A layer is committed first when no slot is free (an image of
+    500 layers would hold a thousand threads and files otherwise), or when its entries are
+    None (its tar malformed: flatten reads the tar to report it).
     """
     what = f"layer {desc.digest or diff_id}"
     final = cache.layer_path(diff_id)
@@ -359,8 +362,8 @@ def unpack_layer_to_cache(
                 raise _cache_error(what, cache, e) from e
             unpacked = True
             pending = PendingCommit(finish, held.pop_all(), cache, final, what)
-        if background:
-            pending.start()
+        if background is not None and entries is not None and background.acquire(False):
+            pending.start(background.release)
             return LayerFile(final, desc.digest or diff_id, entries, pending)
         pending.run()
     if not unpacked:
@@ -406,15 +409,25 @@ class PendingCommit:
             self._finish = _nothing  # what it held (the temporary file) is let go
         pause_point("layer-committed")
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="layer-commit", daemon=True)
-        self._thread.start()
+    def start(self, done: Callable[[], None]) -> None:
+        """Commit in a thread of its own, which calls `done` when it ends."""
+        self._thread = threading.Thread(
+            target=self._run, args=(done,), name="layer-commit", daemon=True
+        )
+        try:
+            self._thread.start()
+        except BaseException:
+            done()
+            self.run()  # no thread to be had: here, then
+            self._thread = None
 
-    def _run(self) -> None:
+    def _run(self, done: Callable[[], None]) -> None:
         try:
             self.run()
         except BaseException as e:  # raised in the caller's thread by wait
             self._error = e
+        finally:
+            done()
 
     def wait(self) -> None:
         """Wait for the thread's commit; raise what it met; pin the committed layer."""
