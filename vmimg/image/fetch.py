@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from vmimg.image.layers import (
     LayerFile,
     UnpackAborted,
     UnpackBudget,
-    settle_layers,
+    settle_quietly,
     unpack_layer_to_cache,
 )
 
@@ -77,7 +76,7 @@ def fetch_layers(
             for i in range(len(image.layers)):
                 done.append(one(i))
         except BaseException:
-            _settle_quietly(done)
+            settle_quietly(done)
             raise
         return done
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -87,7 +86,7 @@ def fetch_layers(
         except BaseException:  # Ctrl-C while waiting
             budget.abort()
             wait(futures)
-            _settle_quietly(_results(futures))
+            settle_quietly(_results(futures))
             raise
         if pending:
             budget.abort()
@@ -95,7 +94,7 @@ def fetch_layers(
         try:
             _raise_first_failure(futures, budget)
         except BaseException:
-            _settle_quietly(_results(futures))
+            settle_quietly(_results(futures))
             raise
         return [f.result() for f in futures]
 
@@ -103,12 +102,6 @@ def fetch_layers(
 def _results(futures: list[Future[LayerFile]]) -> list[LayerFile]:
     """The layers of the futures that finished well."""
     return [f.result() for f in futures if f.done() and not f.cancelled() and not f.exception()]
-
-
-def _settle_quietly(layers: list[LayerFile]) -> None:
-    """Settle layers that came through, for a failure elsewhere: that failure is the news."""
-    with contextlib.suppress(Exception):
-        settle_layers(layers)
 
 
 def _raise_first_failure(futures: list[Future[LayerFile]], budget: UnpackBudget) -> None:

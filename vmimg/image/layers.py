@@ -85,6 +85,13 @@ def settle_layers(layers: list[LayerFile]) -> None:
         raise failure
 
 
+def settle_quietly(layers: list[LayerFile]) -> None:
+    """settle_layers for a failure elsewhere, which is the one to report: what the layers'
+    commits met is dropped (each is settled all the same)."""
+    with contextlib.suppress(Exception):
+        settle_layers(layers)
+
+
 class UnpackAborted(LayerError):
     """Another layer of the same image failed: this one stops too (never shown: fetch_layers
     reports the failure that caused it)."""

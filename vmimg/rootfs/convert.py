@@ -28,7 +28,7 @@ from vmimg.image.cache import Cache, Flusher, commit
 from vmimg.image.fetch import BYTES, PhaseStart, fetch_layers
 from vmimg.image.fsutil import space_shortfall
 from vmimg.image.image import Image
-from vmimg.image.layers import settle_layers
+from vmimg.image.layers import settle_layers, settle_quietly
 from vmimg.image.sources import SourceOptions, open_image
 from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
@@ -175,8 +175,7 @@ def build_tree(image: Image, cache: Cache, phases: PhaseStart | None = None) -> 
                 phases(FLATTEN_PHASE, None, BYTES)  # no count: its time shows
             tree = flatten(layers)
         except BaseException:
-            with contextlib.suppress(Exception):
-                settle_layers(layers)
+            settle_quietly(layers)
             raise
         settle_layers(layers)
     epoch = source_date_epoch_ns()
