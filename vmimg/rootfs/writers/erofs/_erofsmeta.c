@@ -774,8 +774,7 @@ static int set_field(const walk *w, PyObject *obj, int field, PyObject *value) {
  * check_collect_args); the descriptor's call per slot was a fifth of the walk. */
 static void init_field(const walk *w, PyObject *obj, int field, PyObject *value) {
     PyMemberDef *m = ((PyMemberDescrObject *)PyTuple_GET_ITEM(w->fields, field))->d_member;
-    PyObject **at = (PyObject **)((char *)obj + m->offset);
-    *at = Py_NewRef(value);
+    slot_set(obj, m->offset, Py_NewRef(value)); /* no old value: nothing released */
 }
 
 /* Grows a C array of Py_ssize_t to hold `need` items. */
@@ -1200,6 +1199,23 @@ static int int_in(PyObject *v, long long lo, long long hi, long long *out) {
     return 1;
 }
 
+/* A table ((node type, value), ...) of at most NODE_TYPES_MAX pairs, each value an exact
+ * int in [0, hi], into types, values and *n: 0, or -1 (no exception set) if it is not. */
+static int read_type_table(PyObject *pairs, long long hi, PyObject **types, long long *values,
+                           Py_ssize_t *n) {
+    if (!PyTuple_Check(pairs) || PyTuple_GET_SIZE(pairs) > NODE_TYPES_MAX)
+        return -1;
+    *n = PyTuple_GET_SIZE(pairs);
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !int_in(PyTuple_GET_ITEM(pair, 1), 0, hi, &values[i]))
+            return -1;
+        types[i] = PyTuple_GET_ITEM(pair, 0);
+    }
+    return 0;
+}
+
 static int read_meta_shapes(PyObject *t, meta_shapes *s) {
     if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != SHAPES ||
         check_slots(PyTuple_GET_ITEM(t, S_INODE_FIELDS), INODE_NAMES, INODE_FIELDS, &s->inode,
@@ -1209,17 +1225,9 @@ static int read_meta_shapes(PyObject *t, meta_shapes *s) {
         check_slots(PyTuple_GET_ITEM(t, S_CONTENT_FIELDS), CONTENT_NAMES, CONTENT_FIELDS,
                     &s->content, &s->content_f) < 0)
         goto bad;
-    PyObject *pairs = PyTuple_GET_ITEM(t, S_TYPE_BITS);
-    if (!PyTuple_Check(pairs) || PyTuple_GET_SIZE(pairs) > NODE_TYPES_MAX)
+    if (read_type_table(PyTuple_GET_ITEM(t, S_TYPE_BITS), U16_MAX, s->types, s->type_bits,
+                        &s->ntypes) < 0)
         goto bad;
-    s->ntypes = PyTuple_GET_SIZE(pairs);
-    for (Py_ssize_t i = 0; i < s->ntypes; i++) {
-        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
-            !int_in(PyTuple_GET_ITEM(pair, 1), 0, U16_MAX, &s->type_bits[i]))
-            goto bad;
-        s->types[i] = PyTuple_GET_ITEM(pair, 0);
-    }
     s->file = PyTuple_GET_ITEM(t, S_FILE);
     s->symlink = PyTuple_GET_ITEM(t, S_SYMLINK);
     if (!int_in(PyTuple_GET_ITEM(t, S_SYMLINK_MODE), 0, U16_MAX, &s->symlink_mode))
@@ -1496,8 +1504,8 @@ enum { SV_SHAPE_INODE, SV_SHAPE_NODE, SV_SHAPE_FILE_TYPES, SV_SHAPES };
 typedef struct {
     PyTypeObject *inode, *node;
     PyObject *const *inode_f, *const *node_f;
-    PyObject *types[NODE_TYPES_MAX]; /* each node type and its dirent file type */
-    unsigned char file_types[NODE_TYPES_MAX];
+    PyObject *types[NODE_TYPES_MAX]; /* each node type and its dirent file type (0..0xFF) */
+    long long file_types[NODE_TYPES_MAX];
     Py_ssize_t ntypes;
 } survey_shapes;
 
@@ -1508,19 +1516,9 @@ static int read_survey_shapes(PyObject *t, survey_shapes *s) {
         check_slots(PyTuple_GET_ITEM(t, SV_SHAPE_NODE), SURVEY_NODE_NAMES, SV_NODE_FIELDS,
                     &s->node, &s->node_f) < 0)
         goto bad;
-    PyObject *pairs = PyTuple_GET_ITEM(t, SV_SHAPE_FILE_TYPES);
-    if (!PyTuple_Check(pairs) || PyTuple_GET_SIZE(pairs) > NODE_TYPES_MAX)
+    if (read_type_table(PyTuple_GET_ITEM(t, SV_SHAPE_FILE_TYPES), FILE_TYPE_MAX, s->types,
+                        s->file_types, &s->ntypes) < 0)
         goto bad;
-    s->ntypes = PyTuple_GET_SIZE(pairs);
-    for (Py_ssize_t i = 0; i < s->ntypes; i++) {
-        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
-        long long file_type;
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
-            !int_in(PyTuple_GET_ITEM(pair, 1), 0, FILE_TYPE_MAX, &file_type))
-            goto bad;
-        s->types[i] = PyTuple_GET_ITEM(pair, 0);
-        s->file_types[i] = (unsigned char)file_type;
-    }
     return 0;
 bad:
     PyErr_SetString(PyExc_TypeError, "shapes are not writer.py's _SURVEY_SHAPES");
@@ -1619,7 +1617,7 @@ static int survey_one(const survey_shapes *s, PyObject *inode, Py_ssize_t i,
         t++;
     if (t == s->ntypes)
         return 0; /* no file type: the writer's lookup raises */
-    file_types[i] = s->file_types[t];
+    file_types[i] = (unsigned char)s->file_types[t];
     if ((!PyDict_CheckExact(xattrs) || PyDict_GET_SIZE(xattrs) != 0) &&
         append_new(with_xattrs, PyLong_FromSsize_t(i)) < 0)
         return -1;
