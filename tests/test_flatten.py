@@ -368,30 +368,30 @@ def test_a_remembered_directory_bounds_paths_as_placing_its_entries_would(
     assert isinstance(result, str) == (over > 0 or head == b"s/"), result
 
 
+def _applied(f: flatten_module._Flattener, *in_order: Entry) -> list[bytes]:
+    """What apply_files applies of `in_order` into `f`: the names it leaves, in order."""
+    entries = list(reversed(in_order))
+    assert flatten_module._apply_files is not None
+    taken = flatten_module._apply_files(entries, f.parents, f.times, "t", flatten_module._SHAPES)
+    assert taken == len(in_order) - len(entries)
+    return [e.name for e in reversed(entries)]
+
+
 def test_c_fast_path_takes_plain_files_and_hands_back_the_rest() -> None:
     def file(name: bytes, **kw: object) -> Entry:
         return dataclasses.replace(Entry(name, b"0", 0o100644, 0, 0, 7, 1, b"", 0, 0, 512), **kw)
-
-    def applied(*in_order: Entry) -> list[bytes]:
-        """What apply_files applies of `in_order`: the names it leaves, in order."""
-        entries = list(reversed(in_order))
-        taken = flatten_module._apply_files(
-            entries, f.parents, f.times, "t", flatten_module._SHAPES
-        )
-        assert taken == len(in_order) - len(entries)
-        return [e.name for e in reversed(entries)]
 
     f = flatten_module._Flattener()
     f.apply_entry(file(b"d/first"), "t")  # Python: the parent is made and remembered
     f.apply_entry(file(DEEP + b"/f"), "t")
     rest = [file(b"d/.wh.x"), file(b"d/h", type=b"1", linkname=b"d/first"), file(b"d/y")]
-    assert applied(file(b"d/second"), file(b"d/first", mode=0o4755), *rest) == [
+    assert _applied(f, file(b"d/second"), file(b"d/first", mode=0o4755), *rest) == [
         b"d/.wh.x", b"d/h", b"d/y"]  # fmt: skip
     handed_back = [file(b"d/x", xattrs={b"user.a": b""}), file(b"e/x"), file(b"d/.."),
                    file(b"d/" + b"n" * 256), file(b"d/s", type=b"2"),
                    file(b"d/", type=b"5"), file(DEEP + b"/" + b"n" * 100)]  # fmt: skip
     for e in handed_back:
-        assert applied(e) == [e.name]
+        assert _applied(f, e) == [e.name]
     with pytest.raises(TreeError, match="path longer than 4096 bytes"):
         f.apply_entry(handed_back[-1], "t")  # Python raises what C handed back
     d = f.tree.get(b"/d")
@@ -525,15 +525,6 @@ def test_c_fast_path_applies_plain_directories_and_hands_back_the_rest() -> None
     def entry(name: bytes, **kw: object) -> Entry:
         return dataclasses.replace(Entry(name, b"5", 0o40750, 5, 6, 7, 0, b"", 0, 0, 512), **kw)
 
-    def applied(*in_order: Entry) -> list[bytes]:
-        """What apply_files applies of `in_order`: the names it leaves, in order."""
-        entries = list(reversed(in_order))
-        taken = flatten_module._apply_files(
-            entries, f.parents, f.times, "t", flatten_module._SHAPES
-        )
-        assert taken == len(in_order) - len(entries)
-        return [e.name for e in reversed(entries)]
-
     f = flatten_module._Flattener()
     f.apply_entry(entry(b"d"), "t")  # Python: the root remembered by _place, d by _remember_dir
     f.apply_entry(entry(b"d/file", type=b"0"), "t")
@@ -544,7 +535,7 @@ def test_c_fast_path_applies_plain_directories_and_hands_back_the_rest() -> None
     first, second = int("1000000000000000001"), int("1000000000000000001")  # `times` shares
     assert first is not second
     rest = [entry(b"d/file"), entry(b"d/x", type=b"0")]
-    assert applied(entry(b"d/e", mtime_ns=first), entry(b"d/e/f", uid=1 << 40),
+    assert _applied(f, entry(b"d/e", mtime_ns=first), entry(b"d/e/f", uid=1 << 40),
                    entry(b"d/e", mode=0o104700, uid=8, gid=9, mtime_ns=second),
                    entry(b"d/" + N255), entry(DEEP + b"/" + b"x" * 80), *rest) == [
         b"d/file", b"d/x"]  # fmt: skip
@@ -570,8 +561,8 @@ def test_c_fast_path_applies_plain_directories_and_hands_back_the_rest() -> None
                    entry(DEEP + b"/" + b"x" * 81), entry(b"d/y", mode=1 << 70)]  # fmt: skip
     before = _tree_dump(f.tree), dict(f.parents), dict(f.times)
     for h in handed_back:
-        assert applied(h) == [h.name]
-    assert applied(dataclasses.replace(entry(b"d/y"), type=b"5 ")) == [b"d/y"]
+        assert _applied(f, h) == [h.name]
+    assert _applied(f, dataclasses.replace(entry(b"d/y"), type=b"5 ")) == [b"d/y"]
     assert (_tree_dump(f.tree), f.parents, f.times) == before
     # What Python makes of them all, applied one by one: the same tree and parents
     g = flatten_module._Flattener()
