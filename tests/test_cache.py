@@ -24,6 +24,7 @@ from tests.hostile.corpus import ZERO_DIFF_ID, ZSTD_TYPE, bomb, image, raw_layer
 from vmimg.errors import CacheError
 from vmimg.guest.kernel import BZ_HEADER_MAGIC, BZ_HEADER_MAGIC_OFFSET
 from vmimg.image import cache as cache_module
+from vmimg.image import unsynced
 from vmimg.image.cache import Cache, Flusher
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 
@@ -360,43 +361,62 @@ def test_a_lock_file_removed_while_waited_on_is_taken_again(tmp_path: Path) -> N
 
 # -- durability ----------------------------------------------------------------------------
 
-_CALL = re.compile(r"^\d+ +(fsync|rename)\((.*?)(\) += |<unfinished)")
+_CALL = re.compile(r"^\d+ +(fsync|rename|fsetxattr)\((.*?)(\) += |<unfinished)")
 _FD_PATH = re.compile(r"^\d+<(.*)>$")
+# Committed unsynced, marked as this boot's (image/unsynced.py); the rest fsynced.
+_MARKED_KINDS = {"layers/sha256/H.tar", "outputs/H"}
 
 
-def test_every_cache_entry_is_fsynced_before_its_rename_and_its_directory_after(
+def test_every_cache_entry_is_durable_or_durably_marked_before_its_rename(
     three_layers: str, tmp_path: Path
 ) -> None:
+    """Blobs: fsynced before their rename, their directory after. Layers and outputs: marked
+    with this boot's id and the mark fsynced before their rename. Hit records need neither
+    (a torn one is no JSON, and is not used)."""
     log = tmp_path / "strace.log"
     cache = tmp_path / "cache"
     r = run_vmimg(tmp_path, "cache", "ls")  # the cache's directories exist before the trace
     assert r.returncode == 0, r.stderr
     env = {"VMIMG_CACHE": str(cache)}
     traced = subprocess.run(
-        [need("strace"), "-f", "-y", "-e", "trace=fsync,rename", "-o", str(log),
+        [need("strace"), "-f", "-y", "-e", "trace=fsync,rename,fsetxattr", "-o", str(log),
          sys.executable, "-m", "vmimg", "rootfs", three_layers, "-o", str(tmp_path / "r.tar")],
         capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"}, check=False,
     )  # fmt: skip
     assert traced.returncode == 0, traced.stderr
-    synced: list[str] = []
-    renames: list[tuple[str, str, int]] = []  # (source, target, index of the next fsync)
+    events: list[tuple[str, str]] = []  # (call, path): fsync and fsetxattr by their fd's path
+    renames: list[tuple[str, str, int]] = []  # (source, target, index of the next event)
     for line in log.read_text().splitlines():
         m = _CALL.match(line)
-        if m and m.group(1) == "fsync":
-            fd = _FD_PATH.match(m.group(2).strip())
-            assert fd, line
-            synced.append(fd.group(1))
-        elif m:
+        if m and m.group(1) == "rename":
             src, dst = (a.strip().strip('"') for a in m.group(2).split(", "))
-            renames.append((src, dst, len(synced)))
+            renames.append((src, dst, len(events)))
+        elif m:
+            if m.group(1) == "fsetxattr" and unsynced.MARK not in m.group(2):
+                continue
+            fd = _FD_PATH.match(m.group(2).split(",")[0].strip())
+            assert fd, line
+            events.append((m.group(1), fd.group(1)))
     into_cache = [x for x in renames if x[1].startswith(str(cache) + "/")]
     # digests name the entries (64 hex digits), a checksum of their key the hit records (8)
     hashed = re.compile(r"[0-9a-f]{64}|(?<=^hits/)[0-9a-f]{8}")
-    kinds = {hashed.sub("H", dst[len(str(cache)) + 1 :]) for _s, dst, _i in into_cache}
-    assert kinds == {"blobs/sha256/H", "layers/sha256/H.tar", "outputs/H", "hits/H.json"}, kinds
+    kinds = {}
     for src, dst, after in into_cache:
-        assert src in synced[:after] or any(p.startswith(src + "/") for p in synced[:after]), src
-        assert str(Path(dst).parent) in synced[after:], dst
+        kind = hashed.sub("H", dst[len(str(cache)) + 1 :])
+        kinds[kind] = kinds.get(kind, 0) + 1
+        before, since = events[:after], events[after:]
+        if kind in _MARKED_KINDS:
+            marked = before.index(("fsetxattr", src))
+            assert ("fsync", src) in before[marked:], src  # the mark is on the disk first
+        elif kind != "hits/H.json":
+            synced = [p for call, p in before if call == "fsync"]
+            assert src in synced or any(p.startswith(src + "/") for p in synced), src
+            assert ("fsync", str(Path(dst).parent)) in since, dst
+    assert kinds == {"blobs/sha256/H": kinds.get("blobs/sha256/H"), "layers/sha256/H.tar": 3,
+                     "outputs/H": 1, "hits/H.json": 1}, kinds  # fmt: skip
+    assert kinds["blobs/sha256/H"]
+    marks = [os.getxattr(p, unsynced.MARK) for p in (cache / "layers" / "sha256").iterdir()]
+    assert marks == [unsynced.boot_id()] * 3
 
 
 def test_a_flusher_flushes_the_file_while_it_is_written_and_stops_after(

@@ -30,6 +30,7 @@ from vmimg.digest import digest_bytes
 from vmimg.errors import CacheError, LayerError
 from vmimg.image import cache as cache_module
 from vmimg.image import layers as layers_module
+from vmimg.image import unsynced
 from vmimg.image.cache import Cache
 from vmimg.image.layers import CHUNK, decompressed_chunks, sniff_compression, unpack_layer_to_cache
 from vmimg.image.oci import Descriptor
@@ -224,8 +225,10 @@ class _SlowBlob(io.BytesIO):
 def test_a_layer_goes_out_to_disk_while_it_is_unpacked(
     cache: Cache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its temporary file is flushed (the real fdatasync) before it is complete, so that
-    the fsync before its rename finds little left to write."""
+    """Where it cannot be marked as this boot's (image/unsynced.py), its temporary file is
+    flushed (the real fdatasync) before it is complete, so that the fsync before its rename
+    finds little left to write."""
+    monkeypatch.setattr(unsynced, "_boot", [None])  # no boot id: no mark
     monkeypatch.setattr(cache_module, "FLUSH_EVERY_S", 0.001)
     flushed: list[int] = []
     real = os.fdatasync
@@ -260,9 +263,9 @@ def test_a_layer_committed_in_the_background_is_in_the_cache_once_settled(
     go = threading.Event()
     real_commit = layers_module.commit
 
-    def held_commit(tmp: str, final: str) -> None:
+    def held_commit(tmp: str, final: str, synced: bool = True) -> None:
         assert go.wait(30)
-        real_commit(tmp, final)
+        real_commit(tmp, final, synced)
 
     monkeypatch.setattr(layers_module, "commit", held_commit)
     slots = threading.BoundedSemaphore(1)
@@ -311,7 +314,7 @@ def test_a_background_commit_that_fails_is_raised_when_settled(
 ) -> None:
     tar, blob, desc = _gzip_layer(5)
 
-    def full(tmp: str, final: str) -> None:
+    def full(tmp: str, final: str, synced: bool = True) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(layers_module, "commit", full)

@@ -14,6 +14,7 @@ import pytest
 from tests import layerkit as L
 from tests.conftest import need, podman, skopeo_copy
 from vmimg.errors import DigestError, ImageRefError, LayerError, PlatformError, SourceError
+from vmimg.image import unsynced
 from vmimg.image.cache import Cache
 from vmimg.image.fetch import fetch_layers
 from vmimg.image.image import Image
@@ -146,6 +147,15 @@ def test_docker_daemon_through_podman_api(
     # Second time: config and layers cached, so no export happens at all.
     again = open_image("docker-daemon:vmimg/daemon:v1", cache, AMD64)
     assert again.layers[0].digest == "" and again.diff_ids == local.diff_ids
+    again.close()
+    # A cached layer from another boot whose bytes a crash lost: exported again.
+    torn = cache.layer_path(local.diff_ids[-1])
+    os.chmod(torn, 0o644)
+    Path(torn).write_bytes(bytes(os.path.getsize(torn)))
+    os.setxattr(torn, unsynced.MARK, b"00000000-0000-4000-8000-000000000000")
+    third = open_image("docker-daemon:vmimg/daemon:v1", cache, AMD64)
+    assert tree_digest(third, cache) == local.diff_ids
+    assert os.getxattr(torn, unsynced.MARK) == unsynced.boot_id()  # unpacked anew
     with pytest.raises(ImageRefError, match="no such image"):
         open_image("docker-daemon:vmimg/absent:v1", cache, AMD64)
 

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 
 import vmimg
 from vmimg.errors import EXIT_INTERRUPTED, VmimgError
+from vmimg.image import unsynced
 from vmimg.image.fsutil import (
     HITS_AREA,
     OUTPUTS_AREA,
     default_cache_dir,
-    fsync_dir,
     lock_shared,
 )
 from vmimg.rootfs.handout import entry_untouched, hand_out
@@ -194,12 +194,10 @@ def record_hit(args: Sequence[str], output: str, record: HitRecord) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Not fsynced: a record a crash cut short is no JSON, and one lost costs a full run.
         with open(tmp, "w") as f:
             json.dump(record.to_json(), f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())  # like every cache entry: whole before its name appears
         os.rename(tmp, path)
-        fsync_dir(os.path.dirname(path))
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -263,7 +261,11 @@ def try_hit(args: Sequence[str]) -> str | None:
         return None
     try:
         cached = os.path.join(record.entry_dir, record.file)
-        if not os.path.isfile(cached) or not entry_untouched(record.entry_dir):
+        if not (
+            os.path.isfile(cached)
+            and entry_untouched(record.entry_dir)
+            and unsynced.trusted(record.entry_dir)
+        ):
             return None  # the full command line discards the entry and converts again
         how = hand_out(cached, output, record.linkable)  # atomic: all of it, or nothing
     finally:

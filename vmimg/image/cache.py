@@ -11,8 +11,11 @@
 
 Every entry appears under its final name only by an atomic rename after its digest was
 checked and its bytes were fsynced (and the directory after the rename): a crash at any
-point leaves either nothing or a whole, verified entry. Concurrent processes coordinate
-with flock on a per-key lock file, so the second one waits and then finds the work done.
+point leaves either nothing or a whole, verified entry. Layers and finished conversions
+skip the fsync: each carries a durable mark of the boot that wrote it, and one found from
+an earlier boot is checked again before it is used (image/unsynced.py). Concurrent
+processes coordinate with flock on a per-key lock file, so the second one waits and then
+finds the work done.
 
 Work in progress is an entry of tmp/ named with its writer's pid, on which the writer holds
 an exclusive flock for as long as it exists. The kernel drops a lock when its process dies,
@@ -119,13 +122,14 @@ class Flusher:
     FLUSH_EVERY_S seconds, so the disk writes as the writer computes and `commit`'s fsync
     finds little left (an 80 MiB image: its fsync took 40 ms at the end of the critical path).
     A context manager over the file's fd; leaving it waits for the thread, never for a flush
-    of its own."""
+    of its own. Not `needed` (an entry committed unsynced), it does nothing."""
 
-    def __init__(self, fd: int, every: float | None = None) -> None:
+    def __init__(self, fd: int, every: float | None = None, needed: bool = True) -> None:
         self._fd = fd
         self._every = FLUSH_EVERY_S if every is None else every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="entry-flush", daemon=True)
+        self._needed = needed
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
@@ -135,7 +139,8 @@ class Flusher:
                 return  # commit's fsync will meet the same error and report it
 
     def __enter__(self) -> Flusher:
-        self._thread.start()
+        if self._needed:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -144,13 +149,18 @@ class Flusher:
     def stop(self) -> None:
         """Stop flushing (waiting for a flush under way); again does nothing."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
-def commit(tmp: str, final: str) -> None:
+def commit(tmp: str, final: str, synced: bool = True) -> None:
     """Rename a finished temporary file or tree to `final`, durably: its bytes are on disk
-    before the rename and the rename is before this returns. OSError if `final` exists
-    as a non-empty directory (someone else committed it first)."""
+    before the rename and the rename is before this returns. Not `synced`: only the rename,
+    for an entry marked as this boot's (image/unsynced.py). OSError if `final` exists as a
+    non-empty directory (someone else committed it first)."""
+    if not synced:
+        os.rename(tmp, final)
+        return
     fsync_tree(tmp)
     os.rename(tmp, final)
     fsync_dir(os.path.dirname(final))

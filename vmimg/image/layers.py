@@ -23,9 +23,9 @@ from typing import BinaryIO, cast
 
 from isal import isal_zlib
 
-from vmimg.digest import Hasher
+from vmimg.digest import Hasher, hash_fd
 from vmimg.errors import CacheError, DigestError, LayerError
-from vmimg.image import _zstdstream
+from vmimg.image import _zstdstream, unsynced
 from vmimg.image.cache import Cache, Flusher, SpaceGuard, commit
 from vmimg.image.fsutil import format_size
 from vmimg.image.oci import Descriptor, layer_compression
@@ -356,7 +356,8 @@ def unpack_layer_to_cache(
     space = space or SpaceGuard(cache.root)
     unpacked = False
     entries = None
-    while not cache.pin(final):  # not there, or pruned while we looked
+    # not there, pruned while we looked, or found broken after a crash
+    while not (cache.pin(final) and _usable_layer(cache, final, diff_id, what)):
         with contextlib.ExitStack() as held:
             held.enter_context(cache.lock(f"layer-{diff_id}"))
             if os.path.exists(final):
@@ -381,6 +382,25 @@ def unpack_layer_to_cache(
 def _cache_error(what: str, cache: Cache, e: OSError) -> CacheError:
     # Sources turn their own read errors into SourceError: this is the cache's disk.
     return CacheError(f"{what}: cannot write to the cache {cache.root}: {e.strerror}")
+
+
+def _usable_layer(cache: Cache, final: str, diff_id: str, what: str) -> bool:
+    """Whether the pinned layer tar at `final` may be read. One committed unsynced in an
+    earlier boot (image/unsynced.py) is hashed again: whole, it is made durable and
+    trusted from then on; not whole (its bytes lost in a crash), it is discarded."""
+    if unsynced.trusted(final):
+        return True
+    with cache.lock(f"layer-{diff_id}"):  # one process checks it; the others then trust it
+        if unsynced.trusted(final):
+            return True
+        try:
+            with open(final, "rb") as f:
+                hash_fd(f.fileno()).verify(diff_id, None, what)
+            unsynced.settle(final)
+        except (OSError, DigestError):
+            cache.discard(final)
+            return False
+    return True
 
 
 class PendingCommit:
@@ -470,11 +490,13 @@ def _unpack(
     declared = layer_compression(desc.media_type)
     with contextlib.ExitStack() as kept:
         out, tmp = kept.enter_context(cache.temp_file(".tar", "layer-"))
-        # The layer goes out to disk as it is written, by a thread of its own, so that the
-        # fsync before its rename (commit) has little left to wait for. (Flushing in the
-        # write-behind thread every 16 MiB held up its hashing: the decompressing thread
-        # waited on it, 33 ms of Debian minbase's 0.33 s; this way the fetch takes 0.28 s.)
-        flusher = kept.enter_context(Flusher(out.fileno()))
+        # Marked as this boot's, the tar is renamed into place without waiting for the disk
+        # (image/unsynced.py). Where it cannot be marked, it goes out to disk as it is
+        # written, by a thread of its own, so that the fsync before its rename has little
+        # left to wait for. (Flushing in the write-behind thread every 16 MiB held up its
+        # hashing: the decompressing thread waited on it, 33 ms of Debian minbase's 0.33 s.)
+        synced = not unsynced.mark(out.fileno())
+        flusher = kept.enter_context(Flusher(out.fileno(), needed=synced))
         with open_blob() as stream:
             entries = _stream_into(
                 stream, out, desc, diff_id, declared, on_progress, what, budget, space
@@ -485,7 +507,7 @@ def _unpack(
         with left:
             flusher.stop()
             out.flush()
-            commit(tmp, final)
+            commit(tmp, final, synced)
 
     return entries, finish
 

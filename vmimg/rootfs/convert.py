@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from vmimg import __version__
 from vmimg.errors import VmimgError, WriterError
+from vmimg.image import unsynced
 from vmimg.image.cache import Cache, Flusher, commit
 from vmimg.image.fetch import BYTES, PhaseStart, fetch_layers
 from vmimg.image.fsutil import space_shortfall
@@ -122,7 +123,7 @@ def atomic_output(dest: str, need: int = 0) -> Iterator[int]:
     try:
         yield fd
         # No fsync: like cp and mkfs, the destination gets the page cache's guarantee.
-        # (Cache entries are fsynced: other builds trust them.)
+        # (Cache entries are fsynced, or marked as this boot's: other builds trust them.)
         os.close(fd)
         fd = -1
         os.chmod(tmp, 0o644)
@@ -136,9 +137,9 @@ def atomic_output(dest: str, need: int = 0) -> Iterator[int]:
 
 
 def usable_entry(cache: Cache, entry_dir: str) -> bool:
-    """True if the cache entry may be handed out; a changed one is taken out of the cache
-    (to be made again) instead."""
-    if entry_untouched(entry_dir):
+    """True if the cache entry may be handed out; a changed one, or one committed unsynced
+    in an earlier boot, is taken out of the cache (to be made again) instead."""
+    if entry_untouched(entry_dir) and unsynced.trusted(entry_dir):
         return True
     cache.discard(entry_dir)
     return False
@@ -296,17 +297,19 @@ def _cache_has_room(cache: Cache, need: int) -> bool:
 
 def _write_through_cache(cache: Cache, key: str, write: _Write, dest: str) -> list[str] | None:
     """Write the image as a new cache entry, then hand it out at `dest` as a hit would
-    (hardlink, reflink or copy); its warnings. The entry is flushed as it is written, so
-    committing it durably costs little more than writing it; `dest`, like cp's output, is
-    not fsynced. None if the cache's disk failed it (full, say): keeping a copy is optional,
-    so the caller writes the image at `dest` instead."""
+    (hardlink, reflink or copy); its warnings. The entry is committed unsynced, marked as
+    this boot's (image/unsynced.py); where it cannot be marked it is flushed as it is
+    written, so committing it durably costs little more than writing it. `dest`, like cp's
+    output, is not fsynced. None if the cache's disk failed it (full, say): keeping a copy
+    is optional, so the caller writes the image at `dest` instead."""
     name = f"rootfs.{write.fmt}"
     with cache.temp_dir("output-") as tmp:  # our lock on it guards it from prune until we end
         built = os.path.join(tmp, name)
         try:
+            synced = not unsynced.mark(tmp)
             fd = os.open(built, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                with Flusher(fd):
+                with Flusher(fd, needed=synced):
                     warnings = write.to(fd)
             finally:
                 os.close(fd)
@@ -315,7 +318,7 @@ def _write_through_cache(cache: Cache, key: str, write: _Write, dest: str) -> li
             return None
         pause_point("output-cache-store")
         with contextlib.suppress(OSError):  # another process stored it first: ours goes out
-            commit(tmp, cache.output_dir(key))
+            commit(tmp, cache.output_dir(key), synced)
         if not os.path.exists(built):
             built = os.path.join(cache.output_dir(key), name)
         hand_out(built, dest, get_format(write.fmt).read_only)

@@ -13,6 +13,7 @@ import os
 from typing import BinaryIO
 
 from vmimg.errors import ImageRefError, SourceError
+from vmimg.image import unsynced
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
 from vmimg.image.oci import Descriptor, ImageConfig, Platform, normalize_platform
@@ -34,7 +35,9 @@ def _cached_image(
     if config_bytes is None:
         return None
     config = ImageConfig.parse(config_bytes, f"{name}: config {image_id}")
-    if not all(os.path.exists(cache.layer_path(d)) for d in config.diff_ids):
+    # Each layer must be there, and usable as it is (not from before a crash: image/unsynced)
+    paths = [cache.layer_path(d) for d in config.diff_ids]
+    if not all(os.path.exists(p) and unsynced.trusted(p) for p in paths):
         return None
     check_platform(config, platform, name)
 
