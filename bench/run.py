@@ -159,7 +159,10 @@ def tool(env: str, name: str) -> str | None:
 
 
 def run_timed(commands: list[list[str]], env: dict[str, str]) -> tuple[float, float]:
-    """Run commands in sequence; total wall seconds and the max peak RSS (MiB) among them."""
+    """Run commands in sequence; total wall seconds and the max peak RSS (MiB) among them.
+    The disk is synced first, untimed: no contender fsyncs its output, so what earlier runs
+    left in the page cache would otherwise go out to disk during this one's time."""
+    os.sync()
     seconds = 0.0
     peak = 0.0
     for cmd in commands:
