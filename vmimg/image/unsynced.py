@@ -2,7 +2,7 @@
 wrote them.
 
 An fsync before each rename into the cache made every cold conversion wait for the disk:
-Debian minbase to erofs took 0.82 s with it and 0.60 s without, on a disk that writes
+Debian minbase to erofs took about 0.85 s with it and 0.72 s without, on a disk that writes
 380 MB/s. Until the machine stops, the page cache is the truth for everyone on it: a
 process killed at any point loses nothing the kernel already has. Only a crash of the
 machine (or a power cut) loses bytes that were not yet on the disk, and after it the
