@@ -18,7 +18,7 @@ from vmimg.rootfs.writers import FORMATS
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "vmimg"
 # The stages in data-flow order; the foundation modules may be imported by any of them.
-FOUNDATION = {"errors", "digest", "arch", "safetext", "testhook", "__init__"}
+FOUNDATION = {"errors", "digest", "arch", "safetext", "testhook", "netstrings", "__init__"}
 STAGES = ["image", "rootfs", "guest", "bundle", "boot", "artifact", "pipeline", "cli", "__main__"]
 
 

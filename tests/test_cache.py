@@ -408,12 +408,12 @@ def test_every_cache_entry_is_durable_or_durably_marked_before_its_rename(
         if kind in _MARKED_KINDS:
             marked = before.index(("fsetxattr", src))
             assert ("fsync", src) in before[marked:], src  # the mark is on the disk first
-        elif kind != "hits/H.json":
+        elif kind != "hits/H.hit":
             synced = [p for call, p in before if call == "fsync"]
             assert src in synced or any(p.startswith(src + "/") for p in synced), src
             assert ("fsync", str(Path(dst).parent)) in since, dst
     assert kinds == {"blobs/sha256/H": kinds.get("blobs/sha256/H"), "layers/sha256/H.tar": 3,
-                     "outputs/H": 1, "hits/H.json": 1}, kinds  # fmt: skip
+                     "outputs/H": 1, "hits/H.hit": 1}, kinds  # fmt: skip
     assert kinds["blobs/sha256/H"]
     marks = [os.getxattr(p, unsynced.MARK) for p in (cache / "layers" / "sha256").iterdir()]
     assert marks == [unsynced.boot_id()] * 3

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.hostile.cli import TIME_LIMIT, confined_command, confined_env, run_vmimg
-from vmimg.cli.quick import HitRecord, split_output
+from vmimg import netstrings
+from vmimg.cli.quick import RECORD_SUFFIX, HitRecord, split_output
 from vmimg.image.reference import parse_reference
+from vmimg.rootfs.handout import SEAL_MAGIC, SEAL_RECORD, entry_untouched
 
 # Python's own import log (-X importtime): shows whether the full command line was loaded.
 IMPORT_LOG = {"PYTHONPROFILEIMPORTTIME": "1"}
@@ -31,7 +33,7 @@ def _rootfs(work: Path, ref: str, out: Path, *extra: str) -> tuple[str, bool]:
 
 
 def _hits(work: Path) -> list[Path]:
-    return sorted((work / "cache" / "hits").glob("*.json"))
+    return sorted((work / "cache" / "hits").glob(f"*{RECORD_SUFFIX}"))
 
 
 def _copy_layout(ref: str, dest: Path) -> str:
@@ -163,7 +165,7 @@ def test_an_explicit_cache_directory_gets_no_record(layout: str, tmp_path: Path)
     for name in ("a", "b", "c"):
         _out, fast = _rootfs(tmp_path, layout, tmp_path / f"{name}.erofs", "--cache", str(other))
         assert not fast
-    assert _hits(tmp_path) == [] and list((other / "hits").glob("*.json")) == []
+    assert _hits(tmp_path) == [] and list((other / "hits").glob(f"*{RECORD_SUFFIX}")) == []
 
 
 def test_an_output_that_cannot_be_written_gets_the_full_command_s_error(
@@ -180,27 +182,49 @@ def test_an_output_that_cannot_be_written_gets_the_full_command_s_error(
 # -- hostile records -----------------------------------------------------------------------
 
 
-def _forge(work: Path, change: dict[str, object] | None, raw: bytes | None = None) -> None:
+def _record(work: Path) -> tuple[Path, HitRecord]:
+    """The one hit record in `work`'s cache, and what it says."""
     (path,) = _hits(work)
+    fields = netstrings.read_file(str(path))
+    assert fields is not None
+    record = HitRecord.from_fields(fields)
+    assert record is not None
+    return path, record
+
+
+def _forge(work: Path, change: dict[str, str] | None, raw: bytes | None = None) -> None:
+    """Replace the record's bytes (`raw`), or some of its fields by their position in
+    to_fields (keys are field indexes, as text, or "+" to add fields)."""
+    path, record = _record(work)
     if raw is not None:
         path.write_bytes(raw)
         return
-    doc = json.loads(path.read_text())
-    doc.update(change or {})
-    path.write_text(json.dumps(doc))
+    fields = record.to_fields()
+    for where, value in (change or {}).items():
+        if where == "+":
+            fields.append(value)
+        else:
+            fields[int(where)] = value
+    path.write_text(netstrings.pack(fields))
 
 
 @pytest.mark.parametrize(
     "forgery",
     [
-        {"raw": b"\xff not json"},
-        {"raw": b"[1, 2, 3]"},
-        {"raw": b'{"entry_dir": 5}'},
-        {"change": {"stamps": {"/etc/hostname": "yes"}}},
-        {"change": {"stamps": "everything"}},
-        {"change": {"file": "../../../../etc/passwd"}},
-        {"change": {"linkable": "maybe", "extra": 1}},
-        {"change": {"key": "{}"}},  # another command line's record in the same place
+        {"raw": b"\xff not a record"},
+        {"raw": b""},
+        {"raw": b"11:vmimg-hit 3,;"},  # the magic alone
+        {"raw": b"99999999:vmimg-hit 3,;"},  # a length running past the end
+        {"raw": b"-1:x,;"},
+        {"raw": b"11:vmimg-hit 3,"},  # cut short: no end mark
+        {"change": {"0": "vmimg-hit 2"}},  # another version's
+        {"change": {"+": "/etc/hostname"}},  # a path without its stamp
+        {"change": {"10": "1 2 yes"}},  # a stamp that is not numbers
+        {"change": {"10": "\u0661 2 3 4 5"}},  # digits, but not ASCII ones
+        {"change": {"3": "../../../../etc/passwd"}},
+        {"change": {"3": ".sealed"}},
+        {"change": {"4": "maybe"}},  # linkable
+        {"change": {"1": "another command line"}},  # another record in the same place
     ],
 )
 def test_a_damaged_record_sends_the_run_the_full_way(
@@ -219,22 +243,31 @@ def test_a_damaged_record_sends_the_run_the_full_way(
     assert out.startswith(f"{tmp_path / 'c.erofs'}: erofs")
 
 
+def test_an_unforged_record_is_served(layout: str, tmp_path: Path) -> None:
+    """The forgeries' control: the record rewritten as it is still answers."""
+    for name in ("a", "b"):
+        _rootfs(tmp_path, layout, tmp_path / f"{name}.erofs")
+    _forge(tmp_path, {})
+    _out, fast = _rootfs(tmp_path, layout, tmp_path / "c.erofs")
+    assert fast
+
+
 def test_a_record_naming_a_file_outside_the_cache_is_refused(layout: str, tmp_path: Path) -> None:
     """Even a sealed-looking directory elsewhere: a record hands out its own cache's entries."""
     for name in ("a", "b"):
         _rootfs(tmp_path, layout, tmp_path / f"{name}.erofs")
-    (record,) = _hits(tmp_path)
-    entry = Path(json.loads(record.read_text())["entry_dir"])
+    _path, record = _record(tmp_path)
+    entry = Path(record.entry_dir)
     decoy = tmp_path / "decoy"
     decoy.mkdir()
     for f in entry.iterdir():
         (decoy / f.name).write_bytes(b"secret" if f.name.startswith("rootfs") else f.read_bytes())
-    seal = json.loads((entry / ".sealed.json").read_text())
-    seal = {k: [len(b"secret") if k.startswith("rootfs") else v[0], 0] for k, v in seal.items()}
-    (decoy / ".sealed.json").write_text(json.dumps(seal))
     for f in decoy.iterdir():
         os.utime(f, ns=(0, 0))
-    _forge(tmp_path, {"entry_dir": str(decoy)})
+    seal = [SEAL_MAGIC, record.file, f"{len(b'secret')} 0"]
+    netstrings.write_file(str(decoy / SEAL_RECORD), seal)
+    assert entry_untouched(str(decoy))  # a seal as good as a real one
+    _forge(tmp_path, {"2": str(decoy)})
     _out, fast = _rootfs(tmp_path, layout, tmp_path / "c.erofs")
     assert not fast
     assert (tmp_path / "c.erofs").read_bytes() != b"secret"
@@ -257,8 +290,11 @@ def test_an_ext4_hit_is_a_writable_copy(layout: str, tmp_path: Path) -> None:
 
 
 def test_hit_record_round_trips() -> None:
-    record = HitRecord("/c/outputs/k", "rootfs.erofs", True, {"/l": [1, 2]}, "erofs", "i", "d", "p")
-    assert HitRecord(**record.to_json()).to_json() == record.to_json()  # type: ignore[arg-type]
+    stamps = {"/l": [1, -2, 3], "/a,b\n:c": [0], "/\udcff": [7, 8]}  # odd paths, a byte not UTF-8
+    record = HitRecord("/c/outputs/k", "rootfs.erofs", True, stamps, "erofs", "i", "d", "p", "k")
+    again = HitRecord.from_fields(record.to_fields())
+    assert again is not None and again.to_fields() == record.to_fields()
+    assert again.stamps == stamps and again.linkable is True
 
 
 def test_a_closed_stdout_is_one_error_line_on_either_path(layout: str, tmp_path: Path) -> None:

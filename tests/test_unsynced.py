@@ -15,12 +15,14 @@ import pytest
 from tests import layerkit as L
 from tests.hostile.cli import run_vmimg
 from tests.test_quick import CLICK_IMPORTED, IMPORT_LOG, _copy_layout
+from vmimg import netstrings
 from vmimg.digest import digest_bytes
 from vmimg.image import unsynced
 from vmimg.image.cache import Cache
 from vmimg.image.layers import load_entries, unpack_layer_to_cache
 from vmimg.image.oci import Descriptor
 from vmimg.image.ocilayout import LAYER_MEDIA_TYPES
+from vmimg.rootfs.handout import SEAL_MAGIC, SEAL_RECORD, entry_untouched
 
 OTHER_BOOT = b"00000000-0000-4000-8000-000000000000"  # never a real boot's id
 
@@ -184,10 +186,12 @@ def test_a_conversion_from_another_boot_is_made_again(
     os.setxattr(entry, unsynced.MARK, OTHER_BOOT)
     if damage:
         _zero(entry / "rootfs.erofs")
-        stamps = entry / ".sealed.json"  # the seal saw the damage too: only the mark tells
-        os.chmod(stamps, 0o644)
+        seal = entry / SEAL_RECORD  # the seal saw the damage too: only the mark tells
+        os.chmod(seal, 0o644)
         st = os.stat(entry / "rootfs.erofs")
-        stamps.write_text(f'{{"rootfs.erofs": [{st.st_size}, {st.st_mtime_ns}]}}')
+        stamp = f"{st.st_size} {st.st_mtime_ns}"
+        netstrings.write_file(str(seal), [SEAL_MAGIC, "rootfs.erofs", stamp])
+        assert entry_untouched(str(entry))
     out, fast = _rootfs(tmp_path, layout, tmp_path / "b.erofs")
     assert not fast and "from cache" not in out
     assert (tmp_path / "b.erofs").read_bytes() == good

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
 import sys
 import zlib
 from collections.abc import Sequence
 
 import vmimg
+from vmimg import netstrings
 from vmimg.errors import EXIT_INTERRUPTED, VmimgError
 from vmimg.image import unsynced
 from vmimg.image.fsutil import (
@@ -40,7 +40,13 @@ FULL_CLI = "vmimg.cli.main"
 # What else decides a result: the cache's place, and reproducible builds' clock.
 KEY_ENVIRONMENT = ("VMIMG_CACHE", "XDG_CACHE_HOME", "HOME", "SOURCE_DATE_EPOCH")
 CODE_SUFFIXES = (".py", ".so")
-RECORD_VERSION = 2
+RECORD_VERSION = 3
+# A record's fields (netstrings): RECORD_MAGIC, its key, entry_dir, file, linkable ("1" or
+# "0"), format, image, digest, platform; then for each deciding file its path and its stamp
+# (the numbers joined by spaces).
+RECORD_MAGIC = f"vmimg-hit {RECORD_VERSION}"
+RECORD_HEAD = 9  # the fields before the stamps
+RECORD_SUFFIX = ".hit"
 VMIMG_ERROR = VmimgError.exit_code
 
 
@@ -83,8 +89,41 @@ class HitRecord:
         self.platform = platform
         self.key = key
 
-    def to_json(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__slots__}
+    def to_fields(self) -> list[str]:
+        """The record as the fields it is written as (RECORD_MAGIC's comment)."""
+        head = [RECORD_MAGIC, self.key, self.entry_dir, self.file, "1" if self.linkable else "0"]
+        head += [self.format, self.image, self.digest, self.platform]
+        for path, numbers in sorted(self.stamps.items()):
+            head += [path, " ".join(str(n) for n in numbers)]
+        return head
+
+    @classmethod
+    def from_fields(cls, fields: list[str]) -> HitRecord | None:
+        """The record `to_fields` gave these fields; None for any other fields."""
+        stamped = fields[RECORD_HEAD:]
+        if len(fields) < RECORD_HEAD or len(stamped) % 2 or fields[0] != RECORD_MAGIC:
+            return None
+        key, entry_dir, file, linkable, fmt, image, digest, platform = fields[1:RECORD_HEAD]
+        if linkable not in ("0", "1") or not _plain_name(file):
+            return None
+        stamps = {}
+        for path, numbers in zip(stamped[::2], stamped[1::2], strict=True):
+            parsed = _integers(numbers)
+            if parsed is None:
+                return None
+            stamps[path] = parsed
+        return cls(entry_dir, file, linkable == "1", stamps, fmt, image, digest, platform, key)
+
+
+def _integers(text: str) -> list[int] | None:
+    """The integers of "N N ..." (plain ASCII digits, maybe a minus sign); None if not."""
+    numbers = []
+    for word in text.split(" "):
+        digits = word.removeprefix("-")
+        if not (digits.isascii() and digits.isdigit()):
+            return None
+        numbers.append(int(word))
+    return numbers
 
 
 def split_output(args: Sequence[str]) -> tuple[list[str], str] | None:
@@ -134,15 +173,10 @@ def hit_key(args: Sequence[str]) -> str:
     all of it, as text. A record keeps its key whole and is used only if it matches
     exactly; the record's file name is just a checksum of it (no cryptographic hash:
     hashlib's OpenSSL load was a tenth of the fast path)."""
-    doc = {
-        "version": RECORD_VERSION,
-        "args": list(args),
-        "cwd": os.getcwd(),
-        "env": {name: os.environ.get(name) for name in KEY_ENVIRONMENT},
-        "machine": os.uname().machine,
-        "code": code_listing(),
-    }
-    return json.dumps(doc, sort_keys=True)
+    # "NAME" for a variable not set, "NAME=VALUE" for one set (to the empty string too)
+    env = [f"{name}={os.environ[name]}" if name in os.environ else name for name in KEY_ENVIRONMENT]
+    head = [f"hit-key {RECORD_VERSION}", os.getcwd(), os.uname().machine, str(len(args))]
+    return netstrings.pack([*head, *args, *env, *code_listing()])
 
 
 def default_cache_root() -> str:
@@ -179,7 +213,7 @@ def record_place(args: Sequence[str]) -> tuple[str, str, str] | None:
     if split is None:
         return None
     key = hit_key(split[0])
-    name = f"{zlib.crc32(key.encode()):08x}.json"
+    name = f"{zlib.crc32(key.encode(netstrings.ENCODING, netstrings.ERRORS)):08x}{RECORD_SUFFIX}"
     return os.path.join(cache_area(HITS_AREA), name), key, split[1]
 
 
@@ -194,9 +228,8 @@ def record_hit(args: Sequence[str], output: str, record: HitRecord) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Not fsynced: a record a crash cut short is no JSON, and one lost costs a full run.
-        with open(tmp, "w") as f:
-            json.dump(record.to_json(), f, sort_keys=True)
+        # Not fsynced: a record a crash cut short does not parse, and one lost costs a full run.
+        netstrings.write_file(tmp, record.to_fields())
         os.rename(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):
@@ -207,25 +240,11 @@ def load_record(path: str, key: str) -> HitRecord | None:
     """The record of `key` at `path`, or None if it is missing, another key's, or not one
     `record_hit` could write."""
     try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+        fields = netstrings.read_file(path)
+    except OSError:
         return None
-    if not isinstance(doc, dict) or set(doc) != set(HitRecord.__slots__):
-        return None
-    if doc["key"] != key:
-        return None
-    strings = [doc[k] for k in HitRecord.__slots__ if k not in ("linkable", "stamps")]
-    stamps = doc["stamps"]
-    if not (
-        all(isinstance(v, str) for v in strings)
-        and isinstance(doc["linkable"], bool)
-        and isinstance(stamps, dict)
-        and all(isinstance(v, list) and all(type(n) is int for n in v) for v in stamps.values())
-        and _plain_name(doc["file"])
-    ):
-        return None
-    return HitRecord(**doc)
+    record = None if fields is None else HitRecord.from_fields(fields)
+    return record if record is not None and record.key == key else None
 
 
 def _plain_name(name: str) -> bool:

@@ -4,7 +4,7 @@
       blobs/sha256/<hex>                manifests, configs, any blob, verified
       layers/sha256/<hex>.tar           uncompressed layer tars, named by diff_id
       outputs/<key>/...                 finished conversions
-      hits/<key>.json                   command lines answered by an output (cli/quick)
+      hits/<crc>.hit                    command lines answered by an output (cli/quick)
       kernels/                          guest kernels and their sources (guest/kernel.py)
       tmp/vmimg-<pid>-...               work in progress (same file system: rename is atomic)
       locks/                            flock files

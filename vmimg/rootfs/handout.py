@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import stat
 
+from vmimg import netstrings
 from vmimg.errors import VmimgError, WriterError
 from vmimg.image.fsutil import disk_usage, pwrite_all, space_shortfall
 
@@ -112,20 +112,23 @@ def seal(path: str) -> bool:
 
 # Beside a cache entry's files: the size and mtime of each as sealed. Hardlinked outputs
 # are other names of the entry's files, and root may write to them despite mode 0444; a write
-# moves the mtime, so a damaged entry is noticed before it is handed out again.
-SEAL_RECORD = ".sealed.json"
+# moves the mtime, so a damaged entry is noticed before it is handed out again. Its fields
+# (netstrings): SEAL_MAGIC, then each file's path in the entry and "SIZE MTIME_NS", by path.
+SEAL_RECORD = ".sealed"
+SEAL_MAGIC = "vmimg-seal 2"
 
 
-def _stamps(entry_dir: str) -> dict[str, list[int]]:
-    stamps = {}
+def _stamps(entry_dir: str) -> list[str]:
+    """The entry's seal record, as its fields: how every file of it looks now."""
+    stamps = []
     for dirpath, _dirs, names in os.walk(entry_dir):
         for name in names:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, entry_dir)
             if rel != SEAL_RECORD:
                 st = os.lstat(path)
-                stamps[rel] = [st.st_size, st.st_mtime_ns]
-    return stamps
+                stamps.append((rel, f"{st.st_size} {st.st_mtime_ns}"))
+    return [SEAL_MAGIC, *(field for stamp in sorted(stamps) for field in stamp)]
 
 
 def seal_entry(entry_dir: str) -> None:
@@ -133,17 +136,14 @@ def seal_entry(entry_dir: str) -> None:
     for dirpath, _dirs, names in os.walk(entry_dir):
         for name in names:
             seal(os.path.join(dirpath, name))
-    with open(os.path.join(entry_dir, SEAL_RECORD), "w") as f:
-        json.dump(_stamps(entry_dir), f, sort_keys=True)
+    netstrings.write_file(os.path.join(entry_dir, SEAL_RECORD), _stamps(entry_dir))
 
 
 def entry_untouched(entry_dir: str) -> bool:
     """True if every file of the cache entry is as `seal_entry` left it."""
     try:
-        with open(os.path.join(entry_dir, SEAL_RECORD)) as f:
-            recorded = json.load(f)
-        return bool(recorded == _stamps(entry_dir))
-    except (OSError, ValueError):
+        return netstrings.read_file(os.path.join(entry_dir, SEAL_RECORD)) == _stamps(entry_dir)
+    except OSError:
         return False
 
 
