@@ -4,6 +4,7 @@ bytes may never have reached the disk)."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -125,6 +126,27 @@ def test_a_layer_from_another_boot_is_hashed_again_and_kept_if_whole(tmp_path: P
     assert os.stat(again.tar_path).st_ino == inode  # the same file, now durable
     assert os.listxattr(again.tar_path) == []
     assert Path(again.tar_path).read_bytes() == tar
+
+
+def test_a_whole_layer_that_cannot_be_settled_is_used_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashed whole, it is read; only its mark stays, to be checked again next time."""
+    tar, blob, desc = _layer()
+    first = unpack_layer_to_cache(
+        Cache.open(str(tmp_path)), desc, digest_bytes(tar), lambda: io.BytesIO(blob)
+    )
+    _as_after_a_crash(first.tar_path)
+
+    def refused(entry: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", entry)
+
+    monkeypatch.setattr(unsynced, "settle", refused)
+    again = unpack_layer_to_cache(
+        Cache.open(str(tmp_path)), desc, digest_bytes(tar), lambda: io.BytesIO(b"")
+    )
+    assert Path(again.tar_path).read_bytes() == tar
+    assert os.getxattr(again.tar_path, unsynced.MARK) == OTHER_BOOT
 
 
 def test_a_layer_from_another_boot_that_lost_its_bytes_is_unpacked_again(

@@ -4,9 +4,9 @@ written and read.
 Each field is its length in characters, a colon, the text and a comma (`5:hello,`), and the
 record ends with END (`5:hello,2:hi,;`). Any text fits (paths may hold commas, newlines,
 anything but NUL), and a record cut short anywhere, or forged with a lying length, is told
-from a whole one. The warm-hit fast path (cli/quick)
-reads these records before anything else is loaded: json, with the re and enum it imports,
-was a fifth of that path's time, and this needs no import at all.
+from a whole one. The warm-hit fast path (cli/quick) reads these records before anything
+else is loaded: json, with the re and enum it imports, was a fifth of that path's time, and
+this needs no import at all.
 """
 
 from __future__ import annotations
