@@ -26,14 +26,13 @@ from collections.abc import Sequence
 import vmimg
 from vmimg import netstrings
 from vmimg.errors import EXIT_INTERRUPTED, VmimgError
-from vmimg.image import unsynced
 from vmimg.image.fsutil import (
     HITS_AREA,
     OUTPUTS_AREA,
     default_cache_dir,
     lock_shared,
 )
-from vmimg.rootfs.handout import entry_untouched, hand_out
+from vmimg.rootfs.handout import entry_usable, hand_out
 from vmimg.testhook import PAUSE_AT_ENV
 
 FULL_CLI = "vmimg.cli.main"
@@ -280,11 +279,7 @@ def try_hit(args: Sequence[str]) -> str | None:
         return None
     try:
         cached = os.path.join(record.entry_dir, record.file)
-        if not (
-            os.path.isfile(cached)
-            and entry_untouched(record.entry_dir)
-            and unsynced.trusted(record.entry_dir)
-        ):
+        if not (os.path.isfile(cached) and entry_usable(record.entry_dir)):
             return None  # the full command line discards the entry and converts again
         how = hand_out(cached, output, record.linkable)  # atomic: all of it, or nothing
     finally:

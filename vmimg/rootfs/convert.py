@@ -35,7 +35,7 @@ from vmimg.rootfs.content import ContentReader
 from vmimg.rootfs.flatten import flatten
 from vmimg.rootfs.handout import (
     check_output_space,
-    entry_untouched,
+    entry_usable,
     hand_out,
     seal_entry,
 )
@@ -139,7 +139,7 @@ def atomic_output(dest: str, need: int = 0) -> Iterator[int]:
 def usable_entry(cache: Cache, entry_dir: str) -> bool:
     """True if the cache entry may be handed out; a changed one, or one committed unsynced
     in an earlier boot, is taken out of the cache (to be made again) instead."""
-    if entry_untouched(entry_dir) and unsynced.trusted(entry_dir):
+    if entry_usable(entry_dir):
         return True
     cache.discard(entry_dir)
     return False

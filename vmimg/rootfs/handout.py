@@ -20,6 +20,7 @@ import stat
 
 from vmimg import netstrings
 from vmimg.errors import VmimgError, WriterError
+from vmimg.image import unsynced
 from vmimg.image.fsutil import disk_usage, pwrite_all, space_shortfall
 
 COPY_CHUNK = 64 << 20
@@ -145,6 +146,12 @@ def entry_untouched(entry_dir: str) -> bool:
         return netstrings.read_file(os.path.join(entry_dir, SEAL_RECORD)) == _stamps(entry_dir)
     except OSError:
         return False
+
+
+def entry_usable(entry_dir: str) -> bool:
+    """True if the cache entry may be handed out: untouched since it was sealed, and not
+    committed unsynced in an earlier boot (image/unsynced.py)."""
+    return entry_untouched(entry_dir) and unsynced.trusted(entry_dir)
 
 
 def share_file(src: str, dst: str, linkable: bool, shown: str | None = None) -> str:
