@@ -285,22 +285,36 @@ class WriteBehind:
     ) -> None:
         # After an error it keeps taking chunks (dropping them), so that put never blocks.
         while (item := self._queue.get()) is not None:
-            chunk, is_layer = item
-            if self._error is not None:
-                continue
-            if not is_layer:
-                blob_hasher.update(chunk)
-                continue
             try:
-                hasher.update(chunk)
-                # here, not when the chunk is put: free space read off the file system
-                # must already count every earlier chunk
-                space.take(len(chunk), what)
-                out.write(chunk)
-                out.flush()  # in the file system, where the next statvfs counts it
-                space.landed(len(chunk))
-            except BaseException as e:  # raised in the caller's thread by put or finish
-                self._error = e
+                self._take(item, hasher, blob_hasher, out, space, what)
+            finally:
+                self._queue.task_done()
+
+    def _take(
+        self,
+        item: tuple[bytes, bool],
+        hasher: Hasher,
+        blob_hasher: Hasher,
+        out: BinaryIO,
+        space: SpaceGuard,
+        what: str,
+    ) -> None:
+        chunk, is_layer = item
+        if self._error is not None:
+            return
+        if not is_layer:
+            blob_hasher.update(chunk)
+            return
+        try:
+            hasher.update(chunk)
+            # here, not when the chunk is put: free space read off the file system
+            # must already count every earlier chunk
+            space.take(len(chunk), what)
+            out.write(chunk)
+            out.flush()  # in the file system, where the next statvfs counts it
+            space.landed(len(chunk))
+        except BaseException as e:  # raised in the caller's thread by put or finish
+            self._error = e
 
     def put(self, chunk: bytes) -> None:
         """A chunk of the layer: hashed, then written to the cache."""
@@ -313,6 +327,10 @@ class WriteBehind:
         if self._error is not None:
             raise self._error
         self._queue.put((chunk, False))
+
+    def drain(self) -> None:
+        """Wait until every chunk put so far is hashed and written (the thread goes on)."""
+        self._queue.join()
 
     def finish(self) -> None:
         """Wait until every chunk put is hashed and written; raise what the thread met."""
@@ -545,7 +563,7 @@ def _stream_into(
             if on_progress:  # the blob's bytes: what the layer's size in the manifest counts
                 on_progress(reader.size - reported)
                 reported = reader.size
-            pause_point("layer-unpack-midway")
+            pause_point("layer-unpack-midway", before=behind.drain)
             yield chunk
 
     entries: list[Entry] | None
