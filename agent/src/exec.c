@@ -27,6 +27,11 @@
 #define IDLE_WAIT_US 100000 /* no host connected: look again after this */
 #define SESSION_POLL_MS 50  /* a running process: check for its exit this often */
 #define WRITE_WAIT_MS 1000
+/* A hangup shorter than this may be one host leaving as the next arrives: the port's open
+ * and close events reach the guest on a queue of their own, so the next host's bytes can
+ * come before the news that the last host left, or that this one came. */
+#define HOST_GRACE_MS 1000
+#define HANGUP_POLL_MS 10
 
 struct session {
 	pid_t pid; /* 0: none */
@@ -41,6 +46,41 @@ static int g_port = -1;
 static const struct config *g_cfg;
 static unsigned char g_rx[FRAME_HEADER + MAX_FRAME];
 static size_t g_rxlen;
+static int g_host_away; /* a write gave up waiting for the host: the next ones do not wait */
+
+/* Whether the port shows a host again (no hangup) within `ms`. */
+static int host_back(int ms)
+{
+	for (int waited = 0;; waited += HANGUP_POLL_MS) {
+		struct pollfd pf = {g_port, POLLIN, 0};
+		if (poll(&pf, 1, 0) >= 0 && !(pf.revents & POLLHUP)) {
+			g_host_away = 0;
+			return 1;
+		}
+		if (waited >= ms)
+			return 0;
+		usleep(HANGUP_POLL_MS * 1000);
+	}
+}
+
+/* Wait until the port may take more bytes: 0, or -1 when the host stays away. */
+static int wait_writable(void)
+{
+	for (int waited = 0;; waited += HANGUP_POLL_MS) {
+		struct pollfd pf = {g_port, POLLOUT, 0};
+		if (poll(&pf, 1, WRITE_WAIT_MS) < 0 && errno != EINTR)
+			return -1;
+		if (!(pf.revents & POLLHUP) || (pf.revents & POLLOUT)) {
+			g_host_away = 0;
+			return 0;
+		}
+		if (g_host_away || waited >= HOST_GRACE_MS) {
+			g_host_away = 1;
+			return -1;
+		}
+		usleep(HANGUP_POLL_MS * 1000);
+	}
+}
 
 /* Write all of buf to the (non-blocking) port; -1 when the host went away. */
 static int port_write(const void *buf, size_t len)
@@ -55,10 +95,7 @@ static int port_write(const void *buf, size_t len)
 		}
 		if (w < 0 && errno != EAGAIN && errno != EINTR)
 			return -1;
-		struct pollfd pf = {g_port, POLLOUT, 0};
-		if (poll(&pf, 1, WRITE_WAIT_MS) < 0 && errno != EINTR)
-			return -1;
-		if ((pf.revents & POLLHUP) && !(pf.revents & POLLOUT))
+		if (wait_writable() < 0)
 			return -1;
 	}
 	return 0;
@@ -329,17 +366,35 @@ static int resync(struct session *s)
 	return 1;
 }
 
-/* Read what the host sent; a full buffer (a broken stream) keeps only its end,
- * where a hello may be starting. */
-static void receive(void)
+/* Read what the host sent: 1 when bytes came, 0 when the host hung up, -1 when none are
+ * there yet. A full buffer (a broken stream) keeps only its end, where a hello may be
+ * starting. (A port whose host hung up reads as at its end, and polls as readable too.) */
+static int receive(void)
 {
 	if (g_rxlen == sizeof g_rx) {
 		memmove(g_rx, g_rx + g_rxlen - (HELLO_LEN - 1), HELLO_LEN - 1);
 		g_rxlen = HELLO_LEN - 1;
 	}
 	ssize_t r = read(g_port, g_rx + g_rxlen, sizeof g_rx - g_rxlen);
-	if (r > 0)
-		g_rxlen += (size_t)r;
+	if (r <= 0)
+		return r == 0 ? 0 : -1;
+	g_rxlen += (size_t)r;
+	g_host_away = 0;
+	return 1;
+}
+
+/* The host hung up. Returns whether it is back within the grace: a new host whose hello is
+ * here or on its way, or one whose session began before this hangup arrived (the hangup
+ * was the last host's); either way the hello decides. Otherwise its process is ended and
+ * what it sent dropped. */
+static int hung_up(struct session *s, int *broken)
+{
+	if ((s->pid || g_rxlen) && host_back(HOST_GRACE_MS))
+		return 1;
+	end_session(s);
+	g_rxlen = 0;
+	*broken = 0;
+	return 0;
 }
 
 static void serve(void)
@@ -356,18 +411,19 @@ static void serve(void)
 		if (s.pending && s.in >= 0)
 			p[iin = n++] = (struct pollfd){s.in, POLLOUT, 0};
 		poll(p, (nfds_t)n, s.pid ? SESSION_POLL_MS : -1);
-		if ((p[0].revents & POLLHUP) && !(p[0].revents & POLLIN)) {
-			end_session(&s); /* the host went away: so does its process */
-			g_rxlen = 0;
-			broken = 0;
-			usleep(IDLE_WAIT_US);
+		/* With stdin pending the host's bytes wait in the port, and a hangup is all
+		 * there is to see. */
+		int got = -1;
+		if (!s.pending && (p[0].revents & (POLLIN | POLLHUP)))
+			got = receive();
+		else if (s.pending && (p[0].revents & POLLHUP))
+			got = 0;
+		if (got == 0 && !hung_up(&s, &broken)) {
+			usleep(IDLE_WAIT_US); /* no host: the port polls readable until one comes */
 			continue;
 		}
-		if (p[0].revents & POLLIN) {
-			receive();
-			if (resync(&s))
-				broken = 0;
-		}
+		if (got > 0 && resync(&s))
+			broken = 0;
 		if (!broken && drain_frames(&s) < 0) {
 			const char *why = "bad frame";
 			send_frame(FRAME_ERROR, why, strlen(why));

@@ -27,6 +27,7 @@ from tests.conftest import free_port
 from vmimg.bundle.format import load_bundle
 from vmimg.guest import channel
 from vmimg.guest.kernel import KernelInfo, list_kernels
+from vmimg.guest.runconfig import RunConfig
 from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 from vmimg.image.sample import busybox_layer
 
@@ -267,6 +268,74 @@ def _first_frame(sock: socket.socket) -> channel.Frame:
         frames = reader.feed(data)
         if frames:
             return frames[0]
+
+
+# The exec server's user and system ticks over 2 s, 2 s from now, into /tmp/ticks.
+IDLE_TICKS = (
+    "sleep 2; for p in /proc/[0-9]*; do [ $(cat $p/comm) = vmimg-exec ] && pid=${p#/proc/}; done; "
+    "set -- $(cut -d\\  -f14,15 /proc/$pid/stat); a=$(($1 + $2)); sleep 2; "
+    "set -- $(cut -d\\  -f14,15 /proc/$pid/stat); echo $(($1 + $2 - a)) > /tmp/ticks"
+)
+
+
+def _frames_until_exit_or_error(sock: socket.socket) -> list[channel.Frame]:
+    reader = channel.FrameReader()
+    frames: list[channel.Frame] = []
+    while not frames or frames[-1].kind not in (channel.EXIT, channel.ERROR):
+        data = sock.recv(4096)
+        assert data, f"the exec channel closed after {frames}"
+        frames += reader.feed(data)
+    return frames
+
+
+def test_exec_hosts_reconnecting_at_once_each_get_their_answer(
+    bundle: Path, env: dict[str, str]
+) -> None:
+    """Hosts that come one straight after another: the guest may see the next host's bytes
+    before it learns that the last host went and this one came. Each still gets its answer,
+    and the session it starts is not ended by the hangup of the host before it. A host that
+    goes and stays away still ends its session."""
+    r = vmimg(env, "run", "-d", "--name", "quick", str(bundle), "--cmd", "sleep 100000")
+    assert r.returncode == 0, r.stderr
+    sock_path = Path(env["XDG_RUNTIME_DIR"]) / "vmimg" / "quick" / "exec.sock"
+    echo = channel.frame(channel.EXEC, RunConfig(argv=["/bin/echo", "hi"]).to_bytes())
+    rounds = [(echo, channel.EXIT), (b"X\xff\xff\xff\xff", channel.ERROR)] * 15
+    for i, (request, answer) in enumerate(rounds):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)
+            s.connect(str(sock_path))
+            s.sendall(channel.HELLO + request)
+            frames = _frames_until_exit_or_error(s)
+        assert frames[-1].kind == answer, (i, frames)
+        if answer == channel.EXIT:
+            assert frames[-1].exit_code == 0, (i, frames)
+            assert b"".join(f.payload for f in frames if f.kind == channel.STDOUT) == b"hi\n"
+    # A host that goes for good takes its process with it once the grace has passed: long
+    # before this one would have left its mark (a new host's hello would end it anyway).
+    sleeper = RunConfig(argv=["/bin/sh", "-c", "echo started; sleep 6; touch /tmp/outlived"])
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(str(sock_path))
+        s.sendall(channel.HELLO + channel.frame(channel.EXEC, sleeper.to_bytes()))
+        assert _first_frame(s) == channel.Frame(channel.STDOUT, b"started\n")
+    time.sleep(10)
+    r = vmimg(env, "exec", "quick", "sh", "-c", "test -e /tmp/outlived && echo alive || echo gone")
+    assert (r.returncode, r.stdout) == (0, "gone\n"), r.stderr
+    # With no host, the exec server sleeps: its CPU ticks over 2 s, counted in the background
+    # (out of the session's process group) while no host is there.
+    r = vmimg(
+        env,
+        "exec",
+        "quick",
+        "sh",
+        "-c",
+        f"setsid sh -c '{IDLE_TICKS}' </dev/null >/dev/null 2>&1 &",
+    )
+    assert r.returncode == 0, r.stderr
+    time.sleep(8)
+    r = vmimg(env, "exec", "quick", "cat", "/tmp/ticks")
+    assert r.returncode == 0 and 0 <= int(r.stdout) < 20, (r.stdout, r.stderr)
+    assert vmimg(env, "rm", "-f", "quick").returncode == 0
 
 
 def test_detached_vm_exec_logs_stop(bundle: Path, env: dict[str, str]) -> None:
