@@ -310,6 +310,24 @@ def platform_index(root: Path) -> str:
     return f"oci:{layout}:{TAG}"
 
 
+def untagged_two_images(root: Path) -> str:
+    """Two tagged images without platforms, named by no tag."""
+    layout = root / "layout"
+    one_file = ImageSpec([LayerSpec(L.layer(L.file("f")))])
+    write_layout(str(layout), {"a": one_file, "b": one_file})
+    return f"oci:{layout}"
+
+
+def index_entries(entries: Any) -> Callable[[Path], None]:
+    """A `then` step: index.json's manifests become `entries`."""
+
+    def edit(layout: Path) -> None:
+        index = json.loads((layout / "index.json").read_bytes())
+        (layout / "index.json").write_bytes(_dumps({**index, "manifests": entries}))
+
+    return edit
+
+
 def many_layers(count: int) -> Builder:
     tars = [L.layer(L.file(f"layer/{i:04d}", b"%d" % i)) for i in range(count)]
     return image(*[LayerSpec(t, "none") for t in tars])
@@ -822,6 +840,25 @@ CASES: list[Case] = [
         "index-without-platform",
         platform_index,
         Fail(4, "oci:{any}:t has no image for linux/amd64 (it has: linux/arm64, linux/s390x)"),
+    ),
+    Case(
+        "untagged-ref-to-several-images",
+        untagged_two_images,
+        Fail(
+            4,
+            "oci:{any} has no image for linux/amd64 (it has: none); its images are tagged a, b: "
+            "name one, as oci:{any}:a",
+        ),
+    ),
+    Case(
+        "index-annotations-not-objects",
+        image(L.layer(L.file("f")), then=index_entries([{"annotations": "x"}, [1], 7])),
+        Fail(3, "oci:{any}:t: no image tagged 't'"),
+    ),
+    Case(
+        "index-manifests-not-a-list",
+        image(L.layer(L.file("f")), then=index_entries({"annotations": {}})),
+        Fail(4, "oci:{any}:t index.json: manifests is not a list"),
     ),
     Case(
         "config-for-other-platform",

@@ -12,7 +12,7 @@ import tarfile
 from typing import BinaryIO, Protocol
 
 from vmimg.digest import split_digest
-from vmimg.errors import ImageRefError, SourceError
+from vmimg.errors import ImageRefError, PlatformError, SourceError
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
 from vmimg.image.oci import MAX_DOCUMENT_BYTES, Descriptor, Platform, load_json
@@ -140,6 +140,24 @@ def archive_file(path: str) -> str:
     return path
 
 
+def _annotation(entry: object, key: str) -> str:
+    """An index entry's annotation `key` ("" if it has none, or the entry is malformed: the
+    entry itself is checked when it is chosen)."""
+    annotations = entry.get("annotations") if isinstance(entry, dict) else None
+    value = annotations.get(key) if isinstance(annotations, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _tags(manifests: list[object]) -> list[str]:
+    """The tags (ref names) the index's entries carry, in its order."""
+    tags: list[str] = []
+    for entry in manifests:
+        tag = _annotation(entry, REF_NAME_ANNOTATION)
+        if tag and tag not in tags:
+            tags.append(tag)
+    return tags
+
+
 def open_layout_image(
     files: Files, name: str, tag: str | None, platform: Platform, cache: Cache | None
 ) -> Image:
@@ -148,12 +166,13 @@ def open_layout_image(
     index_bytes = read_small(files, "index.json")
     index = load_json(index_bytes, f"{name} index.json")
     manifests = index.get("manifests") or []
+    if not isinstance(manifests, list):
+        raise SourceError(f"{name} index.json: manifests is not a list")
     chosen = None
     if tag:
         for i, d in enumerate(manifests):
-            ann = (d or {}).get("annotations") or {}
-            if ann.get(REF_NAME_ANNOTATION) == tag or str(
-                ann.get(CONTAINERD_NAME_ANNOTATION, "")
+            if _annotation(d, REF_NAME_ANNOTATION) == tag or _annotation(
+                d, CONTAINERD_NAME_ANNOTATION
             ).endswith(f":{tag}"):
                 chosen = Descriptor.from_json(d, f"{name} index.json manifests[{i}]")
                 break
@@ -167,7 +186,15 @@ def open_layout_image(
 
     if chosen is None:
         # Several images and no tag: index.json itself is the platform index.
-        image = resolve_image(name, index_bytes, None, open_blob, platform, None)
+        try:
+            image = resolve_image(name, index_bytes, None, open_blob, platform, None)
+        except PlatformError as e:
+            tags = _tags(manifests)
+            if not tags:
+                raise
+            raise PlatformError(
+                f"{e}; its images are tagged {', '.join(tags)}: name one, as {name}:{tags[0]}"
+            ) from None
     else:
         # Checked against the entry's size and digest like every other blob.
         root = read_document(open_blob, chosen, None, "manifest")
