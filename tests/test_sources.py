@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -289,3 +290,34 @@ def test_docker_archive_with_name_and_tag(sample_ref: str, cache: Cache, tmp_pat
     assert named.diff_ids == local.diff_ids
     with pytest.raises(ImageRefError, match="no image named 'vmimg/app:v2'"):
         open_image(f"docker-archive:{archive}:vmimg/app:v2", cache, AMD64)
+
+
+@pytest.mark.parametrize(
+    ("entries", "tag", "error", "message"),
+    [
+        (
+            [["x"], 5, {"RepoTags": 7}, {"RepoTags": [["a"], 3]}],
+            "a",
+            ImageRefError,
+            "no image named 'a:latest' in the archive",
+        ),
+        (["ab"], None, SourceError, "manifest.json entry 0 is not an object"),
+        ([{"RepoTags": "a:1"}, 7], None, ImageRefError, r"holds several images; name one \(\)"),
+        # the tagged entry is found past the malformed one; its own fault is named
+        ([7, {"RepoTags": ["a:1"]}], "a:1", SourceError, "entry lacks Config or Layers"),
+    ],
+)
+def test_docker_archive_manifest_entries_of_the_wrong_type(
+    entries: list[object], tag: str | None, error: type[Exception], message: str,
+    cache: Cache, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Entries, and their RepoTags, of any JSON type: a one-line error, never a traceback."""
+    archive = tmp_path / "hostile.tar"
+    data = json.dumps(entries).encode()
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    ref = f"docker-archive:{archive}" + (f":{tag}" if tag else "")
+    with pytest.raises(error, match=message):
+        open_image(ref, cache, AMD64)

@@ -31,19 +31,29 @@ DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 BLOB_PREFIX = "blobs/sha256/"
 
 
+def _repo_tags(entry: object) -> list[str]:
+    """An archive entry's RepoTags (none if it or they are malformed)."""
+    tags = entry.get("RepoTags") if isinstance(entry, dict) else None
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+
 def _pick_entry(entries: list[Any], name: str, tag: str | None) -> dict[str, Any]:
     if not isinstance(entries, list) or not entries:
         raise SourceError(f"{name}: manifest.json lists no images")
     if tag:
         wanted = {tag, f"localhost/{tag}", f"docker.io/{tag}", f"docker.io/library/{tag}"}
-        for e in entries:
-            if wanted & set((e or {}).get("RepoTags") or []):
-                return dict(e)
-        raise ImageRefError(f"{name}: no image named {tag!r} in the archive")
-    if len(entries) > 1:
-        tags = ", ".join(t for e in entries for t in (e.get("RepoTags") or []))
+        chosen = [i for i, e in enumerate(entries) if wanted & set(_repo_tags(e))]
+        if not chosen:
+            raise ImageRefError(f"{name}: no image named {tag!r} in the archive")
+        index = chosen[0]
+    elif len(entries) > 1:
+        tags = ", ".join(t for e in entries for t in _repo_tags(e))
         raise ImageRefError(f"{name}: holds several images; name one ({tags})")
-    return dict(entries[0])
+    else:
+        index = 0
+    if not isinstance(entries[index], dict):
+        raise SourceError(f"{name}: manifest.json entry {index} is not an object")
+    return dict(entries[index])
 
 
 def open_ref(ref: ImageRef, cache: Cache, options: SourceOptions) -> Image:
