@@ -12,14 +12,18 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.hostile.cli import run_vmimg
+from tests.hostile.shapes import keys_of, paths, swapped, values
 from vmimg.boot.launch import cloud_hypervisor_command, qemu_command
 from vmimg.boot.launchers import write_launchers
 from vmimg.boot.verify import VerifyReport, junit_xml
@@ -147,6 +151,23 @@ def test_hostile_vm_json_is_refused(tmp_path: Path, attack: str) -> None:
     write_vm(tmp_path / "b", vm)
     with pytest.raises(BundleError, match=re.escape(message)):
         load_bundle(str(tmp_path / "b"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_vm_json_of_any_shape_is_loaded_or_refused_in_one_line(data: st.DataObject) -> None:
+    """vm.json with any one value swapped for a value of any type: loading the bundle and
+    making its launch commands work, or fail with a BundleError, never a Python error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        vm = make_bundle(Path(tmp) / "b")
+        where = data.draw(st.sampled_from(paths(vm)))
+        write_vm(Path(tmp) / "b", swapped(vm, where, data.draw(values(keys_of(vm)))))
+        try:
+            bundle = load_bundle(str(Path(tmp) / "b"))
+            qemu_command(bundle.vm, bundle.dir)
+            cloud_hypervisor_command(bundle.vm, bundle.dir)
+        except BundleError as e:
+            assert "\n" not in str(e), str(e)
 
 
 def test_vm_json_that_is_not_json_or_too_large(tmp_path: Path) -> None:

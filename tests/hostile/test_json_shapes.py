@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from tests import layerkit as L
 from tests.hostile.corpus import put_blob, read_blob
+from tests.hostile.shapes import IMAGE_KEYS, paths, swapped, values
 from vmimg.errors import VmimgError
 from vmimg.image.cache import Cache
 from vmimg.image.fetch import fetch_layers
@@ -26,50 +27,6 @@ from vmimg.image.ocilayout import ImageSpec, LayerSpec, write_layout
 from vmimg.image.sources import SourceOptions, open_image
 
 AMD64 = SourceOptions(Platform("linux", "amd64"))
-# Keys the documents use, so that swapped-in objects are read, not ignored.
-KEYS = [
-    "mediaType", "digest", "size", "annotations", "platform", "manifests", "layers", "config",
-    "schemaVersion", "os", "architecture", "variant", "rootfs", "diff_ids", "type", "Env",
-    "Cmd", "Entrypoint", "User", "WorkingDir", "Config", "Layers", "RepoTags", "urls",
-    "org.opencontainers.image.ref.name",
-]  # fmt: skip
-SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False)
-    | st.text(max_size=6)
-    | st.sampled_from(["sha256:" + "0" * 64, "linux", "amd64", "layers", ""])
-)
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)
-    ),
-    max_leaves=6,
-)
-Where = tuple[str | int, ...]
-
-
-def _paths(doc: Any, here: Where = ()) -> list[Where]:
-    """Every place in `doc` a value sits (the root excluded)."""
-    out: list[Where] = []
-    items = (
-        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
-    )
-    for key, value in items:
-        out.append((*here, key))
-        out += _paths(value, (*here, key))
-    return out
-
-
-def _swapped(doc: Any, path: Where, value: Any) -> Any:
-    doc = json.loads(json.dumps(doc))
-    parent = doc
-    for key in path[:-1]:
-        parent = parent[key]
-    parent[path[-1]] = value
-    return doc
 
 
 def _dumps(doc: Any) -> bytes:
@@ -111,8 +68,8 @@ def test_layout_documents_of_any_shape(base_layout: Path, data: st.DataObject) -
         manifest = json.loads(read_blob(layout, index["manifests"][0]["digest"]))
         config = json.loads(read_blob(layout, manifest["config"]["digest"]))
         doc = {"index": index, "manifest": manifest, "config": config}[which]
-        path = data.draw(st.sampled_from(_paths(doc)))
-        doc = _swapped(doc, path, data.draw(VALUES))
+        path = data.draw(st.sampled_from(paths(doc)))
+        doc = swapped(doc, path, data.draw(values(IMAGE_KEYS)))
         if which == "config":
             blob = _dumps(doc)
             manifest["config"].update(digest=put_blob(layout, blob), size=len(blob))
@@ -136,8 +93,8 @@ def test_docker_archive_manifest_of_any_shape(base_layout: Path, data: st.DataOb
             "Layers": [f"blobs/sha256/{d['digest'][7:]}" for d in manifest["layers"]],
         }
     ]
-    path = data.draw(st.sampled_from(_paths(entries)))
-    entries = _swapped(entries, path, data.draw(VALUES))
+    path = data.draw(st.sampled_from(paths(entries)))
+    entries = swapped(entries, path, data.draw(values(IMAGE_KEYS)))
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "image.tar"
         (Path(tmp) / "manifest.json").write_bytes(_dumps(entries))
