@@ -175,7 +175,7 @@ def test_an_output_that_cannot_be_written_gets_the_full_command_s_error(
         _rootfs(tmp_path, layout, tmp_path / f"{name}.erofs")
     (tmp_path / "adir").mkdir()
     r = run_vmimg(tmp_path, "rootfs", layout, "--format", "erofs", "-o", str(tmp_path / "adir"))
-    assert r.returncode == 2 and r.stderr.strip().endswith("is a directory."), r.stderr
+    assert r.returncode == 2 and "is a directory." in r.stderr, r.stderr
     assert list((tmp_path / "adir").iterdir()) == []
 
 

@@ -122,8 +122,39 @@ def test_usage_errors_exit_2_before_any_work(
     r = run_vmimg(tmp_path, *args)
     assert time.monotonic() - start < FAST  # no kernel build first
     assert r.returncode == EXIT_USAGE, r.stderr
-    assert says in r.stderr and "Traceback" not in r.stderr
+    assert says in one_error_line(r.stderr)
     assert not (tmp_path / "cache" / "kernels").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["rootfs", "SAMPLE", "-o", "x", "--format", "ext5"],
+            "Invalid value for '--format': 'ext5' is not one of 'tar', 'initramfs', 'ext4', "
+            "'erofs'. (`vmimg rootfs --help`)",
+        ),
+        (["buidl", "SAMPLE"], "No such command 'buidl'. (`vmimg --help`)"),
+        (["rootfs", "-o", "x"], "Missing argument 'SOURCE'. (`vmimg rootfs --help`)"),
+        (
+            ["kernel", "show", "--verbos"],
+            "No such option '--verbos'. Did you mean '--verbose'? (`vmimg kernel show --help`)",
+        ),
+    ],
+)
+def test_click_s_usage_errors_are_one_line_too(
+    sample_ref: str, tmp_path: Path, args: list[str], line: str
+) -> None:
+    """Mistyped commands, options and values: one line saying what is wrong and where the
+    help is, like every other error, and exit 2."""
+    r = run_vmimg(tmp_path, *[sample_ref if a == "SAMPLE" else a for a in args])
+    assert r.returncode == EXIT_USAGE, r.stderr
+    assert one_error_line(r.stderr) == f"vmimg: error: {line}"
+
+
+def test_vmimg_alone_shows_its_help(tmp_path: Path) -> None:
+    r = run_vmimg(tmp_path)
+    assert r.returncode == EXIT_USAGE and "Commands:" in r.stdout + r.stderr, r.stderr
 
 
 def test_a_missing_image_or_tag_exits_3(sample_ref: str, registry: str, tmp_path: Path) -> None:

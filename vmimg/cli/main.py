@@ -87,6 +87,24 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
+def click_error_line(e: click.ClickException) -> str:
+    """A usage error in one line, like every other error, with where the help is."""
+    message = " ".join(e.format_message().splitlines())
+    if isinstance(e, click.UsageError):
+        message += f" (`{command_words(e.ctx)} --help`)"
+    return message
+
+
+def command_words(ctx: click.Context | None) -> str:
+    """`vmimg` and the (sub)commands `ctx` is in: how a user types it, however vmimg was
+    started (click's command_path says `python -m vmimg` then)."""
+    words = []
+    while ctx is not None and ctx.parent is not None:
+        words.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["vmimg", *reversed(words)])
+
+
 def entry() -> None:
     """The console script: click's handling, but Ctrl-C anywhere is one line and exit 130."""
     try:
@@ -94,8 +112,11 @@ def entry() -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("vmimg: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except click.ClickException as e:
+    except click.exceptions.NoArgsIsHelpError as e:  # `vmimg` alone: the help, as click shows it
         e.show()
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"vmimg: error: {click_error_line(e)}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
