@@ -165,6 +165,16 @@ def test_a_missing_image_or_tag_exits_3(sample_ref: str, registry: str, tmp_path
         assert "no such image or tag" in one_error_line(r.stderr)
 
 
+def test_verify_of_a_file_says_it_is_not_a_bundle(tmp_path: Path) -> None:
+    image = tmp_path / "root.erofs"
+    image.write_bytes(b"\0" * 4096)
+    r = run_vmimg(tmp_path, "verify", str(image))
+    assert r.returncode == 13, r.stderr
+    assert one_error_line(r.stderr) == (
+        f"vmimg: error: {image}: a file, not a bundle directory (`vmimg build` makes one)"
+    )
+
+
 def test_qemu_missing_exits_10_for_verify_and_run(tmp_path: Path) -> None:
     make_bundle(tmp_path / "b")
     for command in ("verify", "run"):

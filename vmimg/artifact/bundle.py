@@ -381,6 +381,8 @@ def resolve_bundle_argument(
     pulled into the cache."""
     if os.path.isdir(arg):
         return arg
+    if os.path.exists(arg):  # not a reference either: it would be refused as a bad one
+        raise BundleError(f"{arg}: a file, not a bundle directory (`vmimg build` makes one)")
     return pull_bundle_to_cache(arg, cache, options, phases=phases)
 
 
