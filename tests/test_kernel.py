@@ -379,7 +379,10 @@ def test_cli_show_fails_cleanly_on_unknown_key(tmp_path: Path) -> None:
         env=env,
     )
     assert proc.returncode == KernelError.exit_code
-    assert "error: kernel key 'nosuchkey' matches 0 cached kernels" in proc.stderr
+    assert proc.stderr == (
+        "vmimg: error: kernel key 'nosuchkey' matches 0 cached kernels (`vmimg kernel list` "
+        "lists them)\n"
+    )
 
 
 def test_failed_make_keeps_log_and_shows_its_tail(tmp_path: Path) -> None:

@@ -682,7 +682,10 @@ def find_kernel(
         return kernels[0]
     hits = [k for k in kernels if k.key.startswith(key)]
     if len(hits) != 1:
-        raise KernelError(f"kernel key {key!r} matches {len(hits)} cached kernels")
+        raise KernelError(
+            f"kernel key {key!r} matches {len(hits)} cached kernels (`vmimg kernel list` "
+            "lists them)"
+        )
     return hits[0]
 
 
