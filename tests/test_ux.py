@@ -165,6 +165,31 @@ def test_a_missing_image_or_tag_exits_3(sample_ref: str, registry: str, tmp_path
         assert "no such image or tag" in one_error_line(r.stderr)
 
 
+@pytest.mark.parametrize(
+    ("docker_host", "why"),
+    [
+        ("unix:///nonexistent/docker.sock", "no such socket"),
+        ("unix://FILE", "connection refused"),  # a file where the socket should be
+        ("tcp://127.0.0.1:9", "connection refused"),
+    ],
+)
+def test_an_unreachable_docker_engine_is_named_with_the_reason(
+    tmp_path: Path, docker_host: str, why: str
+) -> None:
+    """Where vmimg looked for the engine and the system's reason, not the SDK's nest of
+    exception reprs; and what to do."""
+    (tmp_path / "not-a-socket").write_bytes(b"")
+    where = docker_host.replace("FILE", str(tmp_path / "not-a-socket"))
+    r = run_vmimg(tmp_path, "rootfs", "docker-daemon:app:v1", "-o", "x.tar",
+                  env={"DOCKER_HOST": where})  # fmt: skip
+    assert r.returncode == 4, r.stderr
+    assert one_error_line(r.stderr) == (
+        f"vmimg: error: docker-daemon:app:v1: cannot reach the Docker engine at {where} "
+        f"({why}); start one, or set DOCKER_HOST to where it listens (podman: `podman system "
+        "service`)"
+    )
+
+
 def test_verify_of_a_file_says_it_is_not_a_bundle(tmp_path: Path) -> None:
     image = tmp_path / "root.erofs"
     image.write_bytes(b"\0" * 4096)

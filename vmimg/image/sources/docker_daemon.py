@@ -23,6 +23,11 @@ from vmimg.image.sources.docker_archive import DOCKER_LAYER_TAR, open_docker_arc
 from vmimg.image.sources.options import SourceOptions
 
 SAVE_CHUNK = 4 << 20
+# Where the Docker SDK looks for the engine (docker.from_env), to name it in errors.
+DOCKER_HOST_ENV = "DOCKER_HOST"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+UNIX_SCHEME = "unix://"
+MAX_REASON = 200  # characters of the SDK's message kept in ours
 
 
 def _cached_image(
@@ -61,6 +66,38 @@ def open_ref(ref: ImageRef, cache: Cache, options: SourceOptions) -> Image:
     return open_daemon_image(ref.tag, str(ref), options.platform, cache)
 
 
+def _unreachable(error: Exception) -> str:
+    """Why the engine did not answer, and where vmimg looked for it (the Docker SDK's own
+    message is a nest of exception reprs)."""
+    where = os.environ.get(DOCKER_HOST_ENV) or DEFAULT_DOCKER_HOST
+    socket_path = where.removeprefix(UNIX_SCHEME) if where.startswith(UNIX_SCHEME) else None
+    if socket_path is not None and not os.path.exists(socket_path):
+        why = "no such socket"
+    else:
+        why = _os_reason(error) or " ".join(str(error).split())[:MAX_REASON]
+    return (
+        f"cannot reach the Docker engine at {where} ({why}); start one, or set "
+        f"{DOCKER_HOST_ENV} to where it listens (podman: `podman system service`)"
+    )
+
+
+def _os_reason(error: BaseException) -> str | None:
+    """The system's word for what went wrong (connection refused, permission denied), found
+    down the chain of exceptions the SDK and its HTTP libraries wrap each other in."""
+    seen: set[int] = set()
+    pending: list[object] = [error]
+    reason = None
+    while pending:
+        e = pending.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror.lower()
+        pending += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    return reason
+
+
 def open_daemon_image(image_name: str, name: str, platform: Platform, cache: Cache) -> Image:
     # The Docker SDK costs ~10 MB and ~0.2 s to import: only docker-daemon: sources pay it.
     import docker
@@ -72,7 +109,7 @@ def open_daemon_image(image_name: str, name: str, platform: Platform, cache: Cac
     except docker.errors.ImageNotFound:
         raise ImageRefError(f"{name}: no such image in the engine") from None
     except docker.errors.DockerException as e:
-        raise SourceError(f"{name}: cannot reach the Docker engine: {e}") from None
+        raise SourceError(f"{name}: {_unreachable(e)}") from None
     cached = _cached_image(name, img.attrs, platform, cache)
     if cached is not None:
         return cached
