@@ -200,6 +200,26 @@ def test_verify_of_a_file_says_it_is_not_a_bundle(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("command", "code", "prefix"),
+    [(["run"], 13, ""), (["push"], 2, "cannot push {b}: ")],
+)
+def test_a_bundle_argument_that_is_a_file_or_missing_is_named(
+    tmp_path: Path, command: list[str], code: int, prefix: str
+) -> None:
+    """`run` and `push` given a root image, or nothing there: vmimg's own line, not click's
+    "Directory ... is a file"."""
+    image = tmp_path / "root.erofs"
+    image.write_bytes(b"\0" * 4096)
+    missing = tmp_path / "missing.vm"
+    for bundle, why in ((image, f"{image} is not a vmimg bundle (not a directory)"),
+                        (missing, f"{missing}: no such bundle directory")):  # fmt: skip
+        extra = ["127.0.0.1:9/x:y"] if command == ["push"] else []
+        r = run_vmimg(tmp_path, *command, str(bundle), *extra)
+        assert r.returncode == code, r.stderr
+        assert one_error_line(r.stderr) == f"vmimg: error: {prefix.format(b=bundle)}{why}"
+
+
 def test_qemu_missing_exits_10_for_verify_and_run(tmp_path: Path) -> None:
     make_bundle(tmp_path / "b")
     for command in ("verify", "run"):

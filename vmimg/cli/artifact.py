@@ -59,7 +59,7 @@ def _echo_push(result: Any, as_json: bool) -> None:
 
 
 @click.command("push")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("bundle", type=click.Path())
 @click.argument("ref")
 @click.option(
     "--build-key",

@@ -152,7 +152,7 @@ def render_reports(reports: list[Any]) -> str:
 
 
 @click.command("run")
-@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("bundle", type=click.Path())
 @click.argument("command", nargs=-1)
 @vm_params
 @click.option(
