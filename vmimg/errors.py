@@ -106,3 +106,20 @@ class BundleError(VmimgError):
     not match what its vm.json lists."""
 
     exit_code = 13
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost reason of an error that wraps others, as requests, urllib3 and the
+    Docker SDK do (e.g. the gaierror or the ConnectionRefusedError under MaxRetryError and
+    NewConnectionError)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "reason", None)
+        if not isinstance(inner, BaseException) and e.args and isinstance(e.args[0], BaseException):
+            inner = e.args[0]
+        inner = inner if isinstance(inner, BaseException) else e.__cause__ or e.__context__
+        if inner is None:
+            return e
+        e = inner
+    return e

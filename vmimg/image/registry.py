@@ -46,7 +46,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from vmimg.digest import split_digest
-from vmimg.errors import AuthError, SourceError, VmimgError
+from vmimg.errors import AuthError, SourceError, VmimgError, root_cause
 from vmimg.image.credentials import DOCKER_HUB_HOSTS, api_host
 from vmimg.image.credentials import Credentials as Credentials  # its old home
 from vmimg.image.oci import MAX_DOCUMENT_BYTES, OCI_INDEX, Descriptor, load_json
@@ -648,7 +648,7 @@ class RegistryClient:
     def _failure(self, e: requests.exceptions.RequestException, url: str, what: str) -> Exception:
         """Our error for a failed request: fail at once, or _Transient to retry."""
         netloc = urllib.parse.urlsplit(url).netloc
-        cause = _root_cause(e)
+        cause = root_cause(e)
         if isinstance(e, _requests().exceptions.SSLError):
             text = str(cause)
             if any(sign in text for sign in PLAIN_HTTP_SIGNS):
@@ -1053,22 +1053,6 @@ def _body_head(resp: requests.Response, limit: int) -> bytes:
 
 def _mib(n: int) -> str:
     return f"{n >> 20} MiB"
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The innermost reason of a requests/urllib3 error (e.g. the gaierror or the
-    ConnectionRefusedError under MaxRetryError and NewConnectionError)."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "reason", None)
-        if not isinstance(inner, BaseException) and e.args and isinstance(e.args[0], BaseException):
-            inner = e.args[0]
-        inner = inner if isinstance(inner, BaseException) else e.__cause__ or e.__context__
-        if inner is None:
-            return e
-        e = inner
-    return e
 
 
 def _short(e: BaseException) -> str:

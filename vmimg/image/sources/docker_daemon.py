@@ -12,7 +12,7 @@ import contextlib
 import os
 from typing import BinaryIO
 
-from vmimg.errors import ImageRefError, SourceError
+from vmimg.errors import ImageRefError, SourceError, root_cause
 from vmimg.image import unsynced
 from vmimg.image.cache import Cache
 from vmimg.image.image import Image
@@ -74,28 +74,15 @@ def _unreachable(error: Exception) -> str:
     if socket_path is not None and not os.path.exists(socket_path):
         why = "no such socket"
     else:
-        why = _os_reason(error) or " ".join(str(error).split())[:MAX_REASON]
+        cause = root_cause(error)  # e.g. the ConnectionRefusedError the SDK wraps twice over
+        if isinstance(cause, OSError) and cause.strerror:
+            why = cause.strerror.lower()
+        else:
+            why = " ".join(str(cause).split())[:MAX_REASON] or type(cause).__name__
     return (
         f"cannot reach the Docker engine at {where} ({why}); start one, or set "
         f"{DOCKER_HOST_ENV} to where it listens (podman: `podman system service`)"
     )
-
-
-def _os_reason(error: BaseException) -> str | None:
-    """The system's word for what went wrong (connection refused, permission denied), found
-    down the chain of exceptions the SDK and its HTTP libraries wrap each other in."""
-    seen: set[int] = set()
-    pending: list[object] = [error]
-    reason = None
-    while pending:
-        e = pending.pop()
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.strerror:
-            reason = e.strerror.lower()
-        pending += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
-    return reason
 
 
 def open_daemon_image(image_name: str, name: str, platform: Platform, cache: Cache) -> Image:
