@@ -66,20 +66,16 @@ static int host_back(int ms)
 /* Wait until the port may take more bytes: 0, or -1 when the host stays away. */
 static int wait_writable(void)
 {
-	for (int waited = 0;; waited += HANGUP_POLL_MS) {
-		struct pollfd pf = {g_port, POLLOUT, 0};
-		if (poll(&pf, 1, WRITE_WAIT_MS) < 0 && errno != EINTR)
-			return -1;
-		if (!(pf.revents & POLLHUP) || (pf.revents & POLLOUT)) {
-			g_host_away = 0;
-			return 0;
-		}
-		if (g_host_away || waited >= HOST_GRACE_MS) {
-			g_host_away = 1;
-			return -1;
-		}
-		usleep(HANGUP_POLL_MS * 1000);
+	struct pollfd pf = {g_port, POLLOUT, 0};
+	if (poll(&pf, 1, WRITE_WAIT_MS) < 0 && errno != EINTR)
+		return -1;
+	if (!(pf.revents & POLLHUP) || (pf.revents & POLLOUT))
+		return 0;
+	if (g_host_away || !host_back(HOST_GRACE_MS)) {
+		g_host_away = 1;
+		return -1;
 	}
+	return 0;
 }
 
 /* Write all of buf to the (non-blocking) port; -1 when the host went away. */
