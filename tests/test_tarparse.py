@@ -42,11 +42,6 @@ SETTINGS = settings(
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYER_GZIP = OCI_LAYER_TAR + "+gzip"
 NEW_REFUSALS = ("extended header of -", "extended headers", "sparse map of", "refers back")
-# tarfile's word for a header it cannot read varies between Python releases (a PAX header cut
-# short is an "empty header" in 3.11.7, an "invalid header" in Debian's 3.11.2): where both
-# refuse for one of these, the words may differ.
-TARFILE_HEADER_FAULTS = ("empty header", "invalid header", "truncated header", "bad checksum")
-INVALID_TAR = "layer t: invalid tar: "
 
 # -- the C scanner against its reference ---------------------------------------------
 
@@ -539,11 +534,6 @@ def test_parser_reads_what_tarfile_read(
         return
     if old == "recursion":
         assert isinstance(fast, str)
-        return
-    if fast != old and all(
-        isinstance(x, str) and x.removeprefix(INVALID_TAR) in TARFILE_HEADER_FAULTS
-        for x in (fast, old)
-    ):
         return
     assert fast == old
 
